@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test`. Each bootstraps .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU wheel of torch 2.13.0 satisfies the torch>=2.8 range without a CUDA download.
+	$(PY) -m pip install --quiet "torch==2.13.0" || $(PY) -m pip install --quiet "torch>=2.8,<3"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedimg demo --out demo_out
+
+# Fast, CI-sized suite (everything but the long demo-quality run).
+test: $(STAMP)
+	$(PY) -m pytest -m "not gpu" -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_preprocess.py --out bench_out/preprocess.json
+
+clean:
+	rm -rf demo_out workspace bench_out .pytest_cache

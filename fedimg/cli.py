@@ -1,0 +1,161 @@
+"""The ``fedimg`` command: one entry point, one subcommand per stage.
+
+Subcommands import their heavy modules lazily, so ``fedimg --help`` is fast.
+Expected problems (bad input, bad config, no GPU) print one line saying what
+was expected, what arrived and what to do, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_USAGE = 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Third-party INFO chatter hides our progress bars.
+    for noisy in ("nvflare", "monai", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from fedimg.synth import generate
+
+    res = generate(Path(args.out), n_sites=args.sites, n_cases=args.cases, seed=args.seed,
+                   progress=not args.quiet)
+    for site, cases in res.sites.items():
+        print(f"{site}: {len(cases)} studies -> {Path(args.out) / site}")
+    print(f"ground truth: {res.ground_truth_path}")
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from fedimg import config as cfg
+    from fedimg.preprocess.pipeline import preprocess
+
+    spec = cfg.load(cfg.PreprocessSpec, args.spec, args.set)
+    result = preprocess(args.src, args.dst, spec, site=args.site, progress=not args.quiet)
+    print(result.table())
+    return 0
+
+
+def _cmd_train_local(args: argparse.Namespace) -> int:
+    from fedimg import config as cfg
+    from fedimg.training.local import train_local
+
+    exp = cfg.load(cfg.ExperimentConfig, args.config, args.set)
+    site = cfg.load_site_config(args.site_config)
+    if args.device:
+        import dataclasses
+
+        site = dataclasses.replace(site, device=args.device)
+    from fedimg.runtime import select_device
+
+    select_device(site.device)  # fail fast, before caching data
+    res = train_local(exp, site, args.out, progress=not args.quiet)
+    print(f"site {res.site}: best val Dice {res.best_dice:.4f} at epoch {res.best_epoch}/{res.epochs} "
+          f"({res.seconds:.0f} s)")
+    print(f"best model: {res.best_model}")
+    print(f"tensorboard --logdir {res.logdir}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fedimg.demo import run_demo
+
+    run_demo(Path(args.out), sites=args.sites, cases=args.cases, seed=args.seed, rounds=args.rounds,
+             device=args.device, config=args.config, progress=not args.quiet)
+    return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from fedimg.runtime import environment_report
+
+    print(json.dumps(environment_report(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    p = argparse.ArgumentParser(prog="fedimg", description="Federated medical-imaging training pipeline.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write synthetic multi-site DICOM CT studies with labels")
+    s.add_argument("out", help="output folder (one sub-folder per site)")
+    s.add_argument("--sites", type=int, default=3)
+    s.add_argument("--cases", type=int, default=8, help="base number of studies per site (sites vary around it)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_synth)
+
+    s = sub.add_parser("preprocess", help="DICOM tree -> normalized NIfTI volumes, datalist.json, manifest.jsonl")
+    s.add_argument("src", help="the site's DICOM export (read only)")
+    s.add_argument("dst", help="output folder")
+    s.add_argument("--spec", required=True, help="configs/preprocessing/<name>.yaml")
+    s.add_argument("--site", required=True, help="this site's name, e.g. site-1")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_preprocess)
+
+    s = sub.add_parser("train-local", help="train one site without NVFlare")
+    s.add_argument("--config", required=True, help="configs/experiments/<name>.yaml")
+    s.add_argument("--site-config", required=True, help="the site's config (configs/sites/site.yaml template)")
+    s.add_argument("--out", required=True, help="output folder for checkpoints, metrics and TensorBoard")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the site config's device")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_train_local)
+
+    s = sub.add_parser("demo", help="synth 3 sites -> preprocess -> federated training (simulator) -> summary")
+    s.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    s.add_argument("--sites", type=int, default=3)
+    s.add_argument("--cases", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--rounds", type=int, default=None, help="override fed.num_rounds")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--config", default=None, help="experiment config (default: the packaged seg_demo)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("env", help="print versions, devices and threads")
+    s.set_defaults(func=_cmd_env)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedimg`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from fedimg.config import ConfigError
+    from fedimg.runtime import DeviceError
+
+    expected: tuple[type[BaseException], ...] = (ConfigError, DeviceError)
+    try:
+        from fedimg.data.datasets import DatalistError
+        from fedimg.preprocess.pipeline import PreprocessInputError
+
+        expected += (PreprocessInputError, DatalistError)
+    except ImportError:  # pragma: no cover - partial installs
+        pass
+    try:
+        return int(args.func(args) or 0)
+    except expected as exc:
+        print(f"fedimg {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        if args.verbose:
+            raise
+        print(f"fedimg {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,530 @@
+"""Typed configuration: dataclasses loaded from YAML and validated on construction.
+
+Three kinds of config exist, each in its own folder under ``configs/``:
+
+* :class:`PreprocessSpec` (``configs/preprocessing/``): the geometry and
+  intensity spec every site applies to its DICOM studies.
+* :class:`ExperimentConfig` (``configs/experiments/``): federation-wide
+  choices (task, model, optimizer, rounds).
+* :class:`SiteConfig` (``configs/sites/``): site-local facts (where the
+  datalist is, which device to use). Never leaves the site.
+
+Unknown keys and wrong types are rejected with the dotted key and the expected
+type, e.g. ``optim.lr: expected float, got str ('fast')``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override does not match its schema."""
+
+
+# --------------------------------------------------------------------------
+# Generic strict loader
+# --------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        inner = _type_name(args[0]) if args else "any"
+        if origin is tuple and Ellipsis not in get_args(tp):
+            return f"list of {len(args)} {inner}"
+        return f"list of {inner}"
+    if origin is dict:
+        k, v = get_args(tp)
+        return f"mapping of {_type_name(k)} to {_type_name(v)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} ({text})"
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to ``tp`` or raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping ({tp.__name__}), got {_describe(value)}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+        args = get_args(tp)
+        if origin is tuple and args and Ellipsis not in args:
+            if len(value) != len(args):
+                raise ConfigError(
+                    f"{key}: expected {_type_name(tp)}, got {len(value)} items ({value!r})"
+                )
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+        kt, vt = get_args(tp)
+        return {_convert(k, kt, f"{key}"): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool (true/false), got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected float, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # programming error
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]!s}; {cls.__name__} accepts: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {key} ({_type_name(hints[f.name])})")
+    # __post_init__ checks raise ConfigError with the full dotted key already.
+    return cls(**kwargs)
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
+    """Build a config dataclass from a plain mapping, strictly."""
+    return _build(cls, data or {}, "")
+
+
+def to_dict(obj: Any) -> Any:
+    """Turn a config dataclass back into plain YAML-able data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to raw config data (values parsed as YAML).
+
+    Unknown keys are caught later by the strict loader, which names them.
+    """
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {dotted}: {part} is not a mapping")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Load and validate a config file into ``cls``; errors are prefixed with the file."""
+    data = apply_overrides(load_yaml(path), overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def save(obj: Any, path: str | Path) -> None:
+    """Write a resolved config as YAML (atomically)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False), encoding="utf-8")
+    tmp.replace(p)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------
+# Preprocessing spec
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeriesSelection:
+    """Which series of a study is the image and which is the label.
+
+    Attributes:
+        image_modality: required (0008,0060) Modality of the image series.
+        image_description_regex: if set, (0008,103E) Series Description of the
+            image series must match (``re.search``); used where a study holds
+            several sequences (e.g. T1post vs FLAIR).
+        label_description_regex: (0008,103E) Series Description of a DICOM mask
+            series (TCIA style) that holds the label.
+        label_nifti_name_regex: file names of NIfTI label volumes stored with
+            the study.
+    """
+
+    image_modality: Literal["CT", "MR"] = "CT"
+    image_description_regex: str | None = None
+    label_description_regex: str = r"(?i)mask|seg"
+    label_nifti_name_regex: str = r"(?i)(seg|label|mask).*\.nii(\.gz)?$"
+
+
+@dataclass(frozen=True)
+class IntensitySpec:
+    """Intensity normalization.
+
+    CT: clip to ``ct_window`` (Hounsfield units) and scale to [0, 1].
+    MR: clip to the ``mr_percentiles`` of the foreground, then z-score.
+    """
+
+    ct_window: tuple[float, float] = (-160.0, 240.0)
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def __post_init__(self) -> None:
+        _check(self.ct_window[0] < self.ct_window[1],
+               f"intensity.ct_window must be [low, high] with low < high, got {list(self.ct_window)}")
+        lo, hi = self.mr_percentiles
+        _check(0.0 <= lo < hi <= 100.0,
+               f"intensity.mr_percentiles must satisfy 0 <= low < high <= 100, got {[lo, hi]}")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """Label classes: the class names and the stored value for each.
+
+    ``values`` maps a class name to the voxel value it has in the source label
+    (NIfTI or DICOM mask). Output labels are 0 (background) and 1..N in the
+    order of ``classes``.
+    """
+
+    classes: list[str] = field(default_factory=lambda: ["foreground"])
+    values: dict[str, int] = field(default_factory=dict)
+    required: bool = True
+
+    def __post_init__(self) -> None:
+        _check(len(self.classes) >= 1, "labels.classes must name at least one class")
+        _check(len(set(self.classes)) == len(self.classes),
+               f"labels.classes has duplicates: {self.classes}")
+        for name in self.values:
+            _check(name in self.classes,
+                   f"labels.values names {name!r}, which is not in labels.classes {self.classes}")
+
+    def source_value(self, name: str) -> int:
+        """Stored value of class ``name`` in the source label (default: its 1-based index)."""
+        return self.values.get(name, self.classes.index(name) + 1)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Deterministic training/validation split (by a hash of the case id)."""
+
+    val_fraction: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0,
+               f"split.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class GeometrySpec:
+    """Geometry checks applied to every series before conversion."""
+
+    min_slices: int = 3
+    spacing_tolerance: float = 1e-3
+    orientation_tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _check(self.min_slices >= 2, f"geometry.min_slices must be >= 2, got {self.min_slices}")
+        _check(0 < self.spacing_tolerance < 0.1,
+               f"geometry.spacing_tolerance must be in (0, 0.1), got {self.spacing_tolerance}")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The shared preprocessing spec every site applies (``configs/preprocessing``)."""
+
+    name: str
+    modality: Literal["CT", "MR"]
+    target_spacing: tuple[float, float, float]
+    orientation: str = "RAS"
+    intensity: IntensitySpec = field(default_factory=IntensitySpec)
+    series: SeriesSelection = field(default_factory=SeriesSelection)
+    labels: LabelSpec = field(default_factory=LabelSpec)
+    split: SplitSpec = field(default_factory=SplitSpec)
+    geometry: GeometrySpec = field(default_factory=GeometrySpec)
+
+    def __post_init__(self) -> None:
+        _check(all(s > 0 for s in self.target_spacing),
+               f"target_spacing must be three positive mm values, got {list(self.target_spacing)}")
+        _check(sorted(self.orientation.upper()) == sorted("RAS") or len(self.orientation) == 3,
+               f"orientation must be three axis codes like 'RAS', got {self.orientation!r}")
+
+
+# --------------------------------------------------------------------------
+# Experiment and site configs
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What is learned. ``class_names`` excludes the background."""
+
+    type: Literal["segmentation"] = "segmentation"
+    class_names: list[str] = field(default_factory=lambda: ["foreground"])
+    in_channels: int = 1
+
+    def __post_init__(self) -> None:
+        _check(len(self.class_names) >= 1, "task.class_names must name at least one class")
+        _check(self.in_channels >= 1, f"task.in_channels must be >= 1, got {self.in_channels}")
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels including background."""
+        return len(self.class_names) + 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network architecture (see :func:`fedimg.models.build_model`)."""
+
+    name: Literal["unet"] = "unet"
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    num_res_units: int = 2
+    norm: Literal["instance", "batch"] = "instance"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(len(self.strides) == len(self.channels) - 1,
+               f"model.strides must have len(model.channels) - 1 = {len(self.channels) - 1} "
+               f"entries, got {len(self.strides)}")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How volumes become training batches."""
+
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    batch_size: int = 2
+    cache_rate: float = 1.0
+    num_workers: int = 0
+    samples_per_volume: int = 1
+
+    def __post_init__(self) -> None:
+        _check(all(r >= 16 for r in self.roi_size),
+               f"data.roi_size must be >= 16 in each axis, got {list(self.roi_size)}")
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(0.0 <= self.cache_rate <= 1.0,
+               f"data.cache_rate must be in [0, 1], got {self.cache_rate}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.samples_per_volume >= 1,
+               f"data.samples_per_volume must be >= 1, got {self.samples_per_volume}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer settings (site-local optimizer state is not shared)."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training per round (or per run for ``train-local``)."""
+
+    local_epochs: int = 1
+    epochs: int = 20
+    amp: bool = True
+    seed: int = 0
+    sw_batch_size: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.local_epochs >= 1, f"train.local_epochs must be >= 1, got {self.local_epochs}")
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """Federation-wide settings read by the job builder."""
+
+    algorithm: Literal["fedavg"] = "fedavg"
+    num_rounds: int = 5
+    min_clients: int = 0
+    key_metric: str = "val_dice"
+    cross_site_eval: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.num_rounds >= 1, f"fed.num_rounds must be >= 1, got {self.num_rounds}")
+        _check(self.min_clients >= 0, f"fed.min_clients must be >= 0, got {self.min_clients}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A federation-wide experiment (``configs/experiments``)."""
+
+    name: str
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and all(c.isalnum() or c in "-_" for c in self.name),
+               f"name must be letters, digits, '-' or '_', got {self.name!r}")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Site-local settings; stays at the site.
+
+    Attributes:
+        name: the site's name in the federation (e.g. ``site-1``).
+        datalist: path to the ``datalist.json`` written by ``fedimg preprocess``;
+            relative paths are resolved against the site config's folder.
+        device: ``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``.
+        num_threads: CPU threads for PyTorch; 0 means let fedimg decide.
+        local_logdir: where site-local TensorBoard logs (never sent) go.
+    """
+
+    name: str
+    datalist: str
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = 0
+    local_logdir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.num_threads >= 0, f"num_threads must be >= 0, got {self.num_threads}")
+
+
+def load_site_config(path: str | Path, overrides: list[str] | None = None) -> SiteConfig:
+    """Load a site config and resolve its relative paths against the file's folder."""
+    cfg = load(SiteConfig, path, overrides)
+    base = Path(path).resolve().parent
+    datalist = Path(cfg.datalist)
+    if not datalist.is_absolute():
+        datalist = base / datalist
+    logdir = cfg.local_logdir
+    if logdir is not None and not Path(logdir).is_absolute():
+        logdir = str(base / logdir)
+    return dataclasses.replace(cfg, datalist=str(datalist), local_logdir=logdir)
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "FedConfig",
+    "GeometrySpec",
+    "IntensitySpec",
+    "LabelSpec",
+    "ModelConfig",
+    "OptimConfig",
+    "PreprocessSpec",
+    "SeriesSelection",
+    "SiteConfig",
+    "SplitSpec",
+    "TaskConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "load",
+    "load_site_config",
+    "load_yaml",
+    "save",
+    "to_dict",
+]
+
+_ = typing  # keep typing imported for get_type_hints on string annotations

@@ -1,0 +1,166 @@
+"""Slice ordering, spacing checks and the voxel-to-world affine of a series.
+
+Rules (see ``docs`` DICOM.md): slices are sorted by (0020,0032) Image Position
+Patient projected on the slice normal (the cross product of the two
+(0020,0037) Image Orientation Patient vectors), never by (0020,0013) Instance
+Number. Slice spacing comes from consecutive positions, never from
+(0018,0050) Slice Thickness or (0018,0088) Spacing Between Slices. Gaps,
+duplicates, uneven spacing and gantry tilt are refused with a reason code
+rather than producing a silently wrong volume.
+
+Voxel axes are (i, j, k) = (column, row, slice): i runs along the first IOP
+vector (the row direction) with spacing (0028,0030)[1], j along the second
+with spacing (0028,0030)[0], k along the sorted slices. DICOM patient space
+is LPS; NIfTI world space is RAS, so x and y are negated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from fedimg.dicom.index import DicomHeader
+from fedimg.dicom.reasons import Reason, RefusedError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """Geometry of a validated series.
+
+    Attributes:
+        order: indices into the input headers, sorted along the slice normal.
+        affine_ras: 4x4 voxel (i, j, k) to RAS mm.
+        shape: (columns, rows, slices).
+        spacing: (column spacing, row spacing, slice spacing) in mm.
+    """
+
+    order: tuple[int, ...]
+    affine_ras: np.ndarray
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+
+    @property
+    def affine_lps(self) -> np.ndarray:
+        """4x4 voxel to DICOM patient (LPS) mm."""
+        return LPS_TO_RAS @ self.affine_ras
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    if n < 1e-6:
+        raise RefusedError(Reason.NO_GEOMETRY, "(0020,0037) Image Orientation Patient has a zero vector")
+    return v / n
+
+
+def compute_geometry(
+    headers: Sequence[DicomHeader],
+    *,
+    min_slices: int = 3,
+    spacing_tolerance: float = 1e-3,
+    orientation_tolerance: float = 1e-4,
+) -> SeriesGeometry:
+    """Sort the slices of a single-frame series and build its affine.
+
+    Args:
+        headers: one header per slice (single-frame objects of one series).
+        min_slices: fewer slices than this is ``TOO_FEW_SLICES``.
+        spacing_tolerance: relative tolerance on slice spacing uniformity and
+            on the angle (radians) between the slice step and the normal.
+        orientation_tolerance: absolute tolerance on IOP components between slices.
+
+    Raises:
+        RefusedError: with NO_GEOMETRY, TOO_FEW_SLICES, MIXED_SERIES,
+            DUPLICATE_POSITION, SLICE_GAP, NONUNIFORM_SPACING or GANTRY_TILT.
+    """
+    missing = [name for name, ok in (
+        ("(0020,0037) Image Orientation Patient", all(h.iop is not None for h in headers)),
+        ("(0020,0032) Image Position Patient", all(h.ipp is not None for h in headers)),
+        ("(0028,0030) Pixel Spacing", all(h.pixel_spacing is not None for h in headers)),
+        ("(0028,0010) Rows / (0028,0011) Columns", all(h.rows and h.columns for h in headers)),
+    ) if not ok]
+    if missing:
+        raise RefusedError(Reason.NO_GEOMETRY, "missing " + ", ".join(missing))
+    n = len(headers)
+    if n < min_slices:
+        raise RefusedError(Reason.TOO_FEW_SLICES, f"{n} slice(s), at least {min_slices} needed")
+
+    iops = np.array([h.iop for h in headers], dtype=float)
+    if np.abs(iops - iops[0]).max() > max(orientation_tolerance, 1e-6) * 10:
+        raise RefusedError(Reason.MIXED_SERIES, "slices disagree on (0020,0037) Image Orientation Patient")
+    spacings = np.array([h.pixel_spacing for h in headers], dtype=float)
+    if np.abs(spacings - spacings[0]).max() > 1e-4 * spacings[0].max():
+        raise RefusedError(Reason.MIXED_SERIES, "slices disagree on (0028,0030) Pixel Spacing")
+    if len({(h.rows, h.columns) for h in headers}) != 1:
+        raise RefusedError(Reason.MIXED_SERIES, "slices disagree on matrix size")
+
+    row_cos = _unit(iops[0, :3])
+    col_cos = _unit(iops[0, 3:])
+    if abs(float(row_cos @ col_cos)) > 1e-3:
+        raise RefusedError(Reason.NO_GEOMETRY, "(0020,0037) orientation vectors are not orthogonal")
+    normal = np.cross(row_cos, col_cos)
+
+    ipps = np.array([h.ipp for h in headers], dtype=float)
+    dist = ipps @ normal
+    order = np.argsort(dist, kind="stable")
+    dist = dist[order]
+    ipps = ipps[order]
+    steps = np.diff(dist)
+    median = float(np.median(steps))
+    if median <= 1e-6 or steps.min() < 0.01 * median:
+        dup = int((steps < max(0.01 * median, 1e-4)).sum())
+        raise RefusedError(Reason.DUPLICATE_POSITION,
+                           f"{dup} pair(s) of slices share a position along the normal")
+    rel_dev = np.abs(steps - median) / median
+    if rel_dev.max() > spacing_tolerance:
+        ratios = steps / median
+        if np.all(np.abs(ratios - np.round(ratios)) < 10 * spacing_tolerance) and ratios.max() >= 1.5:
+            missing_n = int(np.round(ratios).sum() - len(ratios))
+            raise RefusedError(Reason.SLICE_GAP,
+                               f"{missing_n} slice(s) missing at spacing {median:.4g} mm")
+        raise RefusedError(
+            Reason.NONUNIFORM_SPACING,
+            f"slice spacing varies from {steps.min():.4g} to {steps.max():.4g} mm "
+            f"(tolerance {spacing_tolerance:g} relative)",
+        )
+
+    step = (ipps[-1] - ipps[0]) / (n - 1)
+    cos_angle = float(abs(step @ normal) / np.linalg.norm(step))
+    angle = float(np.arccos(min(1.0, cos_angle)))
+    if angle > spacing_tolerance:
+        raise RefusedError(Reason.GANTRY_TILT,
+                           f"slice positions deviate {np.degrees(angle):.3g} degrees from the normal")
+    # Positions must lie on one line: a residual means mixed stacks or in-plane shifts.
+    expected = ipps[0] + np.outer(np.arange(n), step)
+    resid = float(np.abs(ipps - expected).max())
+    if resid > max(spacing_tolerance * median, 1e-3):
+        raise RefusedError(Reason.NONUNIFORM_SPACING,
+                           f"slice positions deviate {resid:.3g} mm from a straight stack")
+
+    row_spacing, col_spacing = float(spacings[0][0]), float(spacings[0][1])
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * col_spacing  # i: along a row, i.e. across columns
+    lps[:3, 1] = col_cos * row_spacing  # j: down a column, i.e. across rows
+    lps[:3, 2] = step
+    lps[:3, 3] = ipps[0]
+    first = headers[int(order[0])]
+    return SeriesGeometry(
+        order=tuple(int(i) for i in order),
+        affine_ras=LPS_TO_RAS @ lps,
+        shape=(int(first.columns or 0), int(first.rows or 0), n),
+        spacing=(col_spacing, row_spacing, float(np.linalg.norm(step))),
+    )
+
+
+def same_grid(a: SeriesGeometry, b: SeriesGeometry, tolerance_mm: float = 1e-2) -> tuple[bool, str]:
+    """Whether two series share a voxel grid; returns (ok, PHI-free explanation)."""
+    if a.shape != b.shape:
+        return False, f"shape {list(b.shape)} vs image {list(a.shape)}"
+    corners = np.array([[0, 0, 0, 1], [a.shape[0] - 1, a.shape[1] - 1, a.shape[2] - 1, 1]], dtype=float).T
+    dev = float(np.abs(a.affine_ras @ corners - b.affine_ras @ corners).max())
+    if dev > tolerance_mm:
+        return False, f"voxel grids differ by up to {dev:.3g} mm (tolerance {tolerance_mm:g} mm)"
+    return True, ""

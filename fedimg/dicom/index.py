@@ -1,0 +1,281 @@
+"""Header-only index of a folder tree: which files are DICOM, and how they group.
+
+Pixel data is never read here (values over 4 KiB are deferred), so indexing a large
+export is fast. Files are grouped by (0020,000D) Study Instance UID and
+(0020,000E) Series Instance UID, and a series that mixes orientations, matrix
+sizes or echoes is split into sub-series: one volume per group, never two
+series stacked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from fedimg.dicom.reasons import Reason
+
+logger = logging.getLogger(__name__)
+
+# SOP classes that carry no image volume: SR, PR, KOS, RTSTRUCT, raw data...
+_NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC"}
+_IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.",)
+_NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.481.",  # RT objects (RTSTRUCT, RTPLAN...)
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, registration
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated documents
+)
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float, Double Float
+_KOS_SOP = "1.2.840.10008.5.1.4.1.1.88.59"
+_ENHANCED_SOP = {
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy converted enhanced MR
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+}
+
+
+@dataclass
+class DicomHeader:
+    """The header facts fedimg needs from one DICOM file (no pixels).
+
+    Attributes:
+        path: absolute path of the file.
+        rel: path relative to the scanned root (for the manifest).
+    """
+
+    path: Path
+    rel: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    series_description: str
+    image_type: tuple[str, ...]
+    frame_of_reference_uid: str | None
+    rows: int | None
+    columns: int | None
+    iop: tuple[float, ...] | None
+    ipp: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    instance_number: int | None
+    echo_number: str | None
+    number_of_frames: int
+    has_pixels: bool
+    is_dicomdir: bool = False
+
+    @property
+    def is_localizer(self) -> bool:
+        """(0008,0008) Image Type says LOCALIZER (scout / topogram)."""
+        return "LOCALIZER" in self.image_type
+
+    @property
+    def is_enhanced(self) -> bool:
+        """An enhanced (multi-frame) object: per-frame geometry lives in (5200,9230)."""
+        return self.sop_class_uid in _ENHANCED_SOP or self.number_of_frames > 1
+
+    @property
+    def is_non_image(self) -> bool:
+        """SR, PR, KOS, RTSTRUCT and other objects without an image volume."""
+        if self.is_dicomdir:
+            return True
+        if self.modality.upper() in _NON_IMAGE_MODALITIES:
+            return True
+        if self.sop_class_uid.startswith(_NON_IMAGE_SOP_PREFIXES) or self.sop_class_uid == _KOS_SOP:
+            return self.sop_class_uid != "1.2.840.10008.5.1.4.1.1.66.4"  # SEG is an image-like label
+        return not self.has_pixels
+
+
+@dataclass
+class FileProblem:
+    """A file that could not be indexed as DICOM."""
+
+    path: Path
+    rel: str
+    reason: Reason
+    detail: str
+
+
+@dataclass
+class SeriesGroup:
+    """Files of one series that share orientation, matrix size and echo."""
+
+    study_uid: str
+    series_uid: str
+    key: tuple
+    headers: list[DicomHeader] = field(default_factory=list)
+
+    @property
+    def first(self) -> DicomHeader:
+        """A representative header."""
+        return self.headers[0]
+
+    @property
+    def modality(self) -> str:
+        """(0008,0060) Modality."""
+        return self.first.modality
+
+    @property
+    def description(self) -> str:
+        """(0008,103E) Series Description (site-local use only: may carry PHI)."""
+        return self.first.series_description
+
+    @property
+    def rels(self) -> list[str]:
+        """Relative paths of the files in this group."""
+        return [h.rel for h in self.headers]
+
+
+@dataclass
+class Index:
+    """Everything found under a root folder."""
+
+    root: Path
+    headers: list[DicomHeader]
+    problems: list[FileProblem]
+    other_files: list[tuple[Path, str]]  # non-DICOM files claimed by another step (e.g. NIfTI labels)
+
+    @property
+    def n_files(self) -> int:
+        """Number of files scanned."""
+        return len(self.headers) + len(self.problems) + len(self.other_files)
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """All regular files under ``root``, recursively, in a stable order."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if p.is_file():
+                yield p
+
+
+def _floats(value: object, n: int) -> tuple[float, ...] | None:
+    try:
+        items = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return items if len(items) == n else None
+
+
+def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
+    """Read one file's header; return a :class:`FileProblem` if it is not usable DICOM."""
+    try:
+        # defer_size keeps large values (pixel data) on disk: one pass, no pixel decode.
+        ds = pydicom.dcmread(path, defer_size=4096)
+    except InvalidDicomError:
+        return FileProblem(path, rel, Reason.NOT_DICOM, "no DICOM preamble/prefix or file meta")
+    except (EOFError, OSError) as exc:
+        return FileProblem(path, rel, Reason.TRUNCATED, f"header could not be read ({type(exc).__name__})")
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
+        return FileProblem(path, rel, Reason.NOT_DICOM, f"unreadable header ({type(exc).__name__})")
+
+    is_dicomdir = ds.file_meta.get("MediaStorageSOPClassUID", "") == "1.2.840.10008.1.3.10" or (
+        "DirectoryRecordSequence" in ds
+    )
+    sop_class = str(ds.get("SOPClassUID", ds.file_meta.get("MediaStorageSOPClassUID", "")))
+    spacing = _floats(ds.get("PixelSpacing"), 2)
+    try:
+        inst = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
+    except (TypeError, ValueError):
+        inst = None
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    has_pixels = any(t in ds for t in _PIXEL_TAGS)
+    return DicomHeader(
+        path=path,
+        rel=rel,
+        sop_class_uid=sop_class,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        modality=str(ds.get("Modality", "")),
+        series_description=str(ds.get("SeriesDescription", "")),
+        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or [])),
+        frame_of_reference_uid=str(ds.FrameOfReferenceUID) if "FrameOfReferenceUID" in ds else None,
+        rows=int(ds.Rows) if "Rows" in ds else None,
+        columns=int(ds.Columns) if "Columns" in ds else None,
+        iop=_floats(ds.get("ImageOrientationPatient"), 6),
+        ipp=_floats(ds.get("ImagePositionPatient"), 3),
+        pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
+        instance_number=inst,
+        echo_number=str(ds.get("EchoNumbers", "")) or None,
+        number_of_frames=frames,
+        has_pixels=has_pixels,
+        is_dicomdir=is_dicomdir,
+    )
+
+
+def scan(root: Path, claim: Iterable[str] = (), progress: object | None = None) -> Index:
+    """Index every file under ``root``.
+
+    Args:
+        root: folder to scan recursively.
+        claim: regular expressions (on the file name) of non-DICOM files that
+            another step handles, e.g. NIfTI labels; they are not reported as
+            ``NOT_DICOM``.
+        progress: optional tqdm-like object with ``update(n)``.
+    """
+    import re
+
+    patterns = [re.compile(p) for p in claim]
+    headers: list[DicomHeader] = []
+    problems: list[FileProblem] = []
+    other: list[tuple[Path, str]] = []
+    for path in iter_files(root):
+        rel = path.relative_to(root).as_posix()
+        if any(p.search(path.name) for p in patterns):
+            other.append((path, rel))
+        else:
+            result = read_header(path, rel)
+            (headers if isinstance(result, DicomHeader) else problems).append(result)  # type: ignore[arg-type]
+        if progress is not None:
+            progress.update(1)  # type: ignore[attr-defined]
+    return Index(root=root, headers=headers, problems=problems, other_files=other)
+
+
+def _round_iop(iop: tuple[float, ...] | None, tol: float) -> tuple | None:
+    if iop is None:
+        return None
+    step = max(tol, 1e-6) * 10
+    return tuple(round(v / step) for v in iop)
+
+
+def group_series(headers: list[DicomHeader], orientation_tolerance: float = 1e-4) -> list[SeriesGroup]:
+    """Group image headers into series, split by orientation, matrix size and echo."""
+    groups: dict[tuple, SeriesGroup] = {}
+    for h in headers:
+        key = (
+            h.study_uid,
+            h.series_uid,
+            _round_iop(h.iop, orientation_tolerance),
+            h.rows,
+            h.columns,
+            h.echo_number,
+        )
+        if key not in groups:
+            groups[key] = SeriesGroup(h.study_uid, h.series_uid, key)
+        groups[key].headers.append(h)
+    out = list(groups.values())
+    out.sort(key=lambda g: (g.study_uid, g.series_uid, g.first.rel))
+    return out
+
+
+def split_counts(groups: list[SeriesGroup]) -> dict[str, int]:
+    """How many groups each series was split into (for the MIXED_SERIES note)."""
+    counts: dict[str, int] = defaultdict(int)
+    for g in groups:
+        counts[g.series_uid] += 1
+    return dict(counts)

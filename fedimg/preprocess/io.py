@@ -1,0 +1,66 @@
+"""Atomic file writing: a crash never leaves a half-written output under its final name."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import nibabel as nib
+import numpy as np
+
+
+def _tmp_beside(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write a NIfTI volume atomically, with PHI-free header text fields.
+
+    ``descrip``, ``aux_file``, ``intent_name`` and ``db_name`` are cleared: nibabel
+    and other tools may otherwise carry free text there.
+    """
+    img = nib.Nifti1Image(data, affine)
+    hdr = img.header
+    hdr["descrip"] = b"fedimg"
+    hdr["aux_file"] = b""
+    hdr["intent_name"] = b""
+    hdr["db_name"] = b""
+    hdr.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = _tmp_beside(path)
+    try:
+        # nibabel picks gzip from the extension: give the temp file the same suffixes.
+        tmp_nii = tmp.with_name(tmp.name + "".join(path.suffixes))
+        nib.save(img, str(tmp_nii))
+        os.replace(tmp_nii, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically."""
+    tmp = _tmp_beside(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write JSON lines atomically."""
+    tmp = _tmp_beside(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,385 @@
+"""``fedimg preprocess``: a site's DICOM tree -> normalized volumes, datalist, manifest.
+
+The stages, each in its own module:
+
+1. :mod:`fedimg.dicom.index` reads every header (no pixels) and groups series.
+2. Series are selected per study: one image series, its label (a DICOM mask
+   series or a NIfTI file), everything else skipped with a reason.
+3. :mod:`fedimg.dicom.geometry` validates each selected series from headers
+   alone, before any pixel is decoded.
+4. :mod:`fedimg.dicom.volume` decodes pixels; the label is brought onto the
+   image grid and checked.
+5. :mod:`fedimg.preprocess.transforms` applies the shared MONAI chain.
+6. Outputs are written atomically; every input file gets exactly one row in
+   ``manifest.jsonl`` and the accounting ``inputs == converted + refused +
+   skipped`` is checked before the run reports success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedimg import config as cfgmod
+from fedimg.config import PreprocessSpec
+from fedimg.dicom.geometry import SeriesGeometry
+from fedimg.dicom.index import DicomHeader, SeriesGroup, group_series, iter_files, scan
+from fedimg.dicom.labels import (
+    check_mask_grid,
+    load_nifti_on_grid,
+    map_label_values,
+    match_nifti_to_study,
+)
+from fedimg.dicom.reasons import Reason, RefusedError
+from fedimg.dicom.volume import load_volume, series_geometry
+from fedimg.preprocess.io import write_json, write_jsonl, write_nifti
+from fedimg.preprocess.transforms import apply_spec
+
+logger = logging.getLogger(__name__)
+
+CONVERTED, REFUSED, SKIPPED = "converted", "refused", "skipped"
+
+
+class PreprocessInputError(ValueError):
+    """The source folder cannot be preprocessed at all (missing, empty, no DICOM)."""
+
+
+@dataclass
+class ManifestRow:
+    """One input file's fate."""
+
+    input: str
+    status: str
+    reason: str = ""
+    detail: str = ""
+    output: str | None = None
+    case_id: str | None = None
+    role: str | None = None  # "image" or "label" for files that were used
+
+    def to_json(self) -> dict[str, Any]:
+        """Row as written to manifest.jsonl."""
+        return {k: v for k, v in asdict(self).items() if v not in (None, "") or k in ("input", "status", "reason")}
+
+
+@dataclass
+class CaseRecord:
+    """A converted case."""
+
+    case_id: str
+    image: str
+    label: str | None
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    label_counts: dict[str, int] = field(default_factory=dict)
+    split: str = "training"
+
+
+@dataclass
+class PreprocessResult:
+    """What a preprocessing run did; also written as ``DST/summary.json``."""
+
+    site: str
+    src_files: int
+    counts: dict[str, int]
+    reasons: dict[str, int]
+    cases: list[CaseRecord]
+    datalist: str
+    manifest: str
+
+    def table(self) -> str:
+        """A human-readable summary table."""
+        lines = [
+            f"site {self.site}: {self.src_files} input files -> "
+            f"{self.counts.get(CONVERTED, 0)} converted, {self.counts.get(REFUSED, 0)} refused, "
+            f"{self.counts.get(SKIPPED, 0)} skipped",
+            f"cases: {len(self.cases)} ({sum(c.split == 'training' for c in self.cases)} training, "
+            f"{sum(c.split == 'validation' for c in self.cases)} validation)",
+        ]
+        if self.reasons:
+            lines.append(f"{'reason':<28} {'files':>6}")
+            for reason, n in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+                lines.append(f"{reason:<28} {n:>6}")
+        lines.append(f"datalist: {self.datalist}")
+        lines.append(f"manifest: {self.manifest}")
+        return "\n".join(lines)
+
+
+def case_id_for(study_uid: str, series_uid: str) -> str:
+    """A stable, file-name-safe case id that does not spell out a UID."""
+    digest = hashlib.sha256(f"{study_uid}|{series_uid}".encode()).hexdigest()
+    return f"case-{digest[:12]}"
+
+
+def _check_source(src: Path) -> list[Path]:
+    if not src.exists():
+        raise PreprocessInputError(
+            f"source folder does not exist: expected a folder of DICOM files, found nothing at the "
+            f"given path; check the SRC argument")
+    if not src.is_dir():
+        raise PreprocessInputError("source is a file: expected a folder of DICOM files; pass its parent folder")
+    files = list(iter_files(src))
+    if not files:
+        raise PreprocessInputError("source folder is empty: expected DICOM files (any depth), found 0 files")
+    return files
+
+
+def _split(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Deterministic split: order by a seeded hash, the first share goes to validation."""
+    ordered = sorted(case_ids, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
+    n_val = max(1, int(round(len(ordered) * val_fraction))) if len(ordered) >= 2 else 0
+    return {c: ("validation" if i < n_val else "training") for i, c in enumerate(ordered)}
+
+
+class _Study:
+    def __init__(self, uid: str) -> None:
+        self.uid = uid
+        self.images: list[tuple[SeriesGroup, SeriesGeometry]] = []
+        self.masks: list[SeriesGroup] = []
+        self.niftis: list[tuple[Path, str]] = []
+
+
+def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str,
+               progress: bool = True) -> PreprocessResult:
+    """Convert and normalize every case under ``src`` into ``dst``.
+
+    Args:
+        src: the site's raw export (read only; never modified).
+        dst: output folder: ``images/``, ``labels/``, ``datalist.json``,
+            ``manifest.jsonl``, ``spec.yaml``, ``summary.json``.
+        spec: the shared preprocessing spec.
+        site: the site's name (recorded in the summary and logs).
+        progress: show tqdm progress bars.
+
+    Raises:
+        PreprocessInputError: ``src`` is missing, empty, or holds no DICOM.
+    """
+    src, dst = Path(src), Path(dst)
+    files = _check_source(src)
+    label_re = re.compile(spec.series.label_description_regex)
+    image_re = re.compile(spec.series.image_description_regex) if spec.series.image_description_regex else None
+
+    with tqdm(total=len(files), desc=f"{site}: index", unit="file", disable=not progress) as bar:
+        index = scan(src, claim=[spec.series.label_nifti_name_regex], progress=bar)
+    if not index.headers:
+        reasons = Counter(p.reason.value for p in index.problems)
+        found = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "only non-DICOM label files"
+        raise PreprocessInputError(
+            f"no DICOM files in source: expected DICOM files (any depth), found {len(files)} file(s): {found}")
+
+    rows: dict[str, ManifestRow] = {}
+    for p in index.problems:
+        rows[p.rel] = ManifestRow(p.rel, REFUSED, p.reason.value, p.detail)
+
+    image_headers: list[DicomHeader] = []
+    for h in index.headers:
+        if h.is_non_image:
+            rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.NON_IMAGE_OBJECT.value,
+                                      f"modality {h.modality or '?'}, not an image volume")
+        elif h.is_localizer:
+            rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.LOCALIZER.value, "(0008,0008) Image Type LOCALIZER")
+        else:
+            image_headers.append(h)
+
+    studies: dict[str, _Study] = {}
+    geo_kwargs = dict(min_slices=spec.geometry.min_slices, spacing_tolerance=spec.geometry.spacing_tolerance,
+                      orientation_tolerance=spec.geometry.orientation_tolerance)
+    groups = group_series(image_headers, spec.geometry.orientation_tolerance)
+    per_series = Counter(g.series_uid for g in groups)
+    for g in groups:
+        study = studies.setdefault(g.study_uid, _Study(g.study_uid))
+        if label_re.search(g.description):
+            study.masks.append(g)
+            continue
+        if g.modality.upper() != spec.series.image_modality:
+            _mark(rows, g.rels, SKIPPED, Reason.MODALITY_NOT_SELECTED,
+                  f"modality {g.modality or '?'}; spec selects {spec.series.image_modality}")
+            continue
+        if image_re is not None and not image_re.search(g.description):
+            _mark(rows, g.rels, SKIPPED, Reason.SERIES_NOT_SELECTED,
+                  "(0008,103E) Series Description does not match series.image_description_regex")
+            continue
+        try:
+            geo = series_geometry(g, **geo_kwargs)
+        except RefusedError as exc:
+            extra = f" (series split into {per_series[g.series_uid]} groups)" if per_series[g.series_uid] > 1 else ""
+            _mark(rows, g.rels, REFUSED, exc.reason, exc.detail + extra)
+            continue
+        study.images.append((g, geo))
+
+    # NIfTI labels: attach each to the one study whose files sit under its nearest folder.
+    study_dirs: dict[str, set[str]] = defaultdict(set)
+    for h in index.headers:
+        study_dirs[h.study_uid].add(Path(h.rel).parent.as_posix())
+    for path, rel in index.other_files:
+        owner = match_nifti_to_study(rel, study_dirs)
+        if owner is None or owner not in studies:
+            rows[rel] = ManifestRow(rel, REFUSED, Reason.LABEL_UNMATCHED.value,
+                                    "no single study's files share this label's folder")
+        else:
+            studies[owner].niftis.append((path, rel))
+
+    cases: list[CaseRecord] = []
+    work = [s for s in studies.values() if s.images]
+    class_values = [spec.labels.source_value(c) for c in spec.labels.classes]
+    for study in studies.values():
+        if not study.images:
+            for m in study.masks:
+                _mark(rows, m.rels, REFUSED, Reason.IMAGE_REFUSED, "no usable image series in this study")
+            for _, rel in study.niftis:
+                rows[rel] = ManifestRow(rel, REFUSED, Reason.IMAGE_REFUSED.value, "no usable image series in this study")
+
+    with tqdm(total=len(work), desc=f"{site}: convert", unit="case", disable=not progress) as bar:
+        for study in work:
+            try:
+                rec = _convert_study(study, spec, dst, rows, class_values, geo_kwargs)
+                if rec is not None:
+                    cases.append(rec)
+            finally:
+                bar.update(1)
+
+    split = _split([c.case_id for c in cases], spec.split.val_fraction, spec.split.seed)
+    for c in cases:
+        c.split = split[c.case_id]
+    cases.sort(key=lambda c: c.case_id)
+
+    # Every file must be accounted for exactly once.
+    missing = [rel for rel in (f.relative_to(src).as_posix() for f in files) if rel not in rows]
+    for rel in missing:  # defensive: a file no stage claimed is refused, never dropped
+        rows[rel] = ManifestRow(rel, REFUSED, Reason.NOT_DICOM.value, "not claimed by any stage")
+    ordered_rows = [rows[k] for k in sorted(rows)]
+    counts = Counter(r.status for r in ordered_rows)
+    if sum(counts.values()) != len(files):
+        raise RuntimeError(f"manifest accounting failed: {len(files)} inputs vs {sum(counts.values())} rows")
+
+    dst.mkdir(parents=True, exist_ok=True)
+    class_map = {"0": "background", **{str(i + 1): n for i, n in enumerate(spec.labels.classes)}}
+    datalist = {
+        "name": spec.name,
+        "site": site,
+        "labels": class_map,
+        "training": [_dl_item(c) for c in cases if c.split == "training"],
+        "validation": [_dl_item(c) for c in cases if c.split == "validation"],
+    }
+    write_json(dst / "datalist.json", datalist)
+    write_jsonl(dst / "manifest.jsonl", (r.to_json() for r in ordered_rows))
+    cfgmod.save(spec, dst / "spec.yaml")
+    result = PreprocessResult(
+        site=site,
+        src_files=len(files),
+        counts={k: counts.get(k, 0) for k in (CONVERTED, REFUSED, SKIPPED)},
+        reasons=dict(Counter(r.reason for r in ordered_rows if r.reason)),
+        cases=cases,
+        datalist=str(dst / "datalist.json"),
+        manifest=str(dst / "manifest.jsonl"),
+    )
+    write_json(dst / "summary.json", {**asdict(result), "cases": [asdict(c) for c in cases]})
+    logger.info("site %s: %d cases, %s", site, len(cases), dict(result.counts))
+    return result
+
+
+def _dl_item(c: CaseRecord) -> dict[str, Any]:
+    item: dict[str, Any] = {"image": c.image, "case_id": c.case_id}
+    if c.label:
+        item["label"] = c.label
+    return item
+
+
+def _mark(rows: dict[str, ManifestRow], rels: list[str], status: str, reason: Reason | str, detail: str,
+          **extra: Any) -> None:
+    for rel in rels:
+        rows[rel] = ManifestRow(rel, status, str(reason), detail, **extra)
+
+
+def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[str, ManifestRow],
+                   class_values: list[int], geo_kwargs: dict[str, Any]) -> CaseRecord | None:
+    if len(study.images) > 1:
+        for g, _ in study.images:
+            _mark(rows, g.rels, REFUSED, Reason.AMBIGUOUS_IMAGE_SERIES,
+                  f"{len(study.images)} candidate image series in one study; narrow "
+                  "series.image_description_regex in the spec")
+        for m in study.masks:
+            _mark(rows, m.rels, REFUSED, Reason.IMAGE_REFUSED, "its study has no single image series")
+        for _, rel in study.niftis:
+            rows[rel] = ManifestRow(rel, REFUSED, Reason.IMAGE_REFUSED.value, "its study has no single image series")
+        return None
+    group, geo = study.images[0]
+    case_id = case_id_for(study.uid, group.series_uid)
+    image_fref = group.first.frame_of_reference_uid
+
+    # Choose the label: DICOM masks on the image's frame of reference, then NIfTI files.
+    label_source: tuple[str, Any] | None = None
+    for m in study.masks:
+        if m.first.frame_of_reference_uid != image_fref:
+            _mark(rows, m.rels, REFUSED, Reason.LABEL_UNMATCHED,
+                  "(0020,0052) Frame of Reference UID differs from the image series")
+            continue
+        try:
+            mgeo = series_geometry(m, **geo_kwargs)
+            check_mask_grid(geo, mgeo)
+        except RefusedError as exc:
+            reason = exc.reason if exc.reason == Reason.LABEL_GEOMETRY_MISMATCH else Reason.LABEL_GEOMETRY_MISMATCH
+            _mark(rows, m.rels, REFUSED, reason, exc.detail)
+            continue
+        if label_source is not None:
+            _mark(rows, m.rels, REFUSED, Reason.LABEL_UNMATCHED, "a second label for the same image")
+            continue
+        label_source = ("dicom", (m, mgeo))
+    for path, rel in study.niftis:
+        if label_source is not None:
+            rows[rel] = ManifestRow(rel, REFUSED, Reason.LABEL_UNMATCHED.value, "a second label for the same image")
+            continue
+        label_source = ("nifti", (path, rel))
+
+    def refuse_all(reason: Reason, detail: str) -> None:
+        _mark(rows, group.rels, REFUSED, reason, detail, case_id=case_id)
+        if label_source is not None:
+            kind, obj = label_source
+            rels = obj[0].rels if kind == "dicom" else [obj[1]]
+            _mark(rows, rels, REFUSED, Reason.IMAGE_REFUSED if reason != Reason.LABEL_GEOMETRY_MISMATCH
+                  and reason != Reason.LABEL_VALUES_UNEXPECTED else reason, detail, case_id=case_id)
+
+    if label_source is None and spec.labels.required:
+        refuse_all(Reason.NO_LABEL, "no label series or NIfTI label matched this image; labels.required is true")
+        return None
+
+    try:
+        volume = load_volume(group, geo)
+        label = None
+        if label_source is not None:
+            kind, obj = label_source
+            if kind == "dicom":
+                mvol = load_volume(obj[0], obj[1])
+                raw = mvol.data
+            else:
+                raw = load_nifti_on_grid(obj[0], geo)
+            label = map_label_values(raw, class_values)
+        image_arr, label_arr, affine = apply_spec(spec, volume.data, volume.affine, label)
+    except RefusedError as exc:
+        refuse_all(exc.reason, exc.detail)
+        return None
+
+    image_rel = f"images/{case_id}.nii.gz"
+    write_nifti(dst / image_rel, image_arr.astype(np.float32), affine)
+    label_rel = None
+    counts: dict[str, int] = {}
+    if label_arr is not None:
+        label_rel = f"labels/{case_id}.nii.gz"
+        write_nifti(dst / label_rel, label_arr.astype(np.uint8), affine)
+        counts = {name: int((label_arr == i + 1).sum()) for i, name in enumerate(spec.labels.classes)}
+    _mark(rows, group.rels, CONVERTED, "", "", output=image_rel, case_id=case_id, role="image")
+    if label_source is not None:
+        kind, obj = label_source
+        rels = obj[0].rels if kind == "dicom" else [obj[1]]
+        _mark(rows, rels, CONVERTED, "", "", output=label_rel, case_id=case_id, role="label")
+    spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    return CaseRecord(case_id=case_id, image=image_rel, label=label_rel,
+                      shape=tuple(int(s) for s in image_arr.shape),  # type: ignore[arg-type]
+                      spacing=spacing, label_counts=counts)  # type: ignore[arg-type]

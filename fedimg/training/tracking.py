@@ -1,0 +1,34 @@
+"""Site-local TensorBoard writing without the host name.
+
+TensorBoard names event files ``events.out.tfevents.<time>.<hostname>...``;
+a host name identifies a hospital machine, so fedimg's own writers use a
+fixed, neutral name instead.
+"""
+
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+@contextmanager
+def _neutral_hostname(name: str) -> Iterator[None]:
+    original = socket.gethostname
+    socket.gethostname = lambda: name  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        socket.gethostname = original  # type: ignore[assignment]
+
+
+def local_writer(logdir: str | Path, tag: str = "fedimg") -> SummaryWriter:
+    """A SummaryWriter whose event file name carries ``tag`` instead of the host name."""
+    Path(logdir).mkdir(parents=True, exist_ok=True)
+    with _neutral_hostname(tag):
+        # SummaryWriter creates its event file in __init__, while the name is patched.
+        writer = SummaryWriter(log_dir=str(logdir))
+    return writer
