@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,9 @@ def _setup_logging(verbose: bool) -> None:
     # Third-party INFO chatter hides our progress bars.
     for noisy in ("nvflare", "monai", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MONAI announces, on every import, that the optional NVIDIA image codec is absent.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*NvImgCodecPydicomReader.*")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
-    RandCropByPosNegLabeld,
+    RandCropByLabelClassesd,
     RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -74,11 +74,16 @@ def _base_transforms(cfg: DataConfig, device: torch.device) -> list[Any]:
     return t
 
 
-def train_transforms(cfg: DataConfig, device: torch.device) -> Compose:
-    """Cached loading plus random crops (foreground-balanced) and light augmentation."""
+def train_transforms(cfg: DataConfig, device: torch.device, num_classes: int) -> Compose:
+    """Cached loading plus class-balanced random crops and light augmentation.
+
+    Crops are centred on each class (background included) equally often, so a
+    small lesion is seen as often as the large organ around it.
+    """
     return Compose(_base_transforms(cfg, device) + [
-        RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=cfg.roi_size,
-                               pos=1, neg=1, num_samples=cfg.samples_per_volume),
+        RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=cfg.roi_size,
+                                num_classes=num_classes, num_samples=cfg.samples_per_volume,
+                                warn=False),
         RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
@@ -91,16 +96,16 @@ def val_transforms(cfg: DataConfig, device: torch.device) -> Compose:
 
 
 def make_loaders(train_items: list[dict[str, Any]], val_items: list[dict[str, Any]], cfg: DataConfig,
-                 device: torch.device, progress: bool = False, seed: int = 0) -> tuple[DataLoader, DataLoader | None]:
+                 device: torch.device, num_classes: int, progress: bool = False, seed: int = 0) -> tuple[DataLoader, DataLoader | None]:
     """Cached training and validation loaders.
 
     On CUDA the cache lives on the GPU and loading runs in the main process
     (workers cannot share GPU tensors).
     """
     workers = 0 if device.type == "cuda" else cfg.num_workers
-    train_ds = CacheDataset(train_items, transform=train_transforms(cfg, device), cache_rate=cfg.cache_rate,
+    train_ds = CacheDataset(train_items, transform=train_transforms(cfg, device, num_classes), cache_rate=cfg.cache_rate,
                             num_workers=None, progress=progress, copy_cache=False)
-    train_ds.set_random_state(seed)
+    train_ds.transform.set_random_state(seed)  # type: ignore[union-attr]
     gen = torch.Generator()
     gen.manual_seed(seed)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers,

@@ -13,7 +13,7 @@ from monai.networks.utils import one_hot
 
 def build_loss() -> torch.nn.Module:
     """Dice + cross-entropy on softmax outputs against integer labels."""
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
 
 def predict(model: torch.nn.Module, image: torch.Tensor, roi_size: Sequence[int], sw_batch_size: int,

@@ -40,7 +40,7 @@ class SiteTrainer:
         self._check_classes(raw)
         self.n_train = len(train_items)
         self.n_val = len(val_items)
-        self.train_loader, self.val_loader = make_loaders(train_items, val_items, exp.data, rt.device,
+        self.train_loader, self.val_loader = make_loaders(train_items, val_items, exp.data, rt.device, exp.task.num_classes,
                                                           progress=progress, seed=exp.train.seed)
         self.model = build_model(exp.model, exp.task).to(rt.device)
         self.optimizer = build_optimizer(self.model, exp.optim.name, exp.optim.lr, exp.optim.weight_decay,
