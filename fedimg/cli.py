@@ -147,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fedimg.preprocess.pipeline import PreprocessInputError
 
         expected += (PreprocessInputError, DatalistError)
+        if args.command == "demo":
+            from fedimg.fl.simulate import FederatedRunError
+
+            expected += (FederatedRunError,)
     except ImportError:  # pragma: no cover - partial installs
         pass
     try:

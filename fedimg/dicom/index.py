@@ -194,6 +194,22 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
     except (TypeError, ValueError):
         frames = 1
     has_pixels = any(t in ds for t in _PIXEL_TAGS)
+    if has_pixels:
+        # A deferred element knows where its value starts and how long it is: a file
+        # that ends before that is truncated (decoding it would fail or read garbage).
+        tag = next(t for t in _PIXEL_TAGS if t in ds)
+        raw = ds.get_item(tag, keep_deferred=True)
+        length = getattr(raw, "length", None)
+        tell = getattr(raw, "value_tell", None)
+        if length is not None and tell is not None and length != 0xFFFFFFFF:
+            size = path.stat().st_size
+            if tell + length > size:
+                return FileProblem(path, rel, Reason.TRUNCATED,
+                                   f"pixel data needs {length} bytes, file ends after {size - tell}")
+    elif sop_class.startswith(_IMAGE_SOP_PREFIXES) and not sop_class.startswith(_NON_IMAGE_SOP_PREFIXES) \
+            and sop_class != _KOS_SOP and not is_dicomdir:
+        return FileProblem(path, rel, Reason.NO_PIXELS,
+                           "image object without (7FE0,0010) Pixel Data; the file may be truncated")
     return DicomHeader(
         path=path,
         rel=rel,

@@ -79,6 +79,30 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True) ->
                             errors=errors)
 
 
+def quiet_log_config(path: Path) -> str:
+    """NVFlare log config: full log files, a console that shows warnings and fedimg's progress only.
+
+    The simulator otherwise prints every task hand-off; the files (``log.txt``,
+    ``error_log.txt``) keep everything.
+    """
+    import copy
+
+    from nvflare.fuel.utils.log_utils import default_log_dict
+
+    cfg = copy.deepcopy(default_log_dict)
+    cfg["handlers"]["consoleHandler"]["level"] = "WARNING"
+    cfg["filters"]["FedimgOnly"] = {"name": "fedimg"}  # logging.Filter("fedimg"): fedimg.* loggers only
+    cfg["formatters"]["fedimgFormatter"] = {"format": "%(asctime)s %(message)s", "datefmt": "%H:%M:%S"}
+    cfg["handlers"]["fedimgConsole"] = {"class": "logging.StreamHandler", "level": "INFO",
+                                        "formatter": "fedimgFormatter", "filters": ["FedimgOnly"],
+                                        "stream": "ext://sys.stdout"}
+    cfg["loggers"]["root"]["handlers"].append("fedimgConsole")
+    # Passed as a file: the simulator forwards a JSON string through a command line.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=1))
+    return str(path)
+
+
 def run_simulation(
     exp: ExperimentConfig,
     job_dir: str | Path,
@@ -103,7 +127,7 @@ def run_simulation(
     recipe = build_fedavg_recipe(exp, job_dir, site_configs, staging, sites_sharing_cpu=len(sites),
                                  initial_ckpt=initial_ckpt)
     env = SimEnv(clients=sites, num_clients=len(sites), num_threads=len(sites), workspace_root=str(workspace),
-                 gpu_config=simulator_gpu_config(len(sites)))
+                 gpu_config=simulator_gpu_config(len(sites)), log_config=quiet_log_config(workspace / "log_config.json"))
     t0 = time.perf_counter()
     try:
         with in_staging(staging):

@@ -281,7 +281,7 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         manifest=str(dst / "manifest.jsonl"),
     )
     write_json(dst / "summary.json", {**asdict(result), "cases": [asdict(c) for c in cases]})
-    logger.info("site %s: %d cases, %s", site, len(cases), dict(result.counts))
+    logger.debug("site %s: %d cases, %s", site, len(cases), dict(result.counts))
     return result
 
 

@@ -1,0 +1,101 @@
+"""The fedimg command: exit codes and one-line errors for bad input, and the demo's summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedimg.cli import main
+from tests.conftest import CT_SPEC, DEMO_EXPERIMENT
+
+
+def _err_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedimg")]
+
+
+def test_preprocess_missing_source(tmp_path, capsys):
+    rc = main(["preprocess", str(tmp_path / "nope"), str(tmp_path / "out"), "--spec", str(CT_SPEC),
+               "--site", "s", "--quiet"])
+    assert rc == 2
+    (line,) = _err_lines(capsys)
+    assert "does not exist" in line and "expected a folder of DICOM files" in line
+
+
+def test_preprocess_folder_without_dicom(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("hello")
+    rc = main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--spec", str(CT_SPEC),
+               "--site", "s", "--quiet"])
+    assert rc == 2
+    (line,) = _err_lines(capsys)
+    assert "no DICOM files" in line and "found 1 file" in line
+
+
+def test_preprocess_bad_spec_override(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    rc = main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--spec", str(CT_SPEC),
+               "--site", "s", "--set", "target_spacing=3"])
+    assert rc == 2
+    (line,) = _err_lines(capsys)
+    assert "target_spacing: expected list of 3 float, got int" in line
+
+
+def test_train_local_unknown_key(tmp_path, capsys):
+    site = tmp_path / "site.yaml"
+    site.write_text("name: s\ndatalist: d.json\n")
+    rc = main(["train-local", "--config", str(DEMO_EXPERIMENT), "--site-config", str(site), "--out",
+               str(tmp_path / "o"), "--set", "optim.learning_rate=1"])
+    assert rc == 2
+    assert "unknown key optim.learning_rate" in _err_lines(capsys)[0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_suggests_auto(tmp_path, capsys):
+    site = tmp_path / "site.yaml"
+    site.write_text("name: s\ndatalist: d.json\n")
+    rc = main(["train-local", "--config", str(DEMO_EXPERIMENT), "--site-config", str(site), "--out",
+               str(tmp_path / "o"), "--device", "cuda"])
+    assert rc == 2
+    line = _err_lines(capsys)[0]
+    assert "no CUDA GPU" in line and "--device auto" in line
+
+
+def test_train_local_missing_datalist(tmp_path, capsys):
+    site = tmp_path / "site.yaml"
+    site.write_text("name: s\ndatalist: missing/datalist.json\ndevice: cpu\n")
+    rc = main(["train-local", "--config", str(DEMO_EXPERIMENT), "--site-config", str(site), "--out",
+               str(tmp_path / "o"), "--quiet"])
+    assert rc == 2
+    assert "run `fedimg preprocess`" in _err_lines(capsys)[0]
+
+
+def test_synth_then_preprocess_via_cli(tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "raw"), "--sites", "1", "--cases", "2", "--seed", "3", "--quiet"]) == 0
+    assert main(["preprocess", str(tmp_path / "raw" / "site-1"), str(tmp_path / "pre"), "--spec", str(CT_SPEC),
+                 "--site", "site-1", "--quiet", "--set", "target_spacing=[6, 6, 6]"]) == 0
+    out = capsys.readouterr().out
+    assert "0 refused" in out and "cases: 2" in out
+    assert len(json.loads((tmp_path / "pre" / "datalist.json").read_text())["training"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.nvflare
+@pytest.mark.integration
+def test_demo_smoke_writes_summary(tmp_path):
+    """The demo path end to end at a small size (2 rounds); quality is checked by `make demo`."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedimg.cli", "demo", "--out", str(tmp_path / "demo"), "--sites", "2",
+         "--cases", "3", "--rounds", "2", "--quiet"],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["sites"]) == {"site-1", "site-2"}
+    for row in summary["sites"].values():
+        assert row["cases"] >= 2 and 0.0 <= row["val_dice"] <= 1.0
+    for key in ("best_model", "tensorboard_logdir", "cross_site"):
+        assert (tmp_path / "demo").as_posix() in summary[key]
+    assert json.loads(open(summary["cross_site"]).read())
+    assert "tensorboard --logdir" in proc.stdout and "Dice" in proc.stdout

@@ -1,0 +1,84 @@
+"""Config loading: strict keys and types, overrides, round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedimg import config as cfg
+from tests.conftest import CT_SPEC, DEMO_EXPERIMENT, MR_SPEC
+
+
+def test_shipped_configs_load():
+    exp = cfg.load(cfg.ExperimentConfig, DEMO_EXPERIMENT)
+    assert exp.task.class_names == ["organ", "lesion"]
+    assert exp.task.num_classes == 3
+    assert cfg.load(cfg.PreprocessSpec, CT_SPEC).target_spacing == (3.0, 3.0, 3.0)
+    assert cfg.load(cfg.PreprocessSpec, MR_SPEC).modality == "MR"
+
+
+def test_unknown_key_is_named_with_alternatives(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("name: x\noptim:\n  learning_rate: 0.1\n")
+    with pytest.raises(cfg.ConfigError) as exc:
+        cfg.load(cfg.ExperimentConfig, p)
+    msg = str(exc.value)
+    assert "optim.learning_rate" in msg and "lr" in msg and str(p) in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.lr=fast", "optim.lr: expected float, got str"),
+        ("fed.num_rounds=0", "fed.num_rounds must be >= 1, got 0"),
+        ("data.roi_size=[64, 64]", "data.roi_size: expected list of 3 int"),
+        ("train.amp=3", "train.amp: expected bool"),
+        ("model.strides=[2]", "model.strides must have"),
+        ("fed.algorithm=fedsgd", "fed.algorithm: expected one of 'fedavg'"),
+    ],
+)
+def test_wrong_values_name_key_and_type(override, expected):
+    with pytest.raises(cfg.ConfigError, match=None) as exc:
+        cfg.load(cfg.ExperimentConfig, DEMO_EXPERIMENT, [override])
+    assert expected in str(exc.value)
+
+
+def test_overrides_apply_and_roundtrip(tmp_path):
+    exp = cfg.load(cfg.ExperimentConfig, DEMO_EXPERIMENT, ["optim.lr=3e-4", "fed.num_rounds=7"])
+    assert exp.optim.lr == pytest.approx(3e-4)
+    assert exp.fed.num_rounds == 7
+    cfg.save(exp, tmp_path / "resolved.yaml")
+    assert cfg.load(cfg.ExperimentConfig, tmp_path / "resolved.yaml") == exp
+
+
+def test_bad_override_syntax():
+    with pytest.raises(cfg.ConfigError, match="expected KEY=VALUE"):
+        cfg.apply_overrides({}, ["optim.lr"])
+
+
+def test_missing_required_key(tmp_path):
+    p = tmp_path / "spec.yaml"
+    p.write_text("name: s\nmodality: CT\n")
+    with pytest.raises(cfg.ConfigError, match="missing required key target_spacing"):
+        cfg.load(cfg.PreprocessSpec, p)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="does not exist"):
+        cfg.load(cfg.ExperimentConfig, tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(cfg.ConfigError, match="expected a YAML mapping"):
+        cfg.load(cfg.ExperimentConfig, p)
+
+
+def test_site_config_resolves_relative_paths(tmp_path):
+    (tmp_path / "site.yaml").write_text("name: site-9\ndatalist: pre/datalist.json\nlocal_logdir: tb\n")
+    site = cfg.load_site_config(tmp_path / "site.yaml")
+    assert site.datalist == str(tmp_path / "pre" / "datalist.json")
+    assert site.local_logdir == str(tmp_path / "tb")
+
+
+def test_label_values_must_name_classes():
+    with pytest.raises(cfg.ConfigError, match="labels.values names 'tumour'"):
+        cfg.from_dict(cfg.PreprocessSpec, {"name": "s", "modality": "MR", "target_spacing": [1, 1, 1],
+                                           "labels": {"classes": ["tumor"], "values": {"tumour": 1}}})
