@@ -16,6 +16,7 @@ type, e.g. ``optim.lr: expected float, got str ('fast')``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -356,14 +357,24 @@ class PreprocessSpec:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """What is learned. ``class_names`` excludes the background."""
+    """What is learned.
+
+    Attributes:
+        class_names: foreground classes in label order (background excluded).
+        min_component_voxels: post-processing at evaluation: connected
+            components of a class smaller than this are set to background
+            (0 disables). Evaluation reports Dice after this step.
+    """
 
     type: Literal["segmentation"] = "segmentation"
     class_names: list[str] = field(default_factory=lambda: ["foreground"])
     in_channels: int = 1
+    min_component_voxels: int = 0
 
     def __post_init__(self) -> None:
         _check(len(self.class_names) >= 1, "task.class_names must name at least one class")
+        _check(self.min_component_voxels >= 0,
+               f"task.min_component_voxels must be >= 0, got {self.min_component_voxels}")
         _check(self.in_channels >= 1, f"task.in_channels must be >= 1, got {self.in_channels}")
 
     @property
@@ -413,16 +424,32 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer settings (site-local optimizer state is not shared)."""
+    """Optimizer settings (site-local optimizer state is not shared).
+
+    ``schedule: cosine`` decays the learning rate from ``lr`` to
+    ``lr * min_lr_factor`` over the run: over epochs in local training, over
+    rounds in federated training (every site follows the same curve).
+    """
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-3
     weight_decay: float = 1e-5
     momentum: float = 0.9
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_factor: float = 0.05
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0.0 <= self.min_lr_factor <= 1.0,
+               f"optim.min_lr_factor must be in [0, 1], got {self.min_lr_factor}")
+
+    def lr_at(self, progress: float) -> float:
+        """Learning rate at ``progress`` in [0, 1] of the run."""
+        if self.schedule == "constant":
+            return self.lr
+        p = min(max(progress, 0.0), 1.0)
+        return self.lr * (self.min_lr_factor + (1 - self.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 @dataclass(frozen=True)

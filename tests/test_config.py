@@ -82,3 +82,11 @@ def test_label_values_must_name_classes():
     with pytest.raises(cfg.ConfigError, match="labels.values names 'tumour'"):
         cfg.from_dict(cfg.PreprocessSpec, {"name": "s", "modality": "MR", "target_spacing": [1, 1, 1],
                                            "labels": {"classes": ["tumor"], "values": {"tumour": 1}}})
+
+
+def test_cosine_schedule_endpoints():
+    opt = cfg.OptimConfig(lr=1e-3, schedule="cosine", min_lr_factor=0.1)
+    assert opt.lr_at(0.0) == pytest.approx(1e-3)
+    assert opt.lr_at(0.5) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert opt.lr_at(1.0) == pytest.approx(1e-4)
+    assert cfg.OptimConfig(lr=2e-3).lr_at(0.7) == 2e-3  # constant

@@ -121,6 +121,8 @@ def run(argv: Sequence[str] | None = None, script_dir: str | Path | None = None)
         for k, v in val.items():
             if k.startswith("dice"):
                 writer.add_scalar(f"val/{k}", float(v), global_step=rnd)
+        total = int(model.total_rounds or exp.fed.num_rounds)
+        trainer.set_progress(rnd / max(1, total))  # every site follows the same schedule by round
         fit = trainer.fit(exp.train.local_epochs)
         writer.add_scalar("train/loss", float(fit["loss"]), global_step=rnd + 1)
         local_weights = trainer.state_dict()

@@ -53,6 +53,7 @@ def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, pr
     metrics_path.write_text("")
     bar = tqdm(range(1, exp.train.epochs + 1), desc=f"{site.name}: train", unit="epoch", disable=not progress)
     for epoch in bar:
+        trainer.set_progress((epoch - 1) / exp.train.epochs)
         fit = trainer.fit(1, on_step=lambda s, loss: writer.add_scalar(f"{site.name}/train/loss", loss, s))
         val = trainer.validate()
         last_val = val

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from fedimg.runtime import Runtime
-from fedimg.tasks.segmentation import DiceAccumulator, predict
+from fedimg.tasks.segmentation import DiceAccumulator, predict, remove_small_components
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ def evaluate(
     class_names: Sequence[str],
     roi_size: Sequence[int],
     sw_batch_size: int = 2,
+    min_component_voxels: int = 0,
 ) -> dict[str, float]:
-    """Per-class Dice of ``model`` on whole volumes.
+    """Per-class Dice of ``model`` on whole volumes (after small-component removal).
 
     Returns:
         ``{"dice_mean": x, "dice/<class>": y, "cases": n}``; empty if the loader is empty.
@@ -90,6 +91,7 @@ def evaluate(
         image = batch["image"].to(rt.device)
         label = batch["label"].to(rt.device)
         pred = predict(model, image, roi_size, sw_batch_size, rt.autocast())
+        pred = remove_small_components(pred, len(class_names) + 1, min_component_voxels)
         acc.update(pred, label)
         n += image.shape[0]
     if n == 0:

@@ -87,4 +87,11 @@ class SiteTrainer:
         if self.val_loader is None:
             return {}
         return evaluate(self.model, self.val_loader, self.rt, self.exp.task.class_names, self.exp.data.roi_size,
-                        self.exp.train.sw_batch_size)
+                        self.exp.train.sw_batch_size, self.exp.task.min_component_voxels)
+
+    def set_progress(self, progress: float) -> float:
+        """Set the learning rate for ``progress`` in [0, 1] of the run (``optim.schedule``)."""
+        lr = self.exp.optim.lr_at(progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr

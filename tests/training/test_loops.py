@@ -97,3 +97,17 @@ def test_train_local_writes_checkpoints_metrics_and_tensorboard(small_preprocess
     tags = acc.Tags()["scalars"]
     assert "site-1/train/loss" in tags and "site-1/val/dice_mean" in tags
     assert len(acc.Scalars("site-1/val/dice_mean")) == 3
+
+
+def test_small_components_are_removed_per_class():
+    from fedimg.tasks.segmentation import remove_small_components
+
+    pred = torch.zeros(1, 1, 10, 10, 10, dtype=torch.long)
+    pred[0, 0, 1:5, 1:5, 1:5] = 1  # 64-voxel organ
+    pred[0, 0, 8, 8, 8] = 1  # 1-voxel organ speck
+    pred[0, 0, 2:4, 2:4, 2:4] = 2  # 8-voxel lesion inside the organ
+    pred[0, 0, 0, 9, 0] = 2  # 1-voxel lesion speck
+    out = remove_small_components(pred, num_classes=3, min_voxels=5)
+    assert int((out == 1).sum()) == 64 - 8 and int((out == 2).sum()) == 8
+    assert out[0, 0, 8, 8, 8] == 0 and out[0, 0, 0, 9, 0] == 0
+    assert torch.equal(remove_small_components(pred, 3, 0), pred)
