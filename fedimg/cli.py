@@ -50,6 +50,25 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from fedimg.preprocess.convert import convert
+
+    result = convert(args.src, args.dst, workers=args.workers, progress=not args.quiet)
+    print(result.table())
+    return 0
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from fedimg.preprocess.manifest import read_manifest, render_table, summarize
+
+    try:
+        rows = read_manifest(args.dst)
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
+    print(render_table(summarize(rows), str(args.dst)))
+    return 0
+
+
 def _cmd_train_local(args: argparse.Namespace) -> int:
     from fedimg import config as cfg
     from fedimg.training.local import train_local
@@ -108,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_preprocess)
+
+    s = sub.add_parser("convert", help="raw conversion: one NIfTI per series as acquired, plus manifest.jsonl")
+    s.add_argument("src", help="a DICOM folder tree (read only)")
+    s.add_argument("dst", help="output folder")
+    s.add_argument("--workers", type=int, default=None, help="parallel series (default: CPU count)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_convert)
+
+    s = sub.add_parser("manifest", help="print the account of a convert/preprocess output folder")
+    s.add_argument("dst", help="output folder (or its manifest.jsonl)")
+    s.set_defaults(func=_cmd_manifest)
 
     s = sub.add_parser("train-local", help="train one site without NVFlare")
     s.add_argument("--config", required=True, help="configs/experiments/<name>.yaml")

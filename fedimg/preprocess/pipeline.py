@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from fedimg import config as cfgmod
 from fedimg.config import PreprocessSpec
 from fedimg.dicom.geometry import SeriesGeometry
-from fedimg.dicom.index import DicomHeader, SeriesGroup, group_series, iter_files, scan
+from fedimg.dicom.index import SeriesGroup, group_series
 from fedimg.dicom.labels import (
     check_mask_grid,
     load_nifti_on_grid,
@@ -41,32 +41,14 @@ from fedimg.dicom.labels import (
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.volume import load_volume, series_geometry
 from fedimg.preprocess.io import write_json, write_jsonl, write_nifti
+from fedimg.preprocess.manifest import CONVERTED, REFUSED, SKIPPED, ManifestRow, finalize
+from fedimg.preprocess.manifest import mark as _mark
+from fedimg.preprocess.scan import PreprocessInputError, index_source
 from fedimg.preprocess.transforms import apply_spec
 
 logger = logging.getLogger(__name__)
 
-CONVERTED, REFUSED, SKIPPED = "converted", "refused", "skipped"
-
-
-class PreprocessInputError(ValueError):
-    """The source folder cannot be preprocessed at all (missing, empty, no DICOM)."""
-
-
-@dataclass
-class ManifestRow:
-    """One input file's fate."""
-
-    input: str
-    status: str
-    reason: str = ""
-    detail: str = ""
-    output: str | None = None
-    case_id: str | None = None
-    role: str | None = None  # "image" or "label" for files that were used
-
-    def to_json(self) -> dict[str, Any]:
-        """Row as written to manifest.jsonl."""
-        return {k: v for k, v in asdict(self).items() if v not in (None, "") or k in ("input", "status", "reason")}
+__all__ = ["PreprocessInputError", "PreprocessResult", "preprocess"]
 
 
 @dataclass
@@ -118,19 +100,6 @@ def case_id_for(study_uid: str, series_uid: str) -> str:
     return f"case-{digest[:12]}"
 
 
-def _check_source(src: Path) -> list[Path]:
-    if not src.exists():
-        raise PreprocessInputError(
-            f"source folder does not exist: expected a folder of DICOM files, found nothing at the "
-            f"given path; check the SRC argument")
-    if not src.is_dir():
-        raise PreprocessInputError("source is a file: expected a folder of DICOM files; pass its parent folder")
-    files = list(iter_files(src))
-    if not files:
-        raise PreprocessInputError("source folder is empty: expected DICOM files (any depth), found 0 files")
-    return files
-
-
 def _split(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
     """Deterministic split: order by a seeded hash, the first share goes to validation."""
     ordered = sorted(case_ids, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
@@ -162,31 +131,10 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         PreprocessInputError: ``src`` is missing, empty, or holds no DICOM.
     """
     src, dst = Path(src), Path(dst)
-    files = _check_source(src)
     label_re = re.compile(spec.series.label_description_regex)
     image_re = re.compile(spec.series.image_description_regex) if spec.series.image_description_regex else None
-
-    with tqdm(total=len(files), desc=f"{site}: index", unit="file", disable=not progress) as bar:
-        index = scan(src, claim=[spec.series.label_nifti_name_regex], progress=bar)
-    if not index.headers:
-        reasons = Counter(p.reason.value for p in index.problems)
-        found = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "only non-DICOM label files"
-        raise PreprocessInputError(
-            f"no DICOM files in source: expected DICOM files (any depth), found {len(files)} file(s): {found}")
-
-    rows: dict[str, ManifestRow] = {}
-    for p in index.problems:
-        rows[p.rel] = ManifestRow(p.rel, REFUSED, p.reason.value, p.detail)
-
-    image_headers: list[DicomHeader] = []
-    for h in index.headers:
-        if h.is_non_image:
-            rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.NON_IMAGE_OBJECT.value,
-                                      f"modality {h.modality or '?'}, not an image volume")
-        elif h.is_localizer:
-            rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.LOCALIZER.value, "(0008,0008) Image Type LOCALIZER")
-        else:
-            image_headers.append(h)
+    scanned = index_source(src, claim=[spec.series.label_nifti_name_regex], label=site, progress=progress)
+    index, rows, image_headers = scanned.index, scanned.rows, scanned.image_headers
 
     studies: dict[str, _Study] = {}
     geo_kwargs = dict(min_slices=spec.geometry.min_slices, spacing_tolerance=spec.geometry.spacing_tolerance,
@@ -251,13 +199,8 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
     cases.sort(key=lambda c: c.case_id)
 
     # Every file must be accounted for exactly once.
-    missing = [rel for rel in (f.relative_to(src).as_posix() for f in files) if rel not in rows]
-    for rel in missing:  # defensive: a file no stage claimed is refused, never dropped
-        rows[rel] = ManifestRow(rel, REFUSED, Reason.NOT_DICOM.value, "not claimed by any stage")
-    ordered_rows = [rows[k] for k in sorted(rows)]
+    ordered_rows = finalize(rows, scanned.files)
     counts = Counter(r.status for r in ordered_rows)
-    if sum(counts.values()) != len(files):
-        raise RuntimeError(f"manifest accounting failed: {len(files)} inputs vs {sum(counts.values())} rows")
 
     dst.mkdir(parents=True, exist_ok=True)
     class_map = {"0": "background", **{str(i + 1): n for i, n in enumerate(spec.labels.classes)}}
@@ -273,7 +216,7 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
     cfgmod.save(spec, dst / "spec.yaml")
     result = PreprocessResult(
         site=site,
-        src_files=len(files),
+        src_files=len(scanned.files),
         counts={k: counts.get(k, 0) for k in (CONVERTED, REFUSED, SKIPPED)},
         reasons=dict(Counter(r.reason for r in ordered_rows if r.reason)),
         cases=cases,
@@ -290,12 +233,6 @@ def _dl_item(c: CaseRecord) -> dict[str, Any]:
     if c.label:
         item["label"] = c.label
     return item
-
-
-def _mark(rows: dict[str, ManifestRow], rels: list[str], status: str, reason: Reason | str, detail: str,
-          **extra: Any) -> None:
-    for rel in rels:
-        rows[rel] = ManifestRow(rel, status, str(reason), detail, **extra)
 
 
 def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[str, ManifestRow],

@@ -130,14 +130,14 @@ class Phantom:
         organ_axes = tuple(float(v) for v in rng.uniform(25.0, 40.0, size=3))
         organ_centre = _place_inside(rng, organ_axes, body, _ORGAN_MARGIN, _ORGAN_EXTENT_LIMIT_MM)
         organ = Ellipsoid(_round3(organ_centre), _round3(organ_axes))
-        organ_hu = float(rng.uniform(100.0, 140.0))
+        organ_hu = float(rng.uniform(110.0, 150.0))
 
         lesion: Ellipsoid | None = None
         lesion_hu: float | None = None
         # Draw unconditionally so the stream position does not depend on the outcome.
         has_lesion = bool(rng.uniform() < _LESION_PROBABILITY)
         radius = float(rng.uniform(12.0, 18.0))
-        lesion_hu_draw = float(rng.uniform(40.0, 60.0))
+        lesion_hu_draw = float(rng.uniform(30.0, 50.0))
         if has_lesion:
             lesion_centre = _place_inside(rng, (radius,) * 3, organ, _LESION_MARGIN, None)
             lesion = Ellipsoid(_round3(lesion_centre), _round3((radius,) * 3))

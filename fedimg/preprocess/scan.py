@@ -1,0 +1,77 @@
+"""The first stage shared by ``convert`` and ``preprocess``: check the source, index it.
+
+Non-image objects and localizers are skipped with a reason here; what is
+left are image headers, ready to be grouped into series.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from tqdm.auto import tqdm
+
+from fedimg.dicom.index import DicomHeader, Index, iter_files, scan
+from fedimg.dicom.reasons import Reason
+from fedimg.preprocess.manifest import REFUSED, SKIPPED, ManifestRow
+
+
+class PreprocessInputError(ValueError):
+    """The source folder cannot be processed at all (missing, empty, no DICOM)."""
+
+
+@dataclass
+class ScanResult:
+    """Everything the later stages start from."""
+
+    files: list[str]  # every input file, relative POSIX path
+    index: Index
+    rows: dict[str, ManifestRow]  # files already decided (problems, non-image, localizers)
+    image_headers: list[DicomHeader]
+
+
+def check_source(src: Path) -> list[Path]:
+    """All files under ``src``; clear errors for a missing, non-folder or empty source."""
+    if not src.exists():
+        raise PreprocessInputError(
+            "source folder does not exist: expected a folder of DICOM files, found nothing at the "
+            "given path; check the SRC argument")
+    if not src.is_dir():
+        raise PreprocessInputError("source is a file: expected a folder of DICOM files; pass its parent folder")
+    files = list(iter_files(src))
+    if not files:
+        raise PreprocessInputError("source folder is empty: expected DICOM files (any depth), found 0 files")
+    return files
+
+
+def index_source(src: Path, claim: Iterable[str] = (), label: str = "", progress: bool = True) -> ScanResult:
+    """Index ``src`` (headers only) and decide the files that carry no image volume.
+
+    Raises:
+        PreprocessInputError: see :func:`check_source`, or no DICOM file at all.
+    """
+    paths = check_source(src)
+    with tqdm(total=len(paths), desc=f"{label}: index" if label else "index", unit="file",
+              disable=not progress) as bar:
+        index = scan(src, claim=claim, progress=bar)
+    if not index.headers:
+        reasons = Counter(p.reason.value for p in index.problems)
+        found = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "only non-DICOM label files"
+        raise PreprocessInputError(
+            f"no DICOM files in source: expected DICOM files (any depth), found {len(paths)} file(s): {found}")
+    rows: dict[str, ManifestRow] = {}
+    for p in index.problems:
+        rows[p.rel] = ManifestRow(p.rel, REFUSED, p.reason.value, p.detail)
+    image_headers: list[DicomHeader] = []
+    for h in index.headers:
+        if h.is_non_image:
+            rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.NON_IMAGE_OBJECT.value,
+                                      f"modality {h.modality or '?'}, not an image volume")
+        elif h.is_localizer:
+            rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.LOCALIZER.value, "(0008,0008) Image Type LOCALIZER")
+        else:
+            image_headers.append(h)
+    files = [p.relative_to(src).as_posix() for p in paths]
+    return ScanResult(files=files, index=index, rows=rows, image_headers=image_headers)
