@@ -17,11 +17,10 @@ is LPS; NIfTI world space is RAS, so x and y are negated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from fedimg.dicom.index import DicomHeader
 from fedimg.dicom.reasons import Reason, RefusedError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -32,21 +31,47 @@ class SeriesGeometry:
     """Geometry of a validated series.
 
     Attributes:
-        order: indices into the input headers, sorted along the slice normal.
+        order: indices into the input slices (headers or frames), sorted along
+            the slice normal.
         affine_ras: 4x4 voxel (i, j, k) to RAS mm.
         shape: (columns, rows, slices).
         spacing: (column spacing, row spacing, slice spacing) in mm.
+        sources: per output slice k, (header index, frame index) in the series
+            group: frame 0 of a single-frame file, a frame of an enhanced
+            object, or a tile of a mosaic.
     """
 
     order: tuple[int, ...]
     affine_ras: np.ndarray
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    sources: tuple[tuple[int, int], ...] = ()
 
     @property
     def affine_lps(self) -> np.ndarray:
         """4x4 voxel to DICOM patient (LPS) mm."""
         return LPS_TO_RAS @ self.affine_ras
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One 2D slice of a series whatever its storage: a file, a frame or a mosaic tile.
+
+    Attributes:
+        ipp: (0020,0032) Image Position Patient (LPS mm) of its first voxel.
+        iop: (0020,0037) Image Orientation Patient.
+        pixel_spacing: (0028,0030) Pixel Spacing (row spacing, column spacing).
+        rows: rows of the slice.
+        columns: columns of the slice.
+        source: (header index, frame index) in the series group.
+    """
+
+    ipp: tuple[float, ...] | None
+    iop: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    rows: int | None
+    columns: int | None
+    source: tuple[int, int]
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -57,16 +82,19 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def compute_geometry(
-    headers: Sequence[DicomHeader],
+    headers: Sequence[Any],
     *,
     min_slices: int = 3,
     spacing_tolerance: float = 1e-3,
     orientation_tolerance: float = 1e-4,
 ) -> SeriesGeometry:
-    """Sort the slices of a single-frame series and build its affine.
+    """Sort the slices of a series and build its affine.
 
     Args:
-        headers: one header per slice (single-frame objects of one series).
+        headers: one item per slice with ``ipp``, ``iop``, ``pixel_spacing``,
+            ``rows`` and ``columns``: :class:`~fedimg.dicom.index.DicomHeader`
+            of single-frame files, or :class:`Slice` (frames, mosaic tiles),
+            whose ``source`` is kept in :attr:`SeriesGeometry.sources`.
         min_slices: fewer slices than this is ``TOO_FEW_SLICES``.
         spacing_tolerance: relative tolerance on slice spacing uniformity and
             on the angle (radians) between the slice step and the normal.
@@ -147,11 +175,13 @@ def compute_geometry(
     lps[:3, 2] = step
     lps[:3, 3] = ipps[0]
     first = headers[int(order[0])]
+    sources = tuple(getattr(headers[int(i)], "source", (int(i), 0)) for i in order)
     return SeriesGeometry(
         order=tuple(int(i) for i in order),
         affine_ras=LPS_TO_RAS @ lps,
         shape=(int(first.columns or 0), int(first.rows or 0), n),
         spacing=(col_spacing, row_spacing, float(np.linalg.norm(step))),
+        sources=sources,
     )
 
 

@@ -19,6 +19,8 @@ from typing import Iterable, Iterator
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from fedimg.dicom.mosaic import MosaicError, MosaicInfo, is_mosaic_type, read_mosaic_info
+from fedimg.dicom.multiframe import FrameInfo, MultiFrameError, read_frames
 from fedimg.dicom.reasons import Reason
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,16 @@ class DicomHeader:
     Attributes:
         path: absolute path of the file.
         rel: path relative to the scanned root (for the manifest).
+        series_number: (0020,0011) Series Number; copies of one series saved
+            under one Series Instance UID with different numbers are split on it.
+        acquisition_number: (0020,0012) Acquisition Number.
+        transfer_syntax: (0002,0010) Transfer Syntax UID.
+        spacing_between_slices: (0018,0088) Spacing Between Slices (used only for
+            mosaics, whose file carries a single position).
+        mosaic: layout of a Siemens mosaic, from the CSA header.
+        frames: per-frame geometry of an enhanced multi-frame object.
+        layout_error: PHI-free reason the mosaic / multi-frame layout could not be
+            read (the series is refused on it).
     """
 
     path: Path
@@ -72,6 +84,23 @@ class DicomHeader:
     number_of_frames: int
     has_pixels: bool
     is_dicomdir: bool = False
+    series_number: int | None = None
+    acquisition_number: int | None = None
+    transfer_syntax: str = ""
+    spacing_between_slices: float | None = None
+    mosaic: MosaicInfo | None = None
+    frames: tuple[FrameInfo, ...] = ()
+    layout_error: str = ""
+
+    @property
+    def folder(self) -> str:
+        """Relative folder of the file (for splitting copies of one series)."""
+        return self.rel.rsplit("/", 1)[0] if "/" in self.rel else ""
+
+    @property
+    def is_mosaic(self) -> bool:
+        """A Siemens mosaic: one file holds a whole volume as tiles ((0008,0008) Image Type MOSAIC)."""
+        return is_mosaic_type(self.image_type)
 
     @property
     def is_localizer(self) -> bool:
@@ -168,6 +197,20 @@ def _floats(value: object, n: int) -> tuple[float, ...] | None:
     return items if len(items) == n else None
 
 
+def _int(value: object) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: object) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
 def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
     """Read one file's header; return a :class:`FileProblem` if it is not usable DICOM."""
     try:
@@ -194,6 +237,22 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
     except (TypeError, ValueError):
         frames = 1
     has_pixels = any(t in ds for t in _PIXEL_TAGS)
+    rows = int(ds.Rows) if "Rows" in ds else None
+    columns = int(ds.Columns) if "Columns" in ds else None
+    image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))
+    mosaic: MosaicInfo | None = None
+    frame_info: tuple[FrameInfo, ...] = ()
+    layout_error = ""
+    if has_pixels and is_mosaic_type(image_type) and rows and columns:
+        try:
+            mosaic = read_mosaic_info(ds, rows, columns)
+        except MosaicError as exc:
+            layout_error = str(exc)
+    if (has_pixels and frames > 1) or (sop_class in _ENHANCED_SOP and "PerFrameFunctionalGroupsSequence" in ds):
+        try:
+            frame_info = read_frames(ds)
+        except MultiFrameError as exc:
+            layout_error = str(exc)
     if has_pixels:
         # A deferred element knows where its value starts and how long it is: a file
         # that ends before that is truncated (decoding it would fail or read garbage).
@@ -219,10 +278,10 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         modality=str(ds.get("Modality", "")),
         series_description=str(ds.get("SeriesDescription", "")),
-        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or [])),
+        image_type=image_type,
         frame_of_reference_uid=str(ds.FrameOfReferenceUID) if "FrameOfReferenceUID" in ds else None,
-        rows=int(ds.Rows) if "Rows" in ds else None,
-        columns=int(ds.Columns) if "Columns" in ds else None,
+        rows=rows,
+        columns=columns,
         iop=_floats(ds.get("ImageOrientationPatient"), 6),
         ipp=_floats(ds.get("ImagePositionPatient"), 3),
         pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
@@ -231,6 +290,13 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         number_of_frames=frames,
         has_pixels=has_pixels,
         is_dicomdir=is_dicomdir,
+        series_number=_int(ds.get("SeriesNumber")),
+        acquisition_number=_int(ds.get("AcquisitionNumber")),
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+        spacing_between_slices=_float(ds.get("SpacingBetweenSlices")),
+        mosaic=mosaic,
+        frames=frame_info,
+        layout_error=layout_error,
     )
 
 
@@ -269,22 +335,68 @@ def _round_iop(iop: tuple[float, ...] | None, tol: float) -> tuple | None:
     return tuple(round(v / step) for v in iop)
 
 
+def _position_key(h: DicomHeader) -> tuple | None:
+    """A slice's position rounded to 1 micrometre (duplicates compare equal)."""
+    if h.ipp is None:
+        return None
+    return tuple(round(v, 3) for v in h.ipp)
+
+
+def _has_duplicates(headers: list[DicomHeader]) -> bool:
+    """Whether a group holds the same instance, or the same position, twice."""
+    uids = [h.sop_instance_uid for h in headers if h.sop_instance_uid]
+    if len(uids) != len(set(uids)):
+        return True
+    positions = [_position_key(h) for h in headers]
+    known = [p for p in positions if p is not None]
+    return len(known) != len(set(known))
+
+
 def group_series(headers: list[DicomHeader], orientation_tolerance: float = 1e-4) -> list[SeriesGroup]:
-    """Group image headers into series, split by orientation, matrix size and echo."""
+    """Group image headers into series, split by orientation, matrix size and echo.
+
+    Beyond (0020,000E) Series Instance UID, a group is split on:
+
+    - (0020,0011) Series Number: two exports that reuse one Series Instance UID
+      with different numbers are different series (dcm2niix splits them too).
+    - one file per group for Siemens mosaics and enhanced multi-frame objects:
+      each such file already holds a complete volume (a time point of an fMRI
+      run, one echo...), so stacking two of them would double every slice.
+    - the folder, when the group holds one (0008,0018) SOP Instance UID or one
+      (0020,0032) position twice and its files span several folders: the same
+      series copied twice (e.g. re-exported in another transfer syntax) is two
+      copies, not one volume. A series spread over several folders without
+      duplicates (PACS exports that cap files per folder) stays one group.
+      Duplicates that remain inside one folder are refused later
+      (DUPLICATE_POSITION), never silently dropped.
+    """
     groups: dict[tuple, SeriesGroup] = {}
     for h in headers:
-        key = (
+        key: tuple = (
             h.study_uid,
             h.series_uid,
             _round_iop(h.iop, orientation_tolerance),
             h.rows,
             h.columns,
             h.echo_number,
+            h.series_number,
         )
+        if h.is_mosaic or h.number_of_frames > 1 or h.frames:
+            key = key + ("file", h.rel)
         if key not in groups:
             groups[key] = SeriesGroup(h.study_uid, h.series_uid, key)
         groups[key].headers.append(h)
-    out = list(groups.values())
+    out: list[SeriesGroup] = []
+    for g in groups.values():
+        folders = {h.folder for h in g.headers}
+        if len(folders) > 1 and _has_duplicates(g.headers):
+            by_folder: dict[str, SeriesGroup] = {}
+            for h in g.headers:
+                sub = by_folder.setdefault(h.folder, SeriesGroup(g.study_uid, g.series_uid, g.key + ("folder", h.folder)))
+                sub.headers.append(h)
+            out.extend(by_folder.values())
+        else:
+            out.append(g)
     out.sort(key=lambda g: (g.study_uid, g.series_uid, g.first.rel))
     return out
 

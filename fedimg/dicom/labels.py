@@ -106,3 +106,46 @@ def map_label_values(raw: np.ndarray, class_values: list[int]) -> np.ndarray:
     for idx, v in enumerate(class_values, start=1):
         out[values == v] = idx
     return out
+
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def load_seg_on_grid(path: Path, source_sop_uids: list[str], grid: SeriesGeometry) -> np.ndarray:
+    """Read a DICOM SEG (with highdicom) onto the image grid, via its source references.
+
+    The SEG's frames are matched to the image's slices through the SOP
+    Instance UIDs they reference, so the label lands on exactly the image's
+    slices; segment numbers become the stored label values.
+
+    Args:
+        path: the SEG file.
+        source_sop_uids: the image's (0008,0018) SOP Instance UIDs in slice (k) order.
+        grid: the image's validated geometry (for the shape check).
+
+    Raises:
+        RefusedError: NOT_A_LABEL for an unreadable SEG, LABEL_UNMATCHED when it
+            does not reference this image's slices, LABEL_GEOMETRY_MISMATCH when
+            its frames do not fit the image's matrix.
+    """
+    try:
+        import highdicom as hd
+
+        seg = hd.seg.segread(str(path))
+    except Exception as exc:  # noqa: BLE001 - highdicom/pydicom raise many types on bad files
+        raise RefusedError(Reason.NOT_A_LABEL, f"unreadable DICOM SEG ({type(exc).__name__})") from None
+    try:
+        arr = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=source_sop_uids,
+            combine_segments=True,
+            relabel=False,
+            assert_missing_frames_are_empty=False,
+        )
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise RefusedError(Reason.LABEL_UNMATCHED,
+                           f"DICOM SEG frames do not reference this image's slices ({type(exc).__name__})") from None
+    cols, rows, n = grid.shape
+    if arr.shape != (n, rows, cols):
+        raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH,
+                           f"SEG frames {list(arr.shape)} vs image slices x rows x columns {[n, rows, cols]}")
+    return np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))  # (k, row, col) -> (i=col, j=row, k)

@@ -31,9 +31,11 @@ from tqdm.auto import tqdm
 from fedimg import config as cfgmod
 from fedimg.config import PreprocessSpec
 from fedimg.dicom.geometry import SeriesGeometry
-from fedimg.dicom.index import SeriesGroup, group_series
+from fedimg.dicom.index import DicomHeader, SeriesGroup, group_series
 from fedimg.dicom.labels import (
+    SEG_SOP_CLASS,
     check_mask_grid,
+    load_seg_on_grid,
     load_nifti_on_grid,
     map_label_values,
     match_nifti_to_study,
@@ -113,6 +115,7 @@ class _Study:
         self.images: list[tuple[SeriesGroup, SeriesGeometry]] = []
         self.masks: list[SeriesGroup] = []
         self.niftis: list[tuple[Path, str]] = []
+        self.segs: list[DicomHeader] = []
 
 
 def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str,
@@ -137,6 +140,10 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
     index, rows, image_headers = scanned.index, scanned.rows, scanned.image_headers
 
     studies: dict[str, _Study] = {}
+    # DICOM SEG objects are labels, read through highdicom, not image series.
+    for h in [h for h in image_headers if h.sop_class_uid == SEG_SOP_CLASS]:
+        studies.setdefault(h.study_uid, _Study(h.study_uid)).segs.append(h)
+    image_headers = [h for h in image_headers if h.sop_class_uid != SEG_SOP_CLASS]
     geo_kwargs = dict(min_slices=spec.geometry.min_slices, spacing_tolerance=spec.geometry.spacing_tolerance,
                       orientation_tolerance=spec.geometry.orientation_tolerance)
     groups = group_series(image_headers, spec.geometry.orientation_tolerance)
@@ -183,6 +190,8 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
                 _mark(rows, m.rels, REFUSED, Reason.IMAGE_REFUSED, "no usable image series in this study")
             for _, rel in study.niftis:
                 rows[rel] = ManifestRow(rel, REFUSED, Reason.IMAGE_REFUSED.value, "no usable image series in this study")
+            _mark(rows, [h.rel for h in study.segs], REFUSED, Reason.IMAGE_REFUSED,
+                  "no usable image series in this study")
 
     with tqdm(total=len(work), desc=f"{site}: convert", unit="case", disable=not progress) as bar:
         for study in work:
@@ -246,6 +255,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             _mark(rows, m.rels, REFUSED, Reason.IMAGE_REFUSED, "its study has no single image series")
         for _, rel in study.niftis:
             rows[rel] = ManifestRow(rel, REFUSED, Reason.IMAGE_REFUSED.value, "its study has no single image series")
+        _mark(rows, [h.rel for h in study.segs], REFUSED, Reason.IMAGE_REFUSED, "its study has no single image series")
         return None
     group, geo = study.images[0]
     case_id = case_id_for(study.uid, group.series_uid)
@@ -269,6 +279,15 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             _mark(rows, m.rels, REFUSED, Reason.LABEL_UNMATCHED, "a second label for the same image")
             continue
         label_source = ("dicom", (m, mgeo))
+    for h in study.segs:
+        if h.frame_of_reference_uid != image_fref:
+            _mark(rows, [h.rel], REFUSED, Reason.LABEL_UNMATCHED,
+                  "(0020,0052) Frame of Reference UID differs from the image series")
+            continue
+        if label_source is not None:
+            _mark(rows, [h.rel], REFUSED, Reason.LABEL_UNMATCHED, "a second label for the same image")
+            continue
+        label_source = ("seg", (h.path, h.rel))
     for path, rel in study.niftis:
         if label_source is not None:
             rows[rel] = ManifestRow(rel, REFUSED, Reason.LABEL_UNMATCHED.value, "a second label for the same image")
@@ -295,6 +314,9 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             if kind == "dicom":
                 mvol = load_volume(obj[0], obj[1])
                 raw = mvol.data
+            elif kind == "seg":
+                uids = [group.headers[i].sop_instance_uid for i in geo.order]
+                raw = load_seg_on_grid(obj[0], uids, geo)
             else:
                 raw = load_nifti_on_grid(obj[0], geo)
             label = map_label_values(raw, class_values)
