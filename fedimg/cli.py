@@ -45,7 +45,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from fedimg.preprocess.pipeline import preprocess
 
     spec = cfg.load(cfg.PreprocessSpec, args.spec, args.set)
-    result = preprocess(args.src, args.dst, spec, site=args.site, progress=not args.quiet)
+    result = preprocess(args.src, args.dst, spec, site=args.site, progress=not args.quiet, workers=args.workers)
     print(result.table())
     return 0
 
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", required=True, help="configs/preprocessing/<name>.yaml")
     s.add_argument("--site", required=True, help="this site's name, e.g. site-1")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
+    s.add_argument("--workers", type=int, default=None, help="parallel studies (default: CPU count)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_preprocess)
 

@@ -3,14 +3,21 @@
 Pixel data is never read here (values over 4 KiB are deferred), so indexing a large
 export is fast. Files are grouped by (0020,000D) Study Instance UID and
 (0020,000E) Series Instance UID, and a series that mixes orientations, matrix
-sizes or echoes is split into sub-series: one volume per group, never two
-series stacked.
+sizes, echoes or (0020,0011) Series Numbers is split into sub-series: one
+volume per group, never two series stacked (see :func:`group_series` for
+mosaics, multi-frame objects and copies of a series in several folders).
+
+The layout of a Siemens mosaic (CSA header (0029,1010)) and the per-frame
+geometry of an enhanced multi-frame object ((5200,9230)) are header values
+and are read here too; pixels are still never decoded.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +44,10 @@ _NON_IMAGE_SOP_PREFIXES = (
 )
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float, Double Float
 _KOS_SOP = "1.2.840.10008.5.1.4.1.1.88.59"
+_DEFLATED_TS = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PREAMBLE_LEN = 128
+_META_START = _PREAMBLE_LEN + 4 + 12  # preamble, 'DICM', (0002,0000) element (explicit VR UL)
 _ENHANCED_SOP = {
     "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
     "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
@@ -121,7 +132,10 @@ class DicomHeader:
             return True
         if self.sop_class_uid.startswith(_NON_IMAGE_SOP_PREFIXES) or self.sop_class_uid == _KOS_SOP:
             return self.sop_class_uid != "1.2.840.10008.5.1.4.1.1.66.4"  # SEG is an image-like label
-        return not self.has_pixels
+        # An object without pixels is a non-image object only when it names its
+        # (0008,0016) SOP Class UID: an empty one is a broken file (refused by
+        # :func:`read_header`), not something to skip.
+        return bool(self.sop_class_uid) and not self.has_pixels
 
 
 @dataclass
@@ -211,8 +225,72 @@ def _float(value: object) -> float | None:
         return None
 
 
+def _has_dicm_prefix(path: Path) -> bool:
+    """Whether the file starts with the 128-byte preamble and the ``DICM`` prefix (PS3.10 7.1)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(_PREAMBLE_LEN + 4)
+    except OSError:
+        return False
+    return len(head) == _PREAMBLE_LEN + 4 and head[_PREAMBLE_LEN:] == b"DICM"
+
+
+def _tag_name(tag: int) -> str:
+    """``(gggg,eeee)``: a PHI-free name for a tag."""
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _truncation(ds: pydicom.Dataset, size: int, prefixed: bool) -> str:
+    """Why ``ds`` was read from a truncated file, or ``""`` if nothing says so.
+
+    pydicom stops quietly at the end of a file: a value cut short is returned
+    shorter than its declared length, and a file cut inside its file meta
+    gives a dataset with only some (0002,xxxx) elements. Three checks, all on
+    header facts (no value is converted, no pixel is read):
+
+    - the (0002,0000) File Meta Information Group Length promises more bytes
+      than the file holds;
+    - a value read into memory is shorter than its declared length;
+    - a value left on disk (deferred, e.g. (7FE0,0010) Pixel Data) ends after
+      the end of the file. Skipped for Deflated Explicit VR Little Endian
+      (1.2.840.10008.1.2.1.99), whose value offsets are in the inflated
+      stream, not in the file; decoding still catches real truncation there.
+
+    Args:
+        ds: a dataset read with deferred large values, none accessed yet.
+        size: the file size in bytes.
+        prefixed: the file has the preamble and ``DICM`` prefix.
+    """
+    meta = ds.file_meta
+    group_length = meta.get("FileMetaInformationGroupLength") if meta is not None else None
+    if prefixed and isinstance(group_length, int) and _META_START + group_length > size:
+        return (f"file ends inside the file meta ((0002,0000) group length {group_length}, "
+                f"{max(size - _META_START, 0)} bytes present)")
+    deflated = str(meta.get("TransferSyntaxUID", "")) == _DEFLATED_TS if meta is not None else False
+    for tag in ds.keys():
+        raw = ds.get_item(tag, keep_deferred=True)
+        length = getattr(raw, "length", None)
+        if not isinstance(length, int) or length == _UNDEFINED_LENGTH:
+            continue
+        value = getattr(raw, "value", None)
+        if isinstance(value, bytes) and len(value) < length:
+            return f"{_tag_name(int(tag))} value needs {length} bytes, file ends after {len(value)}"
+        tell = getattr(raw, "value_tell", None)
+        if value is None and isinstance(tell, int) and not deflated and tell + length > size:
+            what = "pixel data" if int(tag) in _PIXEL_TAGS else f"{_tag_name(int(tag))} value"
+            return f"{what} needs {length} bytes, file ends after {max(size - tell, 0)}"
+    return ""
+
+
 def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
-    """Read one file's header; return a :class:`FileProblem` if it is not usable DICOM."""
+    """Read one file's header; return a :class:`FileProblem` if it is not usable DICOM.
+
+    Refusals (file level): NOT_DICOM for files pydicom cannot parse or that
+    name no (0008,0016) SOP Class UID and hold no pixel data; TRUNCATED when
+    the file ends before a value it declares (see :func:`_truncation`) or the
+    parser runs out of bytes after a ``DICM`` prefix; NO_PIXELS for an image
+    SOP class without (7FE0,0010) Pixel Data.
+    """
     try:
         # defer_size keeps large values (pixel data) on disk: one pass, no pixel decode.
         ds = pydicom.dcmread(path, defer_size=4096)
@@ -220,9 +298,19 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         return FileProblem(path, rel, Reason.NOT_DICOM, "no DICOM preamble/prefix or file meta")
     except (EOFError, OSError) as exc:
         return FileProblem(path, rel, Reason.TRUNCATED, f"header could not be read ({type(exc).__name__})")
+    except struct.error as exc:
+        # pydicom unpacks a tag or length from too few bytes: a header cut short.
+        if _has_dicm_prefix(path):
+            return FileProblem(path, rel, Reason.TRUNCATED, f"header cut short ({type(exc).__name__})")
+        return FileProblem(path, rel, Reason.NOT_DICOM, f"unreadable header ({type(exc).__name__})")
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
         return FileProblem(path, rel, Reason.NOT_DICOM, f"unreadable header ({type(exc).__name__})")
 
+    size = path.stat().st_size
+    prefixed = _has_dicm_prefix(path)
+    cut = _truncation(ds, size, prefixed)
+    if cut:
+        return FileProblem(path, rel, Reason.TRUNCATED, cut)
     is_dicomdir = ds.file_meta.get("MediaStorageSOPClassUID", "") == "1.2.840.10008.1.3.10" or (
         "DirectoryRecordSequence" in ds
     )
@@ -237,8 +325,16 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
     except (TypeError, ValueError):
         frames = 1
     has_pixels = any(t in ds for t in _PIXEL_TAGS)
-    rows = int(ds.Rows) if "Rows" in ds else None
-    columns = int(ds.Columns) if "Columns" in ds else None
+    if not has_pixels and not is_dicomdir and not sop_class:
+        # Nothing says what this is: e.g. 128 zero bytes + 'DICM' + garbage, which
+        # pydicom reads as an empty dataset. Not a "non-image object" to skip.
+        if prefixed and size <= _PREAMBLE_LEN + 4:
+            return FileProblem(path, rel, Reason.TRUNCATED, "file ends after the DICM prefix")
+        return FileProblem(path, rel, Reason.NOT_DICOM, "no (0008,0016) SOP Class UID and no pixel data")
+    # (0028,0010) Rows / (0028,0011) Columns may be present but empty (zero length):
+    # None here, refused later as NO_GEOMETRY.
+    rows = _int(ds.get("Rows"))
+    columns = _int(ds.get("Columns"))
     image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))
     mosaic: MosaicInfo | None = None
     frame_info: tuple[FrameInfo, ...] = ()
@@ -253,20 +349,9 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
             frame_info = read_frames(ds)
         except MultiFrameError as exc:
             layout_error = str(exc)
-    if has_pixels:
-        # A deferred element knows where its value starts and how long it is: a file
-        # that ends before that is truncated (decoding it would fail or read garbage).
-        tag = next(t for t in _PIXEL_TAGS if t in ds)
-        raw = ds.get_item(tag, keep_deferred=True)
-        length = getattr(raw, "length", None)
-        tell = getattr(raw, "value_tell", None)
-        if length is not None and tell is not None and length != 0xFFFFFFFF:
-            size = path.stat().st_size
-            if tell + length > size:
-                return FileProblem(path, rel, Reason.TRUNCATED,
-                                   f"pixel data needs {length} bytes, file ends after {size - tell}")
-    elif sop_class.startswith(_IMAGE_SOP_PREFIXES) and not sop_class.startswith(_NON_IMAGE_SOP_PREFIXES) \
-            and sop_class != _KOS_SOP and not is_dicomdir:
+    # Pixel data cut by the end of the file was refused above (_truncation).
+    if not has_pixels and sop_class.startswith(_IMAGE_SOP_PREFIXES) \
+            and not sop_class.startswith(_NON_IMAGE_SOP_PREFIXES) and sop_class != _KOS_SOP and not is_dicomdir:
         return FileProblem(path, rel, Reason.NO_PIXELS,
                            "image object without (7FE0,0010) Pixel Data; the file may be truncated")
     return DicomHeader(
@@ -329,16 +414,22 @@ def scan(root: Path, claim: Iterable[str] = (), progress: object | None = None) 
 
 
 def _round_iop(iop: tuple[float, ...] | None, tol: float) -> tuple | None:
+    """(0020,0037) rounded to the grouping tolerance.
+
+    A NaN or infinite component is kept as its text ("nan", "inf"): the slices
+    still group together and :func:`fedimg.dicom.geometry.compute_geometry`
+    refuses them as NO_GEOMETRY (``round`` of NaN would raise).
+    """
     if iop is None:
         return None
     step = max(tol, 1e-6) * 10
-    return tuple(round(v / step) for v in iop)
+    return tuple(round(v / step) if math.isfinite(v) else str(v) for v in iop)
 
 
 def _position_key(h: DicomHeader) -> tuple | None:
     """A slice's position rounded to 1 micrometre (duplicates compare equal)."""
-    if h.ipp is None:
-        return None
+    if h.ipp is None or not all(math.isfinite(v) for v in h.ipp):
+        return None  # a non-finite position is refused by the geometry checks
     return tuple(round(v, 3) for v in h.ipp)
 
 

@@ -16,6 +16,7 @@ Only headers are read here; pixels are decoded later, once per file.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,21 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     except (TypeError, ValueError):
         return None
     return items if len(items) == n else None
+
+
+def _number(value: Any, default: Any) -> float:
+    """A modality LUT value as float: ``default`` when absent or empty, NaN when unparsable.
+
+    NaN (never an exception here, at indexing time) makes
+    :func:`fedimg.dicom.pixels.apply_modality_lut` refuse the series with
+    PIXEL_DECODE_ERROR when its pixels are decoded.
+    """
+    if value in (None, ""):
+        value = default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _item(group: Any, keyword: str) -> Any:
@@ -103,7 +119,7 @@ def read_frames(ds: Any) -> tuple[FrameInfo, ...]:
             ipp=_floats(_lookup(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
             iop=_floats(_lookup(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
             pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
-            slope=float(slope if slope not in (None, "") else (top_slope or 1)),
-            intercept=float(inter if inter not in (None, "") else (top_inter or 0)),
+            slope=_number(slope, _number(top_slope, 1.0)),
+            intercept=_number(inter, _number(top_inter, 0.0)),
         ))
     return tuple(frames)

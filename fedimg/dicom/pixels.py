@@ -1,12 +1,28 @@
-"""Pixel decoding with the modality LUT, one slice at a time.
+"""Pixel decoding with the modality LUT.
 
 (0028,0101) Bits Stored and (0028,0103) Pixel Representation are applied
 explicitly (garbage in unused high bits is masked, signed values are sign
 extended), then (0028,1053) Rescale Slope and (0028,1052) Rescale Intercept
-per slice: they can differ between slices of one series.
+per slice (or per frame of an enhanced object): they can differ between
+slices of one series.
+
+Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg,
+pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls, gdcm). Whether a decoder is
+installed is checked *before* decoding, so a missing codec is reported as
+``CODEC_MISSING`` for the series rather than as a decode error.
+
+Native (uncompressed) pixel data must hold exactly what (0028,0010) Rows,
+(0028,0011) Columns, (0028,0100) Bits Allocated, (0028,0002) Samples per
+Pixel and (0028,0008) Number of Frames describe (plus one padding byte to an
+even length): pydicom only warns when there is more, and would re-stride or
+crop it into a silently wrong image. Header values that are not numbers, and
+a modality LUT that is not finite, are ``PIXEL_DECODE_ERROR`` for the series.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -15,37 +31,144 @@ from pydicom.dataset import Dataset
 from fedimg.dicom.reasons import Reason, RefusedError
 
 
+def _header_int(ds: Dataset, keyword: str, tag: str, default: int) -> int:
+    """An integer header value (``default`` when absent or empty).
+
+    Raises:
+        RefusedError: PIXEL_DECODE_ERROR when the value is not an integer.
+    """
+    value = ds.get(keyword)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise RefusedError(Reason.PIXEL_DECODE_ERROR, f"{tag} is not an integer") from None
+
+
+def _lut_value(value: Any, tag: str, default: float) -> float:
+    """A finite (0028,1053) / (0028,1052) value (``default`` when absent or empty).
+
+    Raises:
+        RefusedError: PIXEL_DECODE_ERROR when the value is not a finite number.
+    """
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RefusedError(Reason.PIXEL_DECODE_ERROR, f"{tag} is not a number") from None
+    if not math.isfinite(number):
+        raise RefusedError(Reason.PIXEL_DECODE_ERROR, f"{tag} is not a finite number")
+    return number
+
+
+def _check_native_length(ds: Dataset, transfer_syntax: str) -> None:
+    """Refuse native pixel data whose length does not match the header.
+
+    The expected length is (0028,0010) Rows x (0028,0011) Columns x
+    (0028,0002) Samples per Pixel x (0028,0008) Number of Frames x
+    (0028,0100) Bits Allocated / 8 (bit-packed for 1 bit), padded to even.
+
+    Raises:
+        RefusedError: PIXEL_DECODE_ERROR when the lengths disagree or the
+            header values cannot describe native pixel data.
+    """
+    from pydicom.uid import UID
+
+    if transfer_syntax and UID(transfer_syntax).is_encapsulated:
+        return  # compressed: the codec checks its own frame sizes
+    rows = _header_int(ds, "Rows", "(0028,0010) Rows", 0)
+    columns = _header_int(ds, "Columns", "(0028,0011) Columns", 0)
+    samples = _header_int(ds, "SamplesPerPixel", "(0028,0002) Samples per Pixel", 1)
+    frames = _header_int(ds, "NumberOfFrames", "(0028,0008) Number of Frames", 1)
+    bits = _header_int(ds, "BitsAllocated", "(0028,0100) Bits Allocated", 0)
+    if rows <= 0 or columns <= 0 or samples <= 0 or frames <= 0:
+        raise RefusedError(Reason.PIXEL_DECODE_ERROR,
+                           "(0028,0010) Rows, (0028,0011) Columns, (0028,0002) Samples per Pixel and "
+                           "(0028,0008) Number of Frames must be positive")
+    if bits != 1 and (bits <= 0 or bits % 8):
+        raise RefusedError(Reason.PIXEL_DECODE_ERROR, f"(0028,0100) Bits Allocated {bits} is not 1 or a multiple of 8")
+    n_samples = rows * columns * samples * frames
+    expected = (n_samples + 7) // 8 if bits == 1 else n_samples * (bits // 8)
+    actual = len(ds.PixelData)
+    if actual not in (expected, expected + 1):
+        raise RefusedError(Reason.PIXEL_DECODE_ERROR,
+                           f"(7FE0,0010) Pixel Data holds {actual} bytes; (0028,0010) Rows, (0028,0011) Columns, "
+                           f"(0028,0100) Bits Allocated, (0028,0002) and (0028,0008) imply {expected}")
+
+
 def _mask_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-    bits_alloc = int(ds.get("BitsAllocated", 16))
-    if not np.issubdtype(arr.dtype, np.integer) or bits_stored >= bits_alloc:
+    """Keep the (0028,0101) Bits Stored low bits; sign-extend when (0028,0103) is 1.
+
+    Some writers leave garbage (e.g. overlay bits) above Bits Stored; decoders
+    do not always clear it, so it is cleared here whatever the decoder did.
+    """
+    bits_alloc = _header_int(ds, "BitsAllocated", "(0028,0100) Bits Allocated", 16)
+    bits_stored = _header_int(ds, "BitsStored", "(0028,0101) Bits Stored", bits_alloc)
+    if not np.issubdtype(arr.dtype, np.integer) or bits_stored >= bits_alloc or bits_stored < 1:
         return arr
     raw = arr.astype(np.int64) & ((1 << bits_stored) - 1)
-    if int(ds.get("PixelRepresentation", 0)) == 1:
+    if _header_int(ds, "PixelRepresentation", "(0028,0103) Pixel Representation", 0) == 1:
         sign = 1 << (bits_stored - 1)
         raw = (raw ^ sign) - sign
     return raw
 
 
-def decode_slice(ds: Dataset) -> np.ndarray:
-    """Decode one single-frame slice to float32 modality values, shape (rows, columns).
+def check_codec(transfer_syntax: str) -> None:
+    """Refuse with ``CODEC_MISSING`` when no installed plugin decodes ``transfer_syntax``.
+
+    Args:
+        transfer_syntax: (0002,0010) Transfer Syntax UID.
+
+    Raises:
+        RefusedError: CODEC_MISSING, naming what to install.
+    """
+    if not transfer_syntax:
+        return  # no file meta: pydicom assumes an uncompressed syntax
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    uid = UID(transfer_syntax)
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise RefusedError(Reason.CODEC_MISSING,
+                           f"no pixel decoder exists for transfer syntax {transfer_syntax}") from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+        name = uid.name if uid.is_valid else transfer_syntax
+        raise RefusedError(Reason.CODEC_MISSING,
+                           f"no installed decoder for {name} ({transfer_syntax}); install one of: {missing}")
+
+
+def decode_stored(ds: Dataset) -> np.ndarray:
+    """Decode all frames of ``ds`` to masked stored values (no modality LUT).
+
+    Returns:
+        integer (or float) array, (rows, columns) for one frame or
+        (frames, rows, columns) for several.
 
     Raises:
         RefusedError: CODEC_MISSING when no installed plugin decodes the
             transfer syntax, UNSUPPORTED_PIXELS for colour data, NO_PIXELS or
-            PIXEL_DECODE_ERROR otherwise.
+            PIXEL_DECODE_ERROR otherwise (including native pixel data longer or
+            shorter than the header describes).
     """
     if "PixelData" not in ds:
         raise RefusedError(Reason.NO_PIXELS, "no (7FE0,0010) Pixel Data")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
+    samples = _header_int(ds, "SamplesPerPixel", "(0028,0002) Samples per Pixel", 1)
+    if samples != 1:
         raise RefusedError(Reason.UNSUPPORTED_PIXELS,
-                           f"(0028,0002) Samples per Pixel is {ds.SamplesPerPixel}; only greyscale volumes")
+                           f"(0028,0002) Samples per Pixel is {samples}; only greyscale volumes")
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    check_codec(ts)
+    _check_native_length(ds, ts)
     try:
         arr = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
         text = str(exc).lower()
-        if "plugin" in text or "handler" in text or "decod" in text or "missing" in text:
+        if "plugin" in text or "handler" in text or "missing" in text:
             raise RefusedError(Reason.CODEC_MISSING,
                                f"no installed decoder for transfer syntax {ts}; install pylibjpeg "
                                "and its plugins") from None
@@ -53,10 +176,46 @@ def decode_slice(ds: Dataset) -> np.ndarray:
     except (ValueError, EOFError, OSError) as exc:
         raise RefusedError(Reason.PIXEL_DECODE_ERROR,
                            f"pixel data could not be decoded ({type(exc).__name__}); the file may be truncated") from None
-    arr = _mask_bits(np.asarray(arr), ds)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    return (arr.astype(np.float64) * slope + intercept).astype(np.float32)
+    return _mask_bits(np.asarray(arr), ds)
+
+
+def rescale(ds: Dataset) -> tuple[float, float]:
+    """(0028,1053) Rescale Slope and (0028,1052) Rescale Intercept of a single-frame object.
+
+    Absent or empty values mean slope 1 and intercept 0.
+
+    Raises:
+        RefusedError: PIXEL_DECODE_ERROR when a value is not a finite number
+            (e.g. 'abc', NaN, inf): applying it would give a wrong volume.
+    """
+    slope = _lut_value(ds.get("RescaleSlope"), "(0028,1053) Rescale Slope", 1.0)
+    intercept = _lut_value(ds.get("RescaleIntercept"), "(0028,1052) Rescale Intercept", 0.0)
+    return slope, intercept
+
+
+def apply_modality_lut(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values to modality values (Hounsfield units for CT), float32.
+
+    Raises:
+        RefusedError: PIXEL_DECODE_ERROR when ``slope`` or ``intercept`` is not
+            finite (e.g. a per-frame (0028,9145) value that did not parse).
+    """
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise RefusedError(Reason.PIXEL_DECODE_ERROR,
+                           "(0028,1053) Rescale Slope / (0028,1052) Rescale Intercept is not a finite number")
+    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def decode_slice(ds: Dataset) -> np.ndarray:
+    """Decode one single-frame slice to float32 modality values, shape (rows, columns).
+
+    Raises:
+        RefusedError: see :func:`decode_stored`.
+    """
+    arr = decode_stored(ds)
+    if arr.ndim != 2:
+        raise RefusedError(Reason.UNSUPPORTED_MULTIFRAME, f"expected one frame, decoded shape {list(arr.shape)}")
+    return apply_modality_lut(arr, *rescale(ds))
 
 
 def read_slice(path: str) -> Dataset:

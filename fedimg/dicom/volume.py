@@ -1,15 +1,29 @@
-"""Turn one validated series into a volume: voxels plus a RAS affine."""
+"""Turn one validated series into a volume: voxels plus a RAS affine.
+
+Three storages are handled, all ending as a list of 2D slices sorted along
+the slice normal (see :mod:`fedimg.dicom.geometry`):
+
+- classic single-frame files, one slice each;
+- enhanced multi-frame objects, one slice per frame, geometry from
+  (5200,9230) Per-frame Functional Groups Sequence
+  (:mod:`fedimg.dicom.multiframe`);
+- Siemens mosaics, one slice per tile (:mod:`fedimg.dicom.mosaic`).
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedimg.dicom.geometry import SeriesGeometry, compute_geometry
-from fedimg.dicom.index import SeriesGroup
-from fedimg.dicom.pixels import decode_slice, read_slice
+from fedimg.dicom.geometry import SeriesGeometry, Slice, compute_geometry
+from fedimg.dicom.index import DicomHeader, SeriesGroup
+from fedimg.dicom.mosaic import split_tiles, tile_positions
+from fedimg.dicom.pixels import apply_modality_lut, check_codec, decode_stored, read_slice, rescale
 from fedimg.dicom.reasons import Reason, RefusedError
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 @dataclass
@@ -33,30 +47,112 @@ class Volume:
         return self.geometry.affine_ras
 
 
+def _mosaic_slices(h: DicomHeader, index: int) -> list[Slice]:
+    info = h.mosaic
+    if info is None or h.ipp is None or h.iop is None or h.pixel_spacing is None or not h.rows or not h.columns:
+        raise RefusedError(Reason.NO_GEOMETRY, "mosaic without (0020,0032), (0020,0037) or (0028,0030)")
+    if not h.spacing_between_slices or h.spacing_between_slices <= 0:
+        # A mosaic file has one position for all its tiles: without the spacing the
+        # slice positions are unknown, and guessing would be silently wrong.
+        raise RefusedError(Reason.NO_GEOMETRY, "mosaic without (0018,0088) Spacing Between Slices")
+    positions = tile_positions(info, h.ipp, h.iop, h.pixel_spacing, h.rows, h.columns, h.spacing_between_slices)
+    return [Slice(ipp=p, iop=h.iop, pixel_spacing=h.pixel_spacing, rows=info.tile_rows,
+                  columns=info.tile_columns, source=(index, k)) for k, p in enumerate(positions)]
+
+
+def _frame_slices(h: DicomHeader, index: int) -> list[Slice]:
+    return [Slice(ipp=f.ipp, iop=f.iop, pixel_spacing=f.pixel_spacing, rows=h.rows, columns=h.columns,
+                  source=(index, k)) for k, f in enumerate(h.frames)]
+
+
+def series_slices(group: SeriesGroup) -> list[DicomHeader | Slice]:
+    """The 2D slices of a group, whatever their storage (headers only, no pixels).
+
+    Raises:
+        RefusedError: UNSUPPORTED_MULTIFRAME or NO_GEOMETRY when the layout of a
+            multi-frame object or mosaic cannot be read; DUPLICATE_POSITION when
+            one (0008,0018) SOP Instance UID appears twice.
+    """
+    for h in group.headers:
+        if h.sop_class_uid == SEG_SOP_CLASS:
+            raise RefusedError(Reason.UNSUPPORTED_MULTIFRAME,
+                               "DICOM SEG is a label object; it is read with its image by `fedimg preprocess`")
+        if h.layout_error:
+            reason = Reason.NO_GEOMETRY if h.is_mosaic else Reason.UNSUPPORTED_MULTIFRAME
+            raise RefusedError(reason, h.layout_error)
+    uids = Counter(h.sop_instance_uid for h in group.headers if h.sop_instance_uid)
+    repeated = sum(n - 1 for n in uids.values() if n > 1)
+    if repeated:
+        raise RefusedError(Reason.DUPLICATE_POSITION,
+                           f"{repeated} file(s) repeat a (0008,0018) SOP Instance UID of this series")
+    slices: list[DicomHeader | Slice] = []
+    for idx, h in enumerate(group.headers):
+        if h.mosaic is not None:
+            slices.extend(_mosaic_slices(h, idx))
+        elif h.frames:
+            slices.extend(_frame_slices(h, idx))
+        elif h.number_of_frames > 1:
+            raise RefusedError(Reason.UNSUPPORTED_MULTIFRAME,
+                               "multi-frame object without per-frame geometry")
+        else:
+            slices.append(h)
+    return slices
+
+
 def series_geometry(group: SeriesGroup, *, min_slices: int = 3, spacing_tolerance: float = 1e-3,
                     orientation_tolerance: float = 1e-4) -> SeriesGeometry:
-    """Validate a group's geometry from headers only (no pixels read)."""
-    if any(h.is_enhanced for h in group.headers):
-        raise RefusedError(Reason.UNSUPPORTED_MULTIFRAME,
-                           "enhanced / multi-frame objects are not converted yet")
-    return compute_geometry(group.headers, min_slices=min_slices, spacing_tolerance=spacing_tolerance,
-                            orientation_tolerance=orientation_tolerance)
+    """Validate a group's geometry from headers only (no pixels read).
+
+    Raises:
+        RefusedError: see :func:`series_slices` and
+            :func:`fedimg.dicom.geometry.compute_geometry`; CODEC_MISSING when a
+            file's transfer syntax has no installed decoder (known from the
+            header, so refused before any pixel is read).
+    """
+    slices = series_slices(group)
+    geo = compute_geometry(slices, min_slices=min_slices, spacing_tolerance=spacing_tolerance,
+                           orientation_tolerance=orientation_tolerance)
+    for ts in sorted({h.transfer_syntax for h in group.headers}):
+        check_codec(ts)
+    return geo
 
 
 def load_volume(group: SeriesGroup, geometry: SeriesGeometry) -> Volume:
     """Decode the pixels of a group whose geometry was validated.
+
+    Every file is decoded once; the modality LUT is applied per slice (per
+    frame for enhanced objects, whose (0028,9145) values may differ by frame).
 
     Raises:
         RefusedError: if any slice cannot be decoded (the whole series is refused:
             a volume with a missing slice would be silently wrong).
     """
     cols, rows, n = geometry.shape
+    sources = geometry.sources or tuple((i, 0) for i in geometry.order)
     data = np.empty((cols, rows, n), dtype=np.float32)
-    for k, idx in enumerate(geometry.order):
-        ds = read_slice(str(group.headers[idx].path))
-        sl = decode_slice(ds)
+    cached_index: int | None = None
+    stored: np.ndarray | None = None
+    lut = (1.0, 0.0)
+    for k, (hi, fi) in enumerate(sources):
+        h = group.headers[hi]
+        if hi != cached_index:
+            ds = read_slice(str(h.path))
+            stored = decode_stored(ds)
+            lut = rescale(ds)
+            if h.mosaic is not None:
+                if stored.ndim != 2 or stored.shape != (h.rows, h.columns):
+                    raise RefusedError(Reason.MIXED_SERIES,
+                                       f"mosaic decodes to {list(stored.shape)}, header says {[h.rows, h.columns]}")
+                stored = split_tiles(stored, h.mosaic)
+            elif stored.ndim == 2:
+                stored = stored[None]
+            cached_index = hi
+        if stored is None or fi >= stored.shape[0]:
+            raise RefusedError(Reason.MIXED_SERIES, f"slice {k} refers to a frame the pixel data does not hold")
+        slope, intercept = (h.frames[fi].slope, h.frames[fi].intercept) if h.frames else lut
+        sl = apply_modality_lut(stored[fi], slope, intercept)
         if sl.shape != (rows, cols):
             raise RefusedError(Reason.MIXED_SERIES,
                                f"slice {k} decodes to {sl.shape}, header says {(rows, cols)}")
-        data[:, :, k] = sl.T  # pixel_array is (rows, columns); volume axes are (i=column, j=row)
+        data[:, :, k] = sl.T  # pixels are (rows, columns); volume axes are (i=column, j=row)
     return Volume(data=data, geometry=geometry, modality=group.modality)

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import re
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,18 @@ from fedimg.dicom.labels import (
 )
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.volume import load_volume, series_geometry
+from fedimg.preprocess.convert import default_workers
 from fedimg.preprocess.io import write_json, write_jsonl, write_nifti
-from fedimg.preprocess.manifest import CONVERTED, REFUSED, SKIPPED, ManifestRow, finalize
+from fedimg.preprocess.manifest import (
+    CONVERTED,
+    REFUSED,
+    SKIPPED,
+    ManifestRow,
+    finalize,
+    read_manifest,
+    render_table,
+    summarize,
+)
 from fedimg.preprocess.manifest import mark as _mark
 from fedimg.preprocess.scan import PreprocessInputError, index_source
 from fedimg.preprocess.transforms import apply_spec
@@ -79,20 +91,15 @@ class PreprocessResult:
     manifest: str
 
     def table(self) -> str:
-        """A human-readable summary table."""
+        """A human-readable summary: counts, reasons with what to do, cases, paths."""
+        summary = summarize(read_manifest(self.manifest))
         lines = [
-            f"site {self.site}: {self.src_files} input files -> "
-            f"{self.counts.get(CONVERTED, 0)} converted, {self.counts.get(REFUSED, 0)} refused, "
-            f"{self.counts.get(SKIPPED, 0)} skipped",
-            f"cases: {len(self.cases)} ({sum(c.split == 'training' for c in self.cases)} training, "
+            render_table(summary, f"site {self.site}"),
+            f"  cases: {len(self.cases)} ({sum(c.split == 'training' for c in self.cases)} training, "
             f"{sum(c.split == 'validation' for c in self.cases)} validation)",
+            f"  datalist: {self.datalist}",
+            f"  manifest: {self.manifest}",
         ]
-        if self.reasons:
-            lines.append(f"{'reason':<28} {'files':>6}")
-            for reason, n in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
-                lines.append(f"{reason:<28} {n:>6}")
-        lines.append(f"datalist: {self.datalist}")
-        lines.append(f"manifest: {self.manifest}")
         return "\n".join(lines)
 
 
@@ -118,8 +125,16 @@ class _Study:
         self.segs: list[DicomHeader] = []
 
 
+def _study_task(args: tuple) -> tuple[dict[str, ManifestRow], CaseRecord | None]:
+    """Worker: convert one study; returns its manifest rows and case record."""
+    study, spec, dst, class_values, geo_kwargs = args
+    local: dict[str, ManifestRow] = {}
+    rec = _convert_study(study, spec, dst, local, class_values, geo_kwargs)
+    return local, rec
+
+
 def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str,
-               progress: bool = True) -> PreprocessResult:
+               progress: bool = True, workers: int | None = 1) -> PreprocessResult:
     """Convert and normalize every case under ``src`` into ``dst``.
 
     Args:
@@ -129,6 +144,7 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         spec: the shared preprocessing spec.
         site: the site's name (recorded in the summary and logs).
         progress: show tqdm progress bars.
+        workers: processes converting studies in parallel (None: CPU count).
 
     Raises:
         PreprocessInputError: ``src`` is missing, empty, or holds no DICOM.
@@ -193,14 +209,26 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
             _mark(rows, [h.rel for h in study.segs], REFUSED, Reason.IMAGE_REFUSED,
                   "no usable image series in this study")
 
+    tasks = [(study, spec, dst, class_values, geo_kwargs) for study in work]
+    n_workers = default_workers() if workers is None else max(1, workers)
     with tqdm(total=len(work), desc=f"{site}: convert", unit="case", disable=not progress) as bar:
-        for study in work:
-            try:
-                rec = _convert_study(study, spec, dst, rows, class_values, geo_kwargs)
+        if n_workers <= 1 or len(tasks) <= 1:
+            results = (_study_task(t) for t in tasks)
+            for local_rows, rec in results:
+                rows.update(local_rows)
                 if rec is not None:
                     cases.append(rec)
-            finally:
                 bar.update(1)
+        else:
+            # One study per task: a worker holds one case in memory at a time. "spawn", not
+            # fork: the workers run torch (MONAI transforms), whose thread pools do not survive fork.
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+                for local_rows, rec in pool.map(_study_task, tasks):
+                    rows.update(local_rows)
+                    if rec is not None:
+                        cases.append(rec)
+                    bar.update(1)
 
     split = _split([c.case_id for c in cases], spec.split.val_fraction, spec.split.seed)
     for c in cases:

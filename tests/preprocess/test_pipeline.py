@@ -184,3 +184,16 @@ def test_tcia_brain_tumor_progression_mask_stays_aligned(tmp_path):
         got = _world_centroid(lbl, 1)
         # Resampling to 1x1x5 mm moves the centroid by well under a voxel.
         assert np.linalg.norm(got - expected) < 1.5, (got, expected)
+
+
+def test_parallel_preprocess_matches_serial(small_synth, ct_spec, tmp_path):
+    src = small_synth.out_dir / "site-2"
+    a = preprocess(src, tmp_path / "serial", ct_spec, site="site-2", progress=False, workers=1)
+    b = preprocess(src, tmp_path / "parallel", ct_spec, site="site-2", progress=False, workers=2)
+    assert _manifest(tmp_path / "serial") == _manifest(tmp_path / "parallel")
+    assert [(c.case_id, c.split, c.label_counts) for c in a.cases] == [(c.case_id, c.split, c.label_counts)
+                                                                       for c in b.cases]
+    for c in a.cases:
+        x = np.asarray(nib.load(tmp_path / "serial" / c.image).dataobj)
+        y = np.asarray(nib.load(tmp_path / "parallel" / c.image).dataobj)
+        np.testing.assert_array_equal(x, y)
