@@ -3,16 +3,16 @@
 Every tool converts the same series (one NIfTI volume per series), in one run:
 
 * ``fedimg``: ``fedimg.preprocess.convert.convert`` (python API, progress off,
-  a fresh DST each repeat so nothing is reused); writes ``.nii.gz`` plus the
-  manifest; ``--workers`` processes.
+  a fresh DST each repeat so nothing is reused); writes uncompressed ``.nii``
+  (``compress=False``, like dcm2niix ``-z n``; ``--gzip`` for ``.nii.gz``) plus
+  the manifest; ``--workers`` processes.
 * ``dcm2niix``: ``dcm2niix -z n -b n`` (uncompressed NIfTI, no BIDS sidecar).
 * ``monai``: ``LoadImage(reader="PydicomReader")`` per series folder, then the
-  volume saved with nibabel as ``.nii.gz`` (float32, RAS affine from MONAI),
-  which is what fedimg writes.
+  volume saved with nibabel (float32, RAS affine from MONAI), compressed or not
+  like fedimg's.
 
-Note that dcm2niix writes uncompressed files while fedimg and the MONAI path
-gzip theirs; the breakdown below reports how much of fedimg's time the gzip
-write is, so the like-for-like figure can be read off.
+All three write uncompressed NIfTI by default (like for like); ``--gzip`` makes
+fedimg and MONAI gzip theirs, and the breakdown reports the gzip share.
 
 Series (from ``../shared/data/dicom``; absent datasets are skipped and said so):
 
@@ -51,6 +51,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+COMPRESS = False  # set from --gzip in main()
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data" / "dicom"
@@ -93,7 +94,7 @@ def _series_dirs(src: Path) -> list[Path]:
 def run_fedimg(src: Path, out: Path, workers: int) -> int:
     from fedimg.preprocess.convert import convert
 
-    res = convert(src, out, workers=workers, progress=False)
+    res = convert(src, out, workers=workers, progress=False, compress=COMPRESS)
     return len(res.outputs)
 
 
@@ -121,7 +122,7 @@ def run_monai(src: Path, out: Path, loader) -> int:
         data = np.asarray(img, dtype=np.float32)
         nib.save(
             nib.Nifti1Image(data, np.asarray(img.affine, dtype=np.float64)),
-            str(out / f"series-{i:03d}.nii.gz"),
+            str(out / f"series-{i:03d}.nii{'.gz' if COMPRESS else ''}"),
         )
         n += 1
     return n
@@ -187,10 +188,13 @@ def main() -> int:
         "--workers", type=int, default=1, help="fedimg convert worker processes (default 1)"
     )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gzip", action="store_true", help="fedimg and MONAI write .nii.gz (dcm2niix stays -z n)")
     p.add_argument(
         "--profile", action="store_true", help="also print a cProfile listing of one fedimg pass"
     )
     args = p.parse_args()
+    global COMPRESS
+    COMPRESS = bool(args.gzip)
     warnings.simplefilter("ignore")
 
     import pydicom
@@ -283,6 +287,7 @@ def main() -> int:
         "series": n_series,
         "files": sum(r["files"] for r in rows),
         "workers": args.workers,
+        "gzip": COMPRESS,
         "repeats": args.repeats,
         "timing": "best of repeats, wall clock, per dataset; totals sum the per-dataset bests",
         "outputs": {

@@ -53,7 +53,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from fedimg.preprocess.convert import convert
 
-    result = convert(args.src, args.dst, workers=args.workers, progress=not args.quiet)
+    result = convert(args.src, args.dst, workers=args.workers, progress=not args.quiet, compress=not args.no_compress)
     print(result.table())
     return 0
 
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="a DICOM folder tree (read only)")
     s.add_argument("dst", help="output folder")
     s.add_argument("--workers", type=int, default=None, help="parallel series (default: CPU count)")
+    s.add_argument("--no-compress", action="store_true", help="write .nii instead of .nii.gz (faster)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_convert)
 

@@ -66,7 +66,9 @@ def build_fedavg_recipe(
         ``nvflare.app_opt.pt.recipes.FedAvgRecipe``.
     """
     from nvflare.app_opt.pt.recipes import FedAvgRecipe
-    from nvflare.recipe import add_cross_site_evaluation, add_experiment_tracking, set_per_site_config
+    from nvflare.recipe import add_cross_site_evaluation, set_per_site_config
+
+    from fedimg.fl.tracking import ScalarTBReceiver
 
     if exp.fed.algorithm != "fedavg":
         raise ValueError(f"fed.algorithm {exp.fed.algorithm!r} has no recipe here; use fedavg")
@@ -110,7 +112,8 @@ def build_fedavg_recipe(
                 # Must precede anything that adds client-side components.
                 set_per_site_config(recipe, per_site)
             recipe.add_client_file("experiment.yaml")
-            add_experiment_tracking(recipe, "tensorboard")
+            # Server-side TensorBoard: scalars only, no host name in event file names.
+            recipe._job.to_server(ScalarTBReceiver(), "receiver")  # noqa: SLF001 - as add_experiment_tracking does
             if exp.fed.cross_site_eval:
                 add_cross_site_evaluation(recipe)
         return recipe

@@ -54,10 +54,11 @@ class ConvertResult:
         return text + f"\n  manifest: {self.manifest}"
 
 
-def series_output_name(group: SeriesGroup) -> str:
+def series_output_name(group: SeriesGroup, compress: bool = True) -> str:
     """A file name per series group that does not spell out the UID."""
     key = json.dumps([group.study_uid, group.series_uid, list(map(str, group.key[2:]))])
-    return f"series-{hashlib.sha256(key.encode()).hexdigest()[:16]}.nii.gz"
+    ext = ".nii.gz" if compress else ".nii"
+    return f"series-{hashlib.sha256(key.encode()).hexdigest()[:16]}{ext}"
 
 
 def fingerprint(group: SeriesGroup) -> str:
@@ -97,8 +98,8 @@ def default_workers() -> int:
 
 
 def convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = None, workers: int | None = None,
-            progress: bool = True) -> ConvertResult:
-    """Convert every series under ``src`` into ``dst/series/*.nii.gz``.
+            progress: bool = True, compress: bool = True) -> ConvertResult:
+    """Convert every series under ``src`` into ``dst/series/*.nii.gz`` (``*.nii`` without compression).
 
     Args:
         src: a DICOM folder tree (read only).
@@ -106,6 +107,8 @@ def convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = No
         geometry: geometry checks (defaults of :class:`GeometrySpec`).
         workers: processes converting series in parallel (default: CPU count).
         progress: show progress bars.
+        compress: gzip the NIfTI files (half of conversion time goes to gzip;
+            turn off for speed when disk is not a concern).
     """
     src, dst = Path(src), Path(dst)
     geometry = geometry or GeometrySpec()
@@ -129,7 +132,7 @@ def convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = No
                      if per_series[g.series_uid] > 1 else "")
             mark(rows, g.rels, REFUSED, exc.reason, exc.detail + extra, series_uid=g.series_uid)
             continue
-        name = f"series/{series_output_name(g)}"
+        name = f"series/{series_output_name(g, compress)}"
         fp = fingerprint(g)
         if old_state.get(name) == fp and (dst / name).is_file():
             mark(rows, g.rels, CONVERTED, "", "", output=name, series_uid=g.series_uid)
@@ -151,7 +154,7 @@ def convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = No
     ordered = finalize(rows, scanned.files)
     # Outputs of series that are gone or now refused are stale: remove them so DST matches the manifest.
     valid = {r.output for r in ordered if r.status == CONVERTED and r.output}
-    for stale in (dst / "series").glob("*.nii.gz"):
+    for stale in [*(dst / "series").glob("*.nii.gz"), *(dst / "series").glob("*.nii")]:
         if f"series/{stale.name}" not in valid:
             stale.unlink()
     write_jsonl(dst / "manifest.jsonl", (r.to_json() for r in ordered))

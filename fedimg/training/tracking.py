@@ -16,7 +16,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 @contextmanager
-def _neutral_hostname(name: str) -> Iterator[None]:
+def neutral_hostname(name: str) -> Iterator[None]:
+    """Within this block, ``socket.gethostname()`` returns ``name`` (for event file names)."""
     original = socket.gethostname
     socket.gethostname = lambda: name  # type: ignore[assignment]
     try:
@@ -28,7 +29,7 @@ def _neutral_hostname(name: str) -> Iterator[None]:
 def local_writer(logdir: str | Path, tag: str = "fedimg") -> SummaryWriter:
     """A SummaryWriter whose event file name carries ``tag`` instead of the host name."""
     Path(logdir).mkdir(parents=True, exist_ok=True)
-    with _neutral_hostname(tag):
+    with neutral_hostname(tag):
         # SummaryWriter creates its event file in __init__, while the name is patched.
         writer = SummaryWriter(log_dir=str(logdir))
     return writer

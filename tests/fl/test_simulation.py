@@ -86,8 +86,13 @@ def test_tensorboard_tags_per_site_with_aligned_steps(sim_run):
         assert [e.step for e in acc.Scalars("val/dice_mean")] == list(range(exp.fed.num_rounds))
         assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, exp.fed.num_rounds + 1))
         assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("val/dice_mean"))
-        # Only scalars reach the server.
+        # Only scalars reach the server, in event files named without this machine's host name.
         assert not acc.Tags()["images"] and not acc.Tags()["histograms"]
+        import socket
+
+        names = [p.name for p in d.glob("events.out.tfevents.*")]
+        assert names and all(socket.gethostname() not in n.split(".")[3:5] for n in names)
+        assert all(n.split(".")[4] == "fedimg" for n in names)
 
 
 @pytest.mark.slow
