@@ -317,11 +317,19 @@ class SplitSpec:
 
 @dataclass(frozen=True)
 class GeometrySpec:
-    """Geometry checks applied to every series before conversion."""
+    """Geometry checks applied to every series before conversion.
+
+    Attributes:
+        irregular: what to do with a gantry tilt, uneven slice spacing or a
+            small slice gap: ``refuse`` (the default: the series is refused with
+            its reason code) or ``resample`` onto a regular orthogonal grid, with
+            the correction recorded in the manifest.
+    """
 
     min_slices: int = 3
     spacing_tolerance: float = 1e-3
     orientation_tolerance: float = 1e-4
+    irregular: Literal["refuse", "resample"] = "refuse"
 
     def __post_init__(self) -> None:
         _check(self.min_slices >= 2, f"geometry.min_slices must be >= 2, got {self.min_slices}")

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from fedimg.config import GeometrySpec
 from fedimg.dicom.geometry import SeriesGeometry
 from fedimg.dicom.index import SeriesGroup, group_series
-from fedimg.dicom.reasons import RefusedError
+from fedimg.dicom.reasons import Reason, RefusedError
+from fedimg.dicom.resample import RESAMPLABLE, load_regularized
 from fedimg.dicom.volume import load_volume, series_geometry
 from fedimg.preprocess.io import write_json, write_jsonl, write_nifti
 from fedimg.preprocess.manifest import CONVERTED, REFUSED, finalize, mark, render_table, summarize
@@ -122,12 +123,16 @@ def convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = No
     groups = group_series(scanned.image_headers, geometry.orientation_tolerance)
     per_series = Counter(g.series_uid for g in groups)
     tasks: list[tuple[SeriesGroup, SeriesGeometry, str]] = []
+    resample_groups: list[tuple[SeriesGroup, Reason]] = []
     reused = 0
     for g in groups:
         try:
             geo = series_geometry(g, min_slices=geometry.min_slices, spacing_tolerance=geometry.spacing_tolerance,
                                   orientation_tolerance=geometry.orientation_tolerance)
         except RefusedError as exc:
+            if geometry.irregular == "resample" and exc.reason in RESAMPLABLE:
+                resample_groups.append((g, exc.reason))
+                continue
             extra = (f" (series split into {per_series[g.series_uid]} groups by orientation/matrix/echo)"
                      if per_series[g.series_uid] > 1 else "")
             mark(rows, g.rels, REFUSED, exc.reason, exc.detail + extra, series_uid=g.series_uid)
@@ -150,6 +155,18 @@ def convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = No
         else:
             mark(rows, g.rels, REFUSED, reason, detail, series_uid=g.series_uid)
             new_state.pop(name, None)
+
+    # Explicit corrections (geometry.irregular: resample), recorded per file in the manifest.
+    for g, reason in resample_groups:
+        name = f"series/{series_output_name(g, compress)}"
+        try:
+            reg = load_regularized(g, reason)
+        except RefusedError as exc:
+            mark(rows, g.rels, REFUSED, exc.reason, exc.detail, series_uid=g.series_uid)
+            continue
+        write_nifti(dst / name, reg.data, reg.affine_ras)
+        mark(rows, g.rels, CONVERTED, "", "", output=name, series_uid=g.series_uid, correction=reg.correction)
+        new_state.pop(name, None)  # always recomputed: cheap, and keeps the correction text current
 
     ordered = finalize(rows, scanned.files)
     # Outputs of series that are gone or now refused are stale: remove them so DST matches the manifest.

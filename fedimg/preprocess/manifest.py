@@ -30,6 +30,7 @@ class ManifestRow:
     case_id: str | None = None
     role: str | None = None  # "image" or "label" for files that were used
     series_uid: str | None = None
+    correction: str | None = None  # an explicit geometric correction applied (e.g. gantry tilt removed)
 
     def to_json(self) -> dict[str, Any]:
         """Row as written to manifest.jsonl (empty optional fields left out)."""

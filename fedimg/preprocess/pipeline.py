@@ -43,6 +43,7 @@ from fedimg.dicom.labels import (
     match_nifti_to_study,
 )
 from fedimg.dicom.reasons import Reason, RefusedError
+from fedimg.dicom.resample import RESAMPLABLE, load_regularized
 from fedimg.dicom.volume import load_volume, series_geometry
 from fedimg.preprocess.convert import default_workers
 from fedimg.preprocess.io import write_json, write_jsonl, write_nifti
@@ -119,7 +120,8 @@ def _split(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, str
 class _Study:
     def __init__(self, uid: str) -> None:
         self.uid = uid
-        self.images: list[tuple[SeriesGroup, SeriesGeometry]] = []
+        # (group, geometry) or, for a stack to resample (geometry.irregular), (group, None, reason)
+        self.images: list[tuple] = []
         self.masks: list[SeriesGroup] = []
         self.niftis: list[tuple[Path, str]] = []
         self.segs: list[DicomHeader] = []
@@ -180,6 +182,9 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         try:
             geo = series_geometry(g, **geo_kwargs)
         except RefusedError as exc:
+            if spec.geometry.irregular == "resample" and exc.reason in RESAMPLABLE:
+                study.images.append((g, None, exc.reason))
+                continue
             extra = f" (series split into {per_series[g.series_uid]} groups)" if per_series[g.series_uid] > 1 else ""
             _mark(rows, g.rels, REFUSED, exc.reason, exc.detail + extra)
             continue
@@ -275,7 +280,7 @@ def _dl_item(c: CaseRecord) -> dict[str, Any]:
 def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[str, ManifestRow],
                    class_values: list[int], geo_kwargs: dict[str, Any]) -> CaseRecord | None:
     if len(study.images) > 1:
-        for g, _ in study.images:
+        for g, *_ in study.images:
             _mark(rows, g.rels, REFUSED, Reason.AMBIGUOUS_IMAGE_SERIES,
                   f"{len(study.images)} candidate image series in one study; narrow "
                   "series.image_description_regex in the spec")
@@ -285,7 +290,8 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             rows[rel] = ManifestRow(rel, REFUSED, Reason.IMAGE_REFUSED.value, "its study has no single image series")
         _mark(rows, [h.rel for h in study.segs], REFUSED, Reason.IMAGE_REFUSED, "its study has no single image series")
         return None
-    group, geo = study.images[0]
+    group, geo, *irregular = study.images[0]
+    irregular_reason: Reason | None = irregular[0] if irregular else None
     case_id = case_id_for(study.uid, group.series_uid)
     image_fref = group.first.frame_of_reference_uid
 
@@ -295,6 +301,14 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
         if m.first.frame_of_reference_uid != image_fref:
             _mark(rows, m.rels, REFUSED, Reason.LABEL_UNMATCHED,
                   "(0020,0052) Frame of Reference UID differs from the image series")
+            continue
+        if irregular_reason is not None:
+            # The mask must share the image's irregular slices; it is resampled identically below.
+            if sorted(h.ipp for h in m.headers) != sorted(h.ipp for h in group.headers):
+                _mark(rows, m.rels, REFUSED, Reason.LABEL_GEOMETRY_MISMATCH,
+                      "mask slices are not at the image's slice positions")
+                continue
+            label_source = label_source or ("dicom_irregular", (m, None))
             continue
         try:
             mgeo = series_geometry(m, **geo_kwargs)
@@ -308,6 +322,10 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             continue
         label_source = ("dicom", (m, mgeo))
     for h in study.segs:
+        if irregular_reason is not None:
+            _mark(rows, [h.rel], REFUSED, Reason.LABEL_GEOMETRY_MISMATCH,
+                  "the image is resampled (geometry.irregular); only a DICOM mask series can follow it")
+            continue
         if h.frame_of_reference_uid != image_fref:
             _mark(rows, [h.rel], REFUSED, Reason.LABEL_UNMATCHED,
                   "(0020,0052) Frame of Reference UID differs from the image series")
@@ -317,6 +335,10 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             continue
         label_source = ("seg", (h.path, h.rel))
     for path, rel in study.niftis:
+        if irregular_reason is not None:
+            rows[rel] = ManifestRow(rel, REFUSED, Reason.LABEL_GEOMETRY_MISMATCH.value,
+                                    "the image is resampled (geometry.irregular); only a DICOM mask series can follow it")
+            continue
         if label_source is not None:
             rows[rel] = ManifestRow(rel, REFUSED, Reason.LABEL_UNMATCHED.value, "a second label for the same image")
             continue
@@ -326,7 +348,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
         _mark(rows, group.rels, REFUSED, reason, detail, case_id=case_id)
         if label_source is not None:
             kind, obj = label_source
-            rels = obj[0].rels if kind == "dicom" else [obj[1]]
+            rels = obj[0].rels if kind.startswith("dicom") else [obj[1]]
             _mark(rows, rels, REFUSED, Reason.IMAGE_REFUSED if reason != Reason.LABEL_GEOMETRY_MISMATCH
                   and reason != Reason.LABEL_VALUES_UNEXPECTED else reason, detail, case_id=case_id)
 
@@ -334,12 +356,23 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
         refuse_all(Reason.NO_LABEL, "no label series or NIfTI label matched this image; labels.required is true")
         return None
 
+    correction: str | None = None
     try:
-        volume = load_volume(group, geo)
+        if irregular_reason is not None:
+            reg = load_regularized(group, irregular_reason)
+            image_data, image_affine, correction = reg.data, reg.affine_ras, reg.correction
+        else:
+            volume = load_volume(group, geo)
+            image_data, image_affine = volume.data, volume.affine
         label = None
         if label_source is not None:
             kind, obj = label_source
-            if kind == "dicom":
+            if kind == "dicom_irregular":
+                mreg = load_regularized(obj[0], irregular_reason, order=0)  # type: ignore[arg-type]
+                if mreg.data.shape != image_data.shape or not np.allclose(mreg.affine_ras, image_affine, atol=1e-3):
+                    raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH, "resampled mask and image grids differ")
+                raw = mreg.data
+            elif kind == "dicom":
                 mvol = load_volume(obj[0], obj[1])
                 raw = mvol.data
             elif kind == "seg":
@@ -348,7 +381,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             else:
                 raw = load_nifti_on_grid(obj[0], geo)
             label = map_label_values(raw, class_values)
-        image_arr, label_arr, affine = apply_spec(spec, volume.data, volume.affine, label)
+        image_arr, label_arr, affine = apply_spec(spec, image_data, image_affine, label)
     except RefusedError as exc:
         refuse_all(exc.reason, exc.detail)
         return None
@@ -361,11 +394,12 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
         label_rel = f"labels/{case_id}.nii.gz"
         write_nifti(dst / label_rel, label_arr.astype(np.uint8), affine)
         counts = {name: int((label_arr == i + 1).sum()) for i, name in enumerate(spec.labels.classes)}
-    _mark(rows, group.rels, CONVERTED, "", "", output=image_rel, case_id=case_id, role="image")
+    _mark(rows, group.rels, CONVERTED, "", "", output=image_rel, case_id=case_id, role="image",
+          correction=correction)
     if label_source is not None:
         kind, obj = label_source
-        rels = obj[0].rels if kind == "dicom" else [obj[1]]
-        _mark(rows, rels, CONVERTED, "", "", output=label_rel, case_id=case_id, role="label")
+        rels = obj[0].rels if kind.startswith("dicom") else [obj[1]]
+        _mark(rows, rels, CONVERTED, "", "", output=label_rel, case_id=case_id, role="label", correction=correction)
     spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
     return CaseRecord(case_id=case_id, image=image_rel, label=label_rel,
                       shape=tuple(int(s) for s in image_arr.shape),  # type: ignore[arg-type]

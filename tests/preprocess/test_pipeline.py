@@ -197,3 +197,33 @@ def test_parallel_preprocess_matches_serial(small_synth, ct_spec, tmp_path):
         x = np.asarray(nib.load(tmp_path / "serial" / c.image).dataobj)
         y = np.asarray(nib.load(tmp_path / "parallel" / c.image).dataobj)
         np.testing.assert_array_equal(x, y)
+
+
+def test_slice_gap_is_refused_or_resampled_as_the_spec_says(small_synth, ct_spec, tmp_path):
+    import dataclasses
+
+    src = tmp_path / "export"
+    shutil.copytree(small_synth.out_dir / "site-2", src)  # DICOM mask labels
+    image_dir = sorted(d for d in src.rglob("*") if d.is_dir() and "STND" in d.name)[0]
+    mask_dir = next(d for d in image_dir.parent.iterdir() if "Mask" in d.name)
+    victim = sorted(image_dir.iterdir())[10]
+    ipp = pydicom.dcmread(victim).ImagePositionPatient
+    victim.unlink()
+    for f in mask_dir.iterdir():  # the mask loses the same slice
+        if pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient == ipp:
+            f.unlink()
+    refused = preprocess(src, tmp_path / "refuse", ct_spec, site="s", progress=False)
+    rows = {r["input"]: r for r in _manifest(tmp_path / "refuse")}
+    img_rows = [r for k, r in rows.items() if k.startswith(image_dir.relative_to(src).as_posix() + "/")]
+    assert {r["reason"] for r in img_rows} == {"SLICE_GAP"}
+    spec = dataclasses.replace(ct_spec, geometry=dataclasses.replace(ct_spec.geometry, irregular="resample"))
+    fixed = preprocess(src, tmp_path / "fix", spec, site="s", progress=False)
+    assert len(fixed.cases) == len(refused.cases) + 1
+    rows = {r["input"]: r for r in _manifest(tmp_path / "fix")}
+    img_rows = [r for k, r in rows.items() if k.startswith(image_dir.relative_to(src).as_posix() + "/")]
+    mask_rows = [r for k, r in rows.items() if k.startswith(mask_dir.relative_to(src).as_posix() + "/")]
+    assert all(r["status"] == "converted" and r["correction"].startswith("SLICE_GAP corrected") for r in img_rows)
+    assert all(r["role"] == "label" and r["correction"] for r in mask_rows)
+    case = next(c for c in fixed.cases if c.case_id == img_rows[0]["case_id"])
+    lbl = np.asarray(nib.load(tmp_path / "fix" / case.label).dataobj)
+    assert set(np.unique(lbl).tolist()) <= {0, 1, 2} and (lbl == 1).sum() > 0
