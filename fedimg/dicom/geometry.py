@@ -101,8 +101,10 @@ def compute_geometry(
         orientation_tolerance: absolute tolerance on IOP components between slices.
 
     Raises:
-        RefusedError: with NO_GEOMETRY, TOO_FEW_SLICES, MIXED_SERIES,
-            DUPLICATE_POSITION, SLICE_GAP, NONUNIFORM_SPACING or GANTRY_TILT.
+        RefusedError: with NO_GEOMETRY (missing, non-finite or non-positive
+            (0020,0037), (0020,0032), (0028,0030), (0028,0010), (0028,0011)),
+            TOO_FEW_SLICES, MIXED_SERIES, DUPLICATE_POSITION, SLICE_GAP,
+            NONUNIFORM_SPACING or GANTRY_TILT.
     """
     missing = [name for name, ok in (
         ("(0020,0037) Image Orientation Patient", all(h.iop is not None for h in headers)),
@@ -117,9 +119,21 @@ def compute_geometry(
         raise RefusedError(Reason.TOO_FEW_SLICES, f"{n} slice(s), at least {min_slices} needed")
 
     iops = np.array([h.iop for h in headers], dtype=float)
+    ipps = np.array([h.ipp for h in headers], dtype=float)
+    spacings = np.array([h.pixel_spacing for h in headers], dtype=float)
+    # NaN/inf compare False with every tolerance below, so they would slip through
+    # and give a singular or NaN affine: every geometry value must be finite.
+    not_finite = [name for name, values in (
+        ("(0020,0037) Image Orientation Patient", iops),
+        ("(0020,0032) Image Position Patient", ipps),
+        ("(0028,0030) Pixel Spacing", spacings),
+    ) if not np.isfinite(values).all()]
+    if not_finite:
+        raise RefusedError(Reason.NO_GEOMETRY, "not a finite number in " + ", ".join(not_finite))
+    if (spacings <= 0).any():
+        raise RefusedError(Reason.NO_GEOMETRY, "(0028,0030) Pixel Spacing is not positive")
     if np.abs(iops - iops[0]).max() > max(orientation_tolerance, 1e-6) * 10:
         raise RefusedError(Reason.MIXED_SERIES, "slices disagree on (0020,0037) Image Orientation Patient")
-    spacings = np.array([h.pixel_spacing for h in headers], dtype=float)
     if np.abs(spacings - spacings[0]).max() > 1e-4 * spacings[0].max():
         raise RefusedError(Reason.MIXED_SERIES, "slices disagree on (0028,0030) Pixel Spacing")
     if len({(h.rows, h.columns) for h in headers}) != 1:
@@ -131,7 +145,6 @@ def compute_geometry(
         raise RefusedError(Reason.NO_GEOMETRY, "(0020,0037) orientation vectors are not orthogonal")
     normal = np.cross(row_cos, col_cos)
 
-    ipps = np.array([h.ipp for h in headers], dtype=float)
     dist = ipps @ normal
     order = np.argsort(dist, kind="stable")
     dist = dist[order]

@@ -301,8 +301,9 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
     except struct.error as exc:
         # pydicom unpacks a tag or length from too few bytes: a header cut short.
         if _has_dicm_prefix(path):
-            return FileProblem(path, rel, Reason.TRUNCATED, f"header cut short ({type(exc).__name__})")
-        return FileProblem(path, rel, Reason.NOT_DICOM, f"unreadable header ({type(exc).__name__})")
+            return FileProblem(path, rel, Reason.TRUNCATED,
+                               "header cut short (struct.error reading a tag or length)")
+        return FileProblem(path, rel, Reason.NOT_DICOM, "unreadable header (struct.error)")
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
         return FileProblem(path, rel, Reason.NOT_DICOM, f"unreadable header ({type(exc).__name__})")
 

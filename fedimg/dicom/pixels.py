@@ -88,7 +88,8 @@ def _check_native_length(ds: Dataset, transfer_syntax: str) -> None:
                            "(0028,0010) Rows, (0028,0011) Columns, (0028,0002) Samples per Pixel and "
                            "(0028,0008) Number of Frames must be positive")
     if bits != 1 and (bits <= 0 or bits % 8):
-        raise RefusedError(Reason.PIXEL_DECODE_ERROR, f"(0028,0100) Bits Allocated {bits} is not 1 or a multiple of 8")
+        raise RefusedError(Reason.PIXEL_DECODE_ERROR,
+                           f"(0028,0100) Bits Allocated {bits} is not 1 or a multiple of 8")
     n_samples = rows * columns * samples * frames
     expected = (n_samples + 7) // 8 if bits == 1 else n_samples * (bits // 8)
     actual = len(ds.PixelData)
@@ -182,13 +183,14 @@ def decode_stored(ds: Dataset) -> np.ndarray:
 def rescale(ds: Dataset) -> tuple[float, float]:
     """(0028,1053) Rescale Slope and (0028,1052) Rescale Intercept of a single-frame object.
 
-    Absent or empty values mean slope 1 and intercept 0.
+    Absent or empty values mean slope 1 and intercept 0; a slope of 0 is read
+    as 1, as dcm2niix does (a zero slope would erase the image).
 
     Raises:
         RefusedError: PIXEL_DECODE_ERROR when a value is not a finite number
             (e.g. 'abc', NaN, inf): applying it would give a wrong volume.
     """
-    slope = _lut_value(ds.get("RescaleSlope"), "(0028,1053) Rescale Slope", 1.0)
+    slope = _lut_value(ds.get("RescaleSlope"), "(0028,1053) Rescale Slope", 1.0) or 1.0
     intercept = _lut_value(ds.get("RescaleIntercept"), "(0028,1052) Rescale Intercept", 0.0)
     return slope, intercept
 

@@ -12,6 +12,7 @@ the slice normal (see :mod:`fedimg.dicom.geometry`):
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -51,11 +52,13 @@ def _mosaic_slices(h: DicomHeader, index: int) -> list[Slice]:
     info = h.mosaic
     if info is None or h.ipp is None or h.iop is None or h.pixel_spacing is None or not h.rows or not h.columns:
         raise RefusedError(Reason.NO_GEOMETRY, "mosaic without (0020,0032), (0020,0037) or (0028,0030)")
-    if not h.spacing_between_slices or h.spacing_between_slices <= 0:
+    spacing = h.spacing_between_slices
+    if spacing is None or not math.isfinite(spacing) or spacing <= 0:
         # A mosaic file has one position for all its tiles: without the spacing the
         # slice positions are unknown, and guessing would be silently wrong.
-        raise RefusedError(Reason.NO_GEOMETRY, "mosaic without (0018,0088) Spacing Between Slices")
-    positions = tile_positions(info, h.ipp, h.iop, h.pixel_spacing, h.rows, h.columns, h.spacing_between_slices)
+        raise RefusedError(Reason.NO_GEOMETRY,
+                           "mosaic without a finite, positive (0018,0088) Spacing Between Slices")
+    positions = tile_positions(info, h.ipp, h.iop, h.pixel_spacing, h.rows, h.columns, spacing)
     return [Slice(ipp=p, iop=h.iop, pixel_spacing=h.pixel_spacing, rows=info.tile_rows,
                   columns=info.tile_columns, source=(index, k)) for k, p in enumerate(positions)]
 

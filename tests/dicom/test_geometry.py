@@ -90,3 +90,39 @@ def test_mixed_orientation_is_refused():
     with pytest.raises(RefusedError) as exc:
         compute_geometry(hs)
     assert exc.value.reason == Reason.MIXED_SERIES
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "which"),
+    [
+        ("ipp", (0.0, 0.0, float("nan")), "all"),
+        ("ipp", (float("inf"), 0.0, 1.0), 1),
+        ("iop", (float("nan"), 0.0, 0.0, 0.0, 1.0, 0.0), "all"),
+        ("pixel_spacing", (float("nan"), 0.7), "all"),
+        ("pixel_spacing", (0.0, 0.0), "all"),
+        ("pixel_spacing", (-0.8, -0.7), "all"),
+    ],
+)
+def test_non_finite_or_non_positive_geometry_is_no_geometry(field, value, which):
+    # NaN/inf compare False with every tolerance: without an explicit check they
+    # would reach the affine (singular or NaN) instead of being refused.
+    hs = _headers([(0, 0, z) for z in (0, 1, 2, 3)], shuffle=False)
+    for k, h in enumerate(hs):
+        if which == "all" or k == which:
+            setattr(h, field, value)
+    with pytest.raises(RefusedError) as exc:
+        compute_geometry(hs)
+    assert exc.value.reason == Reason.NO_GEOMETRY
+
+
+def test_nan_orientation_groups_without_crashing():
+    from fedimg.dicom.index import group_series
+
+    hs = _headers([(0, 0, z) for z in (0, 1, 2)])
+    for h in hs:
+        h.iop = (float("nan"), 0.0, 0.0, 0.0, 1.0, 0.0)
+    groups = group_series(hs)
+    assert len(groups) == 1
+    with pytest.raises(RefusedError) as exc:
+        compute_geometry(groups[0].headers)
+    assert exc.value.reason == Reason.NO_GEOMETRY

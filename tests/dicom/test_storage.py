@@ -222,3 +222,115 @@ def test_mosaic_tiles_and_centred_first_position() -> None:
     # grid IPP is the grid's corner; the first tile sits half a grid-minus-tile further in.
     np.testing.assert_allclose(pos[0], [1.0 * 1.5, 2.0 * 1.0, 0.0])
     np.testing.assert_allclose(pos[2], [1.5, 2.0, 10.0])
+
+
+@pytest.mark.parametrize(("slope", "intercept"), [(b"abc", b"-1024"), (b"NaN", b"0"), (b"1", b"-inf"),
+                                                   (b"inf", b"0")])
+def test_unusable_rescale_refuses_the_series(tmp_path: Path, slope: bytes, intercept: bytes) -> None:
+    # pydicom refuses to set 'abc' as DS: write sentinels, then overwrite their bytes.
+    for k in range(3):
+        ds = _ct_slice(2.0 * k, np.zeros((4, 5), np.int16))
+        ds.RescaleSlope, ds.RescaleIntercept = "9.87654", "-8.76543"
+        _write(ds, tmp_path / f"{k}.dcm")
+        data = (tmp_path / f"{k}.dcm").read_bytes()
+        data = data.replace(b"9.87654 ", slope.ljust(8)).replace(b"-8.76543", intercept.ljust(8))
+        (tmp_path / f"{k}.dcm").write_bytes(data)
+    groups = group_series(scan(tmp_path).headers)
+    with pytest.raises(RefusedError) as exc:
+        load_volume(groups[0], series_geometry(groups[0]))
+    assert exc.value.reason == Reason.PIXEL_DECODE_ERROR
+    assert "(0028,105" in exc.value.detail
+
+
+def _write_unchecked(ds: Dataset, path: Path) -> None:
+    import warnings
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(path, enforce_file_format=True)
+
+
+def test_multiframe_unparsable_slope_is_refused_at_decode(tmp_path: Path) -> None:
+    _enhanced(tmp_path / "mf.dcm", [0.0, 2.0, 4.0], [1.0, 1.0, 1.0])
+    ds = pydicom.dcmread(tmp_path / "mf.dcm")
+    ds.PerFrameFunctionalGroupsSequence[1].PixelValueTransformationSequence[0].RescaleSlope = "NaN"
+    _write_unchecked(ds, tmp_path / "mf.dcm")
+    groups = group_series(scan(tmp_path).headers)
+    with pytest.raises(RefusedError) as exc:
+        load_volume(groups[0], series_geometry(groups[0]))
+    assert exc.value.reason == Reason.PIXEL_DECODE_ERROR
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(3, 5), (4, 4), (5, 5)])
+def test_native_pixel_data_of_the_wrong_length_is_refused(tmp_path: Path, rows: int, cols: int) -> None:
+    # Pixel data written for 4 x 5; the header says otherwise. pydicom only warns when
+    # there is more data than the header describes and would crop or re-stride it.
+    for k in range(3):
+        ds = _ct_slice(2.0 * k, np.arange(20, dtype=np.int16).reshape(4, 5))
+        ds.Rows, ds.Columns = rows, cols
+        _write_unchecked(ds, tmp_path / f"{k}.dcm")
+    groups = group_series(scan(tmp_path).headers)
+    with pytest.raises(RefusedError) as exc:
+        load_volume(groups[0], series_geometry(groups[0]))
+    assert exc.value.reason == Reason.PIXEL_DECODE_ERROR
+
+
+def test_odd_length_pixel_data_padding_byte_is_accepted(tmp_path: Path) -> None:
+    # 8-bit 3 x 5 = 15 bytes, stored padded to 16: a valid file.
+    for k in range(3):
+        ds = _ct_slice(2.0 * k, np.zeros((3, 5), np.int16))
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = np.arange(15, dtype=np.uint8).tobytes() + b"\x00"
+        _write_unchecked(ds, tmp_path / f"{k}.dcm")
+    groups = group_series(scan(tmp_path).headers)
+    vol = load_volume(groups[0], series_geometry(groups[0]))
+    np.testing.assert_array_equal(vol.data[:, :, 0], np.arange(15).reshape(3, 5).T - 1024)
+
+
+def test_empty_rows_is_no_geometry(tmp_path: Path) -> None:
+    for k in range(3):
+        ds = _ct_slice(2.0 * k, np.zeros((4, 5), np.int16))
+        ds.add_new(0x00280010, "US", None)
+        _write_unchecked(ds, tmp_path / f"{k}.dcm")
+    headers = scan(tmp_path).headers
+    assert [h.rows for h in headers] == [None] * 3
+    with pytest.raises(RefusedError) as exc:
+        series_geometry(group_series(headers)[0])
+    assert exc.value.reason == Reason.NO_GEOMETRY
+
+
+@pytest.mark.parametrize(
+    ("cut", "reason"),
+    [
+        (lambda data: data[:150], Reason.TRUNCATED),  # inside the file meta
+        (lambda data: b"\x00" * 128 + b"DICM", Reason.TRUNCATED),
+        (lambda data: b"\x00" * 128 + b"DICM" + b"\xff" * 300, Reason.NOT_DICOM),
+        (lambda data: data[: data.index(b"1.2.840.10008.5.1.4.1.1.2", 200) + 5], Reason.TRUNCATED),
+    ],
+)
+def test_header_cut_files_are_refused_not_skipped(tmp_path: Path, cut, reason: Reason) -> None:
+    from fedimg.dicom.index import FileProblem, read_header
+
+    _write(_ct_slice(0.0, np.zeros((4, 5), np.int16)), tmp_path / "full.dcm")
+    (tmp_path / "cut.dcm").write_bytes(cut((tmp_path / "full.dcm").read_bytes()))
+    result = read_header(tmp_path / "cut.dcm", "cut.dcm")
+    assert isinstance(result, FileProblem), result
+    assert result.reason == reason
+
+
+def test_deflated_file_is_not_truncated(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    from fedimg.dicom.index import DicomHeader, read_header
+
+    path = Path(get_testdata_file("image_dfl.dcm"))
+    assert isinstance(read_header(path, "image_dfl.dcm"), DicomHeader)
+    # A deflated file that really is cut is still refused when its pixels are read.
+    (tmp_path / "cut.dcm").write_bytes(path.read_bytes()[:-500])
+    result = read_header(tmp_path / "cut.dcm", "cut.dcm")
+    if isinstance(result, DicomHeader):
+        from fedimg.dicom.pixels import decode_stored
+
+        with pytest.raises(RefusedError):
+            decode_stored(pydicom.dcmread(tmp_path / "cut.dcm"))

@@ -17,9 +17,9 @@ row per input file, ``inputs == converted + refused + skipped`` against the file
 on disk, raw inputs byte-identical afterwards, no temporary files left in DST,
 and the specific reason code wherever the defect has one obvious answer.
 
-Defects that fedimg currently handles wrongly are kept as
-``xfail(strict=True)`` tests stating the expected behaviour: they turn into
-failures (XPASS) the day the bug is fixed, so the mark must then be removed.
+Defects fedimg used to mishandle (``k_*`` builders, ``_CRASHERS``) are kept as
+regression tests; ``_REGRESSIONS`` and the third item of each ``_CRASHERS``
+entry record what went wrong before the fix.
 """
 
 from __future__ import annotations
@@ -448,8 +448,8 @@ MUTANTS: dict[str, Builder] = {
 }
 
 
-# Defects fedimg currently mishandles (see the xfail tests at the end). They are in the
-# shared corpus because they do not crash the run; their expected (correct) outcome:
+# Defects fedimg used to mishandle without crashing (see the regression tests at the end),
+# in the shared corpus; their expected (correct) outcome:
 def k_cut_in_file_meta(d, base):
     _cut(d, _fresh([base[0]])[0], "cut_in_file_meta.dcm", lambda b, p: 150)
     return {"cut_in_file_meta.dcm": Expect({REFUSED}, UNREADABLE)}
@@ -501,6 +501,20 @@ def k_rows_mismatch(d, base):
         REFUSED,
         "PIXEL_DECODE_ERROR",
         "TRUNCATED",
+    )
+
+
+def k_inf_rescale_intercept(d, base):
+    return _all(
+        _series(
+            d,
+            base,
+            mutate=lambda ds: setattr(ds, "RescaleIntercept", DS_SENTINEL.decode()),
+            patch=(DS_SENTINEL + b" ", b"-inf    "),
+        ),
+        REFUSED,
+        "PIXEL_DECODE_ERROR",
+        "UNSUPPORTED_PIXELS",
     )
 
 
@@ -784,9 +798,10 @@ def test_preprocess_contract_holds_on_malformed_corpus(corpus, tmp_path):
         assert (dst / item["image"]).is_file()
 
 
-# --------------------------------------------------------------------------- known bugs
+# --------------------------------------------------------------------------- regressions
 
-_KNOWN_REASONS = {
+# What each ``k_*`` defect gave before it was fixed in the DICOM layer.
+_REGRESSIONS = {
     "cut_in_file_meta": (
         "file truncated inside its file meta is SKIPPED as NON_IMAGE_OBJECT (empty SOP class,"
         " no pixels) instead of refused TRUNCATED/NOT_DICOM (index.read_header/is_non_image)"
@@ -811,18 +826,11 @@ _KNOWN_REASONS = {
         "Rows reduced so Pixel Data is longer than expected: CONVERTED (silently cropped)"
     ),
     "nan_rescale_slope": ("(0028,1053) 'NaN': CONVERTED to an all-NaN volume"),
+    "inf_rescale_intercept": ("(0028,1052) '-inf': CONVERTED to an all-inf volume"),
 }
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_KNOWN_REASONS[n])
-        )
-        for n in sorted(KNOWN_BUGS)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(KNOWN_BUGS))
 def test_known_bug_expected_outcome(corpus, converted, name):
     wrong = []
     for rel, exp in corpus.expect[name].items():
@@ -832,34 +840,25 @@ def test_known_bug_expected_outcome(corpus, converted, name):
                 f"{rel}: got {row['status']}/{row['reason']}, expected {sorted(exp.statuses)}/"
                 f"{sorted(exp.reasons)}"
             )
-    assert not wrong, "\n".join(wrong)
+    assert not wrong, f"regression ({_REGRESSIONS[name]}):\n" + "\n".join(wrong)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="index.read_header compares the Pixel Data offset inside the inflated stream of a "
-    "Deflated Explicit VR LE file (1.2.840.10008.1.2.1.99) with the compressed file size "
-    "and reports TRUNCATED ('pixel data needs 262144 bytes, file ends after 4099')",
-)
 def test_deflated_file_is_not_reported_truncated(corpus, converted):
-    """pydicom's image_dfl.dcm (Deflated Explicit VR LE) is a complete, valid file."""
+    """pydicom's image_dfl.dcm (Deflated Explicit VR LE) is a complete, valid file.
+
+    Regression: index.read_header compared the Pixel Data offset inside the inflated
+    stream of a Deflated Explicit VR LE file (1.2.840.10008.1.2.1.99) with the
+    compressed file size and reported TRUNCATED.
+    """
     ds = pydicom.dcmread(corpus.root / "pydicom" / "image_dfl.dcm")
     assert ds.pixel_array.size == ds.Rows * ds.Columns  # pydicom decodes it fine
     row = converted.rows["pydicom/image_dfl.dcm"]
     assert row["reason"] != "TRUNCATED", row
 
 
-# Defects that crash the whole run today (convert and preprocess). Each gets its own small
-# corpus (a good control series + the defect, each with a NIfTI label so that preprocess
-# reaches pixel decoding) so the shared corpus above stays runnable.
-_CRASH = (
-    TypeError,
-    ValueError,
-    ArithmeticError,
-    np.linalg.LinAlgError,
-    nib.spatialimages.HeaderDataError,
-)
+# Defects that used to crash the whole run (convert and preprocess); the third item says
+# how. Each gets its own small corpus (a good control series + the defect, each with a
+# NIfTI label so that preprocess reaches pixel decoding), so a crash fails only its test.
 _CRASHERS: dict[str, tuple[Callable[[Path, list[Dataset]], list[str]], set[str], str]] = {
     "empty_rows": (
         lambda d, base: _series(d, base, mutate=lambda ds: ds.add_new(0x00280010, "US", None)),
@@ -868,6 +867,11 @@ _CRASHERS: dict[str, tuple[Callable[[Path, list[Dataset]], list[str]], set[str],
             "zero-length (0028,0010) Rows: index.read_header does int(ds.Rows) on None -> "
             "TypeError (convert and preprocess)"
         ),
+    ),
+    "empty_columns": (
+        lambda d, base: _series(d, base, mutate=lambda ds: ds.add_new(0x00280011, "US", None)),
+        {"NO_GEOMETRY", "PIXEL_DECODE_ERROR", "NO_PIXELS"},
+        "zero-length (0028,0011) Columns: int(ds.Columns) on None -> TypeError",
     ),
     "garbage_rescale_slope": (
         lambda d, base: _series(
@@ -951,13 +955,7 @@ def _label_beside(series_dir: Path, like: Path) -> str:
 
 
 @pytest.mark.parametrize("entry", ["convert", pytest.param("preprocess", marks=pytest.mark.slow)])
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=_CRASH, reason=v[2]))
-        for n, v in sorted(_CRASHERS.items())
-    ],
-)
+@pytest.mark.parametrize("name", sorted(_CRASHERS))
 def test_crashing_defect_is_refused(synth_site, tmp_path, name, entry):
     build, reasons, _ = _CRASHERS[name]
     base = _base_slices(synth_site)
