@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -45,8 +46,17 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from fedimg.preprocess.pipeline import preprocess
 
     spec = cfg.load(cfg.PreprocessSpec, args.spec, args.set)
-    result = preprocess(args.src, args.dst, spec, site=args.site, progress=not args.quiet, workers=args.workers)
+    pseudonymizer = None
+    if args.secret_file or os.environ.get("FEDIMG_SECRET_FILE"):
+        from fedimg.dicom.deid import Pseudonymizer, SiteSecret
+
+        pseudonymizer = Pseudonymizer(SiteSecret.load(args.secret_file))
+    result = preprocess(args.src, args.dst, spec, site=args.site, progress=not args.quiet, workers=args.workers,
+                        pseudonymizer=pseudonymizer)
     print(result.table())
+    if pseudonymizer is None:
+        print("fedimg preprocess: warning: no site secret (--secret-file or FEDIMG_SECRET_FILE): case ids are "
+              "unkeyed hashes and the manifest lists raw input paths", file=sys.stderr)
     return 0
 
 
@@ -126,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--site", required=True, help="this site's name, e.g. site-1")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     s.add_argument("--workers", type=int, default=None, help="parallel studies (default: CPU count)")
+    s.add_argument("--secret-file", default=None,
+                   help="site secret (owner-only file) for keyed pseudonyms; default: $FEDIMG_SECRET_FILE")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_preprocess)
 

@@ -36,6 +36,7 @@ def run_demo(out: Path, sites: int = 3, cases: int = 8, seed: int = 0, rounds: i
     Re-running into the same ``out`` regenerates everything (the previous
     demo output is removed first: it is synthetic).
     """
+    from fedimg.dicom.deid import Pseudonymizer, SiteSecret
     from fedimg.fl.simulate import run_simulation
     from fedimg.preprocess.pipeline import preprocess
     from fedimg.runtime import default_threads, select_device
@@ -67,7 +68,11 @@ def run_demo(out: Path, sites: int = 3, cases: int = 8, seed: int = 0, rounds: i
     threads = default_threads(len(synth.sites))
     for site in synth.sites:
         site_dir = out / "sites" / site
-        res = preprocess(raw / site, site_dir / "preprocessed", spec, site=site, progress=progress)
+        # Each site has its own secret: case ids and manifest entries are keyed pseudonyms.
+        site_dir.mkdir(parents=True, exist_ok=True)
+        secret = SiteSecret.generate(site_dir / "site.secret")
+        res = preprocess(raw / site, site_dir / "preprocessed", spec, site=site, progress=progress,
+                         pseudonymizer=Pseudonymizer(secret))
         _print(res.table())
         pre[site] = res
         site_cfg = cfgmod.SiteConfig(name=site, datalist="preprocessed/datalist.json", device=device,

@@ -99,3 +99,16 @@ def test_demo_smoke_writes_summary(tmp_path):
         assert (tmp_path / "demo").as_posix() in summary[key]
     assert json.loads(open(summary["cross_site"]).read())
     assert "tensorboard --logdir" in proc.stdout and "Dice" in proc.stdout
+
+
+def test_preprocess_refuses_a_group_readable_secret(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "x.dcm").write_bytes(b"not dicom")
+    secret = tmp_path / "site.secret"
+    secret.write_text("a" * 40)
+    secret.chmod(0o644)
+    rc = main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--spec", str(CT_SPEC),
+               "--site", "s", "--secret-file", str(secret), "--quiet"])
+    assert rc == 2
+    line = _err_lines(capsys)[0]
+    assert "chmod 600" in line and "a" * 40 not in line

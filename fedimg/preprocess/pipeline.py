@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
+import os
 import re
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -129,14 +130,15 @@ class _Study:
 
 def _study_task(args: tuple) -> tuple[dict[str, ManifestRow], CaseRecord | None]:
     """Worker: convert one study; returns its manifest rows and case record."""
-    study, spec, dst, class_values, geo_kwargs = args
+    study, spec, dst, class_values, geo_kwargs, pseudonymizer = args
     local: dict[str, ManifestRow] = {}
-    rec = _convert_study(study, spec, dst, local, class_values, geo_kwargs)
+    rec = _convert_study(study, spec, dst, local, class_values, geo_kwargs, pseudonymizer)
     return local, rec
 
 
 def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str,
-               progress: bool = True, workers: int | None = 1) -> PreprocessResult:
+               progress: bool = True, workers: int | None = 1,
+               pseudonymizer: Any | None = None) -> PreprocessResult:
     """Convert and normalize every case under ``src`` into ``dst``.
 
     Args:
@@ -147,6 +149,12 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         site: the site's name (recorded in the summary and logs).
         progress: show tqdm progress bars.
         workers: processes converting studies in parallel (None: CPU count).
+        pseudonymizer: a :class:`fedimg.dicom.deid.Pseudonymizer` holding the
+            site secret. With it, case ids (and so file names) are keyed
+            HMAC pseudonyms, and manifest ``input`` fields are keyed hashes of
+            the paths; the path crosswalk is kept in ``DST/private/`` with
+            owner-only permissions. Without it, case ids are unkeyed hashes and
+            inputs are plain relative paths.
 
     Raises:
         PreprocessInputError: ``src`` is missing, empty, or holds no DICOM.
@@ -214,7 +222,7 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
             _mark(rows, [h.rel for h in study.segs], REFUSED, Reason.IMAGE_REFUSED,
                   "no usable image series in this study")
 
-    tasks = [(study, spec, dst, class_values, geo_kwargs) for study in work]
+    tasks = [(study, spec, dst, class_values, geo_kwargs, pseudonymizer) for study in work]
     n_workers = default_workers() if workers is None else max(1, workers)
     with tqdm(total=len(work), desc=f"{site}: convert", unit="case", disable=not progress) as bar:
         if n_workers <= 1 or len(tasks) <= 1:
@@ -254,6 +262,18 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         "validation": [_dl_item(c) for c in cases if c.split == "validation"],
     }
     write_json(dst / "datalist.json", datalist)
+    if pseudonymizer is not None:
+        # Paths of a PACS export spell out names and accession numbers: the manifest gets keyed
+        # hashes; the crosswalk back to the paths stays in an owner-only folder at the site.
+        private = dst / "private"
+        private.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(private, 0o700)
+        crosswalk = private / "input_crosswalk.jsonl"
+        write_jsonl(crosswalk, ({"input_hash": pseudonymizer.path_hash(r.input), "input": r.input}
+                                for r in ordered_rows))
+        os.chmod(crosswalk, 0o600)
+        for r in ordered_rows:
+            r.input = pseudonymizer.path_hash(r.input)
     write_jsonl(dst / "manifest.jsonl", (r.to_json() for r in ordered_rows))
     cfgmod.save(spec, dst / "spec.yaml")
     result = PreprocessResult(
@@ -265,7 +285,11 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         datalist=str(dst / "datalist.json"),
         manifest=str(dst / "manifest.jsonl"),
     )
-    write_json(dst / "summary.json", {**asdict(result), "cases": [asdict(c) for c in cases]})
+    deid = ({"case_ids": "HMAC-SHA256 pseudonyms (site secret)", "manifest_inputs": "HMAC-SHA256 path hashes",
+             "crosswalk": "private/input_crosswalk.jsonl (owner-only, stays at the site)"}
+            if pseudonymizer is not None else
+            {"case_ids": "unkeyed hashes (no site secret given)", "manifest_inputs": "relative paths"})
+    write_json(dst / "summary.json", {**asdict(result), "cases": [asdict(c) for c in cases], "pseudonyms": deid})
     logger.debug("site %s: %d cases, %s", site, len(cases), dict(result.counts))
     return result
 
@@ -278,7 +302,8 @@ def _dl_item(c: CaseRecord) -> dict[str, Any]:
 
 
 def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[str, ManifestRow],
-                   class_values: list[int], geo_kwargs: dict[str, Any]) -> CaseRecord | None:
+                   class_values: list[int], geo_kwargs: dict[str, Any],
+                   pseudonymizer: Any | None = None) -> CaseRecord | None:
     if len(study.images) > 1:
         for g, *_ in study.images:
             _mark(rows, g.rels, REFUSED, Reason.AMBIGUOUS_IMAGE_SERIES,
@@ -292,7 +317,8 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
         return None
     group, geo, *irregular = study.images[0]
     irregular_reason: Reason | None = irregular[0] if irregular else None
-    case_id = case_id_for(study.uid, group.series_uid)
+    case_id = (pseudonymizer.case(study.uid, group.series_uid) if pseudonymizer is not None
+               else case_id_for(study.uid, group.series_uid))
     image_fref = group.first.frame_of_reference_uid
 
     # Choose the label: DICOM masks on the image's frame of reference, then NIfTI files.

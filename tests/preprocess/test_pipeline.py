@@ -227,3 +227,37 @@ def test_slice_gap_is_refused_or_resampled_as_the_spec_says(small_synth, ct_spec
     case = next(c for c in fixed.cases if c.case_id == img_rows[0]["case_id"])
     lbl = np.asarray(nib.load(tmp_path / "fix" / case.label).dataobj)
     assert set(np.unique(lbl).tolist()) <= {0, 1, 2} and (lbl == 1).sum() > 0
+
+
+def test_keyed_pseudonyms_replace_identifiers_in_names_and_manifest(small_synth, ct_spec, tmp_path):
+    import os
+    import stat
+
+    from fedimg.dicom.deid import Pseudonymizer, SiteSecret
+
+    src = small_synth.out_dir / "site-1"
+    s1 = SiteSecret.generate(tmp_path / "a.secret")
+    s2 = SiteSecret.generate(tmp_path / "b.secret")
+    r1 = preprocess(src, tmp_path / "one", ct_spec, site="site-1", progress=False, pseudonymizer=Pseudonymizer(s1))
+    r1b = preprocess(src, tmp_path / "one_again", ct_spec, site="site-1", progress=False,
+                     pseudonymizer=Pseudonymizer(SiteSecret.load(tmp_path / "a.secret")))
+    r2 = preprocess(src, tmp_path / "two", ct_spec, site="site-1", progress=False, pseudonymizer=Pseudonymizer(s2))
+    ids1, ids1b, ids2 = ([c.case_id for c in r.cases] for r in (r1, r1b, r2))
+    assert ids1 == ids1b  # same secret, same pseudonyms
+    assert not set(ids1) & set(ids2)  # another secret, none equal
+    truth = json.loads(small_synth.ground_truth_path.read_text())
+    identifiers = set()
+    for case in truth["sites"]["site-1"]["cases"]:
+        for v in case["identifiers"].values():
+            if isinstance(v, str) and len(v) >= 4:
+                identifiers.add(v)
+    text = "".join(p.read_text(errors="ignore") for p in (tmp_path / "one").glob("*.json*"))
+    names = " ".join(p.name for p in (tmp_path / "one").rglob("*"))
+    leaks = [v for v in identifiers if v in text or v in names]
+    assert not leaks, leaks
+    rows = _manifest(tmp_path / "one")
+    assert all(len(r["input"]) == 16 and "/" not in r["input"] for r in rows)
+    crosswalk = tmp_path / "one" / "private" / "input_crosswalk.jsonl"
+    assert stat.S_IMODE(os.stat(crosswalk).st_mode) == 0o600
+    paths = {json.loads(x)["input"] for x in crosswalk.read_text().splitlines()}
+    assert paths == {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
