@@ -51,8 +51,11 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         from fedimg.dicom.deid import Pseudonymizer, SiteSecret
 
         pseudonymizer = Pseudonymizer(SiteSecret.load(args.secret_file))
+    if pseudonymizer is None and (args.write_dicom or args.crosswalk):
+        raise ValueError("--write-dicom and --crosswalk need a site secret: pass --secret-file PATH "
+                         "or set FEDIMG_SECRET_FILE")
     result = preprocess(args.src, args.dst, spec, site=args.site, progress=not args.quiet, workers=args.workers,
-                        pseudonymizer=pseudonymizer)
+                        pseudonymizer=pseudonymizer, crosswalk=args.crosswalk, write_dicom=args.write_dicom)
     print(result.table())
     if pseudonymizer is None:
         print("fedimg preprocess: warning: no site secret (--secret-file or FEDIMG_SECRET_FILE): case ids are "
@@ -138,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="parallel studies (default: CPU count)")
     s.add_argument("--secret-file", default=None,
                    help="site secret (owner-only file) for keyed pseudonyms; default: $FEDIMG_SECRET_FILE")
+    s.add_argument("--crosswalk", default=None,
+                   help="keep the input-path crosswalk here (owner-only; keep it outside DST, at the site)")
+    s.add_argument("--write-dicom", default=None, metavar="DIR",
+                   help="also write de-identified DICOM copies (PS3.15 Basic Profile, keyed) into DIR")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_preprocess)
 

@@ -42,6 +42,8 @@ class Reason(str, Enum):
     LABEL_VALUES_UNEXPECTED = "LABEL_VALUES_UNEXPECTED"
     IMAGE_REFUSED = "IMAGE_REFUSED"
     NOT_A_LABEL = "NOT_A_LABEL"
+    # de-identification
+    BURNED_IN_ANNOTATION = "BURNED_IN_ANNOTATION"
 
     def __str__(self) -> str:
         return self.value

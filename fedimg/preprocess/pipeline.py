@@ -138,7 +138,8 @@ def _study_task(args: tuple) -> tuple[dict[str, ManifestRow], CaseRecord | None]
 
 def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str,
                progress: bool = True, workers: int | None = 1,
-               pseudonymizer: Any | None = None) -> PreprocessResult:
+               pseudonymizer: Any | None = None, crosswalk: str | Path | None = None,
+               write_dicom: str | Path | None = None) -> PreprocessResult:
     """Convert and normalize every case under ``src`` into ``dst``.
 
     Args:
@@ -155,6 +156,12 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
             the paths; the path crosswalk is kept in ``DST/private/`` with
             owner-only permissions. Without it, case ids are unkeyed hashes and
             inputs are plain relative paths.
+        crosswalk: with a pseudonymizer, where to keep the hash-to-path
+            crosswalk (owner-only, a site-private location outside ``dst``);
+            None keeps none.
+        write_dicom: with a pseudonymizer, a folder for de-identified DICOM
+            copies of every converted series (PS3.15 Basic Profile, keyed).
+            Objects that may carry burned-in text are refused.
 
     Raises:
         PreprocessInputError: ``src`` is missing, empty, or holds no DICOM.
@@ -262,16 +269,16 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         "validation": [_dl_item(c) for c in cases if c.split == "validation"],
     }
     write_json(dst / "datalist.json", datalist)
+    if pseudonymizer is not None and write_dicom is not None:
+        _write_deidentified(ordered_rows, scanned.index.root, Path(write_dicom), pseudonymizer)
     if pseudonymizer is not None:
         # Paths of a PACS export spell out names and accession numbers: the manifest gets keyed
-        # hashes; the crosswalk back to the paths stays in an owner-only folder at the site.
-        private = dst / "private"
-        private.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(private, 0o700)
-        crosswalk = private / "input_crosswalk.jsonl"
-        write_jsonl(crosswalk, ({"input_hash": pseudonymizer.path_hash(r.input), "input": r.input}
-                                for r in ordered_rows))
-        os.chmod(crosswalk, 0o600)
+        # hashes; a crosswalk back to the paths is kept only where the site asks, owner-only.
+        if crosswalk is not None:
+            cw = Path(crosswalk)
+            write_jsonl(cw, ({"input_hash": pseudonymizer.path_hash(r.input), "input": r.input}
+                             for r in ordered_rows))
+            os.chmod(cw, 0o600)
         for r in ordered_rows:
             r.input = pseudonymizer.path_hash(r.input)
     write_jsonl(dst / "manifest.jsonl", (r.to_json() for r in ordered_rows))
@@ -286,12 +293,50 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         manifest=str(dst / "manifest.jsonl"),
     )
     deid = ({"case_ids": "HMAC-SHA256 pseudonyms (site secret)", "manifest_inputs": "HMAC-SHA256 path hashes",
-             "crosswalk": "private/input_crosswalk.jsonl (owner-only, stays at the site)"}
+             "crosswalk": "kept at the site (owner-only)" if crosswalk is not None else "not kept"}
             if pseudonymizer is not None else
             {"case_ids": "unkeyed hashes (no site secret given)", "manifest_inputs": "relative paths"})
     write_json(dst / "summary.json", {**asdict(result), "cases": [asdict(c) for c in cases], "pseudonyms": deid})
     logger.debug("site %s: %d cases, %s", site, len(cases), dict(result.counts))
     return result
+
+
+def _write_deidentified(ordered: list[ManifestRow], root: Path, out: Path, pseudonymizer: Any) -> None:
+    """Write de-identified DICOM copies of every converted file (``--write-dicom``).
+
+    Files land in ``out/<case_id>/<role>/<new SOP Instance UID>.dcm``: no name
+    carries an identifier. An object that may carry burned-in text is refused
+    (its case is withdrawn from the copies, never passed on).
+    """
+    import pydicom
+
+    from fedimg.dicom.deid import burned_in_risk, deidentify
+
+    by_case: dict[str, list[ManifestRow]] = defaultdict(list)
+    for r in ordered:
+        if r.status == CONVERTED and r.case_id:
+            by_case[r.case_id].append(r)
+    for case_id, case_rows in sorted(by_case.items()):
+        datasets = []
+        risk = None
+        for r in case_rows:
+            try:
+                ds = pydicom.dcmread(root / r.input)
+            except Exception:  # noqa: BLE001 - e.g. a NIfTI label row: nothing to copy
+                continue
+            risk = risk or burned_in_risk(ds)
+            datasets.append((r, ds))
+        if risk:
+            for r, _ in datasets:
+                r.detail = f"{Reason.BURNED_IN_ANNOTATION.value}: not copied to --write-dicom ({risk})"
+            continue
+        for r, ds in datasets:
+            clean = deidentify(ds, pseudonymizer)
+            target = out / case_id / (r.role or "image") / f"{clean.SOPInstanceUID}.dcm"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            clean.save_as(tmp, enforce_file_format=True)
+            os.replace(tmp, target)
 
 
 def _dl_item(c: CaseRecord) -> dict[str, Any]:

@@ -1,0 +1,55 @@
+"""preprocess --write-dicom: de-identified DICOM copies with keyed UIDs; burned-in risks withheld."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pydicom
+import pytest
+
+from fedimg.dicom.deid import Pseudonymizer, SiteSecret
+from fedimg.preprocess.pipeline import preprocess
+
+
+@pytest.mark.slow
+def test_copies_are_deidentified_and_references_resolve(small_synth, ct_spec, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(small_synth.out_dir / "site-2", src)  # CT + Secondary Capture mask series
+    # One study's mask loses (0028,0301): a Secondary Capture that may carry burned-in text.
+    masks = sorted(d for d in src.rglob("*Mask*") if d.is_dir())
+    for f in masks[0].iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.BurnedInAnnotation
+        ds.save_as(f)
+    p = Pseudonymizer(SiteSecret.generate(tmp_path / "site.secret"))
+    res = preprocess(src, tmp_path / "out", ct_spec, site="site-2", progress=False, pseudonymizer=p,
+                     write_dicom=tmp_path / "dicom")
+    truth = json.loads(small_synth.ground_truth_path.read_text())
+    # Times of day are kept by the engine (dates carry the per-patient shift); everything else must go.
+    identifiers = {v for c in truth["sites"]["site-2"]["cases"] for k, v in c["identifiers"].items()
+                   if isinstance(v, str) and len(v) >= 5 and "time" not in k}
+    written = sorted((tmp_path / "dicom").rglob("*.dcm"))
+    assert written
+    sop_uids, refs = set(), set()
+    words = {v for v in identifiers if not v.isdigit()}
+    numbers = identifiers - words  # short digit strings also occur inside 2.25 UIDs by chance
+    for f in written:
+        blob = f.read_bytes()
+        assert not [v for v in words if v.encode() in blob], f
+        ds = pydicom.dcmread(f)
+        texts = []
+        ds.walk(lambda _d, e: texts.append(str(e.value)) if e.VR not in ("UI", "OB", "OW", "SQ") else None)
+        assert not [v for v in numbers if any(v in t for t in texts)], f
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.SOPInstanceUID.startswith("2.25.") and ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert "2024b" in " ".join(ds.DeidentificationMethod)
+        sop_uids.add(ds.SOPInstanceUID)
+        for item in ds.get("SourceImageSequence", []):
+            refs.add(item.ReferencedSOPInstanceUID)
+    assert refs and refs <= sop_uids  # mask slices still point at their (de-identified) CT slices
+    # The study whose mask may carry burned-in text is not copied, and the manifest says why.
+    rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    withheld = [r for r in rows if "BURNED_IN_ANNOTATION" in r.get("detail", "")]
+    assert withheld and {r["case_id"] for r in withheld}.isdisjoint({f.parts[-3] for f in written})
+    assert len({f.parts[-3] for f in written}) == len(res.cases) - 1
