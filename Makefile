@@ -27,6 +27,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) benchmarks/bench_dicom.py --out bench_out/dicom.json
 	$(PY) benchmarks/bench_preprocess.py --out bench_out/preprocess.json
 
 clean:
