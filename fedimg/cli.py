@@ -44,22 +44,30 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from fedimg import config as cfg
     from fedimg.preprocess.pipeline import preprocess
+    from fedimg.preprocess.scan import check_source
 
     spec = cfg.load(cfg.PreprocessSpec, args.spec, args.set)
+    check_source(Path(args.src))  # a missing or empty source is reported before anything else
     pseudonymizer = None
-    if args.secret_file or os.environ.get("FEDIMG_SECRET_FILE"):
-        from fedimg.dicom.deid import Pseudonymizer, SiteSecret
+    if not args.no_deid:
+        from fedimg.dicom.deid import DeidError, Pseudonymizer, SiteSecret
 
+        if not (args.secret_file or os.environ.get("FEDIMG_SECRET_FILE")):
+            raise DeidError(
+                "de-identification needs this site's secret: expected --secret-file PATH or the environment "
+                "variable FEDIMG_SECRET_FILE naming an owner-only file, found neither; create one with "
+                "`umask 077; head -c 32 /dev/urandom | base64 > site.secret` and keep it at the site "
+                "(--no-deid only for data that is already de-identified)")
         pseudonymizer = Pseudonymizer(SiteSecret.load(args.secret_file))
     if pseudonymizer is None and (args.write_dicom or args.crosswalk):
-        raise ValueError("--write-dicom and --crosswalk need a site secret: pass --secret-file PATH "
-                         "or set FEDIMG_SECRET_FILE")
+        raise ValueError("--write-dicom and --crosswalk need de-identification: drop --no-deid and pass "
+                         "--secret-file PATH")
     result = preprocess(args.src, args.dst, spec, site=args.site, progress=not args.quiet, workers=args.workers,
                         pseudonymizer=pseudonymizer, crosswalk=args.crosswalk, write_dicom=args.write_dicom)
     print(result.table())
     if pseudonymizer is None:
-        print("fedimg preprocess: warning: no site secret (--secret-file or FEDIMG_SECRET_FILE): case ids are "
-              "unkeyed hashes and the manifest lists raw input paths", file=sys.stderr)
+        print("fedimg preprocess: warning: --no-deid: case ids are unkeyed hashes and the manifest lists raw "
+              "input paths; use only for data that is already de-identified", file=sys.stderr)
     return 0
 
 
@@ -141,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="parallel studies (default: CPU count)")
     s.add_argument("--secret-file", default=None,
                    help="site secret (owner-only file) for keyed pseudonyms; default: $FEDIMG_SECRET_FILE")
+    s.add_argument("--no-deid", action="store_true",
+                   help="skip keyed pseudonyms (only for data that is already de-identified)")
     s.add_argument("--crosswalk", default=None,
                    help="keep the input-path crosswalk here (owner-only; keep it outside DST, at the site)")
     s.add_argument("--write-dicom", default=None, metavar="DIR",

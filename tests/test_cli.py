@@ -28,7 +28,7 @@ def test_preprocess_folder_without_dicom(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "notes.txt").write_text("hello")
     rc = main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--spec", str(CT_SPEC),
-               "--site", "s", "--quiet"])
+               "--site", "s", "--quiet", "--no-deid"])
     assert rc == 2
     (line,) = _err_lines(capsys)
     assert "no DICOM files" in line and "found 1 file" in line
@@ -72,10 +72,26 @@ def test_train_local_missing_datalist(tmp_path, capsys):
     assert "run `fedimg preprocess`" in _err_lines(capsys)[0]
 
 
+def test_preprocess_without_secret_is_refused_with_how_to(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FEDIMG_SECRET_FILE", raising=False)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.dcm").write_bytes(b"x")
+    rc = main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--spec", str(CT_SPEC),
+               "--site", "s", "--quiet"])
+    assert rc == 2
+    line = _err_lines(capsys)[0]
+    assert "--secret-file" in line and "FEDIMG_SECRET_FILE" in line and "umask 077" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_synth_then_preprocess_via_cli(tmp_path, capsys):
+    from fedimg.dicom.deid import SiteSecret
+
+    SiteSecret.generate(tmp_path / "site.secret")
     assert main(["synth", str(tmp_path / "raw"), "--sites", "1", "--cases", "2", "--seed", "3", "--quiet"]) == 0
     assert main(["preprocess", str(tmp_path / "raw" / "site-1"), str(tmp_path / "pre"), "--spec", str(CT_SPEC),
-                 "--site", "site-1", "--quiet", "--set", "target_spacing=[6, 6, 6]"]) == 0
+                 "--site", "site-1", "--quiet", "--set", "target_spacing=[6, 6, 6]",
+                 "--secret-file", str(tmp_path / "site.secret")]) == 0
     out = capsys.readouterr().out
     assert "0 refused" in out and "cases: 2" in out
     assert len(json.loads((tmp_path / "pre" / "datalist.json").read_text())["training"]) == 1

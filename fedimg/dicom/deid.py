@@ -52,8 +52,9 @@ fedimg's keyed layer on top of the table
   Z/D).
 * Modified Dates option: every DA and DT value (listed in the table or not)
   is shifted by the per-patient offset :meth:`Pseudonymizer.date_offset_days`
-  (time of day, fractions and UTC offsets kept); TM values of listed
-  attributes are kept, except (0010,0032) Patient's Birth Time (X).
+  and every TM value by the per-patient offset
+  :meth:`Pseudonymizer.time_offset_seconds` (modulo a day; DT values shift
+  date and time together), except (0010,0032) Patient's Birth Time (X).
   (0010,0030) Patient's Birth Date stays emptied (Z) on purpose: age is a
   patient characteristic (0010,1010) and only kept as a named covariate.
 * Clean Descriptors: a descriptor in :data:`DESCRIPTORS` is kept only if
@@ -406,8 +407,40 @@ class Pseudonymizer:
             ) from None
         return shifted.strftime("%Y%m%d")[: len(text)]
 
+    def time_offset_seconds(self, patient_id: str) -> int:
+        """Per-patient time-of-day shift in seconds, in [0, 86399] (keyed, like the date offset).
+
+        Args:
+            patient_id: the original (0010,0020) Patient ID.
+        """
+        n = int.from_bytes(self._digest("time-offset", str(patient_id).strip())[:8], "big")
+        return n % 86400
+
+    def shift_time(self, value: str, patient_id: str) -> str:
+        """Shift a TM value (``HH[MM[SS[.F]]]``) by the per-patient seconds offset, modulo a day.
+
+        Precision is kept (``HH`` stays two digits, fractions are kept). Times of one
+        patient keep their differences within a day; a pair of separate DA and TM
+        values may roll over midnight (a DT value shifts consistently).
+
+        Raises:
+            DeidError: ``value`` is not a DICOM TM value (not echoed).
+        """
+        text = str(value).strip()
+        head, _, frac = text.partition(".")
+        if len(head) not in (2, 4, 6) or not head.isdigit():
+            raise DeidError("not a DICOM TM value (expected HHMMSS); the value was not shifted")
+        hh, mm, ss = int(head[0:2]), int(head[2:4] or 0), int(head[4:6] or 0)
+        if hh > 23 or mm > 59 or ss > 60:
+            raise DeidError("not a valid time of day in a TM value; the value was not shifted")
+        total = (hh * 3600 + mm * 60 + min(ss, 59) + self.time_offset_seconds(patient_id)) % 86400
+        out = f"{total // 3600:02d}{total % 3600 // 60:02d}{total % 60:02d}"[: len(head)]
+        return out + ("." + frac if frac else "")
+
     def shift_datetime(self, value: str, patient_id: str) -> str:
-        """Shift the date part of a DT value; time of day, fraction and offset are kept.
+        """Shift a DT value: the date by the day offset and, when present, the time by the seconds offset.
+
+        Date and time shift together (with carry), so intervals between DT values are kept.
 
         Args:
             value: the DT value ``YYYY[MM[DD[HH[MM[SS[.F]]]]]][&ZZXX]``.
@@ -427,7 +460,20 @@ class Pseudonymizer:
             raise DeidError(
                 "not a DICOM DT value (expected YYYYMMDD...); the value was not shifted"
             )
-        return self.shift_date(text[:digits], patient_id) + text[digits:]
+        rest = text[digits:]
+        clock = ""
+        while len(clock) < len(rest) and len(clock) < 6 and rest[len(clock)].isdigit():
+            clock += rest[len(clock)]
+        if digits < 8 or len(clock) not in (2, 4, 6):
+            return self.shift_date(text[:digits], patient_id) + rest
+        try:
+            when = _dt.datetime(int(text[:4]), int(text[4:6]), int(text[6:8]), int(clock[0:2]),
+                                int(clock[2:4] or 0), min(int(clock[4:6] or 0), 59))
+            when += _dt.timedelta(days=self.date_offset_days(patient_id),
+                                  seconds=self.time_offset_seconds(patient_id))
+        except (ValueError, OverflowError):
+            raise DeidError("not a valid DICOM DT value; the value was not shifted") from None
+        return when.strftime("%Y%m%d%H%M%S")[: 8 + len(clock)] + rest[len(clock):]
 
     def path_hash(self, rel_path: str) -> str:
         """A 16-hex name for a relative path (folders and files leave no identifier).
@@ -632,8 +678,12 @@ def _apply(elem: DataElement, action: str | None, ctx: _Ctx) -> DataElement | No
         if action is None:
             return None  # an unparsable date outside the table cannot be shifted: removed
         # an unparsable listed date falls through to its basic action
-    if elem.VR == "TM" and action is not None and t != _BIRTH_TIME:
-        return elem  # times kept under the Modified Dates option
+    if elem.VR == "TM" and t != _BIRTH_TIME and _values(elem):
+        try:  # Modified Dates option: times shift with a per-patient offset too
+            return _set_values(elem, [ctx.p.shift_time(v, ctx.patient_id) for v in _values(elem)])
+        except DeidError:
+            if action is None:
+                return None
     if action is None:
         if elem.VR == "SQ":
             for item in elem.value:

@@ -127,4 +127,5 @@ ADVICE: dict[str, str] = {
     "LABEL_VALUES_UNEXPECTED": "label values outside the spec's classes; fix labels.values",
     "IMAGE_REFUSED": "its image was refused; see the image's row",
     "NOT_A_LABEL": "unreadable label file",
+    "BURNED_IN_ANNOTATION": "may carry burned-in text; review the pixels, then re-export with (0028,0301) NO",
 }

@@ -301,6 +301,23 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
     return result
 
 
+def _burned_in(group: SeriesGroup) -> str | None:
+    """PHI-free reason if the series' objects may carry burned-in text (checked on each file's header)."""
+    import pydicom
+
+    from fedimg.dicom.deid import burned_in_risk
+
+    for h in group.headers:
+        try:
+            ds = pydicom.dcmread(h.path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - unreadable files were refused at indexing
+            continue
+        risk = burned_in_risk(ds)
+        if risk:
+            return risk
+    return None
+
+
 def _write_deidentified(ordered: list[ManifestRow], root: Path, out: Path, pseudonymizer: Any) -> None:
     """Write de-identified DICOM copies of every converted file (``--write-dicom``).
 
@@ -414,6 +431,19 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             rows[rel] = ManifestRow(rel, REFUSED, Reason.LABEL_UNMATCHED.value, "a second label for the same image")
             continue
         label_source = ("nifti", (path, rel))
+
+    if pseudonymizer is not None:
+        # Pixels may carry burned-in names: such objects are refused, never converted.
+        risky = _burned_in(group)
+        if risky is None and label_source is not None and label_source[0].startswith("dicom"):
+            risky = _burned_in(label_source[1][0])
+        if risky is not None:
+            _mark(rows, group.rels, REFUSED, Reason.BURNED_IN_ANNOTATION, risky, case_id=case_id)
+            if label_source is not None:
+                kind, obj = label_source
+                _mark(rows, obj[0].rels if kind.startswith("dicom") else [obj[1]], REFUSED,
+                      Reason.BURNED_IN_ANNOTATION, risky, case_id=case_id)
+            return None
 
     def refuse_all(reason: Reason, detail: str) -> None:
         _mark(rows, group.rels, REFUSED, reason, detail, case_id=case_id)

@@ -26,9 +26,8 @@ def test_copies_are_deidentified_and_references_resolve(small_synth, ct_spec, tm
     res = preprocess(src, tmp_path / "out", ct_spec, site="site-2", progress=False, pseudonymizer=p,
                      write_dicom=tmp_path / "dicom")
     truth = json.loads(small_synth.ground_truth_path.read_text())
-    # Times of day are kept by the engine (dates carry the per-patient shift); everything else must go.
-    identifiers = {v for c in truth["sites"]["site-2"]["cases"] for k, v in c["identifiers"].items()
-                   if isinstance(v, str) and len(v) >= 5 and "time" not in k}
+    identifiers = {v for c in truth["sites"]["site-2"]["cases"] for v in c["identifiers"].values()
+                   if isinstance(v, str) and len(v) >= 5}
     written = sorted((tmp_path / "dicom").rglob("*.dcm"))
     assert written
     sop_uids, refs = set(), set()
@@ -48,8 +47,10 @@ def test_copies_are_deidentified_and_references_resolve(small_synth, ct_spec, tm
         for item in ds.get("SourceImageSequence", []):
             refs.add(item.ReferencedSOPInstanceUID)
     assert refs and refs <= sop_uids  # mask slices still point at their (de-identified) CT slices
-    # The study whose mask may carry burned-in text is not copied, and the manifest says why.
+    # The study whose mask may carry burned-in text is refused (not converted, not copied), with the reason.
     rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
-    withheld = [r for r in rows if "BURNED_IN_ANNOTATION" in r.get("detail", "")]
-    assert withheld and {r["case_id"] for r in withheld}.isdisjoint({f.parts[-3] for f in written})
-    assert len({f.parts[-3] for f in written}) == len(res.cases) - 1
+    withheld = [r for r in rows if r["reason"] == "BURNED_IN_ANNOTATION"]
+    assert withheld and all(r["status"] == "refused" for r in withheld)
+    assert {r["case_id"] for r in withheld}.isdisjoint({f.parts[-3] for f in written})
+    assert {f.parts[-3] for f in written} == {c.case_id for c in res.cases}
+    assert len(res.cases) == len(small_synth.sites["site-2"]) - 1
