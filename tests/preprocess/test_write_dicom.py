@@ -54,3 +54,31 @@ def test_copies_are_deidentified_and_references_resolve(small_synth, ct_spec, tm
     assert {r["case_id"] for r in withheld}.isdisjoint({f.parts[-3] for f in written})
     assert {f.parts[-3] for f in written} == {c.case_id for c in res.cases}
     assert len(res.cases) == len(small_synth.sites["site-2"]) - 1
+
+
+@pytest.mark.slow
+def test_conformance_counts_over_written_copies(small_synth, ct_spec, tmp_path, capsys):
+    """The pinned Table E.1-1 checks of tests/dicom/test_deid.py, over the files --write-dicom wrote."""
+    from tests.dicom.test_deid import Tally, _check
+
+    p = Pseudonymizer(SiteSecret.generate(tmp_path / "site.secret"))
+    originals = {}
+    for site in ("site-1", "site-2"):
+        src = small_synth.out_dir / site
+        preprocess(src, tmp_path / site, ct_spec, site=site, progress=False, pseudonymizer=p,
+                   write_dicom=tmp_path / "dicom")
+        for f in src.rglob("IM*"):
+            ds = pydicom.dcmread(f)
+            originals[p.uid(ds.SOPInstanceUID)] = ds
+    tally = Tally()
+    written = sorted((tmp_path / "dicom").rglob("*.dcm"))
+    assert len(written) > 100
+    for f in written:
+        new = pydicom.dcmread(f)
+        orig = originals[new.SOPInstanceUID]
+        _check(orig, new, p, str(orig.PatientID), tally, frozenset(), {}, f.name)
+    with capsys.disabled():
+        print("\n" + tally.table())
+    assert not tally.failures, tally.failures[:10]
+    assert tally.seen["X"] > 0 and tally.seen["U"] > 0 and tally.seen["C date shifted"] > 0
+    assert all(tally.ok[row] == n for row, n in tally.seen.items())  # every check at 100%
