@@ -338,6 +338,25 @@ class GeometrySpec:
 
 
 @dataclass(frozen=True)
+class DeidSpec:
+    """What de-identification keeps (everything else follows PS3.15 Table E.1-1).
+
+    Attributes:
+        covariates: patient characteristics to keep (Retain Patient Characteristics
+            Option), by DICOM keyword, e.g. ``[PatientAge, PatientSex]``.
+        keep_descriptors: descriptor keyword -> values that may be kept as they
+            are (Clean Descriptors Option through an allow-list), e.g.
+            ``{SeriesDescription: [Abdomen 3.0 B30f]}``.
+        private_allowlist: ``[creator, element]`` pairs of private tags to keep
+            (element is the offset within the block, e.g. ``0x10``).
+    """
+
+    covariates: list[str] = field(default_factory=list)
+    keep_descriptors: dict[str, list[str]] = field(default_factory=dict)
+    private_allowlist: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class PreprocessSpec:
     """The shared preprocessing spec every site applies (``configs/preprocessing``)."""
 
@@ -350,6 +369,7 @@ class PreprocessSpec:
     labels: LabelSpec = field(default_factory=LabelSpec)
     split: SplitSpec = field(default_factory=SplitSpec)
     geometry: GeometrySpec = field(default_factory=GeometrySpec)
+    deid: DeidSpec = field(default_factory=DeidSpec)
 
     def __post_init__(self) -> None:
         _check(all(s > 0 for s in self.target_spacing),
@@ -546,6 +566,7 @@ def load_site_config(path: str | Path, overrides: list[str] | None = None) -> Si
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "DeidSpec",
     "ExperimentConfig",
     "FedConfig",
     "GeometrySpec",

@@ -270,7 +270,7 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
     }
     write_json(dst / "datalist.json", datalist)
     if pseudonymizer is not None and write_dicom is not None:
-        _write_deidentified(ordered_rows, scanned.index.root, Path(write_dicom), pseudonymizer)
+        _write_deidentified(ordered_rows, scanned.index.root, Path(write_dicom), pseudonymizer, spec)
     if pseudonymizer is not None:
         # Paths of a PACS export spell out names and accession numbers: the manifest gets keyed
         # hashes; a crosswalk back to the paths is kept only where the site asks, owner-only.
@@ -292,7 +292,12 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         datalist=str(dst / "datalist.json"),
         manifest=str(dst / "manifest.jsonl"),
     )
-    deid = ({"case_ids": "HMAC-SHA256 pseudonyms (site secret)", "manifest_inputs": "HMAC-SHA256 path hashes",
+    from fedimg.dicom.deid import ENGINE, TABLE_EDITION
+
+    deid = ({"profile": f"{TABLE_EDITION} Basic Profile, Retain Longitudinal Temporal Information "
+                        "with Modified Dates, Clean Descriptors (allow-list)",
+             "engine": ENGINE, "covariates": list(spec.deid.covariates),
+             "case_ids": "HMAC-SHA256 pseudonyms (site secret)", "manifest_inputs": "HMAC-SHA256 path hashes",
              "crosswalk": "kept at the site (owner-only)" if crosswalk is not None else "not kept"}
             if pseudonymizer is not None else
             {"case_ids": "unkeyed hashes (no site secret given)", "manifest_inputs": "relative paths"})
@@ -318,7 +323,8 @@ def _burned_in(group: SeriesGroup) -> str | None:
     return None
 
 
-def _write_deidentified(ordered: list[ManifestRow], root: Path, out: Path, pseudonymizer: Any) -> None:
+def _write_deidentified(ordered: list[ManifestRow], root: Path, out: Path, pseudonymizer: Any,
+                        spec: PreprocessSpec) -> None:
     """Write de-identified DICOM copies of every converted file (``--write-dicom``).
 
     Files land in ``out/<case_id>/<role>/<new SOP Instance UID>.dcm``: no name
@@ -348,7 +354,9 @@ def _write_deidentified(ordered: list[ManifestRow], root: Path, out: Path, pseud
                 r.detail = f"{Reason.BURNED_IN_ANNOTATION.value}: not copied to --write-dicom ({risk})"
             continue
         for r, ds in datasets:
-            clean = deidentify(ds, pseudonymizer)
+            clean = deidentify(ds, pseudonymizer, covariates=spec.deid.covariates,
+                               descriptor_allowlist=spec.deid.keep_descriptors,
+                               private_allowlist=[tuple(x) for x in spec.deid.private_allowlist])
             target = out / case_id / (r.role or "image") / f"{clean.SOPInstanceUID}.dcm"
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp")

@@ -82,3 +82,24 @@ def test_conformance_counts_over_written_copies(small_synth, ct_spec, tmp_path, 
     assert not tally.failures, tally.failures[:10]
     assert tally.seen["X"] > 0 and tally.seen["U"] > 0 and tally.seen["C date shifted"] > 0
     assert all(tally.ok[row] == n for row, n in tally.seen.items())  # every check at 100%
+
+
+def test_spec_covariates_and_descriptor_allowlist_are_kept(small_synth, ct_spec, tmp_path):
+    import dataclasses
+
+    from fedimg.config import DeidSpec
+
+    src = small_synth.out_dir / "site-1"
+    first = pydicom.dcmread(next(src.rglob("IM*")))
+    spec = dataclasses.replace(ct_spec, deid=DeidSpec(covariates=["PatientAge", "PatientSex"],
+                                                      keep_descriptors={"SeriesDescription": [first.SeriesDescription]}))
+    p = Pseudonymizer(SiteSecret.generate(tmp_path / "site.secret"))
+    preprocess(src, tmp_path / "out", spec, site="site-1", progress=False, pseudonymizer=p,
+               write_dicom=tmp_path / "dicom")
+    copy = pydicom.dcmread(next((tmp_path / "dicom").rglob("*.dcm")))
+    assert copy.PatientAge and copy.PatientSex in ("M", "F", "O")
+    assert copy.SeriesDescription == first.SeriesDescription
+    assert "PatientWeight" not in copy and "InstitutionName" not in copy
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "2024b" in summary["pseudonyms"]["profile"] and summary["pseudonyms"]["covariates"] == ["PatientAge",
+                                                                                                  "PatientSex"]
