@@ -250,9 +250,12 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
                         cases.append(rec)
                     bar.update(1)
 
-    split = _split([c.case_id for c in cases], spec.split.val_fraction, spec.split.seed)
-    for c in cases:
-        c.split = split[c.case_id]
+    # The split orders cases by the data (unkeyed, never written), not by the pseudonyms: the same
+    # export gets the same split whatever the site secret, and pseudonyms stay unlinkable.
+    keys = {getattr(c, "_split_key", c.case_id): c for c in cases}
+    split = _split(list(keys), spec.split.val_fraction, spec.split.seed)
+    for key, c in keys.items():
+        c.split = split[key]
     cases.sort(key=lambda c: c.case_id)
 
     # Every file must be accounted for exactly once.
@@ -510,6 +513,8 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
         rels = obj[0].rels if kind.startswith("dicom") else [obj[1]]
         _mark(rows, rels, CONVERTED, "", "", output=label_rel, case_id=case_id, role="label", correction=correction)
     spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-    return CaseRecord(case_id=case_id, image=image_rel, label=label_rel,
-                      shape=tuple(int(s) for s in image_arr.shape),  # type: ignore[arg-type]
-                      spacing=spacing, label_counts=counts)  # type: ignore[arg-type]
+    rec = CaseRecord(case_id=case_id, image=image_rel, label=label_rel,
+                     shape=tuple(int(s) for s in image_arr.shape),  # type: ignore[arg-type]
+                     spacing=spacing, label_counts=counts)  # type: ignore[arg-type]
+    rec._split_key = case_id_for(study.uid, group.series_uid)  # type: ignore[attr-defined]  # not serialized
+    return rec

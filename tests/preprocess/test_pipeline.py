@@ -271,3 +271,20 @@ def test_keyed_pseudonyms_replace_identifiers_in_names_and_manifest(small_synth,
     assert stat.S_IMODE(os.stat(crosswalk).st_mode) == 0o600
     paths = {json.loads(x)["input"] for x in crosswalk.read_text().splitlines()}
     assert paths == {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
+
+
+def test_split_does_not_depend_on_the_secret(small_synth, ct_spec, tmp_path):
+    from fedimg.dicom.deid import Pseudonymizer, SiteSecret
+
+    src = small_synth.out_dir / "site-2"
+    plain = preprocess(src, tmp_path / "plain", ct_spec, site="s", progress=False)
+    a = preprocess(src, tmp_path / "a", ct_spec, site="s", progress=False,
+                   pseudonymizer=Pseudonymizer(SiteSecret.generate(tmp_path / "a.secret")))
+    b = preprocess(src, tmp_path / "b", ct_spec, site="s", progress=False,
+                   pseudonymizer=Pseudonymizer(SiteSecret.generate(tmp_path / "b.secret")))
+
+    def by_counts(res):
+        return sorted((json.dumps(c.label_counts, sort_keys=True), c.split) for c in res.cases)
+
+    assert by_counts(a) == by_counts(b) == by_counts(plain)
+    assert "_split_key" not in (tmp_path / "a" / "summary.json").read_text()
