@@ -43,6 +43,7 @@ from fedimg.dicom.labels import (
     map_label_values,
     match_nifti_to_study,
 )
+from fedimg.dicom.quiet import quiet_dicom
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.resample import RESAMPLABLE, load_regularized
 from fedimg.dicom.volume import load_volume, series_geometry
@@ -132,11 +133,21 @@ def _study_task(args: tuple) -> tuple[dict[str, ManifestRow], CaseRecord | None]
     """Worker: convert one study; returns its manifest rows and case record."""
     study, spec, dst, class_values, geo_kwargs, pseudonymizer = args
     local: dict[str, ManifestRow] = {}
-    rec = _convert_study(study, spec, dst, local, class_values, geo_kwargs, pseudonymizer)
+    with quiet_dicom():
+        rec = _convert_study(study, spec, dst, local, class_values, geo_kwargs, pseudonymizer)
     return local, rec
 
 
-def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str,
+def preprocess(*args: Any, **kwargs: Any) -> PreprocessResult:
+    """Convert and normalize every case under ``src`` into ``dst`` (see :func:`_preprocess`).
+
+    pydicom's warnings, which can quote raw header values, are silenced while inputs are read.
+    """
+    with quiet_dicom():
+        return _preprocess(*args, **kwargs)
+
+
+def _preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str,
                progress: bool = True, workers: int | None = 1,
                pseudonymizer: Any | None = None, crosswalk: str | Path | None = None,
                write_dicom: str | Path | None = None) -> PreprocessResult:

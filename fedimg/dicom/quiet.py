@@ -1,0 +1,28 @@
+"""Keep raw header values out of the console while reading untrusted DICOM.
+
+pydicom warns about malformed values and may quote them ("Invalid value for
+VR DA: '...'"); on a PACS export such a value can be a name or a date. The
+refusal reasons fedimg records say what was wrong without the value, so these
+warnings are silenced while fedimg reads inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def quiet_dicom() -> Iterator[None]:
+    """Silence pydicom's value-quoting warnings and log records inside the block."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
