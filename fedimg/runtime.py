@@ -142,10 +142,10 @@ def environment_report() -> dict[str, Any]:
         "pydicom": pydicom.__version__,
         "numpy": np.__version__,
     }
-    try:
-        import nvflare
+    try:  # the version only: fedimg.fl is the one package that imports nvflare
+        from importlib.metadata import version
 
-        info["nvflare"] = nvflare.__version__
+        info["nvflare"] = version("nvflare")
     except Exception:  # noqa: BLE001 - optional at report time
         info["nvflare"] = None
     if torch.cuda.is_available():
