@@ -29,6 +29,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dicom.py --out bench_out/dicom.json
 	$(PY) benchmarks/bench_preprocess.py --out bench_out/preprocess.json
+	$(PY) benchmarks/bench_training.py --out bench_out/training.json
 
 clean:
 	rm -rf demo_out workspace bench_out .pytest_cache

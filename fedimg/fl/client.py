@@ -24,6 +24,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -109,7 +110,9 @@ def run(argv: Sequence[str] | None = None, script_dir: str | Path | None = None)
             continue
 
         trainer.load_weights(model.params)
+        t_val = time.perf_counter()
         val = trainer.validate()
+        t_val = time.perf_counter() - t_val
         metrics = _metric_dict(val)
 
         if flare.is_evaluate():
@@ -123,10 +126,12 @@ def run(argv: Sequence[str] | None = None, script_dir: str | Path | None = None)
                 writer.add_scalar(f"val/{k}", float(v), global_step=rnd)
         total = int(model.total_rounds or exp.fed.num_rounds)
         trainer.set_progress(rnd / max(1, total))  # every site follows the same schedule by round
+        t_fit = time.perf_counter()
         fit = trainer.fit(exp.train.local_epochs)
+        t_fit = time.perf_counter() - t_fit
         writer.add_scalar("train/loss", float(fit["loss"]), global_step=rnd + 1)
         local_weights = trainer.state_dict()
-        logger.info("site %s round %d: val dice %.4f, train loss %.4f", site_name, rnd,
-                    metrics.get("val_dice", float("nan")), fit["loss"])
+        logger.info("site %s round %d: val dice %.4f, train loss %.4f (validate %.2f s, train %.2f s)", site_name,
+                    rnd, metrics.get("val_dice", float("nan")), fit["loss"], t_val, t_fit)
         flare.send(flare.FLModel(params=local_weights, metrics=metrics,
                                  meta={"NUM_STEPS_CURRENT_ROUND": int(fit["steps"])}))
