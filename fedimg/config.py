@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -589,4 +588,3 @@ __all__ = [
     "to_dict",
 ]
 
-_ = typing  # keep typing imported for get_type_hints on string annotations

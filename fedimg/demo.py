@@ -6,7 +6,6 @@ FedAvg in the NVFlare simulator -> per-site table, ``summary.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -126,5 +125,3 @@ def run_demo(out: Path, sites: int = 3, cases: int = 8, seed: int = 0, rounds: i
     _print(f"summary:           {out / 'summary.json'}  ({summary['total_seconds']:.0f} s in all)")
     return summary
 
-
-_ = dataclasses

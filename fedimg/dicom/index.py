@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import struct
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -491,11 +490,3 @@ def group_series(headers: list[DicomHeader], orientation_tolerance: float = 1e-4
             out.append(g)
     out.sort(key=lambda g: (g.study_uid, g.series_uid, g.first.rel))
     return out
-
-
-def split_counts(groups: list[SeriesGroup]) -> dict[str, int]:
-    """How many groups each series was split into (for the MIXED_SERIES note)."""
-    counts: dict[str, int] = defaultdict(int)
-    for g in groups:
-        counts[g.series_uid] += 1
-    return dict(counts)

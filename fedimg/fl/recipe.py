@@ -84,39 +84,38 @@ def build_fedavg_recipe(
 
     staging = Path(staging_dir).resolve()
     staging.mkdir(parents=True, exist_ok=True)
-    if True:
-        shutil.copy2(job_dir / "client.py", staging / "client.py")
-        cfgmod.save(exp, staging / "experiment.yaml")
-        base_args = f"--config experiment.yaml --sites-sharing-cpu {int(sites_sharing_cpu)}"
-        with _chdir(staging):
-            recipe = FedAvgRecipe(
-                name=exp.name,
-                model=model_spec(exp.model, exp.task),
-                initial_ckpt=initial_ckpt,
-                min_clients=min_clients,
-                num_rounds=exp.fed.num_rounds,
-                train_script="client.py",
-                train_args=base_args,
-                key_metric=exp.fed.key_metric,
-                key_metric_mode="max",
-            )
-            if any(p is not None for p in site_configs.values()):
-                per_site = {}
-                for name, path in site_configs.items():
-                    args = base_args
-                    if path is not None:
-                        resolved = str(Path(path).resolve())
-                        _check_no_spaces(resolved, f"site config path for {name}")
-                        args += f" --site-config {resolved}"
-                    per_site[name] = {"train_script": "client.py", "train_args": args}
-                # Must precede anything that adds client-side components.
-                set_per_site_config(recipe, per_site)
-            recipe.add_client_file("experiment.yaml")
-            # Server-side TensorBoard: scalars only, no host name in event file names.
-            recipe._job.to_server(ScalarTBReceiver(), "receiver")  # noqa: SLF001 - as add_experiment_tracking does
-            if exp.fed.cross_site_eval:
-                add_cross_site_evaluation(recipe)
-        return recipe
+    shutil.copy2(job_dir / "client.py", staging / "client.py")
+    cfgmod.save(exp, staging / "experiment.yaml")
+    base_args = f"--config experiment.yaml --sites-sharing-cpu {int(sites_sharing_cpu)}"
+    with _chdir(staging):
+        recipe = FedAvgRecipe(
+            name=exp.name,
+            model=model_spec(exp.model, exp.task),
+            initial_ckpt=initial_ckpt,
+            min_clients=min_clients,
+            num_rounds=exp.fed.num_rounds,
+            train_script="client.py",
+            train_args=base_args,
+            key_metric=exp.fed.key_metric,
+            key_metric_mode="max",
+        )
+        if any(p is not None for p in site_configs.values()):
+            per_site = {}
+            for name, path in site_configs.items():
+                args = base_args
+                if path is not None:
+                    resolved = str(Path(path).resolve())
+                    _check_no_spaces(resolved, f"site config path for {name}")
+                    args += f" --site-config {resolved}"
+                per_site[name] = {"train_script": "client.py", "train_args": args}
+            # Must precede anything that adds client-side components.
+            set_per_site_config(recipe, per_site)
+        recipe.add_client_file("experiment.yaml")
+        # Server-side TensorBoard: scalars only, no host name in event file names.
+        recipe._job.to_server(ScalarTBReceiver(), "receiver")  # noqa: SLF001 - as add_experiment_tracking does
+        if exp.fed.cross_site_eval:
+            add_cross_site_evaluation(recipe)
+    return recipe
 
 
 def in_staging(staging_dir: str | Path) -> contextlib.AbstractContextManager[None]:
