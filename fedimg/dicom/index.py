@@ -94,6 +94,8 @@ class DicomHeader:
     number_of_frames: int
     has_pixels: bool
     is_dicomdir: bool = False
+    # (0028,0301) Burned In Annotation as stored ("" when empty, None when absent)
+    burned_in_annotation: str | None = None
     series_number: int | None = None
     acquisition_number: int | None = None
     transfer_syntax: str = ""
@@ -375,6 +377,7 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         number_of_frames=frames,
         has_pixels=has_pixels,
         is_dicomdir=is_dicomdir,
+        burned_in_annotation=(str(ds.get("BurnedInAnnotation") or "") if "BurnedInAnnotation" in ds else None),
         series_number=_int(ds.get("SeriesNumber")),
         acquisition_number=_int(ds.get("AcquisitionNumber")),
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),

@@ -321,16 +321,20 @@ def _preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: st
 
 
 def _burned_in(group: SeriesGroup) -> str | None:
-    """PHI-free reason if the series' objects may carry burned-in text (checked on each file's header)."""
-    import pydicom
+    """PHI-free reason if the series' objects may carry burned-in text.
+
+    Decided from the headers indexed earlier ((0028,0301), Modality, SOP Class): no file is read again.
+    """
+    from pydicom.dataset import Dataset
 
     from fedimg.dicom.deid import burned_in_risk
 
     for h in group.headers:
-        try:
-            ds = pydicom.dcmread(h.path, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - unreadable files were refused at indexing
-            continue
+        ds = Dataset()
+        ds.Modality = h.modality
+        ds.SOPClassUID = h.sop_class_uid
+        if h.burned_in_annotation is not None:
+            ds.BurnedInAnnotation = h.burned_in_annotation
         risk = burned_in_risk(ds)
         if risk:
             return risk
