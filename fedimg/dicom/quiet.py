@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import warnings
+import functools
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextmanager
@@ -26,3 +29,14 @@ def quiet_dicom() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
+
+
+def quiet_dicom_call(fn: F) -> F:
+    """Decorator: run ``fn`` inside :func:`quiet_dicom` (signature and docstring kept)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with quiet_dicom():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

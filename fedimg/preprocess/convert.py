@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fedimg.config import GeometrySpec
 from fedimg.dicom.geometry import SeriesGeometry
 from fedimg.dicom.index import SeriesGroup, group_series
-from fedimg.dicom.quiet import quiet_dicom
+from fedimg.dicom.quiet import quiet_dicom, quiet_dicom_call
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.resample import RESAMPLABLE, load_regularized
 from fedimg.dicom.volume import load_volume, series_geometry
@@ -100,14 +100,9 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def convert(*args: Any, **kwargs: Any) -> ConvertResult:
-    """Convert every series under ``src`` (see :func:`_convert`); pydicom's value-quoting warnings are silenced."""
-    with quiet_dicom():
-        return _convert(*args, **kwargs)
-
-
-def _convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = None, workers: int | None = None,
-             progress: bool = True, compress: bool = True) -> ConvertResult:
+@quiet_dicom_call
+def convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = None, workers: int | None = None,
+            progress: bool = True, compress: bool = True) -> ConvertResult:
     """Convert every series under ``src`` into ``dst/series/*.nii.gz`` (``*.nii`` without compression).
 
     Args:

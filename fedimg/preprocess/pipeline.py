@@ -43,7 +43,7 @@ from fedimg.dicom.labels import (
     map_label_values,
     match_nifti_to_study,
 )
-from fedimg.dicom.quiet import quiet_dicom
+from fedimg.dicom.quiet import quiet_dicom, quiet_dicom_call
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.resample import RESAMPLABLE, load_regularized
 from fedimg.dicom.volume import load_volume, series_geometry
@@ -138,16 +138,8 @@ def _study_task(args: tuple) -> tuple[dict[str, ManifestRow], CaseRecord | None]
     return local, rec
 
 
-def preprocess(*args: Any, **kwargs: Any) -> PreprocessResult:
-    """Convert and normalize every case under ``src`` into ``dst`` (see :func:`_preprocess`).
-
-    pydicom's warnings, which can quote raw header values, are silenced while inputs are read.
-    """
-    with quiet_dicom():
-        return _preprocess(*args, **kwargs)
-
-
-def _preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str,
+@quiet_dicom_call
+def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str,
                progress: bool = True, workers: int | None = 1,
                pseudonymizer: Any | None = None, crosswalk: str | Path | None = None,
                write_dicom: str | Path | None = None) -> PreprocessResult:
