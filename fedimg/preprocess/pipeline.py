@@ -55,7 +55,6 @@ from fedimg.preprocess.manifest import (
     SKIPPED,
     ManifestRow,
     finalize,
-    read_manifest,
     render_table,
     summarize,
 )
@@ -88,14 +87,16 @@ class PreprocessResult:
     site: str
     src_files: int
     counts: dict[str, int]
-    reasons: dict[str, int]
+    reasons: dict[str, int]  # "status:REASON" -> files, as in the manifest account
+    outputs: int
     cases: list[CaseRecord]
     datalist: str
     manifest: str
 
     def table(self) -> str:
         """A human-readable summary: counts, reasons with what to do, cases, paths."""
-        summary = summarize(read_manifest(self.manifest))
+        summary = {"inputs": self.src_files, "counts": self.counts, "reasons": self.reasons,
+                   "outputs": self.outputs}
         lines = [
             render_table(summary, f"site {self.site}"),
             f"  cases: {len(self.cases)} ({sum(c.split == 'training' for c in self.cases)} training, "
@@ -263,7 +264,6 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
 
     # Every file must be accounted for exactly once.
     ordered_rows = finalize(rows, scanned.files)
-    counts = Counter(r.status for r in ordered_rows)
 
     dst.mkdir(parents=True, exist_ok=True)
     class_map = {"0": "background", **{str(i + 1): n for i, n in enumerate(spec.labels.classes)}}
@@ -289,11 +289,13 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
             r.input = pseudonymizer.path_hash(r.input)
     write_jsonl(dst / "manifest.jsonl", (r.to_json() for r in ordered_rows))
     cfgmod.save(spec, dst / "spec.yaml")
+    account = summarize(ordered_rows)
     result = PreprocessResult(
         site=site,
         src_files=len(scanned.files),
-        counts={k: counts.get(k, 0) for k in (CONVERTED, REFUSED, SKIPPED)},
-        reasons=dict(Counter(r.reason for r in ordered_rows if r.reason)),
+        counts=account["counts"],
+        reasons=account["reasons"],
+        outputs=account["outputs"],
         cases=cases,
         datalist=str(dst / "datalist.json"),
         manifest=str(dst / "manifest.jsonl"),
