@@ -422,8 +422,8 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             mgeo = series_geometry(m, **geo_kwargs)
             check_mask_grid(geo, mgeo)
         except RefusedError as exc:
-            reason = exc.reason if exc.reason == Reason.LABEL_GEOMETRY_MISMATCH else Reason.LABEL_GEOMETRY_MISMATCH
-            _mark(rows, m.rels, REFUSED, reason, exc.detail)
+            # Whatever is wrong with the mask's own stack, it cannot be placed on the image grid.
+            _mark(rows, m.rels, REFUSED, Reason.LABEL_GEOMETRY_MISMATCH, exc.detail)
             continue
         if label_source is not None:
             _mark(rows, m.rels, REFUSED, Reason.LABEL_UNMATCHED, "a second label for the same image")
