@@ -131,7 +131,7 @@ def main() -> int:
 
         # 2. federated (simulator) vs centralized on the pooled cases, same number of epochs
         t0 = time.perf_counter()
-        sim = run_simulation(exp, REPO / "jobs" / "seg_fedavg", site_cfgs, tmp / "nvflare")
+        sim = run_simulation(exp, REPO / "jobs" / "train", site_cfgs, tmp / "nvflare")
         fed_wall = time.perf_counter() - t0
         pooled = pooled_datalist(site_dirs, tmp / "pooled.json")
         t0 = time.perf_counter()

@@ -104,7 +104,7 @@ def _cmd_train_local(args: argparse.Namespace) -> int:
 
     select_device(site.device)  # fail fast, before caching data
     res = train_local(exp, site, args.out, progress=not args.quiet)
-    print(f"site {res.site}: best val Dice {res.best_dice:.4f} at epoch {res.best_epoch}/{res.epochs} "
+    print(f"site {res.site}: best validation {res.metric} {res.best_score:.4f} at epoch {res.best_epoch}/{res.epochs} "
           f"({res.seconds:.0f} s)")
     print(f"best model: {res.best_model}")
     print(f"tensorboard --logdir {res.logdir}")

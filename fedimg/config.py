@@ -387,38 +387,103 @@ class TaskConfig:
     """What is learned.
 
     Attributes:
-        class_names: foreground classes in label order (background excluded).
-        min_component_voxels: post-processing at evaluation: connected
-            components of a class smaller than this are set to background
-            (0 disables). Evaluation reports Dice after this step.
+        type: ``segmentation`` (3D, voxel labels) or ``classification``
+            (one class per case, 2D or 3D).
+        spatial_dims: 3 for volumes, 2 for single images (classification only).
+        class_names: segmentation: foreground classes in label order
+            (background, value 0, is implicit); classification: every class,
+            index ``i`` is label value ``i`` (e.g. ``[normal, pneumonia]``).
+        in_channels: image channels.
+        min_component_voxels: segmentation post-processing at evaluation:
+            connected components of a class smaller than this are set to
+            background (0 disables). Evaluation reports Dice after this step.
+        positive_class: classification with two classes: which class counts
+            as "positive" for sensitivity / specificity in summaries
+            (default: the last class).
     """
 
-    type: Literal["segmentation"] = "segmentation"
+    type: Literal["segmentation", "classification"] = "segmentation"
+    spatial_dims: int = 3
     class_names: list[str] = field(default_factory=lambda: ["foreground"])
     in_channels: int = 1
     min_component_voxels: int = 0
+    positive_class: str | None = None
 
     def __post_init__(self) -> None:
+        _check(self.spatial_dims in (2, 3), f"task.spatial_dims must be 2 or 3, got {self.spatial_dims}")
         _check(len(self.class_names) >= 1, "task.class_names must name at least one class")
+        _check(len(set(self.class_names)) == len(self.class_names),
+               f"task.class_names has duplicates: {self.class_names}")
+        bad = [c for c in self.class_names if not c or not all(ch.isalnum() or ch in "_-" for ch in c)]
+        _check(not bad, f"task.class_names must be letters, digits, '_' or '-' (they name metrics and "
+                        f"TensorBoard tags), got {bad}")
         _check(self.min_component_voxels >= 0,
                f"task.min_component_voxels must be >= 0, got {self.min_component_voxels}")
         _check(self.in_channels >= 1, f"task.in_channels must be >= 1, got {self.in_channels}")
+        if self.type == "segmentation":
+            _check(self.spatial_dims == 3,
+                   f"task.spatial_dims must be 3 for segmentation (volumes), got {self.spatial_dims}")
+        else:
+            _check(len(self.class_names) >= 2,
+                   f"task.class_names must name at least 2 classes for classification, got {self.class_names}")
+        if self.positive_class is not None:
+            _check(self.type == "classification" and self.positive_class in self.class_names,
+                   f"task.positive_class must be one of task.class_names {self.class_names} (classification), "
+                   f"got {self.positive_class!r}")
 
     @property
     def num_classes(self) -> int:
-        """Output channels including background."""
-        return len(self.class_names) + 1
+        """Network output channels (segmentation: background included)."""
+        return len(self.class_names) + 1 if self.type == "segmentation" else len(self.class_names)
+
+    @property
+    def is_segmentation(self) -> bool:
+        """True for voxel-wise segmentation."""
+        return self.type == "segmentation"
+
+    @property
+    def main_metric(self) -> str:
+        """The metric that ranks models: mean Dice or mean one-vs-rest AUC."""
+        return "dice_mean" if self.is_segmentation else "auc_mean"
+
+
+MODEL_NAMES = ("unet", "segresnet", "densenet121", "resnet")
+SEGMENTATION_MODELS = ("unet", "segresnet")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Network architecture (see :func:`fedimg.models.build_model`)."""
+    """Network architecture (see :func:`fedimg.models.build_model`).
 
-    name: Literal["unet"] = "unet"
+    Attributes:
+        name: ``unet`` or ``segresnet`` (segmentation), ``densenet121`` or
+            ``resnet`` (classification); all MONAI networks.
+        channels, strides, num_res_units: UNet: features per level, the
+            down-sampling factors, residual units per block.
+        init_filters: SegResNet: features of the first level.
+        init_features: DenseNet121: features of the stem (64 in the published network).
+        blocks_down: SegResNet: residual blocks per down level.
+        growth_rate: DenseNet121 growth rate (32 in the published network;
+            smaller values give the same topology with fewer features).
+        resnet_depth: ResNet 10, 18, 34 or 50.
+        width: ResNet: scale of ``block_inplanes`` (1.0 is the published width).
+        norm: normalization layers: ``instance``, ``batch`` or ``group``.
+            FedBN keeps the normalization layers site-local; it needs layers
+            with learned or tracked statistics (``batch``, or ``group``).
+        dropout: dropout probability.
+    """
+
+    name: Literal["unet", "segresnet", "densenet121", "resnet"] = "unet"
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 2
-    norm: Literal["instance", "batch"] = "instance"
+    init_filters: int = 16
+    init_features: int = 64
+    blocks_down: list[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    growth_rate: int = 32
+    resnet_depth: int = 18
+    width: float = 1.0
+    norm: Literal["instance", "batch", "group"] = "instance"
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -426,21 +491,42 @@ class ModelConfig:
                f"model.strides must have len(model.channels) - 1 = {len(self.channels) - 1} "
                f"entries, got {len(self.strides)}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.resnet_depth in (10, 18, 34, 50),
+               f"model.resnet_depth must be 10, 18, 34 or 50, got {self.resnet_depth}")
+        _check(self.init_filters >= 4, f"model.init_filters must be >= 4, got {self.init_filters}")
+        _check(self.init_features >= 4, f"model.init_features must be >= 4, got {self.init_features}")
+        _check(self.growth_rate >= 4, f"model.growth_rate must be >= 4, got {self.growth_rate}")
+        _check(0.0 < self.width <= 4.0, f"model.width must be in (0, 4], got {self.width}")
+        _check(len(self.blocks_down) >= 2 and all(b >= 1 for b in self.blocks_down),
+               f"model.blocks_down must list >= 2 positive block counts, got {self.blocks_down}")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """How volumes become training batches."""
+    """How images become training batches.
 
-    roi_size: tuple[int, int, int] = (64, 64, 64)
+    Attributes:
+        roi_size: segmentation: the training patch (and sliding-window) size;
+            classification: every image is resized to this size. One entry
+            per spatial dimension of the task.
+        batch_size: images (segmentation: patches) per step.
+        cache_rate: share of the deterministic transform results kept in
+            memory (on CUDA: in GPU memory).
+        num_workers: DataLoader worker processes on the CPU (0: main process).
+        samples_per_volume: segmentation: patches drawn per cached volume.
+        augment: random flips and intensity changes during training.
+    """
+
+    roi_size: list[int] = field(default_factory=lambda: [64, 64, 64])
     batch_size: int = 2
     cache_rate: float = 1.0
     num_workers: int = 0
     samples_per_volume: int = 1
+    augment: bool = True
 
     def __post_init__(self) -> None:
-        _check(all(r >= 16 for r in self.roi_size),
-               f"data.roi_size must be >= 16 in each axis, got {list(self.roi_size)}")
+        _check(len(self.roi_size) in (2, 3) and all(r >= 16 for r in self.roi_size),
+               f"data.roi_size must be 2 or 3 sizes, each >= 16, got {list(self.roi_size)}")
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         _check(0.0 <= self.cache_rate <= 1.0,
                f"data.cache_rate must be in [0, 1], got {self.cache_rate}")
@@ -495,18 +581,74 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class FedConfig:
-    """Federation-wide settings read by the job builder."""
+class ServerOptimConfig:
+    """FedOpt's server-side optimizer, applied to the averaged update as a pseudo-gradient.
 
-    algorithm: Literal["fedavg"] = "fedavg"
+    ``sgd`` with ``lr: 1.0`` and ``momentum: 0`` is FedAvg; momentum gives
+    FedAvgM, ``adam`` gives FedAdam (Reddi et al. 2021).
+    """
+
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.6
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"fed.server_optimizer.lr must be > 0, got {self.lr}")
+        _check(0.0 <= self.momentum < 1.0, f"fed.server_optimizer.momentum must be in [0, 1), got {self.momentum}")
+        _check(all(0.0 <= b < 1.0 for b in self.betas),
+               f"fed.server_optimizer.betas must be in [0, 1), got {list(self.betas)}")
+        _check(self.eps > 0, f"fed.server_optimizer.eps must be > 0, got {self.eps}")
+
+
+ALGORITHMS = ("fedavg", "fedprox", "fedopt", "scaffold", "fedbn")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """Federation-wide settings, read by the job builder and by every site.
+
+    Attributes:
+        algorithm: ``fedavg``; ``fedprox`` (proximal term ``mu``); ``fedopt``
+            (server optimizer, ``server_optimizer``); ``scaffold`` (control
+            variates); ``fedbn`` (normalization layers stay at each site).
+        num_rounds: aggregation rounds.
+        min_clients: sites needed per round (0: all configured sites).
+        key_metric: metric that selects the best global model (a name the
+            sites send, e.g. ``val_dice`` or ``val_auc``); ``auto`` picks the
+            task's main metric.
+        cross_site_eval: after training, evaluate the final, the best and every
+            site's own model on every site's validation cases.
+        exchange: ``weights`` (sites send their full weights) or ``diff``
+            (sites send local minus global). Read by the job and the sites.
+        update_precision: ``fp32``, or ``fp16``: sites send their update in
+            half precision (half the bytes); the server aggregates in fp32.
+        mu: FedProx proximal coefficient.
+        server_optimizer: FedOpt's optimizer.
+        final_eval: after the last round, every site validates the final
+            global model, so the best-model choice includes it.
+    """
+
+    algorithm: Literal["fedavg", "fedprox", "fedopt", "scaffold", "fedbn"] = "fedavg"
     num_rounds: int = 5
     min_clients: int = 0
-    key_metric: str = "val_dice"
+    key_metric: str = "auto"
     cross_site_eval: bool = True
+    exchange: Literal["weights", "diff"] = "weights"
+    update_precision: Literal["fp32", "fp16"] = "fp32"
+    mu: float = 0.01
+    server_optimizer: ServerOptimConfig = field(default_factory=ServerOptimConfig)
+    final_eval: bool = True
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, f"fed.num_rounds must be >= 1, got {self.num_rounds}")
         _check(self.min_clients >= 0, f"fed.min_clients must be >= 0, got {self.min_clients}")
+        _check(self.mu > 0 and math.isfinite(self.mu), f"fed.mu must be a finite number > 0, got {self.mu}")
+        if self.algorithm == "fedopt":
+            _check(self.exchange == "diff",
+                   "fed.algorithm fedopt treats the averaged update as a gradient: set fed.exchange: diff "
+                   f"(got {self.exchange!r})")
 
 
 @dataclass(frozen=True)
@@ -524,6 +666,33 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name) and all(c.isalnum() or c in "-_" for c in self.name),
                f"name must be letters, digits, '-' or '_', got {self.name!r}")
+        _check(len(self.data.roi_size) == self.task.spatial_dims,
+               f"data.roi_size must have task.spatial_dims = {self.task.spatial_dims} entries, "
+               f"got {list(self.data.roi_size)}")
+        if self.task.is_segmentation:
+            _check(self.model.name in SEGMENTATION_MODELS,
+                   f"model.name {self.model.name!r} is a classifier; segmentation uses one of "
+                   f"{', '.join(SEGMENTATION_MODELS)}")
+        else:
+            _check(self.model.name not in SEGMENTATION_MODELS,
+                   f"model.name {self.model.name!r} is a segmentation network; classification uses "
+                   "densenet121 or resnet")
+        if self.model.name == "densenet121":
+            # The stem and three transitions halve the image five times.
+            _check(all(r >= 32 for r in self.data.roi_size),
+                   f"model.name densenet121 needs images of at least 32 per axis (data.roi_size), "
+                   f"got {list(self.data.roi_size)}")
+        if self.fed.algorithm == "fedbn":
+            _check(self.model.norm != "instance",
+                   "fed.algorithm fedbn keeps normalization layers at each site, but model.norm instance "
+                   "has no learned or tracked statistics in MONAI's networks: set model.norm: batch (or group)")
+
+    @property
+    def key_metric(self) -> str:
+        """The FLModel metric name that ranks global models (``val_dice`` / ``val_auc``)."""
+        if self.fed.key_metric != "auto":
+            return self.fed.key_metric
+        return "val_dice" if self.task.is_segmentation else "val_auc"
 
 
 @dataclass(frozen=True)
@@ -575,6 +744,7 @@ __all__ = [
     "OptimConfig",
     "PreprocessSpec",
     "SeriesSelection",
+    "ServerOptimConfig",
     "SiteConfig",
     "SplitSpec",
     "TaskConfig",

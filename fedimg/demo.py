@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = REPO_ROOT / "configs" / "experiments" / "seg_demo.yaml"
 DEFAULT_SPEC = REPO_ROOT / "configs" / "preprocessing" / "ct_phantom.yaml"
-JOB_DIR = REPO_ROOT / "jobs" / "seg_fedavg"
+JOB_DIR = REPO_ROOT / "jobs" / "train"
 
 
 def _print(msg: str = "") -> None:

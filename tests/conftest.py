@@ -86,3 +86,65 @@ def tiny_experiment(**over):
         "fed.num_rounds=2",
     ] + [f"{k}={v}" for k, v in over.items()]
     return cfg.load(cfg.ExperimentConfig, DEMO_EXPERIMENT, overrides)
+
+
+def _blob_images(rng, n: int, dims: int, size: int, positive: bool):
+    """Noise images; positives hold a bright blob at a random place (known ground truth)."""
+    import numpy as np
+
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * dims, indexing="ij"))
+    out = []
+    for _ in range(n):
+        img = rng.normal(0.3, 0.08, size=(size,) * dims)
+        if positive:
+            c = rng.uniform(size * 0.3, size * 0.7, size=dims).reshape((dims,) + (1,) * dims)
+            r = rng.uniform(size * 0.12, size * 0.2)
+            img[((grid - c) ** 2).sum(axis=0) < r * r] += 0.5
+        out.append(np.clip(img, 0, 1).astype("float32"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cls_sites(tmp_path_factory: pytest.TempPathFactory):
+    """Two classification sites per dimensionality with known labels: {2: {site: datalist}, 3: {...}}.
+
+    Class ``blob`` images hold a bright disc (2D) or sphere (3D), class ``clear`` none; the sites
+    differ in size and class balance.
+    """
+    import numpy as np
+
+    from fedimg.preprocess.arrays import write_array_site
+
+    base = tmp_path_factory.mktemp("cls")
+    out = {}
+    for dims, size in ((2, 32), (3, 20)):
+        out[dims] = {}
+        for s, (n_pos, n_neg) in enumerate(((10, 6), (4, 8)), start=1):
+            rng = np.random.default_rng(100 * dims + s)
+            tr = _blob_images(rng, n_pos, dims, size, True) + _blob_images(rng, n_neg, dims, size, False)
+            va = _blob_images(rng, 3, dims, size, True) + _blob_images(rng, 3, dims, size, False)
+            tr_lab = np.array([1] * n_pos + [0] * n_neg)
+            va_lab = np.array([1] * 3 + [0] * 3)
+            site_dir = base / f"d{dims}" / f"site-{s}"
+            write_array_site(site_dir, f"site-{s}", "blobs", ["clear", "blob"], (np.stack(tr), tr_lab),
+                             (np.stack(va), va_lab))
+            out[dims][f"site-{s}"] = site_dir / "datalist.json"
+    return out
+
+
+def tiny_classification(dims: int, **over):
+    """A small, fast classification experiment on the ``cls_sites`` data."""
+    from fedimg import config as cfg
+
+    base = {
+        "name": "tiny_cls",
+        "task": {"type": "classification", "spatial_dims": dims, "class_names": ["clear", "blob"]},
+        "model": {"name": "resnet", "resnet_depth": 10, "width": 0.125, "norm": "batch",
+                  "growth_rate": 4, "init_features": 8},
+        "data": {"roi_size": [32] * dims, "batch_size": 4, "augment": False},
+        "optim": {"name": "adam", "lr": 0.003},
+        "train": {"local_epochs": 1, "epochs": 2, "seed": 0, "amp": False},
+        "fed": {"num_rounds": 2},
+    }
+    data = cfg.apply_overrides(base, [f"{k}={v}" for k, v in over.items()])
+    return cfg.from_dict(cfg.ExperimentConfig, data)

@@ -144,7 +144,7 @@ def test_no_canary_survives_the_demo_path(tmp_path):
         site_cfgs[site] = str(out / site / "site.yaml")
     assert any((out / s / "deid_dicom").rglob("*.dcm") for s in raws)
 
-    sim = run_simulation(tiny_experiment(), REPO / "jobs" / "seg_fedavg", site_cfgs, out / "nvflare")
+    sim = run_simulation(tiny_experiment(), REPO / "jobs" / "train", site_cfgs, out / "nvflare")
     assert sim.cross_site_results and all(sim.final_dice(s) is not None for s in raws)
 
     hits = _scan([out], canaries)

@@ -30,10 +30,19 @@ def test_unknown_key_is_named_with_alternatives(tmp_path):
     [
         ("optim.lr=fast", "optim.lr: expected float, got str"),
         ("fed.num_rounds=0", "fed.num_rounds must be >= 1, got 0"),
-        ("data.roi_size=[64, 64]", "data.roi_size: expected list of 3 int"),
+        ("data.roi_size=[64, 64]", "data.roi_size must have task.spatial_dims = 3 entries"),
+        ("data.roi_size=[8, 64, 64]", "data.roi_size must be 2 or 3 sizes, each >= 16"),
+        ("fed.exchange=delta", "fed.exchange: expected one of 'weights', 'diff'"),
+        ("fed.algorithm=fedopt", "fed.algorithm fedopt treats the averaged update as a gradient: set fed.exchange: diff"),
+        ("fed.algorithm=fedbn", "fed.algorithm fedbn keeps normalization layers at each site"),
+        ("fed.mu=0", "fed.mu must be a finite number > 0"),
+        ("model.name=resnet", "model.name 'resnet' is a classifier"),
+        ("task.positive_class=organ", "task.positive_class must be one of task.class_names"),
+        ("task.class_names=[organ, 'bad name']", "task.class_names must be letters, digits"),
+        ("task.spatial_dims=2", "task.spatial_dims must be 3 for segmentation"),
         ("train.amp=3", "train.amp: expected bool"),
         ("model.strides=[2]", "model.strides must have"),
-        ("fed.algorithm=fedsgd", "fed.algorithm: expected one of 'fedavg'"),
+        ("fed.algorithm=fedsgd", "fed.algorithm: expected one of 'fedavg', 'fedprox', 'fedopt', 'scaffold', 'fedbn'"),
     ],
 )
 def test_wrong_values_name_key_and_type(override, expected):
@@ -90,3 +99,17 @@ def test_cosine_schedule_endpoints():
     assert opt.lr_at(0.5) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
     assert opt.lr_at(1.0) == pytest.approx(1e-4)
     assert cfg.OptimConfig(lr=2e-3).lr_at(0.7) == 2e-3  # constant
+
+
+def test_classification_config_checks():
+    from tests.conftest import tiny_classification
+
+    exp = tiny_classification(2)
+    assert exp.task.num_classes == 2 and exp.key_metric == "val_auc" and exp.task.main_metric == "auc_mean"
+    with pytest.raises(cfg.ConfigError, match="is a segmentation network"):
+        tiny_classification(2, **{"model.name": "unet"})
+    with pytest.raises(cfg.ConfigError, match="densenet121 needs images of at least 32"):
+        tiny_classification(2, **{"model.name": "densenet121", "data.roi_size": "[28, 28]"})
+    with pytest.raises(cfg.ConfigError, match="task.positive_class must be one of"):
+        tiny_classification(2, **{"task.positive_class": "tumour"})
+    assert cfg.load(cfg.ExperimentConfig, DEMO_EXPERIMENT).key_metric == "val_dice"

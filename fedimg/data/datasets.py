@@ -1,43 +1,75 @@
 """Datasets and loaders for training from a preprocessing datalist.
 
-Deterministic transforms (loading, channel-first, padding) are cached once by
-MONAI's ``CacheDataset``; random crops and intensity augmentations run per
-epoch on top. On CUDA the cache is moved to the GPU, so an epoch never goes
-back to host memory for its inputs.
+Deterministic transforms (loading, channel-first, padding or resizing) are
+cached once by MONAI's ``CacheDataset``; random crops and augmentations run
+per epoch on top. On CUDA the cache is moved to the GPU, so an epoch never
+goes back to host memory for its inputs.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import CacheDataset, DataLoader
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    RandAffined,
     RandCropByLabelClassesd,
     RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    Resized,
     SpatialPadd,
 )
 
-from fedimg.config import DataConfig
+from fedimg.config import DataConfig, TaskConfig
 
 
 class DatalistError(ValueError):
     """A datalist is missing or malformed."""
 
 
-def read_datalist(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+@dataclass
+class Datalist:
+    """A site's datalist, with paths resolved against its folder.
+
+    Attributes:
+        training: training items (``image``, ``label``, ``case_id``, ``spacing``).
+        validation: validation items.
+        task: ``segmentation`` or ``classification``.
+        spatial_dims: 2 or 3.
+        classes: class names as the task config lists them (segmentation:
+            foreground classes; classification: every class).
+        raw: the datalist as read.
+    """
+
+    training: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    task: str
+    spatial_dims: int
+    classes: list[str] | None
+    raw: dict[str, Any]
+
+
+def _voxel_spacing(path: str, dims: int) -> torch.Tensor:
+    # Header only: nibabel reads the pixdims without the voxel data. A tensor collates to (B, dims).
+    zooms = nib.load(path).header.get_zooms()
+    return torch.tensor([float(z) for z in zooms[:dims]], dtype=torch.float64)
+
+
+def read_datalist(path: str | Path) -> Datalist:
     """Read ``datalist.json``; paths are resolved against its folder.
 
-    Returns:
-        (training items, validation items, the raw datalist).
+    Raises:
+        DatalistError: the file is missing, not JSON, or its items do not match its task.
     """
     p = Path(path)
     if not p.is_file():
@@ -46,73 +78,154 @@ def read_datalist(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str
         raw = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DatalistError(f"datalist {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    task = raw.get("task", "segmentation")
+    dims = int(raw.get("spatial_dims", 3))
+    if task not in ("segmentation", "classification"):
+        raise DatalistError(f"datalist {p}: expected task 'segmentation' or 'classification', got {task!r}")
+    labels = raw.get("labels")
+    classes = None
+    if isinstance(labels, dict):
+        ordered = [labels[k] for k in sorted(labels, key=int)]
+        classes = ordered[1:] if task == "segmentation" else ordered
     out = []
     for key in ("training", "validation"):
         items = raw.get(key)
         if not isinstance(items, list):
             raise DatalistError(f"datalist {p}: expected a list under {key!r}, got {type(items).__name__}")
         resolved = []
-        for item in items:
-            if "image" not in item or "label" not in item:
-                raise DatalistError(f"datalist {p}: every {key} item needs 'image' and 'label' keys")
-            resolved.append({**item, "image": str(p.parent / item["image"]), "label": str(p.parent / item["label"])})
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or "image" not in item or "label" not in item:
+                raise DatalistError(f"datalist {p}: {key}[{i}] needs 'image' and 'label' keys")
+            image = str(p.parent / item["image"])
+            entry = {**item, "image": image, "spacing": _voxel_spacing(image, dims)}
+            if task == "segmentation":
+                entry["label"] = str(p.parent / item["label"])
+            else:
+                label = item["label"]
+                if isinstance(label, bool) or not isinstance(label, int) or (classes and not 0 <= label < len(classes)):
+                    raise DatalistError(f"datalist {p}: {key}[{i}] label must be a class index 0..."
+                                        f"{len(classes or []) - 1}, got {label!r}")
+            resolved.append(entry)
         out.append(resolved)
     if not out[0]:
         raise DatalistError(f"datalist {p} has no training cases")
-    return out[0], out[1], raw
+    return Datalist(training=out[0], validation=out[1], task=task, spatial_dims=dims, classes=classes, raw=raw)
 
 
-def _base_transforms(cfg: DataConfig, device: torch.device) -> list[Any]:
-    t: list[Any] = [
-        LoadImaged(keys=["image", "label"], image_only=True),
-        EnsureChannelFirstd(keys=["image", "label"]),
-        EnsureTyped(keys=["image", "label"], dtype=(torch.float32, torch.uint8), track_meta=False),
-        SpatialPadd(keys=["image", "label"], spatial_size=cfg.roi_size),
-    ]
-    if device.type == "cuda":
-        t.append(EnsureTyped(keys=["image", "label"], device=device, track_meta=False))
-    return t
+def check_matches_task(dl: Datalist, task: TaskConfig, where: str) -> None:
+    """Refuse a datalist whose task, dimensions or classes differ from the experiment's.
+
+    Raises:
+        DatalistError: with what the experiment expects and what the datalist holds.
+    """
+    if dl.task != task.type:
+        raise DatalistError(f"{where}: the experiment is a {task.type} task but the datalist holds {dl.task} "
+                            "cases; preprocess with a spec of the same task")
+    if dl.spatial_dims != task.spatial_dims:
+        raise DatalistError(f"{where}: the experiment expects {task.spatial_dims}D images (task.spatial_dims), "
+                            f"the datalist holds {dl.spatial_dims}D images")
+    if dl.classes is not None and dl.classes != list(task.class_names):
+        raise DatalistError(f"{where}: datalist classes {dl.classes} do not match task.class_names "
+                            f"{list(task.class_names)}; preprocess with a spec whose labels.classes match "
+                            "the experiment")
 
 
-def train_transforms(cfg: DataConfig, device: torch.device, num_classes: int) -> Compose:
+def _to_device(device: torch.device, keys: list[str]) -> list[Any]:
+    return [EnsureTyped(keys=keys, device=device, track_meta=False)] if device.type == "cuda" else []
+
+
+def seg_train_transforms(cfg: DataConfig, device: torch.device, num_classes: int) -> Compose:
     """Cached loading plus class-balanced random crops and light augmentation.
 
     Crops are centred on each class (background included) equally often, so a
     small lesion is seen as often as the large organ around it.
     """
-    return Compose(_base_transforms(cfg, device) + [
-        RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=cfg.roi_size,
-                                num_classes=num_classes, num_samples=cfg.samples_per_volume,
-                                warn=False),
-        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+    keys = ["image", "label"]
+    t: list[Any] = [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=False),
+        SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
+        *_to_device(device, keys),
+        RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=cfg.roi_size,
+                                num_classes=num_classes, num_samples=cfg.samples_per_volume, warn=False),
+    ]
+    if cfg.augment:
+        t += [RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+              RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+              RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5)]
+    return Compose(t)
+
+
+def seg_val_transforms(cfg: DataConfig, device: torch.device) -> Compose:
+    """Cached loading only; validation runs on whole volumes."""
+    keys = ["image", "label"]
+    return Compose([
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=False),
+        SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
+        *_to_device(device, keys),
     ])
 
 
-def val_transforms(cfg: DataConfig, device: torch.device) -> Compose:
-    """Cached loading only; validation runs on whole volumes."""
-    return Compose(_base_transforms(cfg, device))
+def cls_val_transforms(cfg: DataConfig, device: torch.device) -> Compose:
+    """Load and resize every image to ``data.roi_size`` (cached)."""
+    return Compose([
+        LoadImaged(keys="image", image_only=True),
+        EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
+        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+        Resized(keys="image", spatial_size=cfg.roi_size, mode="area"),
+        *_to_device(device, ["image"]),
+    ])
+
+
+def cls_train_transforms(cfg: DataConfig, device: torch.device) -> Compose:
+    """The cached resize, then random flips, small affine changes and intensity jitter."""
+    t: list[Any] = list(cls_val_transforms(cfg, device).transforms)
+    if cfg.augment:
+        dims = len(cfg.roi_size)
+        t += [RandFlipd(keys="image", prob=0.5, spatial_axis=0),
+              RandAffined(keys="image", prob=0.5, rotate_range=[0.1] * (1 if dims == 2 else 3),
+                          scale_range=[0.1] * dims, padding_mode="zeros"),
+              RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+              RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5)]
+    return Compose(t)
+
+
+def make_val_loader(items: list[dict[str, Any]], cfg: DataConfig, task: TaskConfig, device: torch.device,
+                    progress: bool = False) -> DataLoader | None:
+    """A cached loader over validation items (None when there are none)."""
+    if not items:
+        return None
+    workers = 0 if device.type == "cuda" else cfg.num_workers
+    if task.is_segmentation:
+        tf, batch = seg_val_transforms(cfg, device), 1  # whole volumes of different sizes
+    else:
+        tf, batch = cls_val_transforms(cfg, device), max(1, cfg.batch_size)
+    ds = CacheDataset(items, transform=tf, cache_rate=cfg.cache_rate, num_workers=None, progress=progress,
+                      copy_cache=False)
+    return DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers)
 
 
 def make_loaders(train_items: list[dict[str, Any]], val_items: list[dict[str, Any]], cfg: DataConfig,
-                 device: torch.device, num_classes: int, progress: bool = False, seed: int = 0) -> tuple[DataLoader, DataLoader | None]:
-    """Cached training and validation loaders.
+                 task: TaskConfig, device: torch.device, progress: bool = False,
+                 seed: int = 0) -> tuple[DataLoader, DataLoader | None]:
+    """Cached training and validation loaders for the task.
 
     On CUDA the cache lives on the GPU and loading runs in the main process
     (workers cannot share GPU tensors).
     """
     workers = 0 if device.type == "cuda" else cfg.num_workers
-    train_ds = CacheDataset(train_items, transform=train_transforms(cfg, device, num_classes), cache_rate=cfg.cache_rate,
-                            num_workers=None, progress=progress, copy_cache=False)
+    if task.is_segmentation:
+        train_tf = seg_train_transforms(cfg, device, task.num_classes)
+    else:
+        train_tf = cls_train_transforms(cfg, device)
+    train_ds = CacheDataset(train_items, transform=train_tf, cache_rate=cfg.cache_rate, num_workers=None,
+                            progress=progress, copy_cache=False)
     train_ds.transform.set_random_state(seed)  # type: ignore[union-attr]
     gen = torch.Generator()
     gen.manual_seed(seed)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
                               generator=gen)
-    val_loader = None
-    if val_items:
-        val_ds: Dataset = CacheDataset(val_items, transform=val_transforms(cfg, device), cache_rate=cfg.cache_rate,
-                                       num_workers=None, progress=progress, copy_cache=False)
-        val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=workers)
-    return train_loader, val_loader
+    return train_loader, make_val_loader(val_items, cfg, task, device, progress)

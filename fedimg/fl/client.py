@@ -2,16 +2,21 @@
 
 Per task received from the server:
 
-* ``train``: load the global weights, validate them on the site's validation
-  cases (this rates the global model of the previous round), train
-  ``train.local_epochs`` epochs, send the weights with
-  ``NUM_STEPS_CURRENT_ROUND`` so FedAvg weights sites by work done.
-* ``validate`` (cross-site evaluation): load the weights, send Dice only.
-* ``submit_model``: send this site's own last locally-trained weights.
+* ``train``: load the global weights (FedBN: all but the site's own
+  normalization layers), validate them on the site's validation cases (this
+  rates the global model after ``round`` aggregations), train
+  ``train.local_epochs`` epochs with the algorithm's additions (FedProx,
+  SCAFFOLD), and send the update (weights or differences, fp32 or fp16, as
+  ``fed.exchange`` and ``fed.update_precision`` say) with
+  ``NUM_STEPS_CURRENT_ROUND`` so the server weights sites by work done.
+* ``validate`` (the final evaluation and cross-site evaluation): load the
+  weights, send metrics only.
+* ``submit_model``: send this site's own last locally trained weights.
 
-Only scalar metrics are streamed to the server's TensorBoard, with the round
-number as the step, so curves of all sites line up. Nothing in a metric name or
-value identifies a patient.
+Only scalar metrics are streamed to the server's TensorBoard, tagged
+``<site>/val/<metric>`` with the round as the step, so curves of all sites
+line up. Pictures of predictions go to the site's own ``local_logdir`` only.
+Nothing in a metric name or value identifies a patient.
 
 The site's local settings (datalist, device, threads) come from a site config
 named by ``--site-config`` or the ``FEDIMG_SITE_CONFIG`` environment variable:
@@ -26,13 +31,19 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import nvflare.client as flare
+from nvflare.app_common.abstract.fl_model import ParamsType
 from nvflare.client.tracking import SummaryWriter
 
 from fedimg import config as cfgmod
 from fedimg import runtime
+from fedimg.fl.algorithms import client_algorithm
+from fedimg.fl.protocol import RESULT_META_ALGO, RESULT_META_BYTES, RESULT_META_TIMES, RESULT_META_VAL, TASK_META_FINAL
+from fedimg.fl.exchange import DIFF, make_update, payload_bytes
+from fedimg.tasks import metric_names
+from fedimg.training.tracking import local_writer
 from fedimg.training.trainer import SiteTrainer
 
 logger = logging.getLogger(__name__)
@@ -60,15 +71,89 @@ def _resolve(path: str, script_dir: Path) -> Path:
     return script_dir / p
 
 
-def _metric_dict(val: dict[str, float]) -> dict[str, float]:
-    """Validation results as flat FLModel metrics (``val_dice``, ``val_dice_<class>``)."""
-    out = {}
-    if "dice_mean" in val:
-        out["val_dice"] = float(val["dice_mean"])
-    for k, v in val.items():
-        if k.startswith("dice/"):
-            out["val_dice_" + k.split("/", 1)[1]] = float(v)
-    return out
+def _scalars(val: dict[str, float]) -> dict[str, float]:
+    # "cases" is a count, not a measure; undefined-HD95 counts are kept out of the curves too.
+    return {k: v for k, v in val.items() if k != "cases" and not k.startswith("hd95_undefined")}
+
+
+class SiteRunner:
+    """The state one site keeps across tasks: its trainer, algorithm, writers and own weights."""
+
+    def __init__(self, exp: cfgmod.ExperimentConfig, site: cfgmod.SiteConfig, site_name: str,
+                 sites_sharing_cpu: int) -> None:
+        self.exp = exp
+        self.site_name = site_name
+        self.rt = runtime.setup(site.device, exp.train.amp, site.num_threads, seed=exp.train.seed,
+                                workers_sharing_cpu=sites_sharing_cpu)
+        self.trainer = SiteTrainer.from_datalist(exp, site.datalist, self.rt)
+        self.algorithm = client_algorithm(exp.fed.algorithm, self.trainer)
+        self.writer = SummaryWriter()
+        self.local = local_writer(site.local_logdir) if site.local_logdir else None
+        self.local_weights: dict[str, Any] | None = None
+        logger.info("site %s: %d training / %d validation cases on %s, %s", site_name, self.trainer.n_train,
+                    self.trainer.n_val, self.rt.device, exp.fed.algorithm)
+
+    def _log_validation(self, val: dict[str, float], step: int) -> None:
+        for k, v in _scalars(val).items():
+            self.writer.add_scalar(f"{self.site_name}/val/{k}", float(v), global_step=step)
+
+    def _local_pictures(self, step: int) -> None:
+        if self.local is None:
+            return
+        for i, picture in enumerate(self.trainer.overlays()):
+            # Patient pixels: this writer is the site's own logdir; nothing here is sent.
+            self.local.add_image(f"{self.site_name}/overlay/case_{i}", picture, step, dataformats="HWC")
+        self.local.flush()
+
+    def handle(self, model: Any) -> Any:
+        """One task: returns the FLModel to send."""
+        if flare.is_submit_model():
+            # Cross-site evaluation asks for this site's own model: its last local weights (FedBN: with its
+            # own normalization layers).
+            weights = self.local_weights if self.local_weights is not None else self.trainer.state_dict()
+            return flare.FLModel(params=weights)
+
+        keep = self.algorithm.keep_on_evaluate(model.params) if flare.is_evaluate() else self.algorithm.local_keys
+        self.trainer.load_weights(model.params, keep=keep)
+        t_val = time.perf_counter()
+        val = self.trainer.validate()
+        t_val = time.perf_counter() - t_val
+        metrics = metric_names(val)
+        meta = {RESULT_META_VAL: _scalars(val)}
+        if flare.is_evaluate():
+            if (model.meta or {}).get(TASK_META_FINAL):
+                step = int(model.current_round or 0)
+                self._log_validation(val, step)
+                self._local_pictures(step)
+            return flare.FLModel(metrics=metrics, meta=meta)
+
+        rnd = int(model.current_round or 0)
+        total = int(model.total_rounds or self.exp.fed.num_rounds)
+        self._log_validation(val, rnd)
+        self._local_pictures(rnd)
+        global_state = {k: v.detach().clone() if hasattr(v, "detach") else v for k, v in model.params.items()}
+        hooks = self.algorithm.start_round(model)
+        self.trainer.set_progress(rnd / max(1, total))  # every site follows the same schedule by round
+        t_fit = time.perf_counter()
+        fit = self.trainer.fit(self.exp.train.local_epochs, hooks=hooks)
+        t_fit = time.perf_counter() - t_fit
+        extra = self.algorithm.end_round()
+        self.writer.add_scalar(f"{self.site_name}/train/loss", float(fit["loss"]), global_step=rnd + 1)
+        self.local_weights = self.trainer.state_dict()
+        update, kind = make_update(self.local_weights, global_state, self.exp.fed.exchange,
+                                   self.exp.fed.update_precision, exclude=self.algorithm.local_keys)
+        if self.exp.fed.update_precision == "fp16":
+            extra = {k: ({n: a.astype("float16") for n, a in v.items()} if isinstance(v, dict) else v)
+                     for k, v in extra.items()}
+        nbytes = payload_bytes(update) + sum(payload_bytes(v) for v in extra.values() if isinstance(v, dict))
+        logger.info("site %s round %d: %s %.4f, train loss %.4f (validate %.2f s, train %.2f s, update %.2f MB)",
+                    self.site_name, rnd, self.trainer.task.main_metric,
+                    val.get(self.trainer.task.main_metric, float("nan")), fit["loss"], t_val, t_fit, nbytes / 1e6)
+        meta.update({"NUM_STEPS_CURRENT_ROUND": int(fit["steps"]), RESULT_META_BYTES: nbytes,
+                     RESULT_META_ALGO: dict(self.algorithm.stats),
+                     RESULT_META_TIMES: {"validate": t_val, "train": t_fit}, **extra})
+        return flare.FLModel(params=update, params_type=ParamsType.DIFF if kind == DIFF else ParamsType.FULL,
+                             metrics=metrics, meta=meta)
 
 
 def run(argv: Sequence[str] | None = None, script_dir: str | Path | None = None) -> None:
@@ -90,48 +175,11 @@ def run(argv: Sequence[str] | None = None, script_dir: str | Path | None = None)
     site = cfgmod.load_site_config(site_cfg_path)
 
     flare.init()
-    site_name = flare.get_site_name()
-    rt = runtime.setup(site.device, exp.train.amp, site.num_threads, seed=exp.train.seed,
-                       workers_sharing_cpu=args.sites_sharing_cpu)
-    trainer = SiteTrainer(exp, site.datalist, rt)
-    logger.info("site %s: %d training / %d validation cases on %s", site_name, trainer.n_train, trainer.n_val,
-                rt.device)
-    writer = SummaryWriter()
-    local_weights = None
-
+    runner = SiteRunner(exp, site, flare.get_site_name(), args.sites_sharing_cpu)
     while flare.is_running():
         model = flare.receive()
         if model is None:
             break
-        if flare.is_submit_model():
-            # Cross-site evaluation asks for this site's own model: its last local weights.
-            weights = local_weights if local_weights is not None else trainer.state_dict()
-            flare.send(flare.FLModel(params=weights))
-            continue
-
-        trainer.load_weights(model.params)
-        t_val = time.perf_counter()
-        val = trainer.validate()
-        t_val = time.perf_counter() - t_val
-        metrics = _metric_dict(val)
-
-        if flare.is_evaluate():
-            flare.send(flare.FLModel(metrics=metrics))
-            continue
-
-        rnd = int(model.current_round or 0)
-        # Step = rounds of aggregation the evaluated model has seen: identical across sites.
-        for k, v in val.items():
-            if k.startswith("dice"):
-                writer.add_scalar(f"val/{k}", float(v), global_step=rnd)
-        total = int(model.total_rounds or exp.fed.num_rounds)
-        trainer.set_progress(rnd / max(1, total))  # every site follows the same schedule by round
-        t_fit = time.perf_counter()
-        fit = trainer.fit(exp.train.local_epochs)
-        t_fit = time.perf_counter() - t_fit
-        writer.add_scalar("train/loss", float(fit["loss"]), global_step=rnd + 1)
-        local_weights = trainer.state_dict()
-        logger.info("site %s round %d: val dice %.4f, train loss %.4f (validate %.2f s, train %.2f s)", site_name,
-                    rnd, metrics.get("val_dice", float("nan")), fit["loss"], t_val, t_fit)
-        flare.send(flare.FLModel(params=local_weights, metrics=metrics,
-                                 meta={"NUM_STEPS_CURRENT_ROUND": int(fit["steps"])}))
+        flare.send(runner.handle(model))
+    if runner.local is not None:
+        runner.local.close()

@@ -1,22 +1,34 @@
-"""Build NVFlare 2.9 recipes from an experiment config.
+"""Build the NVFlare 2.9 recipe of an experiment: any task, any ``fed.algorithm``.
+
+The recipe is NVFlare's PyTorch ``FedAvgRecipe`` (persistor, model locator,
+script runner, per-site configuration, export) with fedimg's controller
+(:class:`fedimg.fl.controller.FedimgController`) as its workflow, fedimg's
+scalar-only TensorBoard receiver, and optionally cross-site evaluation with
+a readable report.
 
 The job folder (``jobs/<name>/``) holds a two-line client script that calls
 :func:`fedimg.fl.client.run`; the resolved experiment YAML travels with the
-job (``custom/experiment.yaml``), so server and sites agree on the model.
-Site-local facts (datalist paths) never enter the job, except in the
-simulator, where every site lives on this machine.
+job (``custom/experiment.yaml``), so server and sites agree on the model and
+on the algorithm. Site-local facts (datalist paths) never enter the job,
+except in the simulator, where every site lives on this machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from nvflare.app_opt.pt.recipes import FedAvgRecipe
+from nvflare.client.config import TransferType
 
 from fedimg import config as cfgmod
 from fedimg.config import ExperimentConfig
+from fedimg.fl.controller import FedimgController
+from fedimg.fl.tracking import GLOBAL_RUN, CrossSiteReport, ScalarTBReceiver, scalar_layout
 from fedimg.models.registry import model_spec
 
 
@@ -40,44 +52,91 @@ def _check_no_spaces(value: str, what: str) -> None:
                          "with a space; move the folder or use a symlink without spaces")
 
 
-def build_fedavg_recipe(
+class FedimgRecipe(FedAvgRecipe):
+    """NVFlare's PyTorch FedAvg recipe with :class:`FedimgController` as the workflow.
+
+    Args:
+        exp: the experiment.
+        start_round: first round; -1 continues from the initial checkpoint's round count.
+        **kwargs: passed to ``FedAvgRecipe``.
+    """
+
+    def __init__(self, exp: ExperimentConfig, start_round: int = 0, **kwargs: Any) -> None:
+        # FedAvgRecipe builds the controller inside __init__: the settings must exist before.
+        self._exp = exp
+        self._start_round = start_round
+        super().__init__(**kwargs)
+
+    def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> FedimgController:
+        exp = self._exp
+        so = exp.fed.server_optimizer
+        return FedimgController(
+            num_clients=self.min_clients,
+            num_rounds=self.num_rounds,
+            start_round=self._start_round,
+            persistor_id=persistor_id or "persistor",
+            algorithm=exp.fed.algorithm,
+            key_metric=exp.key_metric,
+            fedprox_mu=exp.fed.mu,
+            model_spec=json.dumps(model_spec(exp.model, exp.task)),
+            server_optimizer={"name": so.name, "lr": so.lr, "momentum": so.momentum, "betas": list(so.betas),
+                              "eps": so.eps},
+            final_eval=exp.fed.final_eval,
+            tb_layout=scalar_layout(exp),
+        )
+
+
+def report_metrics(exp: ExperimentConfig) -> list[str]:
+    """Metrics tabulated in the cross-site report: the key metric, then one per class."""
+    key = exp.key_metric
+    base = "val_dice" if exp.task.is_segmentation else "val_auc"
+    per_class = [f"{base}_{c}" for c in exp.task.class_names]
+    if not exp.task.is_segmentation and len(exp.task.class_names) == 2:
+        per_class = []  # both one-vs-rest AUCs equal the AUC
+    extra = [f"val_hd95_{c}" for c in exp.task.class_names] if exp.task.is_segmentation else \
+        ["val_balanced_accuracy"]
+    return list(dict.fromkeys([key, base, *per_class, *extra]))
+
+
+def build_recipe(
     exp: ExperimentConfig,
     job_dir: str | Path,
     site_configs: dict[str, str | None],
     staging_dir: str | Path,
     sites_sharing_cpu: int = 1,
     initial_ckpt: str | None = None,
-):
-    """A FedAvg recipe with TensorBoard tracking and cross-site evaluation.
+    start_round: int = 0,
+    fast_polling: bool = False,
+) -> FedimgRecipe:
+    """The experiment's recipe, with TensorBoard tracking and (if configured) cross-site evaluation.
 
     Args:
         exp: the experiment.
         job_dir: folder holding ``client.py`` (the job's client script).
         site_configs: site name -> path of its site YAML (simulator), or None
             (real sites: the site sets ``FEDIMG_SITE_CONFIG``).
-        sites_sharing_cpu: processes training on one machine (simulator), so
-            each sizes its thread pool.
         staging_dir: empty folder where the job's files are assembled; export
             and execution must run with it as working directory (see
             :func:`in_staging`).
-        initial_ckpt: absolute path of a checkpoint to start from.
+        sites_sharing_cpu: processes training on one machine (simulator), so
+            each sizes its thread pool.
+        initial_ckpt: absolute path of a checkpoint to start from (resume).
+        start_round: first round number; -1 continues the checkpoint's rounds.
+        fast_polling: sites ask for their next task every 0.25 s instead of
+            NVFlare's 2 s (for the simulator and POC on one machine).
 
-    Returns:
-        ``nvflare.app_opt.pt.recipes.FedAvgRecipe``.
+    Raises:
+        ValueError: no sites, too few sites for ``fed.min_clients``, a site named
+            ``global``, or a path NVFlare cannot pass on.
     """
-    from nvflare.app_opt.pt.recipes import FedAvgRecipe
-    from nvflare.recipe import add_cross_site_evaluation, set_per_site_config
-
-    from fedimg.fl.tracking import ScalarTBReceiver
-
-    if exp.fed.algorithm != "fedavg":
-        raise ValueError(f"fed.algorithm {exp.fed.algorithm!r} has no recipe here; use fedavg")
     job_dir = Path(job_dir).resolve()
     if not (job_dir / "client.py").is_file():
         raise FileNotFoundError(f"{job_dir}/client.py not found: expected the job's client script there")
     names = list(site_configs)
     if not names:
         raise ValueError("at least one site is needed")
+    if GLOBAL_RUN in names:
+        raise ValueError(f"a site may not be named {GLOBAL_RUN!r}: TensorBoard shows the federation under that name")
     min_clients = exp.fed.min_clients or len(names)
     if min_clients > len(names):
         raise ValueError(f"fed.min_clients is {min_clients} but only {len(names)} site(s) are configured")
@@ -87,8 +146,11 @@ def build_fedavg_recipe(
     shutil.copy2(job_dir / "client.py", staging / "client.py")
     cfgmod.save(exp, staging / "experiment.yaml")
     base_args = f"--config experiment.yaml --sites-sharing-cpu {int(sites_sharing_cpu)}"
+    transfer = TransferType.DIFF if exp.fed.exchange == "diff" else TransferType.FULL
     with _chdir(staging):
-        recipe = FedAvgRecipe(
+        recipe = FedimgRecipe(
+            exp,
+            start_round=start_round,
             name=exp.name,
             model=model_spec(exp.model, exp.task),
             initial_ckpt=initial_ckpt,
@@ -96,8 +158,8 @@ def build_fedavg_recipe(
             num_rounds=exp.fed.num_rounds,
             train_script="client.py",
             train_args=base_args,
-            key_metric=exp.fed.key_metric,
-            key_metric_mode="max",
+            params_transfer_type=transfer,
+            key_metric="",  # fedimg's controller selects the best model itself (on the rated model)
         )
         if any(p is not None for p in site_configs.values()):
             per_site = {}
@@ -109,12 +171,21 @@ def build_fedavg_recipe(
                     args += f" --site-config {resolved}"
                 per_site[name] = {"train_script": "client.py", "train_args": args}
             # Must precede anything that adds client-side components.
+            from nvflare.recipe import set_per_site_config
+
             set_per_site_config(recipe, per_site)
+        # Server and sites run the installed fedimg: NVFlare must not bundle its source into custom/.
+        recipe._job.set_app_packages(["fedimg"])  # noqa: SLF001
         recipe.add_client_file("experiment.yaml")
         # Server-side TensorBoard: scalars only, no host name in event file names.
         recipe._job.to_server(ScalarTBReceiver(), "receiver")  # noqa: SLF001 - as add_experiment_tracking does
+        if fast_polling:
+            recipe.add_server_config({"server": {"task_request_interval": 0.25}})
         if exp.fed.cross_site_eval:
+            from nvflare.recipe import add_cross_site_evaluation
+
             add_cross_site_evaluation(recipe)
+            recipe._job.to_server(CrossSiteReport(report_metrics(exp)), "cross_site_report")  # noqa: SLF001
     return recipe
 
 

@@ -2,19 +2,22 @@
 
 NVFlare can exit normally after a client failed in evaluation; so a run is
 judged by its outputs: the global model exists, every site's error log is
-empty, and every site evaluated the final global model.
+empty, every round has a record, and every site evaluated the final global
+model.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedimg.config import ExperimentConfig
-from fedimg.fl.recipe import build_fedavg_recipe, in_staging, simulator_gpu_config
+from fedimg.fl.recipe import build_recipe, in_staging, simulator_gpu_config
 
 logger = logging.getLogger(__name__)
 
@@ -28,32 +31,66 @@ class FederatedRunError(RuntimeError):
     """The federated run failed or produced incomplete results."""
 
 
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 @dataclass
 class SimulationResult:
-    """Paths and results of a simulator run."""
+    """Paths and results of a federated run (simulator workspace or a downloaded job).
+
+    Attributes:
+        job_dir: the run's workspace folder.
+        run_dir: the server's run folder (``app_server/``, ``tb_events/``, ``fedimg/`` ...).
+        global_model, best_model: checkpoints (``torch.load(p)["model"]``).
+        cross_site: NVFlare's ``cross_val_results.json``.
+        tb_logdir: TensorBoard folder: one run per site plus ``global``.
+        cross_site_results: evaluating site -> model -> metrics.
+        rounds: the controller's per-round records (``fedimg/rounds.jsonl``).
+        global_metrics: the federation's validation per step (``fedimg/global_metrics.jsonl``).
+        summary: the controller's ``fedimg/summary.json``.
+        seconds: wall time of the run, start-up included.
+    """
 
     job_dir: Path
+    run_dir: Path
     global_model: Path
     best_model: Path
     cross_site: Path
     tb_logdir: Path
     cross_site_results: dict
-    seconds: float
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    global_metrics: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+
+    def final_metric(self, site: str, metric: str) -> float | None:
+        """``metric`` of the final global model on ``site``'s validation cases (cross-site evaluation)."""
+        return self.cross_site_results.get(site, {}).get(SRV_GLOBAL, {}).get(metric)
 
     def final_dice(self, site: str) -> float | None:
         """Dice of the final global model on ``site``'s validation cases."""
-        return self.cross_site_results.get(site, {}).get(SRV_GLOBAL, {}).get("val_dice")
+        return self.final_metric(site, "val_dice")
+
+    def final_eval(self) -> dict[str, Any] | None:
+        """The final global model's validation record (every site, and their case-weighted mean)."""
+        finals = [row for row in self.global_metrics if row.get("final_eval")]
+        return finals[-1] if finals else None
 
 
-def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True) -> SimulationResult:
-    """Read a finished simulator workspace and check it is complete.
+def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
+            run_dir: Path | None = None) -> SimulationResult:
+    """Read a finished workspace and check it is complete.
 
     Raises:
-        FederatedRunError: a missing model, a non-empty error log, or a site
-            missing from the cross-site results. The message names the files to read.
+        FederatedRunError: a missing model, a non-empty error log, no round
+            record, or a site missing from the cross-site results. The message
+            names the files to read.
     """
-    server = job_dir / "server" / "simulate_job"
+    server = run_dir or job_dir / "server" / "simulate_job"
     errors = []
     for participant in ["server", *sites]:
         log = job_dir / participant / "error_log.txt"
@@ -63,9 +100,15 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True) ->
     bm = server / "app_server" / BEST_MODEL
     cs = server / "cross_site_val" / "cross_val_results.json"
     results = json.loads(cs.read_text()) if cs.is_file() else {}
+    rounds = _jsonl(server / "fedimg" / "rounds.jsonl")
+    summary_path = server / "fedimg" / "summary.json"
     problems = []
     if not gm.is_file():
         problems.append(f"no global model at {gm}")
+    if not rounds:
+        problems.append(f"no round records at {server / 'fedimg' / 'rounds.jsonl'}")
+    if not summary_path.is_file():
+        problems.append(f"the workflow did not finish (no {summary_path})")
     if require_cross_site:
         missing = [s for s in sites if SRV_GLOBAL not in results.get(s, {})]
         if missing:
@@ -74,9 +117,10 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True) ->
         problems.append("error logs are not empty: " + ", ".join(errors))
     if problems:
         raise FederatedRunError("federated run incomplete: " + "; ".join(problems))
-    return SimulationResult(job_dir=job_dir, global_model=gm, best_model=bm, cross_site=cs,
-                            tb_logdir=server / "tb_events", cross_site_results=results, seconds=0.0,
-                            errors=errors)
+    return SimulationResult(job_dir=job_dir, run_dir=server, global_model=gm, best_model=bm, cross_site=cs,
+                            tb_logdir=server / "tb_events", cross_site_results=results, rounds=rounds,
+                            global_metrics=_jsonl(server / "fedimg" / "global_metrics.jsonl"),
+                            summary=json.loads(summary_path.read_text()), errors=errors)
 
 
 def quiet_log_config(path: Path) -> str:
@@ -109,23 +153,39 @@ def run_simulation(
     site_configs: dict[str, str],
     workspace: str | Path,
     initial_ckpt: str | None = None,
+    resume_from: SimulationResult | None = None,
 ) -> SimulationResult:
-    """Build the FedAvg recipe and run it in ``SimEnv``, one process per site.
+    """Build the experiment's recipe and run it in ``SimEnv``, one process per site.
 
     Args:
         exp: the experiment.
         job_dir: folder holding the job's ``client.py``.
         site_configs: site name -> site YAML path.
         workspace: simulator workspace root; the run lands in ``workspace/<exp.name>``.
-        initial_ckpt: optional warm start.
+            Reusing a workspace replaces the run in it.
+        initial_ckpt: warm start from these weights (round numbering restarts at 0).
+        resume_from: continue this earlier run: start from its final global
+            model, continue its round numbering and its best-model record, and
+            carry its TensorBoard events over so every curve continues.
+            ``exp.fed.num_rounds`` more rounds are run.
+
+    Raises:
+        FederatedRunError: the run failed or its outputs are incomplete.
     """
     from nvflare.recipe import SimEnv
 
     workspace = Path(workspace).resolve()
+    if resume_from is not None:
+        if initial_ckpt is not None:
+            raise ValueError("pass either initial_ckpt or resume_from, not both")
+        if resume_from.job_dir.resolve() == (workspace / exp.name).resolve():
+            raise ValueError(f"resume into a new workspace: {workspace} holds the run being resumed")
+        initial_ckpt = str(resume_from.global_model.resolve())
     staging = workspace / "job_staging"
     sites = list(site_configs)
-    recipe = build_fedavg_recipe(exp, job_dir, site_configs, staging, sites_sharing_cpu=len(sites),
-                                 initial_ckpt=initial_ckpt)
+    recipe = build_recipe(exp, job_dir, site_configs, staging, sites_sharing_cpu=len(sites),
+                          initial_ckpt=initial_ckpt, start_round=-1 if resume_from is not None else 0,
+                          fast_polling=True)
     env = SimEnv(clients=sites, num_clients=len(sites), num_threads=len(sites), workspace_root=str(workspace),
                  gpu_config=simulator_gpu_config(len(sites)), log_config=quiet_log_config(workspace / "log_config.json"))
     t0 = time.perf_counter()
@@ -138,4 +198,16 @@ def run_simulation(
     job = Path(run.get_result()) if run is not None else workspace / exp.name
     result = collect(job, sites, require_cross_site=exp.fed.cross_site_eval)
     result.seconds = time.perf_counter() - t0
+    if resume_from is not None:
+        carry_tensorboard(resume_from.tb_logdir, result.tb_logdir)
     return result
+
+
+def carry_tensorboard(previous: Path, current: Path) -> None:
+    """Copy an earlier run's event files into the resumed run's folders (one curve per site continues)."""
+    for src in previous.glob("*/events.out.tfevents.*"):
+        dst = current / src.parent.name / f"{src.name}.before_resume"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            # Named as TensorBoard event files still (prefix kept), read before the newer ones.
+            shutil.copy2(src, dst)

@@ -1,15 +1,20 @@
-"""Segmentation task: loss, inference and per-class Dice."""
+"""Segmentation task: loss, sliding-window inference, post-processing, per-class Dice and HD95."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import warnings
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
+from monai.metrics import DiceMetric, compute_hausdorff_distance
 from monai.networks.utils import one_hot
+
+from fedimg.config import ExperimentConfig
+from fedimg.runtime import Runtime
 
 
 def build_loss() -> torch.nn.Module:
@@ -58,24 +63,50 @@ def remove_small_components(pred: torch.Tensor, num_classes: int, min_voxels: in
 
 
 class DiceAccumulator:
-    """Per-class Dice over cases, foreground classes only.
+    """Per-class Dice and 95th-percentile Hausdorff distance over cases, foreground classes only.
 
-    A class absent from a case's label counts as 1.0 if the prediction is also
-    empty and 0.0 otherwise (MONAI ``ignore_empty=False``), so false positives
-    on lesion-free cases are penalised rather than ignored.
+    Dice: a class absent from a case's label counts as 1.0 if the prediction
+    is also empty and 0.0 otherwise (MONAI ``ignore_empty=False``), so false
+    positives on lesion-free cases are penalised rather than ignored.
+
+    HD95 (in mm when the voxel spacing is known, else in voxels): 0 when label
+    and prediction are both empty; undefined (left out of the mean, counted in
+    ``hd95_undefined/<class>``) when exactly one of them is empty.
     """
 
     def __init__(self, class_names: Sequence[str]) -> None:
         self.class_names = list(class_names)
         self.metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+        self._hd: list[list[float]] = [[] for _ in self.class_names]
+        self._hd_undefined = [0 for _ in self.class_names]
 
-    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
-        """Add a batch of class-index predictions and labels (B, 1, ...)."""
+    def update(self, pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[Sequence[float]] | None = None) -> None:
+        """Add a batch of class-index predictions and labels (B, 1, ...), with each case's voxel spacing."""
         n = len(self.class_names) + 1
-        self.metric(y_pred=one_hot(pred.long(), n), y=one_hot(label.long(), n))
+        p1, l1 = one_hot(pred.long(), n), one_hot(label.long(), n)
+        self.metric(y_pred=p1, y=l1)
+        for b in range(pred.shape[0]):
+            sp = None if spacing is None else [float(s) for s in spacing[b]]
+            for c in range(1, n):
+                has_p, has_l = bool(p1[b, c].any()), bool(l1[b, c].any())
+                if not has_p and not has_l:
+                    self._hd[c - 1].append(0.0)
+                    continue
+                if has_p != has_l:
+                    self._hd_undefined[c - 1] += 1
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    hd = compute_hausdorff_distance(p1[b:b + 1, c:c + 1].float(), l1[b:b + 1, c:c + 1].float(),
+                                                    include_background=True, percentile=95, spacing=sp)
+                value = float(hd.reshape(-1)[0])
+                if math.isfinite(value):
+                    self._hd[c - 1].append(value)
+                else:
+                    self._hd_undefined[c - 1] += 1
 
     def result(self) -> dict[str, float]:
-        """``{"dice_mean": x, "dice/<class>": y, ...}`` averaged over cases."""
+        """``{"dice_mean", "dice/<class>", "hd95_mean", "hd95/<class>", "hd95_undefined/<class>"}``."""
         values = self.metric.aggregate()  # (cases, classes)
         self.metric.reset()
         if values.numel() == 0:
@@ -83,4 +114,82 @@ class DiceAccumulator:
         per_class = torch.nanmean(values.float(), dim=0)
         out = {f"dice/{name}": float(per_class[i]) for i, name in enumerate(self.class_names)}
         out["dice_mean"] = float(torch.nanmean(per_class))
+        hd_means = []
+        for i, name in enumerate(self.class_names):
+            if self._hd[i]:
+                out[f"hd95/{name}"] = float(np.mean(self._hd[i]))
+                hd_means.append(out[f"hd95/{name}"])
+            out[f"hd95_undefined/{name}"] = float(self._hd_undefined[i])
+        if hd_means:
+            out["hd95_mean"] = float(np.mean(hd_means))
+        self._hd = [[] for _ in self.class_names]
+        self._hd_undefined = [0 for _ in self.class_names]
         return out
+
+
+def overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """An RGB picture (H, W, 3, uint8) of one axial slice: reference in green, prediction in red.
+
+    Args:
+        image: 2D slice, intensities in [0, 1].
+        label: 2D class indices of the reference.
+        pred: 2D class indices of the prediction.
+    """
+    base = np.clip(image, 0.0, 1.0)
+    rgb = np.stack([base, base, base], axis=-1) * 0.7
+    ref, out = label > 0, pred > 0
+    rgb[ref, 1] = np.clip(rgb[ref, 1] + 0.5, 0, 1)
+    rgb[out, 0] = np.clip(rgb[out, 0] + 0.5, 0, 1)
+    return (rgb * 255).astype(np.uint8)
+
+
+class SegmentationTask:
+    """Segmentation: DiceCE loss, sliding-window inference, Dice and HD95 per class."""
+
+    kind = "segmentation"
+    main_metric = "dice_mean"
+
+    def __init__(self, exp: ExperimentConfig) -> None:
+        self.exp = exp
+        self.class_names = list(exp.task.class_names)
+
+    def loss(self) -> torch.nn.Module:
+        """The training loss."""
+        return build_loss()
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader: Any, rt: Runtime) -> dict[str, float]:
+        """Per-class Dice/HD95 of ``model`` on whole volumes (after small-component removal)."""
+        model.eval()
+        acc = DiceAccumulator(self.class_names)
+        n = 0
+        for batch in loader:
+            image = batch["image"].to(rt.device)
+            label = batch["label"].to(rt.device)
+            pred = predict(model, image, self.exp.data.roi_size, self.exp.train.sw_batch_size, rt.autocast())
+            pred = remove_small_components(pred, len(self.class_names) + 1, self.exp.task.min_component_voxels)
+            spacing = batch.get("spacing")
+            acc.update(pred, label, None if spacing is None else spacing.tolist())
+            n += image.shape[0]
+        if n == 0:
+            return {}
+        out = acc.result()
+        out["cases"] = float(n)
+        return out
+
+    @torch.no_grad()
+    def overlays(self, model: torch.nn.Module, loader: Any, rt: Runtime, limit: int = 2) -> list[np.ndarray]:
+        """Prediction-vs-reference pictures of the first ``limit`` validation cases (site-local only)."""
+        model.eval()
+        pictures = []
+        for batch in loader:
+            image = batch["image"].to(rt.device)
+            label = batch["label"]
+            pred = predict(model, image, self.exp.data.roi_size, self.exp.train.sw_batch_size, rt.autocast()).cpu()
+            lab = label[0, 0].numpy()
+            # The slice with most reference foreground shows the structures best.
+            k = int(np.argmax((lab > 0).sum(axis=(0, 1)))) if lab.any() else lab.shape[2] // 2
+            pictures.append(overlay(image[0, 0, :, :, k].float().cpu().numpy(), lab[:, :, k], pred[0, 0, :, :, k].numpy()))
+            if len(pictures) >= limit:
+                break
+        return pictures

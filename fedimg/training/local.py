@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ class LocalResult:
 
     site: str
     epochs: int
-    best_dice: float
+    best_score: float
+    metric: str
     best_epoch: int
     final: dict[str, float]
     best_model: str
@@ -36,7 +38,7 @@ class LocalResult:
 
 
 def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, progress: bool = True) -> LocalResult:
-    """Train ``exp.train.epochs`` epochs on one site and keep the best model by validation Dice.
+    """Train ``exp.train.epochs`` epochs on one site and keep the best model by the task's main metric.
 
     Writes ``out_dir/{best_model.pt,last_model.pt,metrics.jsonl,config.yaml,site.yaml}``
     and TensorBoard events under ``out_dir/tb``.
@@ -46,30 +48,31 @@ def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, pr
     cfgmod.save(exp, out / "config.yaml")
     rt = runtime.setup(site.device, exp.train.amp, site.num_threads, seed=exp.train.seed)
     t0 = time.perf_counter()
-    trainer = SiteTrainer(exp, site.datalist, rt, progress=progress)
+    trainer = SiteTrainer.from_datalist(exp, site.datalist, rt, progress=progress)
     writer = local_writer(out / "tb")
-    best, best_epoch, last_val = -1.0, 0, {}
+    best, best_epoch, last_val = -math.inf, 0, {}
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
     bar = tqdm(range(1, exp.train.epochs + 1), desc=f"{site.name}: train", unit="epoch", disable=not progress)
     for epoch in bar:
         trainer.set_progress((epoch - 1) / exp.train.epochs)
-        fit = trainer.fit(1, on_step=lambda s, loss: writer.add_scalar(f"{site.name}/train/loss", loss, s))
+        fit = trainer.fit(1)
+        writer.add_scalar(f"{site.name}/train/loss", fit["loss"], epoch)
         val = trainer.validate()
         last_val = val
         row = {"epoch": epoch, "train_loss": fit["loss"], **{f"val_{k}": v for k, v in val.items()}}
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         for k, v in val.items():
-            if k.startswith("dice"):
-                writer.add_scalar(f"{site.name}/val/{k}", v, trainer.steps_done)
-        score = val.get("dice_mean", -fit["loss"])
+            if k != "cases":
+                writer.add_scalar(f"{site.name}/val/{k}", v, epoch)
+        score = val.get(trainer.task.main_metric, -fit["loss"])
         if score > best:
             best, best_epoch = score, epoch
-            save_checkpoint(out / "best_model.pt", trainer.model, {"epoch": epoch, "val_dice": score})
-        bar.set_postfix(loss=f"{fit['loss']:.3f}", dice=f"{val.get('dice_mean', float('nan')):.3f}")
+            save_checkpoint(out / "best_model.pt", trainer.model, {"epoch": epoch, trainer.task.main_metric: score})
+        bar.set_postfix(loss=f"{fit['loss']:.3f}", score=f"{val.get(trainer.task.main_metric, float('nan')):.3f}")
     save_checkpoint(out / "last_model.pt", trainer.model, {"epoch": exp.train.epochs})
     writer.close()
-    return LocalResult(site=site.name, epochs=exp.train.epochs, best_dice=best, best_epoch=best_epoch,
+    return LocalResult(site=site.name, epochs=exp.train.epochs, best_score=best, metric=trainer.task.main_metric, best_epoch=best_epoch,
                        final=last_val, best_model=str(out / "best_model.pt"), last_model=str(out / "last_model.pt"),
                        logdir=str(out / "tb"), seconds=time.perf_counter() - t0)

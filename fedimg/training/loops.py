@@ -2,7 +2,8 @@
 
 Pure PyTorch/MONAI: no NVFlare import. The federated client calls exactly
 these functions, so a site's local epoch inside NVFlare is the same code as a
-local-only baseline epoch.
+local-only baseline epoch. Federated algorithms change a step only through
+:class:`StepHooks` (an extra loss term, a correction after the optimizer step).
 """
 
 from __future__ import annotations
@@ -10,18 +11,33 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 
 from fedimg.runtime import Runtime
-from fedimg.tasks.segmentation import DiceAccumulator, predict, remove_small_components
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
     """Training diverged or could not run."""
+
+
+@dataclass
+class StepHooks:
+    """What a federated algorithm adds to a local optimizer step.
+
+    Attributes:
+        extra_loss: called with the model after the task loss; its value is
+            added to the loss before the backward pass (FedProx's proximal term).
+        after_step: called with the model and the current learning rate after
+            each optimizer step (SCAFFOLD's control-variate correction).
+    """
+
+    extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None
+    after_step: Callable[[torch.nn.Module, float], None] | None = None
 
 
 def train_epoch(
@@ -32,20 +48,23 @@ def train_epoch(
     rt: Runtime,
     scaler: torch.amp.GradScaler | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    hooks: StepHooks | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``.
 
     Args:
         on_step: called with (step index within the epoch, loss) after each step.
+        hooks: algorithm-specific additions to each step.
 
     Returns:
-        ``{"loss": mean loss, "steps": n, "seconds": wall time}``.
+        ``{"loss": mean task loss, "steps": n, "seconds": wall time}``.
 
     Raises:
         TrainingError: the loss became NaN or infinite.
     """
     model.train()
     scaler = scaler or rt.grad_scaler()
+    hooks = hooks or StepHooks()
     total, steps = 0.0, 0
     t0 = time.perf_counter()
     for batch in loader:
@@ -57,9 +76,13 @@ def train_epoch(
         value = float(loss.detach())
         if not math.isfinite(value):
             raise TrainingError(f"loss is {value} at step {steps}; lower optim.lr or check the inputs")
+        if hooks.extra_loss is not None:
+            loss = loss + hooks.extra_loss(model)  # in fp32, outside autocast
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if hooks.after_step is not None:
+            hooks.after_step(model, float(optimizer.param_groups[0]["lr"]))
         total += value
         steps += 1
         if on_step is not None:
@@ -67,38 +90,6 @@ def train_epoch(
     if steps == 0:
         raise TrainingError("the training loader yielded no batch; the site has no training cases")
     return {"loss": total / steps, "steps": float(steps), "seconds": time.perf_counter() - t0}
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    loader: Iterable[dict[str, torch.Tensor]],
-    rt: Runtime,
-    class_names: Sequence[str],
-    roi_size: Sequence[int],
-    sw_batch_size: int = 2,
-    min_component_voxels: int = 0,
-) -> dict[str, float]:
-    """Per-class Dice of ``model`` on whole volumes (after small-component removal).
-
-    Returns:
-        ``{"dice_mean": x, "dice/<class>": y, "cases": n}``; empty if the loader is empty.
-    """
-    model.eval()
-    acc = DiceAccumulator(class_names)
-    n = 0
-    for batch in loader:
-        image = batch["image"].to(rt.device)
-        label = batch["label"].to(rt.device)
-        pred = predict(model, image, roi_size, sw_batch_size, rt.autocast())
-        pred = remove_small_components(pred, len(class_names) + 1, min_component_voxels)
-        acc.update(pred, label)
-        n += image.shape[0]
-    if n == 0:
-        return {}
-    out = acc.result()
-    out["cases"] = float(n)
-    return out
 
 
 def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float,

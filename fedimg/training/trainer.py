@@ -1,73 +1,97 @@
-"""``SiteTrainer``: one site's model, data and optimizer behind a small API.
+"""``SiteTrainer``: one model, its data and its optimizer behind a small API.
 
-Local-only training, centralized training and the NVFlare client all drive a
-``SiteTrainer``; only who calls :meth:`fit` and where the weights come from
-differ.
+Local-only training, centralized (pooled) training and the NVFlare client all
+drive a ``SiteTrainer``; only who calls :meth:`fit` and where the weights come
+from differ.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from fedimg.config import ExperimentConfig
-from fedimg.data.datasets import make_loaders, read_datalist
-from fedimg.models.registry import build_model
+from fedimg.data.datasets import check_matches_task, make_loaders, make_val_loader, read_datalist
+from fedimg.models.registry import build_model, normalization_keys
 from fedimg.runtime import Runtime
-from fedimg.tasks.segmentation import build_loss
-from fedimg.training.loops import build_optimizer, evaluate, train_epoch
+from fedimg.tasks import build_task
+from fedimg.training.loops import StepHooks, build_optimizer, train_epoch
 
 logger = logging.getLogger(__name__)
 
 
 class SiteTrainer:
-    """Train and evaluate one model on one site's datalist.
+    """Train and evaluate one model on given training and validation items.
 
     Args:
         exp: the experiment config.
-        datalist: path to the site's ``datalist.json``.
+        train_items: training items (from :func:`fedimg.data.datasets.read_datalist`).
+        val_items: validation items (may be empty).
         rt: the process runtime (device, AMP, threads).
         progress: show a progress bar while caching.
     """
 
-    def __init__(self, exp: ExperimentConfig, datalist: str | Path, rt: Runtime, progress: bool = False) -> None:
+    def __init__(self, exp: ExperimentConfig, train_items: list[dict[str, Any]], val_items: list[dict[str, Any]],
+                 rt: Runtime, progress: bool = False) -> None:
         self.exp = exp
         self.rt = rt
-        train_items, val_items, raw = read_datalist(datalist)
-        self._check_classes(raw)
+        self.task = build_task(exp)
         self.n_train = len(train_items)
         self.n_val = len(val_items)
-        self.train_loader, self.val_loader = make_loaders(train_items, val_items, exp.data, rt.device, exp.task.num_classes,
+        self.progress = progress
+        self.train_loader, self.val_loader = make_loaders(train_items, val_items, exp.data, exp.task, rt.device,
                                                           progress=progress, seed=exp.train.seed)
         self.model = build_model(exp.model, exp.task).to(rt.device)
         self.optimizer = build_optimizer(self.model, exp.optim.name, exp.optim.lr, exp.optim.weight_decay,
                                          exp.optim.momentum)
-        self.loss_fn = build_loss()
+        self.loss_fn = self.task.loss()
         self.scaler = rt.grad_scaler()
         self.steps_done = 0
+        self.norm_keys = frozenset(normalization_keys(self.model))
 
-    def _check_classes(self, raw: dict) -> None:
-        labels = raw.get("labels")
-        if isinstance(labels, dict):
-            names = [labels[k] for k in sorted(labels, key=int) if k != "0"]
-            if names != list(self.exp.task.class_names):
-                raise ValueError(
-                    f"datalist classes {names} do not match task.class_names {list(self.exp.task.class_names)}; "
-                    "preprocess with a spec whose labels.classes match the experiment")
+    @classmethod
+    def from_datalist(cls, exp: ExperimentConfig, datalist: str | Path, rt: Runtime,
+                      progress: bool = False) -> "SiteTrainer":
+        """A trainer on one site's ``datalist.json`` (checked against the experiment's task)."""
+        dl = read_datalist(datalist)
+        check_matches_task(dl, exp.task, f"datalist {datalist}")
+        return cls(exp, dl.training, dl.validation, rt, progress=progress)
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Load (global) weights; shapes must match exactly."""
-        self.model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    def load_weights(self, state: dict[str, Any], keep: Iterable[str] = ()) -> None:
+        """Load (global) weights, except the keys in ``keep``, which stay as they are (FedBN).
+
+        Raises:
+            ValueError: a key is missing or has the wrong shape, named in the message.
+        """
+        keep = set(keep)
+        current = self.model.state_dict()
+        missing = sorted(k for k in current if k not in state and k not in keep)
+        unknown = sorted(k for k in state if k not in current)
+        if missing or unknown:
+            raise ValueError(f"received weights do not fit the configured {self.exp.model.name}: "
+                             f"missing {missing[:3]}, unexpected {unknown[:3]}; server and site must use the "
+                             "same experiment config")
+        new = {}
+        for k, v in current.items():
+            if k in keep or k not in state:
+                new[k] = v
+                continue
+            t = torch.as_tensor(state[k])
+            if tuple(t.shape) != tuple(v.shape):
+                raise ValueError(f"received weight {k} has shape {tuple(t.shape)}, the model expects {tuple(v.shape)}")
+            new[k] = t.to(dtype=v.dtype)
+        self.model.load_state_dict(new, strict=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """CPU copy of the current weights."""
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def fit(self, epochs: int, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
-        """Train ``epochs`` epochs; returns mean loss and the number of optimizer steps."""
+    def fit(self, epochs: int, on_step: Callable[[int, float], None] | None = None,
+            hooks: StepHooks | None = None) -> dict[str, float]:
+        """Train ``epochs`` epochs; returns the mean loss and the number of optimizer steps."""
         losses, steps = [], 0
 
         def hook(i: int, loss: float) -> None:
@@ -77,17 +101,30 @@ class SiteTrainer:
 
         for _ in range(epochs):
             res = train_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, self.rt, self.scaler,
-                              on_step=hook)
+                              on_step=hook, hooks=hooks)
             losses.append(res["loss"])
             steps += int(res["steps"])
         return {"loss": sum(losses) / len(losses), "steps": float(steps)}
 
     def validate(self) -> dict[str, float]:
-        """Dice on the site's validation cases (empty dict if it has none)."""
+        """Metrics on the validation cases (empty dict if there are none)."""
         if self.val_loader is None:
             return {}
-        return evaluate(self.model, self.val_loader, self.rt, self.exp.task.class_names, self.exp.data.roi_size,
-                        self.exp.train.sw_batch_size, self.exp.task.min_component_voxels)
+        return self.task.evaluate(self.model, self.val_loader, self.rt)
+
+    def eval_loader(self, items: list[dict[str, Any]]) -> Any:
+        """A cached loader over other validation items (e.g. another site's, in centralized training)."""
+        return make_val_loader(items, self.exp.data, self.exp.task, self.rt.device)
+
+    def evaluate(self, loader: Any) -> dict[str, float]:
+        """Metrics of the current model on ``loader``."""
+        return self.task.evaluate(self.model, loader, self.rt)
+
+    def overlays(self, limit: int = 2) -> list[Any]:
+        """Prediction-vs-reference pictures of validation cases; for the site's own logdir only."""
+        if self.val_loader is None:
+            return []
+        return self.task.overlays(self.model, self.val_loader, self.rt, limit)
 
     def set_progress(self, progress: float) -> float:
         """Set the learning rate for ``progress`` in [0, 1] of the run (``optim.schedule``)."""

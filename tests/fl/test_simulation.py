@@ -1,11 +1,17 @@
-"""The federated job in NVFlare's simulator: 2 sites x 2 rounds on tiny data, and job export."""
+"""The federated job in NVFlare's simulator: 2 sites x 2 rounds of FedAvg segmentation, read back in full.
+
+Checked on the outputs: models, error logs, the cross-site matrix and its
+report, TensorBoard events (tags, steps and values against the round records),
+the best-model choice including the final evaluation, site-local pictures,
+and job export.
+"""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +21,7 @@ from fedimg.models.registry import build_model
 from tests.conftest import DEMO_EXPERIMENT, REPO, tiny_experiment
 
 pytestmark = [pytest.mark.nvflare]
+SITES = ("site-1", "site-2")
 
 
 @pytest.fixture(scope="module")
@@ -24,31 +31,43 @@ def sim_run(small_preprocessed, tmp_path_factory):
     base, _ = small_preprocessed
     work = tmp_path_factory.mktemp("fl")
     site_cfgs = {}
-    for site in ("site-1", "site-2"):
-        sc = cfg.SiteConfig(name=site, datalist=str(base / site / "datalist.json"), device="cpu", num_threads=1)
+    for site in SITES:
+        sc = cfg.SiteConfig(name=site, datalist=str(base / site / "datalist.json"), device="cpu", num_threads=1,
+                            local_logdir=str(work / f"{site}_local_tb"))
         cfg.save(sc, work / f"{site}.yaml")
         site_cfgs[site] = str(work / f"{site}.yaml")
     exp = tiny_experiment()
-    res = run_simulation(exp, REPO / "jobs" / "seg_fedavg", site_cfgs, work / "ws")
-    return exp, res
+    res = run_simulation(exp, REPO / "jobs" / "train", site_cfgs, work / "ws")
+    return exp, res, work
+
+
+def _acc(path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_models_are_saved_and_load_into_the_configured_network(sim_run):
-    exp, res = sim_run
+    exp, res, _ = sim_run
     for path in (res.global_model, res.best_model):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = build_model(exp.model, exp.task)
         model.load_state_dict(ckpt["model"])  # strict: same architecture on server and sites
     meta = torch.load(res.global_model, map_location="cpu", weights_only=True)["meta_props"]
     assert meta["current_round"] == exp.fed.num_rounds - 1
+    assert meta["fedimg"]["rounds_done"] == exp.fed.num_rounds
+    # No fedimg source is bundled into the job: server and sites run the installed package.
+    assert not list(res.job_dir.rglob("custom/fedimg"))
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_error_logs_are_empty(sim_run):
-    _, res = sim_run
+    _, res, _ = sim_run
     logs = list(res.job_dir.glob("*/error_log.txt"))
     assert len(logs) >= 3  # server + 2 sites
     assert all(p.stat().st_size == 0 for p in logs), [p for p in logs if p.stat().st_size]
@@ -56,51 +75,104 @@ def test_error_logs_are_empty(sim_run):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_cross_site_matrix_is_complete(sim_run):
-    _, res = sim_run
-    data = json.loads(res.cross_site.read_text())
-    sites = ["site-1", "site-2"]
-    assert sorted(data) == sites
-    for evaluator in sites:
-        models = data[evaluator]
-        assert set(models) == {"SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt", *sites}
-        for metrics in models.values():
-            assert 0.0 <= metrics["val_dice"] <= 1.0
-            assert {"val_dice_organ", "val_dice_lesion"} <= set(metrics)
-        assert res.final_dice(evaluator) == models["SRV_FL_global_model.pt"]["val_dice"]
+def test_best_model_is_chosen_with_the_final_evaluation(sim_run):
+    exp, res, _ = sim_run
+    rows = res.global_metrics
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[-1]["final_eval"]
+    # The federation's value is the validation-case-weighted mean of the sites' values.
+    for row in rows:
+        w = row["weights"]
+        expected = sum(w[s] * row["sites"][s]["val_dice"] for s in SITES) / sum(w.values())
+        assert row["global"]["val_dice"] == pytest.approx(expected)
+    values = [r["global"]["val_dice"] for r in rows]
+    best = res.summary["best"]
+    assert best["value"] == pytest.approx(max(values)) and best["round"] == values.index(max(values))
+    meta = torch.load(res.best_model, map_location="cpu", weights_only=True)["meta_props"]["fedimg"]
+    assert meta["rounds_done"] == best["round"]  # the saved best is the model that was rated
+    # The best model scores, in cross-site evaluation, what it scored when it was chosen.
+    for site in SITES:
+        cs = res.cross_site_results[site]["SRV_best_FL_global_model.pt"]["val_dice"]
+        assert cs == pytest.approx(rows[best["round"]]["sites"][site]["val_dice"], abs=1e-6)
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_tensorboard_tags_per_site_with_aligned_steps(sim_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def test_cross_site_matrix_is_complete_and_reported(sim_run):
+    _, res, _ = sim_run
+    data = json.loads(res.cross_site.read_text())
+    assert sorted(data) == list(SITES)
+    for evaluator in SITES:
+        models = data[evaluator]
+        assert set(models) == {"SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt", *SITES}
+        for metrics in models.values():
+            assert 0.0 <= metrics["val_dice"] <= 1.0
+            assert {"val_dice_organ", "val_dice_lesion", "val_hd95_organ"} <= set(metrics)
+        assert res.final_dice(evaluator) == models["SRV_FL_global_model.pt"]["val_dice"]
+        # The final evaluation inside the run and the cross-site evaluation score the same model alike.
+        assert res.final_eval()["sites"][evaluator]["val_dice"] == pytest.approx(res.final_dice(evaluator), abs=1e-6)
+    matrix = json.loads((res.cross_site.parent / "cross_site_matrix.json").read_text())["matrices"][0]
+    assert matrix["metric"] == "val_dice" and matrix["sites"] == list(SITES)
+    assert matrix["values"]["SRV_FL_global_model.pt"]["site-1"] == pytest.approx(data["site-1"]["SRV_FL_global_model.pt"]["val_dice"])
+    md = (res.cross_site.parent / "cross_site_matrix.md").read_text()
+    assert "| final global model |" in md and "| site-2's own model |" in md and "site-1 cases" in md
 
-    exp, res = sim_run
-    for site in ("site-1", "site-2"):
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_tensorboard_tags_steps_and_values(sim_run):
+    exp, res, _ = sim_run
+    for site in SITES:
         d = res.tb_logdir / site
-        assert d.is_dir(), f"no TensorBoard events for {site}"
-        acc = EventAccumulator(str(d))
-        acc.Reload()
+        acc = _acc(d)
         tags = set(acc.Tags()["scalars"])
-        assert {"val/dice_mean", "val/dice/organ", "val/dice/lesion", "train/loss"} <= tags
-        assert [e.step for e in acc.Scalars("val/dice_mean")] == list(range(exp.fed.num_rounds))
-        assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, exp.fed.num_rounds + 1))
-        assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("val/dice_mean"))
+        assert {f"{site}/val/dice_mean", f"{site}/val/dice/organ", f"{site}/val/dice/lesion",
+                f"{site}/val/hd95/organ", f"{site}/train/loss"} <= tags
+        # Step = rounds of aggregation the evaluated model has seen: 0, 1 and the final model (2).
+        dice = acc.Scalars(f"{site}/val/dice_mean")
+        assert [e.step for e in dice] == [0, 1, 2]
+        for e, row in zip(dice, res.global_metrics):
+            assert e.value == pytest.approx(row["sites"][site]["val_dice"], rel=1e-5)
+        assert [e.step for e in acc.Scalars(f"{site}/train/loss")] == [1, 2]
         # Only scalars reach the server, in event files named without this machine's host name.
         assert not acc.Tags()["images"] and not acc.Tags()["histograms"]
-        import socket
-
         names = [p.name for p in d.glob("events.out.tfevents.*")]
         assert names and all(socket.gethostname() not in n.split(".")[3:5] for n in names)
         assert all(n.split(".")[4] == "fedimg" for n in names)
+    glob = _acc(res.tb_logdir / "global")
+    g = glob.Scalars("global/val/dice_mean")
+    assert [e.step for e in g] == [0, 1, 2]
+    assert [e.value for e in g] == pytest.approx([r["global"]["val_dice"] for r in res.global_metrics], rel=1e-5)
+    assert "global/val/dice/lesion" in glob.Tags()["scalars"]
+    # The server's own run holds the cross-site table (text) and heatmap (an image of aggregate numbers).
+    assert "cross_site/heatmap" in glob.Tags()["images"]
+    img = glob.Images("cross_site/heatmap")[0]
+    assert img.width > 100 and img.height > 100
+    text = glob.Tensors("cross_site/table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "final global model" in text
+    layout = glob.Tensors("custom_scalars__config__")
+    assert layout, "no custom-scalar layout for the per-measure charts"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_site_pictures_stay_in_the_site_logdir(sim_run):
+    _, res, work = sim_run
+    for site in SITES:
+        local = _acc(work / f"{site}_local_tb")
+        images = [t for t in local.Tags()["images"] if t.startswith(f"{site}/overlay/")]
+        assert images, "no prediction-vs-reference pictures in the site's own logdir"
+        assert [e.step for e in local.Images(images[0])] == [0, 1, 2]
+    # Nothing under the server's TensorBoard folder came from a site's pictures.
+    for d in res.tb_logdir.iterdir():
+        assert not [t for t in _acc(d).Tags()["images"] if "overlay" in t]
 
 
 @pytest.mark.slow
 def test_job_export_has_no_site_paths(tmp_path):
     out = tmp_path / "jobs"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "seg_fedavg" / "job.py"), "--config", str(DEMO_EXPERIMENT),
-         "--site", "site-1", "--site", "site-2", "--export", str(out)],
+        [sys.executable, str(REPO / "jobs" / "train" / "job.py"), "--config", str(DEMO_EXPERIMENT),
+         "--site", "site-1", "--site", "site-2", "--export", str(out), "--set", "fed.algorithm=fedprox"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job = out / "seg_demo"
@@ -109,7 +181,11 @@ def test_job_export_has_no_site_paths(tmp_path):
     custom = list(job.rglob("custom/client.py"))
     assert custom, "client script not bundled"
     exp_yaml = list(job.rglob("custom/experiment.yaml"))
-    assert exp_yaml and cfg.load(cfg.ExperimentConfig, exp_yaml[0]).name == "seg_demo"
+    assert exp_yaml and cfg.load(cfg.ExperimentConfig, exp_yaml[0]).fed.algorithm == "fedprox"
     client_cfg = next(job.rglob("config_fed_client.json")).read_text()
     assert "--site-config" not in client_cfg and str(tmp_path) not in client_cfg
     assert str(REPO) not in client_cfg  # no absolute paths of this machine
+    server_cfg = json.loads(next(job.rglob("config_fed_server.json")).read_text())
+    ctl = [w for w in server_cfg["workflows"] if w["path"].endswith("FedimgController")]
+    assert ctl and ctl[0]["args"]["algorithm"] == "fedprox" and ctl[0]["args"]["fedprox_mu"] == 0.01
+    assert not list(job.rglob("custom/fedimg"))

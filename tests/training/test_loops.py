@@ -37,21 +37,22 @@ def test_site_trainer_learns_and_round_trips_weights(small_preprocessed, tmp_pat
     base, _ = small_preprocessed
     exp = tiny_experiment(**{"optim.lr": "0.005"})
     rt = runtime.setup("cpu", amp=False, num_threads=2, seed=0)
-    trainer = SiteTrainer(exp, base / "site-1" / "datalist.json", rt)
+    trainer = SiteTrainer.from_datalist(exp, base / "site-1" / "datalist.json", rt)
     assert trainer.n_train >= 1 and trainer.n_val >= 1
     first = trainer.fit(1)["loss"]
     for _ in range(6):
         last = trainer.fit(1)["loss"]
     assert last < first  # it learns on real preprocessed volumes
     val = trainer.validate()
-    assert set(val) >= {"dice_mean", "dice/organ", "dice/lesion", "cases"}
+    assert set(val) >= {"dice_mean", "dice/organ", "dice/lesion", "hd95/organ", "cases"}
+    assert val["hd95/organ"] > 0
     assert 0.0 <= val["dice_mean"] <= 1.0
     state = trainer.state_dict()
     save_checkpoint(tmp_path / "m.pt", trainer.model, {"val_dice": val["dice_mean"]})
     loaded = load_state_dict(tmp_path / "m.pt")
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
-    other = SiteTrainer(exp, base / "site-1" / "datalist.json", rt)
+    other = SiteTrainer.from_datalist(exp, base / "site-1" / "datalist.json", rt)
     other.load_weights(loaded)
     assert other.validate()["dice_mean"] == pytest.approx(val["dice_mean"], abs=1e-6)
 
@@ -70,8 +71,8 @@ def test_class_names_must_match_datalist(small_preprocessed):
     base, _ = small_preprocessed
     exp = tiny_experiment(**{"task.class_names": "[liver, tumour]"})
     rt = runtime.setup("cpu", amp=False, num_threads=1)
-    with pytest.raises(ValueError, match="do not match task.class_names"):
-        SiteTrainer(exp, base / "site-1" / "datalist.json", rt)
+    with pytest.raises(ValueError, match=r"datalist classes \['organ', 'lesion'\] do not match task.class_names"):
+        SiteTrainer.from_datalist(exp, base / "site-1" / "datalist.json", rt)
 
 
 @pytest.mark.slow
@@ -85,7 +86,8 @@ def test_train_local_writes_checkpoints_metrics_and_tensorboard(small_preprocess
     res = train_local(exp, site, tmp_path / "run", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert res.best_dice == pytest.approx(max(r["val_dice_mean"] for r in rows))
+    assert res.metric == "dice_mean"
+    assert res.best_score == pytest.approx(max(r["val_dice_mean"] for r in rows))
     assert (tmp_path / "run" / "best_model.pt").is_file() and (tmp_path / "run" / "last_model.pt").is_file()
     events = list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     assert len(events) == 1

@@ -1,4 +1,4 @@
-"""NVFlare client script of the seg_fedavg job: fedimg's Client API loop.
+"""NVFlare client script of fedimg's training job: fedimg's Client API loop.
 
 Each site has fedimg installed; this script only hands control to it.
 """

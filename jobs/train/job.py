@@ -1,14 +1,22 @@
-"""seg_fedavg: federated 3D segmentation with FedAvg (NVFlare 2.9 recipe).
+"""fedimg's federated training job (NVFlare 2.9 recipe): any task, any ``fed.algorithm``.
+
+The experiment YAML chooses the task (segmentation, 2D/3D classification),
+the network and the algorithm (FedAvg, FedProx, FedOpt, SCAFFOLD, FedBN).
 
 Run in the simulator (every site on this machine)::
 
-    python jobs/seg_fedavg/job.py --config configs/experiments/seg_demo.yaml --env sim \
+    python jobs/train/job.py --config configs/experiments/seg_demo.yaml --env sim \
         --site site-1=work/site-1/site.yaml --site site-2=work/site-2/site.yaml
+
+Continue that run for more rounds (round numbers and TensorBoard curves continue)::
+
+    python jobs/train/job.py --config ... --env sim --site ... \
+        --resume-from workspace/train/seg_demo --workspace workspace/train_resumed
 
 Export a job folder for ``nvflare job submit -j DIR`` (each real site points
 ``FEDIMG_SITE_CONFIG`` at its own site YAML; no site path enters the job)::
 
-    python jobs/seg_fedavg/job.py --config configs/experiments/seg_demo.yaml \
+    python jobs/train/job.py --config configs/experiments/seg_demo.yaml \
         --site site-1 --site site-2 --export /tmp/jobs
 """
 
@@ -49,13 +57,19 @@ def main() -> int:
                    help="execution environment (sim: NVFlare simulator on this machine)")
     p.add_argument("--site", action="append", default=[], metavar="NAME[=SITE_YAML]",
                    help="a participating site, with its site YAML in simulation (repeatable)")
-    p.add_argument("--workspace", default="workspace/seg_fedavg", help="simulator workspace root")
+    p.add_argument("--workspace", default="workspace/train", help="simulator workspace root")
+    p.add_argument("--resume-from", default=None, metavar="RUN_DIR",
+                   help="continue a finished simulator run (its workspace/<name> folder) for fed.num_rounds more "
+                        "rounds")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
     args = p.parse_args(rest)
 
     from fedimg import config as cfgmod
 
-    exp = cfgmod.load(cfgmod.ExperimentConfig, args.config, args.set)
+    try:
+        exp = cfgmod.load(cfgmod.ExperimentConfig, args.config, args.set)
+    except cfgmod.ConfigError as exc:
+        p.error(str(exc))
     sites: dict[str, str | None] = {}
     for item in args.site:
         name, _, path = item.partition("=")
@@ -64,14 +78,14 @@ def main() -> int:
         p.error("name the participating sites with --site NAME (and =SITE_YAML in simulation)")
 
     if exporting:
-        from fedimg.fl.recipe import build_fedavg_recipe, in_staging
-
-        staging = Path(export_dir).resolve() / f".{exp.name}_staging"
-        recipe = build_fedavg_recipe(exp, HERE, {n: None for n in sites}, staging)
-        with in_staging(staging):
-            recipe.export(str(Path(export_dir).resolve()))
         import shutil
 
+        from fedimg.fl.recipe import build_recipe, in_staging
+
+        staging = Path(export_dir).resolve() / f".{exp.name}_staging"
+        recipe = build_recipe(exp, HERE, {n: None for n in sites}, staging)
+        with in_staging(staging):
+            recipe.export(str(Path(export_dir).resolve()))
         shutil.rmtree(staging, ignore_errors=True)
         print(f"job exported to {Path(export_dir).resolve() / exp.name}; submit with "
               f"`nvflare job submit -j {Path(export_dir).resolve() / exp.name}`")
@@ -80,13 +94,23 @@ def main() -> int:
     missing = [n for n, pth in sites.items() if pth is None]
     if missing:
         p.error(f"simulation needs each site's YAML: --site {missing[0]}=PATH")
-    from fedimg.fl.simulate import run_simulation
+    from fedimg.fl.simulate import FederatedRunError, collect, run_simulation
 
-    res = run_simulation(exp, HERE, {n: str(pth) for n, pth in sites.items()}, args.workspace)
+    previous = None
+    try:
+        if args.resume_from:
+            previous = collect(Path(args.resume_from).resolve(), list(sites), require_cross_site=False)
+        res = run_simulation(exp, HERE, {n: str(pth) for n, pth in sites.items()}, args.workspace,
+                             resume_from=previous)
+    except FederatedRunError as exc:
+        print(f"job.py: error: {exc}", file=sys.stderr)
+        return 2
+    metric = exp.key_metric
     for site in sites:
-        d = res.final_dice(site)
-        print(f"{site}: final global model val Dice = {d if d is None else round(d, 4)}")
-    print(f"best model: {res.best_model}\ncross-site: {res.cross_site}\n"
+        d = res.final_metric(site, metric)
+        print(f"{site}: final global model {metric} = {d if d is None else round(d, 4)}")
+    print(f"best model: {res.best_model} ({metric} {res.summary.get('best', {}).get('value')})\n"
+          f"cross-site: {res.cross_site}\n"
           f"tensorboard --logdir {res.tb_logdir}")
     return 0
 

@@ -1,0 +1,349 @@
+"""fedimg's server workflow: one controller for FedAvg, FedProx, FedOpt, SCAFFOLD and FedBN.
+
+Built on NVFlare's ``BaseFedAvg`` (the ``ModelController`` API), with the
+persistor, model locator, cross-site evaluation and TensorBoard receiver of
+NVFlare's PyTorch recipes. Per round it:
+
+1. sends the global model (and the algorithm's extras: FedProx's ``mu``,
+   SCAFFOLD's global controls) to the sites;
+2. reads each site's validation of that model (it rates the global model after
+   ``round`` aggregations), writes the case-weighted federation mean to
+   TensorBoard (``global/val/...``) and keeps the best global model by the key
+   metric — the model that was rated, not the one aggregated after it;
+3. aggregates the updates (weights or differences, fp16 widened to fp32) with
+   the configured rule and applies them (FedOpt: as a pseudo-gradient for a
+   server optimizer; SCAFFOLD: also updates the global controls);
+4. saves the global model and appends a line to ``fedimg/rounds.jsonl``: who
+   was asked, who contributed with which weight and how many bytes, timings.
+
+After the last round every site validates the final global model, so the
+best-model choice includes it (``final_eval``). A resumed run (``start_round
+= -1``) continues the round numbering stored in the initial checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.abstract.model import make_model_learnable
+from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.utils.fedprox_utils import set_fedprox_metadata
+from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
+
+from fedimg.fl.aggregation import Update, aggregate, weighted_metrics
+from fedimg.fl.exchange import to_float32
+from fedimg.models.registry import build_from_spec
+from fedimg.training.tracking import local_writer
+
+from fedimg.fl.protocol import (
+    META_KEY,
+    RESULT_META_ALGO,
+    RESULT_META_BYTES,
+    RESULT_META_TIMES,
+    RESULT_META_VAL,
+    TASK_META_ALGORITHM,
+    TASK_META_FINAL,
+    TASK_META_ROUND,
+)
+
+
+class FedimgController(BaseFedAvg):
+    """Round loop with best-model selection on the rated model, a final evaluation and round records.
+
+    Args:
+        num_clients: sites sampled per round.
+        num_rounds: rounds to run in this job.
+        start_round: first round number; ``-1`` continues from the initial
+            checkpoint's ``meta["fedimg"]["rounds_done"]`` (0 without one).
+        algorithm: ``fedavg``, ``fedprox``, ``fedopt``, ``scaffold`` or ``fedbn``.
+        key_metric: FLModel metric ranking global models (higher is better).
+        fedprox_mu: FedProx's proximal coefficient (sent with every training task).
+        model_spec: ``{"class_path", "args"}`` of the network as JSON (FedOpt's server model). A
+            string, because NVFlare would build a dict holding a class path into an object.
+        server_optimizer: FedOpt: ``{"name": sgd|adam, "lr", "momentum", "betas", "eps"}``.
+        aggregation: ``mean``, ``median`` or ``trimmed_mean``.
+        trim: values dropped per end for ``trimmed_mean``.
+        final_eval: validate the final global model at every site after the last round.
+        min_responses: results needed per round (0: every sampled site).
+        train_timeout: seconds a round waits for results (0: no limit).
+        tb_layout: TensorBoard custom-scalar layout written with the global curves.
+        task_check_period: seconds between checks for results.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_clients: int,
+        num_rounds: int,
+        start_round: int = 0,
+        persistor_id: str = "persistor",
+        algorithm: str = "fedavg",
+        key_metric: str = "val_dice",
+        fedprox_mu: float | None = None,
+        model_spec: str | None = None,
+        server_optimizer: dict | None = None,
+        aggregation: str = "mean",
+        trim: int = 1,
+        final_eval: bool = True,
+        min_responses: int = 0,
+        train_timeout: int = 0,
+        tb_layout: dict | None = None,
+        task_check_period: float = 0.2,
+    ) -> None:
+        super().__init__(num_clients=num_clients, num_rounds=num_rounds, start_round=max(0, start_round),
+                         persistor_id=persistor_id, task_check_period=task_check_period)
+        self._auto_start = start_round < 0
+        self.algorithm = algorithm
+        self.key_metric = key_metric
+        self.fedprox_mu = fedprox_mu
+        self.model_spec = model_spec
+        self.server_optimizer = server_optimizer or {}
+        self.aggregation = aggregation
+        self.trim = trim
+        self.final_eval = final_eval
+        self.min_responses = min_responses
+        self.train_timeout = train_timeout
+        self.tb_layout = tb_layout
+        self._writer: Any = None
+        self._global: dict[str, np.ndarray] = {}
+        self._controls: dict[str, np.ndarray] = {}
+        self._torch_model: torch.nn.Module | None = None
+        self._server_opt: torch.optim.Optimizer | None = None
+        self._best: dict[str, Any] = {"value": -math.inf, "round": None}
+        self._history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ files
+
+    def _out_dir(self) -> Path:
+        d = Path(self.get_run_dir()) / "fedimg"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _tb(self) -> Any:
+        if self._writer is None:
+            self._writer = local_writer(Path(self.get_run_dir()) / "tb_events" / "global")
+            if self.tb_layout:
+                self._writer.add_custom_scalars(self.tb_layout)
+        return self._writer
+
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        with (self._out_dir() / name).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, default=float) + "\n")
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup_algorithm(self) -> None:
+        if self.algorithm == "fedopt":
+            if not self.model_spec:
+                raise ValueError("fedopt needs model_spec to build the server-side model")
+            self._torch_model = build_from_spec(json.loads(self.model_spec))
+            self._torch_model.load_state_dict({k: torch.as_tensor(v) for k, v in self._global.items()}, strict=True)
+            opt = self.server_optimizer
+            params = self._torch_model.parameters()
+            if opt.get("name", "sgd") == "adam":
+                self._server_opt = torch.optim.Adam(params, lr=float(opt.get("lr", 1e-2)),
+                                                    betas=tuple(opt.get("betas", (0.9, 0.99))),
+                                                    eps=float(opt.get("eps", 1e-3)))
+            else:
+                self._server_opt = torch.optim.SGD(params, lr=float(opt.get("lr", 1.0)),
+                                                   momentum=float(opt.get("momentum", 0.0)))
+        if self.algorithm == "scaffold":
+            self._controls = {k: np.zeros_like(v, dtype=np.float32) for k, v in self._global.items()
+                              if np.issubdtype(v.dtype, np.floating)}
+
+    def _task_meta(self, rnd: int) -> dict[str, Any]:
+        meta: dict[str, Any] = {TASK_META_ALGORITHM: self.algorithm, TASK_META_ROUND: rnd}
+        if self.algorithm == "scaffold":
+            meta[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL] = self._controls
+        return meta
+
+    # ------------------------------------------------------------------ metrics and best model
+
+    def _record_validation(self, step: int, results: list[FLModel], final: bool = False) -> dict[str, float]:
+        per_site, structured, weights = {}, {}, {}
+        for res in results:
+            site = (res.meta or {}).get("client_name", "?")
+            if not res.metrics:
+                continue
+            per_site[site] = dict(res.metrics)
+            structured[site] = dict((res.meta or {}).get(RESULT_META_VAL) or {})
+            weights[site] = float(res.metrics.get("val_cases", 1.0) or 1.0)
+        flat = weighted_metrics(per_site, weights)
+        tree = weighted_metrics(structured, weights)
+        writer = self._tb()
+        for key, value in tree.items():
+            if key != "cases":
+                writer.add_scalar(f"global/val/{key}", value, step)
+        writer.flush()
+        self._append("global_metrics.jsonl", {"step": step, "final_eval": final, "global": flat,
+                                              "sites": per_site, "weights": weights})
+        value = flat.get(self.key_metric)
+        if value is not None and value > self._best["value"]:
+            self._save_best(step, value)
+            self.info(f"new best global model: {self.key_metric} = {value:.4f} (model after {step} rounds)")
+        return flat
+
+    def _meta(self, rounds_done: int) -> dict[str, Any]:
+        return {META_KEY: {"rounds_done": rounds_done, "algorithm": self.algorithm,
+                           "best_round": self._best["round"], "best_value": self._best["value"],
+                           "key_metric": self.key_metric},
+                "current_round": rounds_done - 1}
+
+    def _save_best(self, step: int, value: float) -> None:
+        self._best = {"value": float(value), "round": step}
+        ml = make_model_learnable(weights=self._global, meta_props=self._meta(step))
+        # The persistor writes GLOBAL_MODEL as the best model on this event.
+        self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, ml, private=True, sticky=True)
+        self.event(AppEventType.GLOBAL_BEST_MODEL_AVAILABLE)
+
+    # ------------------------------------------------------------------ aggregation
+
+    def _updates(self, results: list[FLModel]) -> tuple[list[Update], dict[str, Any], str | None]:
+        updates, info, ptype = [], {}, None
+        for res in results:
+            site = (res.meta or {}).get("client_name", "?")
+            if not res.params:
+                info[site] = "empty result"
+                continue
+            params = to_float32(res.params)
+            weight = float((res.meta or {}).get("NUM_STEPS_CURRENT_ROUND", 1.0) or 1.0)
+            kind = "DIFF" if res.params_type == ParamsType.DIFF else "FULL"
+            if ptype is None:
+                ptype = kind
+            elif kind != ptype:
+                info[site] = f"sent {kind} while others sent {ptype}; fed.exchange must be the same everywhere"
+                continue
+            updates.append(Update(site=site, params=params, weight=weight))
+        return updates, info, ptype
+
+    def _apply(self, updates: list[Update], ptype: str, results: list[FLModel]) -> None:
+        agg = aggregate(updates, self.aggregation, self.trim)
+        if ptype == "FULL" and self.algorithm == "fedopt":
+            raise ValueError("fedopt needs differences: set fed.exchange: diff")
+        if self.algorithm == "fedopt":
+            self._server_step(agg)
+        elif ptype == "FULL":
+            self._global.update(agg)  # entries no site sent (FedBN) keep their value
+        else:
+            for k, d in agg.items():
+                g = self._global[k]
+                self._global[k] = (g + d).astype(g.dtype)
+        if self.algorithm == "scaffold":
+            ctrl = [Update(site=u.site, params=to_float32(r.meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF]), weight=u.weight)
+                    for u, r in zip(updates, self._matching(results, updates))
+                    if AlgorithmConstants.SCAFFOLD_CTRL_DIFF in (r.meta or {})]
+            if len(ctrl) != len(updates):
+                raise ValueError("SCAFFOLD: a site did not return its control-variate change "
+                                 f"(meta {AlgorithmConstants.SCAFFOLD_CTRL_DIFF!r}); every site must run scaffold")
+            for k, d in aggregate(ctrl, "mean").items():
+                if k in self._controls:
+                    self._controls[k] = (self._controls[k] + d).astype(np.float32)
+
+    @staticmethod
+    def _matching(results: list[FLModel], updates: list[Update]) -> list[FLModel]:
+        by_site = {(r.meta or {}).get("client_name"): r for r in results}
+        return [by_site[u.site] for u in updates]
+
+    def _server_step(self, diff: dict[str, np.ndarray]) -> None:
+        if self._torch_model is None or self._server_opt is None:
+            raise RuntimeError("FedOpt's server model was not set up before the first aggregation")
+        self._server_opt.zero_grad()
+        named = dict(self._torch_model.named_parameters())
+        for name, p in named.items():
+            if name in diff:
+                # The averaged update is a descent direction: its negative is the pseudo-gradient.
+                p.grad = torch.as_tensor(-diff[name], dtype=p.dtype)
+        self._server_opt.step()
+        state = self._torch_model.state_dict()
+        for k, v in state.items():
+            if k in named:
+                self._global[k] = v.detach().cpu().numpy().astype(np.float32)
+            elif k in diff:  # buffers (BatchNorm statistics): plain averaging
+                g = self._global[k]
+                self._global[k] = (g + diff[k]).astype(g.dtype)
+                v.copy_(torch.as_tensor(self._global[k]))
+
+    # ------------------------------------------------------------------ the workflow
+
+    def run(self) -> None:
+        model = self.load_model()
+        if model is None:
+            return
+        self._global = to_float32(model.params)
+        prior = (model.meta or {}).get(META_KEY) or {}
+        if self._auto_start:
+            self.start_round = int(prior.get("rounds_done", 0) or 0)
+        if prior.get("best_value") is not None and prior.get("key_metric") == self.key_metric:
+            self._best = {"value": float(prior["best_value"]), "round": prior.get("best_round")}
+        self._setup_algorithm()
+        end = self.start_round + self.num_rounds
+        self.info(f"fedimg {self.algorithm}: rounds {self.start_round}..{end - 1}, aggregation {self.aggregation}")
+        t_start = time.time()
+        for self.current_round in range(self.start_round, end):
+            rnd = self.current_round
+            t0 = time.time()
+            data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=rnd, total_rounds=end,
+                           start_round=self.start_round, meta=self._task_meta(rnd))
+            set_fedprox_metadata(data, self.fedprox_mu if self.algorithm == "fedprox" else None)
+            clients = self.sample_clients(self.num_clients)
+            self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, rnd, private=True, sticky=False)
+            self.event(AppEventType.ROUND_STARTED)
+            results = self.broadcast_model(task_name="train", data=data, targets=clients,
+                                           min_responses=self.min_responses, timeout=self.train_timeout,
+                                           wait_time_after_min_received=self.train_timeout)
+            if self.abort_signal.triggered:
+                self.info("abort signal: stopping")
+                return
+            t_wait = time.time() - t0
+            self._record_validation(rnd, results)
+            updates, rejected, ptype = self._updates(results)
+            contributed = [u.site for u in updates]
+            missing = [c for c in clients if c not in contributed and c not in rejected]
+            t1 = time.time()
+            if updates and ptype is not None:
+                self._apply(updates, ptype, results)
+            else:
+                self.warning(f"round {rnd}: no usable update; the global model stays as it was")
+            t_agg = time.time() - t1
+            self.save_model(FLModel(params=self._global, meta=self._meta(rnd + 1)))
+            self._append("rounds.jsonl", {
+                "round": rnd, "asked": clients, "contributed": contributed, "rejected": rejected,
+                "missing": missing,
+                "weights": {u.site: u.weight for u in updates},
+                "update_bytes": {(r.meta or {}).get("client_name"): (r.meta or {}).get(RESULT_META_BYTES)
+                                 for r in results},
+                "site_seconds": {(r.meta or {}).get("client_name"): (r.meta or {}).get(RESULT_META_TIMES)
+                                 for r in results},
+                "algorithm_stats": {(r.meta or {}).get("client_name"): (r.meta or {}).get(RESULT_META_ALGO)
+                                    for r in results},
+                "seconds": {"round": time.time() - t0, "wait_for_sites": t_wait, "aggregation": t_agg},
+                "started": t0 - t_start,
+            })
+            self._maybe_cleanup_memory()
+        if self.final_eval:
+            t0 = time.time()
+            data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=end, total_rounds=end,
+                           meta={TASK_META_FINAL: True, TASK_META_ROUND: end})
+            results = self.broadcast_model(task_name="validate", data=data, targets=None,
+                                           timeout=self.train_timeout)
+            final = self._record_validation(end, results, final=True)
+            # Rewrite the final model with the best-model record that now includes its own score.
+            self.save_model(FLModel(params=self._global, meta=self._meta(end)))
+            self._append("rounds.jsonl", {"round": end, "final_eval": True,
+                                          "seconds": {"evaluation": time.time() - t0}, "started": t0 - t_start})
+        else:
+            final = {}
+        summary = {"algorithm": self.algorithm, "aggregation": self.aggregation, "start_round": self.start_round,
+                   "end_round": end, "key_metric": self.key_metric, "best": self._best, "final_global_val": final}
+        (self._out_dir() / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+        if self._writer is not None:
+            self._writer.close()
+        self.info("fedimg workflow finished")
