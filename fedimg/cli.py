@@ -119,6 +119,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_args(items: list[str]) -> dict[str, str]:
+    sites = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--site expects NAME=SITE_YAML, got {item!r}")
+        sites[name] = path
+    if not sites:
+        raise ValueError("name at least one site: --site NAME=SITE_YAML (repeatable)")
+    return sites
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fedimg import config as cfg
+    from fedimg.compare import print_comparison, run_comparison
+
+    exp = cfg.load(cfg.ExperimentConfig, args.config, args.set)
+    comparison = run_comparison(exp, _site_args(args.site), args.out, progress=not args.quiet, device=args.device)
+    print_comparison(comparison)
+    print(f"\ncomparison: {Path(args.out) / 'comparison.md'} (and .json); "
+          f"TensorBoard: tensorboard --logdir {comparison['federated_run']}/server/simulate_job/tb_events")
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from fedimg.runtime import environment_report
 
@@ -190,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_demo)
 
+    s = sub.add_parser("compare", help="federated run + local-only + centralized baselines -> comparison table")
+    s.add_argument("--config", required=True, help="configs/experiments/<name>.yaml")
+    s.add_argument("--site", action="append", metavar="NAME=SITE_YAML", help="a site and its site YAML (repeatable)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="device of the baselines (default: the first site's)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_compare)
+
     s = sub.add_parser("env", help="print versions, devices and threads")
     s.set_defaults(func=_cmd_env)
     return p
@@ -208,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fedimg.preprocess.pipeline import PreprocessInputError
 
         expected += (PreprocessInputError, DatalistError)
-        if args.command == "demo":
+        if args.command in ("demo", "compare"):
             from fedimg.fl.simulate import FederatedRunError
 
             expected += (FederatedRunError,)

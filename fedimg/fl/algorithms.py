@@ -71,7 +71,7 @@ class FedProxClient(ClientAlgorithm):
 
         def extra_loss(m: torch.nn.Module) -> torch.Tensor:
             term = prox(m, reference)
-            self.stats["prox_term"] = float(term.detach())
+            self.stats["prox_term"] = max(self.stats["prox_term"], float(term.detach()))  # largest of the round
             return term
 
         return StepHooks(extra_loss=extra_loss)

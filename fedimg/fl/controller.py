@@ -100,7 +100,8 @@ class FedimgController(BaseFedAvg):
     ) -> None:
         super().__init__(num_clients=num_clients, num_rounds=num_rounds, start_round=max(0, start_round),
                          persistor_id=persistor_id, task_check_period=task_check_period)
-        self._auto_start = start_round < 0
+        # NVFlare writes the job config from attributes named like the arguments: keep the -1 as given.
+        self.start_round = start_round
         self.algorithm = algorithm
         self.key_metric = key_metric
         self.fedprox_mu = fedprox_mu
@@ -279,7 +280,7 @@ class FedimgController(BaseFedAvg):
             return
         self._global = to_float32(model.params)
         prior = (model.meta or {}).get(META_KEY) or {}
-        if self._auto_start:
+        if self.start_round < 0:
             self.start_round = int(prior.get("rounds_done", 0) or 0)
         if prior.get("best_value") is not None and prior.get("key_metric") == self.key_metric:
             self._best = {"value": float(prior["best_value"]), "round": prior.get("best_round")}

@@ -31,12 +31,30 @@ MODELS = {
     "cls3d": ["resnet", "densenet121", "resnet", "densenet121", "resnet"],
 }
 CASES = [(task, algo, MODELS[task][i]) for task in MODELS for i, algo in enumerate(ALGORITHMS)]
+# These runs send fp16 differences; the others fp32 (weights, or differences for FedOpt).
+FP16 = {("cls2d", "fedavg"), ("seg3d", "fedprox"), ("cls3d", "scaffold")}
+
+
+def _expected_update_bytes(net, exp, local_keys=()) -> int:
+    """Tensor bytes of one site's update, from the network's own state dict."""
+    total = 0
+    for k, v in net.state_dict().items():
+        if k in local_keys:
+            continue
+        size = 2 if exp.fed.update_precision == "fp16" and v.is_floating_point() else v.element_size()
+        total += v.numel() * size
+    if exp.fed.algorithm == "scaffold":  # control-variate changes of the trainable parameters
+        size = 2 if exp.fed.update_precision == "fp16" else 4
+        total += sum(p.numel() for p in net.parameters()) * size
+    return total
 
 
 def _experiment(task: str, algorithm: str, model: str) -> cfg.ExperimentConfig:
     over = {"fed.algorithm": algorithm, "model.name": model, "fed.cross_site_eval": "false"}
     if algorithm == "fedopt":
         over["fed.exchange"] = "diff"
+    if (task, algorithm) in FP16:
+        over.update({"fed.exchange": "diff", "fed.update_precision": "fp16"})
     if algorithm == "fedbn":
         over["model.norm"] = "batch"
     if task == "seg3d":
@@ -79,13 +97,15 @@ def test_task_algorithm_combination(task, algorithm, model, small_preprocessed, 
     assert res.summary["algorithm"] == algorithm
     assert res.summary["end_round"] == rounds
 
-    # Every training round aggregated both sites' updates.
+    # Every training round aggregated both sites' updates, of the size the exchange settings give.
     train_rounds = [r for r in res.rounds if not r.get("final_eval")]
     assert [r["round"] for r in train_rounds] == list(range(rounds))
+    local_keys = normalization_keys(net) if algorithm == "fedbn" else ()
+    expected_bytes = _expected_update_bytes(net, exp, local_keys)
     for r in train_rounds:
         assert sorted(r["contributed"]) == sorted(sites) and not r["rejected"] and not r["missing"]
         assert all(w > 0 for w in r["weights"].values())
-        assert all(b and b > 0 for b in r["update_bytes"].values())
+        assert all(b == expected_bytes for b in r["update_bytes"].values())
 
     # Validation after 0..rounds aggregations, the last one the final evaluation; finite key metric in [0, 1].
     key = exp.key_metric
@@ -109,7 +129,10 @@ def test_task_algorithm_combination(task, algorithm, model, small_preprocessed, 
 
     stats = [r["algorithm_stats"] for r in train_rounds]
     if algorithm == "fedprox":
-        assert all(s[site]["mu"] == exp.fed.mu and s[site]["prox_term"] > 0 for s in stats for site in sites)
+        # The term is 0 at a round's first step (weights = global) and grows after it.
+        assert all(s[site]["mu"] == exp.fed.mu for s in stats for site in sites)
+        assert all(s[site]["prox_term"] > 0 for r, s in zip(train_rounds, stats) for site in sites
+                   if r["weights"][site] >= 2)
     if algorithm == "scaffold":
         assert all(s[site]["control_delta_norm"] > 0 and s[site]["corrected_steps"] >= 1
                    for s in stats for site in sites)

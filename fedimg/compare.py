@@ -1,0 +1,157 @@
+"""``fedimg compare``: the federated experiment and both baselines on the same loops and splits.
+
+1. the federated run in NVFlare's simulator (``fed.algorithm`` of the config);
+2. local-only training at each site, as many epochs as a site trains in the federation;
+3. centralized training on the pooled training cases, as many epochs.
+
+Every model is scored on every site's own validation cases with the same
+evaluation code. The comparison (JSON and Markdown, per site and the mean
+over sites) is written to ``OUT/comparison.{json,md}`` and, as a table and a
+heatmap, into the federation's TensorBoard run (``global``).
+
+Pooling the data is a simulation-time baseline only: it needs every site's
+data on one machine, which is exactly what a real federation avoids.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from fedimg import config as cfgmod
+from fedimg.config import ExperimentConfig
+from fedimg.preprocess.io import write_json
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+JOB_DIR = REPO_ROOT / "jobs" / "train"
+
+METHOD_LABELS = {
+    "federated": "federated, final global model",
+    "federated_best": "federated, best global model",
+    "local": "local only (each site's own model)",
+    "centralized": "centralized (all sites' cases pooled)",
+}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def build_comparison(exp: ExperimentConfig, sites: list[str], federated: dict[str, dict[str, float]],
+                     federated_best: dict[str, dict[str, float]] | None,
+                     local: dict[str, dict[str, dict[str, float]]], centralized: dict[str, dict[str, float]],
+                     epochs: int, metric: str | None = None) -> dict[str, Any]:
+    """The comparison table's data.
+
+    Args:
+        federated: site -> FL metrics (``val_*``) of the final global model on that site's cases.
+        federated_best: the same for the best global model (None if not available).
+        local: site whose model -> evaluated site -> FL metrics (local-only baselines).
+        centralized: site -> FL metrics of the pooled model.
+        epochs: local epochs per site in every method.
+        metric: the metric to tabulate (default: the key metric).
+    """
+    from fedimg.fl.report import describe_metric
+
+    metric = metric or exp.key_metric
+    per_site: dict[str, dict[str, float | None]] = {
+        "federated": {s: federated.get(s, {}).get(metric) for s in sites},
+        "local": {s: local.get(s, {}).get(s, {}).get(metric) for s in sites},
+        "centralized": {s: centralized.get(s, {}).get(metric) for s in sites},
+    }
+    methods = ["federated", "local", "centralized"]
+    if federated_best is not None:
+        per_site["federated_best"] = {s: federated_best.get(s, {}).get(metric) for s in sites}
+        methods.insert(1, "federated_best")
+    mean = {m: _mean(list(per_site[m].values())) for m in methods}
+    ratio = (mean["federated"] / mean["centralized"]) if mean["federated"] is not None and mean["centralized"] else None
+    return {"metric": metric, "description": describe_metric(metric), "sites": sites, "methods": methods,
+            "labels": {m: METHOD_LABELS[m] for m in methods}, "per_site": per_site, "mean": mean,
+            "federated_over_centralized": ratio,
+            "federated_minus_local_mean": (mean["federated"] - mean["local"])
+            if mean["federated"] is not None and mean["local"] is not None else None,
+            "epochs": epochs,
+            "local_cross_site": local}
+
+
+def run_comparison(exp: ExperimentConfig, site_configs: dict[str, str], out: str | Path,
+                   progress: bool = True, device: str | None = None) -> dict[str, Any]:
+    """Run the federated experiment, local-only and centralized training; write the comparison.
+
+    Args:
+        exp: the experiment (its ``fed`` section drives the federated run).
+        site_configs: site name -> site YAML.
+        out: output folder (``federated/``, ``baselines/``, ``comparison.{json,md}``).
+        device: override the sites' device for the baselines (default: the first site's).
+
+    Returns:
+        the comparison (also in ``OUT/comparison.json``).
+    """
+    from fedimg import runtime
+    from fedimg.fl.report import comparison_heatmap, comparison_table, write_report_to_tensorboard
+    from fedimg.fl.simulate import run_simulation
+    from fedimg.tasks import metric_names
+    from fedimg.training.baselines import centralized, federated_epochs, local_only
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfgmod.save(exp, out / "experiment.yaml")
+    sites = list(site_configs)
+    site_cfgs = {s: cfgmod.load_site_config(p) for s, p in site_configs.items()}
+    datalists = {s: c.datalist for s, c in site_cfgs.items()}
+    times: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    sim = run_simulation(exp, JOB_DIR, site_configs, out / "federated")
+    times["federated"] = time.perf_counter() - t0
+    if exp.fed.cross_site_eval:
+        fed = {s: sim.cross_site_results[s]["SRV_FL_global_model.pt"] for s in sites}
+        fed_best = {s: sim.cross_site_results[s]["SRV_best_FL_global_model.pt"] for s in sites}
+    else:
+        final = sim.final_eval() or {"sites": {}}
+        fed, fed_best = final["sites"], None
+
+    first = site_cfgs[sites[0]]
+    rt = runtime.setup(device or first.device, exp.train.amp, 0, seed=exp.train.seed)
+    epochs = federated_epochs(exp)
+    t0 = time.perf_counter()
+    loc = local_only(exp, datalists, rt, out / "baselines", epochs=epochs, progress=progress)
+    times["local_only"] = time.perf_counter() - t0
+    runtime.set_seed(exp.train.seed)
+    t0 = time.perf_counter()
+    cen = centralized(exp, datalists, rt, out / "baselines", epochs=epochs, progress=progress)
+    times["centralized"] = time.perf_counter() - t0
+
+    local = {s: {e: metric_names(m) for e, m in r.per_site.items()} for s, r in loc.items()}
+    comparison = build_comparison(exp, sites, fed, fed_best, local,
+                                  {s: metric_names(m) for s, m in cen.per_site.items()}, epochs)
+    comparison["seconds"] = times
+    comparison["federated_run"] = str(sim.job_dir)
+    write_json(out / "comparison.json", comparison)
+    table = comparison_table(comparison)
+    (out / "comparison.md").write_text("# Federated vs. local-only vs. centralized\n\n" + table + "\n",
+                                       encoding="utf-8")
+    write_report_to_tensorboard(str(sim.tb_logdir / "global"), "comparison", table, comparison_heatmap(comparison))
+    logger.info("comparison written to %s", out / "comparison.md")
+    return comparison
+
+
+def print_comparison(comparison: dict[str, Any]) -> None:
+    """The comparison table on the console."""
+    from fedimg.fl.report import comparison_table
+
+    print(comparison_table(comparison))
+    r = comparison.get("federated_over_centralized")
+    if r is not None:
+        print(f"\nfederated / centralized (mean over sites): {r:.3f}")
+    d = comparison.get("federated_minus_local_mean")
+    if d is not None:
+        print(f"federated - local only (mean over sites): {d:+.3f}")
+
+
+__all__ = ["build_comparison", "print_comparison", "run_comparison"]
