@@ -47,6 +47,7 @@ from fedimg.training.tracking import local_writer
 from fedimg.training.trainer import SiteTrainer
 
 logger = logging.getLogger(__name__)
+progress = logging.getLogger("fedimg.progress")  # the lines the simulator's console shows
 
 SITE_CONFIG_ENV = "FEDIMG_SITE_CONFIG"
 
@@ -90,7 +91,7 @@ class SiteRunner:
         self.writer = SummaryWriter()
         self.local = local_writer(site.local_logdir) if site.local_logdir else None
         self.local_weights: dict[str, Any] | None = None
-        logger.info("site %s: %d training / %d validation cases on %s, %s", site_name, self.trainer.n_train,
+        progress.info("site %s: %d training / %d validation cases on %s, %s", site_name, self.trainer.n_train,
                     self.trainer.n_val, self.rt.device, exp.fed.algorithm)
 
     def _log_validation(self, val: dict[str, float], step: int) -> None:
@@ -146,7 +147,7 @@ class SiteRunner:
             extra = {k: ({n: a.astype("float16") for n, a in v.items()} if isinstance(v, dict) else v)
                      for k, v in extra.items()}
         nbytes = payload_bytes(update) + sum(payload_bytes(v) for v in extra.values() if isinstance(v, dict))
-        logger.info("site %s round %d: %s %.4f, train loss %.4f (validate %.2f s, train %.2f s, update %.2f MB)",
+        progress.info("site %s round %d: %s %.4f, train loss %.4f (validate %.2f s, train %.2f s, update %.2f MB)",
                     self.site_name, rnd, self.trainer.task.main_metric,
                     val.get(self.trainer.task.main_metric, float("nan")), fit["loss"], t_val, t_fit, nbytes / 1e6)
         meta.update({"NUM_STEPS_CURRENT_ROUND": int(fit["steps"]), RESULT_META_BYTES: nbytes,

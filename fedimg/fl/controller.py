@@ -24,6 +24,7 @@ best-model choice includes it (``final_eval``). A resumed run (``start_round
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -53,6 +54,9 @@ from fedimg.fl.protocol import (
     TASK_META_FINAL,
     TASK_META_ROUND,
 )
+
+# The run's progress lines: the console of the simulator shows this logger only (see fedimg.fl.simulate).
+progress = logging.getLogger("fedimg.progress")
 
 
 class FedimgController(BaseFedAvg):
@@ -187,9 +191,13 @@ class FedimgController(BaseFedAvg):
         self._append("global_metrics.jsonl", {"step": step, "final_eval": final, "global": flat,
                                               "sites": per_site, "weights": weights})
         value = flat.get(self.key_metric)
+        what = "final global model" if final else f"global model after {step} round(s)"
+        shown = "n/a" if value is None else f"{value:.4f}"
+        progress.info("server: %s: %s %s (case-weighted mean of %d site(s))", what, self.key_metric, shown,
+                      len(per_site))
         if value is not None and value > self._best["value"]:
             self._save_best(step, value)
-            self.info(f"new best global model: {self.key_metric} = {value:.4f} (model after {step} rounds)")
+            progress.info("server: new best global model (%s %.4f, after %d round(s))", self.key_metric, value, step)
         return flat
 
     def _meta(self, rounds_done: int) -> dict[str, Any]:

@@ -135,7 +135,7 @@ def quiet_log_config(path: Path) -> str:
 
     cfg = copy.deepcopy(default_log_dict)
     cfg["handlers"]["consoleHandler"]["level"] = "WARNING"
-    cfg["filters"]["FedimgOnly"] = {"name": "fedimg"}  # logging.Filter("fedimg"): fedimg.* loggers only
+    cfg["filters"]["FedimgOnly"] = {"name": "fedimg.progress"}  # logging.Filter: fedimg's progress lines only
     cfg["formatters"]["fedimgFormatter"] = {"format": "%(asctime)s %(message)s", "datefmt": "%H:%M:%S"}
     cfg["handlers"]["fedimgConsole"] = {"class": "logging.StreamHandler", "level": "INFO",
                                         "formatter": "fedimgFormatter", "filters": ["FedimgOnly"],
