@@ -98,3 +98,68 @@ def weighted_metrics(per_site: Mapping[str, Mapping[str, float]], weights: Mappi
             sums[k] = sums.get(k, 0.0) + w * float(v)
             norms[k] = norms.get(k, 0.0) + w
     return {k: sums[k] / norms[k] for k in sums if norms[k] > 0}
+
+
+def _float_keys(params: Mapping[str, np.ndarray]) -> list[str]:
+    return [k for k, v in params.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+
+
+def screen_updates(updates: Sequence[Update], global_params: Mapping[str, np.ndarray], is_diff: bool,
+                   norm_outlier_factor: float = 0.0, max_update_norm: float = 0.0,
+                   min_cosine: float | None = None) -> tuple[list[Update], dict[str, str]]:
+    """Reject updates that are broken or far from the majority, before aggregation.
+
+    Every check works on the change a site proposes (its difference, or its
+    weights minus the global weights), over the floating-point entries:
+
+    * any NaN or infinite value: always rejected;
+    * L2 norm above ``max_update_norm`` (when > 0);
+    * L2 norm above ``norm_outlier_factor`` x the round's median norm (when > 0, >= 3 updates);
+    * cosine similarity with the coordinate-wise median change below
+      ``min_cosine`` (when set, >= 3 updates).
+
+    Returns:
+        (accepted updates, site -> reason of each rejection). Reasons carry
+        numbers only, never values of the model.
+    """
+    rejected: dict[str, str] = {}
+    changes: dict[str, np.ndarray] = {}
+    ok: list[Update] = []
+    for u in updates:
+        keys = _float_keys(u.params)
+        parts = []
+        for k in keys:
+            a = np.asarray(u.params[k], dtype=np.float64).ravel()
+            if not is_diff and k in global_params:
+                a = a - np.asarray(global_params[k], dtype=np.float64).ravel()
+            parts.append(a)
+        vec = np.concatenate(parts) if parts else np.zeros(0)
+        bad = int((~np.isfinite(vec)).sum())
+        if bad:
+            rejected[u.site] = f"NON_FINITE: {bad} NaN/infinite value(s) in the update"
+            continue
+        changes[u.site] = vec
+        ok.append(u)
+    norms = {s: float(np.linalg.norm(v)) for s, v in changes.items()}
+    if max_update_norm > 0:
+        for s, n in norms.items():
+            if n > max_update_norm:
+                rejected[s] = f"NORM_TOO_LARGE: update norm {n:.4g} > fed.robust.max_update_norm {max_update_norm:.4g}"
+    live = [s for s in norms if s not in rejected]
+    if norm_outlier_factor > 0 and len(live) >= 3:
+        med = float(np.median([norms[s] for s in live]))
+        for s in live:
+            if med > 0 and norms[s] > norm_outlier_factor * med:
+                rejected[s] = (f"NORM_OUTLIER: update norm {norms[s]:.4g} is {norms[s] / med:.1f} x the round's "
+                               f"median {med:.4g} (limit {norm_outlier_factor:g} x)")
+    live = [s for s in norms if s not in rejected]
+    if min_cosine is not None and len(live) >= 3 and len({changes[s].size for s in live}) == 1:
+        center = np.median(np.stack([changes[s] for s in live]), axis=0)
+        cn = float(np.linalg.norm(center))
+        for s in live:
+            denom = norms[s] * cn
+            cos = float(changes[s] @ center / denom) if denom > 0 else 1.0
+            if cos < min_cosine:
+                rejected[s] = (f"DIRECTION_OUTLIER: cosine {cos:.3f} with the round's median update is below "
+                               f"fed.robust.min_cosine {min_cosine:g}")
+    return [u for u in ok if u.site not in rejected], rejected

@@ -39,7 +39,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fedprox_utils import set_fedprox_metadata
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 
-from fedimg.fl.aggregation import Update, aggregate, weighted_metrics
+from fedimg.fl.aggregation import Update, aggregate, screen_updates, weighted_metrics
 from fedimg.fl.exchange import to_float32
 from fedimg.models.registry import build_from_spec
 from fedimg.training.tracking import local_writer
@@ -75,6 +75,8 @@ class FedimgController(BaseFedAvg):
         server_optimizer: FedOpt: ``{"name": sgd|adam, "lr", "momentum", "betas", "eps"}``.
         aggregation: ``mean``, ``median`` or ``trimmed_mean``.
         trim: values dropped per end for ``trimmed_mean``.
+        norm_outlier_factor, max_update_norm, min_cosine: update screening
+            (see :func:`fedimg.fl.aggregation.screen_updates`); NaN/Inf updates are always rejected.
         final_eval: validate the final global model at every site after the last round.
         min_responses: results needed per round (0: every sampled site).
         train_timeout: seconds a round waits for results (0: no limit).
@@ -96,6 +98,9 @@ class FedimgController(BaseFedAvg):
         server_optimizer: dict | None = None,
         aggregation: str = "mean",
         trim: int = 1,
+        norm_outlier_factor: float = 0.0,
+        max_update_norm: float = 0.0,
+        min_cosine: float | None = None,
         final_eval: bool = True,
         min_responses: int = 0,
         train_timeout: int = 0,
@@ -113,6 +118,9 @@ class FedimgController(BaseFedAvg):
         self.server_optimizer = server_optimizer or {}
         self.aggregation = aggregation
         self.trim = trim
+        self.norm_outlier_factor = norm_outlier_factor
+        self.max_update_norm = max_update_norm
+        self.min_cosine = min_cosine
         self.final_eval = final_eval
         self.min_responses = min_responses
         self.train_timeout = train_timeout
@@ -231,6 +239,13 @@ class FedimgController(BaseFedAvg):
                 info[site] = f"sent {kind} while others sent {ptype}; fed.exchange must be the same everywhere"
                 continue
             updates.append(Update(site=site, params=params, weight=weight))
+        if ptype is not None:
+            updates, screened = screen_updates(updates, self._global, ptype == "DIFF", self.norm_outlier_factor,
+                                               self.max_update_norm, self.min_cosine)
+            info.update(screened)
+        for site, reason in info.items():
+            self.warning(f"round {self.current_round}: update of {site} rejected: {reason}")
+            progress.warning("server: round %s: update of %s rejected: %s", self.current_round, site, reason)
         return updates, info, ptype
 
     def _apply(self, updates: list[Update], ptype: str, results: list[FLModel]) -> None:

@@ -70,6 +70,7 @@ class FedimgRecipe(FedAvgRecipe):
     def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> FedimgController:
         exp = self._exp
         so = exp.fed.server_optimizer
+        rb = exp.fed.robust
         return FedimgController(
             num_clients=self.min_clients,
             num_rounds=self.num_rounds,
@@ -82,6 +83,11 @@ class FedimgRecipe(FedAvgRecipe):
             server_optimizer={"name": so.name, "lr": so.lr, "momentum": so.momentum, "betas": list(so.betas),
                               "eps": so.eps},
             final_eval=exp.fed.final_eval,
+            aggregation=rb.aggregation,
+            trim=rb.trim,
+            norm_outlier_factor=rb.norm_outlier_factor,
+            max_update_norm=rb.max_update_norm,
+            min_cosine=rb.min_cosine,
             tb_layout=scalar_layout(exp),
         )
 

@@ -19,7 +19,8 @@ def _state():
 
 def test_diff_fp16_halves_the_float_bytes_and_round_trips():
     glob = _state()
-    local = {"w": glob["w"] + 0.01 * torch.randn(64, 32), "bn.num_batches_tracked": torch.tensor(9)}
+    local = {"w": glob["w"] + 0.01 * torch.randn(64, 32, generator=torch.Generator().manual_seed(1)),
+             "bn.num_batches_tracked": torch.tensor(9)}
     full32, kind = make_update(local, glob, "weights", "fp32")
     assert kind == FULL and torch.equal(full32["w"], local["w"])
     diff16, kind = make_update(local, glob, "diff", "fp16")
@@ -29,9 +30,13 @@ def test_diff_fp16_halves_the_float_bytes_and_round_trips():
     assert payload_bytes({"w": diff16["w"]}) * 2 == float_bytes32
     back = to_float32(diff16)
     assert back["w"].dtype == np.float32
-    # A difference in fp16 keeps about 3 significant digits of the small update.
-    err = np.abs(glob["w"].numpy() + back["w"] - local["w"].numpy()).max()
-    assert err < 1e-5
+    # fp16 keeps 11 significant bits: the error is relative to the small difference, not to the weights.
+    diff = (local["w"] - glob["w"]).numpy()
+    err = np.abs(glob["w"].numpy() + back["w"] - local["w"].numpy())
+    assert (err <= np.abs(diff) * 2.0 ** -10 + 1e-7).all()
+    weights16, _ = make_update(local, glob, "weights", "fp16")
+    err_w = np.abs(to_float32(weights16)["w"] - local["w"].numpy()).max()
+    assert err_w > 10 * err.max()  # full weights in fp16 lose far more
 
 
 def test_excluded_keys_stay_at_the_site():
@@ -126,3 +131,36 @@ def test_scaffold_updates_its_global_controls():
     assert all(np.allclose(v, 2.0) for v in ctl._controls.values())
     with pytest.raises(ValueError, match="did not return its control-variate change"):
         ctl._apply(ups, "DIFF", [FLModel(params=u.params, meta={"client_name": u.site}) for u in ups])
+
+
+def _honest(rng, n=3):
+    base = rng.normal(0, 1, 50).astype(np.float32)
+    return [Update(f"site-{i + 1}", {"w": base + 0.1 * rng.normal(0, 1, 50).astype(np.float32)}, 1.0)
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("attack,reason", [("nan", "NON_FINITE"), ("scale", "NORM_OUTLIER"),
+                                           ("flip", "DIRECTION_OUTLIER")])
+def test_screening_names_the_poisoned_site(attack, reason):
+    from fedimg.fl.aggregation import screen_updates
+
+    ups = _honest(np.random.default_rng(1))
+    w = ups[2].params["w"].copy()
+    w = {"nan": np.where(np.arange(50) == 7, np.nan, w), "scale": 100 * w, "flip": -w}[attack].astype(np.float32)
+    ups[2] = Update("site-3", {"w": w}, 1.0)
+    kept, rejected = screen_updates(ups, {"w": np.zeros(50, np.float32)}, is_diff=True,
+                                    norm_outlier_factor=5.0, min_cosine=0.0)
+    assert [u.site for u in kept] == ["site-1", "site-2"]
+    assert list(rejected) == ["site-3"] and rejected["site-3"].startswith(reason)
+
+
+def test_screening_keeps_honest_updates_and_checks_full_weights_as_changes():
+    from fedimg.fl.aggregation import screen_updates
+
+    ups = _honest(np.random.default_rng(2))
+    glob = {"w": np.full(50, 10.0, np.float32)}
+    full = [Update(u.site, {"w": u.params["w"] + glob["w"]}, 1.0) for u in ups]
+    kept, rejected = screen_updates(full, glob, is_diff=False, norm_outlier_factor=3.0, min_cosine=0.0)
+    assert len(kept) == 3 and not rejected
+    kept, rejected = screen_updates(ups, glob, is_diff=True, max_update_norm=1e-3)
+    assert not kept and all(r.startswith("NORM_TOO_LARGE") for r in rejected.values())
