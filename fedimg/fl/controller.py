@@ -48,6 +48,7 @@ from fedimg.fl.protocol import (
     META_KEY,
     RESULT_META_ALGO,
     RESULT_META_BYTES,
+    RESULT_META_DP,
     RESULT_META_TIMES,
     RESULT_META_VAL,
     TASK_META_ALGORITHM,
@@ -63,7 +64,7 @@ class FedimgController(BaseFedAvg):
     """Round loop with best-model selection on the rated model, a final evaluation and round records.
 
     Args:
-        num_clients: sites sampled per round.
+        num_clients: sites of the federation (each round asks every connected site).
         num_rounds: rounds to run in this job.
         start_round: first round number; ``-1`` continues from the initial
             checkpoint's ``meta["fedimg"]["rounds_done"]`` (0 without one).
@@ -78,8 +79,12 @@ class FedimgController(BaseFedAvg):
         norm_outlier_factor, max_update_norm, min_cosine: update screening
             (see :func:`fedimg.fl.aggregation.screen_updates`); NaN/Inf updates are always rejected.
         final_eval: validate the final global model at every site after the last round.
-        min_responses: results needed per round (0: every sampled site).
-        train_timeout: seconds a round waits for results (0: no limit).
+        min_responses: updates a round needs to count (0: every sampled site).
+        train_timeout: seconds a round waits for updates; 0 is adaptive:
+            ``first_round_timeout`` for the first round, then 3x the slowest
+            round so far (at least 60 s).
+        first_round_timeout: the first round's limit when adaptive.
+        eval_timeout: limit of the final evaluation.
         tb_layout: TensorBoard custom-scalar layout written with the global curves.
         task_check_period: seconds between checks for results.
     """
@@ -104,6 +109,8 @@ class FedimgController(BaseFedAvg):
         final_eval: bool = True,
         min_responses: int = 0,
         train_timeout: int = 0,
+        first_round_timeout: int = 1800,
+        eval_timeout: int = 600,
         tb_layout: dict | None = None,
         task_check_period: float = 0.2,
     ) -> None:
@@ -124,6 +131,9 @@ class FedimgController(BaseFedAvg):
         self.final_eval = final_eval
         self.min_responses = min_responses
         self.train_timeout = train_timeout
+        self.first_round_timeout = first_round_timeout
+        self.eval_timeout = eval_timeout
+        self._round_seconds: list[float] = []
         self.tb_layout = tb_layout
         self._writer: Any = None
         self._global: dict[str, np.ndarray] = {}
@@ -295,6 +305,16 @@ class FedimgController(BaseFedAvg):
                 self._global[k] = (g + diff[k]).astype(g.dtype)
                 v.copy_(torch.as_tensor(self._global[k]))
 
+    # ------------------------------------------------------------------ time limits
+
+    def round_limit(self) -> int:
+        """Seconds the next round waits for updates (see ``train_timeout``)."""
+        if self.train_timeout > 0:
+            return int(self.train_timeout)
+        if not self._round_seconds:
+            return int(self.first_round_timeout)
+        return int(max(60.0, 3.0 * max(self._round_seconds)))
+
     # ------------------------------------------------------------------ the workflow
 
     def run(self) -> None:
@@ -317,12 +337,13 @@ class FedimgController(BaseFedAvg):
             data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=rnd, total_rounds=end,
                            start_round=self.start_round, meta=self._task_meta(rnd))
             set_fedprox_metadata(data, self.fedprox_mu if self.algorithm == "fedprox" else None)
-            clients = self.sample_clients(self.num_clients)
+            clients = self.sample_clients(None)  # every connected site, every round: a returning site rejoins
             self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, rnd, private=True, sticky=False)
             self.event(AppEventType.ROUND_STARTED)
-            results = self.broadcast_model(task_name="train", data=data, targets=clients,
-                                           min_responses=self.min_responses, timeout=self.train_timeout,
-                                           wait_time_after_min_received=self.train_timeout)
+            limit = self.round_limit()
+            # Wait for every sampled site until the limit; a site that does not answer by then is left out.
+            results = self.broadcast_model(task_name="train", data=data, targets=clients, min_responses=0,
+                                           timeout=limit, wait_time_after_min_received=limit)
             if self.abort_signal.triggered:
                 self.info("abort signal: stopping")
                 return
@@ -331,11 +352,21 @@ class FedimgController(BaseFedAvg):
             updates, rejected, ptype = self._updates(results)
             contributed = [u.site for u in updates]
             missing = [c for c in clients if c not in contributed and c not in rejected]
+            needed = self.min_responses or len(clients)
+            if missing:
+                progress.warning("server: round %d: no update from %s within %d s; the round goes on with %s",
+                                 rnd, ", ".join(missing), limit, ", ".join(contributed) or "no site")
+            if len(updates) < needed:
+                self._append("rounds.jsonl", {"round": rnd, "asked": clients, "contributed": contributed,
+                                              "rejected": rejected, "missing": missing, "failed": True,
+                                              "seconds": {"round": time.time() - t0}, "started": t0 - t_start})
+                self.panic(f"round {rnd}: {len(updates)} usable update(s) ({', '.join(contributed) or 'none'}), "
+                           f"fewer than the {needed} needed (fed.min_clients); missing: {missing}, rejected: "
+                           f"{sorted(rejected)}. Stopping the run.")
+                return
             t1 = time.time()
             if updates and ptype is not None:
                 self._apply(updates, ptype, results)
-            else:
-                self.warning(f"round {rnd}: no usable update; the global model stays as it was")
             t_agg = time.time() - t1
             self.save_model(FLModel(params=self._global, meta=self._meta(rnd + 1)))
             self._append("rounds.jsonl", {
@@ -348,16 +379,22 @@ class FedimgController(BaseFedAvg):
                                  for r in results},
                 "algorithm_stats": {(r.meta or {}).get("client_name"): (r.meta or {}).get(RESULT_META_ALGO)
                                     for r in results},
+                # What the sites' privacy filters did (mechanism, clipping, epsilon spent), as they reported it.
+                "privacy": {(r.meta or {}).get("client_name"): (r.meta or {}).get(RESULT_META_DP)
+                            for r in results if (r.meta or {}).get(RESULT_META_DP)},
                 "seconds": {"round": time.time() - t0, "wait_for_sites": t_wait, "aggregation": t_agg},
-                "started": t0 - t_start,
+                "started": t0 - t_start, "limit_s": limit,
             })
+            if not missing:
+                # Only complete rounds size the limit: a round cut by the limit says nothing of the sites' speed.
+                self._round_seconds.append(time.time() - t0)
             self._maybe_cleanup_memory()
         if self.final_eval:
             t0 = time.time()
             data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=end, total_rounds=end,
                            meta={TASK_META_FINAL: True, TASK_META_ROUND: end})
             results = self.broadcast_model(task_name="validate", data=data, targets=None,
-                                           timeout=self.train_timeout)
+                                           timeout=int(self.eval_timeout))
             final = self._record_validation(end, results, final=True)
             # Rewrite the final model with the best-model record that now includes its own score.
             self.save_model(FLModel(params=self._global, meta=self._meta(end)))

@@ -38,7 +38,9 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.filters.svt_privacy import SVTPrivacy
 
-DP_META = "fedimg_dp"
+from fedimg.fl.protocol import RESULT_META_DP
+
+DP_META = RESULT_META_DP
 GUARD_META = "fedimg_guard"
 
 

@@ -12,3 +12,4 @@ RESULT_META_VAL = "fedimg_val"  # structured validation metrics ("dice/organ"), 
 RESULT_META_TIMES = "fedimg_seconds"  # the site's validation and training seconds
 RESULT_META_BYTES = "fedimg_update_bytes"  # tensor bytes of the update sent
 RESULT_META_ALGO = "fedimg_algorithm_stats"  # algorithm diagnostics (FedProx term, SCAFFOLD control norm)
+RESULT_META_DP = "fedimg_dp"  # what a site's DP filter did: clip norm, noise, epsilon spent

@@ -88,6 +88,10 @@ class FedimgRecipe(FedAvgRecipe):
             norm_outlier_factor=rb.norm_outlier_factor,
             max_update_norm=rb.max_update_norm,
             min_cosine=rb.min_cosine,
+            min_responses=exp.fed.min_clients,
+            train_timeout=exp.fed.round_timeout_s,
+            first_round_timeout=exp.fed.first_round_timeout_s,
+            eval_timeout=exp.fed.eval_timeout_s,
             tb_layout=scalar_layout(exp),
         )
 
@@ -185,12 +189,18 @@ def build_recipe(
         recipe.add_client_file("experiment.yaml")
         # Server-side TensorBoard: scalars only, no host name in event file names.
         recipe._job.to_server(ScalarTBReceiver(), "receiver")  # noqa: SLF001 - as add_experiment_tracking does
+        if exp.fed.scope:
+            from nvflare.apis.job_def import JobMetaKey
+            from nvflare.recipe.utils import set_recipe_meta
+
+            set_recipe_meta(recipe, JobMetaKey.SCOPE, exp.fed.scope)
         if fast_polling:
             recipe.add_server_config({"server": {"task_request_interval": 0.25}})
         if exp.fed.cross_site_eval:
             from nvflare.recipe import add_cross_site_evaluation
 
-            add_cross_site_evaluation(recipe)
+            add_cross_site_evaluation(recipe, submit_model_timeout=exp.fed.eval_timeout_s,
+                                      validation_timeout=exp.fed.eval_timeout_s)
             recipe._job.to_server(CrossSiteReport(report_metrics(exp)), "cross_site_report")  # noqa: SLF001
     return recipe
 

@@ -82,8 +82,17 @@ class SimulationResult:
 
 
 def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
-            run_dir: Path | None = None) -> SimulationResult:
+            run_dir: Path | None = None, log_dirs: dict[str, Path] | None = None) -> SimulationResult:
     """Read a finished workspace and check it is complete.
+
+    Args:
+        job_dir: the simulator's ``workspace/<name>`` folder (or a downloaded job's folder).
+        sites: the participating sites.
+        require_cross_site: every site must have scored the final global model.
+        run_dir: the server's run folder, when it is not ``job_dir/server/simulate_job``
+            (a job downloaded from a POC or production server: ``<download>/<job_id>/workspace``).
+        log_dirs: participant -> folder holding its ``error_log.txt`` (default
+            ``job_dir/<participant>``, the simulator's layout).
 
     Raises:
         FederatedRunError: a missing model, a non-empty error log, no round
@@ -92,8 +101,9 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
     """
     server = run_dir or job_dir / "server" / "simulate_job"
     errors = []
-    for participant in ["server", *sites]:
-        log = job_dir / participant / "error_log.txt"
+    folders = log_dirs or {p: job_dir / p for p in ["server", *sites]}
+    for participant, folder in folders.items():
+        log = folder / "error_log.txt"
         if log.is_file() and log.stat().st_size > 0:
             errors.append(str(log))
     gm = server / "app_server" / GLOBAL_MODEL

@@ -13,6 +13,19 @@ Continue that run for more rounds (round numbers and TensorBoard curves continue
     python jobs/train/job.py --config ... --env sim --site ... \
         --resume-from workspace/train/seg_demo --workspace workspace/train_resumed
 
+The same job in NVFlare's POC mode (a real server and real site processes on
+this machine, mTLS, each site with fedimg's privacy scopes), downloaded and
+checked, every process stopped afterwards::
+
+    python jobs/train/job.py --config ... --env poc --site site-1=... --site site-2=... \
+        --workspace workspace/poc
+
+Submit to a provisioned federation through an admin's startup kit (sites run
+their own clients with ``FEDIMG_SITE_CONFIG`` set; no site path enters the job)::
+
+    python jobs/train/job.py --config ... --env prod --site site-1 --site site-2 \
+        --startup-kit /secure/kits/researcher@org --admin researcher@org --workspace /data/fedimg_jobs
+
 Export a job folder for ``nvflare job submit -j DIR`` (each real site points
 ``FEDIMG_SITE_CONFIG`` at its own site YAML; no site path enters the job)::
 
@@ -53,8 +66,9 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML (configs/experiments/)")
-    p.add_argument("--env", choices=["sim"], default="sim",
-                   help="execution environment (sim: NVFlare simulator on this machine)")
+    p.add_argument("--env", choices=["sim", "poc", "prod"], default="sim",
+                   help="sim: NVFlare simulator; poc: real processes on this machine (mTLS); prod: a provisioned "
+                        "federation through --startup-kit")
     p.add_argument("--site", action="append", default=[], metavar="NAME[=SITE_YAML]",
                    help="a participating site, with its site YAML in simulation (repeatable)")
     p.add_argument("--workspace", default="workspace/train", help="simulator workspace root")
@@ -62,6 +76,15 @@ def main() -> int:
                    help="continue a finished simulator run (its workspace/<name> folder) for fed.num_rounds more "
                         "rounds")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
+    p.add_argument("--timeout", type=int, default=0,
+                   help="poc/prod: seconds until the job is aborted (0: first_round_timeout_s x (rounds + 2))")
+    p.add_argument("--privacy-file", default=str(HERE.parents[1] / "configs" / "federation" / "privacy.json"),
+                   help="poc: the sites' local/privacy.json")
+    p.add_argument("--authorization-file",
+                   default=str(HERE.parents[1] / "configs" / "federation" / "authorization.json"),
+                   help="poc: the sites' local/authorization.json")
+    p.add_argument("--startup-kit", default=None, help="prod: the admin's provisioned startup kit folder")
+    p.add_argument("--admin", default=None, help="prod: the admin's name in the project (e.g. researcher@org)")
     args = p.parse_args(rest)
 
     from fedimg import config as cfgmod
@@ -91,6 +114,9 @@ def main() -> int:
               f"`nvflare job submit -j {Path(export_dir).resolve() / exp.name}`")
         return 0
 
+    if args.env in ("poc", "prod"):
+        return _deploy(args, exp, sites, p)
+
     missing = [n for n, pth in sites.items() if pth is None]
     if missing:
         p.error(f"simulation needs each site's YAML: --site {missing[0]}=PATH")
@@ -113,6 +139,51 @@ def main() -> int:
           f"cross-site: {res.cross_site}\n"
           f"tensorboard --logdir {res.tb_logdir}")
     return 0
+
+
+def _deploy(args: argparse.Namespace, exp, sites: dict[str, str | None], p: argparse.ArgumentParser) -> int:
+    """Run the job in POC or on a provisioned federation; download and check the results."""
+    from fedimg.fl.deploy import DeploymentError, PocFederation, ProdFederation, export_job
+    from fedimg.fl.recipe import build_recipe
+    from fedimg.fl.simulate import FederatedRunError, collect
+
+    ws = Path(args.workspace).resolve()
+    timeout = args.timeout or exp.fed.first_round_timeout_s * (exp.fed.num_rounds + 2)
+    recipe = build_recipe(exp, HERE, {n: None for n in sites}, ws / "staging", fast_polling=args.env == "poc")
+    job = export_job(recipe, ws / "staging", ws / "jobs")
+    try:
+        if args.env == "poc":
+            missing = [n for n, pth in sites.items() if pth is None]
+            if missing:
+                p.error(f"POC runs every site here and needs each site's YAML: --site {missing[0]}=PATH")
+            poc = PocFederation(ws / "poc", {n: str(pth) for n, pth in sites.items()}, privacy=args.privacy_file,
+                                authorization=args.authorization_file)
+            poc.prepare()
+            try:
+                poc.start()
+                outcome = poc.run(job, timeout=timeout, download_to=ws / "results")
+                res = poc.collect(outcome, require_cross_site=exp.fed.cross_site_eval)
+            finally:
+                left = poc.stop()
+                if left:
+                    print(f"job.py: warning: {len(left)} NVFlare process(es) had to be killed", file=sys.stderr)
+        else:
+            if not args.startup_kit or not args.admin:
+                p.error("--env prod needs --startup-kit (the admin's provisioned kit) and --admin (its name)")
+            fed = ProdFederation(args.admin, args.startup_kit)
+            outcome = fed.run(job, timeout=timeout, download_to=ws / "results")
+            run_dir = outcome.result_dir / "workspace"
+            res = collect(outcome.result_dir, list(sites), require_cross_site=exp.fed.cross_site_eval,
+                          run_dir=run_dir, log_dirs={"server": run_dir})
+    except (DeploymentError, FederatedRunError) as exc:
+        print(f"job.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"job {outcome.job_id}: {outcome.status} in {outcome.seconds:.0f} s; results in {outcome.result_dir}")
+    metric = exp.key_metric
+    for site in sites:
+        print(f"{site}: final global model {metric} = {res.final_metric(site, metric)}")
+    print(f"tensorboard --logdir {res.tb_logdir}")
+    return 0 if outcome.status == "FINISHED:COMPLETED" else 2
 
 
 if __name__ == "__main__":

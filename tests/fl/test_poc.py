@@ -1,0 +1,129 @@
+"""NVFlare POC: real server and site processes on loopback with mTLS, fedimg's site policies in force.
+
+One POC federation (2 sites with ``configs/federation/privacy.json``) runs
+three jobs: the training job through ``job.py --env poc`` semantics (2 rounds,
+results downloaded and checked), a job asking for a scope the sites do not
+define (refused by the sites), and a job in the ``strict`` scope (every update
+clipped and noised by the sites' own filter, whatever the job says). At the
+end no NVFlare process of the workspace is left.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedimg import config as cfg
+from fedimg.models.registry import build_model
+from tests.conftest import REPO, tiny_classification
+
+pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration, pytest.mark.poc]
+FED = REPO / "configs" / "federation"
+
+
+def _site_yamls(datalists, work):
+    out = {}
+    for site, dl in datalists.items():
+        cfg.save(cfg.SiteConfig(name=site, datalist=str(dl), device="cpu", num_threads=1), work / f"{site}.yaml")
+        out[site] = str(work / f"{site}.yaml")
+    return out
+
+
+def test_job_py_env_poc_end_to_end(cls_sites, tmp_path):
+    """The researcher's command. First in this file: one POC at a time (port 8002), before the shared one starts."""
+    sites = _site_yamls(cls_sites[2], tmp_path)
+    exp = tiny_classification(2, name="poc_cli")
+    cfg.save(exp, tmp_path / "exp.yaml")
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train" / "job.py"), "--config", str(tmp_path / "exp.yaml"),
+                           "--env", "poc", "--site", f"site-1={sites['site-1']}", "--site", f"site-2={sites['site-2']}",
+                           "--workspace", str(tmp_path / "ws"), "--timeout", "600"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FINISHED:COMPLETED" in proc.stdout
+    from fedimg.fl.deploy import _processes_under
+
+    assert not _processes_under(tmp_path / "ws" / "poc")
+    results = list((tmp_path / "ws" / "results").glob("*/workspace/app_server/FL_global_model.pt"))
+    assert results, "the job's results were not downloaded"
+
+
+@pytest.fixture(scope="module")
+def poc(cls_sites, tmp_path_factory):
+    from fedimg.fl.deploy import PocFederation, _processes_under
+
+    work = tmp_path_factory.mktemp("poc")
+    fed = PocFederation(work / "poc", _site_yamls(cls_sites[2], work), privacy=FED / "privacy.json",
+                        authorization=FED / "authorization.json")
+    fed.prepare()
+    fed.start()
+    yield fed, work
+    left = fed.stop()
+    assert not left, f"NVFlare processes had to be killed: {left}"
+    assert not _processes_under(fed.workspace)
+
+
+def _job(exp, work, name, scope=None):
+    from fedimg.fl.deploy import export_job
+    from fedimg.fl.recipe import build_recipe
+
+    recipe = build_recipe(exp, REPO / "jobs" / "train", {"site-1": None, "site-2": None}, work / f"staging_{name}",
+                          fast_polling=True)
+    return export_job(recipe, work / f"staging_{name}", work / f"jobs_{name}", scope=scope)
+
+
+def test_training_job_in_poc_downloads_models_events_and_cross_site_results(poc):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fed, work = poc
+    exp = tiny_classification(2, name="poc_train")
+    outcome = fed.run(_job(exp, work, "train"), timeout=600, download_to=work / "results")
+    assert outcome.status == "FINISHED:COMPLETED"
+    res = fed.collect(outcome)  # models, round records, cross-site results, every error log empty
+    for path in (res.global_model, res.best_model):
+        build_model(exp.model, exp.task).load_state_dict(
+            torch.load(path, map_location="cpu", weights_only=True)["model"])
+    assert [r["round"] for r in res.rounds if not r.get("final_eval")] == [0, 1]
+    assert all(sorted(r["contributed"]) == ["site-1", "site-2"] for r in res.rounds if not r.get("final_eval"))
+    for site in ("site-1", "site-2"):
+        acc = EventAccumulator(str(res.tb_logdir / site))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars(f"{site}/val/auc_mean")] == [0, 1, 2]
+        assert set(res.cross_site_results[site]) == {"SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt",
+                                                     "site-1", "site-2"}
+    # The public scope's scalar-only guard ran at both sites and found nothing to drop.
+    assert (res.cross_site.parent / "cross_site_matrix.md").is_file()
+
+
+def test_a_job_asking_for_an_undefined_scope_is_refused_by_the_sites(poc):
+    fed, work = poc
+    exp = tiny_classification(2, name="poc_badscope")
+    job = _job(exp, work, "badscope", scope="research_only")
+    outcome = fed.run(job, timeout=300)
+    assert outcome.status != "FINISHED:COMPLETED"
+    assert outcome.status.startswith("FINISHED") or outcome.status == "FAILED_TO_RUN"
+    server_log = (fed.kit("server") / "log.txt").read_text(errors="ignore")
+    for site in ("site-1", "site-2"):  # each site refused to deploy the job, and said why
+        assert f"{site}: NVFLARE_ERROR: privacy scope 'research_only' is not allowed" in server_log
+    assert not (fed.kit("site-1") / outcome.job_id).exists()  # nothing of the job ran at the site
+
+
+def test_strict_scope_clips_and_noises_every_update_at_the_sites(poc):
+    fed, work = poc
+    exp = tiny_classification(2, name="poc_strict", **{"fed.exchange": "diff", "fed.cross_site_eval": "false"})
+    outcome = fed.run(_job(exp, work, "strict", scope="strict"), timeout=600, download_to=work / "results_strict")
+    assert outcome.status == "FINISHED:COMPLETED"
+    res = fed.collect(outcome, require_cross_site=False)
+    rounds = [r for r in res.rounds if not r.get("final_eval")]
+    policy = json.loads((FED / "privacy.json").read_text())
+    dp_args = next(f["args"] for s in policy["scopes"] if s["name"] == "strict" for f in s["task_result_filters"]
+                   if f["path"].endswith("GaussianUpdateDP"))
+    for i, r in enumerate(rounds):
+        assert set(r["privacy"]) == {"site-1", "site-2"}, "an update left a site without the site's DP filter"
+        for site, dp in r["privacy"].items():
+            assert dp["clip_norm"] == dp_args["clip_norm"] and dp["noise_multiplier"] == dp_args["noise_multiplier"]
+            assert dp["releases"] == i + 1 and dp["epsilon"] > 0
+    assert rounds[1]["privacy"]["site-1"]["epsilon"] > rounds[0]["privacy"]["site-1"]["epsilon"]
