@@ -34,9 +34,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from fedimg.synth import generate
 
     res = generate(Path(args.out), n_sites=args.sites, n_cases=args.cases, seed=args.seed,
-                   progress=not args.quiet)
+                   progress=not args.quiet, modality=args.modality)
     for site, cases in res.sites.items():
-        print(f"{site}: {len(cases)} studies -> {Path(args.out) / site}")
+        print(f"{site}: {len(cases)} {args.modality} studies ({sum(c.has_lesion for c in cases)} with a lesion) -> "
+              f"{Path(args.out) / site} (labels: {Path(args.out) / site / 'labels.csv'})")
     print(f"ground truth: {res.ground_truth_path}")
     return 0
 
@@ -62,8 +63,15 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     if pseudonymizer is None and (args.write_dicom or args.crosswalk):
         raise ValueError("--write-dicom and --crosswalk need de-identification: drop --no-deid and pass "
                          "--secret-file PATH")
+    if spec.is_classification and not args.labels_csv:
+        raise ValueError(f"spec {spec.name!r} is a classification spec (task: classification): expected "
+                         "--labels-csv FILE (the site's CSV of study key and class), found none")
+    if args.labels_csv and not spec.is_classification:
+        raise ValueError(f"--labels-csv was given, but spec {spec.name!r} is a segmentation spec whose labels come "
+                         "from mask series or NIfTI files; drop --labels-csv, or use a spec with task: classification")
     result = preprocess(args.src, args.dst, spec, site=args.site, progress=not args.quiet, workers=args.workers,
-                        pseudonymizer=pseudonymizer, crosswalk=args.crosswalk, write_dicom=args.write_dicom)
+                        pseudonymizer=pseudonymizer, crosswalk=args.crosswalk, write_dicom=args.write_dicom,
+                        labels_csv=args.labels_csv)
     print(result.table())
     if pseudonymizer is None:
         print("fedimg preprocess: warning: --no-deid: case ids are unkeyed hashes and the manifest lists raw "
@@ -156,11 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("synth", help="write synthetic multi-site DICOM CT studies with labels")
+    s = sub.add_parser("synth", help="write synthetic multi-site DICOM studies (CT volumes or DX radiographs) "
+                                     "with labels")
     s.add_argument("out", help="output folder (one sub-folder per site)")
     s.add_argument("--sites", type=int, default=3)
     s.add_argument("--cases", type=int, default=8, help="base number of studies per site (sites vary around it)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--modality", choices=["CT", "DX"], default="CT",
+                   help="CT: volumes with segmentation labels (default); DX: single-frame projection radiographs. "
+                        "Both write SITE/labels.csv (lesion / no_lesion per study)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_synth)
 
@@ -179,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the input-path crosswalk here (owner-only; keep it outside DST, at the site)")
     s.add_argument("--write-dicom", default=None, metavar="DIR",
                    help="also write de-identified DICOM copies (PS3.15 Basic Profile, keyed) into DIR")
+    s.add_argument("--labels-csv", default=None, metavar="FILE",
+                   help="classification specs: the site's CSV of study key (labels.csv_key) and class; "
+                        "it holds identifiers: keep it at the site")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_preprocess)
 

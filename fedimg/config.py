@@ -236,12 +236,21 @@ def _check(cond: bool, message: str) -> None:
 # --------------------------------------------------------------------------
 
 
+#: (0008,0060) Modality values a spec can select as its image series.
+ImageModality = Literal["CT", "MR", "DX", "CR", "MG"]
+#: Modalities of 3D volumes (the rest are projection radiographs: 2D only).
+VOLUME_MODALITIES = ("CT", "MR")
+
+
 @dataclass(frozen=True)
 class SeriesSelection:
     """Which series of a study is the image and which is the label.
 
     Attributes:
-        image_modality: required (0008,0060) Modality of the image series.
+        image_modality: required (0008,0060) Modality of the image series:
+            one value (``CT``) or a list (``[DX, CR]``: a chest site may store
+            both). ``DX``, ``CR`` and ``MG`` are projection radiographs and
+            need a 2D spec (``spatial_dims: 2``).
         image_description_regex: if set, (0008,103E) Series Description of the
             image series must match (``re.search``); used where a study holds
             several sequences (e.g. T1post vs FLAIR).
@@ -251,43 +260,77 @@ class SeriesSelection:
             the study.
     """
 
-    image_modality: Literal["CT", "MR"] = "CT"
+    image_modality: ImageModality | list[ImageModality] = "CT"
     image_description_regex: str | None = None
     label_description_regex: str = r"(?i)mask|seg"
     label_nifti_name_regex: str = r"(?i)(seg|label|mask).*\.nii(\.gz)?$"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.modalities), "series.image_modality must name at least one modality")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The selected (0008,0060) Modality values, upper case."""
+        raw = [self.image_modality] if isinstance(self.image_modality, str) else list(self.image_modality)
+        return tuple(dict.fromkeys(m.upper() for m in raw))
 
 
 @dataclass(frozen=True)
 class IntensitySpec:
     """Intensity normalization.
 
-    CT: clip to ``ct_window`` (Hounsfield units) and scale to [0, 1].
-    MR: clip to the ``mr_percentiles`` of the foreground, then z-score.
+    CT (3D): clip to ``ct_window`` (Hounsfield units) and scale to [0, 1].
+    MR (3D): clip to the ``mr_percentiles`` of the foreground, then z-score.
+    2D images (any modality): clip to the ``percentiles_2d`` of the image
+    (MONOCHROME1 already inverted, so higher is brighter), then scale that
+    range to [0, 1].
     """
 
     ct_window: tuple[float, float] = (-160.0, 240.0)
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    percentiles_2d: tuple[float, float] = (0.5, 99.5)
 
     def __post_init__(self) -> None:
         _check(self.ct_window[0] < self.ct_window[1],
                f"intensity.ct_window must be [low, high] with low < high, got {list(self.ct_window)}")
-        lo, hi = self.mr_percentiles
-        _check(0.0 <= lo < hi <= 100.0,
-               f"intensity.mr_percentiles must satisfy 0 <= low < high <= 100, got {[lo, hi]}")
+        for key, (lo, hi) in (("mr_percentiles", self.mr_percentiles), ("percentiles_2d", self.percentiles_2d)):
+            _check(0.0 <= lo < hi <= 100.0,
+                   f"intensity.{key} must satisfy 0 <= low < high <= 100, got {[lo, hi]}")
 
 
 @dataclass(frozen=True)
 class LabelSpec:
-    """Label classes: the class names and the stored value for each.
+    """Label classes: the class names and where each case's label comes from.
 
-    ``values`` maps a class name to the voxel value it has in the source label
-    (NIfTI or DICOM mask). Output labels are 0 (background) and 1..N in the
-    order of ``classes``.
+    Segmentation: ``values`` maps a class name to the voxel value it has in
+    the source label (NIfTI or DICOM mask). Output labels are 0 (background)
+    and 1..N in the order of ``classes``.
+
+    Classification: one class per study, read from a site-local CSV (passed
+    as ``--labels-csv``, never part of the spec). ``csv_key`` says which
+    header value identifies a study in the CSV: ``accession`` for
+    (0008,0050) Accession Number, ``study_uid`` for (0020,000D) Study
+    Instance UID. The key column is ``csv_key_column`` (default
+    ``AccessionNumber`` or ``StudyInstanceUID``), the class column
+    ``csv_label_column``; a class cell holds a name from ``classes`` or its
+    0-based index. Output labels are the 0-based class index (no background).
+
+    Attributes:
+        classes: class names (segmentation: foreground classes; classification:
+            every class, at least two).
+        values: segmentation only: class name -> stored voxel value.
+        required: segmentation only: refuse an image without a label.
+        csv_key: classification: ``accession`` or ``study_uid``.
+        csv_key_column: classification: CSV column holding the key.
+        csv_label_column: classification: CSV column holding the class.
     """
 
     classes: list[str] = field(default_factory=lambda: ["foreground"])
     values: dict[str, int] = field(default_factory=dict)
     required: bool = True
+    csv_key: Literal["accession", "study_uid"] = "accession"
+    csv_key_column: str | None = None
+    csv_label_column: str = "label"
 
     def __post_init__(self) -> None:
         _check(len(self.classes) >= 1, "labels.classes must name at least one class")
@@ -296,6 +339,22 @@ class LabelSpec:
         for name in self.values:
             _check(name in self.classes,
                    f"labels.values names {name!r}, which is not in labels.classes {self.classes}")
+        _check(self.csv_key_column is None or bool(self.csv_key_column.strip()),
+               "labels.csv_key_column must be a column name or null (default for labels.csv_key)")
+        _check(bool(self.csv_label_column.strip()), "labels.csv_label_column must be a column name")
+
+    @property
+    def key_column(self) -> str:
+        """The CSV column that identifies a study (``csv_key_column`` or the default for ``csv_key``)."""
+        if self.csv_key_column:
+            return self.csv_key_column.strip()
+        return "AccessionNumber" if self.csv_key == "accession" else "StudyInstanceUID"
+
+    @property
+    def key_tag(self) -> str:
+        """The DICOM attribute the CSV key is compared with, as ``(gggg,eeee) Name``."""
+        return ("(0008,0050) Accession Number" if self.csv_key == "accession"
+                else "(0020,000D) Study Instance UID")
 
     def source_value(self, name: str) -> int:
         """Stored value of class ``name`` in the source label (default: its 1-based index)."""
@@ -357,12 +416,34 @@ class DeidSpec:
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """The shared preprocessing spec every site applies (``configs/preprocessing``)."""
+    """The shared preprocessing spec every site applies (``configs/preprocessing``).
+
+    Attributes:
+        name: the spec's name (recorded in the datalist).
+        modality: ``CT`` or ``MR`` for 3D specs (selects the intensity chain);
+            for 2D specs informative only (every 2D image gets the percentile
+            normalization of ``intensity.percentiles_2d``).
+        task: ``segmentation`` (a label volume per case, from a DICOM mask,
+            SEG or NIfTI) or ``classification`` (one class per study from the
+            site's labels CSV, see :class:`LabelSpec`).
+        spatial_dims: 3 for volumes; 2 for single images (classification only):
+            a single-frame image series (DX, CR, MG, or one CT/MR slice) with
+            (0028,0030) Pixel Spacing or (0018,1164) Imager Pixel Spacing.
+        target_spacing: 3D only (required there): output voxel size in mm.
+        target_size: 2D only (required there): output ``[H, W]`` in pixels.
+            The image is resized to fit inside H x W keeping its physical
+            aspect ratio (square output pixels; antialiased bilinear), then
+            padded symmetrically with 0 (the darkest value) to exactly H x W.
+        orientation: 3D only: output axis codes.
+    """
 
     name: str
-    modality: Literal["CT", "MR"]
-    target_spacing: tuple[float, float, float]
+    modality: ImageModality
+    target_spacing: tuple[float, float, float] | None = None
     orientation: str = "RAS"
+    task: Literal["segmentation", "classification"] = "segmentation"
+    spatial_dims: Literal[2, 3] = 3
+    target_size: tuple[int, int] | None = None
     intensity: IntensitySpec = field(default_factory=IntensitySpec)
     series: SeriesSelection = field(default_factory=SeriesSelection)
     labels: LabelSpec = field(default_factory=LabelSpec)
@@ -371,10 +452,45 @@ class PreprocessSpec:
     deid: DeidSpec = field(default_factory=DeidSpec)
 
     def __post_init__(self) -> None:
-        _check(all(s > 0 for s in self.target_spacing),
-               f"target_spacing must be three positive mm values, got {list(self.target_spacing)}")
+        if self.spatial_dims == 3:
+            _check(self.target_spacing is not None,
+                   "missing required key target_spacing (list of 3 float, mm): a 3D spec (spatial_dims: 3) "
+                   "resamples every volume to it")
+            _check(all(s > 0 for s in self.target_spacing),  # type: ignore[union-attr]
+                   f"target_spacing must be three positive mm values, got {list(self.target_spacing or ())}")
+            _check(self.modality in VOLUME_MODALITIES,
+                   f"modality must be CT or MR for a 3D spec, got {self.modality!r}; projection radiographs "
+                   "(DX, CR, MG) need spatial_dims: 2 and target_size")
+            _check(self.target_size is None,
+                   "target_size is for 2D specs (spatial_dims: 2); a 3D spec uses target_spacing")
+        else:
+            _check(self.target_size is not None,
+                   "missing required key target_size ([H, W] pixels): a 2D spec (spatial_dims: 2) resizes "
+                   "and pads every image to it")
+            _check(all(s >= 8 for s in self.target_size),  # type: ignore[union-attr]
+                   f"target_size must be two pixel counts >= 8, got {list(self.target_size or ())}")
+            _check(self.task == "classification",
+                   "spatial_dims: 2 supports task: classification only (2D segmentation is not built); "
+                   "set task: classification, or spatial_dims: 3 for volumes")
+            _check(self.target_spacing is None,
+                   "target_spacing is for 3D specs; a 2D spec uses target_size (output spacing follows "
+                   "from the image's extent)")
         _check(sorted(self.orientation.upper()) == sorted("RAS") or len(self.orientation) == 3,
                f"orientation must be three axis codes like 'RAS', got {self.orientation!r}")
+        if self.task == "classification":
+            _check(len(self.labels.classes) >= 2,
+                   f"labels.classes must name at least 2 classes for classification, got {self.labels.classes}")
+            _check(not self.labels.values,
+                   "labels.values maps voxel values of segmentation labels; a classification spec reads "
+                   "class names (or 0-based indices) from the labels CSV: remove labels.values")
+            _check(self.labels.required,
+                   "labels.required: false has no meaning for classification: a study without a row in "
+                   "the labels CSV has no class and is refused (NO_LABEL)")
+
+    @property
+    def is_classification(self) -> bool:
+        """True for one class per case (labels from the site's CSV)."""
+        return self.task == "classification"
 
 
 # --------------------------------------------------------------------------
@@ -602,6 +718,40 @@ class ServerOptimConfig:
         _check(self.eps > 0, f"fed.server_optimizer.eps must be > 0, got {self.eps}")
 
 
+@dataclass(frozen=True)
+class RobustConfig:
+    """Server-side screening of site updates and the aggregation rule.
+
+    An update with a NaN or infinite value is always rejected. The checks
+    below are off at 0 / null.
+
+    Attributes:
+        aggregation: ``mean`` (FedAvg's weighted mean), ``median`` or
+            ``trimmed_mean`` (coordinate-wise; robust to a poisoned minority).
+        trim: updates dropped at each end per coordinate for ``trimmed_mean``.
+        norm_outlier_factor: reject an update whose L2 norm exceeds this many
+            times the median norm of the round's updates (needs >= 3 updates).
+        max_update_norm: reject an update whose L2 norm exceeds this value.
+        min_cosine: reject an update whose cosine similarity with the
+            coordinate-wise median update of the round is below this (e.g. 0:
+            an update pointing away from the majority; needs >= 3 updates).
+    """
+
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim: int = 1
+    norm_outlier_factor: float = 0.0
+    max_update_norm: float = 0.0
+    min_cosine: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.trim >= 1, f"fed.robust.trim must be >= 1, got {self.trim}")
+        _check(self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1,
+               f"fed.robust.norm_outlier_factor must be 0 (off) or > 1, got {self.norm_outlier_factor}")
+        _check(self.max_update_norm >= 0, f"fed.robust.max_update_norm must be >= 0, got {self.max_update_norm}")
+        _check(self.min_cosine is None or -1.0 <= self.min_cosine < 1.0,
+               f"fed.robust.min_cosine must be null or in [-1, 1), got {self.min_cosine}")
+
+
 ALGORITHMS = ("fedavg", "fedprox", "fedopt", "scaffold", "fedbn")
 
 
@@ -628,6 +778,18 @@ class FedConfig:
         server_optimizer: FedOpt's optimizer.
         final_eval: after the last round, every site validates the final
             global model, so the best-model choice includes it.
+        robust: screening of updates and the aggregation rule.
+        round_timeout_s: seconds a round waits for the sites' updates; 0 is
+            adaptive: ``first_round_timeout_s`` for the first round, then 3x
+            the slowest round so far (at least 60 s). A site that misses it is
+            left out of that round (recorded), and the round counts if at
+            least ``min_clients`` sites contributed.
+        first_round_timeout_s: the first round's limit when adaptive (it
+            includes caching the data and the first transfer of the model).
+        eval_timeout_s: limit of the final evaluation and of each step of
+            cross-site evaluation.
+        scope: the site privacy scope the job asks for (``privacy.json`` at
+            each site); null uses each site's default scope.
     """
 
     algorithm: Literal["fedavg", "fedprox", "fedopt", "scaffold", "fedbn"] = "fedavg"
@@ -640,11 +802,22 @@ class FedConfig:
     mu: float = 0.01
     server_optimizer: ServerOptimConfig = field(default_factory=ServerOptimConfig)
     final_eval: bool = True
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    round_timeout_s: int = 0
+    first_round_timeout_s: int = 1800
+    eval_timeout_s: int = 600
+    scope: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, f"fed.num_rounds must be >= 1, got {self.num_rounds}")
         _check(self.min_clients >= 0, f"fed.min_clients must be >= 0, got {self.min_clients}")
         _check(self.mu > 0 and math.isfinite(self.mu), f"fed.mu must be a finite number > 0, got {self.mu}")
+        _check(self.round_timeout_s >= 0, f"fed.round_timeout_s must be >= 0 (0: adaptive), got {self.round_timeout_s}")
+        _check(self.first_round_timeout_s >= 10,
+               f"fed.first_round_timeout_s must be >= 10, got {self.first_round_timeout_s}")
+        _check(self.eval_timeout_s >= 10, f"fed.eval_timeout_s must be >= 10, got {self.eval_timeout_s}")
+        _check(self.scope is None or (bool(self.scope) and all(c.isalnum() or c in "-_" for c in self.scope)),
+               f"fed.scope must be null or a scope name (letters, digits, '-', '_'), got {self.scope!r}")
         if self.algorithm == "fedopt":
             _check(self.exchange == "diff",
                    "fed.algorithm fedopt treats the averaged update as a gradient: set fed.exchange: diff "
@@ -743,6 +916,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "PreprocessSpec",
+    "RobustConfig",
     "SeriesSelection",
     "ServerOptimConfig",
     "SiteConfig",

@@ -56,7 +56,7 @@ def _plant(raw: Path) -> list[str]:
     """Plant canaries in every DICOM file and in folder/file names; return all canaries."""
     canaries = [*TEXT_CANARIES.values(), DATE, TIME, "CNRYPRIVATE", "CNRYDIR", "CNRYFILE", "CNRYPID", "CNRY-SD"]
     for f in sorted(p for p in raw.rglob("*") if p.is_file()):
-        if f.name.endswith(".nii.gz") or f.suffix == ".json":
+        if f.name.endswith(".nii.gz") or f.suffix in (".json", ".csv"):  # .csv: the site's label sheet
             continue
         ds = pydicom.dcmread(f)
         for kw, value in TEXT_CANARIES.items():

@@ -72,6 +72,11 @@ class DicomHeader:
         frames: per-frame geometry of an enhanced multi-frame object.
         layout_error: PHI-free reason the mosaic / multi-frame layout could not be
             read (the series is refused on it).
+        accession_number: (0008,0050) Accession Number (an identifier: used
+            in memory only, to find a study's row in a site's labels CSV).
+        imager_pixel_spacing: (0018,1164) Imager Pixel Spacing (row, column) of
+            projection radiographs, used when (0028,0030) is absent.
+        photometric_interpretation: (0028,0004), e.g. MONOCHROME1.
     """
 
     path: Path
@@ -103,6 +108,9 @@ class DicomHeader:
     mosaic: MosaicInfo | None = None
     frames: tuple[FrameInfo, ...] = ()
     layout_error: str = ""
+    accession_number: str = ""
+    imager_pixel_spacing: tuple[float, float] | None = None
+    photometric_interpretation: str = ""
 
     @property
     def folder(self) -> str:
@@ -318,6 +326,7 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
     )
     sop_class = str(ds.get("SOPClassUID", ds.file_meta.get("MediaStorageSOPClassUID", "")))
     spacing = _floats(ds.get("PixelSpacing"), 2)
+    imager_spacing = _floats(ds.get("ImagerPixelSpacing"), 2)
     try:
         inst = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
     except (TypeError, ValueError):
@@ -385,6 +394,9 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         mosaic=mosaic,
         frames=frame_info,
         layout_error=layout_error,
+        accession_number=str(ds.get("AccessionNumber", "") or ""),
+        imager_pixel_spacing=(imager_spacing[0], imager_spacing[1]) if imager_spacing else None,
+        photometric_interpretation=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
     )
 
 

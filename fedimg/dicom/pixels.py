@@ -220,6 +220,37 @@ def decode_slice(ds: Dataset) -> np.ndarray:
     return apply_modality_lut(arr, *rescale(ds))
 
 
+def invert_monochrome1(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values with (0028,0004) MONOCHROME1 turned into MONOCHROME2 order.
+
+    MONOCHROME1 means the lowest value is displayed white: a radiograph
+    stored that way has air at the top of the range. Mirroring the stored
+    values inside the range that (0028,0101) Bits Stored and (0028,0103)
+    Pixel Representation allow (``min + max - value``) makes higher values
+    brighter, as for MONOCHROME2, before the modality LUT is applied. Other
+    photometric interpretations are returned unchanged.
+
+    Args:
+        stored: masked stored values (see :func:`decode_stored`).
+        ds: the dataset (its header only is read).
+
+    Raises:
+        RefusedError: PIXEL_DECODE_ERROR when a header value is not an integer.
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric != "MONOCHROME1":
+        return stored
+    bits_alloc = _header_int(ds, "BitsAllocated", "(0028,0100) Bits Allocated", 16)
+    bits = _header_int(ds, "BitsStored", "(0028,0101) Bits Stored", bits_alloc)
+    if not np.issubdtype(stored.dtype, np.integer) or not 1 <= bits <= 32:
+        # Float pixel data has no stored range: mirror around its own extremes.
+        arr = stored.astype(np.float64)
+        return float(arr.min()) + float(arr.max()) - arr
+    signed = _header_int(ds, "PixelRepresentation", "(0028,0103) Pixel Representation", 0) == 1
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    return (lo + hi) - stored.astype(np.int64)
+
+
 def read_slice(path: str) -> Dataset:
     """Read a full dataset (with pixels) from disk."""
     return pydicom.dcmread(path)

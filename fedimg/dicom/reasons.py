@@ -31,6 +31,7 @@ class Reason(str, Enum):
     PIXEL_DECODE_ERROR = "PIXEL_DECODE_ERROR"
     UNSUPPORTED_MULTIFRAME = "UNSUPPORTED_MULTIFRAME"
     UNSUPPORTED_PIXELS = "UNSUPPORTED_PIXELS"
+    NOT_SINGLE_IMAGE = "NOT_SINGLE_IMAGE"  # a 2D spec met a series of several instances or frames
     # selection / study level
     MODALITY_NOT_SELECTED = "MODALITY_NOT_SELECTED"
     SERIES_NOT_SELECTED = "SERIES_NOT_SELECTED"
@@ -42,6 +43,8 @@ class Reason(str, Enum):
     LABEL_VALUES_UNEXPECTED = "LABEL_VALUES_UNEXPECTED"
     IMAGE_REFUSED = "IMAGE_REFUSED"
     NOT_A_LABEL = "NOT_A_LABEL"
+    LABEL_NOT_USED = "LABEL_NOT_USED"  # a segmentation label met by a classification spec (skipped)
+    LABEL_SHEET = "LABEL_SHEET"  # a CSV file in the export: labels come only through --labels-csv (skipped)
     # de-identification
     BURNED_IN_ANNOTATION = "BURNED_IN_ANNOTATION"
 

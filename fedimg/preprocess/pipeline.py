@@ -1,18 +1,26 @@
-"""``fedimg preprocess``: a site's DICOM tree -> normalized volumes, datalist, manifest.
+"""``fedimg preprocess``: a site's DICOM tree -> normalized images, datalist, manifest.
 
 The stages, each in its own module:
 
 1. :mod:`fedimg.dicom.index` reads every header (no pixels) and groups series.
-2. Series are selected per study: one image series, its label (a DICOM mask
-   series or a NIfTI file), everything else skipped with a reason.
-3. :mod:`fedimg.dicom.geometry` validates each selected series from headers
-   alone, before any pixel is decoded.
-4. :mod:`fedimg.dicom.volume` decodes pixels; the label is brought onto the
-   image grid and checked.
+2. Series are selected per study: one image series and, for segmentation,
+   its label (a DICOM mask series, a SEG or a NIfTI file); for
+   classification, the study's class from the site's labels CSV
+   (:mod:`fedimg.preprocess.labels_csv`). Everything else is skipped with a
+   reason.
+3. Geometry is validated from headers alone, before any pixel is decoded:
+   the slice stack of a volume (:mod:`fedimg.dicom.geometry`), or the single
+   frame and pixel size of a 2D image (:mod:`fedimg.dicom.planar`).
+4. Pixels are decoded (:mod:`fedimg.dicom.volume`, :mod:`fedimg.dicom.planar`);
+   a segmentation label is brought onto the image grid and checked.
 5. :mod:`fedimg.preprocess.transforms` applies the shared MONAI chain.
 6. Outputs are written atomically; every input file gets exactly one row in
    ``manifest.jsonl`` and the accounting ``inputs == converted + refused +
    skipped`` is checked before the run reports success.
+
+Re-runs into the same DST are incremental (:mod:`fedimg.preprocess.state`):
+a case whose input files are unchanged is reused, every case keeps its
+training/validation split, and outputs of cases that are gone are removed.
 """
 
 from __future__ import annotations
@@ -33,22 +41,23 @@ from tqdm.auto import tqdm
 
 from fedimg import config as cfgmod
 from fedimg.config import PreprocessSpec
-from fedimg.dicom.geometry import SeriesGeometry
 from fedimg.dicom.index import DicomHeader, SeriesGroup, group_series
 from fedimg.dicom.labels import (
     SEG_SOP_CLASS,
     check_mask_grid,
-    load_seg_on_grid,
     load_nifti_on_grid,
+    load_seg_on_grid,
     map_label_values,
     match_nifti_to_study,
 )
+from fedimg.dicom.planar import PlanarGeometry, load_planar, planar_geometry
 from fedimg.dicom.quiet import quiet_dicom, quiet_dicom_call
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.resample import RESAMPLABLE, load_regularized
 from fedimg.dicom.volume import load_volume, series_geometry
 from fedimg.preprocess.convert import default_workers
 from fedimg.preprocess.io import write_json, write_jsonl, write_nifti
+from fedimg.preprocess.labels_csv import LabelSheet, LabelsCsvError, class_index, read_labels_csv
 from fedimg.preprocess.manifest import (
     CONVERTED,
     REFUSED,
@@ -60,24 +69,48 @@ from fedimg.preprocess.manifest import (
 )
 from fedimg.preprocess.manifest import mark as _mark
 from fedimg.preprocess.scan import PreprocessInputError, index_source
-from fedimg.preprocess.transforms import apply_spec
+from fedimg.preprocess.state import (
+    PreprocessState,
+    assign_splits,
+    inputs_fingerprint,
+    load_previous,
+    save_state,
+)
+from fedimg.preprocess.transforms import apply_spec, apply_spec_2d
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreprocessInputError", "PreprocessResult", "preprocess"]
+__all__ = ["LabelsCsvError", "PreprocessInputError", "PreprocessResult", "preprocess"]
+
+#: CSV files in an export are label sheets, not images: claimed and skipped (LABEL_SHEET).
+CSV_NAME_REGEX = r"(?i)\.csv$"
+OUTPUT_DIRS = ("images", "labels")
 
 
 @dataclass
 class CaseRecord:
-    """A converted case."""
+    """A converted case.
+
+    Attributes:
+        case_id: file-name-safe id (a keyed pseudonym under de-identification).
+        image: image path relative to DST.
+        label: segmentation: label path relative to DST (or None);
+            classification: the 0-based class index.
+        shape: output array shape ((H, W) for 2D).
+        spacing: output voxel / pixel size in mm.
+        label_counts: segmentation: voxels per class.
+        split: ``training`` or ``validation``.
+        reused: the outputs of an earlier run were reused (inputs unchanged).
+    """
 
     case_id: str
     image: str
-    label: str | None
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
+    label: str | int | None
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
     label_counts: dict[str, int] = field(default_factory=dict)
     split: str = "training"
+    reused: bool = False
 
 
 @dataclass
@@ -92,6 +125,12 @@ class PreprocessResult:
     cases: list[CaseRecord]
     datalist: str
     manifest: str
+    task: str = "segmentation"
+    spatial_dims: int = 3
+    cases_converted: int = 0
+    cases_reused: int = 0
+    cases_removed: int = 0  # cases of earlier runs whose inputs are gone (or now refused): outputs removed
+    labels_csv: dict[str, Any] | None = None  # classification: counts of CSV rows (never keys)
 
     def table(self) -> str:
         """A human-readable summary: counts, reasons with what to do, cases, paths."""
@@ -100,10 +139,16 @@ class PreprocessResult:
         lines = [
             render_table(summary, f"site {self.site}"),
             f"  cases: {len(self.cases)} ({sum(c.split == 'training' for c in self.cases)} training, "
-            f"{sum(c.split == 'validation' for c in self.cases)} validation)",
-            f"  datalist: {self.datalist}",
-            f"  manifest: {self.manifest}",
+            f"{sum(c.split == 'validation' for c in self.cases)} validation); "
+            f"{self.cases_converted} converted, {self.cases_reused} reused unchanged"
+            + (f", {self.cases_removed} removed (inputs gone or refused)" if self.cases_removed else ""),
         ]
+        if self.labels_csv is not None:
+            lc = self.labels_csv
+            lines.append(f"  labels CSV: {lc['rows']} rows, {lc['rows_matched']} matched a study, "
+                         f"{lc['rows_unmatched']} matched none" +
+                         (f", {lc['rows_without_key']} without a key" if lc["rows_without_key"] else ""))
+        lines += [f"  datalist: {self.datalist}", f"  manifest: {self.manifest}"]
         return "\n".join(lines)
 
 
@@ -114,10 +159,8 @@ def case_id_for(study_uid: str, series_uid: str) -> str:
 
 
 def _split(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """Deterministic split: order by a seeded hash, the first share goes to validation."""
-    ordered = sorted(case_ids, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
-    n_val = max(1, int(round(len(ordered) * val_fraction))) if len(ordered) >= 2 else 0
-    return {c: ("validation" if i < n_val else "training") for i, c in enumerate(ordered)}
+    """Deterministic split of new cases (see :func:`fedimg.preprocess.state.assign_splits`)."""
+    return assign_splits({c: c for c in case_ids}, {}, val_fraction, seed)
 
 
 class _Study:
@@ -128,28 +171,83 @@ class _Study:
         self.masks: list[SeriesGroup] = []
         self.niftis: list[tuple[Path, str]] = []
         self.segs: list[DicomHeader] = []
+        # classification: (class index, None) or (None, (reason, detail)) from the labels CSV
+        self.cls: tuple[int | None, tuple[Reason, str] | None] | None = None
 
 
 def _study_task(args: tuple) -> tuple[dict[str, ManifestRow], CaseRecord | None]:
     """Worker: convert one study; returns its manifest rows and case record."""
-    study, spec, dst, class_values, geo_kwargs, pseudonymizer = args
+    study, spec, dst, class_values, geo_kwargs, pseudonymizer, previous = args
     local: dict[str, ManifestRow] = {}
     with quiet_dicom():
-        rec = _convert_study(study, spec, dst, local, class_values, geo_kwargs, pseudonymizer)
+        rec = _convert_study(study, spec, dst, local, class_values, geo_kwargs, pseudonymizer, previous)
     return local, rec
+
+
+def _study_key(study: _Study, spec: PreprocessSpec) -> str:
+    """The study's value of the CSV key attribute (an identifier: memory only)."""
+    h = study.images[0][0].first
+    return (h.accession_number if spec.labels.csv_key == "accession" else h.study_uid).strip()
+
+
+def _classify(study: _Study, spec: PreprocessSpec, sheet: LabelSheet) -> tuple[int | None, tuple[Reason, str] | None]:
+    """The study's class from the CSV, or a PHI-free refusal (the key is never quoted)."""
+    tag = spec.labels.key_tag
+    key = _study_key(study, spec)
+    if not key:
+        return None, (Reason.NO_LABEL, f"{tag} is empty in this study, so it has no row in the labels CSV; "
+                                       "set labels.csv_key to another key, or add the attribute")
+    value = sheet.lookup(key)
+    if value is None:
+        return None, (Reason.NO_LABEL, f"no row in the labels CSV for this study's {tag} (column "
+                                       f"{sheet.key_column!r}); add a row for it")
+    idx = class_index(value, spec.labels.classes)
+    if idx is None:
+        classes = ", ".join(spec.labels.classes)
+        what = "is empty" if not value else "is not a class"
+        return None, (Reason.LABEL_VALUES_UNEXPECTED,
+                      f"the labels CSV's {sheet.label_column!r} cell for this study {what}; expected one of "
+                      f"{classes} (or an index 0..{len(spec.labels.classes) - 1}); fix the CSV")
+    return idx, None
 
 
 @quiet_dicom_call
 def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str,
                progress: bool = True, workers: int | None = 1,
                pseudonymizer: Any | None = None, crosswalk: str | Path | None = None,
-               write_dicom: str | Path | None = None) -> PreprocessResult:
+               write_dicom: str | Path | None = None,
+               labels_csv: str | Path | None = None) -> PreprocessResult:
     """Convert and normalize every case under ``src`` into ``dst``.
+
+    Re-runs are incremental. Running again into the same ``dst`` with the
+    same spec and the same site secret, after the site added, changed or
+    removed studies:
+
+    - reuses every case whose input files (relative paths, sizes and
+      modification times) are unchanged: nothing of it is decoded again;
+      only new and changed studies are converted;
+    - keeps the training/validation split of every case seen before (also
+      of a case that was missing for a while); new cases go to validation
+      until the validation share reaches ``split.val_fraction`` again, in
+      seeded-hash order (see :func:`fedimg.preprocess.state.assign_splits`);
+    - rewrites the manifest and datalist for the current source: one row per
+      current file; cases whose inputs are gone (or that are now refused)
+      leave the datalist and their outputs are removed;
+    - reads the labels CSV again, so reused classification cases carry the
+      labels of the current CSV.
+
+    A ``dst`` written with another spec (its ``spec.yaml`` differs) or
+    another site secret (or with/without de-identification) is refused with
+    :class:`fedimg.preprocess.state.IncompatibleOutputError` before any work:
+    mixing would put outputs of two specs in one datalist, or redraw the
+    split and move validation cases into training. Use a new ``dst``, or
+    empty it to start over.
 
     Args:
         src: the site's raw export (read only; never modified).
         dst: output folder: ``images/``, ``labels/``, ``datalist.json``,
-            ``manifest.jsonl``, ``spec.yaml``, ``summary.json``.
+            ``manifest.jsonl``, ``spec.yaml``, ``summary.json`` and the
+            site-private ``.fedimg_preprocess_state.json``.
         spec: the shared preprocessing spec.
         site: the site's name (recorded in the summary and logs).
         progress: show tqdm progress bars.
@@ -157,46 +255,87 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         pseudonymizer: a :class:`fedimg.dicom.deid.Pseudonymizer` holding the
             site secret. With it, case ids (and so file names) are keyed
             HMAC pseudonyms, and manifest ``input`` fields are keyed hashes of
-            the paths; the path crosswalk is kept in ``DST/private/`` with
-            owner-only permissions. Without it, case ids are unkeyed hashes and
-            inputs are plain relative paths.
+            the paths. Without it, case ids are unkeyed hashes and inputs are
+            plain relative paths.
         crosswalk: with a pseudonymizer, where to keep the hash-to-path
             crosswalk (owner-only, a site-private location outside ``dst``);
             None keeps none.
         write_dicom: with a pseudonymizer, a folder for de-identified DICOM
             copies of every converted series (PS3.15 Basic Profile, keyed).
             Objects that may carry burned-in text are refused.
+        labels_csv: classification specs only (and required there): the
+            site's CSV of study key -> class (see
+            :mod:`fedimg.preprocess.labels_csv`). A CSV file inside ``src``
+            gets a manifest row, skipped as ``LABEL_SHEET``.
 
     Raises:
-        PreprocessInputError: ``src`` is missing, empty, or holds no DICOM.
+        PreprocessInputError: ``src`` is missing, empty, or holds no DICOM; a
+            classification spec without ``labels_csv`` or a segmentation spec
+            with one; :class:`LabelsCsvError` for a missing or unreadable CSV
+            or missing columns; ``IncompatibleOutputError`` (see above). All
+            are raised before anything is written.
     """
     src, dst = Path(src), Path(dst)
+    sheet: LabelSheet | None = None
+    if spec.is_classification:
+        if labels_csv is None:
+            raise PreprocessInputError(
+                f"spec {spec.name!r} is a classification spec (task: classification): expected --labels-csv FILE "
+                "(the site's CSV of study key and class), found none")
+        sheet = read_labels_csv(labels_csv, spec.labels)
+    elif labels_csv is not None:
+        raise PreprocessInputError(
+            f"--labels-csv was given, but spec {spec.name!r} is a segmentation spec whose labels come from mask "
+            "series or NIfTI files; drop --labels-csv, or use a spec with task: classification")
+    previous = load_previous(dst, spec, pseudonymizer)
+
     label_re = re.compile(spec.series.label_description_regex)
     image_re = re.compile(spec.series.image_description_regex) if spec.series.image_description_regex else None
-    scanned = index_source(src, claim=[spec.series.label_nifti_name_regex], label=site, progress=progress)
+    csv_re = re.compile(CSV_NAME_REGEX)
+    scanned = index_source(src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site,
+                           progress=progress)
     index, rows, image_headers = scanned.index, scanned.rows, scanned.image_headers
+    classify = spec.is_classification
+    used_csv = Path(labels_csv).resolve() if labels_csv is not None else None
 
     studies: dict[str, _Study] = {}
     # DICOM SEG objects are labels, read through highdicom, not image series.
     for h in [h for h in image_headers if h.sop_class_uid == SEG_SOP_CLASS]:
+        if classify:
+            rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.LABEL_NOT_USED.value,
+                                      "a DICOM SEG; a classification spec takes classes from the labels CSV")
+            continue
         studies.setdefault(h.study_uid, _Study(h.study_uid)).segs.append(h)
     image_headers = [h for h in image_headers if h.sop_class_uid != SEG_SOP_CLASS]
     geo_kwargs = dict(min_slices=spec.geometry.min_slices, spacing_tolerance=spec.geometry.spacing_tolerance,
                       orientation_tolerance=spec.geometry.orientation_tolerance)
     groups = group_series(image_headers, spec.geometry.orientation_tolerance)
     per_series = Counter(g.series_uid for g in groups)
+    files_per_series = Counter((h.study_uid, h.series_uid) for h in image_headers)
+    modalities = spec.series.modalities
     for g in groups:
         study = studies.setdefault(g.study_uid, _Study(g.study_uid))
         if label_re.search(g.description):
-            study.masks.append(g)
+            if classify:
+                _mark(rows, g.rels, SKIPPED, Reason.LABEL_NOT_USED,
+                      "a label series (series.label_description_regex); a classification spec takes classes "
+                      "from the labels CSV")
+            else:
+                study.masks.append(g)
             continue
-        if g.modality.upper() != spec.series.image_modality:
+        if g.modality.upper() not in modalities:
             _mark(rows, g.rels, SKIPPED, Reason.MODALITY_NOT_SELECTED,
-                  f"modality {g.modality or '?'}; spec selects {spec.series.image_modality}")
+                  f"modality {g.modality or '?'}; spec selects {', '.join(modalities)}")
             continue
         if image_re is not None and not image_re.search(g.description):
             _mark(rows, g.rels, SKIPPED, Reason.SERIES_NOT_SELECTED,
                   "(0008,103E) Series Description does not match series.image_description_regex")
+            continue
+        if spec.spatial_dims == 2:
+            try:
+                study.images.append((g, planar_geometry(g, files_per_series[(g.study_uid, g.series_uid)])))
+            except RefusedError as exc:
+                _mark(rows, g.rels, REFUSED, exc.reason, exc.detail)
             continue
         try:
             geo = series_geometry(g, **geo_kwargs)
@@ -209,11 +348,22 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
             continue
         study.images.append((g, geo))
 
-    # NIfTI labels: attach each to the one study whose files sit under its nearest folder.
+    # Claimed non-DICOM files: label sheets (CSV) are skipped; NIfTI labels go to the one study
+    # whose files sit under their nearest folder.
     study_dirs: dict[str, set[str]] = defaultdict(set)
     for h in index.headers:
         study_dirs[h.study_uid].add(Path(h.rel).parent.as_posix())
     for path, rel in index.other_files:
+        if csv_re.search(path.name):
+            this_run = used_csv is not None and path.resolve() == used_csv
+            rows[rel] = ManifestRow(rel, SKIPPED, Reason.LABEL_SHEET.value,
+                                    "the labels CSV of this run (--labels-csv): read, not converted" if this_run
+                                    else "a CSV file, not an image; labels are read only from --labels-csv")
+            continue
+        if classify:
+            rows[rel] = ManifestRow(rel, SKIPPED, Reason.LABEL_NOT_USED.value,
+                                    "a NIfTI label; a classification spec takes classes from the labels CSV")
+            continue
         owner = match_nifti_to_study(rel, study_dirs)
         if owner is None or owner not in studies:
             rows[rel] = ManifestRow(rel, REFUSED, Reason.LABEL_UNMATCHED.value,
@@ -232,8 +382,10 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
                 rows[rel] = ManifestRow(rel, REFUSED, Reason.IMAGE_REFUSED.value, "no usable image series in this study")
             _mark(rows, [h.rel for h in study.segs], REFUSED, Reason.IMAGE_REFUSED,
                   "no usable image series in this study")
+        elif sheet is not None:
+            study.cls = _classify(study, spec, sheet)
 
-    tasks = [(study, spec, dst, class_values, geo_kwargs, pseudonymizer) for study in work]
+    tasks = [(study, spec, dst, class_values, geo_kwargs, pseudonymizer, previous.cases) for study in work]
     n_workers = default_workers() if workers is None else max(1, workers)
     with tqdm(total=len(work), desc=f"{site}: convert", unit="case", disable=not progress) as bar:
         if n_workers <= 1 or len(tasks) <= 1:
@@ -254,22 +406,28 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
                         cases.append(rec)
                     bar.update(1)
 
-    # The split orders cases by the data (unkeyed, never written), not by the pseudonyms: the same
-    # export gets the same split whatever the site secret, and pseudonyms stay unlinkable.
-    keys = {getattr(c, "_split_key", c.case_id): c for c in cases}
-    split = _split(list(keys), spec.split.val_fraction, spec.split.seed)
-    for key, c in keys.items():
-        c.split = split[key]
+    # The split orders new cases by the data (unkeyed, never written), not by the pseudonyms: the same
+    # export gets the same split whatever the site secret, and pseudonyms stay unlinkable. Cases of
+    # earlier runs keep theirs.
+    keys = {c.case_id: getattr(c, "_split_key", c.case_id) for c in cases}
+    split = assign_splits(keys, previous.splits, spec.split.val_fraction, spec.split.seed)
+    for c in cases:
+        c.split = split[c.case_id]
     cases.sort(key=lambda c: c.case_id)
 
     # Every file must be accounted for exactly once.
     ordered_rows = finalize(rows, scanned.files)
 
     dst.mkdir(parents=True, exist_ok=True)
-    class_map = {"0": "background", **{str(i + 1): n for i, n in enumerate(spec.labels.classes)}}
+    if classify:
+        class_map = {str(i): n for i, n in enumerate(spec.labels.classes)}
+    else:
+        class_map = {"0": "background", **{str(i + 1): n for i, n in enumerate(spec.labels.classes)}}
     datalist = {
         "name": spec.name,
         "site": site,
+        "task": spec.task,
+        "spatial_dims": spec.spatial_dims,
         "labels": class_map,
         "training": [_dl_item(c) for c in cases if c.split == "training"],
         "validation": [_dl_item(c) for c in cases if c.split == "validation"],
@@ -289,7 +447,12 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
             r.input = pseudonymizer.path_hash(r.input)
     write_jsonl(dst / "manifest.jsonl", (r.to_json() for r in ordered_rows))
     cfgmod.save(spec, dst / "spec.yaml")
+    removed = _save_state_and_prune(dst, previous, cases)
     account = summarize(ordered_rows)
+    labels_account = None
+    if sheet is not None:
+        tag_of = (lambda h: h.accession_number) if spec.labels.csv_key == "accession" else (lambda h: h.study_uid)
+        labels_account = sheet.account({tag_of(h).strip() for h in index.headers if tag_of(h).strip()})
     result = PreprocessResult(
         site=site,
         src_files=len(scanned.files),
@@ -299,6 +462,12 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         cases=cases,
         datalist=str(dst / "datalist.json"),
         manifest=str(dst / "manifest.jsonl"),
+        task=spec.task,
+        spatial_dims=spec.spatial_dims,
+        cases_converted=sum(not c.reused for c in cases),
+        cases_reused=sum(c.reused for c in cases),
+        cases_removed=removed,
+        labels_csv=labels_account,
     )
     from fedimg.dicom.deid import ENGINE, TABLE_EDITION
 
@@ -310,8 +479,35 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
             if pseudonymizer is not None else
             {"case_ids": "unkeyed hashes (no site secret given)", "manifest_inputs": "relative paths"})
     write_json(dst / "summary.json", {**asdict(result), "cases": [asdict(c) for c in cases], "pseudonyms": deid})
-    logger.debug("site %s: %d cases, %s", site, len(cases), dict(result.counts))
+    logger.debug("site %s: %d cases (%d reused), %s", site, len(cases), result.cases_reused, dict(result.counts))
     return result
+
+
+def _save_state_and_prune(dst: Path, previous: PreprocessState, cases: list[CaseRecord]) -> int:
+    """Record the current cases for the next run, and remove outputs no current case refers to.
+
+    Returns:
+        The number of cases of the previous run that are no longer cases.
+    """
+    state = PreprocessState(spec_sha256=previous.spec_sha256, deid_key=previous.deid_key,
+                            splits={**previous.splits, **{c.case_id: c.split for c in cases}})
+    for c in cases:
+        state.cases[c.case_id] = {
+            "inputs": getattr(c, "_inputs_fp", ""),
+            "image": c.image,
+            "label": c.label if isinstance(c.label, str) else None,
+            "shape": list(c.shape),
+            "spacing": list(c.spacing),
+            "label_counts": c.label_counts,
+            "correction": getattr(c, "_correction", None),
+        }
+    save_state(dst, state)
+    keep = {c.image for c in cases} | {c.label for c in cases if isinstance(c.label, str)}
+    for folder in OUTPUT_DIRS:
+        for stale in sorted((dst / folder).glob("*.nii*")) if (dst / folder).is_dir() else []:
+            if f"{folder}/{stale.name}" not in keep:
+                stale.unlink()
+    return len(set(previous.cases) - {c.case_id for c in cases})
 
 
 def _burned_in(group: SeriesGroup) -> str | None:
@@ -378,14 +574,41 @@ def _write_deidentified(ordered: list[ManifestRow], root: Path, out: Path, pseud
 
 def _dl_item(c: CaseRecord) -> dict[str, Any]:
     item: dict[str, Any] = {"image": c.image, "case_id": c.case_id}
-    if c.label:
+    if c.label is not None:
         item["label"] = c.label
     return item
 
 
+def _label_rels(label_source: tuple[str, Any] | None) -> list[str]:
+    if label_source is None:
+        return []
+    kind, obj = label_source
+    return obj[0].rels if kind.startswith("dicom") else [obj[1]]
+
+
+def _label_files(label_source: tuple[str, Any] | None) -> list[tuple[str, Path]]:
+    if label_source is None:
+        return []
+    kind, obj = label_source
+    if kind.startswith("dicom"):
+        return [(h.rel, h.path) for h in obj[0].headers]
+    return [(obj[1], Path(obj[0]))]
+
+
+def _reusable(entry: dict[str, Any] | None, fingerprint: str, dst: Path, with_label: bool) -> bool:
+    """Whether an earlier run's outputs of this case may stand for a new conversion."""
+    if not entry or entry.get("inputs") != fingerprint:
+        return False
+    if not (dst / str(entry.get("image", ""))).is_file():
+        return False
+    label = entry.get("label")
+    return (label is not None and (dst / str(label)).is_file()) if with_label else label is None
+
+
 def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[str, ManifestRow],
                    class_values: list[int], geo_kwargs: dict[str, Any],
-                   pseudonymizer: Any | None = None) -> CaseRecord | None:
+                   pseudonymizer: Any | None = None,
+                   previous: dict[str, dict[str, Any]] | None = None) -> CaseRecord | None:
     if len(study.images) > 1:
         for g, *_ in study.images:
             _mark(rows, g.rels, REFUSED, Reason.AMBIGUOUS_IMAGE_SERIES,
@@ -401,9 +624,107 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
     irregular_reason: Reason | None = irregular[0] if irregular else None
     case_id = (pseudonymizer.case(study.uid, group.series_uid) if pseudonymizer is not None
                else case_id_for(study.uid, group.series_uid))
-    image_fref = group.first.frame_of_reference_uid
+    label_source = None if spec.is_classification else _choose_label(study, group, geo, irregular_reason, rows,
+                                                                      geo_kwargs)
 
-    # Choose the label: DICOM masks on the image's frame of reference, then NIfTI files.
+    if pseudonymizer is not None:
+        # Pixels may carry burned-in names: such objects are refused, never converted.
+        risky = _burned_in(group)
+        if risky is None and label_source is not None and label_source[0].startswith("dicom"):
+            risky = _burned_in(label_source[1][0])
+        if risky is not None:
+            _mark(rows, group.rels, REFUSED, Reason.BURNED_IN_ANNOTATION, risky, case_id=case_id)
+            _mark(rows, _label_rels(label_source), REFUSED, Reason.BURNED_IN_ANNOTATION, risky, case_id=case_id)
+            return None
+
+    def refuse_all(reason: Reason, detail: str) -> None:
+        _mark(rows, group.rels, REFUSED, reason, detail, case_id=case_id)
+        _mark(rows, _label_rels(label_source), REFUSED, Reason.IMAGE_REFUSED if reason != Reason.LABEL_GEOMETRY_MISMATCH
+              and reason != Reason.LABEL_VALUES_UNEXPECTED else reason, detail, case_id=case_id)
+
+    class_label: int | None = None
+    if spec.is_classification:
+        class_label, refusal = study.cls or (None, (Reason.NO_LABEL, "no labels CSV was read"))
+        if refusal is not None:
+            refuse_all(*refusal)
+            return None
+    elif label_source is None and spec.labels.required:
+        refuse_all(Reason.NO_LABEL, "no label series or NIfTI label matched this image; labels.required is true")
+        return None
+
+    fingerprint = inputs_fingerprint([(h.rel, h.path) for h in group.headers] + _label_files(label_source),
+                                     pseudonymizer)
+    split_key = case_id_for(study.uid, group.series_uid)
+    entry = (previous or {}).get(case_id)
+    if _reusable(entry, fingerprint, dst, label_source is not None):
+        # Unchanged inputs: the earlier outputs stand; nothing is decoded.
+        correction = entry.get("correction")  # type: ignore[union-attr]
+        image_rel, label_rel = str(entry["image"]), entry.get("label")  # type: ignore[index,union-attr]
+        _mark(rows, group.rels, CONVERTED, "", "", output=image_rel, case_id=case_id, role="image",
+              correction=correction)
+        _mark(rows, _label_rels(label_source), CONVERTED, "", "", output=label_rel, case_id=case_id, role="label",
+              correction=correction)
+        rec = CaseRecord(case_id=case_id, image=image_rel,
+                         label=class_label if spec.is_classification else label_rel,
+                         shape=tuple(int(v) for v in entry["shape"]),  # type: ignore[index]
+                         spacing=tuple(float(v) for v in entry["spacing"]),  # type: ignore[index]
+                         label_counts=dict(entry.get("label_counts") or {}), reused=True)  # type: ignore[union-attr]
+        rec._split_key = split_key  # type: ignore[attr-defined]  # not serialized
+        rec._inputs_fp = fingerprint  # type: ignore[attr-defined]
+        rec._correction = correction  # type: ignore[attr-defined]
+        return rec
+
+    correction: str | None = None
+    try:
+        if spec.spatial_dims == 2:
+            planar: PlanarGeometry = geo
+            image_arr, affine = apply_spec_2d(spec, load_planar(group, planar), planar)
+            label_arr = None
+        else:
+            if irregular_reason is not None:
+                reg = load_regularized(group, irregular_reason)
+                image_data, image_affine, correction = reg.data, reg.affine_ras, reg.correction
+            else:
+                volume = load_volume(group, geo)
+                image_data, image_affine = volume.data, volume.affine
+            label = None
+            if label_source is not None:
+                raw = _load_label(label_source, group, geo, irregular_reason, image_data, image_affine)
+                label = map_label_values(raw, class_values)
+            image_arr, label_arr, affine = apply_spec(spec, image_data, image_affine, label)
+    except RefusedError as exc:
+        refuse_all(exc.reason, exc.detail)
+        return None
+
+    image_rel = f"images/{case_id}.nii.gz"
+    write_nifti(dst / image_rel, image_arr.astype(np.float32), affine)
+    label_rel = None
+    counts: dict[str, int] = {}
+    if label_arr is not None:
+        label_rel = f"labels/{case_id}.nii.gz"
+        write_nifti(dst / label_rel, label_arr.astype(np.uint8), affine)
+        counts = {name: int((label_arr == i + 1).sum()) for i, name in enumerate(spec.labels.classes)}
+    _mark(rows, group.rels, CONVERTED, "", "", output=image_rel, case_id=case_id, role="image",
+          correction=correction)
+    _mark(rows, _label_rels(label_source), CONVERTED, "", "", output=label_rel, case_id=case_id, role="label",
+          correction=correction)
+    n_axes = image_arr.ndim
+    spacing = tuple(float(v) for v in np.sqrt((affine[:3, :n_axes] ** 2).sum(axis=0)))
+    rec = CaseRecord(case_id=case_id, image=image_rel, label=class_label if spec.is_classification else label_rel,
+                     shape=tuple(int(s) for s in image_arr.shape), spacing=spacing, label_counts=counts)
+    rec._split_key = split_key  # type: ignore[attr-defined]  # not serialized
+    rec._inputs_fp = fingerprint  # type: ignore[attr-defined]
+    rec._correction = correction  # type: ignore[attr-defined]
+    return rec
+
+
+def _choose_label(study: _Study, group: SeriesGroup, geo: Any, irregular_reason: Reason | None,
+                  rows: dict[str, ManifestRow], geo_kwargs: dict[str, Any]) -> tuple[str, Any] | None:
+    """Segmentation: DICOM masks on the image's frame of reference, then SEG, then NIfTI files.
+
+    Labels that are not chosen get their manifest rows here.
+    """
+    image_fref = group.first.frame_of_reference_uid
     label_source: tuple[str, Any] | None = None
     for m in study.masks:
         if m.first.frame_of_reference_uid != image_fref:
@@ -451,79 +772,25 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             rows[rel] = ManifestRow(rel, REFUSED, Reason.LABEL_UNMATCHED.value, "a second label for the same image")
             continue
         label_source = ("nifti", (path, rel))
+    return label_source
 
-    if pseudonymizer is not None:
-        # Pixels may carry burned-in names: such objects are refused, never converted.
-        risky = _burned_in(group)
-        if risky is None and label_source is not None and label_source[0].startswith("dicom"):
-            risky = _burned_in(label_source[1][0])
-        if risky is not None:
-            _mark(rows, group.rels, REFUSED, Reason.BURNED_IN_ANNOTATION, risky, case_id=case_id)
-            if label_source is not None:
-                kind, obj = label_source
-                _mark(rows, obj[0].rels if kind.startswith("dicom") else [obj[1]], REFUSED,
-                      Reason.BURNED_IN_ANNOTATION, risky, case_id=case_id)
-            return None
 
-    def refuse_all(reason: Reason, detail: str) -> None:
-        _mark(rows, group.rels, REFUSED, reason, detail, case_id=case_id)
-        if label_source is not None:
-            kind, obj = label_source
-            rels = obj[0].rels if kind.startswith("dicom") else [obj[1]]
-            _mark(rows, rels, REFUSED, Reason.IMAGE_REFUSED if reason != Reason.LABEL_GEOMETRY_MISMATCH
-                  and reason != Reason.LABEL_VALUES_UNEXPECTED else reason, detail, case_id=case_id)
+def _load_label(label_source: tuple[str, Any], group: SeriesGroup, geo: Any, irregular_reason: Reason | None,
+                image_data: np.ndarray, image_affine: np.ndarray) -> np.ndarray:
+    """A segmentation label's raw values on the image grid.
 
-    if label_source is None and spec.labels.required:
-        refuse_all(Reason.NO_LABEL, "no label series or NIfTI label matched this image; labels.required is true")
-        return None
-
-    correction: str | None = None
-    try:
-        if irregular_reason is not None:
-            reg = load_regularized(group, irregular_reason)
-            image_data, image_affine, correction = reg.data, reg.affine_ras, reg.correction
-        else:
-            volume = load_volume(group, geo)
-            image_data, image_affine = volume.data, volume.affine
-        label = None
-        if label_source is not None:
-            kind, obj = label_source
-            if kind == "dicom_irregular":
-                mreg = load_regularized(obj[0], irregular_reason, order=0)  # type: ignore[arg-type]
-                if mreg.data.shape != image_data.shape or not np.allclose(mreg.affine_ras, image_affine, atol=1e-3):
-                    raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH, "resampled mask and image grids differ")
-                raw = mreg.data
-            elif kind == "dicom":
-                mvol = load_volume(obj[0], obj[1])
-                raw = mvol.data
-            elif kind == "seg":
-                uids = [group.headers[i].sop_instance_uid for i in geo.order]
-                raw = load_seg_on_grid(obj[0], uids, geo)
-            else:
-                raw = load_nifti_on_grid(obj[0], geo)
-            label = map_label_values(raw, class_values)
-        image_arr, label_arr, affine = apply_spec(spec, image_data, image_affine, label)
-    except RefusedError as exc:
-        refuse_all(exc.reason, exc.detail)
-        return None
-
-    image_rel = f"images/{case_id}.nii.gz"
-    write_nifti(dst / image_rel, image_arr.astype(np.float32), affine)
-    label_rel = None
-    counts: dict[str, int] = {}
-    if label_arr is not None:
-        label_rel = f"labels/{case_id}.nii.gz"
-        write_nifti(dst / label_rel, label_arr.astype(np.uint8), affine)
-        counts = {name: int((label_arr == i + 1).sum()) for i, name in enumerate(spec.labels.classes)}
-    _mark(rows, group.rels, CONVERTED, "", "", output=image_rel, case_id=case_id, role="image",
-          correction=correction)
-    if label_source is not None:
-        kind, obj = label_source
-        rels = obj[0].rels if kind.startswith("dicom") else [obj[1]]
-        _mark(rows, rels, CONVERTED, "", "", output=label_rel, case_id=case_id, role="label", correction=correction)
-    spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-    rec = CaseRecord(case_id=case_id, image=image_rel, label=label_rel,
-                     shape=tuple(int(s) for s in image_arr.shape),  # type: ignore[arg-type]
-                     spacing=spacing, label_counts=counts)  # type: ignore[arg-type]
-    rec._split_key = case_id_for(study.uid, group.series_uid)  # type: ignore[attr-defined]  # not serialized
-    return rec
+    Raises:
+        RefusedError: LABEL_GEOMETRY_MISMATCH and the label readers' reasons.
+    """
+    kind, obj = label_source
+    if kind == "dicom_irregular":
+        mreg = load_regularized(obj[0], irregular_reason, order=0)  # type: ignore[arg-type]
+        if mreg.data.shape != image_data.shape or not np.allclose(mreg.affine_ras, image_affine, atol=1e-3):
+            raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH, "resampled mask and image grids differ")
+        return mreg.data
+    if kind == "dicom":
+        return load_volume(obj[0], obj[1]).data
+    if kind == "seg":
+        uids = [group.headers[i].sop_instance_uid for i in geo.order]
+        return load_seg_on_grid(obj[0], uids, geo)
+    return load_nifti_on_grid(obj[0], geo)

@@ -1,9 +1,11 @@
-"""Generate a synthetic multi-site CT data set with known ground truth.
+"""Generate a synthetic multi-site CT (or DX radiograph) data set with known ground truth.
 
 Determinism: every random draw comes from a numpy Generator seeded with
 ``(seed, site_index, case_index, stream)``, and every UID from a hash of the
 same parts, so one seed always gives byte-identical files regardless of the
-order in which cases are produced.
+order in which cases are produced. A DX data set draws its patients, studies
+and phantoms from the same streams as the CT one of the same seed: the same
+fake identifiers and the same lesion flags, imaged as radiographs.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydicom.uid import UID
 from tqdm.auto import tqdm
 
 from fedimg.synth.geometry import SeriesGeometry
@@ -27,14 +31,27 @@ from fedimg.synth.identity import (
 )
 from fedimg.synth.layout import label_path, series_dir, study_dir
 from fedimg.synth.phantom import Phantom
-from fedimg.synth.profiles import SiteProfile, site_profiles
-from fedimg.synth.render import hu_to_stored, render_series
-from fedimg.synth.truth import GROUND_TRUTH_FILE_NAME, CaseTruth, write_ground_truth
+from fedimg.synth.profiles import DXProfile, SiteProfile, dx_site_profiles, site_profiles
+from fedimg.synth.render import (
+    DX_LESION_EXTRA_HU,
+    hu_to_stored,
+    integral_to_stored,
+    render_projection,
+    render_series,
+)
+from fedimg.synth.truth import (
+    GROUND_TRUTH_FILE_NAME,
+    LABELS_CSV_NAME,
+    CaseTruth,
+    write_ground_truth,
+    write_labels_csv,
+)
 from fedimg.synth.writer import (
     MASK_SERIES_DESCRIPTION,
     SeriesSpec,
     StudyContext,
     write_ct_series,
+    write_dx_image,
     write_label_nifti,
     write_mask_series,
 )
@@ -50,6 +67,7 @@ _STREAM_SITE = 3
 # of the case before it: same Patient ID in two studies, as in real archives.
 FOLLOW_UP_EVERY = 4
 MASK_SERIES_NUMBER = 1001
+MODALITIES = ("CT", "DX")
 
 
 @dataclass(frozen=True)
@@ -66,7 +84,8 @@ class SynthResult:
     out_dir: Path
     sites: dict[str, list[CaseTruth]]
     ground_truth_path: Path
-    profiles: dict[str, SiteProfile] = field(default_factory=dict)
+    profiles: dict[str, SiteProfile | DXProfile] = field(default_factory=dict)
+    modality: str = "CT"
 
     @property
     def n_cases(self) -> int:
@@ -99,16 +118,26 @@ def generate(
     n_cases: int = 8,
     seed: int = 0,
     progress: bool = True,
+    modality: str = "CT",
 ) -> SynthResult:
-    """Write a synthetic multi-site CT data set and its ground truth.
+    """Write a synthetic multi-site CT (or DX) data set and its ground truth.
 
     Layout::
 
         OUT/ground_truth.json
+        OUT/<site>/labels.csv                      (AccessionNumber, StudyInstanceUID, label)
         OUT/<site>/<PatientID>_<LASTNAME>/<StudyDate>_<AccessionNumber>/
             <SeriesNumber>_<Series Description>/IM0001[.dcm] ...
-            label/segmentation.nii.gz              (sites with NIfTI labels)
-            1001_Mask_Segmentation/IM0001[.dcm]    (sites with DICOM masks)
+            label/segmentation.nii.gz              (CT sites with NIfTI labels)
+            1001_Mask_Segmentation/IM0001[.dcm]    (CT sites with DICOM masks)
+
+    ``modality="DX"`` writes, per study, one single-frame Digital X-Ray
+    image instead: an anterior-posterior projection of the same phantom
+    (:func:`fedimg.synth.render.render_projection`; the lesion is calcified
+    in the radiograph, so it is visible), each site with its own detector
+    (:func:`fedimg.synth.profiles.dx_site_profiles`: matrix, pixel size,
+    MONOCHROME1 or MONOCHROME2, bit depth, spacing attributes). Its labels are
+    only the label sheet ``labels.csv``.
 
     Args:
         out_dir: output folder; created if missing. Each ``out_dir/<site>``
@@ -118,6 +147,8 @@ def generate(
             (>= 1; every site gets at least 2).
         seed: non-negative integer; the same seed gives byte-identical files.
         progress: show a tqdm progress bar.
+        modality: ``CT`` (volumes with segmentation labels) or ``DX``
+            (projection radiographs).
 
     Returns:
         The per-site ground truth and where it was written.
@@ -128,11 +159,13 @@ def generate(
     _check_int("n_sites", n_sites, 1)
     _check_int("n_cases", n_cases, 1)
     _check_int("seed", seed, 0)
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     n_sites, n_cases, seed = int(n_sites), int(n_cases), int(seed)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir must be a folder, but {out} is a file; choose another path")
-    profiles = site_profiles(n_sites)
+    profiles: list[Any] = site_profiles(n_sites) if modality == "CT" else dx_site_profiles(n_sites)
     for profile in profiles:
         site_folder = out / profile.name
         if site_folder.exists() and (not site_folder.is_dir() or any(site_folder.iterdir())):
@@ -148,6 +181,7 @@ def generate(
         for site_index, profile in enumerate(profiles):
             bar.set_postfix_str(profile.name)
             sites[profile.name] = _generate_site(out, profile, site_index, n_cases, seed, bar)
+            write_labels_csv(out / profile.name / LABELS_CSV_NAME, sites[profile.name])
             logger.info("%s: wrote %d cases", profile.name, len(sites[profile.name]))
 
     ground_truth_path = out / GROUND_TRUTH_FILE_NAME
@@ -157,19 +191,21 @@ def generate(
         n_cases_requested=n_cases,
         profiles=profiles,
         sites=sites,
+        modality=modality,
     )
     result = SynthResult(
         out_dir=out,
         sites=sites,
         ground_truth_path=ground_truth_path,
         profiles={profile.name: profile for profile in profiles},
+        modality=modality,
     )
     logger.info("synthetic data set written:\n%s", result.summary_table())
     return result
 
 
 def _generate_site(
-    out: Path, profile: SiteProfile, site_index: int, n_cases: int, seed: int, bar: tqdm
+    out: Path, profile: SiteProfile | DXProfile, site_index: int, n_cases: int, seed: int, bar: tqdm
 ) -> list[CaseTruth]:
     site_identity = sample_site_identity(
         np.random.default_rng([seed, site_index, 0, _STREAM_SITE]), site_index
@@ -190,8 +226,9 @@ def _generate_site(
                 patient = sample_patient(rng, site_index)
             study = sample_study(rng, patient)
         used_patient_ids.add(patient.patient_id)
-        truth = _generate_case(
-            out, profile, site_identity, study, site_index, case_index, seed, follow_up_of
+        make = _generate_dx_case if isinstance(profile, DXProfile) else _generate_case
+        truth = make(
+            out, profile, site_identity, study, site_index, case_index, seed, follow_up_of  # type: ignore[arg-type]
         )
         cases.append(truth)
         previous = (patient, study, truth.case_id)
@@ -295,6 +332,72 @@ def _generate_case(
         organ_voxels=int(counts[1]),
         lesion_voxels=int(counts[2]),
         phantom=phantom.to_dict(),
+        identifiers=study.to_dict(site_identity),
+    )
+
+
+def _generate_dx_case(
+    out: Path,
+    profile: DXProfile,
+    site_identity: SiteIdentity,
+    study: StudyIdentity,
+    site_index: int,
+    case_index: int,
+    seed: int,
+    follow_up_of: str | None,
+) -> CaseTruth:
+    case_id = f"{profile.name}-case-{case_index:03d}"
+    phantom = Phantom.random(np.random.default_rng([seed, site_index, case_index, _STREAM_PHANTOM]))
+    integral, crossed = render_projection(
+        phantom, profile.rows, profile.columns, profile.pixel_spacing_mm,
+        np.random.default_rng([seed, site_index, case_index, _STREAM_NOISE]), profile.noise_sigma,
+    )
+    stored = integral_to_stored(integral, profile.bits_stored, profile.photometric_interpretation)
+
+    def uid(*role: object) -> str:
+        return deterministic_uid(seed, site_index, case_index, *role)
+
+    study_uid, series_uid = uid("study"), uid("dx-series")
+    study_folder = study_dir(out, profile.name, study)
+    image_folder = series_dir(study_folder, profile.series_number, profile.series_description)
+    write_dx_image(image_folder, profile, site_identity, study, UID(study_uid), UID(series_uid),
+                   UID(uid("dx-instance", 0)), stored)
+    ps = profile.pixel_spacing_mm
+    # Detector plane through the isocentre: i = column (towards L), j = row (towards F), k = ray direction.
+    lps = np.eye(4)
+    lps[:3, 0] = (ps, 0.0, 0.0)
+    lps[:3, 1] = (0.0, 0.0, -ps)
+    lps[:3, 2] = (0.0, 1.0, 0.0)
+    lps[:3, 3] = (-(profile.columns - 1) / 2.0 * ps, 0.0, (profile.rows - 1) / 2.0 * ps)
+    phantom_info = phantom.to_dict()
+    if phantom_info["lesion"] is not None:
+        phantom_info["lesion"]["dx_hu"] = round(float(phantom.lesion_hu or 0.0) + DX_LESION_EXTRA_HU, 3)
+    return CaseTruth(
+        case_id=case_id,
+        site=profile.name,
+        case_index=case_index,
+        follow_up_of=follow_up_of,
+        study_dir=_relative(study_folder, out),
+        image_series_dir=_relative(image_folder, out),
+        n_image_files=1,
+        study_instance_uid=str(study_uid),
+        series_instance_uid=str(series_uid),
+        frame_of_reference_uid="",
+        label_format="csv",
+        label_path=f"{profile.name}/{LABELS_CSV_NAME}",
+        label_series_instance_uid=None,
+        label_series_dir=None,
+        orientation="projection",
+        patient_position="AP",
+        image_orientation_patient=(),
+        shape=(profile.columns, profile.rows, 1),
+        spacing=(ps, ps, 1.0),
+        affine_lps=_matrix(lps),
+        affine_ras=_matrix(np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps),
+        has_lesion=phantom.has_lesion,
+        organ_voxels=crossed["organ"],
+        lesion_voxels=crossed["lesion"],
+        phantom=phantom_info,
         identifiers=study.to_dict(site_identity),
     )
 

@@ -264,3 +264,135 @@ def site_profiles(n_sites: int) -> list[SiteProfile]:
             )
         )
     return profiles
+
+
+# --------------------------------------------------------------------------
+# Projection radiographs (``fedimg synth --modality DX``)
+# --------------------------------------------------------------------------
+
+PHOTOMETRIC_INTERPRETATIONS = ("MONOCHROME1", "MONOCHROME2")
+
+
+@dataclass(frozen=True)
+class DXProfile:
+    """How one synthetic site acquires and exports its projection radiographs.
+
+    The site name, vendor, number of cases and file naming follow the site's
+    CT profile, so a DX data set has the same sites, patients and studies as
+    the CT one of the same seed.
+
+    Attributes:
+        name: site name.
+        manufacturer: (0008,0070) Manufacturer.
+        model_name: (0008,1090) Manufacturer's Model Name.
+        pixel_spacing_mm: detector pixel size (square), written as (0018,1164)
+            Imager Pixel Spacing and, where ``write_pixel_spacing``, also as
+            (0028,0030) Pixel Spacing.
+        rows: (0028,0010) Rows.
+        columns: (0028,0011) Columns.
+        photometric_interpretation: (0028,0004) ``MONOCHROME1`` (low values
+            white: air is stored high) or ``MONOCHROME2``.
+        bits_stored: (0028,0101) Bits Stored (unsigned pixels).
+        write_pixel_spacing: whether (0028,0030) is present (many detectors
+            export only (0018,1164)).
+        write_rescale: whether (0028,1052)/(0028,1053) are present (identity).
+        noise_sigma: Gaussian noise on the line integral (attenuation units).
+        case_factor: as :attr:`SiteProfile.case_factor`.
+        file_extension: ``.dcm`` or ``""``.
+        series_description: (0008,103E) Series Description.
+        series_number: (0020,0011) Series Number.
+        kvp: (0018,0060) KVP.
+    """
+
+    name: str
+    manufacturer: str
+    model_name: str
+    pixel_spacing_mm: float
+    rows: int
+    columns: int
+    photometric_interpretation: str
+    bits_stored: int
+    write_pixel_spacing: bool
+    write_rescale: bool
+    noise_sigma: float
+    case_factor: float
+    file_extension: str
+    series_description: str
+    series_number: int
+    kvp: float
+
+    def __post_init__(self) -> None:
+        _check_choice("photometric_interpretation", self.photometric_interpretation, PHOTOMETRIC_INTERPRETATIONS)
+        _check_choice("file_extension", self.file_extension, FILE_EXTENSIONS)
+        if not (8 <= self.bits_stored <= 16):
+            raise ValueError(f"DXProfile {self.name!r}: bits_stored must be 8..16, got {self.bits_stored!r}")
+        if not (math.isfinite(self.pixel_spacing_mm) and self.pixel_spacing_mm > 0):
+            raise ValueError(f"DXProfile {self.name!r}: pixel_spacing_mm must be positive, got "
+                             f"{self.pixel_spacing_mm!r}")
+        if self.rows < 16 or self.columns < 16:
+            raise ValueError(f"DXProfile {self.name!r}: rows and columns must be >= 16, got "
+                             f"{self.rows} x {self.columns}")
+
+    @property
+    def stored_max(self) -> int:
+        """Largest stored value allowed by Bits Stored."""
+        return (1 << self.bits_stored) - 1
+
+    def n_cases(self, requested: int) -> int:
+        """Number of cases this site generates when ``requested`` are asked for."""
+        return max(2, int(math.floor(requested * self.case_factor + 0.5)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy of the profile."""
+        return asdict(self)
+
+
+_DX_BASE: tuple[dict[str, Any], ...] = (
+    # Siemens: MONOCHROME2, calibrated Pixel Spacing, landscape matrix.
+    {"model_name": "YSIO Max", "pixel_spacing_mm": 1.0, "rows": 240, "columns": 256,
+     "photometric_interpretation": "MONOCHROME2", "bits_stored": 12, "write_pixel_spacing": True,
+     "write_rescale": False, "noise_sigma": 0.012, "series_description": "Thorax ap", "series_number": 1,
+     "kvp": 110.0},
+    # GE: MONOCHROME1, only Imager Pixel Spacing, portrait matrix.
+    {"model_name": "Discovery XR656", "pixel_spacing_mm": 1.2, "rows": 200, "columns": 180,
+     "photometric_interpretation": "MONOCHROME1", "bits_stored": 14, "write_pixel_spacing": False,
+     "write_rescale": True, "noise_sigma": 0.018, "series_description": "CHEST AP", "series_number": 2,
+     "kvp": 120.0},
+    # Philips: MONOCHROME1, both spacings, finer pixels.
+    {"model_name": "DigitalDiagnost C90", "pixel_spacing_mm": 0.8, "rows": 300, "columns": 280,
+     "photometric_interpretation": "MONOCHROME1", "bits_stored": 12, "write_pixel_spacing": True,
+     "write_rescale": False, "noise_sigma": 0.008, "series_description": "Chest AP", "series_number": 101,
+     "kvp": 125.0},
+)
+_DX_SPACING_FACTORS = (1.0, 1.15, 0.9, 1.3, 0.85)
+
+
+def dx_site_profiles(n_sites: int) -> list[DXProfile]:
+    """Radiography profiles of the first ``n_sites`` synthetic sites.
+
+    Sites 1-3 differ in vendor, matrix, pixel size, photometric
+    interpretation, bit depth and which spacing attributes they write. Site
+    ``n > 3`` reuses base ``(n-1) % 3`` with a coarser or finer detector and,
+    on odd cycles, the other photometric interpretation. Names, vendors,
+    case counts and file naming follow :func:`site_profiles`.
+
+    Raises:
+        ValueError: if ``n_sites`` is not an integer >= 1.
+    """
+    out = []
+    for index, ct in enumerate(site_profiles(n_sites)):
+        base = dict(_DX_BASE[index % len(_DX_BASE)])
+        cycle = index // len(_DX_BASE)
+        if cycle:
+            factor = _DX_SPACING_FACTORS[cycle % len(_DX_SPACING_FACTORS)]
+            fov_rows, fov_cols = base["rows"] * base["pixel_spacing_mm"], base["columns"] * base["pixel_spacing_mm"]
+            base["pixel_spacing_mm"] = round(base["pixel_spacing_mm"] * factor, 3)
+            base["rows"] = int(round(fov_rows / base["pixel_spacing_mm"]))
+            base["columns"] = int(round(fov_cols / base["pixel_spacing_mm"]))
+            if cycle % 2:
+                base["photometric_interpretation"] = ("MONOCHROME1" if base["photometric_interpretation"] ==
+                                                      "MONOCHROME2" else "MONOCHROME2")
+            base["noise_sigma"] = round(base["noise_sigma"] + 0.003 * (cycle % 3), 4)
+        out.append(DXProfile(name=ct.name, manufacturer=ct.manufacturer, case_factor=ct.case_factor,
+                             file_extension=ct.file_extension, **base))
+    return out

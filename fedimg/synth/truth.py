@@ -21,21 +21,34 @@ Schema (``format_version`` 1)::
     }
 
 All paths are relative to ``OUT`` with ``/`` separators, so the file is the
-same wherever ``OUT`` lives.
+same wherever ``OUT`` lives. A radiograph data set (``modality="DX"``) adds
+``"modality": "DX"`` and ``"classification_classes"``; a CT one has neither
+key (its bytes stay as they were).
+
+Each site folder also holds ``labels.csv`` (:func:`write_labels_csv`): the
+classification label sheet a site would get from its PACS or registry, with
+columns ``AccessionNumber``, ``StudyInstanceUID`` and ``label``
+(``lesion`` / ``no_lesion`` from the ground truth). It holds identifiers, like
+a real label sheet, and is read by ``fedimg preprocess --labels-csv``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from fedimg.synth.phantom import CLASS_NAMES
-from fedimg.synth.profiles import SiteProfile
 
 GROUND_TRUTH_FILE_NAME = "ground_truth.json"
 FORMAT_VERSION = 1
+LABELS_CSV_NAME = "labels.csv"
+LABELS_CSV_COLUMNS = ("AccessionNumber", "StudyInstanceUID", "label")
+CLASSIFICATION_CLASSES = ("no_lesion", "lesion")
+"""Class names of the classification label sheet; index 1 is a case with a lesion."""
 
 CONVENTIONS = {
     "voxel_axes": "(i, j, k) = (column index, row index, slice index in Instance Number order)",
@@ -118,16 +131,22 @@ def write_ground_truth(
     *,
     seed: int,
     n_cases_requested: int,
-    profiles: list[SiteProfile],
+    profiles: list[Any],
     sites: dict[str, list[CaseTruth]],
+    modality: str = "CT",
 ) -> None:
     """Write ``ground_truth.json`` deterministically (fixed key order, no time stamps)."""
-    document = {
+    document: dict[str, Any] = {
         "generator": "fedimg.synth",
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "n_sites": len(profiles),
         "n_cases_requested": n_cases_requested,
+    }
+    if modality != "CT":
+        document["modality"] = modality
+        document["classification_classes"] = list(CLASSIFICATION_CLASSES)
+    document.update({
         "class_names": list(CLASS_NAMES),
         "label_values": {"0": "background", **{str(i + 1): n for i, n in enumerate(CLASS_NAMES)}},
         "conventions": CONVENTIONS,
@@ -138,8 +157,24 @@ def write_ground_truth(
             }
             for profile in profiles
         },
-    }
+    })
     Path(path).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def write_labels_csv(path: Path, cases: list[CaseTruth]) -> None:
+    """Write a site's classification label sheet (see the module docstring), one row per study.
+
+    Args:
+        path: ``OUT/<site>/labels.csv``.
+        cases: the site's cases, in case order.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(LABELS_CSV_COLUMNS)
+    for case in cases:
+        writer.writerow([case.identifiers["accession_number"], case.study_instance_uid,
+                         CLASSIFICATION_CLASSES[int(case.has_lesion)]])
+    Path(path).write_text(buffer.getvalue(), encoding="utf-8")
 
 
 def load_ground_truth(path: Path) -> dict[str, Any]:

@@ -353,3 +353,132 @@ def _ds(value: float) -> str:
     if len(text) > 16:
         raise ValueError(f"value {value!r} does not fit a 16-character DS string: {text!r}")
     return text
+
+
+# --------------------------------------------------------------------------
+# Projection radiographs
+# --------------------------------------------------------------------------
+
+DX_FOR_PRESENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1")
+
+
+def write_dx_image(
+    folder: Path,
+    profile: Any,
+    site: SiteIdentity,
+    study: StudyIdentity,
+    study_instance_uid: UID,
+    series_instance_uid: UID,
+    sop_instance_uid: UID,
+    stored: np.ndarray,
+) -> Path:
+    """Write one Digital X-Ray Image (For Presentation) as a single-frame Part 10 file.
+
+    Identifiers as in the CT series (patient, study, equipment, a private
+    block with the Patient ID). Projection radiographs have no Image Plane
+    module: the pixel size is (0018,1164) Imager Pixel Spacing, plus
+    (0028,0030) Pixel Spacing where the profile says so; (0020,0020) Patient
+    Orientation is ``L\\F`` (columns towards the patient's left, rows towards
+    the feet). (0028,0301) Burned In Annotation is NO and (2050,0020)
+    Presentation LUT Shape matches the photometric interpretation (INVERSE for
+    MONOCHROME1).
+
+    Args:
+        folder: series folder; created if missing.
+        profile: the site's :class:`fedimg.synth.profiles.DXProfile`.
+        site: site identifiers.
+        study: patient and study identifiers.
+        study_instance_uid: (0020,000D).
+        series_instance_uid: (0020,000E).
+        sop_instance_uid: (0008,0018).
+        stored: uint16 ``(Rows, Columns)`` stored values.
+
+    Returns:
+        The written file.
+
+    Raises:
+        ValueError: if ``stored`` does not match the profile's matrix.
+    """
+    if stored.shape != (profile.rows, profile.columns) or stored.dtype != np.uint16:
+        raise ValueError(f"DX pixels must be uint16 of shape {(profile.rows, profile.columns)}, got "
+                         f"{stored.dtype} {stored.shape}; render them with fedimg.synth.render")
+    patient = study.patient
+    series_time = _add_minutes(study.study_date, study.study_time, 1)
+    spacing = [_ds(profile.pixel_spacing_mm), _ds(profile.pixel_spacing_mm)]
+    top = profile.stored_max
+    attributes: dict[str, Any] = {
+        "SpecificCharacterSet": "ISO_IR 100",
+        "SOPClassUID": DX_FOR_PRESENTATION_STORAGE,
+        "SOPInstanceUID": sop_instance_uid,
+        "ImageType": ["ORIGINAL", "PRIMARY"],
+        "PatientName": patient.dicom_name,
+        "PatientID": patient.patient_id,
+        "PatientBirthDate": patient.birth_date,
+        "PatientSex": patient.sex,
+        "PatientAge": study.patient_age,
+        "StudyInstanceUID": study_instance_uid,
+        "StudyDate": study.study_date,
+        "StudyTime": study.study_time,
+        "AccessionNumber": study.accession_number,
+        "StudyID": study.study_id,
+        "ReferringPhysicianName": study.referring_physician,
+        "StudyDescription": "XR CHEST 1 VIEW",
+        "Modality": "DX",
+        "SeriesInstanceUID": series_instance_uid,
+        "SeriesNumber": profile.series_number,
+        "SeriesDescription": profile.series_description,
+        "SeriesDate": series_time[0],
+        "SeriesTime": series_time[1],
+        "AcquisitionDate": series_time[0],
+        "AcquisitionTime": series_time[1],
+        "ContentDate": series_time[0],
+        "ContentTime": series_time[1],
+        "OperatorsName": study.operator,
+        "Manufacturer": profile.manufacturer,
+        "ManufacturerModelName": profile.model_name,
+        "InstitutionName": site.institution_name,
+        "InstitutionAddress": site.institution_address,
+        "StationName": site.station_name,
+        "DeviceSerialNumber": site.device_serial_number,
+        "SoftwareVersions": SOFTWARE_VERSION,
+        "BodyPartExamined": "CHEST",
+        "ViewPosition": "AP",
+        "PatientOrientation": ["L", "F"],
+        "PresentationIntentType": "FOR PRESENTATION",
+        "KVP": _ds(profile.kvp),
+        "DistanceSourceToDetector": "1800",
+        "ImagerPixelSpacing": spacing,
+        "InstanceNumber": 1,
+        "BurnedInAnnotation": "NO",
+        "SamplesPerPixel": 1,
+        "PhotometricInterpretation": profile.photometric_interpretation,
+        "PresentationLUTShape": "INVERSE" if profile.photometric_interpretation == "MONOCHROME1" else "IDENTITY",
+        "Rows": profile.rows,
+        "Columns": profile.columns,
+        "BitsAllocated": 16,
+        "BitsStored": profile.bits_stored,
+        "HighBit": profile.bits_stored - 1,
+        "PixelRepresentation": 0,
+        "WindowCenter": _ds(top / 2),
+        "WindowWidth": _ds(top),
+    }
+    if profile.write_pixel_spacing:
+        attributes["PixelSpacing"] = spacing
+    if profile.write_rescale:
+        attributes.update({"RescaleIntercept": "0", "RescaleSlope": "1", "RescaleType": "US"})
+    ds = Dataset()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", f"{patient.patient_id} {patient.last_name} {profile.name}")
+    ds.PixelData = stored.astype("<u2", copy=False).tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / instance_file_name(1, profile.file_extension)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -69,6 +69,7 @@ def test_incremental_and_interrupted_runs_match_a_clean_run(small_synth, tmp_pat
     src = tmp_path / "src"
     patients = sorted(p for p in full_src.iterdir() if p.is_dir())
     shutil.copytree(patients[0], src / patients[0].name)
+    shutil.copy2(full_src / "labels.csv", src / "labels.csv")  # the site's label sheet is part of the export
     out = tmp_path / "out"
     first = convert(src, out, workers=1, progress=False)
     assert first.reused == 0

@@ -43,7 +43,10 @@ def test_synthetic_sites_geometry_labels_and_manifest(small_synth, small_preproc
         n_files = sum(1 for p in (small_synth.out_dir / site).rglob("*") if p.is_file())
         rows = _manifest(dst)
         assert len(rows) == n_files == res.src_files
-        assert {r["status"] for r in rows} == {"converted"}
+        # Every file converts, except the site's label sheet (labels.csv), which is skipped.
+        assert {r["status"] for r in rows if r["input"] != "labels.csv"} == {"converted"}
+        sheet = next(r for r in rows if r["input"] == "labels.csv")
+        assert (sheet["status"], sheet["reason"]) == ("skipped", "LABEL_SHEET")
         assert sum(res.counts.values()) == n_files
         assert len({r["input"] for r in rows}) == n_files  # one row per file
         cases = {c["study_instance_uid"]: c for c in truth["sites"][site]["cases"]}

@@ -774,7 +774,9 @@ def test_preprocess_contract_holds_on_malformed_corpus(corpus, tmp_path):
     _check_contract(corpus.root, dst, raw, corpus.hashes, res.src_files)
     rows = {r["input"]: r for r in raw}
     # The two good synthetic studies (with their NIfTI labels) are the cases.
-    site = {k: r for k, r in rows.items() if k.startswith("site/")}
+    # The synthetic site's label sheet is a CSV: skipped, never converted or refused.
+    assert (rows["site/labels.csv"]["status"], rows["site/labels.csv"]["reason"]) == (SKIPPED, "LABEL_SHEET")
+    site = {k: r for k, r in rows.items() if k.startswith("site/") and k != "site/labels.csv"}
     assert site and all(r["status"] == CONVERTED for r in site.values()), {
         k: (r["status"], r["reason"]) for k, r in site.items() if r["status"] != CONVERTED
     }
