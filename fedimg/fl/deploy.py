@@ -262,14 +262,16 @@ class PocFederation(Federation):
 
     def start(self, connect_timeout: float = 180.0) -> None:
         """Start the server, then every site with its own site config; wait until all are connected."""
-        self._nvflare("start", "-p", "server")
+        # NVFlare's own readiness wait defaults to 30 s, too short on a loaded 2-core machine.
+        self._nvflare("start", "-p", "server", "--timeout", str(int(connect_timeout)),
+                      timeout=connect_timeout + 60)
         for site in self.site_configs:
             self.start_site(site)
         self.wait_for_sites(list(self.site_configs), timeout=connect_timeout)
 
-    def start_site(self, site: str) -> None:
-        """Start (or restart) one site's client process."""
-        self._nvflare("start", "-p", site, site=site)
+    def start_site(self, site: str, timeout: float = 180.0) -> None:
+        """Start (or restart) one site's client process; returns once it is connected."""
+        self._nvflare("start", "-p", site, "--timeout", str(int(timeout)), site=site, timeout=timeout + 60)
 
     def kill_site(self, site: str) -> list[int]:
         """Kill one site's processes at once (SIGKILL: a crash, not a shutdown); returns their PIDs."""
