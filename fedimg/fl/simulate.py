@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedimg.config import ExperimentConfig
 from fedimg.fl.recipe import build_recipe, in_staging, simulator_gpu_config
@@ -82,7 +82,8 @@ class SimulationResult:
 
 
 def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
-            run_dir: Path | None = None, log_dirs: dict[str, Path] | None = None) -> SimulationResult:
+            run_dir: Path | None = None, log_dirs: dict[str, Path] | None = None,
+            require_records: bool = True) -> SimulationResult:
     """Read a finished workspace and check it is complete.
 
     Args:
@@ -93,6 +94,8 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
             (a job downloaded from a POC or production server: ``<download>/<job_id>/workspace``).
         log_dirs: participant -> folder holding its ``error_log.txt`` (default
             ``job_dir/<participant>``, the simulator's layout).
+        require_records: fedimg's controller wrote its round records and
+            summary (False for the HE job, whose workflow is NVFlare's).
 
     Raises:
         FederatedRunError: a missing model, a non-empty error log, no round
@@ -115,9 +118,9 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
     problems = []
     if not gm.is_file():
         problems.append(f"no global model at {gm}")
-    if not rounds:
+    if require_records and not rounds:
         problems.append(f"no round records at {server / 'fedimg' / 'rounds.jsonl'}")
-    if not summary_path.is_file():
+    if require_records and not summary_path.is_file():
         problems.append(f"the workflow did not finish (no {summary_path})")
     if require_cross_site:
         missing = [s for s in sites if SRV_GLOBAL not in results.get(s, {})]
@@ -130,7 +133,8 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
     return SimulationResult(job_dir=job_dir, run_dir=server, global_model=gm, best_model=bm, cross_site=cs,
                             tb_logdir=server / "tb_events", cross_site_results=results, rounds=rounds,
                             global_metrics=_jsonl(server / "fedimg" / "global_metrics.jsonl"),
-                            summary=json.loads(summary_path.read_text()), errors=errors)
+                            summary=json.loads(summary_path.read_text()) if summary_path.is_file() else {},
+                            errors=errors)
 
 
 def quiet_log_config(path: Path) -> str:
@@ -164,6 +168,7 @@ def run_simulation(
     workspace: str | Path,
     initial_ckpt: str | None = None,
     resume_from: SimulationResult | None = None,
+    customize: Callable[[Any], None] | None = None,
 ) -> SimulationResult:
     """Build the experiment's recipe and run it in ``SimEnv``, one process per site.
 
@@ -178,6 +183,8 @@ def run_simulation(
             model, continue its round numbering and its best-model record, and
             carry its TensorBoard events over so every curve continues.
             ``exp.fed.num_rounds`` more rounds are run.
+        customize: called with the built recipe before it runs (e.g. to add
+            a fault-injection filter to one site, :mod:`fedimg.fl.faults`).
 
     Raises:
         FederatedRunError: the run failed or its outputs are incomplete.
@@ -196,6 +203,9 @@ def run_simulation(
     recipe = build_recipe(exp, job_dir, site_configs, staging, sites_sharing_cpu=len(sites),
                           initial_ckpt=initial_ckpt, start_round=-1 if resume_from is not None else 0,
                           fast_polling=True)
+    if customize is not None:
+        with in_staging(staging):
+            customize(recipe)
     env = SimEnv(clients=sites, num_clients=len(sites), num_threads=len(sites), workspace_root=str(workspace),
                  gpu_config=simulator_gpu_config(len(sites)), log_config=quiet_log_config(workspace / "log_config.json"))
     t0 = time.perf_counter()
