@@ -825,6 +825,114 @@ class FedConfig:
 
 
 @dataclass(frozen=True)
+class GaussianDPConfig:
+    """Update-level DP at each site: clip the update to L2 norm ``clip_norm``, add N(0, (sigma*C)^2) noise.
+
+    Site-level DP per round, composed over rounds by an RDP accountant
+    (:class:`fedimg.fl.privacy.GaussianUpdateDP`). ``seed`` makes runs
+    reproducible; leave it null in a real deployment.
+    """
+
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.clip_norm > 0 and math.isfinite(self.clip_norm),
+               f"privacy.gaussian.clip_norm must be a finite number > 0, got {self.clip_norm}")
+        _check(self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier),
+               f"privacy.gaussian.noise_multiplier must be a finite number > 0, got {self.noise_multiplier}")
+        _check(0 < self.delta < 1, f"privacy.gaussian.delta must be in (0, 1), got {self.delta}")
+        _check(self.seed is None or self.seed >= 0, f"privacy.gaussian.seed must be >= 0 or null, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class PercentileConfig:
+    """NVFlare's ``PercentilePrivacy`` (Shokri & Shmatikov 2015): share only the largest changes, clipped.
+
+    A sparsifier: it has no epsilon.
+    """
+
+    percentile: float = 10.0
+    gamma: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.percentile <= 100, f"privacy.percentile.percentile must be in [0, 100], got {self.percentile}")
+        _check(self.gamma > 0, f"privacy.percentile.gamma must be > 0, got {self.gamma}")
+
+
+@dataclass(frozen=True)
+class SVTConfig:
+    """NVFlare's ``SVTPrivacy`` (sparse vector technique, Lyu et al.): release a noisy ``fraction`` of entries."""
+
+    fraction: float = 0.1
+    epsilon: float = 0.1
+    noise_var: float = 0.1
+    gamma: float = 1e-5
+    tau: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check(0 < self.fraction <= 1, f"privacy.svt.fraction must be in (0, 1], got {self.fraction}")
+        for name in ("epsilon", "noise_var", "gamma"):
+            v = getattr(self, name)
+            _check(v > 0 and math.isfinite(v), f"privacy.svt.{name} must be a finite number > 0, got {v}")
+        _check(self.tau >= 0, f"privacy.svt.tau must be >= 0, got {self.tau}")
+
+
+@dataclass(frozen=True)
+class DPSGDConfig:
+    """DP-SGD at each site with Opacus: per-sample gradients clipped to ``max_grad_norm``, Gaussian noise.
+
+    Sample-level DP of each site's training cases; epsilon at ``delta`` is
+    accounted over all local steps of all rounds. Needs a network without
+    BatchNorm (``model.norm: instance`` or ``group``).
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check(self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier),
+               f"privacy.dp_sgd.noise_multiplier must be a finite number > 0, got {self.noise_multiplier}")
+        _check(self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm),
+               f"privacy.dp_sgd.max_grad_norm must be a finite number > 0, got {self.max_grad_norm}")
+        _check(0 < self.delta < 1, f"privacy.dp_sgd.delta must be in (0, 1), got {self.delta}")
+
+
+UPDATE_FILTERS = ("none", "gaussian", "percentile", "svt")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Privacy the job itself asks of every site (a site's own ``privacy.json`` scope may add more).
+
+    Attributes:
+        update_filter: a filter on every update a site sends: ``gaussian``
+            (update-level DP), ``percentile`` or ``svt`` (NVFlare's
+            sparsifiers); ``none``. All act on model differences, so they
+            need ``fed.exchange: diff``.
+        gaussian: settings of ``update_filter: gaussian``.
+        percentile: settings of ``update_filter: percentile``.
+        svt: settings of ``update_filter: svt``.
+        dp_sgd: DP-SGD in each site's local training (Opacus).
+        encryption: ``he``: sites encrypt their weights with CKKS (TenSEAL)
+            and the server sums ciphertexts without seeing any site's update
+            (NVFlare's ``FedAvgRecipeWithHE``; keys come from provisioning,
+            so POC or production only, not the simulator).
+    """
+
+    update_filter: Literal["none", "gaussian", "percentile", "svt"] = "none"
+    gaussian: GaussianDPConfig = field(default_factory=GaussianDPConfig)
+    percentile: PercentileConfig = field(default_factory=PercentileConfig)
+    svt: SVTConfig = field(default_factory=SVTConfig)
+    dp_sgd: DPSGDConfig = field(default_factory=DPSGDConfig)
+    encryption: Literal["none", "he"] = "none"
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A federation-wide experiment (``configs/experiments``)."""
 
@@ -835,6 +943,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and all(c.isalnum() or c in "-_" for c in self.name),
@@ -855,10 +964,51 @@ class ExperimentConfig:
             _check(all(r >= 32 for r in self.data.roi_size),
                    f"model.name densenet121 needs images of at least 32 per axis (data.roi_size), "
                    f"got {list(self.data.roi_size)}")
+            # Instance norm needs more than one value per channel: the last one sees roi / 32 per axis.
+            _check(self.model.norm != "instance" or all(r >= 64 for r in self.data.roi_size),
+                   "model.name densenet121 with model.norm instance needs images of at least 64 per axis "
+                   f"(data.roi_size; got {list(self.data.roi_size)}): its last norm layer would see a single "
+                   "pixel. Use model.norm batch or group, or larger images")
         if self.fed.algorithm == "fedbn":
             _check(self.model.norm != "instance",
                    "fed.algorithm fedbn keeps normalization layers at each site, but model.norm instance "
                    "has no learned or tracked statistics in MONAI's networks: set model.norm: batch (or group)")
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        pv, fed = self.privacy, self.fed
+        if pv.update_filter != "none":
+            _check(fed.exchange == "diff",
+                   f"privacy.update_filter {pv.update_filter} acts on model differences (clipping or sparsifying "
+                   f"full weights would destroy the model): set fed.exchange: diff (got {fed.exchange!r})")
+        if pv.dp_sgd.enabled:
+            _check(self.model.norm != "batch",
+                   "privacy.dp_sgd needs per-sample gradients, which BatchNorm mixes across the batch: set "
+                   "model.norm: instance or group (got batch)")
+            _check(fed.algorithm in ("fedavg", "fedopt"),
+                   f"privacy.dp_sgd clips per-sample gradients of the task loss; fed.algorithm {fed.algorithm} adds "
+                   "terms outside that accounting: use fedavg or fedopt")
+            _check(self.data.samples_per_volume == 1,
+                   "privacy.dp_sgd protects each training sample: set data.samples_per_volume: 1 so a sample is "
+                   f"one case (got {self.data.samples_per_volume})")
+        if pv.encryption == "he":
+            problems = []
+            if fed.algorithm != "fedavg":
+                problems.append(f"fed.algorithm: fedavg (got {fed.algorithm})")
+            if fed.exchange != "weights":
+                problems.append(f"fed.exchange: weights (got {fed.exchange})")
+            if fed.update_precision != "fp32":
+                problems.append(f"fed.update_precision: fp32 (got {fed.update_precision})")
+            if fed.robust.aggregation != "mean" or fed.robust.norm_outlier_factor or fed.robust.max_update_norm \
+                    or fed.robust.min_cosine is not None:
+                problems.append("fed.robust at its defaults (mean, no screening)")
+            if fed.cross_site_eval or fed.final_eval:
+                problems.append("fed.cross_site_eval: false and fed.final_eval: false")
+            if pv.update_filter != "none":
+                problems.append(f"privacy.update_filter: none (got {pv.update_filter})")
+            _check(not problems,
+                   "privacy.encryption he: the server only sums ciphertexts, so it cannot screen, weigh, rate or "
+                   "select models; set " + "; ".join(problems))
 
     @property
     def key_metric(self) -> str:

@@ -242,6 +242,21 @@ class ScalarOnlyResultGuard(DXOFilter):
         return dxo
 
 
+def update_filter(pv: Any) -> DXOFilter | None:
+    """The task-result filter a :class:`fedimg.config.PrivacyConfig` asks every site to apply (None: none)."""
+    if pv.update_filter == "gaussian":
+        g = pv.gaussian
+        return GaussianUpdateDP(clip_norm=g.clip_norm, noise_multiplier=g.noise_multiplier, delta=g.delta,
+                                seed=g.seed)
+    if pv.update_filter == "percentile":
+        return ValidatedPercentilePrivacy(percentile=pv.percentile.percentile, gamma=pv.percentile.gamma)
+    if pv.update_filter == "svt":
+        v = pv.svt
+        return ValidatedSVTPrivacy(fraction=v.fraction, epsilon=v.epsilon, noise_var=v.noise_var, gamma=v.gamma,
+                                   tau=v.tau)
+    return None
+
+
 __all__ = ["DP_META", "GaussianUpdateDP", "ScalarOnlyResultGuard", "ValidatedPercentilePrivacy",
-           "ValidatedSVTPrivacy", "gaussian_epsilon"]
+           "ValidatedSVTPrivacy", "gaussian_epsilon", "update_filter"]
 

@@ -22,10 +22,24 @@ _RESNET_INPLANES = [64, 128, 256, 512]
 _DENSENET121_BLOCKS = [6, 12, 24, 16]
 
 
-def _norm(model: ModelConfig) -> Any:
+def _norm(model: ModelConfig, channels: list[int] | None = None) -> Any:
     if model.norm == "group":
-        return ("group", {"num_groups": 8})
+        # GroupNorm needs every normalized width divisible by the group count: 8 where it fits.
+        groups = next(g for g in (8, 4, 2, 1) if all(c % g == 0 for c in (channels or [8])))
+        return ("group", {"num_groups": groups})
     return model.norm
+
+
+def _densenet_widths(init_features: int, growth_rate: int, blocks: list[int], bn_size: int = 4) -> list[int]:
+    """Channel counts MONAI's DenseNet normalizes (dense layers, bottlenecks, transitions)."""
+    widths, c = [init_features, bn_size * growth_rate], init_features
+    for i, n in enumerate(blocks):
+        widths += [c + j * growth_rate for j in range(n)]
+        c += n * growth_rate
+        widths.append(c)
+        if i < len(blocks) - 1:
+            c //= 2
+    return widths
 
 
 def model_spec(model: ModelConfig, task: TaskConfig) -> dict[str, Any]:
@@ -53,14 +67,16 @@ def model_spec(model: ModelConfig, task: TaskConfig) -> dict[str, Any]:
             "spatial_dims": dims, "in_channels": task.in_channels, "out_channels": task.num_classes,
             "init_features": model.init_features,
             "growth_rate": model.growth_rate, "block_config": list(_DENSENET121_BLOCKS),
-            "norm": _norm(model), "dropout_prob": model.dropout}}
+            "norm": _norm(model, _densenet_widths(model.init_features, model.growth_rate, _DENSENET121_BLOCKS)),
+            "dropout_prob": model.dropout}}
     if model.name == "resnet":
         block, layers = _RESNET_LAYOUT[model.resnet_depth]
         return {"class_path": "monai.networks.nets.ResNet", "args": {
             "block": block, "layers": layers,
             "block_inplanes": [max(4, int(round(c * model.width))) for c in _RESNET_INPLANES],
             "spatial_dims": dims, "n_input_channels": task.in_channels, "num_classes": task.num_classes,
-            "norm": _norm(model)}}
+            # MONAI's ResNet initializes every norm layer's weight: instance norm needs affine parameters.
+            "norm": ("instance", {"affine": True}) if model.norm == "instance" else _norm(model)}}
     raise ValueError(f"model.name must be one of: unet, segresnet, densenet121, resnet; got {model.name!r}")
 
 
