@@ -28,6 +28,7 @@ from nvflare.client.config import TransferType
 from fedimg import config as cfgmod
 from fedimg.config import ExperimentConfig
 from fedimg.fl.controller import FedimgController
+from fedimg.fl.privacy import update_filter
 from fedimg.fl.tracking import GLOBAL_RUN, CrossSiteReport, ScalarTBReceiver, scalar_layout
 from fedimg.models.registry import model_spec
 
@@ -117,8 +118,8 @@ def build_recipe(
     initial_ckpt: str | None = None,
     start_round: int = 0,
     fast_polling: bool = False,
-) -> FedimgRecipe:
-    """The experiment's recipe, with TensorBoard tracking and (if configured) cross-site evaluation.
+) -> Any:
+    """The experiment's recipe (a :class:`FedimgRecipe`, or NVFlare's HE recipe for ``privacy.encryption: he``), with TensorBoard tracking and (if configured) cross-site evaluation.
 
     Args:
         exp: the experiment.
@@ -139,6 +140,9 @@ def build_recipe(
         ValueError: no sites, too few sites for ``fed.min_clients``, a site named
             ``global``, or a path NVFlare cannot pass on.
     """
+    if exp.privacy.encryption == "he":
+        return build_he_recipe(exp, job_dir, site_configs, staging_dir, sites_sharing_cpu, initial_ckpt,
+                               fast_polling)
     job_dir = Path(job_dir).resolve()
     if not (job_dir / "client.py").is_file():
         raise FileNotFoundError(f"{job_dir}/client.py not found: expected the job's client script there")
@@ -184,6 +188,10 @@ def build_recipe(
             from nvflare.recipe import set_per_site_config
 
             set_per_site_config(recipe, per_site)
+        flt = update_filter(exp.privacy)
+        if flt is not None:
+            # Job-specified: every site filters its training result (a site's own scope may add more).
+            recipe.add_client_output_filter(flt, tasks=["train"])
         # Server and sites run the installed fedimg: NVFlare must not bundle its source into custom/.
         recipe._job.set_app_packages(["fedimg"])  # noqa: SLF001
         recipe.add_client_file("experiment.yaml")
@@ -202,6 +210,79 @@ def build_recipe(
             add_cross_site_evaluation(recipe, submit_model_timeout=exp.fed.eval_timeout_s,
                                       validation_timeout=exp.fed.eval_timeout_s)
             recipe._job.to_server(CrossSiteReport(report_metrics(exp)), "cross_site_report")  # noqa: SLF001
+    return recipe
+
+
+def build_he_recipe(
+    exp: ExperimentConfig,
+    job_dir: str | Path,
+    site_configs: dict[str, str | None],
+    staging_dir: str | Path,
+    sites_sharing_cpu: int = 1,
+    initial_ckpt: str | None = None,
+    fast_polling: bool = False,
+) -> Any:
+    """The experiment as NVFlare's ``FedAvgRecipeWithHE`` (``privacy.encryption: he``).
+
+    Each site encrypts its weights (CKKS, TenSEAL), pre-multiplied by its
+    number of local steps; the server adds ciphertexts and never holds a
+    readable update or global model (its checkpoints are ciphertexts too);
+    each site decrypts the next round's global model with the secret key
+    from its startup kit. The keys come from provisioning (``nvflare poc
+    prepare -he``, or the HE builder in ``project.yml``), so this runs in POC
+    or production, not in the simulator. NVFlare's ``ScatterAndGather``
+    is the workflow: fedimg's screening, robust aggregation, best-model
+    choice and final evaluation need plaintext and are refused by the config
+    check. Sites still validate every global model they receive and stream
+    those scalars to the server's TensorBoard.
+
+    Raises:
+        ValueError: a site config path given (the simulator), a site named
+            ``global``, too few sites, or the ``tenseal`` package missing.
+    """
+    try:
+        import tenseal  # noqa: F401
+    except ImportError:
+        raise ValueError("privacy.encryption he needs TenSEAL on the server and every site: "
+                         "pip install 'nvflare[HE]' (see README, Homomorphic encryption)") from None
+    from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
+
+    job_dir = Path(job_dir).resolve()
+    if not (job_dir / "client.py").is_file():
+        raise FileNotFoundError(f"{job_dir}/client.py not found: expected the job's client script there")
+    names = list(site_configs)
+    if any(p is not None for p in site_configs.values()):
+        raise ValueError("privacy.encryption he needs the HE keys of a provisioned federation: run it with "
+                         "--env poc or --env prod (the simulator has no keys)")
+    if not names or GLOBAL_RUN in names:
+        raise ValueError(f"HE job: need at least one site, none named {GLOBAL_RUN!r}; got {names}")
+    min_clients = exp.fed.min_clients or len(names)
+    if min_clients > len(names):
+        raise ValueError(f"fed.min_clients is {min_clients} but only {len(names)} site(s) are configured")
+    staging = Path(staging_dir).resolve()
+    staging.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(job_dir / "client.py", staging / "client.py")
+    cfgmod.save(exp, staging / "experiment.yaml")
+    with _chdir(staging):
+        recipe = FedAvgRecipeWithHE(
+            name=exp.name,
+            model=model_spec(exp.model, exp.task),
+            initial_ckpt=initial_ckpt,
+            min_clients=min_clients,
+            num_rounds=exp.fed.num_rounds,
+            train_script="client.py",
+            train_args=f"--config experiment.yaml --sites-sharing-cpu {int(sites_sharing_cpu)}",
+        )
+        recipe._job.set_app_packages(["fedimg"])  # noqa: SLF001
+        recipe.add_client_file("experiment.yaml")
+        recipe._job.to_server(ScalarTBReceiver(), "receiver")  # noqa: SLF001
+        if exp.fed.scope:
+            from nvflare.apis.job_def import JobMetaKey
+            from nvflare.recipe.utils import set_recipe_meta
+
+            set_recipe_meta(recipe, JobMetaKey.SCOPE, exp.fed.scope)
+        if fast_polling:
+            recipe.add_server_config({"server": {"task_request_interval": 0.25}})
     return recipe
 
 

@@ -80,6 +80,8 @@ class SiteTrainer:
                 new[k] = v
                 continue
             t = torch.as_tensor(state[k])
+            if t.ndim == 1 and t.numel() == v.numel() and v.ndim != 1:
+                t = t.reshape(v.shape)  # homomorphic encryption decrypts every tensor as a flat CKKS vector
             if tuple(t.shape) != tuple(v.shape):
                 raise ValueError(f"received weight {k} has shape {tuple(t.shape)}, the model expects {tuple(v.shape)}")
             new[k] = t.to(dtype=v.dtype)

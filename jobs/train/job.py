@@ -148,6 +148,7 @@ def _deploy(args: argparse.Namespace, exp, sites: dict[str, str | None], p: argp
     from fedimg.fl.simulate import FederatedRunError, collect
 
     ws = Path(args.workspace).resolve()
+    he = exp.privacy.encryption == "he"  # POC must then provision HE keys (nvflare poc prepare -he)
     timeout = args.timeout or exp.fed.first_round_timeout_s * (exp.fed.num_rounds + 2)
     recipe = build_recipe(exp, HERE, {n: None for n in sites}, ws / "staging", fast_polling=args.env == "poc")
     job = export_job(recipe, ws / "staging", ws / "jobs")
@@ -157,12 +158,12 @@ def _deploy(args: argparse.Namespace, exp, sites: dict[str, str | None], p: argp
             if missing:
                 p.error(f"POC runs every site here and needs each site's YAML: --site {missing[0]}=PATH")
             poc = PocFederation(ws / "poc", {n: str(pth) for n, pth in sites.items()}, privacy=args.privacy_file,
-                                authorization=args.authorization_file)
+                                authorization=args.authorization_file, use_he=he)
             poc.prepare()
             try:
                 poc.start()
                 outcome = poc.run(job, timeout=timeout, download_to=ws / "results")
-                res = poc.collect(outcome, require_cross_site=exp.fed.cross_site_eval)
+                res = poc.collect(outcome, require_cross_site=exp.fed.cross_site_eval, require_records=not he)
             finally:
                 left = poc.stop()
                 if left:
@@ -174,14 +175,18 @@ def _deploy(args: argparse.Namespace, exp, sites: dict[str, str | None], p: argp
             outcome = fed.run(job, timeout=timeout, download_to=ws / "results")
             run_dir = outcome.result_dir / "workspace"
             res = collect(outcome.result_dir, list(sites), require_cross_site=exp.fed.cross_site_eval,
-                          run_dir=run_dir, log_dirs={"server": run_dir})
+                          run_dir=run_dir, log_dirs={"server": run_dir}, require_records=not he)
     except (DeploymentError, FederatedRunError) as exc:
         print(f"job.py: error: {exc}", file=sys.stderr)
         return 2
     print(f"job {outcome.job_id}: {outcome.status} in {outcome.seconds:.0f} s; results in {outcome.result_dir}")
     metric = exp.key_metric
-    for site in sites:
-        print(f"{site}: final global model {metric} = {res.final_metric(site, metric)}")
+    if he:
+        print("the server holds only the encrypted global model; each site validated every round's decrypted "
+              "model: see TensorBoard")
+    else:
+        for site in sites:
+            print(f"{site}: final global model {metric} = {res.final_metric(site, metric)}")
     print(f"tensorboard --logdir {res.tb_logdir}")
     return 0 if outcome.status == "FINISHED:COMPLETED" else 2
 
