@@ -331,6 +331,7 @@ class FedimgController(BaseFedAvg):
         end = self.start_round + self.num_rounds
         self.info(f"fedimg {self.algorithm}: rounds {self.start_round}..{end - 1}, aggregation {self.aggregation}")
         t_start = time.time()
+        live: list[Any] = []
         for self.current_round in range(self.start_round, end):
             rnd = self.current_round
             t0 = time.time()
@@ -352,6 +353,7 @@ class FedimgController(BaseFedAvg):
             updates, rejected, ptype = self._updates(results)
             contributed = [u.site for u in updates]
             missing = [c for c in clients if c not in contributed and c not in rejected]
+            live = [c for c in clients if c not in missing]
             needed = self.min_responses or len(clients)
             if missing:
                 progress.warning("server: round %d: no update from %s within %d s; the round goes on with %s",
@@ -393,12 +395,14 @@ class FedimgController(BaseFedAvg):
             t0 = time.time()
             data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=end, total_rounds=end,
                            meta={TASK_META_FINAL: True, TASK_META_ROUND: end})
-            results = self.broadcast_model(task_name="validate", data=data, targets=None,
+            # The sites that answered the last round: one that crashed would only hold the evaluation to its
+            # limit (NVFlare 2.9 does not redeploy a running job to a restarted site).
+            results = self.broadcast_model(task_name="validate", data=data, targets=live or None,
                                            timeout=int(self.eval_timeout))
             final = self._record_validation(end, results, final=True)
             # Rewrite the final model with the best-model record that now includes its own score.
             self.save_model(FLModel(params=self._global, meta=self._meta(end)))
-            self._append("rounds.jsonl", {"round": end, "final_eval": True,
+            self._append("rounds.jsonl", {"round": end, "final_eval": True, "asked": live or "all",
                                           "seconds": {"evaluation": time.time() - t0}, "started": t0 - t_start})
         else:
             final = {}
