@@ -30,6 +30,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_dicom.py --out bench_out/dicom.json
 	$(PY) benchmarks/bench_preprocess.py --out bench_out/preprocess.json
 	$(PY) benchmarks/bench_training.py --out bench_out/training.json
+	$(PY) benchmarks/bench_quality.py --seeds 0,1 --out bench_out/quality.json
+	$(PY) benchmarks/bench_exchange.py --out bench_out/exchange.json
+	$(PY) benchmarks/bench_robustness.py --out bench_out/robustness.json
+	$(PY) benchmarks/bench_privacy.py --out bench_out/privacy.json
 
 clean:
 	rm -rf demo_out workspace bench_out .pytest_cache
