@@ -113,3 +113,29 @@ def test_classification_config_checks():
     with pytest.raises(cfg.ConfigError, match="task.positive_class must be one of"):
         tiny_classification(2, **{"task.positive_class": "tumour"})
     assert cfg.load(cfg.ExperimentConfig, DEMO_EXPERIMENT).key_metric == "val_dice"
+
+
+def test_privacy_settings_are_checked_against_the_exchange_and_the_workflow():
+    from tests.conftest import tiny_classification
+
+    with pytest.raises(cfg.ConfigError, match="acts on model differences.*fed.exchange: diff"):
+        tiny_classification(2, **{"privacy.update_filter": "percentile"})
+    with pytest.raises(cfg.ConfigError, match="privacy.gaussian.noise_multiplier must be"):
+        tiny_classification(2, **{"fed.exchange": "diff", "privacy.update_filter": "gaussian",
+                                  "privacy.gaussian.noise_multiplier": 0})
+    with pytest.raises(cfg.ConfigError, match="encryption he.*fed.exchange: weights.*cross_site_eval: false"):
+        tiny_classification(2, **{"privacy.encryption": "he", "fed.exchange": "diff"})
+    ok = tiny_classification(2, **{"privacy.encryption": "he", "fed.cross_site_eval": "false",
+                                   "fed.final_eval": "false"})
+    assert ok.privacy.encryption == "he"
+
+
+def test_he_job_is_refused_in_the_simulator_with_what_to_do(tmp_path):
+    pytest.importorskip("tenseal")
+    from fedimg.fl.recipe import build_recipe
+    from tests.conftest import REPO, tiny_classification
+
+    exp = tiny_classification(2, **{"privacy.encryption": "he", "fed.cross_site_eval": "false",
+                                    "fed.final_eval": "false"})
+    with pytest.raises(ValueError, match="--env poc or --env prod"):
+        build_recipe(exp, REPO / "jobs" / "train", {"site-1": str(tmp_path / "s.yaml")}, tmp_path / "staging")
