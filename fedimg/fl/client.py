@@ -13,6 +13,15 @@ Per task received from the server:
   weights, send metrics only.
 * ``submit_model``: send this site's own last locally trained weights.
 
+With ``privacy.dp_sgd.enabled`` the local epochs are DP-SGD (Opacus, see
+:mod:`fedimg.training.dp_sgd`); the privacy spent so far goes with every
+update as ``{"dp_sgd": {...}}`` under the result meta key ``fedimg_dp``
+(:data:`fedimg.fl.protocol.RESULT_META_DP`), which the server copies into
+``rounds.jsonl`` under ``privacy``, and is streamed as
+``<site>/privacy/epsilon``. A job-level ``privacy.update_filter: gaussian``
+writes its own record into the same meta entry and keeps the ``dp_sgd`` one
+(:class:`fedimg.fl.privacy.GaussianUpdateDP`).
+
 Only scalar metrics are streamed to the server's TensorBoard, tagged
 ``<site>/val/<metric>`` with the round as the step, so curves of all sites
 line up. Pictures of predictions go to the site's own ``local_logdir`` only.
@@ -40,7 +49,8 @@ from nvflare.client.tracking import SummaryWriter
 from fedimg import config as cfgmod
 from fedimg import runtime
 from fedimg.fl.algorithms import client_algorithm
-from fedimg.fl.protocol import RESULT_META_ALGO, RESULT_META_BYTES, RESULT_META_TIMES, RESULT_META_VAL, TASK_META_FINAL
+from fedimg.fl.protocol import (RESULT_META_ALGO, RESULT_META_BYTES, RESULT_META_DP, RESULT_META_TIMES,
+                                RESULT_META_VAL, TASK_META_FINAL)
 from fedimg.fl.exchange import DIFF, make_update, payload_bytes
 from fedimg.tasks import metric_names
 from fedimg.training.tracking import local_writer
@@ -153,6 +163,13 @@ class SiteRunner:
         meta.update({"NUM_STEPS_CURRENT_ROUND": int(fit["steps"]), RESULT_META_BYTES: nbytes,
                      RESULT_META_ALGO: dict(self.algorithm.stats),
                      RESULT_META_TIMES: {"validate": t_val, "train": t_fit}, **extra})
+        spent = self.trainer.privacy_spent()
+        if spent is not None:
+            # Nested under its mechanism, so an update filter's own DP record can sit beside it.
+            meta[RESULT_META_DP] = {"dp_sgd": spent}
+            self.writer.add_scalar(f"{self.site_name}/privacy/epsilon", float(spent["epsilon"]), global_step=rnd + 1)
+            progress.info("site %s round %d: DP-SGD epsilon %.3f at delta %g after %d noised steps", self.site_name,
+                          rnd, spent["epsilon"], spent["delta"], spent["steps"])
         return flare.FLModel(params=update, params_type=ParamsType.DIFF if kind == DIFF else ParamsType.FULL,
                              metrics=metrics, meta=meta)
 

@@ -73,8 +73,8 @@ class ClassificationTask:
         self.exp = exp
         self.class_names = list(exp.task.class_names)
 
-    def loss(self) -> torch.nn.Module:
-        """The training loss."""
+    def loss(self, per_sample: bool = False) -> torch.nn.Module:
+        """The training loss: cross-entropy, already a mean of per-sample terms (``per_sample`` changes nothing)."""
         return torch.nn.CrossEntropyLoss()
 
     @torch.no_grad()

@@ -17,9 +17,16 @@ from fedimg.config import ExperimentConfig
 from fedimg.runtime import Runtime
 
 
-def build_loss() -> torch.nn.Module:
-    """Dice + cross-entropy on softmax outputs against integer labels."""
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+def build_loss(per_sample: bool = False) -> torch.nn.Module:
+    """Dice + cross-entropy on softmax outputs against integer labels.
+
+    Args:
+        per_sample: Dice of each sample, then the mean over the batch. The
+            default pools the batch into one Dice (steadier for small
+            lesions), which couples the samples: DP-SGD needs a loss that is
+            a mean of per-sample terms, so each sample's gradient is its own.
+    """
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=not per_sample)
 
 
 def predict(model: torch.nn.Module, image: torch.Tensor, roi_size: Sequence[int], sw_batch_size: int,
@@ -153,9 +160,9 @@ class SegmentationTask:
         self.exp = exp
         self.class_names = list(exp.task.class_names)
 
-    def loss(self) -> torch.nn.Module:
-        """The training loss."""
-        return build_loss()
+    def loss(self, per_sample: bool = False) -> torch.nn.Module:
+        """The training loss (``per_sample``: a mean of per-sample terms, for DP-SGD; see :func:`build_loss`)."""
+        return build_loss(per_sample)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, loader: Any, rt: Runtime) -> dict[str, float]:

@@ -44,7 +44,8 @@ class BaselineResult:
         per_site: site -> validation metrics of the final model on that site's cases.
         model_path: the final model's checkpoint.
         seconds: wall time of training and evaluation.
-        history: per-epoch training loss.
+        history: per-epoch training loss (and ``privacy_epsilon`` with DP-SGD).
+        privacy: DP-SGD's privacy spent over the run (None without ``privacy.dp_sgd``).
     """
 
     name: str
@@ -54,6 +55,7 @@ class BaselineResult:
     model_path: str
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    privacy: dict[str, Any] | None = None
 
 
 def federated_epochs(exp: ExperimentConfig) -> int:
@@ -76,6 +78,10 @@ def _train(exp: ExperimentConfig, name: str, train_items: list[dict[str, Any]],
         fit = trainer.fit(1)
         row = {"epoch": float(epoch), "train_loss": fit["loss"]}
         writer.add_scalar(f"{name}/train/loss", fit["loss"], epoch)
+        spent = trainer.privacy_spent()
+        if spent is not None:  # DP-SGD: the same mechanism as the federated sites, accounted the same way
+            row["privacy_epsilon"] = spent["epsilon"]
+            writer.add_scalar(f"{name}/privacy/epsilon", spent["epsilon"], epoch)
         history.append(row)
     # Final model on every site's validation cases.
     per_site = {}
@@ -89,7 +95,8 @@ def _train(exp: ExperimentConfig, name: str, train_items: list[dict[str, Any]],
     model_path = out_dir / "final_model.pt"
     save_checkpoint(model_path, trainer.model, {"baseline": name, "epochs": epochs})
     res = BaselineResult(name=name, trained_on=trained_on, epochs=epochs, per_site=per_site,
-                         model_path=str(model_path), seconds=time.perf_counter() - t0, history=history)
+                         model_path=str(model_path), seconds=time.perf_counter() - t0, history=history,
+                         privacy=trainer.privacy_spent())
     (out_dir / "result.json").write_text(json.dumps(res.__dict__, indent=1))
     return res
 

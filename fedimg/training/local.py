@@ -35,10 +35,15 @@ class LocalResult:
     last_model: str
     logdir: str
     seconds: float
+    privacy: dict | None = None  # DP-SGD's privacy spent over the run (None without privacy.dp_sgd)
 
 
 def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, progress: bool = True) -> LocalResult:
     """Train ``exp.train.epochs`` epochs on one site and keep the best model by the task's main metric.
+
+    With ``privacy.dp_sgd.enabled`` training is DP-SGD; the epsilon spent is
+    in every ``metrics.jsonl`` row (``privacy_epsilon``), in TensorBoard
+    (``<site>/privacy/epsilon``) and in the result.
 
     Writes ``out_dir/{best_model.pt,last_model.pt,metrics.jsonl,config.yaml,site.yaml}``
     and TensorBoard events under ``out_dir/tb``.
@@ -61,6 +66,10 @@ def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, pr
         val = trainer.validate()
         last_val = val
         row = {"epoch": epoch, "train_loss": fit["loss"], **{f"val_{k}": v for k, v in val.items()}}
+        spent = trainer.privacy_spent()
+        if spent is not None:
+            row["privacy_epsilon"] = spent["epsilon"]
+            writer.add_scalar(f"{site.name}/privacy/epsilon", spent["epsilon"], epoch)
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         for k, v in val.items():
@@ -75,4 +84,4 @@ def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, pr
     writer.close()
     return LocalResult(site=site.name, epochs=exp.train.epochs, best_score=best, metric=trainer.task.main_metric, best_epoch=best_epoch,
                        final=last_val, best_model=str(out / "best_model.pt"), last_model=str(out / "last_model.pt"),
-                       logdir=str(out / "tb"), seconds=time.perf_counter() - t0)
+                       logdir=str(out / "tb"), seconds=time.perf_counter() - t0, privacy=trainer.privacy_spent())

@@ -2,12 +2,15 @@
 
 Local-only training, centralized (pooled) training and the NVFlare client all
 drive a ``SiteTrainer``; only who calls :meth:`fit` and where the weights come
-from differ.
+from differ. With ``privacy.dp_sgd.enabled`` the trainer trains with DP-SGD
+(:mod:`fedimg.training.dp_sgd`) in every one of them, and
+:meth:`SiteTrainer.privacy_spent` says how much privacy its fits have spent.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -26,12 +29,23 @@ logger = logging.getLogger(__name__)
 class SiteTrainer:
     """Train and evaluate one model on given training and validation items.
 
+    With ``privacy.dp_sgd.enabled``, Opacus wraps the model for training
+    (per-sample gradients), the optimizer (clipping and noise) and the
+    training loader (Poisson batches); :attr:`model` stays the plain network,
+    so its state-dict keys, loading, exchange and evaluation are those of a
+    run without DP-SGD. AMP is off for training then (see
+    :meth:`fedimg.training.dp_sgd.DPSGD.train_epoch`).
+
     Args:
         exp: the experiment config.
         train_items: training items (from :func:`fedimg.data.datasets.read_datalist`).
         val_items: validation items (may be empty).
         rt: the process runtime (device, AMP, threads).
         progress: show a progress bar while caching.
+
+    Raises:
+        fedimg.config.ConfigError: DP-SGD is on and the network has layers
+            Opacus cannot train (named, with what to do).
     """
 
     def __init__(self, exp: ExperimentConfig, train_items: list[dict[str, Any]], val_items: list[dict[str, Any]],
@@ -47,10 +61,23 @@ class SiteTrainer:
         self.model = build_model(exp.model, exp.task).to(rt.device)
         self.optimizer = build_optimizer(self.model, exp.optim.name, exp.optim.lr, exp.optim.weight_decay,
                                          exp.optim.momentum)
-        self.loss_fn = self.task.loss()
-        self.scaler = rt.grad_scaler()
         self.steps_done = 0
         self.norm_keys = frozenset(normalization_keys(self.model))
+        self.dp: Any = None
+        if exp.privacy.dp_sgd.enabled:
+            from fedimg.training.dp_sgd import DPSGD  # Opacus only when asked for
+
+            self.loss_fn = self.task.loss(per_sample=True)  # a mean of per-sample terms: each case's own gradient
+            self.dp = DPSGD(self.model, self.optimizer, self.train_loader, exp, rt)
+            self.optimizer = self.dp.optimizer  # param_groups are the wrapped optimizer's (set_progress)
+            self.train_loader = self.dp.loader
+            self.scaler = None
+            if rt.amp:
+                logger.info("privacy.dp_sgd: training in fp32 (no AMP): a gradient scaler would scale the "
+                            "per-sample gradients before they are clipped")
+        else:
+            self.loss_fn = self.task.loss()
+            self.scaler = rt.grad_scaler()
 
     @classmethod
     def from_datalist(cls, exp: ExperimentConfig, datalist: str | Path, rt: Runtime,
@@ -93,7 +120,12 @@ class SiteTrainer:
 
     def fit(self, epochs: int, on_step: Callable[[int, float], None] | None = None,
             hooks: StepHooks | None = None) -> dict[str, float]:
-        """Train ``epochs`` epochs; returns the mean loss and the number of optimizer steps."""
+        """Train ``epochs`` epochs; returns the mean loss and the number of optimizer steps.
+
+        Raises:
+            ValueError: DP-SGD is on and ``hooks`` add to the step (FedProx,
+                SCAFFOLD): their terms are outside DP-SGD's clipping.
+        """
         losses, steps = [], 0
 
         def hook(i: int, loss: float) -> None:
@@ -101,12 +133,30 @@ class SiteTrainer:
             if on_step is not None:
                 on_step(self.steps_done, loss)
 
+        if self.dp is not None and hooks is not None and (hooks.extra_loss or hooks.after_step):
+            raise ValueError("privacy.dp_sgd clips per-sample gradients of the task loss only; the algorithm's "
+                             "step additions (FedProx, SCAFFOLD) are not allowed with it: use fedavg or fedopt")
         for _ in range(epochs):
-            res = train_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, self.rt, self.scaler,
-                              on_step=hook, hooks=hooks)
-            losses.append(res["loss"])
+            if self.dp is not None:
+                res = self.dp.train_epoch(self.loss_fn, self.rt, on_step=hook)
+            else:
+                res = train_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, self.rt, self.scaler,
+                                  on_step=hook, hooks=hooks)
+            if math.isfinite(res["loss"]):  # NaN: a DP-SGD epoch of empty Poisson batches only
+                losses.append(res["loss"])
             steps += int(res["steps"])
-        return {"loss": sum(losses) / len(losses), "steps": float(steps)}
+        return {"loss": sum(losses) / len(losses) if losses else float("nan"), "steps": float(steps)}
+
+    def privacy_spent(self) -> dict[str, Any] | None:
+        """DP-SGD's privacy spent by every fit so far (None without DP-SGD).
+
+        Returns:
+            ``{"mechanism": "dp_sgd", "epsilon", "delta", "noise_multiplier",
+            "max_grad_norm", "steps", "sample_rate", "expected_batch_size",
+            "poisson_sampling"}``: epsilon at ``delta`` by Opacus' RDP
+            accountant over ``steps`` noised steps at ``sample_rate``.
+        """
+        return None if self.dp is None else self.dp.spent()
 
     def validate(self) -> dict[str, float]:
         """Metrics on the validation cases (empty dict if there are none)."""
