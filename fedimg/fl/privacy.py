@@ -21,7 +21,11 @@ every entry. A site's whole update is the unit of privacy (site-level DP under
 add/remove of one site's contribution); every round is one release, so the
 guarantee composes over rounds. The privacy spent, ``epsilon`` at ``delta``,
 is computed by Opacus' RDP accountant (sample rate 1: every round) and sent
-with every update, so the server records it.
+with every update, so the server records it. If the site also trained with
+DP-SGD, the client's ``{"dp_sgd": {...}}`` record in the same meta entry is
+kept under ``dp_sgd`` beside the Gaussian mechanism's fields: the two
+guarantees protect different units (a case vs a site's whole update) and are
+reported separately, not composed.
 """
 
 from __future__ import annotations
@@ -133,12 +137,17 @@ class GaussianUpdateDP(DXOFilter):
         self.releases += 1
         eps = gaussian_epsilon(self.noise_multiplier, self.releases, self.delta)
         dxo.data = out
-        dxo.set_meta_prop(DP_META, {"mechanism": "gaussian", "clip_norm": self.clip_norm,
-                                    "noise_multiplier": self.noise_multiplier, "noise_std": std,
-                                    "update_norm": norm, "clipped": scale < 1.0, "releases": self.releases,
-                                    "epsilon": eps, "delta": self.delta})
-        self.log_info(fl_ctx, f"DP: update norm {norm:.4g} clipped to {min(norm, self.clip_norm):.4g}, noise std "
-                              f"{std:.4g}; epsilon {eps:.3f} at delta {self.delta:g} after {self.releases} release(s)")
+        record = {"mechanism": "gaussian", "clip_norm": self.clip_norm, "noise_multiplier": self.noise_multiplier,
+                  "noise_std": std, "releases": self.releases, "epsilon": eps, "delta": self.delta}
+        # The raw update norm (or whether it was clipped) depends on the data and is not covered by the
+        # guarantee: it is neither sent nor logged (site logs can be streamed to the server).
+        prior = dxo.get_meta_prop(DP_META)
+        if isinstance(prior, dict) and isinstance(prior.get("dp_sgd"), dict):
+            # The site trained with DP-SGD too: keep its (sample-level) record beside this (site-level) one.
+            record["dp_sgd"] = prior["dp_sgd"]
+        dxo.set_meta_prop(DP_META, record)
+        self.log_info(fl_ctx, f"DP: update clipped to norm <= {self.clip_norm:.4g}, noise std {std:.4g}; epsilon "
+                              f"{eps:.3f} at delta {self.delta:g} after {self.releases} release(s)")
         return dxo
 
 
