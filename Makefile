@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 # Fast, CI-sized suite (everything but the long demo-quality run).
 test: $(STAMP)
-	$(PY) -m pytest -m "not gpu" -q -n 4 --dist loadgroup
+	$(PY) -m pytest -m "not gpu" -q -n 4 --dist loadfile
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

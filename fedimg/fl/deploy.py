@@ -16,6 +16,7 @@ model, TensorBoard events, cross-site results, fedimg's round records).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 POC_ADMIN = "admin@nvidia.com"
+POC_LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "fedimg-nvflare-poc-8002.lock"
 TERMINAL = ("FINISHED:COMPLETED", "FINISHED:ABORTED", "FINISHED:EXECUTION_EXCEPTION", "FINISHED:ABNORMAL",
             "FAILED_TO_RUN", "FINISHED:CANT_SCHEDULE")
 
@@ -222,7 +224,32 @@ class PocFederation(Federation):
         self.privacy = Path(privacy) if privacy else None
         self.authorization = Path(authorization) if authorization else None
         self.use_he = use_he
+        self._lock: Any = None
         super().__init__(POC_ADMIN, self.workspace / "example_project" / "prod_00" / POC_ADMIN)
+
+    def _acquire_port(self, timeout: float) -> None:
+        # Every POC listens on port 8002: one POC per machine at a time, other runs wait their turn.
+        if self._lock is not None:
+            return
+        f = open(POC_LOCK, "a+")  # noqa: SIM115 - held until stop()
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    f.close()
+                    raise DeploymentError(f"another NVFlare POC on this machine held port 8002 ({POC_LOCK}) for "
+                                          f"more than {timeout:.0f} s; stop it (nvflare poc stop) and retry") from None
+                time.sleep(2.0)
+        self._lock = f
+
+    def _release_port(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     def _env(self, site: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -260,14 +287,22 @@ class PocFederation(Federation):
         for site in self.site_configs:
             install_site_policies(self.kit(site) / "local", self.privacy, self.authorization)
 
-    def start(self, connect_timeout: float = 180.0) -> None:
-        """Start the server, then every site with its own site config; wait until all are connected."""
-        # NVFlare's own readiness wait defaults to 30 s, too short on a loaded 2-core machine.
-        self._nvflare("start", "-p", "server", "--timeout", str(int(connect_timeout)),
-                      timeout=connect_timeout + 60)
-        for site in self.site_configs:
-            self.start_site(site)
-        self.wait_for_sites(list(self.site_configs), timeout=connect_timeout)
+    def start(self, connect_timeout: float = 180.0, port_wait: float = 3600.0) -> None:
+        """Start the server, then every site with its own site config; wait until all are connected.
+
+        Waits up to ``port_wait`` seconds for another POC on this machine to stop first (they share a port).
+        """
+        self._acquire_port(port_wait)
+        try:
+            # NVFlare's own readiness wait defaults to 30 s, too short on a loaded 2-core machine.
+            self._nvflare("start", "-p", "server", "--timeout", str(int(connect_timeout)),
+                          timeout=connect_timeout + 60)
+            for site in self.site_configs:
+                self.start_site(site)
+            self.wait_for_sites(list(self.site_configs), timeout=connect_timeout)
+        except BaseException:
+            self.stop()  # no half-started federation left holding the port
+            raise
 
     def start_site(self, site: str, timeout: float = 180.0) -> None:
         """Start (or restart) one site's client process; returns once it is connected."""
@@ -302,6 +337,7 @@ class PocFederation(Federation):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self._release_port()
         return left
 
     def collect(self, outcome: JobOutcome, require_cross_site: bool = True, require_records: bool = True) -> Any:

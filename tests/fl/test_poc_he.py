@@ -21,8 +21,8 @@ from fedimg import config as cfg
 from fedimg.models.registry import build_model
 from tests.conftest import REPO, tiny_classification
 
-pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration, pytest.mark.poc,
-              pytest.mark.xdist_group("poc")]  # one POC at a time: they share port 8002
+# POCs share port 8002: PocFederation.start waits for a machine-wide lock, so parallel workers take turns.
+pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration, pytest.mark.poc]
 FED = REPO / "configs" / "federation"
 
 

@@ -18,8 +18,7 @@ import pytest
 from fedimg import config as cfg
 from tests.conftest import CT_SPEC, REPO, tiny_experiment
 
-pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration,
-              pytest.mark.xdist_group("robustness")]  # one worker: the clean run is shared
+pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration]  # make test: --dist loadfile keeps this file on one worker, so the clean run is shared
 
 BAD = "site-3"
 
