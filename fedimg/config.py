@@ -781,11 +781,13 @@ class FedConfig:
         robust: screening of updates and the aggregation rule.
         round_timeout_s: seconds a round waits for the sites' updates; 0 is
             adaptive: ``first_round_timeout_s`` for the first round, then 3x
-            the slowest round so far (at least 60 s). A site that misses it is
+            the slowest round so far (at least ``min_round_timeout_s``). A site that misses it is
             left out of that round (recorded), and the round counts if at
             least ``min_clients`` sites contributed.
         first_round_timeout_s: the first round's limit when adaptive (it
             includes caching the data and the first transfer of the model).
+        min_round_timeout_s: the floor of the adaptive limit of later rounds:
+            how long a round waits at least for a site that went silent.
         eval_timeout_s: limit of the final evaluation and of each step of
             cross-site evaluation.
         scope: the site privacy scope the job asks for (``privacy.json`` at
@@ -805,6 +807,7 @@ class FedConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
     round_timeout_s: int = 0
     first_round_timeout_s: int = 1800
+    min_round_timeout_s: int = 60
     eval_timeout_s: int = 600
     scope: str | None = None
 
@@ -815,6 +818,8 @@ class FedConfig:
         _check(self.round_timeout_s >= 0, f"fed.round_timeout_s must be >= 0 (0: adaptive), got {self.round_timeout_s}")
         _check(self.first_round_timeout_s >= 10,
                f"fed.first_round_timeout_s must be >= 10, got {self.first_round_timeout_s}")
+        _check(self.min_round_timeout_s >= 10,
+               f"fed.min_round_timeout_s must be >= 10, got {self.min_round_timeout_s}")
         _check(self.eval_timeout_s >= 10, f"fed.eval_timeout_s must be >= 10, got {self.eval_timeout_s}")
         _check(self.scope is None or (bool(self.scope) and all(c.isalnum() or c in "-_" for c in self.scope)),
                f"fed.scope must be null or a scope name (letters, digits, '-', '_'), got {self.scope!r}")

@@ -36,6 +36,7 @@ def test_unknown_key_is_named_with_alternatives(tmp_path):
         ("fed.algorithm=fedopt", "fed.algorithm fedopt treats the averaged update as a gradient: set fed.exchange: diff"),
         ("fed.algorithm=fedbn", "fed.algorithm fedbn keeps normalization layers at each site"),
         ("fed.mu=0", "fed.mu must be a finite number > 0"),
+        ("fed.min_round_timeout_s=5", "fed.min_round_timeout_s must be >= 10, got 5"),
         ("model.name=resnet", "model.name 'resnet' is a classifier"),
         ("task.positive_class=organ", "task.positive_class must be one of task.class_names"),
         ("task.class_names=[organ, 'bad name']", "task.class_names must be letters, digits"),

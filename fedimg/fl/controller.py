@@ -82,8 +82,9 @@ class FedimgController(BaseFedAvg):
         min_responses: updates a round needs to count (0: every sampled site).
         train_timeout: seconds a round waits for updates; 0 is adaptive:
             ``first_round_timeout`` for the first round, then 3x the slowest
-            round so far (at least 60 s).
+            round so far (at least ``min_round_timeout``).
         first_round_timeout: the first round's limit when adaptive.
+        min_round_timeout: the floor of the adaptive limit.
         eval_timeout: limit of the final evaluation.
         tb_layout: TensorBoard custom-scalar layout written with the global curves.
         task_check_period: seconds between checks for results.
@@ -110,6 +111,7 @@ class FedimgController(BaseFedAvg):
         min_responses: int = 0,
         train_timeout: int = 0,
         first_round_timeout: int = 1800,
+        min_round_timeout: int = 60,
         eval_timeout: int = 600,
         tb_layout: dict | None = None,
         task_check_period: float = 0.2,
@@ -132,6 +134,7 @@ class FedimgController(BaseFedAvg):
         self.min_responses = min_responses
         self.train_timeout = train_timeout
         self.first_round_timeout = first_round_timeout
+        self.min_round_timeout = min_round_timeout
         self.eval_timeout = eval_timeout
         self._round_seconds: list[float] = []
         self.tb_layout = tb_layout
@@ -313,7 +316,7 @@ class FedimgController(BaseFedAvg):
             return int(self.train_timeout)
         if not self._round_seconds:
             return int(self.first_round_timeout)
-        return int(max(60.0, 3.0 * max(self._round_seconds)))
+        return int(max(float(self.min_round_timeout), 3.0 * max(self._round_seconds)))
 
     # ------------------------------------------------------------------ the workflow
 

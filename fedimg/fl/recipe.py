@@ -92,6 +92,7 @@ class FedimgRecipe(FedAvgRecipe):
             min_responses=exp.fed.min_clients,
             train_timeout=exp.fed.round_timeout_s,
             first_round_timeout=exp.fed.first_round_timeout_s,
+            min_round_timeout=exp.fed.min_round_timeout_s,
             eval_timeout=exp.fed.eval_timeout_s,
             tb_layout=scalar_layout(exp),
         )

@@ -94,6 +94,18 @@ def _diff_updates(ctl, scale=1.0):
     return [Update("a", d, 1.0), Update("b", e, 1.0)]
 
 
+def test_adaptive_round_limit_is_three_times_the_slowest_round_above_its_floor():
+    from fedimg.fl.controller import FedimgController
+
+    ctl = FedimgController(num_clients=2, num_rounds=3, first_round_timeout=120, min_round_timeout=20)
+    assert ctl.round_limit() == 120  # nothing measured yet: the first round's limit
+    ctl._round_seconds += [4.0, 5.0]
+    assert ctl.round_limit() == 20  # 3 x 5 s is below the floor
+    ctl._round_seconds.append(9.5)
+    assert ctl.round_limit() == 28  # 3 x the slowest round
+    assert FedimgController(num_clients=2, num_rounds=3, train_timeout=45).round_limit() == 45  # fixed limit
+
+
 def test_fedopt_sgd_without_momentum_at_lr_1_is_fedavg():
     avg, opt = _controller("fedavg"), _controller("fedopt", {"name": "sgd", "lr": 1.0, "momentum": 0.0})
     start = {k: v.copy() for k, v in avg._global.items()}
