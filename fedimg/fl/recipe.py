@@ -144,22 +144,7 @@ def build_recipe(
     if exp.privacy.encryption == "he":
         return build_he_recipe(exp, job_dir, site_configs, staging_dir, sites_sharing_cpu, initial_ckpt,
                                fast_polling)
-    job_dir = Path(job_dir).resolve()
-    if not (job_dir / "client.py").is_file():
-        raise FileNotFoundError(f"{job_dir}/client.py not found: expected the job's client script there")
-    names = list(site_configs)
-    if not names:
-        raise ValueError("at least one site is needed")
-    if GLOBAL_RUN in names:
-        raise ValueError(f"a site may not be named {GLOBAL_RUN!r}: TensorBoard shows the federation under that name")
-    min_clients = exp.fed.min_clients or len(names)
-    if min_clients > len(names):
-        raise ValueError(f"fed.min_clients is {min_clients} but only {len(names)} site(s) are configured")
-
-    staging = Path(staging_dir).resolve()
-    staging.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(job_dir / "client.py", staging / "client.py")
-    cfgmod.save(exp, staging / "experiment.yaml")
+    staging, min_clients = _stage(exp, job_dir, list(site_configs), staging_dir)
     base_args = f"--config experiment.yaml --sites-sharing-cpu {int(sites_sharing_cpu)}"
     transfer = TransferType.DIFF if exp.fed.exchange == "diff" else TransferType.FULL
     with _chdir(staging):
@@ -193,18 +178,7 @@ def build_recipe(
         if flt is not None:
             # Job-specified: every site filters its training result (a site's own scope may add more).
             recipe.add_client_output_filter(flt, tasks=["train"])
-        # Server and sites run the installed fedimg: NVFlare must not bundle its source into custom/.
-        recipe._job.set_app_packages(["fedimg"])  # noqa: SLF001
-        recipe.add_client_file("experiment.yaml")
-        # Server-side TensorBoard: scalars only, no host name in event file names.
-        recipe._job.to_server(ScalarTBReceiver(), "receiver")  # noqa: SLF001 - as add_experiment_tracking does
-        if exp.fed.scope:
-            from nvflare.apis.job_def import JobMetaKey
-            from nvflare.recipe.utils import set_recipe_meta
-
-            set_recipe_meta(recipe, JobMetaKey.SCOPE, exp.fed.scope)
-        if fast_polling:
-            recipe.add_server_config({"server": {"task_request_interval": 0.25}})
+        _add_common(recipe, exp, fast_polling)
         if exp.fed.cross_site_eval:
             from nvflare.recipe import add_cross_site_evaluation
 
@@ -248,22 +222,10 @@ def build_he_recipe(
                          "pip install 'nvflare[HE]' (see README, Homomorphic encryption)") from None
     from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
 
-    job_dir = Path(job_dir).resolve()
-    if not (job_dir / "client.py").is_file():
-        raise FileNotFoundError(f"{job_dir}/client.py not found: expected the job's client script there")
-    names = list(site_configs)
     if any(p is not None for p in site_configs.values()):
         raise ValueError("privacy.encryption he needs the HE keys of a provisioned federation: run it with "
                          "--env poc or --env prod (the simulator has no keys)")
-    if not names or GLOBAL_RUN in names:
-        raise ValueError(f"HE job: need at least one site, none named {GLOBAL_RUN!r}; got {names}")
-    min_clients = exp.fed.min_clients or len(names)
-    if min_clients > len(names):
-        raise ValueError(f"fed.min_clients is {min_clients} but only {len(names)} site(s) are configured")
-    staging = Path(staging_dir).resolve()
-    staging.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(job_dir / "client.py", staging / "client.py")
-    cfgmod.save(exp, staging / "experiment.yaml")
+    staging, min_clients = _stage(exp, job_dir, list(site_configs), staging_dir)
     with _chdir(staging):
         recipe = FedAvgRecipeWithHE(
             name=exp.name,
@@ -274,17 +236,48 @@ def build_he_recipe(
             train_script="client.py",
             train_args=f"--config experiment.yaml --sites-sharing-cpu {int(sites_sharing_cpu)}",
         )
-        recipe._job.set_app_packages(["fedimg"])  # noqa: SLF001
-        recipe.add_client_file("experiment.yaml")
-        recipe._job.to_server(ScalarTBReceiver(), "receiver")  # noqa: SLF001
-        if exp.fed.scope:
-            from nvflare.apis.job_def import JobMetaKey
-            from nvflare.recipe.utils import set_recipe_meta
-
-            set_recipe_meta(recipe, JobMetaKey.SCOPE, exp.fed.scope)
-        if fast_polling:
-            recipe.add_server_config({"server": {"task_request_interval": 0.25}})
+        _add_common(recipe, exp, fast_polling)
     return recipe
+
+
+def _stage(exp: ExperimentConfig, job_dir: str | Path, names: list[str],
+           staging_dir: str | Path) -> tuple[Path, int]:
+    """Check the sites, copy the client script and the experiment into ``staging_dir``.
+
+    Returns:
+        The resolved staging folder and the number of sites a round needs.
+    """
+    job_dir = Path(job_dir).resolve()
+    if not (job_dir / "client.py").is_file():
+        raise FileNotFoundError(f"{job_dir}/client.py not found: expected the job's client script there")
+    if not names:
+        raise ValueError("at least one site is needed")
+    if GLOBAL_RUN in names:
+        raise ValueError(f"a site may not be named {GLOBAL_RUN!r}: TensorBoard shows the federation under that name")
+    min_clients = exp.fed.min_clients or len(names)
+    if min_clients > len(names):
+        raise ValueError(f"fed.min_clients is {min_clients} but only {len(names)} site(s) are configured")
+    staging = Path(staging_dir).resolve()
+    staging.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(job_dir / "client.py", staging / "client.py")
+    cfgmod.save(exp, staging / "experiment.yaml")
+    return staging, min_clients
+
+
+def _add_common(recipe: Any, exp: ExperimentConfig, fast_polling: bool) -> None:
+    """What every fedimg job has, with or without HE: installed package, config, scalar TensorBoard, scope."""
+    # Server and sites run the installed fedimg: NVFlare must not bundle its source into custom/.
+    recipe._job.set_app_packages(["fedimg"])  # noqa: SLF001
+    recipe.add_client_file("experiment.yaml")
+    # Server-side TensorBoard: scalars only, no host name in event file names.
+    recipe._job.to_server(ScalarTBReceiver(), "receiver")  # noqa: SLF001 - as add_experiment_tracking does
+    if exp.fed.scope:
+        from nvflare.apis.job_def import JobMetaKey
+        from nvflare.recipe.utils import set_recipe_meta
+
+        set_recipe_meta(recipe, JobMetaKey.SCOPE, exp.fed.scope)
+    if fast_polling:
+        recipe.add_server_config({"server": {"task_request_interval": 0.25}})
 
 
 def in_staging(staging_dir: str | Path) -> contextlib.AbstractContextManager[None]:
