@@ -70,6 +70,30 @@ def small_preprocessed(small_synth, ct_spec, tmp_path_factory: pytest.TempPathFa
     return base, results
 
 
+def synthetic_ct_sites(base: Path, *, n_sites: int, n_cases: int, seed: int) -> dict[str, str]:
+    """Synthetic CT sites preprocessed at 6 mm under ``base``, each with a CPU site config.
+
+    Returns:
+        Site name to the path of its site config YAML.
+    """
+    import dataclasses
+
+    from fedimg import config as cfg
+    from fedimg.preprocess.pipeline import preprocess
+    from fedimg.synth import generate
+
+    synth = generate(base / "raw", n_sites=n_sites, n_cases=n_cases, seed=seed, progress=False)
+    spec = dataclasses.replace(cfg.load(cfg.PreprocessSpec, CT_SPEC), target_spacing=(6.0, 6.0, 6.0))
+    out = {}
+    for site in synth.sites:
+        preprocess(synth.out_dir / site, base / "pre" / site, spec, site=site, progress=False)
+        sc = cfg.SiteConfig(name=site, datalist=str(base / "pre" / site / "datalist.json"), device="cpu",
+                            num_threads=1)
+        cfg.save(sc, base / f"{site}.yaml")
+        out[site] = str(base / f"{site}.yaml")
+    return out
+
+
 def tiny_experiment(**over):
     """A small, fast experiment config for tests (dotted overrides allowed)."""
     from fedimg import config as cfg

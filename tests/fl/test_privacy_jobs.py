@@ -17,13 +17,11 @@ and on empty error logs (``run_simulation`` refuses a run whose
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 
-from fedimg import config as cfg
-from tests.conftest import CT_SPEC, REPO, tiny_experiment
+from tests.conftest import REPO, synthetic_ct_sites, tiny_experiment
 
 pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration]
 
@@ -34,20 +32,7 @@ BASE = {"fed.exchange": "diff", "fed.cross_site_eval": "false", "fed.num_rounds"
 
 @pytest.fixture(scope="module")
 def three_sites(tmp_path_factory) -> dict[str, str]:
-    from fedimg.preprocess.pipeline import preprocess
-    from fedimg.synth import generate
-
-    base = tmp_path_factory.mktemp("privacy_sites")
-    synth = generate(base / "raw", n_sites=3, n_cases=3, seed=5, progress=False)
-    spec = dataclasses.replace(cfg.load(cfg.PreprocessSpec, CT_SPEC), target_spacing=(6.0, 6.0, 6.0))
-    out = {}
-    for site in synth.sites:
-        preprocess(synth.out_dir / site, base / "pre" / site, spec, site=site, progress=False)
-        sc = cfg.SiteConfig(name=site, datalist=str(base / "pre" / site / "datalist.json"), device="cpu",
-                            num_threads=1)
-        cfg.save(sc, base / f"{site}.yaml")
-        out[site] = str(base / f"{site}.yaml")
-    return out
+    return synthetic_ct_sites(tmp_path_factory.mktemp("privacy_sites"), n_sites=3, n_cases=3, seed=5)
 
 
 def _run(sites, work, name, **over):

@@ -10,13 +10,11 @@ are not).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 
-from fedimg import config as cfg
-from tests.conftest import CT_SPEC, REPO, tiny_experiment
+from tests.conftest import REPO, synthetic_ct_sites, tiny_experiment
 
 pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration]  # make test: --dist loadfile keeps this file on one worker, so the clean run is shared
 
@@ -25,20 +23,8 @@ BAD = "site-3"
 
 @pytest.fixture(scope="module")
 def three_sites(tmp_path_factory):
-    from fedimg.preprocess.pipeline import preprocess
-    from fedimg.synth import generate
-
     base = tmp_path_factory.mktemp("robust")
-    synth = generate(base / "raw", n_sites=3, n_cases=4, seed=3, progress=False)
-    spec = dataclasses.replace(cfg.load(cfg.PreprocessSpec, CT_SPEC), target_spacing=(6.0, 6.0, 6.0))
-    out = {}
-    for site in synth.sites:
-        preprocess(synth.out_dir / site, base / "pre" / site, spec, site=site, progress=False)
-        sc = cfg.SiteConfig(name=site, datalist=str(base / "pre" / site / "datalist.json"), device="cpu",
-                            num_threads=1)
-        cfg.save(sc, base / f"{site}.yaml")
-        out[site] = str(base / f"{site}.yaml")
-    return out, base
+    return synthetic_ct_sites(base, n_sites=3, n_cases=4, seed=3), base
 
 
 # Enough rounds, at a decaying learning rate, that the clean run reaches its plateau (Dice ~0.95 here):
