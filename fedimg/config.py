@@ -231,6 +231,13 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_positive(obj: Any, prefix: str, *names: str) -> None:
+    """Refuse any of ``obj``'s fields ``names`` that is not a finite number > 0, naming ``prefix.name``."""
+    for name in names:
+        v = getattr(obj, name)
+        _check(v > 0 and math.isfinite(v), f"{prefix}.{name} must be a finite number > 0, got {v}")
+
+
 # --------------------------------------------------------------------------
 # Preprocessing spec
 # --------------------------------------------------------------------------
@@ -814,7 +821,7 @@ class FedConfig:
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, f"fed.num_rounds must be >= 1, got {self.num_rounds}")
         _check(self.min_clients >= 0, f"fed.min_clients must be >= 0, got {self.min_clients}")
-        _check(self.mu > 0 and math.isfinite(self.mu), f"fed.mu must be a finite number > 0, got {self.mu}")
+        _check_positive(self, "fed", "mu")
         _check(self.round_timeout_s >= 0, f"fed.round_timeout_s must be >= 0 (0: adaptive), got {self.round_timeout_s}")
         _check(self.first_round_timeout_s >= 10,
                f"fed.first_round_timeout_s must be >= 10, got {self.first_round_timeout_s}")
@@ -844,10 +851,7 @@ class GaussianDPConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.clip_norm > 0 and math.isfinite(self.clip_norm),
-               f"privacy.gaussian.clip_norm must be a finite number > 0, got {self.clip_norm}")
-        _check(self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier),
-               f"privacy.gaussian.noise_multiplier must be a finite number > 0, got {self.noise_multiplier}")
+        _check_positive(self, "privacy.gaussian", "clip_norm", "noise_multiplier")
         _check(0 < self.delta < 1, f"privacy.gaussian.delta must be in (0, 1), got {self.delta}")
         _check(self.seed is None or self.seed >= 0, f"privacy.gaussian.seed must be >= 0 or null, got {self.seed}")
 
@@ -879,9 +883,7 @@ class SVTConfig:
 
     def __post_init__(self) -> None:
         _check(0 < self.fraction <= 1, f"privacy.svt.fraction must be in (0, 1], got {self.fraction}")
-        for name in ("epsilon", "noise_var", "gamma"):
-            v = getattr(self, name)
-            _check(v > 0 and math.isfinite(v), f"privacy.svt.{name} must be a finite number > 0, got {v}")
+        _check_positive(self, "privacy.svt", "epsilon", "noise_var", "gamma")
         _check(self.tau >= 0, f"privacy.svt.tau must be >= 0, got {self.tau}")
 
 
@@ -900,10 +902,7 @@ class DPSGDConfig:
     delta: float = 1e-5
 
     def __post_init__(self) -> None:
-        _check(self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier),
-               f"privacy.dp_sgd.noise_multiplier must be a finite number > 0, got {self.noise_multiplier}")
-        _check(self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm),
-               f"privacy.dp_sgd.max_grad_norm must be a finite number > 0, got {self.max_grad_norm}")
+        _check_positive(self, "privacy.dp_sgd", "noise_multiplier", "max_grad_norm")
         _check(0 < self.delta < 1, f"privacy.dp_sgd.delta must be in (0, 1), got {self.delta}")
 
 
