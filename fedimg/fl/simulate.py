@@ -200,27 +200,54 @@ def run_simulation(
         initial_ckpt = str(resume_from.global_model.resolve())
     staging = workspace / "job_staging"
     sites = list(site_configs)
-    recipe = build_recipe(exp, job_dir, site_configs, staging, sites_sharing_cpu=len(sites),
-                          initial_ckpt=initial_ckpt, start_round=-1 if resume_from is not None else 0,
-                          fast_polling=True)
-    if customize is not None:
-        with in_staging(staging):
-            customize(recipe)
-    env = SimEnv(clients=sites, num_clients=len(sites), num_threads=len(sites), workspace_root=str(workspace),
-                 gpu_config=simulator_gpu_config(len(sites)), log_config=quiet_log_config(workspace / "log_config.json"))
-    t0 = time.perf_counter()
-    try:
-        with in_staging(staging):
-            run = recipe.execute(env)
-    except RuntimeError as exc:
-        raise FederatedRunError(f"NVFlare simulator failed ({exc}); see the error_log.txt files under "
-                                f"{workspace / exp.name}") from None
-    job = Path(run.get_result()) if run is not None else workspace / exp.name
-    result = collect(job, sites, require_cross_site=exp.fed.cross_site_eval)
+    for attempt in (1, 2):
+        recipe = build_recipe(exp, job_dir, site_configs, staging, sites_sharing_cpu=len(sites),
+                              initial_ckpt=initial_ckpt, start_round=-1 if resume_from is not None else 0,
+                              fast_polling=True)
+        if customize is not None:
+            with in_staging(staging):
+                customize(recipe)
+        env = SimEnv(clients=sites, num_clients=len(sites), num_threads=len(sites), workspace_root=str(workspace),
+                     gpu_config=simulator_gpu_config(len(sites)),
+                     log_config=quiet_log_config(workspace / "log_config.json"))
+        t0 = time.perf_counter()
+        try:
+            try:
+                with in_staging(staging):
+                    run = recipe.execute(env)
+            except RuntimeError as exc:
+                raise FederatedRunError(f"NVFlare simulator failed ({exc}); see the error_log.txt files under "
+                                        f"{workspace / exp.name}") from None
+            job = Path(run.get_result()) if run is not None else workspace / exp.name
+            result = collect(job, sites, require_cross_site=exp.fed.cross_site_eval)
+            break
+        except FederatedRunError:
+            site = lost_port_race(workspace / exp.name, sites)
+            if site is None or attempt == 2:
+                raise
+            logger.warning("NVFlare's simulator could not start %s's process: the local port it had chosen was "
+                           "taken by another process before it bound it (a race inside NVFlare, likely when "
+                           "several runs share the machine); running the job again from the start", site)
     result.seconds = time.perf_counter() - t0
     if resume_from is not None:
         carry_tensorboard(resume_from.tb_logdir, result.tb_logdir)
     return result
+
+
+def lost_port_race(job: Path, sites: list[str]) -> str | None:
+    """The site whose simulator process failed to bind the port NVFlare had chosen for it, if any.
+
+    NVFlare's simulator picks a free local port for each site's process and
+    releases it; the process binds it seconds later, after its imports. Another
+    process can take the port meanwhile: that run fails through no fault of
+    the job, and running it again is safe (the workspace is replaced).
+    """
+    for site in sites:
+        log = job / site / "error_log.txt"
+        text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+        if "Address already in use" in text and "simulator_worker" in text:
+            return site
+    return None
 
 
 def carry_tensorboard(previous: Path, current: Path) -> None:

@@ -189,3 +189,73 @@ def test_job_export_has_no_site_paths(tmp_path):
     ctl = [w for w in server_cfg["workflows"] if w["path"].endswith("FedimgController")]
     assert ctl and ctl[0]["args"]["algorithm"] == "fedprox" and ctl[0]["args"]["fedprox_mu"] == 0.01
     assert not list(job.rglob("custom/fedimg"))
+
+
+PORT_RACE = """2026-12-02 18:11:25,419 - MPM - ERROR - Execute exception: OSError: [Errno 98] Address already in use
+  File ".../nvflare/private/fed/app/simulator/simulator_worker.py", line 264, in main
+    conn = _create_connection(args.port)
+OSError: [Errno 98] Address already in use
+"""
+
+
+def _fake_simulator(monkeypatch, tmp_path, logs_per_attempt):
+    """run_simulation with NVFlare's execute and collect replaced: each attempt writes the given site error logs."""
+    import types
+
+    import nvflare.recipe
+
+    from fedimg.fl import simulate
+
+    attempts = []
+
+    class Recipe:
+        def execute(self, env):
+            job = tmp_path / "ws" / "tiny"
+            if job.exists():
+                import shutil
+
+                shutil.rmtree(job)  # as the simulator does with an earlier run
+            for site, text in logs_per_attempt[len(attempts)].items():
+                (job / site).mkdir(parents=True, exist_ok=True)
+                (job / site / "error_log.txt").write_text(text)
+            attempts.append(1)
+
+    def collect(job, sites, require_cross_site=True):
+        bad = [s for s in sites if (job / s / "error_log.txt").is_file()]
+        if bad:
+            raise simulate.FederatedRunError(f"error logs are not empty: {bad}")
+        return types.SimpleNamespace(seconds=0.0)
+
+    def build_recipe(exp, job_dir, site_configs, staging, **kwargs):
+        staging.mkdir(parents=True, exist_ok=True)
+        return Recipe()
+
+    monkeypatch.setattr(simulate, "build_recipe", build_recipe)
+    monkeypatch.setattr(simulate, "collect", collect)
+    monkeypatch.setattr(nvflare.recipe, "SimEnv", lambda **k: None)
+    return attempts
+
+
+def test_a_lost_port_race_inside_the_simulator_is_run_again_once(monkeypatch, tmp_path, caplog):
+    from fedimg.fl.simulate import run_simulation
+
+    attempts = _fake_simulator(monkeypatch, tmp_path, [{"site-2": PORT_RACE}, {}])
+    res = run_simulation(tiny_experiment(), REPO / "jobs" / "train", {"site-1": "a", "site-2": "b"}, tmp_path / "ws")
+    assert len(attempts) == 2 and res.seconds >= 0
+    assert "could not start site-2's process" in caplog.text
+
+
+def test_other_failures_and_a_second_port_race_are_not_retried(monkeypatch, tmp_path):
+    from fedimg.fl.simulate import FederatedRunError, lost_port_race, run_simulation
+
+    attempts = _fake_simulator(monkeypatch, tmp_path, [{"site-1": "ValueError: received weight w has shape"}])
+    with pytest.raises(FederatedRunError, match="site-1"):
+        run_simulation(tiny_experiment(), REPO / "jobs" / "train", {"site-1": "a", "site-2": "b"}, tmp_path / "ws")
+    assert len(attempts) == 1
+
+    attempts = _fake_simulator(monkeypatch, tmp_path, [{"site-1": PORT_RACE}, {"site-1": PORT_RACE}])
+    with pytest.raises(FederatedRunError, match="site-1"):
+        run_simulation(tiny_experiment(), REPO / "jobs" / "train", {"site-1": "a", "site-2": "b"}, tmp_path / "ws")
+    assert len(attempts) == 2
+    assert lost_port_race(tmp_path / "ws" / "tiny", ["site-2", "site-1"]) == "site-1"
+    assert lost_port_race(tmp_path / "ws" / "absent", ["site-1"]) is None
