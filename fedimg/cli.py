@@ -1,8 +1,19 @@
 """The ``fedimg`` command: one entry point, one subcommand per stage.
 
 Subcommands import their heavy modules lazily, so ``fedimg --help`` is fast.
-Expected problems (bad input, bad config, no GPU) print one line saying what
-was expected, what arrived and what to do, and exit with status 2.
+
+Exit status:
+
+- 0: the run produced what it was asked for;
+- 2: expected problems (bad input, bad config, an output folder fedimg may
+  not write, no GPU): one line saying what was expected, what arrived and
+  what to do, nothing written;
+- 3 (:data:`EXIT_NOTHING_USABLE`): the run finished and wrote its account
+  (manifest, summary), but produced nothing usable: ``preprocess`` converted
+  no case or no validation case, ``convert`` converted no series;
+- 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM; worker processes and
+  simulators it started are stopped too, and every output already written is
+  complete (temporary files are removed, now or at the next run).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 EXIT_USAGE = 2
+EXIT_NOTHING_USABLE = 3
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -76,6 +88,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     if pseudonymizer is None:
         print("fedimg preprocess: warning: --no-deid: case ids are unkeyed hashes and the manifest lists raw "
               "input paths; use only for data that is already de-identified", file=sys.stderr)
+    if result.problem:
+        print(f"fedimg preprocess: nothing usable: {result.problem}", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
     return 0
 
 
@@ -84,6 +99,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     result = convert(args.src, args.dst, workers=args.workers, progress=not args.quiet, compress=not args.no_compress)
     print(result.table())
+    if not result.outputs:
+        print(f"fedimg convert: nothing usable: no series was converted ({result.src_files} input files); the "
+              f"manifest says why for each file: fedimg manifest {args.dst}", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
     return 0
 
 
@@ -248,6 +267,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedimg`` console script."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from fedimg import signals
+
+    previous = signals.install()
+    try:
+        return _run(args)
+    except signals.Interrupted as exc:
+        stopped = signals.stop_descendants()
+        print(f"fedimg {args.command}: stopped by {exc}" + (f"; {stopped} worker process(es) stopped" if stopped
+                                                            else "") + "; outputs already written are complete, "
+              "run the same command again to finish", file=sys.stderr)
+        return exc.exit_status
+    finally:
+        signals.restore(previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     from fedimg.config import ConfigError
     from fedimg.runtime import DeviceError
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from fedimg import config as cfgmod
 from fedimg.preprocess.io import write_json
+from fedimg.preprocess.outdir import claim
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = REPO_ROOT / "configs" / "experiments" / "seg_demo.yaml"
 DEFAULT_SPEC = REPO_ROOT / "configs" / "preprocessing" / "ct_phantom.yaml"
 JOB_DIR = REPO_ROOT / "jobs" / "train"
+#: What a demo writes into its output folder; a re-run replaces exactly these.
+DEMO_ENTRIES = ("raw", "sites", "nvflare", "experiment.yaml", "summary.json")
 
 
 def _print(msg: str = "") -> None:
@@ -32,14 +35,13 @@ def run_demo(out: Path, sites: int = 3, cases: int = 8, seed: int = 0, rounds: i
              overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the demo end to end and return the summary (also written to ``out/summary.json``).
 
-    Re-running into the same ``out`` regenerates everything (the previous
-    demo output is removed first: it is synthetic).
+    ``out`` must be new, empty, or an earlier demo's output (it carries
+    fedimg's ``demo`` marker, :mod:`fedimg.preprocess.outdir`). Re-running
+    into it regenerates the demo: the entries a demo writes
+    (:data:`DEMO_ENTRIES`, all synthetic) are replaced; anything else in the
+    folder is left alone.
     """
-    from fedimg.dicom.deid import Pseudonymizer, SiteSecret
-    from fedimg.fl.simulate import run_simulation
-    from fedimg.preprocess.pipeline import preprocess
-    from fedimg.runtime import default_threads, select_device
-    from fedimg.synth import generate
+    from fedimg.runtime import select_device
 
     select_device(device)  # fail fast on --device cuda without a GPU
     exp_path = Path(config) if config else DEFAULT_EXPERIMENT
@@ -49,12 +51,24 @@ def run_demo(out: Path, sites: int = 3, cases: int = 8, seed: int = 0, rounds: i
     exp = cfgmod.load(cfgmod.ExperimentConfig, exp_path, ov)
     spec = cfgmod.load(cfgmod.PreprocessSpec, DEFAULT_SPEC)
     out = out.resolve()
-    if out.exists():
-        marker = out / "summary.json"
-        if any(out.iterdir()) and not (marker.exists() or (out / "raw").exists()):
-            raise ValueError(f"--out {out} exists and is not a previous demo output; choose an empty folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    with claim(out, "demo", what="--out") as _lock:
+        for name in DEMO_ENTRIES:  # an earlier demo's synthetic outputs; nothing else is touched
+            entry = out / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
+        return _run_demo(out, exp, spec, sites, cases, seed, device, progress)
+
+
+def _run_demo(out: Path, exp: cfgmod.ExperimentConfig, spec: cfgmod.PreprocessSpec, sites: int, cases: int,
+              seed: int, device: str, progress: bool) -> dict[str, Any]:
+    from fedimg.dicom.deid import Pseudonymizer, SiteSecret
+    from fedimg.fl.simulate import run_simulation
+    from fedimg.preprocess.pipeline import preprocess
+    from fedimg.runtime import default_threads
+    from fedimg.synth import generate
+
     t0 = time.perf_counter()
 
     _print(f"[1/3] synthesizing {sites} sites x ~{cases} CT studies (seed {seed})")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from fedimg import signals
 from fedimg.config import ExperimentConfig
 from fedimg.fl.recipe import build_recipe, in_staging, simulator_gpu_config
 
@@ -216,12 +217,16 @@ def run_simulation(
                 with in_staging(staging):
                     run = recipe.execute(env)
             except RuntimeError as exc:
+                # NVFlare's simulator handles Ctrl-C/SIGTERM itself (it kills its site processes and fails the
+                # run): a run asked to stop is an interruption, not a failed run.
+                signals.check()
                 raise FederatedRunError(f"NVFlare simulator failed ({exc}); see the error_log.txt files under "
                                         f"{workspace / exp.name}") from None
             job = Path(run.get_result()) if run is not None else workspace / exp.name
             result = collect(job, sites, require_cross_site=exp.fed.cross_site_eval)
             break
         except FederatedRunError:
+            signals.check()
             site = lost_port_race(workspace / exp.name, sites)
             if site is None or attempt == 2:
                 raise

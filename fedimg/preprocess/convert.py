@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,7 +31,9 @@ from fedimg.dicom.resample import RESAMPLABLE, load_regularized
 from fedimg.dicom.volume import load_volume, series_geometry
 from fedimg.preprocess.io import write_json, write_jsonl, write_nifti
 from fedimg.preprocess.manifest import CONVERTED, REFUSED, finalize, mark, render_table, summarize
+from fedimg.preprocess.outdir import OutputDir, announce, claim, precheck
 from fedimg.preprocess.scan import index_source
+from fedimg.preprocess.workers import default_workers, worker_pool
 
 STATE_FILE = ".fedimg_convert_state.json"
 
@@ -80,8 +80,15 @@ def _convert_one(args: tuple[SeriesGroup, SeriesGeometry, str]) -> tuple[str, st
             vol = load_volume(group, geo)
     except RefusedError as exc:
         return REFUSED, exc.reason.value, exc.detail
-    write_nifti(Path(out_path), vol.data, vol.affine)
+    _write_output(Path(out_path), vol.data, vol.affine)
     return CONVERTED, "", ""
+
+
+def _write_output(path: Path, data: Any, affine: Any) -> None:
+    # Journaled before the write: a run killed mid-write still has a record that the file is fedimg's.
+    dst = path.parent.parent
+    announce(dst, [path.relative_to(dst).as_posix()])
+    write_nifti(path, data, affine)
 
 
 def _run(tasks: list[tuple[SeriesGroup, SeriesGeometry, str]], workers: int,
@@ -90,20 +97,19 @@ def _run(tasks: list[tuple[SeriesGroup, SeriesGeometry, str]], workers: int,
         for t in tqdm(tasks, desc="convert", unit="series", disable=not progress):
             yield _convert_one(t)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         yield from tqdm(pool.map(_convert_one, tasks), total=len(tasks), desc="convert", unit="series",
                         disable=not progress)
-
-
-def default_workers() -> int:
-    """One worker per available CPU."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @quiet_dicom_call
 def convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = None, workers: int | None = None,
             progress: bool = True, compress: bool = True) -> ConvertResult:
     """Convert every series under ``src`` into ``dst/series/*.nii.gz`` (``*.nii`` without compression).
+
+    ``dst`` must be new, empty, or an earlier ``convert`` output (see
+    :mod:`fedimg.preprocess.outdir`); it must not overlap ``src``. A re-run
+    removes only outputs fedimg recorded writing whose series are gone.
 
     Args:
         src: a DICOM folder tree (read only).
@@ -117,10 +123,26 @@ def convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = No
     src, dst = Path(src), Path(dst)
     geometry = geometry or GeometrySpec()
     workers = default_workers() if workers is None else max(1, workers)
+    precheck(dst, "convert", src=src)  # before the scan: a wrong DST is refused before any work
     scanned = index_source(src, label="convert", progress=progress)
+    with claim(dst, "convert", src=src) as out:
+        return _convert(scanned, out, geometry, workers, progress, compress)
+
+
+def _read_state(path: Path) -> dict[str, str]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def _convert(scanned: Any, out: OutputDir, geometry: GeometrySpec, workers: int, progress: bool,
+             compress: bool) -> ConvertResult:
+    dst = out.path
     rows = scanned.rows
     state_path = dst / STATE_FILE
-    old_state: dict[str, str] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    old_state = _read_state(state_path)
     new_state: dict[str, str] = {}
 
     groups = group_series(scanned.image_headers, geometry.orientation_tolerance)
@@ -167,19 +189,19 @@ def convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = No
         except RefusedError as exc:
             mark(rows, g.rels, REFUSED, exc.reason, exc.detail, series_uid=g.series_uid)
             continue
-        write_nifti(dst / name, reg.data, reg.affine_ras)
+        _write_output(dst / name, reg.data, reg.affine_ras)
         mark(rows, g.rels, CONVERTED, "", "", output=name, series_uid=g.series_uid, correction=reg.correction)
         new_state.pop(name, None)  # always recomputed: cheap, and keeps the correction text current
 
     ordered = finalize(rows, scanned.files)
-    # Outputs of series that are gone or now refused are stale: remove them so DST matches the manifest.
     valid = {r.output for r in ordered if r.status == CONVERTED and r.output}
-    for stale in [*(dst / "series").glob("*.nii.gz"), *(dst / "series").glob("*.nii")]:
-        if f"series/{stale.name}" not in valid:
-            stale.unlink()
     write_jsonl(dst / "manifest.jsonl", (r.to_json() for r in ordered))
     summary = summarize(ordered)
     write_json(dst / "summary.json", summary)
     write_json(state_path, {k: v for k, v in new_state.items() if k in valid})
+    # Outputs of series that are gone or now refused are stale: removed so DST matches the manifest, but
+    # only files fedimg's records (the previous state, the journal) say it wrote.
+    out.prune(set(old_state) | out.journaled(), keep=valid)
+    out.clear_journal()
     return ConvertResult(src_files=len(scanned.files), summary=summary, outputs=sorted(valid), reused=reused,
                          manifest=str(dst / "manifest.jsonl"))

@@ -1,4 +1,9 @@
-"""Atomic file writing: a crash never leaves a half-written output under its final name."""
+"""Atomic file writing: a crash never leaves a half-written output under its final name.
+
+Every temporary file is named ``.fedimg-tmp-<name>.<random>``: the prefix is
+fedimg's alone, so the temporary files a killed run left behind are found and
+removed at the next claim of the folder (:mod:`fedimg.preprocess.outdir`).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,12 @@ import nibabel as nib
 import numpy as np
 
 
+TMP_PREFIX = ".fedimg-tmp-"
+
+
 def _tmp_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     return Path(name)
 

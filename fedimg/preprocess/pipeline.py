@@ -26,12 +26,11 @@ training/validation split, and outputs of cases that are gone are removed.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import multiprocessing
 import os
 import re
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +54,7 @@ from fedimg.dicom.quiet import quiet_dicom, quiet_dicom_call
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.resample import RESAMPLABLE, load_regularized
 from fedimg.dicom.volume import load_volume, series_geometry
-from fedimg.preprocess.convert import default_workers
-from fedimg.preprocess.io import write_json, write_jsonl, write_nifti
+from fedimg.preprocess.io import TMP_PREFIX, write_json, write_jsonl, write_nifti
 from fedimg.preprocess.labels_csv import LabelSheet, LabelsCsvError, class_index, read_labels_csv
 from fedimg.preprocess.manifest import (
     CONVERTED,
@@ -68,7 +66,8 @@ from fedimg.preprocess.manifest import (
     summarize,
 )
 from fedimg.preprocess.manifest import mark as _mark
-from fedimg.preprocess.scan import PreprocessInputError, index_source
+from fedimg.preprocess.outdir import OutputDir, OutputDirError, announce, check_separate, claim, precheck
+from fedimg.preprocess.scan import PreprocessInputError, ScanResult, index_source
 from fedimg.preprocess.state import (
     PreprocessState,
     assign_splits,
@@ -77,6 +76,7 @@ from fedimg.preprocess.state import (
     save_state,
 )
 from fedimg.preprocess.transforms import apply_spec, apply_spec_2d
+from fedimg.preprocess.workers import default_workers, worker_pool
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,6 @@ __all__ = ["LabelsCsvError", "PreprocessInputError", "PreprocessResult", "prepro
 
 #: CSV files in an export are label sheets, not images: claimed and skipped (LABEL_SHEET).
 CSV_NAME_REGEX = r"(?i)\.csv$"
-OUTPUT_DIRS = ("images", "labels")
 
 
 @dataclass
@@ -131,6 +130,17 @@ class PreprocessResult:
     cases_reused: int = 0
     cases_removed: int = 0  # cases of earlier runs whose inputs are gone (or now refused): outputs removed
     labels_csv: dict[str, Any] | None = None  # classification: counts of CSV rows (never keys)
+
+    @property
+    def problem(self) -> str | None:
+        """Why this run's output cannot train a model (no case, or no validation case); None when usable."""
+        if not self.cases:
+            return (f"site {self.site}: no case was converted ({self.src_files} input files); the manifest says why "
+                    "for each file: fedimg manifest DST")
+        if not any(c.split == "validation" for c in self.cases):
+            return (f"site {self.site}: {len(self.cases)} case(s), none of them for validation (a site needs at "
+                    "least 2 cases to hold one out); add studies, or check the refusals: fedimg manifest DST")
+        return None
 
     def table(self) -> str:
         """A human-readable summary: counts, reasons with what to do, cases, paths."""
@@ -236,6 +246,12 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
     - reads the labels CSV again, so reused classification cases carry the
       labels of the current CSV.
 
+    ``dst`` must be new, empty, or an earlier ``preprocess`` output, and must
+    not overlap ``src`` (:mod:`fedimg.preprocess.outdir`); the same holds for
+    ``write_dicom`` (a ``dicom-copies`` folder). While the run works, ``dst``
+    is locked: a second run into it is refused at once. Outputs of cases that
+    are gone are removed only if fedimg's records say it wrote them.
+
     A ``dst`` written with another spec (its ``spec.yaml`` differs) or
     another site secret (or with/without de-identification) is refused with
     :class:`fedimg.preprocess.state.IncompatibleOutputError` before any work:
@@ -287,13 +303,55 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         raise PreprocessInputError(
             f"--labels-csv was given, but spec {spec.name!r} is a segmentation spec whose labels come from mask "
             "series or NIfTI files; drop --labels-csv, or use a spec with task: classification")
+    # Every output location is checked before any work; DST is claimed (created, locked) only then.
+    precheck(dst, "preprocess", src=src)
+    if write_dicom is not None:
+        check_separate(dst, write_dicom, src_name="DST", dst_name="--write-dicom")
+        precheck(write_dicom, "dicom-copies", src=src, what="--write-dicom")
+    if crosswalk is not None:
+        _check_crosswalk(Path(crosswalk), src, dst)
+    load_previous(dst, spec, pseudonymizer)  # refuses a DST of another spec or secret, before any work
+    scanned = index_source(src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site,
+                           progress=progress)
+    with claim(dst, "preprocess", src=src) as out:
+        return _preprocess_into(out, scanned, src, spec, site, progress, workers, pseudonymizer, crosswalk,
+                                write_dicom, labels_csv, sheet)
+
+
+def _check_crosswalk(path: Path, src: Path, dst: Path) -> None:
+    """The crosswalk links pseudonyms to input paths: it stays outside SRC and DST, and replaces only a crosswalk."""
+    for folder, name in ((src, "SRC"), (dst, "DST")):
+        try:
+            Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
+        except ValueError:
+            continue
+        raise OutputDirError(f"--crosswalk lies inside {name}: expected a site-private file outside SRC and DST "
+                             f"(DST is what training reads); choose a path elsewhere, e.g. beside the site secret")
+    if path.exists():
+        first = b""
+        if path.is_file():
+            with path.open("rb") as fh:
+                first = fh.readline()
+        try:
+            ok = set(json.loads(first)) == {"input_hash", "input"}
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise OutputDirError("--crosswalk names an existing file that is not a fedimg crosswalk: expected a new "
+                                 "path (or the crosswalk of an earlier run, which is replaced); fedimg never "
+                                 "overwrites a file it did not write: choose another path")
+
+
+def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: PreprocessSpec, site: str, progress: bool, workers: int | None,
+                     pseudonymizer: Any | None, crosswalk: str | Path | None, write_dicom: str | Path | None,
+                     labels_csv: str | Path | None, sheet: LabelSheet | None) -> PreprocessResult:
+    """The body of :func:`preprocess`, in a claimed and locked DST."""
+    dst = out.path
     previous = load_previous(dst, spec, pseudonymizer)
 
     label_re = re.compile(spec.series.label_description_regex)
     image_re = re.compile(spec.series.image_description_regex) if spec.series.image_description_regex else None
     csv_re = re.compile(CSV_NAME_REGEX)
-    scanned = index_source(src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site,
-                           progress=progress)
     index, rows, image_headers = scanned.index, scanned.rows, scanned.image_headers
     classify = spec.is_classification
     used_csv = Path(labels_csv).resolve() if labels_csv is not None else None
@@ -398,8 +456,7 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         else:
             # One study per task: a worker holds one case in memory at a time. "spawn", not
             # fork: the workers run torch (MONAI transforms), whose thread pools do not survive fork.
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+            with worker_pool(n_workers, "spawn") as pool:
                 for local_rows, rec in pool.map(_study_task, tasks):
                     rows.update(local_rows)
                     if rec is not None:
@@ -434,7 +491,8 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
     }
     write_json(dst / "datalist.json", datalist)
     if pseudonymizer is not None and write_dicom is not None:
-        _write_deidentified(ordered_rows, scanned.index.root, Path(write_dicom), pseudonymizer, spec)
+        with claim(write_dicom, "dicom-copies", src=src, what="--write-dicom") as copies:
+            _write_deidentified(ordered_rows, scanned.index.root, copies, pseudonymizer, spec)
     if pseudonymizer is not None:
         # Paths of a PACS export spell out names and accession numbers: the manifest gets keyed
         # hashes; a crosswalk back to the paths is kept only where the site asks, owner-only.
@@ -447,7 +505,7 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
             r.input = pseudonymizer.path_hash(r.input)
     write_jsonl(dst / "manifest.jsonl", (r.to_json() for r in ordered_rows))
     cfgmod.save(spec, dst / "spec.yaml")
-    removed = _save_state_and_prune(dst, previous, cases)
+    removed = _save_state_and_prune(out, previous, cases)
     account = summarize(ordered_rows)
     labels_account = None
     if sheet is not None:
@@ -483,12 +541,17 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
     return result
 
 
-def _save_state_and_prune(dst: Path, previous: PreprocessState, cases: list[CaseRecord]) -> int:
+def _save_state_and_prune(out: OutputDir, previous: PreprocessState, cases: list[CaseRecord]) -> int:
     """Record the current cases for the next run, and remove outputs no current case refers to.
+
+    Only files fedimg's records say it wrote are removed: the outputs of the
+    previous state's cases and those announced in DST's journal (a killed
+    run's). A file someone else put into DST is never touched.
 
     Returns:
         The number of cases of the previous run that are no longer cases.
     """
+    dst = out.path
     state = PreprocessState(spec_sha256=previous.spec_sha256, deid_key=previous.deid_key,
                             splits={**previous.splits, **{c.case_id: c.split for c in cases}})
     for c in cases:
@@ -503,10 +566,10 @@ def _save_state_and_prune(dst: Path, previous: PreprocessState, cases: list[Case
         }
     save_state(dst, state)
     keep = {c.image for c in cases} | {c.label for c in cases if isinstance(c.label, str)}
-    for folder in OUTPUT_DIRS:
-        for stale in sorted((dst / folder).glob("*.nii*")) if (dst / folder).is_dir() else []:
-            if f"{folder}/{stale.name}" not in keep:
-                stale.unlink()
+    written = {str(v) for entry in previous.cases.values() for k, v in entry.items()
+               if k in ("image", "label") and isinstance(v, str)}
+    out.prune(written | out.journaled(), keep=keep)
+    out.clear_journal()
     return len(set(previous.cases) - {c.case_id for c in cases})
 
 
@@ -531,7 +594,7 @@ def _burned_in(group: SeriesGroup) -> str | None:
     return None
 
 
-def _write_deidentified(ordered: list[ManifestRow], root: Path, out: Path, pseudonymizer: Any,
+def _write_deidentified(ordered: list[ManifestRow], root: Path, copies: OutputDir, pseudonymizer: Any,
                         spec: PreprocessSpec) -> None:
     """Write de-identified DICOM copies of every converted file (``--write-dicom``).
 
@@ -565,9 +628,9 @@ def _write_deidentified(ordered: list[ManifestRow], root: Path, out: Path, pseud
             clean = deidentify(ds, pseudonymizer, covariates=spec.deid.covariates,
                                descriptor_allowlist=spec.deid.keep_descriptors,
                                private_allowlist=[tuple(x) for x in spec.deid.private_allowlist])
-            target = out / case_id / (r.role or "image") / f"{clean.SOPInstanceUID}.dcm"
+            target = copies.path / case_id / (r.role or "image") / f"{clean.SOPInstanceUID}.dcm"
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
+            tmp = target.with_name(f"{TMP_PREFIX}{target.name}")
             clean.save_as(tmp, enforce_file_format=True)
             os.replace(tmp, target)
 
@@ -697,11 +760,11 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
         return None
 
     image_rel = f"images/{case_id}.nii.gz"
+    label_rel = None if label_arr is None else f"labels/{case_id}.nii.gz"
+    announce(dst, [r for r in (image_rel, label_rel) if r])  # recorded as fedimg's before they exist
     write_nifti(dst / image_rel, image_arr.astype(np.float32), affine)
-    label_rel = None
     counts: dict[str, int] = {}
     if label_arr is not None:
-        label_rel = f"labels/{case_id}.nii.gz"
         write_nifti(dst / label_rel, label_arr.astype(np.uint8), affine)
         counts = {name: int((label_arr == i + 1).sum()) for i, name in enumerate(spec.labels.classes)}
     _mark(rows, group.rels, CONVERTED, "", "", output=image_rel, case_id=case_id, role="image",
