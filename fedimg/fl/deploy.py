@@ -276,6 +276,11 @@ class PocFederation(Federation):
     def prepare(self) -> None:
         """Provision a fresh POC (mTLS kits) and install the site policies."""
         if self.workspace.exists():
+            if any(self.workspace.iterdir()) and not (self.workspace / "example_project").is_dir():
+                # Only an earlier POC (NVFlare's example_project/ layout) is replaced: never a folder of the user's.
+                raise DeploymentError(f"{self.workspace} is not empty and is not an NVFlare POC workspace (no "
+                                      "example_project/): expected a new folder or an earlier POC; choose another "
+                                      "--workspace")
             if _processes_under(self.workspace):
                 raise DeploymentError(f"POC processes of {self.workspace} are still running; stop them first")
             shutil.rmtree(self.workspace)

@@ -247,3 +247,14 @@ def test_no_validation_case_exits_3(site: Path, tmp_path: Path) -> None:
     summary = json.loads((dst / "summary.json").read_text())
     assert len(summary["cases"]) == 1, summary["reasons"]
     assert proc.returncode == 3 and "none of them for validation" in proc.stderr
+
+
+def test_poc_prepare_never_removes_a_folder_of_the_users(tmp_path: Path) -> None:
+    from fedimg.fl.deploy import DeploymentError, PocFederation
+
+    ws = tmp_path / "poc"
+    ws.mkdir()
+    (ws / "results.csv").write_text("keep me")
+    with pytest.raises(DeploymentError, match="not an NVFlare POC workspace"):
+        PocFederation(ws, {"site-1": str(tmp_path / "site.yaml")}).prepare()
+    assert (ws / "results.csv").read_text() == "keep me"
