@@ -10,7 +10,8 @@ Exit status:
   what to do, nothing written;
 - 3 (:data:`EXIT_NOTHING_USABLE`): the run finished and wrote its account
   (manifest, summary), but produced nothing usable: ``preprocess`` converted
-  no case or no validation case, ``convert`` converted no series;
+  no case or no validation case, ``convert`` converted no series, ``pull``
+  retrieved no key completely;
 - 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM; worker processes and
   simulators it started are stopped too, and every output already written is
   complete (temporary files are removed, now or at the next run).
@@ -37,6 +38,10 @@ def _setup_logging(verbose: bool) -> None:
     # Third-party INFO chatter hides our progress bars.
     for noisy in ("nvflare", "monai", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # PACS clients: pynetdicom logs whole datasets at DEBUG and chats at INFO; dicomweb-client and urllib3 log
+    # URLs, which hold UIDs, at DEBUG. None of that may reach the console, --verbose or not.
+    for chatty in ("pynetdicom", "dicomweb_client", "urllib3"):
+        logging.getLogger(chatty).setLevel(logging.WARNING if verbose else logging.ERROR)
     # MONAI announces, on every import, that the optional NVIDIA image codec is absent.
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*NvImgCodecPydicomReader.*")
@@ -102,6 +107,52 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if not result.outputs:
         print(f"fedimg convert: nothing usable: no series was converted ({result.src_files} input files); the "
               f"manifest says why for each file: fedimg manifest {args.dst}", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
+    return 0
+
+
+def _pull_client(args: argparse.Namespace):  # -> fedimg.pacs.client.PacsClient (imported lazily)
+    from fedimg.pacs.errors import PacsError
+    from fedimg.pacs.source import DEFAULT_TIMEOUT_S, DicomWebSource, DimseSource, load_auth, parse_host_port
+
+    kind, address = args.source
+    timeout = DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
+    if kind == "dicomweb":
+        stray = [o for o, v in (("--called-aet", args.called_aet), ("--calling-aet", args.calling_aet)) if v]
+        if stray:
+            raise PacsError(f"{' and '.join(stray)} apply to --from dimse only; drop them for --from dicomweb")
+        if args.credentials_file and not args.auth:
+            raise PacsError("--credentials-file was given without --auth: expected --auth basic (the file holds "
+                            "user:password) or --auth bearer (the file holds a token)")
+        auth = load_auth(args.auth, args.credentials_file) if args.auth else None
+        from fedimg.pacs.dicomweb import DicomWebClient
+
+        return DicomWebClient(DicomWebSource(address, auth=auth, ca_bundle=args.ca_bundle, timeout_s=timeout))
+    if kind == "dimse":
+        stray = [o for o, v in (("--auth", args.auth), ("--credentials-file", args.credentials_file),
+                                ("--ca-bundle", args.ca_bundle)) if v]
+        if stray:
+            raise PacsError(f"{' and '.join(stray)} apply to --from dicomweb only; drop them for --from dimse")
+        if not args.called_aet:
+            raise PacsError("--from dimse needs --called-aet AET (the PACS's AE title)")
+        host, port = parse_host_port(address)
+        from fedimg.pacs.dimse import DimseClient
+
+        return DimseClient(DimseSource(host, port, called_aet=args.called_aet,
+                                       calling_aet=args.calling_aet or "FEDIMG", timeout_s=timeout))
+    raise PacsError(f"--from expects 'dicomweb URL' or 'dimse HOST:PORT', got {kind!r} as the kind")
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from fedimg.pacs.keys import read_keys
+    from fedimg.pacs.pull import pull
+
+    keys = read_keys(args.keys, key_type=args.key, column=args.key_column)
+    result = pull(_pull_client(args), keys, args.dst, progress=not args.quiet)
+    print(result.table())
+    if not result.retrieved:
+        print(f"fedimg pull: nothing retrieved: no key's studies are complete in {args.dst}; the manifest says why "
+              f"for each key: {result.manifest_path}", file=sys.stderr)
         return EXIT_NOTHING_USABLE
     return 0
 
@@ -224,6 +275,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_convert)
 
+    s = sub.add_parser("pull", help="retrieve studies from a PACS (DICOMweb or C-FIND/C-GET) into a raw folder",
+                       description="Retrieve the studies named in a keys CSV from a PACS into DST (a new or empty "
+                                   "folder, or an earlier pull's). Instances already in DST are not fetched again. "
+                                   "Writes DST/pull_manifest.jsonl (one row per key) and prints a summary.")
+    s.add_argument("dst", help="output folder: DST/study-<hash>/series-<hash>/<SOPInstanceUID>.dcm")
+    s.add_argument("--from", dest="source", nargs=2, metavar=("KIND", "ADDRESS"), required=True,
+                   help="'dicomweb URL' (the service root, e.g. https://pacs.example.org/dicom-web) or "
+                        "'dimse HOST:PORT'")
+    s.add_argument("--keys", required=True, metavar="CSV",
+                   help="CSV with a header row; the key column is AccessionNumber/accession/accession_number or "
+                        "StudyInstanceUID/study_uid/study_instance_uid, or the one --key-column names")
+    s.add_argument("--key", choices=["accession", "study_uid"], default=None,
+                   help="what the keys are (default: from the column's name)")
+    s.add_argument("--key-column", default=None, metavar="NAME", help="the CSV column holding the keys")
+    s.add_argument("--called-aet", default=None, metavar="AET", help="dimse: the PACS's AE title")
+    s.add_argument("--calling-aet", default=None, metavar="AET",
+                   help="dimse: our AE title, as registered at the PACS (default: FEDIMG)")
+    s.add_argument("--auth", choices=["basic", "bearer"], default=None,
+                   help="dicomweb: HTTP authentication; the credential comes from --credentials-file or "
+                        "$FEDIMG_PACS_CREDENTIALS, never from the command line")
+    s.add_argument("--credentials-file", default=None, metavar="FILE",
+                   help="dicomweb: owner-only file holding user:password (basic) or the token (bearer)")
+    s.add_argument("--ca-bundle", default=None, metavar="FILE",
+                   help="dicomweb: PEM CA bundle to verify an https server (default: the system's)")
+    s.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="network timeout per request (default: 60)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_pull)
+
     s = sub.add_parser("manifest", help="print the account of a convert/preprocess output folder")
     s.add_argument("dst", help="output folder (or its manifest.jsonl)")
     s.set_defaults(func=_cmd_manifest)
@@ -284,20 +364,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fedimg.config import ConfigError
-    from fedimg.runtime import DeviceError
 
-    expected: tuple[type[BaseException], ...] = (ConfigError, DeviceError)
-    try:
-        from fedimg.data.datasets import DatalistError
-        from fedimg.preprocess.pipeline import PreprocessInputError
+    expected: tuple[type[BaseException], ...] = (ConfigError,)
+    if args.command == "pull":  # never imports torch: a PACS gateway need not have it working
+        from fedimg.pacs.errors import PacsError
+        from fedimg.preprocess.scan import PreprocessInputError
 
-        expected += (PreprocessInputError, DatalistError)
-        if args.command in ("demo", "compare"):
-            from fedimg.fl.simulate import FederatedRunError
+        expected += (PacsError, PreprocessInputError)
+    else:
+        from fedimg.runtime import DeviceError
 
-            expected += (FederatedRunError,)
-    except ImportError:  # pragma: no cover - partial installs
-        pass
+        expected += (DeviceError,)
+        try:
+            from fedimg.data.datasets import DatalistError
+            from fedimg.preprocess.pipeline import PreprocessInputError
+
+            expected += (PreprocessInputError, DatalistError)
+            if args.command in ("demo", "compare"):
+                from fedimg.fl.simulate import FederatedRunError
+
+                expected += (FederatedRunError,)
+        except ImportError:  # pragma: no cover - partial installs
+            pass
     try:
         return int(args.func(args) or 0)
     except expected as exc:
