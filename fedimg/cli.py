@@ -283,24 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedimg.config import ConfigError
-    from fedimg.runtime import DeviceError
+    from fedimg.errors import UserError
 
-    expected: tuple[type[BaseException], ...] = (ConfigError, DeviceError)
-    try:
-        from fedimg.data.datasets import DatalistError
-        from fedimg.preprocess.pipeline import PreprocessInputError
-
-        expected += (PreprocessInputError, DatalistError)
-        if args.command in ("demo", "compare"):
-            from fedimg.fl.simulate import FederatedRunError
-
-            expected += (FederatedRunError,)
-    except ImportError:  # pragma: no cover - partial installs
-        pass
     try:
         return int(args.func(args) or 0)
-    except expected as exc:
+    except UserError as exc:
         print(f"fedimg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as exc:

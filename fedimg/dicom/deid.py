@@ -91,6 +91,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
+from fedimg.errors import UserError
 from fedimg.dicom.deid_table import (
     DESCRIPTOR_TAGS,
     DESCRIPTORS,
@@ -146,7 +147,7 @@ _DEID_TAGS = (0x00120062, 0x00120063, 0x00120064, 0x00280303)
 _META_KEEP = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
 
 
-class DeidError(ValueError):
+class DeidError(UserError, ValueError):
     """De-identification cannot proceed; the message carries no PHI or secret."""
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedimg.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 POC_ADMIN = "admin@nvidia.com"
@@ -37,7 +39,7 @@ TERMINAL = ("FINISHED:COMPLETED", "FINISHED:ABORTED", "FINISHED:EXECUTION_EXCEPT
             "FAILED_TO_RUN", "FINISHED:CANT_SCHEDULE")
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(UserError, RuntimeError):
     """A federation could not be started, a job did not finish, or processes were left behind."""
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from fedimg.errors import UserError
 from fedimg import signals
 from fedimg.config import ExperimentConfig
 from fedimg.fl.recipe import build_recipe, in_staging, simulator_gpu_config
@@ -28,7 +29,7 @@ SRV_GLOBAL = "SRV_" + GLOBAL_MODEL
 SRV_BEST = "SRV_" + BEST_MODEL
 
 
-class FederatedRunError(RuntimeError):
+class FederatedRunError(UserError, RuntimeError):
     """The federated run failed or produced incomplete results."""
 
 

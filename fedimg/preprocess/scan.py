@@ -13,12 +13,13 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
+from fedimg.errors import UserError
 from fedimg.dicom.index import DicomHeader, Index, iter_files, scan
 from fedimg.dicom.reasons import Reason
 from fedimg.preprocess.manifest import REFUSED, SKIPPED, ManifestRow
 
 
-class PreprocessInputError(ValueError):
+class PreprocessInputError(UserError, ValueError):
     """The source folder cannot be processed at all (missing, empty, no DICOM)."""
 
 

@@ -35,11 +35,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from fedimg.errors import UserError
+
 TRAINING, VALIDATION, TEST = "training", "validation", "test"
 SPLITS = (TRAINING, VALIDATION, TEST)
 
 
-class SplitConflictError(ValueError):
+class SplitConflictError(UserError, ValueError):
     """Earlier runs put one patient's cases on both sides of a split; carrying that on would leak."""
 
 
