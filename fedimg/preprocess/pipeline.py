@@ -188,25 +188,36 @@ def _unsafe_uid_detail(headers: list[DicomHeader]) -> str:
             "digits and dots, at most 64 characters); --write-dicom names each de-identified copy by it")
 
 
-def _unreadable_near(unreadable: list[str], folders: set[str], ref: Any) -> str | None:
-    """PHI-free detail if an unreadable entry sits beside (or above) a study's folders, else None.
+def _unreadable_near(unreadable: list[str], folders: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Studies an unreadable entry may hold files of (its label, a slice): study -> the entries.
 
-    An entry's parent folder holding any of the study's files (at any depth)
-    makes the entry a place its label could be: e.g. an unreadable
-    ``study/label`` folder next to ``study/series``.
+    Walking up from the entry's folder, the first folder that holds files of
+    any study decides: every study with files under it (at any depth) may be
+    missing what the entry holds. E.g. ``study/label`` (unlistable) and
+    ``study/label/seg.nii.gz`` (unopenable) both point at the study whose
+    series sit under ``study/``; an unlistable patient folder at the root
+    points at every study (nothing tells which).
 
     Args:
         unreadable: relative paths of UNREADABLE entries.
-        folders: relative folders of the study's DICOM files (``""`` for the root).
-        ref: turns a relative path into what its manifest row shows (a keyed hash under de-identification).
+        folders: study -> relative folders of its DICOM files (``""`` for the root).
     """
-    near = []
+    near: dict[str, list[str]] = defaultdict(list)
     for rel in unreadable:
-        parent = rel.rsplit("/", 1)[0] if "/" in rel else ""
-        if any(not parent or f == parent or f.startswith(parent + "/") for f in folders):
-            near.append(rel)
-    if not near:
-        return None
+        parent = Path(rel).parent
+        for folder in [parent, *parent.parents]:
+            prefix = "" if folder.as_posix() == "." else folder.as_posix()
+            hits = [uid for uid, dirs in folders.items()
+                    if any(not prefix or d == prefix or d.startswith(prefix + "/") for d in dirs)]
+            if hits:
+                for uid in hits:
+                    near[uid].append(rel)
+                break
+    return near
+
+
+def _unreadable_detail(near: list[str], ref: Any) -> str:
+    """PHI-free detail of an image held for unreadable entries; ``ref`` shows a path as its manifest row does."""
     shown = ", ".join(ref(r) for r in near[:3]) + (f" and {len(near) - 3} more" if len(near) > 3 else "")
     return (f"no label was found for this image, and {len(near)} entr{'y' if len(near) == 1 else 'ies'} beside its "
             f"files could not be read (UNREADABLE row(s) {shown}); its label may be there: make it readable and "
@@ -430,8 +441,9 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         for h in index.headers:
             folders[h.study_uid].add(h.folder)
         ref = pseudonymizer.path_hash if pseudonymizer is not None else printable_path
-        for study in studies.values():
-            study.unreadable = _unreadable_near(unreadable, folders[study.uid], ref)
+        for uid, near in _unreadable_near(unreadable, folders).items():
+            if uid in studies:
+                studies[uid].unreadable = _unreadable_detail(near, ref)
 
     cases: list[CaseRecord] = []
     work = [s for s in studies.values() if s.images]
@@ -635,7 +647,7 @@ def _write_deidentified(ordered: list[ManifestRow], root: Path, out: Path, pseud
                 name = uid_component(str(clean.SOPInstanceUID), "(0008,0018) SOP Instance UID of a copy") + ".dcm"
                 cleaned.append((child_path(out, case_id, r.role or "image", name, what="--write-dicom name"), clean))
         except UnsafePathError as exc:
-            for r, _ in datasets:
+            for r in case_rows:
                 r.detail = f"{Reason.UNSAFE_NAME.value}: not copied to --write-dicom ({exc})"
             continue
         for target, clean in cleaned:
