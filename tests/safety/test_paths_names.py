@@ -95,6 +95,11 @@ def test_federation_entry_points_refuse_bad_site_names(tmp_path):
         collect(tmp_path, ["site-1", "../server"])
     with pytest.raises(cfg.ConfigError, match="expected a site name"):
         PocFederation(tmp_path / "poc", {"a/b": str(tmp_path / "s.yaml")})
+    from fedimg.compare import run_comparison
+
+    with pytest.raises(cfg.ConfigError, match="expected a site name"):
+        run_comparison(exp, {"site-1": "a.yaml", "../x": "b.yaml"}, tmp_path / "cmp", progress=False)
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_safe_component_and_uid_grammar():
