@@ -59,6 +59,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from fedimg.preprocess.pipeline import preprocess
     from fedimg.preprocess.scan import check_source
 
+    cfg.validate_site_name(args.site, "--site")
     spec = cfg.load(cfg.PreprocessSpec, args.spec, args.set)
     check_source(Path(args.src))  # a missing or empty source is reported before anything else
     pseudonymizer = None
@@ -147,12 +148,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _site_args(items: list[str]) -> dict[str, str]:
+    from fedimg.config import validate_site_name
+
     sites = {}
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not path:
             raise ValueError(f"--site expects NAME=SITE_YAML, got {item!r}")
-        sites[name] = path
+        sites[validate_site_name(name, "--site NAME=SITE_YAML")] = path
     if not sites:
         raise ValueError("name at least one site: --site NAME=SITE_YAML (repeatable)")
     return sites

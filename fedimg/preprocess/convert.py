@@ -68,7 +68,7 @@ def fingerprint(group: SeriesGroup) -> str:
     h = hashlib.sha256()
     for hd in sorted(group.headers, key=lambda x: x.rel):
         st = hd.path.stat()
-        h.update(f"{hd.rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(f"{hd.rel}|{st.st_size}|{st.st_mtime_ns}\n"))  # bytes on disk: any file name
     return h.hexdigest()
 
 
