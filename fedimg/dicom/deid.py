@@ -1,6 +1,6 @@
 """De-identification engine: PS3.15 Annex E basic profile with keyed pseudonyms.
 
-Implements the "De-identification contract" of docs/DICOM.md:
+Implements the de-identification contract of docs/deidentification.md:
 
 * the Basic Application Level Confidentiality Profile (DCM 113100), applied
   from ONE pinned edition of Table E.1-1 (:data:`TABLE_EDITION`, 2024b), with

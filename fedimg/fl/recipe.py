@@ -219,7 +219,7 @@ def build_he_recipe(
         import tenseal  # noqa: F401
     except ImportError:
         raise ValueError("privacy.encryption he needs TenSEAL on the server and every site: "
-                         "pip install 'nvflare[HE]' (see README, Homomorphic encryption)") from None
+                         "pip install 'nvflare[HE]' (see docs/federation.md, Homomorphic encryption)") from None
     from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
 
     if any(p is not None for p in site_configs.values()):
