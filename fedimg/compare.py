@@ -98,10 +98,10 @@ def run_comparison(exp: ExperimentConfig, site_configs: dict[str, str], out: str
     from fedimg.tasks import metric_names
     from fedimg.training.baselines import centralized, federated_epochs, local_only
 
+    sites = [cfgmod.validate_site_name(s) for s in site_configs]  # each names folders under OUT
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfgmod.save(exp, out / "experiment.yaml")
-    sites = list(site_configs)
     site_cfgs = {s: cfgmod.load_site_config(p) for s, p in site_configs.items()}
     datalists = {s: c.datalist for s, c in site_cfgs.items()}
     times: dict[str, float] = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from fedimg.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override does not match its schema."""
 
 
@@ -1022,6 +1025,33 @@ class ExperimentConfig:
         return "val_dice" if self.task.is_segmentation else "val_auc"
 
 
+_SITE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+
+
+def validate_site_name(name: Any, what: str = "site name") -> str:
+    """Return ``name`` if it may name a site; raise otherwise.
+
+    A site name becomes a folder (simulator workspace, POC kit, demo output)
+    and an NVFlare client name, so it must be one safe path component:
+    1 to 64 letters, digits, ``.``, ``_`` or ``-``, not starting with ``.``
+    or ``-`` and without ``..``.
+
+    Args:
+        name: the name as given (CLI argument, site YAML, ``NAME=YAML``).
+        what: where it came from, for the message (e.g. ``--site``).
+
+    Raises:
+        ConfigError: the name is not allowed (one line: what was expected, what arrived).
+    """
+    text = name if isinstance(name, str) else str(name)
+    if not isinstance(name, str) or not _SITE_NAME_RE.fullmatch(text) or ".." in text:
+        shown = repr(text) if len(text) <= 70 else repr(text[:67]) + "..."
+        raise ConfigError(f"{what}: expected a site name of 1-64 letters, digits, '.', '_' or '-' that does not "
+                          f"start with '.' or '-' and has no '..' (it names folders and the NVFlare client), "
+                          f"got {shown}; rename the site, e.g. site-1")
+    return text
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """Site-local settings; stays at the site.
@@ -1042,6 +1072,7 @@ class SiteConfig:
     local_logdir: str | None = None
 
     def __post_init__(self) -> None:
+        validate_site_name(self.name, "name")
         _check(self.num_threads >= 0, f"num_threads must be >= 0, got {self.num_threads}")
 
 
@@ -1084,5 +1115,6 @@ __all__ = [
     "load_yaml",
     "save",
     "to_dict",
+    "validate_site_name",
 ]
 

@@ -30,10 +30,11 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from fedimg.errors import UserError
 from fedimg.config import DataConfig, TaskConfig
 
 
-class DatalistError(ValueError):
+class DatalistError(UserError, ValueError):
     """A datalist is missing or malformed."""
 
 

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedimg.errors import UserError
+from fedimg.config import validate_site_name
+
 logger = logging.getLogger(__name__)
 
 POC_ADMIN = "admin@nvidia.com"
@@ -37,7 +40,7 @@ TERMINAL = ("FINISHED:COMPLETED", "FINISHED:ABORTED", "FINISHED:EXECUTION_EXCEPT
             "FAILED_TO_RUN", "FINISHED:CANT_SCHEDULE")
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(UserError, RuntimeError):
     """A federation could not be started, a job did not finish, or processes were left behind."""
 
 
@@ -220,7 +223,8 @@ class PocFederation(Federation):
     def __init__(self, workspace: str | Path, site_configs: dict[str, str], privacy: str | Path | None = None,
                  authorization: str | Path | None = None, use_he: bool = False) -> None:
         self.workspace = Path(workspace).resolve()
-        self.site_configs = {s: str(Path(p).resolve()) for s, p in site_configs.items()}
+        # Each site names a POC kit folder and an NVFlare client.
+        self.site_configs = {validate_site_name(s): str(Path(p).resolve()) for s, p in site_configs.items()}
         self.privacy = Path(privacy) if privacy else None
         self.authorization = Path(authorization) if authorization else None
         self.use_he = use_he

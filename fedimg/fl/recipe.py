@@ -219,7 +219,7 @@ def build_he_recipe(
         import tenseal  # noqa: F401
     except ImportError:
         raise ValueError("privacy.encryption he needs TenSEAL on the server and every site: "
-                         "pip install 'nvflare[HE]' (see README, Homomorphic encryption)") from None
+                         "pip install 'nvflare[HE]' (see docs/federation.md, Homomorphic encryption)") from None
     from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
 
     if any(p is not None for p in site_configs.values()):
@@ -252,6 +252,8 @@ def _stage(exp: ExperimentConfig, job_dir: str | Path, names: list[str],
         raise FileNotFoundError(f"{job_dir}/client.py not found: expected the job's client script there")
     if not names:
         raise ValueError("at least one site is needed")
+    for name in names:
+        cfgmod.validate_site_name(name)  # names NVFlare clients and their workspace folders
     if GLOBAL_RUN in names:
         raise ValueError(f"a site may not be named {GLOBAL_RUN!r}: TensorBoard shows the federation under that name")
     min_clients = exp.fed.min_clients or len(names)

@@ -23,7 +23,7 @@ Deliver = Callable[[str, str, str, bytes], None]
 
 @dataclass(frozen=True)
 class InstanceRef:
-    """One instance the PACS listed (UIDs already checked with :func:`~fedimg.pacs.keys.is_uid`).
+    """One instance the PACS listed (UIDs already checked with :func:`~fedimg.safepath.is_uid`).
 
     Attributes:
         series_uid: its Series Instance UID.

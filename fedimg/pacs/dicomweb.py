@@ -6,7 +6,7 @@ stored rather than decompressed by the server.
 
 Every answer is peer input: a study is taken only if its Accession Number or
 Study Instance UID equals the key, a UID only if it is one
-(:func:`~fedimg.pacs.keys.is_uid`), and error details carry HTTP status
+(:func:`~fedimg.safepath.is_uid`), and error details carry HTTP status
 codes and exception class names, never the peer's text or a URL (URLs hold
 UIDs).
 """
@@ -19,8 +19,9 @@ from typing import Any, Iterable
 
 from fedimg.pacs.client import Deliver, InstanceRef, StudyListing
 from fedimg.pacs.errors import PacsError, PacsRequestError
-from fedimg.pacs.keys import Key, is_uid
+from fedimg.pacs.keys import Key
 from fedimg.pacs.source import DicomWebSource
+from fedimg.safepath import is_uid
 
 __all__ = ["DicomWebClient"]
 

@@ -9,7 +9,7 @@ without transcoding.
 
 Every answer is peer input: a study is taken only if its Accession Number or
 Study Instance UID equals the key; a UID only if it is one
-(:func:`~fedimg.pacs.keys.is_uid`); a C-STORE whose instance was not asked
+(:func:`~fedimg.safepath.is_uid`); a C-STORE whose instance was not asked
 for, or whose UIDs disagree with its command, is refused. Error details
 carry status codes, never a dataset's content.
 """
@@ -22,8 +22,9 @@ from typing import Any
 
 from fedimg.pacs.client import Deliver, InstanceRef, StudyListing
 from fedimg.pacs.errors import PacsError, PacsRequestError
-from fedimg.pacs.keys import Key, is_uid
+from fedimg.pacs.keys import Key
 from fedimg.pacs.source import DimseSource
+from fedimg.safepath import is_uid
 
 __all__ = ["DimseClient"]
 

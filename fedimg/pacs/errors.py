@@ -15,10 +15,12 @@ knows (status codes, counts, exception class names).
 
 from __future__ import annotations
 
+from fedimg.errors import UserError
+
 __all__ = ["PacsError", "PacsRequestError"]
 
 
-class PacsError(Exception):
+class PacsError(UserError):
     """The pull cannot start: bad input or configuration, or the PACS cannot be used (exit status 2)."""
 
 

@@ -16,22 +16,24 @@ are, is decided like this:
 Blank lines and rows with an empty key cell are skipped (counted); a key
 given twice is pulled once.
 
-Values a PACS sends back are peer input. :func:`is_uid` is the gate every
-UID passes before fedimg uses it in a query or a file name: digits and dots,
-no empty component, at most 64 characters.
+Values a PACS sends back are peer input. :func:`fedimg.safepath.is_uid` is
+the gate every UID passes before fedimg uses it in a query or a file name:
+digits and dots, no empty component, at most 64 characters (PS3.5 forbids
+leading zeros in a component; some archives issue them, and they are
+harmless in a query or a file name, so they are tolerated).
 """
 
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from fedimg.pacs.errors import PacsError
+from fedimg.safepath import UID_MAX_LEN, is_uid
 
-__all__ = ["KEY_TYPES", "Key", "KeyList", "accession_problem", "is_uid", "read_keys", "uid_problem"]
+__all__ = ["KEY_TYPES", "Key", "KeyList", "accession_problem", "read_keys", "uid_problem"]
 
 KeyType = Literal["accession", "study_uid"]
 KEY_TYPES: tuple[str, ...] = ("accession", "study_uid")
@@ -42,21 +44,8 @@ KNOWN_COLUMNS: dict[str, tuple[str, ...]] = {
     "study_uid": ("StudyInstanceUID", "study_uid", "study_instance_uid"),
 }
 
-UID_MAX_LEN = 64
 ACCESSION_MAX_LEN = 16  # VR SH
-# Components of digits separated by single dots. PS3.5 forbids leading zeros in a component, but some
-# archives issue them; they are harmless in a query or a file name, so they are tolerated.
-_UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _MAX_LISTED = 20
-
-
-def is_uid(value: object) -> bool:
-    """True when ``value`` is a string of digit components joined by dots, 1 to 64 characters.
-
-    Such a value can neither leave a folder as a file name (no slash, no ``..``, no empty name) nor
-    widen a query (no wildcard, no list separator).
-    """
-    return isinstance(value, str) and 0 < len(value) <= UID_MAX_LEN and _UID_RE.fullmatch(value) is not None
 
 
 def uid_problem(value: str) -> str | None:
@@ -65,7 +54,7 @@ def uid_problem(value: str) -> str | None:
         return "is empty"
     if len(value) > UID_MAX_LEN:
         return f"has {len(value)} characters, more than {UID_MAX_LEN}"
-    if not _UID_RE.fullmatch(value):
+    if not is_uid(value):
         return "holds characters other than digits and single dots between digits"
     return None
 

@@ -7,7 +7,7 @@ Layout::
 The hashes are the first 16 hex digits of SHA-256: stable (a re-run finds
 the same folders, which is what resume needs) and free of the UID's text.
 The SOP Instance UID names the file so that "already present" is a lookup;
-the three UIDs come from the PACS, so each must pass :func:`~fedimg.pacs.keys.is_uid`
+the three UIDs come from the PACS, so each must pass :func:`~fedimg.safepath.is_uid`
 before it becomes part of a path.
 
 Files are written once and never replaced: the bytes go to a temporary file
@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 
 from fedimg.pacs.errors import PacsRequestError
-from fedimg.pacs.keys import is_uid
 from fedimg.preprocess.io import TMP_PREFIX
+from fedimg.safepath import UnsafePathError, child_path, is_uid
 
 __all__ = ["InstanceStore", "series_folder", "study_folder"]
 
@@ -57,13 +57,20 @@ class InstanceStore:
         """Where an instance lives.
 
         Raises:
-            PacsRequestError: (``bad_uid``) one of the UIDs is not a UID.
+            PacsRequestError: (``bad_uid``) one of the UIDs is not a UID; (``occupied``) a folder on the way
+                is a link leading out of the output folder.
         """
         for name, value in (("Study", study_uid), ("Series", series_uid), ("SOP", sop_uid)):
             if not is_uid(value):
                 raise PacsRequestError("bad_uid", f"the PACS sent a {name} Instance UID that is not a UID "
                                                   "(digits and dots, at most 64 characters); not stored")
-        return self.root / study_folder(study_uid) / series_folder(series_uid) / f"{sop_uid}.dcm"
+        try:
+            # Resolved inside the root: a link planted in place of a study or series folder is refused.
+            folder = child_path(self.root, study_folder(study_uid), series_folder(series_uid), what="pull folder")
+        except UnsafePathError:
+            raise PacsRequestError("occupied", "a study or series folder of the output is a link leading out of "
+                                               "it; nothing written there") from None
+        return folder / f"{sop_uid}.dcm"
 
     def state(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         """``present`` (a regular file is there), ``missing`` or ``occupied`` (something else is there)."""

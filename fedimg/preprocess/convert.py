@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ def fingerprint(group: SeriesGroup) -> str:
     h = hashlib.sha256()
     for hd in sorted(group.headers, key=lambda x: x.rel):
         st = hd.path.stat()
-        h.update(f"{hd.rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(f"{hd.rel}|{st.st_size}|{st.st_mtime_ns}\n"))  # bytes on disk: any file name
     return h.hexdigest()
 
 

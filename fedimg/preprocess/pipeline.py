@@ -77,6 +77,7 @@ from fedimg.preprocess.state import (
 )
 from fedimg.preprocess.transforms import apply_spec, apply_spec_2d
 from fedimg.preprocess.workers import default_workers, worker_pool
+from fedimg.safepath import UnsafePathError, child_path, is_uid, printable_path, uid_component
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,54 @@ class _Study:
         self.segs: list[DicomHeader] = []
         # classification: (class index, None) or (None, (reason, detail)) from the labels CSV
         self.cls: tuple[int | None, tuple[Reason, str] | None] | None = None
+        # PHI-free detail when an UNREADABLE entry beside the study's files may hold its label
+        self.unreadable: str | None = None
+
+
+def _unsafe_uid_detail(headers: list[DicomHeader]) -> str:
+    """Why a series of a study with a non-UID (0008,0018) is refused under ``--write-dicom`` (PHI-free)."""
+    bad = sum(not is_uid(h.sop_instance_uid) for h in headers)
+    if not bad:
+        return ("another series of this study has a (0008,0018) SOP Instance UID that is not a UID; "
+                "--write-dicom copies whole cases, each file named by its UID")
+    return (f"{bad} of {len(headers)} file(s) have a (0008,0018) SOP Instance UID that is not a UID (expected "
+            "digits and dots, at most 64 characters); --write-dicom names each de-identified copy by it")
+
+
+def _unreadable_near(unreadable: list[str], folders: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Studies an unreadable entry may hold files of (its label, a slice): study -> the entries.
+
+    Walking up from the entry's folder, the first folder that holds files of
+    any study decides: every study with files under it (at any depth) may be
+    missing what the entry holds. E.g. ``study/label`` (unlistable) and
+    ``study/label/seg.nii.gz`` (unopenable) both point at the study whose
+    series sit under ``study/``; an unlistable patient folder at the root
+    points at every study (nothing tells which).
+
+    Args:
+        unreadable: relative paths of UNREADABLE entries.
+        folders: study -> relative folders of its DICOM files (``""`` for the root).
+    """
+    near: dict[str, list[str]] = defaultdict(list)
+    for rel in unreadable:
+        parent = Path(rel).parent
+        for folder in [parent, *parent.parents]:
+            prefix = "" if folder.as_posix() == "." else folder.as_posix()
+            hits = [uid for uid, dirs in folders.items()
+                    if any(not prefix or d == prefix or d.startswith(prefix + "/") for d in dirs)]
+            if hits:
+                for uid in hits:
+                    near[uid].append(rel)
+                break
+    return near
+
+
+def _unreadable_detail(near: list[str], ref: Any) -> str:
+    """PHI-free detail of an image held for unreadable entries; ``ref`` shows a path as its manifest row does."""
+    shown = ", ".join(ref(r) for r in near[:3]) + (f" and {len(near) - 3} more" if len(near) > 3 else "")
+    return (f"no label was found for this image, and {len(near)} entr{'y' if len(near) == 1 else 'ies'} beside its "
+            f"files could not be read (UNREADABLE row(s) {shown}); its label may be there: make it readable and "
+            "run again")
 
 
 def _study_task(args: tuple) -> tuple[dict[str, ManifestRow], CaseRecord | None]:
@@ -291,6 +340,7 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
             or missing columns; ``IncompatibleOutputError`` (see above). All
             are raised before anything is written.
     """
+    site = cfgmod.validate_site_name(site, "site")
     src, dst = Path(src), Path(dst)
     sheet: LabelSheet | None = None
     if spec.is_classification:
@@ -357,13 +407,21 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
     used_csv = Path(labels_csv).resolve() if labels_csv is not None else None
 
     studies: dict[str, _Study] = {}
+    # --write-dicom names each copy by its (0008,0018): a study holding a value that is not a UID is
+    # refused whole (neither converted nor copied), never written under a crafted name.
+    copies = pseudonymizer is not None and write_dicom is not None
+    unsafe = {h.study_uid for h in image_headers if copies and not is_uid(h.sop_instance_uid)}
     # DICOM SEG objects are labels, read through highdicom, not image series.
     for h in [h for h in image_headers if h.sop_class_uid == SEG_SOP_CLASS]:
         if classify:
             rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.LABEL_NOT_USED.value,
                                       "a DICOM SEG; a classification spec takes classes from the labels CSV")
             continue
-        studies.setdefault(h.study_uid, _Study(h.study_uid)).segs.append(h)
+        study = studies.setdefault(h.study_uid, _Study(h.study_uid))
+        if h.study_uid in unsafe:
+            rows[h.rel] = ManifestRow(h.rel, REFUSED, Reason.UNSAFE_NAME.value, _unsafe_uid_detail([h]))
+            continue
+        study.segs.append(h)
     image_headers = [h for h in image_headers if h.sop_class_uid != SEG_SOP_CLASS]
     geo_kwargs = dict(min_slices=spec.geometry.min_slices, spacing_tolerance=spec.geometry.spacing_tolerance,
                       orientation_tolerance=spec.geometry.orientation_tolerance)
@@ -378,6 +436,8 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
                 _mark(rows, g.rels, SKIPPED, Reason.LABEL_NOT_USED,
                       "a label series (series.label_description_regex); a classification spec takes classes "
                       "from the labels CSV")
+            elif g.study_uid in unsafe:
+                _mark(rows, g.rels, REFUSED, Reason.UNSAFE_NAME, _unsafe_uid_detail(g.headers))
             else:
                 study.masks.append(g)
             continue
@@ -388,6 +448,9 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
         if image_re is not None and not image_re.search(g.description):
             _mark(rows, g.rels, SKIPPED, Reason.SERIES_NOT_SELECTED,
                   "(0008,103E) Series Description does not match series.image_description_regex")
+            continue
+        if g.study_uid in unsafe:
+            _mark(rows, g.rels, REFUSED, Reason.UNSAFE_NAME, _unsafe_uid_detail(g.headers))
             continue
         if spec.spatial_dims == 2:
             try:
@@ -428,6 +491,17 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
                                     "no single study's files share this label's folder")
         else:
             studies[owner].niftis.append((path, rel))
+
+    # A label lost to an unreadable folder or file must not read as "no label, add it".
+    unreadable = [p.rel for p in index.problems if p.reason == Reason.UNREADABLE]
+    if unreadable:
+        folders: dict[str, set[str]] = defaultdict(set)
+        for h in index.headers:
+            folders[h.study_uid].add(h.folder)
+        ref = pseudonymizer.path_hash if pseudonymizer is not None else printable_path
+        for uid, near in _unreadable_near(unreadable, folders).items():
+            if uid in studies:
+                studies[uid].unreadable = _unreadable_detail(near, ref)
 
     cases: list[CaseRecord] = []
     work = [s for s in studies.values() if s.images]
@@ -498,7 +572,7 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
         # hashes; a crosswalk back to the paths is kept only where the site asks, owner-only.
         if crosswalk is not None:
             cw = Path(crosswalk)
-            write_jsonl(cw, ({"input_hash": pseudonymizer.path_hash(r.input), "input": r.input}
+            write_jsonl(cw, ({"input_hash": pseudonymizer.path_hash(r.input), "input": printable_path(r.input)}
                              for r in ordered_rows))
             os.chmod(cw, 0o600)
         for r in ordered_rows:
@@ -598,9 +672,12 @@ def _write_deidentified(ordered: list[ManifestRow], root: Path, copies: OutputDi
                         spec: PreprocessSpec) -> None:
     """Write de-identified DICOM copies of every converted file (``--write-dicom``).
 
-    Files land in ``out/<case_id>/<role>/<new SOP Instance UID>.dcm``: no name
+    Files land in ``<--write-dicom>/<case_id>/<role>/<new SOP Instance UID>.dcm``: no name
     carries an identifier. An object that may carry burned-in text is refused
-    (its case is withdrawn from the copies, never passed on).
+    (its case is withdrawn from the copies, never passed on). Every name is
+    checked before a case's first copy is written: the UID must be a UID and
+    the path must resolve inside the folder (:func:`fedimg.safepath.child_path`),
+    else the case is withdrawn from the copies with an UNSAFE_NAME note.
     """
     import pydicom
 
@@ -624,11 +701,20 @@ def _write_deidentified(ordered: list[ManifestRow], root: Path, copies: OutputDi
             for r, _ in datasets:
                 r.detail = f"{Reason.BURNED_IN_ANNOTATION.value}: not copied to --write-dicom ({risk})"
             continue
-        for r, ds in datasets:
-            clean = deidentify(ds, pseudonymizer, covariates=spec.deid.covariates,
-                               descriptor_allowlist=spec.deid.keep_descriptors,
-                               private_allowlist=[tuple(x) for x in spec.deid.private_allowlist])
-            target = copies.path / case_id / (r.role or "image") / f"{clean.SOPInstanceUID}.dcm"
+        cleaned = []
+        try:
+            for r, ds in datasets:
+                clean = deidentify(ds, pseudonymizer, covariates=spec.deid.covariates,
+                                   descriptor_allowlist=spec.deid.keep_descriptors,
+                                   private_allowlist=[tuple(x) for x in spec.deid.private_allowlist])
+                name = uid_component(str(clean.SOPInstanceUID), "(0008,0018) SOP Instance UID of a copy") + ".dcm"
+                target = child_path(copies.path, case_id, r.role or "image", name, what="--write-dicom name")
+                cleaned.append((target, clean))
+        except UnsafePathError as exc:
+            for r in case_rows:
+                r.detail = f"{Reason.UNSAFE_NAME.value}: not copied to --write-dicom ({exc})"
+            continue
+        for target, clean in cleaned:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f"{TMP_PREFIX}{target.name}")
             clean.save_as(tmp, enforce_file_format=True)
@@ -658,14 +744,21 @@ def _label_files(label_source: tuple[str, Any] | None) -> list[tuple[str, Path]]
     return [(obj[1], Path(obj[0]))]
 
 
-def _reusable(entry: dict[str, Any] | None, fingerprint: str, dst: Path, with_label: bool) -> bool:
-    """Whether an earlier run's outputs of this case may stand for a new conversion."""
-    if not entry or entry.get("inputs") != fingerprint:
+def _reusable(entry: dict[str, Any] | None, fingerprint: str, dst: Path, with_label: bool, case_id: str) -> bool:
+    """Whether an earlier run's outputs of this case may stand for a new conversion.
+
+    The state file's output paths must be the ones this run would write
+    (``images/<case_id>.nii.gz``...): an edited state file cannot point the
+    datalist at a file outside DST.
+    """
+    if not entry or entry.get("inputs") != fingerprint or entry.get("image") != f"images/{case_id}.nii.gz":
         return False
-    if not (dst / str(entry.get("image", ""))).is_file():
+    if not (dst / str(entry["image"])).is_file():
         return False
     label = entry.get("label")
-    return (label is not None and (dst / str(label)).is_file()) if with_label else label is None
+    if not with_label:
+        return label is None
+    return label == f"labels/{case_id}.nii.gz" and (dst / label).is_file()
 
 
 def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[str, ManifestRow],
@@ -711,6 +804,9 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
         if refusal is not None:
             refuse_all(*refusal)
             return None
+    elif label_source is None and study.unreadable:
+        refuse_all(Reason.LABEL_UNREADABLE, study.unreadable)  # held, also when labels are optional
+        return None
     elif label_source is None and spec.labels.required:
         refuse_all(Reason.NO_LABEL, "no label series or NIfTI label matched this image; labels.required is true")
         return None
@@ -719,7 +815,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
                                      pseudonymizer)
     split_key = case_id_for(study.uid, group.series_uid)
     entry = (previous or {}).get(case_id)
-    if _reusable(entry, fingerprint, dst, label_source is not None):
+    if _reusable(entry, fingerprint, dst, label_source is not None, case_id):
         # Unchanged inputs: the earlier outputs stand; nothing is decoded.
         correction = entry.get("correction")  # type: ignore[union-attr]
         image_rel, label_rel = str(entry["image"]), entry.get("label")  # type: ignore[index,union-attr]

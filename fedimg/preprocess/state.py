@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -62,7 +63,7 @@ def inputs_fingerprint(files: Iterable[tuple[str, Path]], pseudonymizer: Any | N
     payload = "\n".join(lines)
     if pseudonymizer is not None:
         return pseudonymizer.path_hash(payload)
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+    return hashlib.sha256(os.fsencode(payload)).hexdigest()[:32]  # the names' bytes: any file name hashes
 
 
 @dataclass
