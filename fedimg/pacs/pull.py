@@ -251,7 +251,12 @@ def _pull_key(client: PacsClient, store: InstanceStore, key: Key, outcome: KeyOu
 
 def _pull_series(client: PacsClient, store: InstanceStore, study_uid: str, series_uid: str, refs: list[InstanceRef],
                  outcome: KeyOutcome, errors: list[PacsRequestError], bar: Any) -> None:
-    states = {ref.sop_uid: store.state(study_uid, series_uid, ref.sop_uid) for ref in refs}
+    try:
+        states = {ref.sop_uid: store.state(study_uid, series_uid, ref.sop_uid) for ref in refs}
+    except PacsRequestError as exc:  # the series folder is unusable (a planted link): nothing is fetched into it
+        outcome.failed += len(refs)
+        errors.append(exc)
+        return
     outcome.already_present += sum(s == PRESENT for s in states.values())
     occupied = sum(s == OCCUPIED for s in states.values())
     if occupied:
