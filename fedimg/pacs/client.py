@@ -77,6 +77,10 @@ class PacsClient(Protocol):
         """Release connections (safe to call twice)."""
         ...
 
+    def ping(self) -> bool:
+        """Whether the PACS answers now (one try, no back-off): asked after a request failed to connect."""
+        ...
+
     def find_studies(self, key: Key) -> list[str]:
         """Study Instance UIDs matching ``key`` exactly (answers that do not match are dropped).
 

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS_UID, ACCESSION = "0020000D", "0020000E", "00080018", "00080016", "00080050"
 #: Whatever transfer syntax the archive holds (PS3.18 8.7.3.5.2).
 ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)
+#: Attempts per request during a pull (the probe tries once).
+RETRY_ATTEMPTS = 3
 #: A syntactically valid UID that no archive holds: the probe's query matches nothing.
 _PROBE_UID = "1.2.826.0.1.3680043.10.543.0.404"
 
@@ -61,12 +63,33 @@ def _request_error(exc: BaseException, what: str) -> PacsRequestError:
     return PacsRequestError("bad_response", f"{what}: the answer could not be read ({type(exc).__name__})")
 
 
+def _session(ca_bundle: str | None) -> Any:
+    """A ``requests`` session that verifies TLS with ``ca_bundle`` when one is given.
+
+    ``requests`` lets the environment (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``) override a session's
+    ``verify``; an explicit ``--ca-bundle`` must win over it, so the merge is corrected here.
+    """
+    import requests
+
+    class _Session(requests.Session):
+        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            settings = super().merge_environment_settings(*args, **kwargs)
+            if ca_bundle:
+                settings["verify"] = ca_bundle
+            return settings
+
+    session = _Session()
+    session.verify = ca_bundle or True
+    return session
+
+
 class DicomWebClient:
     """A :class:`~fedimg.pacs.client.PacsClient` for a DICOMweb service."""
 
     def __init__(self, source: DicomWebSource) -> None:
         self.source = source
         self._client: Any = None
+        self._session: Any = None
 
     def describe(self) -> str:
         return f"DICOMweb {self.source.describe()}"
@@ -74,27 +97,40 @@ class DicomWebClient:
     # ------------------------------------------------------------------ connection
 
     def open(self) -> None:
-        import requests
         from dicomweb_client.api import DICOMwebClient
 
-        session = requests.Session()
-        session.verify = self.source.ca_bundle or True
-        headers: dict[str, str] = {}
+        session = _session(self.source.ca_bundle)
         if self.source.auth is not None:
             if self.source.auth.scheme == "basic":
                 user, _, password = self.source.auth.secret.partition(":")
                 session.auth = (user, password)
             else:
                 session.headers.update(self.source.auth.header())
-        self._client = DICOMwebClient(self.source.url.rstrip("/"), session=session, headers=headers,
-                                      timeout=self.source.timeout_s)
+        self._session = session
+        self._client = DICOMwebClient(self.source.url.rstrip("/"), session=session, timeout=self.source.timeout_s)
         try:
-            self._client.search_for_studies(search_filters={"StudyInstanceUID": _PROBE_UID},
-                                            fields=["StudyInstanceUID"])
+            self._probe()
         except Exception as exc:  # noqa: BLE001 - every failure becomes one line
             err = _request_error(exc, "probe")
             self.close()
             raise PacsError(self._probe_message(err)) from None
+
+    def _probe(self) -> None:
+        """One QIDO-RS search that matches nothing, tried once (no back-off)."""
+        api = self._api()
+        api.set_http_retry_params(retry=False)
+        try:
+            api.search_for_studies(search_filters={"StudyInstanceUID": _PROBE_UID}, fields=["StudyInstanceUID"])
+        finally:
+            # The pull itself retries a failed request (connection errors, HTTP 408/429/503/504) after 1 s and 2 s.
+            api.set_http_retry_params(retry=True, max_attempts=RETRY_ATTEMPTS, wait_exponential_multiplier=500)
+
+    def ping(self) -> bool:
+        try:
+            self._probe()
+        except Exception:  # noqa: BLE001
+            return False
+        return True
 
     def _probe_message(self, err: PacsRequestError) -> str:
         where = self.describe()
@@ -115,12 +151,9 @@ class DicomWebClient:
         return f"{where} did not answer a QIDO-RS study search as expected ({err.detail}): check the URL"
 
     def close(self) -> None:
-        if self._client is not None:
-            try:
-                self._client._session.close()  # noqa: SLF001 - the session we passed in
-            except Exception:  # noqa: BLE001
-                pass
-            self._client = None
+        if self._session is not None:
+            self._session.close()
+        self._client = self._session = None
 
     def _api(self) -> Any:
         if self._client is None:

@@ -105,6 +105,16 @@ class DimseClient:
                             "this AE title at the PACS")
         self._query = assoc
 
+    def ping(self) -> bool:
+        if self._query is not None:
+            self._query.abort()
+            self._query = None
+        try:
+            self._query_assoc()
+        except PacsRequestError:
+            return False
+        return True
+
     def close(self) -> None:
         if self._query is not None:
             try:

@@ -45,6 +45,8 @@ MANIFEST = "pull_manifest.jsonl"
 RETRIEVED, NOT_FOUND, FAILED = "retrieved", "not_found", "failed"
 _TABLE_ROWS = 50
 _KEY_WIDTH = 64
+#: Reasons that mean the connection to the PACS was lost, not that one request was refused.
+_LOST = ("connection", "timeout", "association")
 _KIND_NAME = {"accession": "accession number", "study_uid": "Study Instance UID"}
 
 
@@ -206,6 +208,13 @@ def pull(client: PacsClient, keys: KeyList, dst: str | Path, progress: bool = Tr
                 for i, (key, outcome) in enumerate(zip(keys.keys, outcomes), start=1):
                     bar.set_description(f"pull (key {i}/{len(outcomes)})", refresh=False)
                     _pull_key(client, store, key, outcome, bar)
+                    if outcome.reason in _LOST and not client.ping():
+                        # The PACS is gone: the other keys would each wait out their retries in vain.
+                        for rest in outcomes[i:]:
+                            rest.reason = "unreachable"
+                            rest.detail = ("not tried: the PACS stopped answering during the pull; run the same "
+                                           "command again (instances already fetched are kept)")
+                        break
             finally:
                 bar.close()
                 # Written however the run ends: keys not done are rows "failed: interrupted".

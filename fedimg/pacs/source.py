@@ -8,6 +8,7 @@ would show them): a DICOMweb password or token comes from an owner-only file
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import stat
@@ -58,8 +59,6 @@ class HttpAuth:
         """The ``Authorization`` header."""
         if self.scheme == "bearer":
             return {"Authorization": f"Bearer {self.secret}"}
-        import base64
-
         return {"Authorization": "Basic " + base64.b64encode(self.secret.encode("utf-8")).decode("ascii")}
 
 

@@ -154,10 +154,101 @@ def orthanc_config(workdir: Path, plugin: str, http_port: int, dicom_port: int, 
     }
 
 
+def make_tls_files(workdir: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a certificate for 127.0.0.1 signed by it.
+
+    Returns:
+        The CA certificate, the server certificate and the server key (PEM files).
+    """
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedimg test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = workdir / "ca.pem", workdir / "server.pem", workdir / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    paths[2].chmod(0o600)
+    return paths
+
+
+class TlsProxy:
+    """An https front for a running Orthanc: TLS on a free loopback port, plain HTTP to Orthanc behind it.
+
+    Orthanc 1.10.1 of Debian 12 crashes (SIGSEGV in a civetweb worker) on the first HTTPS connection
+    when its own ``SslEnabled`` is on, so TLS is terminated here, as a reverse proxy would in a hospital.
+    An asyncio loop in a background thread relays the bytes.
+    """
+
+    def __init__(self, workdir: Path, target_port: int) -> None:
+        import asyncio
+        import ssl
+        import threading
+
+        self.ca_bundle, cert, key = make_tls_files(workdir)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                writer.close()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+            except OSError:
+                writer.close()
+                return
+            await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+
+        self._loop = asyncio.new_event_loop()
+        self._server = self._loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx))
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
 def start_orthanc(workdir: Path, attempts: int = 3, timeout_s: float = 30.0) -> Orthanc:
     """Start Orthanc in ``workdir`` and wait until its REST API and DICOMweb answer.
 
     A port taken between choosing and binding makes Orthanc exit: then new ports are tried.
+
+    Args:
+        workdir: its configuration, storage, index and log.
+        attempts: port choices to try.
+        timeout_s: how long to wait for each start.
     """
     binary, plugin = require_orthanc()
     import requests

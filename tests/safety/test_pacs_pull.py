@@ -24,7 +24,7 @@ import pydicom
 import pytest
 
 from tests.conftest import MR_SPEC, REPO, shared
-from tests.safety.pacs_orthanc import AET, CALLING_AET, USER, Orthanc, start_orthanc
+from tests.safety.pacs_orthanc import AET, CALLING_AET, USER, Orthanc, TlsProxy, start_orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -350,3 +350,26 @@ def test_pull_imports_no_torch_and_verbose_logs_show_no_uid(pacs, credentials, t
     assert proc.stdout.count("NO-TORCH 0") == 2, text
     assert "DEBUG" in text  # -v was in effect
     _assert_no_phi(text, studies, typed={st.accession})
+
+
+def test_dicomweb_over_https_verifies_the_server_with_the_given_ca(pacs, tcia, tmp_path, capsys):
+    """TLS: the certificate is checked (a private CA needs --ca-bundle), and basic auth travels inside TLS."""
+    _, studies = tcia
+    st = min(studies.values(), key=lambda s: len(s.sops))
+    proxy = TlsProxy(tmp_path / "tls", pacs.http_port)
+    try:
+        cred = tmp_path / "cred"
+        cred.write_text(f"{USER}:{pacs.password}")
+        cred.chmod(0o600)
+        keys = _keys_csv(tmp_path / "keys.csv", "AccessionNumber", [st.accession])
+        base = ["--from", "dicomweb", f"https://127.0.0.1:{proxy.port}/dicom-web", "--auth", "basic",
+                "--credentials-file", str(cred), "--keys", str(keys)]
+        rc, text = _pull([str(tmp_path / "untrusted"), *base], capsys)
+        assert rc == 2 and "TLS certificate could not be verified" in text and "--ca-bundle" in text
+        assert not (tmp_path / "untrusted").exists()
+        rc, text = _pull([str(tmp_path / "raw"), *base, "--ca-bundle", str(proxy.ca_bundle)], capsys)
+        assert rc == 0, text
+        row = _manifest(tmp_path / "raw")[st.accession]
+        assert (row["status"], row["fetched"]) == ("retrieved", len(st.sops))
+    finally:
+        proxy.stop()

@@ -206,6 +206,9 @@ class HostilePacs:
     def close(self) -> None:
         self.closed = True
 
+    def ping(self) -> bool:
+        return True
+
     def find_studies(self, key: Key) -> list[str]:
         return [STUDY] if key.value == "A1" else []
 
@@ -260,3 +263,32 @@ def test_a_listing_with_malformed_uids_is_not_trusted(tmp_path):
     row = result.outcomes[0]
     assert (row.status, row.reason, row.fetched, row.refused) == ("failed", "refused", 1, 5)
     assert "5 listed instances have malformed UIDs" in row.detail
+
+
+class VanishingPacs(HostilePacs):
+    """A PACS that answers the first query, then stops answering."""
+
+    def __init__(self) -> None:
+        super().__init__(StudyListing(STUDY), [])
+        self.queries = 0
+        self.pings = 0
+
+    def find_studies(self, key: Key) -> list[str]:
+        self.queries += 1
+        raise PacsRequestError("connection", "study search (QIDO-RS): the connection failed (ConnectionError)")
+
+    def ping(self) -> bool:
+        self.pings += 1
+        return False
+
+
+def test_a_pacs_that_stops_answering_ends_the_pull_instead_of_timing_out_key_by_key(tmp_path):
+    client = VanishingPacs()
+    keys = read_keys(_csv(tmp_path / "k.csv", "accession\nA1\nA2\nA3\n"))
+    result = pull(client, keys, tmp_path / "raw", progress=False)
+    assert (client.queries, client.pings) == (1, 1)
+    assert [(o.status, o.reason) for o in result.outcomes] == [("failed", "connection"), ("failed", "unreachable"),
+                                                               ("failed", "unreachable")]
+    assert "run the same command again" in result.outcomes[1].detail
+    rows = (tmp_path / "raw" / "pull_manifest.jsonl").read_text().splitlines()
+    assert len(rows) == 3
