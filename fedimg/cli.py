@@ -38,10 +38,11 @@ def _setup_logging(verbose: bool) -> None:
     # Third-party INFO chatter hides our progress bars.
     for noisy in ("nvflare", "monai", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # PACS clients: pynetdicom logs whole datasets at DEBUG and chats at INFO; dicomweb-client and urllib3 log
-    # URLs, which hold UIDs, at DEBUG. None of that may reach the console, --verbose or not.
+    # PACS clients: pynetdicom logs whole datasets at DEBUG, chats at INFO and prints tracebacks of lost
+    # connections at ERROR; dicomweb-client and urllib3 log URLs, which hold UIDs, at DEBUG. None of that may
+    # reach the console, --verbose or not: `fedimg pull` reports each failure in its manifest and summary.
     for chatty in ("pynetdicom", "dicomweb_client", "urllib3"):
-        logging.getLogger(chatty).setLevel(logging.WARNING if verbose else logging.ERROR)
+        logging.getLogger(chatty).setLevel(logging.WARNING if verbose else logging.CRITICAL)
     # MONAI announces, on every import, that the optional NVIDIA image codec is absent.
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*NvImgCodecPydicomReader.*")

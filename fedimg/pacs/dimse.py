@@ -144,19 +144,23 @@ class DimseClient:
 
         assoc = self._query_assoc()
         out = []
-        for status, answer in assoc.send_c_find(identifier, FindModel):
-            code = getattr(status, "Status", None)
-            if code is None:
-                self._query = None
-                raise PacsRequestError("connection", f"{what} (C-FIND): no answer (the association was aborted or "
-                                                     "timed out)")
-            if code in _PENDING:
-                if answer is not None:
-                    out.append(answer)
-            elif code == 0x0000:
-                break
-            else:
-                raise PacsRequestError("dimse_status", f"{what} (C-FIND) ended with status 0x{code:04X}")
+        try:
+            for status, answer in assoc.send_c_find(identifier, FindModel):
+                code = getattr(status, "Status", None)
+                if code is None:
+                    self._query = None
+                    raise PacsRequestError("connection", f"{what} (C-FIND): no answer (the association was aborted "
+                                                         "or timed out)")
+                if code in _PENDING:
+                    if answer is not None:
+                        out.append(answer)
+                elif code == 0x0000:
+                    break
+                else:
+                    raise PacsRequestError("dimse_status", f"{what} (C-FIND) ended with status 0x{code:04X}")
+        except (RuntimeError, OSError, ValueError) as exc:  # pynetdicom: the association went away mid-request
+            self._query = None
+            raise PacsRequestError("connection", f"{what} (C-FIND) failed ({type(exc).__name__})") from None
         return out
 
     def find_studies(self, key: Key) -> list[str]:
@@ -279,12 +283,15 @@ class DimseClient:
     @staticmethod
     def _get(assoc: Any, identifier: Any, model: Any) -> None:
         final = None
-        for status, _ in assoc.send_c_get(identifier, model):
-            code = getattr(status, "Status", None)
-            if code is None:
-                raise PacsRequestError("connection", "retrieval (C-GET): no answer (the association was aborted "
-                                                     "or timed out)")
-            if code not in _PENDING:
-                final = code
+        try:
+            for status, _ in assoc.send_c_get(identifier, model):
+                code = getattr(status, "Status", None)
+                if code is None:
+                    raise PacsRequestError("connection", "retrieval (C-GET): no answer (the association was aborted "
+                                                         "or timed out)")
+                if code not in _PENDING:
+                    final = code
+        except (RuntimeError, OSError, ValueError) as exc:  # pynetdicom: the association went away mid-request
+            raise PacsRequestError("connection", f"retrieval (C-GET) failed ({type(exc).__name__})") from None
         if final not in (0x0000, 0xB000):  # 0xB000: some sub-operations failed; the caller counts what arrived
             raise PacsRequestError("dimse_status", f"retrieval (C-GET) ended with status 0x{final or 0:04X}")
