@@ -373,14 +373,32 @@ class LabelSpec:
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """Deterministic training/validation split (by a hash of the case id)."""
+    """How a site's cases are split, always by patient (:mod:`fedimg.preprocess.splits`).
+
+    Attributes:
+        val_fraction: share of cases for validation (whole patients).
+        seed: orders new patients (the split is deterministic).
+        test_fraction: share of cases held out as ``test`` (0: none); training
+            and model selection never see them.
+        folds: cross-validation folds of the non-test patients (0: none, else
+            2..20); fold 0 is the ``validation`` split, ``data.fold`` picks another.
+    """
 
     val_fraction: float = 0.25
     seed: int = 0
+    test_fraction: float = 0.0
+    folds: int = 0
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 1.0,
                f"split.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        _check(0.0 <= self.test_fraction < 1.0,
+               f"split.test_fraction must be >= 0 and < 1, got {self.test_fraction}")
+        _check(self.val_fraction + self.test_fraction < 1.0,
+               f"split.val_fraction + split.test_fraction must leave cases for training (< 1), got "
+               f"{self.val_fraction} + {self.test_fraction}")
+        _check(self.folds == 0 or 2 <= self.folds <= 20,
+               f"split.folds must be 0 (no cross-validation) or 2..20, got {self.folds}")
 
 
 @dataclass(frozen=True)
@@ -641,6 +659,9 @@ class DataConfig:
         num_workers: DataLoader worker processes on the CPU (0: main process).
         samples_per_volume: segmentation: patches drawn per cached volume.
         augment: random flips and intensity changes during training.
+        fold: with cross-validation datalists (``split.folds``), the fold that
+            validates at every site; the other folds train. None: the
+            datalist's own training/validation split.
     """
 
     roi_size: list[int] = field(default_factory=lambda: [64, 64, 64])
@@ -649,6 +670,7 @@ class DataConfig:
     num_workers: int = 0
     samples_per_volume: int = 1
     augment: bool = True
+    fold: int | None = None
 
     def __post_init__(self) -> None:
         _check(len(self.roi_size) in (2, 3) and all(r >= 16 for r in self.roi_size),
@@ -659,6 +681,7 @@ class DataConfig:
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.samples_per_volume >= 1,
                f"data.samples_per_volume must be >= 1, got {self.samples_per_volume}")
+        _check(self.fold is None or self.fold >= 0, f"data.fold must be >= 0 or empty, got {self.fold}")
 
 
 @dataclass(frozen=True)
