@@ -44,6 +44,7 @@ from fedimg.datalist import Datalist, DatalistItem
 from fedimg.dicom.index import DicomHeader, SeriesGroup, group_series
 from fedimg.dicom.labels import (
     SEG_SOP_CLASS,
+    check_label_values,
     check_mask_grid,
     load_nifti_on_grid,
     load_seg_on_grid,
@@ -858,17 +859,23 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             image_arr, affine = apply_spec_2d(spec, load_planar(group, planar), planar)
             label_arr = None
         else:
+            image_scale = (1.0, 0.0)
             if irregular_reason is not None:
                 reg = load_regularized(group, irregular_reason)
                 image_data, image_affine, correction = reg.data, reg.affine_ras, reg.correction
             else:
+                # Stored integers plus their modality LUT: no float copy of the whole volume is made.
                 volume = load_volume(group, geo)
-                image_data, image_affine = volume.data, volume.affine
-            label = None
+                image_data, image_affine = volume.stored, volume.affine
+                image_scale = (volume.slope, volume.intercept)
+            raw, label_scale = None, (1.0, 0.0)
             if label_source is not None:
-                raw = _load_label(label_source, group, geo, irregular_reason, image_data, image_affine)
-                label = map_label_values(raw, class_values)
-            image_arr, label_arr, affine = apply_spec(spec, image_data, image_affine, label)
+                raw, label_scale = _load_label(label_source, group, geo, irregular_reason, image_data, image_affine)
+                check_label_values(raw, class_values, label_scale)
+            # Nearest-neighbour resampling copies source values, so mapping them to 0..N after it is the same
+            # as before it, on the (small) output grid.
+            image_arr, resampled, affine = apply_spec(spec, image_data, image_affine, raw, scale=image_scale)
+            label_arr = None if resampled is None else map_label_values(resampled, class_values, label_scale)
     except RefusedError as exc:
         refuse_all(exc.reason, exc.detail)
         return None
@@ -876,7 +883,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
     image_rel = f"images/{case_id}.nii.gz"
     label_rel = None if label_arr is None else f"labels/{case_id}.nii.gz"
     announce(dst, [r for r in (image_rel, label_rel) if r])  # recorded as fedimg's before they exist
-    write_nifti(dst / image_rel, image_arr.astype(np.float32), affine)
+    write_nifti(dst / image_rel, np.asarray(image_arr, dtype=np.float32), affine)
     counts: dict[str, int] = {}
     if label_arr is not None:
         write_nifti(dst / label_rel, label_arr.astype(np.uint8), affine)
@@ -954,8 +961,8 @@ def _choose_label(study: _Study, group: SeriesGroup, geo: Any, irregular_reason:
 
 
 def _load_label(label_source: tuple[str, Any], group: SeriesGroup, geo: Any, irregular_reason: Reason | None,
-                image_data: np.ndarray, image_affine: np.ndarray) -> np.ndarray:
-    """A segmentation label's raw values on the image grid.
+                image_data: np.ndarray, image_affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """A segmentation label's stored values on the image grid, and their ``(slope, intercept)``.
 
     Raises:
         RefusedError: LABEL_GEOMETRY_MISMATCH and the label readers' reasons.
@@ -965,10 +972,11 @@ def _load_label(label_source: tuple[str, Any], group: SeriesGroup, geo: Any, irr
         mreg = load_regularized(obj[0], irregular_reason, order=0)  # type: ignore[arg-type]
         if mreg.data.shape != image_data.shape or not np.allclose(mreg.affine_ras, image_affine, atol=1e-3):
             raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH, "resampled mask and image grids differ")
-        return mreg.data
+        return mreg.data, (1.0, 0.0)
     if kind == "dicom":
-        return load_volume(obj[0], obj[1]).data
+        mask = load_volume(obj[0], obj[1])
+        return mask.stored, (mask.slope, mask.intercept)
     if kind == "seg":
         uids = [group.headers[i].sop_instance_uid for i in geo.order]
-        return load_seg_on_grid(obj[0], uids, geo)
+        return load_seg_on_grid(obj[0], uids, geo), (1.0, 0.0)
     return load_nifti_on_grid(obj[0], geo)
