@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pydicom
+import pydicom.uid
 import pytest
 
 from fedimg import config as cfg
@@ -77,12 +78,15 @@ def test_no_patient_straddles_training_and_evaluation(multi_study_site, tmp_path
     shutil.copytree(site, grown)
     new_study = grown / (donor.split("/")[0] + "_B") / donor.split("/")[1]
     shutil.copytree(site / donor, new_study)
-    for f in new_study.rglob("*.dcm"):
+    new_uid: dict[str, str] = {}
+    for f in new_study.rglob("*.dcm"):  # a new study: new UIDs, consistent across its files
         ds = pydicom.dcmread(f)
         ds.PatientID = val_patient
-        ds.StudyInstanceUID = ds.StudyInstanceUID + ".9"
-        ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".9"
-        ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
+        for attr in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            if attr in ds:
+                old = str(getattr(ds, attr))
+                setattr(ds, attr, new_uid.setdefault(old, pydicom.uid.generate_uid()))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.save_as(f)
     dst = tmp_path / "dst"  # the same DST: an incremental run
     again = preprocess(grown, dst, _spec(val_fraction=0.3, test_fraction=0.25), site="s", progress=False)
