@@ -164,8 +164,11 @@ class FedimgController(BaseFedAvg):
         tb_layout: dict | None = None,
         task_check_period: float = 0.2,
     ) -> None:
+        # A site's error answer (a crash, or a result its own guard blocked) is recorded as that site's rejection;
+        # whether the round still counts is fed.min_clients' decision below, not NVFlare's (which would stop the
+        # run on the first error when every site is needed for the broadcast).
         super().__init__(num_clients=num_clients, num_rounds=num_rounds, start_round=max(0, start_round),
-                         persistor_id=persistor_id, task_check_period=task_check_period)
+                         persistor_id=persistor_id, task_check_period=task_check_period, ignore_result_error=True)
         # NVFlare writes the job config from attributes named like the arguments: keep the -1 as given.
         self.start_round = start_round
         self.algorithm = algorithm
