@@ -952,7 +952,8 @@ class PrivacyConfig:
     min_cohort: int = 5
 
     def __post_init__(self) -> None:
-        _check(self.min_cohort >= 1, f"privacy.min_cohort must be >= 1 (1: always report counts), got {self.min_cohort}")
+        _check(self.min_cohort >= 1,
+               f"privacy.min_cohort must be >= 1 (1: always report counts), got {self.min_cohort}")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,14 @@ DP-SGD, the client's ``{"dp_sgd": {...}}`` record in the same meta entry is
 kept under ``dp_sgd`` beside the Gaussian mechanism's fields: the two
 guarantees protect different units (a case vs a site's whole update) and are
 reported separately, not composed.
+
+:class:`ScalarOnlyResultGuard` (the ``public`` scope of
+``configs/federation/privacy.json``) blocks any result that holds more than
+model entries, scalar metrics and small bookkeeping numbers. NVFlare 2.9
+runs a site's scope filters before the job's own result filters: the guard
+checks what the job's code sent, and a filter the job adds runs after it
+(such filters come from the site's installed packages unless the site's
+authorization policy lets the submitter bring code, ``byoc``).
 """
 
 from __future__ import annotations

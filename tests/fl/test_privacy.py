@@ -96,7 +96,8 @@ def test_scalar_only_guard_drops_unknown_meta_and_blocks_non_scalars():
     # Non-scalar data, a non-scalar metric, a non-scalar meta value: the whole result is blocked.
     for bad in (DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3, np.float32), "note": "text"}),
                 DXO(DataKind.METRICS, data={"val_auc": 0.9, "image": np.zeros((4, 4))}),
-                DXO(DataKind.WEIGHTS, data={"w": np.ones(3, np.float32)}, meta={"fedimg_seconds": {"t": np.arange(3)}})):
+                DXO(DataKind.WEIGHTS, data={"w": np.ones(3, np.float32)},
+                    meta={"fedimg_seconds": {"t": np.arange(3)}})):
         blocked = g.process(bad.to_shareable(), FLContext())
         assert blocked.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR and "DXO" not in blocked
 

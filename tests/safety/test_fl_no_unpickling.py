@@ -144,7 +144,8 @@ def test_decrypt_global_model_reads_an_nvflare_he_checkpoint_with_the_restricted
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
     state = net.state_dict()
-    model = collections.OrderedDict((k, ts.ckks_vector(ctx, v.reshape(-1).tolist()).serialize()) for k, v in state.items())
+    model = collections.OrderedDict((k, ts.ckks_vector(ctx, v.reshape(-1).tolist()).serialize())
+                                    for k, v in state.items())
     ckpt = tmp_path / "FL_global_model.pt"
     torch.save(collections.OrderedDict(model=model, meta_props={"PROCESSED_ALGORITHM": "CKKS",
                                                                 "PROCESSED_KEYS": {k: True for k in state}}), ckpt)

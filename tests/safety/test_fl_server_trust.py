@@ -168,7 +168,8 @@ def test_a_scaffold_control_change_is_checked_like_an_update(how, code):
     ctl = _controller("scaffold")
     ctrl = {k: np.full_like(v, 3.0) for k, v in ctl._global.items()}
     ctrl = {"missing": None, "shape": {**ctrl, "bias": np.ones(1, np.float32)},
-            "extra": {**ctrl, "secret": np.ones(2, np.float32)}, "nan": {**ctrl, "bias": np.array([np.nan, 0], np.float32)},
+            "extra": {**ctrl, "secret": np.ones(2, np.float32)},
+            "nan": {**ctrl, "bias": np.array([np.nan, 0], np.float32)},
             "text": "a string"}[how]
     results = _scaffold_results(ctl, ctrl)
     updates, rejected, ptype = ctl._updates(results)

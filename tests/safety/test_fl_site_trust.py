@@ -63,7 +63,8 @@ def test_a_global_model_with_nan_is_refused_before_anything_is_loaded(site):
     key = next(k for k, v in before.items() if v.is_floating_point() and v.ndim > 1)
     state = _global(runner)
     state[key] = np.full(state[key].shape, np.nan, np.float32)
-    with pytest.raises(ValueError, match=rf"received weights refused \(NON_FINITE: \d+ NaN/infinite value\(s\) in {key}\)"):
+    refused = rf"received weights refused \(NON_FINITE: \d+ NaN/infinite value\(s\) in {key}\)"
+    with pytest.raises(ValueError, match=refused):
         runner.handle(FLModel(params=state, current_round=0))
     after = runner.trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing loaded
