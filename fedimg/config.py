@@ -919,6 +919,13 @@ class FedConfig:
             cross-site evaluation.
         scope: the site privacy scope the job asks for (``privacy.json`` at
             each site); null uses each site's default scope.
+        max_steps_per_round: the most optimizer steps per round the server
+            believes a site did; a site's reported steps are its weight in
+            the mean, so a report that is missing, not finite, <= 0, above this
+            bound, or above 4x the site's first report of the run rejects its
+            update. 0 (default) derives a generous bound: the steps of a site
+            with 100,000 training cases (``train.local_epochs x
+            ceil(100000 / data.batch_size)``).
     """
 
     algorithm: Literal["fedavg", "fedprox", "fedopt", "scaffold", "fedbn"] = "fedavg"
@@ -937,8 +944,11 @@ class FedConfig:
     min_round_timeout_s: int = 60
     eval_timeout_s: int = 600
     scope: str | None = None
+    max_steps_per_round: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.max_steps_per_round >= 0,
+               f"fed.max_steps_per_round must be >= 0 (0: derived), got {self.max_steps_per_round}")
         _check(self.num_rounds >= 1, f"fed.num_rounds must be >= 1, got {self.num_rounds}")
         _check(self.min_clients >= 0, f"fed.min_clients must be >= 0, got {self.min_clients}")
         _check_positive(self, "fed", "mu")
@@ -1046,6 +1056,11 @@ class PrivacyConfig:
             and the server sums ciphertexts without seeing any site's update
             (NVFlare's ``FedAvgRecipeWithHE``; keys come from provisioning,
             so POC or production only, not the simulator).
+        min_cohort: the fewest validation cases a site must have before it
+            sends counts about them (``val_cases`` and the per-class counts of
+            cases with an undefined HD95); a smaller site keeps them (its
+            metrics are still sent) and the server weighs its validation as
+            one case. At least 1 (1: always send).
     """
 
     update_filter: Literal["none", "gaussian", "percentile", "svt"] = "none"
@@ -1054,6 +1069,11 @@ class PrivacyConfig:
     svt: SVTConfig = field(default_factory=SVTConfig)
     dp_sgd: DPSGDConfig = field(default_factory=DPSGDConfig)
     encryption: Literal["none", "he"] = "none"
+    min_cohort: int = 5
+
+    def __post_init__(self) -> None:
+        _check(self.min_cohort >= 1,
+               f"privacy.min_cohort must be >= 1 (1: always report counts), got {self.min_cohort}")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from fedimg.data.datasets import check_matches_task, make_loaders, make_val_load
 from fedimg.models.registry import build_model, normalization_keys
 from fedimg.runtime import Runtime
 from fedimg.tasks import build_task
+from fedimg.training.checkpoint import state_problem
 from fedimg.training.loops import StepHooks, build_optimizer, train_epoch
 
 logger = logging.getLogger(__name__)
@@ -95,28 +96,31 @@ class SiteTrainer:
     def load_weights(self, state: dict[str, Any], keep: Iterable[str] = ()) -> None:
         """Load (global) weights, except the keys in ``keep``, which stay as they are (FedBN).
 
+        What arrives from another party is checked before anything is loaded
+        (:func:`fedimg.training.checkpoint.state_problem`): exactly the
+        network's entries (those in ``keep`` may be absent), each of the
+        network's shape, numbers only, every value finite. Under homomorphic
+        encryption an entry may arrive flat (CKKS decrypts every tensor as a
+        vector) and is reshaped.
+
         Raises:
-            ValueError: a key is missing or has the wrong shape, named in the message.
+            ValueError: the weights do not fit the network or hold NaN or
+                infinite values; the model is left unchanged.
         """
         keep = set(keep)
         current = self.model.state_dict()
-        missing = sorted(k for k in current if k not in state and k not in keep)
-        unknown = sorted(k for k in state if k not in current)
-        if missing or unknown:
-            raise ValueError(f"received weights do not fit the configured {self.exp.model.name}: "
-                             f"missing {missing[:3]}, unexpected {unknown[:3]}; server and site must use the "
-                             "same experiment config")
+        why = state_problem(state, current, optional=keep, flat_ok=self.exp.privacy.encryption == "he")
+        if why:
+            raise ValueError(f"received weights refused ({why}); they do not fit the configured "
+                             f"{self.exp.model.name} or are broken: server and site must use the same experiment "
+                             "config, and a model with NaN or infinite values is never loaded")
         new = {}
         for k, v in current.items():
             if k in keep or k not in state:
                 new[k] = v
                 continue
             t = torch.as_tensor(state[k])
-            if t.ndim == 1 and t.numel() == v.numel() and v.ndim != 1:
-                t = t.reshape(v.shape)  # homomorphic encryption decrypts every tensor as a flat CKKS vector
-            if tuple(t.shape) != tuple(v.shape):
-                raise ValueError(f"received weight {k} has shape {tuple(t.shape)}, the model expects {tuple(v.shape)}")
-            new[k] = t.to(dtype=v.dtype)
+            new[k] = t.reshape(v.shape).to(dtype=v.dtype)
         self.model.load_state_dict(new, strict=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
