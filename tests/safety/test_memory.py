@@ -181,10 +181,10 @@ def run(src, dst):
         res = preprocess(src, dst, spec, site="s", progress=False, workers=1)
         assert len(res.cases) == 1 and res.cases[0].label, res.summary
 # A small run first: every module and cache the command loads is in place before the baseline is read.
-run(tmp / "small", tmp / "small_out")
+run(tmp / "small", tmp / f"small_{command}")
 gc.collect()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-run(tmp / "large", tmp / "large_out")
+run(tmp / "large", tmp / f"large_{command}")
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"increase": (peak - base) * 1024}))
 """
