@@ -76,6 +76,9 @@ class DicomHeader:
             read (the series is refused on it).
         accession_number: (0008,0050) Accession Number (an identifier: used
             in memory only, to find a study's row in a site's labels CSV).
+        patient_id: (0010,0020) Patient ID, as ``issuer|id`` when (0010,0021)
+            Issuer of Patient ID is set (an identifier: used in memory only, to
+            keep each patient's studies on one side of the split; empty when absent).
         imager_pixel_spacing: (0018,1164) Imager Pixel Spacing (row, column) of
             projection radiographs, used when (0028,0030) is absent.
         photometric_interpretation: (0028,0004), e.g. MONOCHROME1.
@@ -111,6 +114,7 @@ class DicomHeader:
     frames: tuple[FrameInfo, ...] = ()
     layout_error: str = ""
     accession_number: str = ""
+    patient_id: str = ""
     imager_pixel_spacing: tuple[float, float] | None = None
     photometric_interpretation: str = ""
 
@@ -394,6 +398,15 @@ def _truncation(ds: pydicom.Dataset, size: int, prefixed: bool) -> str:
     return ""
 
 
+def _patient_key(ds: pydicom.Dataset) -> str:
+    """``issuer|id`` from (0010,0021) and (0010,0020); empty when the Patient ID is absent or blank."""
+    pid = str(ds.get("PatientID", "") or "").strip()
+    if not pid:
+        return ""
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    return f"{issuer}|{pid}" if issuer else pid
+
+
 def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
     """Read one file's header; return a :class:`FileProblem` if it is not usable DICOM.
 
@@ -506,6 +519,7 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         frames=frame_info,
         layout_error=layout_error,
         accession_number=str(ds.get("AccessionNumber", "") or ""),
+        patient_id=_patient_key(ds),
         imager_pixel_spacing=(imager_spacing[0], imager_spacing[1]) if imager_spacing else None,
         photometric_interpretation=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
     )

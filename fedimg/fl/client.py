@@ -22,6 +22,17 @@ update as ``{"dp_sgd": {...}}`` under the result meta key ``fedimg_dp``
 writes its own record into the same meta entry and keeps the ``dp_sgd`` one
 (:class:`fedimg.fl.privacy.GaussianUpdateDP`).
 
+Counts about the validation cases (``val_cases``, the per-class counts of
+cases with an undefined HD95) are sent only by a site with at least
+``privacy.min_cohort`` validation cases (:func:`withhold_small_cohort`); the
+server then weighs that site's validation as one case.
+
+Every model received (global weights, another site's model in cross-site
+evaluation, SCAFFOLD's controls) is checked before it is loaded: exactly the
+network's entries and shapes, numbers only, every value finite
+(:meth:`fedimg.training.trainer.SiteTrainer.load_weights`); a broken one
+stops the task with an error naming the entry, and nothing is loaded.
+
 Only scalar metrics are streamed to the server's TensorBoard, tagged
 ``<site>/val/<metric>`` with the round as the step, so curves of all sites
 line up. Pictures of predictions go to the site's own ``local_logdir`` only.
@@ -87,6 +98,18 @@ def _scalars(val: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in val.items() if k != "cases" and not k.startswith("hd95_undefined")}
 
 
+def withhold_small_cohort(metrics: dict[str, float], cases: float, min_cohort: int) -> dict[str, float]:
+    """The metrics a site sends: without counts about its validation cases when it has fewer than ``min_cohort``.
+
+    With a handful of cases, a count (how many cases, how many with an
+    undefined HD95: a lesion missed or invented) describes individual
+    patients; the means still go out.
+    """
+    if cases >= min_cohort:
+        return metrics
+    return {k: v for k, v in metrics.items() if k != "val_cases" and not k.startswith("val_hd95_undefined")}
+
+
 class SiteRunner:
     """The state one site keeps across tasks: its trainer, algorithm, writers and own weights."""
 
@@ -129,7 +152,8 @@ class SiteRunner:
         t_val = time.perf_counter()
         val = self.trainer.validate()
         t_val = time.perf_counter() - t_val
-        metrics = metric_names(val)
+        metrics = withhold_small_cohort(metric_names(val), val.get("cases", self.trainer.n_val),
+                                        self.exp.privacy.min_cohort)
         meta = {RESULT_META_VAL: _scalars(val)}
         if flare.is_evaluate():
             if (model.meta or {}).get(TASK_META_FINAL):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,7 @@ from nvflare.client.config import TransferType
 
 from fedimg import config as cfgmod
 from fedimg.config import ExperimentConfig
+from fedimg.fl.aggregation import MAX_CASES_PER_SITE
 from fedimg.fl.controller import FedimgController
 from fedimg.fl.privacy import update_filter
 from fedimg.fl.tracking import GLOBAL_RUN, CrossSiteReport, ScalarTBReceiver, scalar_layout
@@ -89,6 +91,8 @@ class FedimgRecipe(FedAvgRecipe):
             norm_outlier_factor=rb.norm_outlier_factor,
             max_update_norm=rb.max_update_norm,
             min_cosine=rb.min_cosine,
+            update_precision=exp.fed.update_precision,
+            max_steps_per_round=max_steps_per_round(exp),
             min_responses=exp.fed.min_clients,
             train_timeout=exp.fed.round_timeout_s,
             first_round_timeout=exp.fed.first_round_timeout_s,
@@ -96,6 +100,20 @@ class FedimgRecipe(FedAvgRecipe):
             eval_timeout=exp.fed.eval_timeout_s,
             tb_layout=scalar_layout(exp),
         )
+
+
+def max_steps_per_round(exp: ExperimentConfig) -> int:
+    """The largest number of optimizer steps per round the server believes a site did (its aggregation weight).
+
+    ``fed.max_steps_per_round`` when set; otherwise derived: ``train.local_epochs
+    x ceil(MAX_CASES_PER_SITE / data.batch_size)``, the steps of a site with
+    :data:`fedimg.fl.aggregation.MAX_CASES_PER_SITE` training cases (one step
+    per batch of cases, as the training loader and Opacus' Poisson loader
+    both take).
+    """
+    if exp.fed.max_steps_per_round:
+        return int(exp.fed.max_steps_per_round)
+    return int(exp.train.local_epochs * math.ceil(MAX_CASES_PER_SITE / exp.data.batch_size))
 
 
 def report_metrics(exp: ExperimentConfig) -> list[str]:

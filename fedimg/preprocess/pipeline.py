@@ -40,9 +40,11 @@ from tqdm.auto import tqdm
 
 from fedimg import config as cfgmod
 from fedimg.config import PreprocessSpec
+from fedimg.datalist import Datalist, DatalistItem
 from fedimg.dicom.index import DicomHeader, SeriesGroup, group_series
 from fedimg.dicom.labels import (
     SEG_SOP_CLASS,
+    check_label_values,
     check_mask_grid,
     load_nifti_on_grid,
     load_seg_on_grid,
@@ -68,9 +70,10 @@ from fedimg.preprocess.manifest import (
 from fedimg.preprocess.manifest import mark as _mark
 from fedimg.preprocess.outdir import OutputDir, OutputDirError, announce, check_separate, claim, precheck
 from fedimg.preprocess.scan import PreprocessInputError, ScanResult, index_source
+from fedimg.preprocess.splits import Assignment, CaseKey
+from fedimg.preprocess.splits import assign as assign_splits
 from fedimg.preprocess.state import (
     PreprocessState,
-    assign_splits,
     inputs_fingerprint,
     load_previous,
     save_state,
@@ -99,7 +102,9 @@ class CaseRecord:
         shape: output array shape ((H, W) for 2D).
         spacing: output voxel / pixel size in mm.
         label_counts: segmentation: voxels per class.
-        split: ``training`` or ``validation``.
+        split: ``training``, ``validation`` or ``test`` (always by patient:
+            :mod:`fedimg.preprocess.splits`).
+        fold: the cross-validation fold (``split.folds``), else None.
         reused: the outputs of an earlier run were reused (inputs unchanged).
     """
 
@@ -110,6 +115,7 @@ class CaseRecord:
     spacing: tuple[float, ...]
     label_counts: dict[str, int] = field(default_factory=dict)
     split: str = "training"
+    fold: int | None = None
     reused: bool = False
 
 
@@ -131,6 +137,8 @@ class PreprocessResult:
     cases_reused: int = 0
     cases_removed: int = 0  # cases of earlier runs whose inputs are gone (or now refused): outputs removed
     labels_csv: dict[str, Any] | None = None  # classification: counts of CSV rows (never keys)
+    patients: int = 0  # distinct patients among the cases (cases without a Patient ID count as their own)
+    cases_without_patient_id: int = 0
 
     @property
     def problem(self) -> str | None:
@@ -150,7 +158,10 @@ class PreprocessResult:
         lines = [
             render_table(summary, f"site {self.site}"),
             f"  cases: {len(self.cases)} ({sum(c.split == 'training' for c in self.cases)} training, "
-            f"{sum(c.split == 'validation' for c in self.cases)} validation); "
+            f"{sum(c.split == 'validation' for c in self.cases)} validation"
+            + (f", {sum(c.split == 'test' for c in self.cases)} test" if any(c.split == "test" for c in self.cases)
+               else "")
+            + f"; {self.patients} patient(s), split by patient); "
             f"{self.cases_converted} converted, {self.cases_reused} reused unchanged"
             + (f", {self.cases_removed} removed (inputs gone or refused)" if self.cases_removed else ""),
         ]
@@ -163,15 +174,23 @@ class PreprocessResult:
         return "\n".join(lines)
 
 
+#: Prefix of the patient key of a case whose files carry no (0010,0020) Patient ID: it is its own patient.
+NO_PATIENT_ID = "case:"
+
+
+def _patient_key(patient_id: str, case_id: str, pseudonymizer: Any | None) -> str:
+    """The key a case's patient is split by: a keyed pseudonym (unkeyed hash under --no-deid), never the ID."""
+    if not patient_id:
+        return NO_PATIENT_ID + case_id
+    if pseudonymizer is not None:
+        return pseudonymizer.patient(patient_id)
+    return "P" + hashlib.sha256(patient_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 def case_id_for(study_uid: str, series_uid: str) -> str:
     """A stable, file-name-safe case id that does not spell out a UID."""
     digest = hashlib.sha256(f"{study_uid}|{series_uid}".encode()).hexdigest()
     return f"case-{digest[:12]}"
-
-
-def _split(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """Deterministic split of new cases (see :func:`fedimg.preprocess.state.assign_splits`)."""
-    return assign_splits({c: c for c in case_ids}, {}, val_fraction, seed)
 
 
 class _Study:
@@ -537,13 +556,17 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
                         cases.append(rec)
                     bar.update(1)
 
-    # The split orders new cases by the data (unkeyed, never written), not by the pseudonyms: the same
-    # export gets the same split whatever the site secret, and pseudonyms stay unlinkable. Cases of
-    # earlier runs keep theirs.
-    keys = {c.case_id: getattr(c, "_split_key", c.case_id) for c in cases}
-    split = assign_splits(keys, previous.splits, spec.split.val_fraction, spec.split.seed)
+    # Split by patient. New patients are ordered by the data (unkeyed, never written), not by the pseudonyms:
+    # the same export gets the same split whatever the site secret. Cases and patients of earlier runs keep
+    # their side.
+    keys = {c.case_id: CaseKey(patient=getattr(c, "_patient_key"), order=getattr(c, "_split_key"))
+            for c in cases}
+    assignment = assign_splits(keys, spec.split.val_fraction, spec.split.seed, test_fraction=spec.split.test_fraction,
+                               folds=spec.split.folds, previous_cases=previous.splits,
+                               previous_patients=previous.patients, previous_folds=previous.folds)
     for c in cases:
-        c.split = split[c.case_id]
+        c.split = assignment.splits[c.case_id]
+        c.fold = assignment.folds.get(c.case_id)
     cases.sort(key=lambda c: c.case_id)
 
     # Every file must be accounted for exactly once.
@@ -554,16 +577,12 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
         class_map = {str(i): n for i, n in enumerate(spec.labels.classes)}
     else:
         class_map = {"0": "background", **{str(i + 1): n for i, n in enumerate(spec.labels.classes)}}
-    datalist = {
-        "name": spec.name,
-        "site": site,
-        "task": spec.task,
-        "spatial_dims": spec.spatial_dims,
-        "labels": class_map,
-        "training": [_dl_item(c) for c in cases if c.split == "training"],
-        "validation": [_dl_item(c) for c in cases if c.split == "validation"],
-    }
-    write_json(dst / "datalist.json", datalist)
+    datalist = Datalist(name=spec.name, site=site, task=spec.task, spatial_dims=spec.spatial_dims, labels=class_map,
+                        folds=spec.split.folds)
+    for c in cases:
+        datalist.split_items(c.split).append(DatalistItem(image=c.image, case_id=c.case_id, label=c.label,
+                                                          fold=c.fold))
+    datalist.write(dst / "datalist.json")
     if pseudonymizer is not None and write_dicom is not None:
         with claim(write_dicom, "dicom-copies", src=src, what="--write-dicom") as copies:
             _write_deidentified(ordered_rows, scanned.index.root, copies, pseudonymizer, spec)
@@ -579,7 +598,7 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
             r.input = pseudonymizer.path_hash(r.input)
     write_jsonl(dst / "manifest.jsonl", (r.to_json() for r in ordered_rows))
     cfgmod.save(spec, dst / "spec.yaml")
-    removed = _save_state_and_prune(out, previous, cases)
+    removed = _save_state_and_prune(out, previous, cases, assignment)
     account = summarize(ordered_rows)
     labels_account = None
     if sheet is not None:
@@ -599,6 +618,8 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
         cases_converted=sum(not c.reused for c in cases),
         cases_reused=sum(c.reused for c in cases),
         cases_removed=removed,
+        patients=len({getattr(c, "_patient_key") for c in cases}),
+        cases_without_patient_id=sum(getattr(c, "_patient_key").startswith(NO_PATIENT_ID) for c in cases),
         labels_csv=labels_account,
     )
     from fedimg.dicom.deid import ENGINE, TABLE_EDITION
@@ -615,7 +636,8 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
     return result
 
 
-def _save_state_and_prune(out: OutputDir, previous: PreprocessState, cases: list[CaseRecord]) -> int:
+def _save_state_and_prune(out: OutputDir, previous: PreprocessState, cases: list[CaseRecord],
+                          assignment: Assignment) -> int:
     """Record the current cases for the next run, and remove outputs no current case refers to.
 
     Only files fedimg's records say it wrote are removed: the outputs of the
@@ -627,7 +649,9 @@ def _save_state_and_prune(out: OutputDir, previous: PreprocessState, cases: list
     """
     dst = out.path
     state = PreprocessState(spec_sha256=previous.spec_sha256, deid_key=previous.deid_key,
-                            splits={**previous.splits, **{c.case_id: c.split for c in cases}})
+                            splits={**previous.splits, **{c.case_id: c.split for c in cases}},
+                            patients={**previous.patients, **assignment.patient_splits},
+                            folds={**previous.folds, **assignment.patient_folds})
     for c in cases:
         state.cases[c.case_id] = {
             "inputs": getattr(c, "_inputs_fp", ""),
@@ -721,13 +745,6 @@ def _write_deidentified(ordered: list[ManifestRow], root: Path, copies: OutputDi
             os.replace(tmp, target)
 
 
-def _dl_item(c: CaseRecord) -> dict[str, Any]:
-    item: dict[str, Any] = {"image": c.image, "case_id": c.case_id}
-    if c.label is not None:
-        item["label"] = c.label
-    return item
-
-
 def _label_rels(label_source: tuple[str, Any] | None) -> list[str]:
     if label_source is None:
         return []
@@ -780,6 +797,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
     irregular_reason: Reason | None = irregular[0] if irregular else None
     case_id = (pseudonymizer.case(study.uid, group.series_uid) if pseudonymizer is not None
                else case_id_for(study.uid, group.series_uid))
+    patient_key = _patient_key(group.first.patient_id, case_id, pseudonymizer)
     label_source = None if spec.is_classification else _choose_label(study, group, geo, irregular_reason, rows,
                                                                       geo_kwargs)
 
@@ -829,6 +847,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
                          spacing=tuple(float(v) for v in entry["spacing"]),  # type: ignore[index]
                          label_counts=dict(entry.get("label_counts") or {}), reused=True)  # type: ignore[union-attr]
         rec._split_key = split_key  # type: ignore[attr-defined]  # not serialized
+        rec._patient_key = patient_key  # type: ignore[attr-defined]
         rec._inputs_fp = fingerprint  # type: ignore[attr-defined]
         rec._correction = correction  # type: ignore[attr-defined]
         return rec
@@ -840,17 +859,23 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             image_arr, affine = apply_spec_2d(spec, load_planar(group, planar), planar)
             label_arr = None
         else:
+            image_scale = (1.0, 0.0)
             if irregular_reason is not None:
                 reg = load_regularized(group, irregular_reason)
                 image_data, image_affine, correction = reg.data, reg.affine_ras, reg.correction
             else:
+                # Stored integers plus their modality LUT: no float copy of the whole volume is made.
                 volume = load_volume(group, geo)
-                image_data, image_affine = volume.data, volume.affine
-            label = None
+                image_data, image_affine = volume.stored, volume.affine
+                image_scale = (volume.slope, volume.intercept)
+            raw, label_scale = None, (1.0, 0.0)
             if label_source is not None:
-                raw = _load_label(label_source, group, geo, irregular_reason, image_data, image_affine)
-                label = map_label_values(raw, class_values)
-            image_arr, label_arr, affine = apply_spec(spec, image_data, image_affine, label)
+                raw, label_scale = _load_label(label_source, group, geo, irregular_reason, image_data, image_affine)
+                check_label_values(raw, class_values, label_scale)
+            # Nearest-neighbour resampling copies source values, so mapping them to 0..N after it is the same
+            # as before it, on the (small) output grid.
+            image_arr, resampled, affine = apply_spec(spec, image_data, image_affine, raw, scale=image_scale)
+            label_arr = None if resampled is None else map_label_values(resampled, class_values, label_scale)
     except RefusedError as exc:
         refuse_all(exc.reason, exc.detail)
         return None
@@ -858,7 +883,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
     image_rel = f"images/{case_id}.nii.gz"
     label_rel = None if label_arr is None else f"labels/{case_id}.nii.gz"
     announce(dst, [r for r in (image_rel, label_rel) if r])  # recorded as fedimg's before they exist
-    write_nifti(dst / image_rel, image_arr.astype(np.float32), affine)
+    write_nifti(dst / image_rel, np.asarray(image_arr, dtype=np.float32), affine)
     counts: dict[str, int] = {}
     if label_arr is not None:
         write_nifti(dst / label_rel, label_arr.astype(np.uint8), affine)
@@ -872,6 +897,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
     rec = CaseRecord(case_id=case_id, image=image_rel, label=class_label if spec.is_classification else label_rel,
                      shape=tuple(int(s) for s in image_arr.shape), spacing=spacing, label_counts=counts)
     rec._split_key = split_key  # type: ignore[attr-defined]  # not serialized
+    rec._patient_key = patient_key  # type: ignore[attr-defined]
     rec._inputs_fp = fingerprint  # type: ignore[attr-defined]
     rec._correction = correction  # type: ignore[attr-defined]
     return rec
@@ -935,8 +961,8 @@ def _choose_label(study: _Study, group: SeriesGroup, geo: Any, irregular_reason:
 
 
 def _load_label(label_source: tuple[str, Any], group: SeriesGroup, geo: Any, irregular_reason: Reason | None,
-                image_data: np.ndarray, image_affine: np.ndarray) -> np.ndarray:
-    """A segmentation label's raw values on the image grid.
+                image_data: np.ndarray, image_affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """A segmentation label's stored values on the image grid, and their ``(slope, intercept)``.
 
     Raises:
         RefusedError: LABEL_GEOMETRY_MISMATCH and the label readers' reasons.
@@ -946,10 +972,11 @@ def _load_label(label_source: tuple[str, Any], group: SeriesGroup, geo: Any, irr
         mreg = load_regularized(obj[0], irregular_reason, order=0)  # type: ignore[arg-type]
         if mreg.data.shape != image_data.shape or not np.allclose(mreg.affine_ras, image_affine, atol=1e-3):
             raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH, "resampled mask and image grids differ")
-        return mreg.data
+        return mreg.data, (1.0, 0.0)
     if kind == "dicom":
-        return load_volume(obj[0], obj[1]).data
+        mask = load_volume(obj[0], obj[1])
+        return mask.stored, (mask.slope, mask.intercept)
     if kind == "seg":
         uids = [group.headers[i].sop_instance_uid for i in geo.order]
-        return load_seg_on_grid(obj[0], uids, geo)
+        return load_seg_on_grid(obj[0], uids, geo), (1.0, 0.0)
     return load_nifti_on_grid(obj[0], geo)

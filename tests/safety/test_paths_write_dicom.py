@@ -19,6 +19,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 
 from fedimg.dicom.deid import Pseudonymizer, SiteSecret, deidentify
+from fedimg.preprocess.outdir import claim
 from fedimg.preprocess.pipeline import preprocess
 from tests.safety.paths_data import fast_spec, manifest_rows, rel_in_site, synth_site
 
@@ -45,7 +46,7 @@ def test_crafted_uid_and_planted_link_never_write_outside(site, tmp_path):
         ds.save_as(crafted)
     p = Pseudonymizer(SiteSecret.generate(tmp_path / "site.secret"))
     out = tmp_path / "dicom"
-    out.mkdir()
+    claim(out, "dicom-copies").release()  # an earlier run's copies folder: fedimg's own, so it is written into
     planted = tmp_path / "planted_target"
     planted.mkdir()
     case_b = p.case(b.study_instance_uid, b.series_instance_uid)
