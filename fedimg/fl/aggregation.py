@@ -233,7 +233,7 @@ def check_weight(value: Any, cap: float) -> tuple[float | None, str | None]:
 
 
 def _family(name: str) -> str | None:
-    stem = name[4:] if name.startswith("val_") else name
+    stem = name.split("_", 1)[1] if name.startswith(("val_", "test_")) else name
     stem = stem.replace("/", "_")
     for family in (*_COUNTS, *_UNIT_INTERVAL, *_NON_NEGATIVE):
         if stem.startswith(family):

@@ -8,7 +8,7 @@ NVFlare's PyTorch recipes. Per round it:
    SCAFFOLD's global controls) to the sites;
 2. reads each site's validation of that model (it rates the global model after
    ``round`` aggregations), writes the case-weighted federation mean to
-   TensorBoard (``global/val/...``) and keeps the best global model by the key
+   TensorBoard (run ``global``, tags ``val/...``) and keeps the best global model by the key
    metric — the model that was rated, not the one aggregated after it;
 3. aggregates the updates (weights or differences, fp16 widened to fp32) with
    the configured rule and applies them (FedOpt: as a pseudo-gradient for a
@@ -65,6 +65,7 @@ from fedimg.fl.protocol import (
     RESULT_META_DP,
     RESULT_META_STEPS,
     RESULT_META_TIMES,
+    RESULT_META_TEST,
     RESULT_META_VAL,
     TASK_META_ALGORITHM,
     TASK_META_FINAL,
@@ -274,31 +275,47 @@ class FedimgController(BaseFedAvg):
         its ``privacy.min_cohort``) weighs as one case.
         """
         per_site, structured, weights = {}, {}, {}
+        test_sites, test_structured, test_weights = {}, {}, {}
         rejected = {site: _error_reason(rc) for site, rc in self._site_errors.items()}
         for res in results:
             site = (res.meta or {}).get("client_name", "?")
             if not res.metrics:
                 continue
             tree = (res.meta or {}).get(RESULT_META_VAL) or {}
-            why = check_metrics(res.metrics) or check_metrics(tree)
+            test_tree = (res.meta or {}).get(RESULT_META_TEST) or {}
+            why = check_metrics(res.metrics) or check_metrics(tree) or check_metrics(test_tree)
             if why:
                 rejected[site] = why
                 self.warning(f"step {step}: validation of {site} rejected: {why}")
                 progress.warning("server: step %s: validation of %s rejected: %s", step, site, why)
                 continue
-            per_site[site] = dict(res.metrics)
+            # Held-out test results (evaluation tasks only) are weighted by their own case counts and kept
+            # apart: they never rate a model.
+            per_site[site] = {k: v for k, v in res.metrics.items() if not k.startswith("test_")}
             structured[site] = dict(tree)
             cases = float(res.metrics.get("val_cases", math.nan))
             weights[site] = cases if cases >= 1 else 1.0  # withheld (NaN) or none: one case
+            if test_tree:
+                test_sites[site] = {k: v for k, v in res.metrics.items() if k.startswith("test_")}
+                test_structured[site] = dict(test_tree)
+                n_test = float(res.metrics.get("test_cases", math.nan))
+                test_weights[site] = n_test if n_test >= 1 else 1.0
         flat = weighted_metrics(per_site, weights)
         tree = weighted_metrics(structured, weights)
         writer = self._tb()
         for key, value in tree.items():
             if key != "cases":
-                writer.add_scalar(f"global/val/{key}", value, step)
+                writer.add_scalar(f"val/{key}", value, step)  # the "global" run: the same tags as the sites'
+        test_flat = weighted_metrics(test_sites, test_weights)
+        for key, value in weighted_metrics(test_structured, test_weights).items():
+            if key != "cases":
+                writer.add_scalar(f"test/{key}", value, step)
         writer.flush()
-        self._append("global_metrics.jsonl", {"step": step, "final_eval": final, "global": flat,
-                                              "sites": per_site, "weights": weights, "rejected": rejected})
+        record = {"step": step, "final_eval": final, "global": flat, "sites": per_site, "weights": weights,
+                  "rejected": rejected}
+        if test_sites:
+            record["test"] = {"global": test_flat, "sites": test_sites, "weights": test_weights}
+        self._append("global_metrics.jsonl", record)
         value = flat.get(self.key_metric)
         what = "final global model" if final else f"global model after {step} round(s)"
         shown = "n/a" if value is None else f"{value:.4f}"

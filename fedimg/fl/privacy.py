@@ -56,7 +56,7 @@ from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.filters.svt_privacy import SVTPrivacy
 
 from fedimg.fl.protocol import (MAX_ENTRIES, MAX_NAME, RESULT_META_ALGO, RESULT_META_BYTES, RESULT_META_DP,
-                                RESULT_META_TIMES, RESULT_META_VAL, is_number, scalar_tree_problem)
+                                RESULT_META_TIMES, RESULT_META_VAL, is_number, scalar_tree_problem, RESULT_META_TEST)
 
 DP_META = RESULT_META_DP
 GUARD_META = "fedimg_guard"
@@ -208,7 +208,7 @@ _ALLOWED_META = {
     MetaKey.NUM_STEPS_CURRENT_ROUND, MetaKey.CURRENT_ROUND, MetaKey.TOTAL_ROUNDS, MetaKey.START_ROUND,
     MetaKey.INITIAL_METRICS, MetaKey.PROCESSED_ALGORITHM, MetaKey.PROCESSED_KEYS, MetaKey.VALIDATE_TYPE,
     MetaKey.SUBMIT_MODEL_NAME, "model_name", "params_type", RESULT_META_VAL, RESULT_META_TIMES, RESULT_META_BYTES,
-    RESULT_META_ALGO, DP_META, AlgorithmConstants.SCAFFOLD_CTRL_DIFF,
+    RESULT_META_ALGO, DP_META, AlgorithmConstants.SCAFFOLD_CTRL_DIFF, RESULT_META_TEST,
 }
 _ARRAY_META = {AlgorithmConstants.SCAFFOLD_CTRL_DIFF}  # model-shaped arrays, checked like model entries
 _METRIC_META = {MetaKey.INITIAL_METRICS}

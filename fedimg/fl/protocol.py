@@ -19,6 +19,7 @@ TASK_META_FINAL = "fedimg_final_eval"  # a validate task that is the final evalu
 TASK_META_ALGORITHM = "fedimg_algorithm"
 TASK_META_ROUND = "fedimg_round"
 RESULT_META_VAL = "fedimg_val"  # structured validation metrics ("dice/organ"), for TensorBoard
+RESULT_META_TEST = "fedimg_test"  # the same on the site's held-out test cases (evaluation tasks only)
 RESULT_META_TIMES = "fedimg_seconds"  # the site's validation and training seconds
 RESULT_META_BYTES = "fedimg_update_bytes"  # tensor bytes of the update sent
 RESULT_META_ALGO = "fedimg_algorithm_stats"  # algorithm diagnostics (FedProx term, SCAFFOLD control norm)

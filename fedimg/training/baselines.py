@@ -72,18 +72,18 @@ def _train(exp: ExperimentConfig, name: str, train_items: list[dict[str, Any]],
     # Scored once at the end, on every site's cases: no per-epoch validation loader is needed.
     trainer = SiteTrainer(exp, train_items, [], rt)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = local_writer(out_dir / "tb")
+    writer = local_writer(out_dir / "tb" / name)  # a run named after the baseline, tags shared with the others
     history = []
     metric = trainer.task.main_metric
     for epoch in tqdm(range(1, epochs + 1), desc=f"{name}: train", unit="epoch", disable=not progress):
         trainer.set_progress((epoch - 1) / epochs)
         fit = trainer.fit(1)
         row = {"epoch": float(epoch), "train_loss": fit["loss"]}
-        writer.add_scalar(f"{name}/train/loss", fit["loss"], epoch)
+        writer.add_scalar("train/loss", fit["loss"], epoch)
         spent = trainer.privacy_spent()
         if spent is not None:  # DP-SGD: the same mechanism as the federated sites, accounted the same way
             row["privacy_epsilon"] = spent["epsilon"]
-            writer.add_scalar(f"{name}/privacy/epsilon", spent["epsilon"], epoch)
+            writer.add_scalar("privacy/epsilon", spent["epsilon"], epoch)
         history.append(row)
     # Final model on every site's validation cases.
     per_site = {}
@@ -92,7 +92,7 @@ def _train(exp: ExperimentConfig, name: str, train_items: list[dict[str, Any]],
             continue
         per_site[site] = trainer.evaluate(trainer.eval_loader(items))
         if metric in per_site[site]:
-            writer.add_scalar(f"{name}/val_on/{site}/{metric}", per_site[site][metric], epochs)
+            writer.add_scalar(f"val_on/{site}/{metric}", per_site[site][metric], epochs)
     # Held-out test cases: scored once, reported apart, never used to choose anything.
     per_site_test = {site: trainer.evaluate(trainer.eval_loader(items))
                      for site, items in (test_sets or {}).items() if items}
