@@ -52,6 +52,7 @@ class Reason(str, Enum):
     NOT_A_LABEL = "NOT_A_LABEL"
     LABEL_NOT_USED = "LABEL_NOT_USED"  # a segmentation label met by a classification spec (skipped)
     LABEL_SHEET = "LABEL_SHEET"  # a CSV file in the export: labels come only through --labels-csv (skipped)
+    FEDIMG_RECORD = "FEDIMG_RECORD"  # fedimg's own bookkeeping at the top of a folder it made (skipped)
     LABEL_UNREADABLE = "LABEL_UNREADABLE"  # no label found, and an unreadable entry near the image may hold it
     # output names
     UNSAFE_NAME = "UNSAFE_NAME"  # a header value that names an output file is not a valid UID (--write-dicom)

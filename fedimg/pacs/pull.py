@@ -35,13 +35,13 @@ from fedimg.pacs.errors import PacsRequestError
 from fedimg.pacs.keys import Key, KeyList
 from fedimg.pacs.store import MISSING, OCCUPIED, PRESENT, InstanceStore, study_folder
 from fedimg.preprocess.io import write_jsonl
-from fedimg.preprocess.outdir import claim, precheck
+from fedimg.preprocess.outdir import PULL_MANIFEST, claim, precheck
 
 __all__ = ["FAILED", "MANIFEST", "NOT_FOUND", "RETRIEVED", "KeyOutcome", "PullResult", "pull"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "pull_manifest.jsonl"
+MANIFEST = PULL_MANIFEST
 RETRIEVED, NOT_FOUND, FAILED = "retrieved", "not_found", "failed"
 _TABLE_ROWS = 50
 _KEY_WIDTH = 64

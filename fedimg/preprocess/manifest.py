@@ -142,6 +142,7 @@ ADVICE: dict[str, str] = {
     "IMAGE_REFUSED": "its image was refused; see the image's row",
     "NOT_A_LABEL": "unreadable label file",
     "LABEL_NOT_USED": "segmentation label; a classification spec reads classes from the labels CSV",
+    "FEDIMG_RECORD": "fedimg's own record of the folder (marker, journal, pull manifest); nothing to convert",
     "LABEL_SHEET": "a CSV file, not an image; labels are read only through --labels-csv",
     "LABEL_UNREADABLE": "no label found, and an UNREADABLE entry nearby may hold it; make it readable, run again",
     "UNSAFE_NAME": "(0008,0018) is not a UID (digits and dots, <= 64), it would name a copy; fix or drop --write-dicom",

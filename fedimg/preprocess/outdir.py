@@ -40,11 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from fedimg.errors import UserError
 from fedimg.preprocess.io import TMP_PREFIX
-from fedimg.preprocess.scan import PreprocessInputError
 
 MARKER = ".fedimg-output.json"
 JOURNAL = ".fedimg-journal"
+PULL_MANIFEST = "pull_manifest.jsonl"
+#: fedimg's own records at the top of a folder it made: when such a folder is read as a source (a pulled
+#: export), they are skipped with a reason, not refused as NOT_DICOM.
+RECORD_FILES = (MARKER, JOURNAL, PULL_MANIFEST)
 KINDS = ("convert", "preprocess", "demo", "dicom-copies", "pull")
 MARKER_VERSION = 1
 
@@ -52,7 +56,7 @@ MARKER_VERSION = 1
 LEGACY_STATE = {"convert": ".fedimg_convert_state.json", "preprocess": ".fedimg_preprocess_state.json"}
 
 
-class OutputDirError(PreprocessInputError):
+class OutputDirError(UserError, ValueError):
     """The output folder may not be written: not fedimg's, of another kind, overlapping the input, or busy."""
 
 

@@ -17,6 +17,7 @@ from fedimg.dicom.index import DicomHeader, FileProblem, Index, scan, walk_sourc
 from fedimg.errors import UserError
 from fedimg.dicom.reasons import Reason
 from fedimg.preprocess.manifest import REFUSED, SKIPPED, ManifestRow
+from fedimg.preprocess.outdir import RECORD_FILES, read_marker
 
 
 class PreprocessInputError(UserError, ValueError):
@@ -71,7 +72,11 @@ def index_source(src: Path, claim: Iterable[str] = (), label: str = "", progress
         raise PreprocessInputError(
             f"no DICOM files in source: expected DICOM files (any depth), found {len(entries)} file(s): {found}")
     rows: dict[str, ManifestRow] = {}
+    own = read_marker(src) is not None  # a folder fedimg made, e.g. a pull: its records are not images
     for p in index.problems:
+        if own and p.rel in RECORD_FILES:
+            rows[p.rel] = ManifestRow(p.rel, SKIPPED, Reason.FEDIMG_RECORD.value, "fedimg's record of this folder")
+            continue
         rows[p.rel] = ManifestRow(p.rel, SKIPPED if p.skipped else REFUSED, p.reason.value, p.detail)
     image_headers: list[DicomHeader] = []
     for h in index.headers:

@@ -24,7 +24,7 @@ import pydicom
 import pytest
 
 from tests.conftest import MR_SPEC, REPO, shared
-from tests.safety.pacs_orthanc import AET, CALLING_AET, USER, Orthanc, TlsProxy, start_orthanc
+from tests.pacs.orthanc_server import AET, CALLING_AET, USER, Orthanc, TlsProxy, start_orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -205,6 +205,11 @@ def test_pull_by_accession_preprocesses_exactly_like_the_folder_export(
 
     vols = _preprocess(dst, tmp_path / "pre")
     assert vols.keys() == folder_export_volumes.keys()
+    # The pull's own records are accounted as fedimg's, not refused as NOT_DICOM.
+    pre_rows = [json.loads(line) for line in (tmp_path / "pre" / "manifest.jsonl").read_text().splitlines()]
+    own = {r["input"]: (r["status"], r["reason"]) for r in pre_rows if not r["input"].startswith("study-")}
+    assert own == {".fedimg-output.json": ("skipped", "FEDIMG_RECORD"),
+                   "pull_manifest.jsonl": ("skipped", "FEDIMG_RECORD")}
     for name, data in folder_export_volumes.items():
         assert vols[name] == data, f"{name} differs from the folder export's"
 
