@@ -172,3 +172,36 @@ def tiny_classification(dims: int, **over):
     }
     data = cfg.apply_overrides(base, [f"{k}={v}" for k, v in over.items()])
     return cfg.from_dict(cfg.ExperimentConfig, data)
+
+
+def controller_for(algorithm: str = "fedavg", net=None, num_clients: int = 3, overrides: dict | None = None, **fed):
+    """A FedimgController on a tiny segmentation experiment, its global model set from ``net`` (default Linear(3, 2)).
+
+    ``fed`` holds ``fed.*`` overrides (dotted below ``fed``), ``overrides`` any other experiment key. The strategy's own network (FedOpt's server
+    model, SCAFFOLD's parameters, FedBN's normalization layers) is ``net`` too, so tests see small, known keys.
+    """
+    import copy
+    import json
+    from unittest import mock
+
+    import torch
+
+    from fedimg import config as cfg
+    from fedimg.fl.controller import FedimgController
+    from fedimg.fl.exchange import to_float32
+
+    exp = tiny_experiment(**{"fed.algorithm": algorithm, **{f"fed.{k}": v for k, v in fed.items()}, **(overrides or {})})
+    ctl = FedimgController(num_clients=num_clients, num_rounds=1, experiment=json.dumps(cfg.to_dict(exp)))
+    torch.manual_seed(0)
+    net = net if net is not None else torch.nn.Linear(3, 2)
+    ctl._global = to_float32(net.state_dict())
+    with mock.patch(f"fedimg.fl.algorithms.{algorithm}.build_model", lambda *a, **k: copy.deepcopy(net),
+                    create=True):
+        ctl.strategy.setup(ctl._global)
+    return ctl
+
+
+def apply_round(ctl, updates, ptype, results) -> None:
+    """What the controller's round does with the accepted updates: the strategy's new global model."""
+    metas = {(r.meta or {}).get("client_name"): (r.meta or {}) for r in results}
+    ctl._global = ctl.strategy.apply(ctl._global, updates, ptype == "DIFF", metas)

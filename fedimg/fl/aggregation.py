@@ -33,13 +33,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fedimg.config import ExperimentConfig
+
 from fedimg.fl.protocol import MAX_ENTRIES, MAX_NAME, is_number
 from fedimg.training.checkpoint import state_problem
 
 METHODS = ("mean", "median", "trimmed_mean")
 
 # A generous bound on one site's cases (training or validation): case counts above it are not believed, and
-# the default bound on a round's optimizer steps is derived from it (fedimg.fl.recipe.max_steps_per_round).
+# the default bound on a round's optimizer steps is derived from it (:func:`max_steps_per_round`).
 MAX_CASES_PER_SITE = 100_000
 
 # Metric families by name (after "val_", "/" read as "_"), most specific first: their valid ranges.
@@ -278,3 +280,17 @@ def check_metrics(metrics: Any, max_cases: int = MAX_CASES_PER_SITE) -> str | No
         if family in _COUNTS and not (v.is_integer() and 0 <= v <= max_cases):
             return f"OUT_OF_RANGE: {what} is {v:.6g}, not a whole number in [0, {max_cases}]"
     return None
+
+
+def max_steps_per_round(exp: ExperimentConfig) -> int:
+    """The largest number of optimizer steps per round the server believes a site did (its aggregation weight).
+
+    ``fed.max_steps_per_round`` when set; otherwise derived: ``train.local_epochs
+    x ceil(MAX_CASES_PER_SITE / data.batch_size)``, the steps of a site with
+    :data:`MAX_CASES_PER_SITE` training cases (one step
+    per batch of cases, as the training loader and Opacus' Poisson loader
+    both take).
+    """
+    if exp.fed.max_steps_per_round:
+        return int(exp.fed.max_steps_per_round)
+    return int(exp.train.local_epochs * math.ceil(MAX_CASES_PER_SITE / exp.data.batch_size))

@@ -43,19 +43,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import make_model_learnable
-from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
-from nvflare.app_common.utils.fedprox_utils import set_fedprox_metadata
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 
-from fedimg.fl.aggregation import (MAX_CASES_PER_SITE, Update, aggregate, check_metrics, check_update, check_weight,
-                                   screen_updates, weighted_metrics)
+from fedimg import config as cfgmod
+from fedimg.config import ExperimentConfig
+from fedimg.fl.aggregation import (
+    Update,
+    check_metrics,
+    check_update,
+    check_weight,
+    max_steps_per_round,
+    screen_updates,
+    weighted_metrics,
+)
+from fedimg.fl.algorithms import ServerStrategy, server_strategy
 from fedimg.fl.exchange import to_float32
-from fedimg.models.registry import build_from_spec, normalization_keys
+from fedimg.fl.tracking import scalar_layout
 from fedimg.training.tracking import local_writer
 
 from fedimg.fl.protocol import (
@@ -102,38 +110,22 @@ def _reported(value: Any) -> Any:
 class FedimgController(BaseFedAvg):
     """Round loop with best-model selection on the rated model, a final evaluation and round records.
 
+    Everything else it needs comes from the experiment the job ships: the
+    algorithm's server strategy (:mod:`fedimg.fl.algorithms`), the key metric,
+    screening and robust aggregation (``fed.robust``), the update precision,
+    the bound on a round's reported steps (``fed.max_steps_per_round``), the
+    time limits and ``fed.min_clients``. There is no second copy of those
+    settings here.
+
     Args:
         num_clients: sites of the federation (each round asks every connected site).
         num_rounds: rounds to run in this job.
+        experiment: the resolved experiment as JSON (what the job ships as
+            ``experiment.yaml``); a string, because NVFlare would turn a nested
+            dict holding class paths into objects.
         start_round: first round number; ``-1`` continues from the initial
             checkpoint's ``meta["fedimg"]["rounds_done"]`` (0 without one).
-        algorithm: ``fedavg``, ``fedprox``, ``fedopt``, ``scaffold`` or ``fedbn``.
-        key_metric: FLModel metric ranking global models (higher is better).
-        fedprox_mu: FedProx's proximal coefficient (sent with every training task).
-        model_spec: ``{"class_path", "args"}`` of the network as JSON (FedOpt's server model). A
-            string, because NVFlare would build a dict holding a class path into an object.
-        server_optimizer: FedOpt: ``{"name": sgd|adam, "lr", "momentum", "betas", "eps"}``.
-        aggregation: ``mean``, ``median`` or ``trimmed_mean``.
-        trim: values dropped per end for ``trimmed_mean``.
-        norm_outlier_factor, max_update_norm, min_cosine: update screening
-            (see :func:`fedimg.fl.aggregation.screen_updates`); NaN/Inf updates are always rejected.
-        update_precision: ``fp32`` or ``fp16`` (``fed.update_precision``): fp16
-            entries are accepted only with ``fp16``.
-        max_steps_per_round: the largest aggregation weight (a site's reported
-            optimizer steps of a round) believed; a site's later reports are
-            also bounded by :data:`STEP_GROWTH` x its first accepted one. A
-            report that is missing, not finite, <= 0 or above the bound
-            rejects the update (the recipe derives the bound from
-            ``fed.max_steps_per_round``).
-        final_eval: validate the final global model at every site after the last round.
-        min_responses: updates a round needs to count (0: every sampled site).
-        train_timeout: seconds a round waits for updates; 0 is adaptive:
-            ``first_round_timeout`` for the first round, then 3x the slowest
-            round so far (at least ``min_round_timeout``).
-        first_round_timeout: the first round's limit when adaptive.
-        min_round_timeout: the floor of the adaptive limit.
-        eval_timeout: limit of the final evaluation.
-        tb_layout: TensorBoard custom-scalar layout written with the global curves.
+        persistor_id: the job's model persistor.
         task_check_period: seconds between checks for results.
     """
 
@@ -142,27 +134,9 @@ class FedimgController(BaseFedAvg):
         *,
         num_clients: int,
         num_rounds: int,
+        experiment: str,
         start_round: int = 0,
         persistor_id: str = "persistor",
-        algorithm: str = "fedavg",
-        key_metric: str = "val_dice",
-        fedprox_mu: float | None = None,
-        model_spec: str | None = None,
-        server_optimizer: dict | None = None,
-        aggregation: str = "mean",
-        trim: int = 1,
-        norm_outlier_factor: float = 0.0,
-        max_update_norm: float = 0.0,
-        min_cosine: float | None = None,
-        update_precision: str = "fp32",
-        max_steps_per_round: int = MAX_CASES_PER_SITE,
-        final_eval: bool = True,
-        min_responses: int = 0,
-        train_timeout: int = 0,
-        first_round_timeout: int = 1800,
-        min_round_timeout: int = 60,
-        eval_timeout: int = 600,
-        tb_layout: dict | None = None,
         task_check_period: float = 0.2,
     ) -> None:
         # A site's error answer (a crash, or a result its own guard blocked) is recorded as that site's rejection;
@@ -170,42 +144,18 @@ class FedimgController(BaseFedAvg):
         # run on the first error when every site is needed for the broadcast).
         super().__init__(num_clients=num_clients, num_rounds=num_rounds, start_round=max(0, start_round),
                          persistor_id=persistor_id, task_check_period=task_check_period, ignore_result_error=True)
-        # NVFlare writes the job config from attributes named like the arguments: keep the -1 as given.
+        # NVFlare writes the job config from attributes named like the arguments: keep them as given.
         self.start_round = start_round
-        self.algorithm = algorithm
-        self.key_metric = key_metric
-        self.fedprox_mu = fedprox_mu
-        self.model_spec = model_spec
-        self.server_optimizer = server_optimizer or {}
-        self.aggregation = aggregation
-        self.trim = trim
-        self.norm_outlier_factor = norm_outlier_factor
-        self.max_update_norm = max_update_norm
-        self.min_cosine = min_cosine
-        if update_precision not in ("fp32", "fp16"):
-            raise ValueError(f"update_precision must be 'fp32' or 'fp16', got {update_precision!r}")
-        self.update_precision = update_precision
-        if isinstance(max_steps_per_round, bool) or not isinstance(max_steps_per_round, (int, float)) \
-                or not math.isfinite(max_steps_per_round) or max_steps_per_round <= 0:
-            raise ValueError(f"max_steps_per_round must be a finite number > 0, got {max_steps_per_round!r}")
-        self.max_steps_per_round = max_steps_per_round
-        self.final_eval = final_eval
-        self.min_responses = min_responses
-        self.train_timeout = train_timeout
-        self.first_round_timeout = first_round_timeout
-        self.min_round_timeout = min_round_timeout
-        self.eval_timeout = eval_timeout
+        self.experiment = experiment
+        self.exp = cfgmod.from_dict(ExperimentConfig, json.loads(experiment))
+        self.fed = self.exp.fed
+        self.key_metric = self.exp.key_metric
+        self.strategy: ServerStrategy = server_strategy(self.exp)
+        self.max_steps_per_round = max_steps_per_round(self.exp)
         self._round_seconds: list[float] = []
-        self.tb_layout = tb_layout
         self._writer: Any = None
         self._global: dict[str, np.ndarray] = {}
-        self._controls: dict[str, np.ndarray] = {}
-        self._torch_model: torch.nn.Module | None = None
-        self._server_opt: torch.optim.Optimizer | None = None
         self._best: dict[str, Any] = {"value": -math.inf, "round": None}
-        self._history: list[dict[str, Any]] = []
-        self._local_keys: frozenset[str] = frozenset()  # FedBN: entries that stay at the sites
-        self._param_keys: frozenset[str] | None = None  # SCAFFOLD: the entries a control change covers
         self._first_steps: dict[str, float] = {}
         self._site_errors: dict[str, Any] = {}  # site -> return code of its non-result answer (this broadcast)
 
@@ -219,8 +169,7 @@ class FedimgController(BaseFedAvg):
     def _tb(self) -> Any:
         if self._writer is None:
             self._writer = local_writer(Path(self.get_run_dir()) / "tb_events" / "global")
-            if self.tb_layout:
-                self._writer.add_custom_scalars(self.tb_layout)
+            self._writer.add_custom_scalars(scalar_layout(self.exp))
         return self._writer
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
@@ -229,39 +178,8 @@ class FedimgController(BaseFedAvg):
 
     # ------------------------------------------------------------------ setup
 
-    def _setup_algorithm(self) -> None:
-        if self.algorithm in ("fedbn", "scaffold"):
-            if not self.model_spec:
-                raise ValueError(f"{self.algorithm} needs model_spec to know the network's site-local entries "
-                                 "and parameters")
-            net = build_from_spec(json.loads(self.model_spec))
-            if self.algorithm == "fedbn":
-                self._local_keys = frozenset(normalization_keys(net))
-            else:
-                self._param_keys = frozenset(name for name, _ in net.named_parameters())
-        if self.algorithm == "fedopt":
-            if not self.model_spec:
-                raise ValueError("fedopt needs model_spec to build the server-side model")
-            self._torch_model = build_from_spec(json.loads(self.model_spec))
-            self._torch_model.load_state_dict({k: torch.as_tensor(v) for k, v in self._global.items()}, strict=True)
-            opt = self.server_optimizer
-            params = self._torch_model.parameters()
-            if opt.get("name", "sgd") == "adam":
-                self._server_opt = torch.optim.Adam(params, lr=float(opt.get("lr", 1e-2)),
-                                                    betas=tuple(opt.get("betas", (0.9, 0.99))),
-                                                    eps=float(opt.get("eps", 1e-3)))
-            else:
-                self._server_opt = torch.optim.SGD(params, lr=float(opt.get("lr", 1.0)),
-                                                   momentum=float(opt.get("momentum", 0.0)))
-        if self.algorithm == "scaffold":
-            self._controls = {k: np.zeros_like(v, dtype=np.float32) for k, v in self._global.items()
-                              if np.issubdtype(v.dtype, np.floating)}
-
     def _task_meta(self, rnd: int) -> dict[str, Any]:
-        meta: dict[str, Any] = {TASK_META_ALGORITHM: self.algorithm, TASK_META_ROUND: rnd}
-        if self.algorithm == "scaffold":
-            meta[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL] = self._controls
-        return meta
+        return {TASK_META_ALGORITHM: self.fed.algorithm, TASK_META_ROUND: rnd, **self.strategy.task_meta()}
 
     # ------------------------------------------------------------------ metrics and best model
 
@@ -327,7 +245,7 @@ class FedimgController(BaseFedAvg):
         return flat
 
     def _meta(self, rounds_done: int) -> dict[str, Any]:
-        return {META_KEY: {"rounds_done": rounds_done, "algorithm": self.algorithm,
+        return {META_KEY: {"rounds_done": rounds_done, "algorithm": self.fed.algorithm,
                            "best_round": self._best["round"], "best_value": self._best["value"],
                            "key_metric": self.key_metric},
                 "current_round": rounds_done - 1}
@@ -353,24 +271,10 @@ class FedimgController(BaseFedAvg):
         bound = float(self.max_steps_per_round)
         return bound if first is None else min(bound, STEP_GROWTH * first)
 
-    def _check_controls(self, ctrl: Any) -> str | None:
-        """Why a site's SCAFFOLD control change cannot be used (None: it can)."""
-        if ctrl is None:
-            return (f"MISSING_CONTROLS: no control-variate change (meta {AlgorithmConstants.SCAFFOLD_CTRL_DIFF!r}); "
-                    "every site must run scaffold")
-        if self._param_keys is None:  # no network known: any subset of the controls, nothing else
-            reference, optional = self._controls, set(self._controls)
-        else:
-            reference, optional = {k: v for k, v in self._controls.items() if k in self._param_keys}, set()
-        why = check_update(ctrl, reference, local_keys=optional, fp16=self.update_precision == "fp16")
-        if why is None:
-            return None
-        code, _, rest = why.partition(": ")
-        return f"{code}: in the SCAFFOLD control change, {rest}"
-
     def _updates(self, results: list[FLModel]) -> tuple[list[Update], dict[str, Any], str | None]:
         """The round's usable updates, every other site's with its reason (checked before screening)."""
         updates, ptype = [], None
+        fp16 = self.fed.update_precision == "fp16"
         info: dict[str, Any] = {site: _error_reason(rc) for site, rc in self._site_errors.items()}
         for res in results:
             meta = res.meta or {}
@@ -379,10 +283,8 @@ class FedimgController(BaseFedAvg):
                 info[site] = "EMPTY: the result holds no model entries"
                 continue
             weight, why = check_weight(meta.get(RESULT_META_STEPS), self._step_bound(site))
-            why = why or check_update(res.params, self._global, local_keys=self._local_keys,
-                                      fp16=self.update_precision == "fp16")
-            if why is None and self.algorithm == "scaffold":
-                why = self._check_controls(meta.get(AlgorithmConstants.SCAFFOLD_CTRL_DIFF))
+            why = why or check_update(res.params, self._global, local_keys=self.strategy.local_keys, fp16=fp16)
+            why = why or self.strategy.check_result(meta)
             if why is not None or weight is None:
                 info[site] = why
                 continue
@@ -395,70 +297,28 @@ class FedimgController(BaseFedAvg):
             self._first_steps.setdefault(site, weight)
             updates.append(Update(site=site, params=to_float32(res.params, self._global), weight=weight))
         if ptype is not None:
-            updates, screened = screen_updates(updates, self._global, ptype == "DIFF", self.norm_outlier_factor,
-                                               self.max_update_norm, self.min_cosine)
+            rb = self.fed.robust
+            updates, screened = screen_updates(updates, self._global, ptype == "DIFF", rb.norm_outlier_factor,
+                                               rb.max_update_norm, rb.min_cosine)
             info.update(screened)
         for site, reason in info.items():
             self.warning(f"round {self.current_round}: update of {site} rejected: {reason}")
             progress.warning("server: round %s: update of %s rejected: %s", self.current_round, site, reason)
         return updates, info, ptype
 
-    def _apply(self, updates: list[Update], ptype: str, results: list[FLModel]) -> None:
-        agg = aggregate(updates, self.aggregation, self.trim)
-        if ptype == "FULL" and self.algorithm == "fedopt":
-            raise ValueError("fedopt needs differences: set fed.exchange: diff")
-        if self.algorithm == "fedopt":
-            self._server_step(agg)
-        elif ptype == "FULL":
-            self._global.update(agg)  # entries no site sent (FedBN) keep their value
-        else:
-            for k, d in agg.items():
-                g = self._global[k]
-                self._global[k] = (g + d).astype(g.dtype)
-        if self.algorithm == "scaffold":
-            ctrl = [Update(site=u.site, params=to_float32(r.meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF]), weight=u.weight)
-                    for u, r in zip(updates, self._matching(results, updates))
-                    if AlgorithmConstants.SCAFFOLD_CTRL_DIFF in (r.meta or {})]
-            if len(ctrl) != len(updates):
-                raise ValueError("SCAFFOLD: a site did not return its control-variate change "
-                                 f"(meta {AlgorithmConstants.SCAFFOLD_CTRL_DIFF!r}); every site must run scaffold")
-            for k, d in aggregate(ctrl, "mean").items():
-                if k in self._controls:
-                    self._controls[k] = (self._controls[k] + d).astype(np.float32)
-
-    @staticmethod
-    def _matching(results: list[FLModel], updates: list[Update]) -> list[FLModel]:
-        by_site = {(r.meta or {}).get("client_name"): r for r in results}
-        return [by_site[u.site] for u in updates]
-
-    def _server_step(self, diff: dict[str, np.ndarray]) -> None:
-        if self._torch_model is None or self._server_opt is None:
-            raise RuntimeError("FedOpt's server model was not set up before the first aggregation")
-        self._server_opt.zero_grad()
-        named = dict(self._torch_model.named_parameters())
-        for name, p in named.items():
-            if name in diff:
-                # The averaged update is a descent direction: its negative is the pseudo-gradient.
-                p.grad = torch.as_tensor(-diff[name], dtype=p.dtype)
-        self._server_opt.step()
-        state = self._torch_model.state_dict()
-        for k, v in state.items():
-            if k in named:
-                self._global[k] = v.detach().cpu().numpy().astype(np.float32)
-            elif k in diff:  # buffers (BatchNorm statistics): plain averaging
-                g = self._global[k]
-                self._global[k] = (g + diff[k]).astype(g.dtype)
-                v.copy_(torch.as_tensor(self._global[k]))
-
     # ------------------------------------------------------------------ time limits
 
     def round_limit(self) -> int:
-        """Seconds the next round waits for updates (see ``train_timeout``)."""
-        if self.train_timeout > 0:
-            return int(self.train_timeout)
+        """Seconds the next round waits for updates: ``fed.round_timeout_s``, or (0) adaptive.
+
+        Adaptive: ``fed.first_round_timeout_s`` for the first round, then 3x the
+        slowest complete round so far, at least ``fed.min_round_timeout_s``.
+        """
+        if self.fed.round_timeout_s > 0:
+            return int(self.fed.round_timeout_s)
         if not self._round_seconds:
-            return int(self.first_round_timeout)
-        return int(max(float(self.min_round_timeout), 3.0 * max(self._round_seconds)))
+            return int(self.fed.first_round_timeout_s)
+        return int(max(float(self.fed.min_round_timeout_s), 3.0 * max(self._round_seconds)))
 
     # ------------------------------------------------------------------ the workflow
 
@@ -472,9 +332,10 @@ class FedimgController(BaseFedAvg):
             self.start_round = int(prior.get("rounds_done", 0) or 0)
         if prior.get("best_value") is not None and prior.get("key_metric") == self.key_metric:
             self._best = {"value": float(prior["best_value"]), "round": prior.get("best_round")}
-        self._setup_algorithm()
+        self.strategy.setup(self._global)
         end = self.start_round + self.num_rounds
-        self.info(f"fedimg {self.algorithm}: rounds {self.start_round}..{end - 1}, aggregation {self.aggregation}")
+        self.info(f"fedimg {self.fed.algorithm}: rounds {self.start_round}..{end - 1}, aggregation "
+                  f"{self.fed.robust.aggregation}")
         t_start = time.time()
         live: list[Any] = []
         for self.current_round in range(self.start_round, end):
@@ -482,7 +343,6 @@ class FedimgController(BaseFedAvg):
             t0 = time.time()
             data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=rnd, total_rounds=end,
                            start_round=self.start_round, meta=self._task_meta(rnd))
-            set_fedprox_metadata(data, self.fedprox_mu if self.algorithm == "fedprox" else None)
             clients = self.sample_clients(None)  # every connected site, every round: a returning site rejoins
             self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, rnd, private=True, sticky=False)
             self.event(AppEventType.ROUND_STARTED)
@@ -500,7 +360,7 @@ class FedimgController(BaseFedAvg):
             contributed = [u.site for u in updates]
             missing = [c for c in clients if c not in contributed and c not in rejected]
             live = [c for c in clients if c not in missing]
-            needed = self.min_responses or len(clients)
+            needed = self.fed.min_clients or len(clients)
             if missing:
                 progress.warning("server: round %d: no update from %s within %d s; the round goes on with %s",
                                  rnd, ", ".join(missing), limit, ", ".join(contributed) or "no site")
@@ -514,7 +374,8 @@ class FedimgController(BaseFedAvg):
                 return
             t1 = time.time()
             if updates and ptype is not None:
-                self._apply(updates, ptype, results)
+                metas = {(r.meta or {}).get("client_name"): (r.meta or {}) for r in results}
+                self._global = self.strategy.apply(self._global, updates, ptype == "DIFF", metas)
             t_agg = time.time() - t1
             self.save_model(FLModel(params=self._global, meta=self._meta(rnd + 1)))
             self._append("rounds.jsonl", {
@@ -538,7 +399,7 @@ class FedimgController(BaseFedAvg):
                 # Only complete rounds size the limit: a round cut by the limit says nothing of the sites' speed.
                 self._round_seconds.append(time.time() - t0)
             self._maybe_cleanup_memory()
-        if self.final_eval:
+        if self.fed.final_eval:
             t0 = time.time()
             data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=end, total_rounds=end,
                            meta={TASK_META_FINAL: True, TASK_META_ROUND: end})
@@ -546,7 +407,7 @@ class FedimgController(BaseFedAvg):
             # limit (NVFlare 2.9 does not redeploy a running job to a restarted site).
             self._site_errors = {}
             results = self.broadcast_model(task_name="validate", data=data, targets=live or None,
-                                           timeout=int(self.eval_timeout))
+                                           timeout=int(self.fed.eval_timeout_s))
             final = self._record_validation(end, results, final=True)
             # Rewrite the final model with the best-model record that now includes its own score.
             self.save_model(FLModel(params=self._global, meta=self._meta(end)))
@@ -554,7 +415,8 @@ class FedimgController(BaseFedAvg):
                                           "seconds": {"evaluation": time.time() - t0}, "started": t0 - t_start})
         else:
             final = {}
-        summary = {"algorithm": self.algorithm, "aggregation": self.aggregation, "start_round": self.start_round,
+        summary = {"algorithm": self.fed.algorithm, "aggregation": self.fed.robust.aggregation,
+                   "start_round": self.start_round,
                    "end_round": end, "key_metric": self.key_metric, "best": self._best, "final_global_val": final}
         (self._out_dir() / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
         if self._writer is not None:

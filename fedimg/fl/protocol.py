@@ -25,6 +25,10 @@ RESULT_META_BYTES = "fedimg_update_bytes"  # tensor bytes of the update sent
 RESULT_META_ALGO = "fedimg_algorithm_stats"  # algorithm diagnostics (FedProx term, SCAFFOLD control norm)
 RESULT_META_DP = "fedimg_dp"  # what a site's DP filter did: clip norm, noise, epsilon spent
 RESULT_META_STEPS = "NUM_STEPS_CURRENT_ROUND"  # NVFlare's name: optimizer steps of the round (aggregation weight)
+# NVFlare's names (AlgorithmConstants), kept here so the pure server strategies need no NVFlare import.
+FEDPROX_MU = "fedprox_mu"  # task meta: FedProx's coefficient
+SCAFFOLD_CTRL_GLOBAL = "scaffold_c_global"  # task meta: SCAFFOLD's global control variates
+SCAFFOLD_CTRL_DIFF = "scaffold_c_diff"  # result meta: a site's change of its control variates
 
 MAX_TEXT = 64  # longest string value in result metadata
 MAX_NAME = 128  # longest name of a metric or metadata entry

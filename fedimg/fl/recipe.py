@@ -28,10 +28,9 @@ from nvflare.client.config import TransferType
 
 from fedimg import config as cfgmod
 from fedimg.config import ExperimentConfig
-from fedimg.fl.aggregation import MAX_CASES_PER_SITE
 from fedimg.fl.controller import FedimgController
 from fedimg.fl.privacy import update_filter
-from fedimg.fl.tracking import GLOBAL_RUN, CrossSiteReport, ScalarTBReceiver, scalar_layout
+from fedimg.fl.tracking import GLOBAL_RUN, CrossSiteReport, ScalarTBReceiver
 from fedimg.models.registry import model_spec
 
 
@@ -71,49 +70,10 @@ class FedimgRecipe(FedAvgRecipe):
         super().__init__(**kwargs)
 
     def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> FedimgController:
-        exp = self._exp
-        so = exp.fed.server_optimizer
-        rb = exp.fed.robust
-        return FedimgController(
-            num_clients=self.min_clients,
-            num_rounds=self.num_rounds,
-            start_round=self._start_round,
-            persistor_id=persistor_id or "persistor",
-            algorithm=exp.fed.algorithm,
-            key_metric=exp.key_metric,
-            fedprox_mu=exp.fed.mu,
-            model_spec=json.dumps(model_spec(exp.model, exp.task)),
-            server_optimizer={"name": so.name, "lr": so.lr, "momentum": so.momentum, "betas": list(so.betas),
-                              "eps": so.eps},
-            final_eval=exp.fed.final_eval,
-            aggregation=rb.aggregation,
-            trim=rb.trim,
-            norm_outlier_factor=rb.norm_outlier_factor,
-            max_update_norm=rb.max_update_norm,
-            min_cosine=rb.min_cosine,
-            update_precision=exp.fed.update_precision,
-            max_steps_per_round=max_steps_per_round(exp),
-            min_responses=exp.fed.min_clients,
-            train_timeout=exp.fed.round_timeout_s,
-            first_round_timeout=exp.fed.first_round_timeout_s,
-            min_round_timeout=exp.fed.min_round_timeout_s,
-            eval_timeout=exp.fed.eval_timeout_s,
-            tb_layout=scalar_layout(exp),
-        )
-
-
-def max_steps_per_round(exp: ExperimentConfig) -> int:
-    """The largest number of optimizer steps per round the server believes a site did (its aggregation weight).
-
-    ``fed.max_steps_per_round`` when set; otherwise derived: ``train.local_epochs
-    x ceil(MAX_CASES_PER_SITE / data.batch_size)``, the steps of a site with
-    :data:`fedimg.fl.aggregation.MAX_CASES_PER_SITE` training cases (one step
-    per batch of cases, as the training loader and Opacus' Poisson loader
-    both take).
-    """
-    if exp.fed.max_steps_per_round:
-        return int(exp.fed.max_steps_per_round)
-    return int(exp.train.local_epochs * math.ceil(MAX_CASES_PER_SITE / exp.data.batch_size))
+        # The controller reads every setting from the experiment itself: one source, no copied arguments.
+        return FedimgController(num_clients=self.min_clients, num_rounds=self.num_rounds,
+                                experiment=json.dumps(cfgmod.to_dict(self._exp)), start_round=self._start_round,
+                                persistor_id=persistor_id or "persistor")
 
 
 def report_metrics(exp: ExperimentConfig) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 
 from fedimg.fl.aggregation import Update, aggregate, weighted_metrics
 from fedimg.fl.exchange import DIFF, FULL, make_update, payload_bytes, to_float32
+from tests.conftest import apply_round, controller_for
 
 
 def _state():
@@ -77,15 +78,9 @@ def test_weighted_metrics_skip_missing_and_non_finite():
 
 
 def _controller(algorithm: str, server_optimizer: dict | None = None):
-    from fedimg.fl.controller import FedimgController
-
-    spec = {"class_path": "torch.nn.Linear", "args": {"in_features": 3, "out_features": 2}}
-    ctl = FedimgController(num_clients=2, num_rounds=1, algorithm=algorithm, model_spec=json.dumps(spec),
-                           server_optimizer=server_optimizer)
-    torch.manual_seed(0)
-    ctl._global = to_float32(torch.nn.Linear(3, 2).state_dict())
-    ctl._setup_algorithm()
-    return ctl
+    so = {f"server_optimizer.{k}": (json.dumps(v) if isinstance(v, list) else v)
+          for k, v in (server_optimizer or {}).items()}
+    return controller_for(algorithm, num_clients=2, exchange="diff", **so)
 
 
 def _diff_updates(ctl, scale=1.0):
@@ -95,22 +90,20 @@ def _diff_updates(ctl, scale=1.0):
 
 
 def test_adaptive_round_limit_is_three_times_the_slowest_round_above_its_floor():
-    from fedimg.fl.controller import FedimgController
-
-    ctl = FedimgController(num_clients=2, num_rounds=3, first_round_timeout=120, min_round_timeout=20)
+    ctl = controller_for(first_round_timeout_s=120, min_round_timeout_s=20)
     assert ctl.round_limit() == 120  # nothing measured yet: the first round's limit
     ctl._round_seconds += [4.0, 5.0]
     assert ctl.round_limit() == 20  # 3 x 5 s is below the floor
     ctl._round_seconds.append(9.5)
     assert ctl.round_limit() == 28  # 3 x the slowest round
-    assert FedimgController(num_clients=2, num_rounds=3, train_timeout=45).round_limit() == 45  # fixed limit
+    assert controller_for(round_timeout_s=45).round_limit() == 45  # fixed limit
 
 
 def test_fedopt_sgd_without_momentum_at_lr_1_is_fedavg():
     avg, opt = _controller("fedavg"), _controller("fedopt", {"name": "sgd", "lr": 1.0, "momentum": 0.0})
     start = {k: v.copy() for k, v in avg._global.items()}
-    avg._apply(_diff_updates(avg), "DIFF", [])
-    opt._apply(_diff_updates(opt), "DIFF", [])
+    apply_round(avg, _diff_updates(avg), "DIFF", [])
+    apply_round(opt, _diff_updates(opt), "DIFF", [])
     for k in start:
         assert np.allclose(avg._global[k], start[k] + 0.2, atol=1e-6)
         assert np.allclose(opt._global[k], avg._global[k], atol=1e-6)
@@ -119,14 +112,14 @@ def test_fedopt_sgd_without_momentum_at_lr_1_is_fedavg():
 def test_fedopt_server_momentum_and_learning_rate():
     opt = _controller("fedopt", {"name": "sgd", "lr": 0.5, "momentum": 0.6})
     start = {k: v.copy() for k, v in opt._global.items()}
-    opt._apply(_diff_updates(opt), "DIFF", [])
-    opt._apply(_diff_updates(opt), "DIFF", [])
+    apply_round(opt, _diff_updates(opt), "DIFF", [])
+    apply_round(opt, _diff_updates(opt), "DIFF", [])
     # SGD with momentum on pseudo-gradient -0.2: steps 0.5*0.2, then 0.5*(0.2 + 0.6*0.2).
     for k in start:
         assert np.allclose(opt._global[k], start[k] + 0.1 + 0.16, atol=1e-6)
     adam = _controller("fedopt", {"name": "adam", "lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-3})
     before = {k: v.copy() for k, v in adam._global.items()}
-    adam._apply(_diff_updates(adam), "DIFF", [])
+    apply_round(adam, _diff_updates(adam), "DIFF", [])
     assert all(np.all(adam._global[k] > before[k]) for k in before)  # moved along the average update
 
 
@@ -139,10 +132,9 @@ def test_scaffold_updates_its_global_controls():
     results = [FLModel(params=u.params, meta={"client_name": u.site, AlgorithmConstants.SCAFFOLD_CTRL_DIFF:
                                               {k: np.full_like(v, c) for k, v in ctl._global.items()}})
                for u, c in zip(ups, (1.0, 3.0))]
-    ctl._apply(ups, "DIFF", results)
-    assert all(np.allclose(v, 2.0) for v in ctl._controls.values())
-    with pytest.raises(ValueError, match="did not return its control-variate change"):
-        ctl._apply(ups, "DIFF", [FLModel(params=u.params, meta={"client_name": u.site}) for u in ups])
+    apply_round(ctl, ups, "DIFF", results)
+    assert all(np.allclose(v, 2.0) for v in ctl.strategy.controls.values())
+    assert ctl.strategy.check_result({"client_name": "a"}).startswith("MISSING_CONTROLS")
 
 
 def _honest(rng, n=3):

@@ -24,20 +24,10 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AlgorithmConstants
 
 from fedimg.fl.exchange import to_float32
+from tests.conftest import apply_round, controller_for
 
-LINEAR = {"class_path": "torch.nn.Linear", "args": {"in_features": 3, "out_features": 2}}
-
-
-def _controller(algorithm="fedavg", spec=LINEAR, **kw):
-    from fedimg.fl.controller import FedimgController
-
-    ctl = FedimgController(num_clients=3, num_rounds=1, algorithm=algorithm, model_spec=json.dumps(spec), **kw)
-    torch.manual_seed(0)
-    from fedimg.models.registry import build_from_spec
-
-    ctl._global = to_float32(build_from_spec(spec).state_dict())
-    ctl._setup_algorithm()
-    return ctl
+def _controller(algorithm="fedavg", net=None, **fed):
+    return controller_for(algorithm, net=net, **fed)
 
 
 def _result(ctl, site, steps=10, change=0.1, params=None, kind=ParamsType.DIFF, **meta):
@@ -56,7 +46,7 @@ def test_a_site_reporting_an_impossible_weight_is_rejected_and_does_not_move_the
     updates, rejected, ptype = ctl._updates(results)
     assert [u.site for u in updates] == ["site-1", "site-2"]
     assert list(rejected) == ["site-3"] and rejected["site-3"].startswith(code)
-    ctl._apply(updates, ptype, results)
+    apply_round(ctl, updates, ptype, results)
     assert all(np.allclose(ctl._global[k], start[k] + 0.1) for k in start)  # the honest mean, finite
 
 
@@ -72,14 +62,14 @@ def test_the_weight_bound_is_the_configured_cap_and_a_multiple_of_the_sites_firs
     assert not rejected  # up to STEP_GROWTH x its first report
     _, rejected, _ = ctl._updates([_result(ctl, "site-1", steps=10 * STEP_GROWTH + 1)])
     assert rejected["site-1"].startswith("WEIGHT_TOO_LARGE")
-    with pytest.raises(ValueError, match="max_steps_per_round must be a finite number > 0"):
-        _controller(max_steps_per_round=float("nan"))
+    with pytest.raises(ValueError, match="fed.max_steps_per_round"):
+        _controller(max_steps_per_round="nan")
 
 
 def test_the_default_weight_bound_is_derived_from_the_experiment():
     from fedimg import config as cfg
     from fedimg.fl.aggregation import MAX_CASES_PER_SITE
-    from fedimg.fl.recipe import max_steps_per_round
+    from fedimg.fl.aggregation import max_steps_per_round
     from tests.conftest import tiny_classification
 
     exp = tiny_classification(2, **{"train.local_epochs": 3})
@@ -128,24 +118,25 @@ def test_an_update_that_does_not_fit_the_global_model_is_rejected_never_aggregat
     updates, rejected, ptype = ctl._updates(results)  # never raises
     assert [u.site for u in updates] == ["site-1"]
     assert rejected["site-2"].startswith(code), rejected
-    ctl._apply(updates, ptype, results)
+    apply_round(ctl, updates, ptype, results)
     assert set(ctl._global) == set(start)  # nothing added, nothing forwarded to the sites
     assert all(ctl._global[k].shape == start[k].shape and np.allclose(ctl._global[k], start[k] + 0.1) for k in start)
 
 
 def test_fp16_updates_pass_only_when_the_federation_sends_fp16():
-    ctl = _controller(update_precision="fp16")
+    ctl = _controller(update_precision="fp16", exchange="diff")
     params = {k: np.full_like(v, 0.1).astype(np.float16) for k, v in ctl._global.items()}
     updates, rejected, _ = ctl._updates([_result(ctl, "site-1", params=params)])
     assert not rejected and updates[0].params["weight"].dtype == np.float32  # widened for aggregation
 
 
 def test_fedbn_sites_may_omit_exactly_their_normalization_layers():
-    spec = {"class_path": "monai.networks.nets.DenseNet121",
-            "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "init_features": 4, "growth_rate": 4,
-                     "block_config": [1, 1, 1, 1]}}
-    ctl = _controller("fedbn", spec=spec)
-    local = ctl._local_keys
+    from monai.networks.nets import DenseNet121
+
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2, init_features=4, growth_rate=4,
+                      block_config=(1, 1, 1, 1))
+    ctl = controller_for("fedbn", net=net, overrides={"model.norm": "batch"})
+    local = ctl.strategy.local_keys
     assert local and all(("norm" in k) for k in local)
     shared = {k: np.zeros_like(v) for k, v in ctl._global.items() if k not in local}
     ok, rejected, _ = ctl._updates([_result(ctl, "site-1", params=shared)])
@@ -175,8 +166,8 @@ def test_a_scaffold_control_change_is_checked_like_an_update(how, code):
     updates, rejected, ptype = ctl._updates(results)
     assert [u.site for u in updates] == ["site-1"] and rejected["site-2"].startswith(code)
     assert "SCAFFOLD" in rejected["site-2"] or code == "MISSING_CONTROLS"
-    ctl._apply(updates, ptype, results)
-    assert all(np.allclose(v, 1.0) for v in ctl._controls.values())  # site-1's change only, finite
+    apply_round(ctl, updates, ptype, results)
+    assert all(np.allclose(v, 1.0) for v in ctl.strategy.controls.values())  # site-1's change only, finite
 
 
 def test_an_error_answer_from_a_site_is_recorded_as_blocked_or_failed_with_the_site_named():
@@ -190,7 +181,7 @@ def test_an_error_answer_from_a_site_is_recorded_as_blocked_or_failed_with_the_s
 
 
 def _validation_controller(tmp_path, monkeypatch):
-    ctl = _controller(key_metric="val_dice")
+    ctl = _controller()  # segmentation: key metric val_dice
     monkeypatch.setattr(ctl, "get_run_dir", lambda: str(tmp_path))
     saved = []
     monkeypatch.setattr(ctl, "_save_best", lambda step, value: saved.append((step, value)))
