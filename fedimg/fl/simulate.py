@@ -53,6 +53,7 @@ class SimulationResult:
         global_metrics: the federation's validation per step (``fedimg/global_metrics.jsonl``).
         summary: the controller's ``fedimg/summary.json``.
         seconds: wall time of the run, start-up included.
+        packages: ``best`` / ``final`` -> model package folder (``job_dir/packages/...``).
     """
 
     job_dir: Path
@@ -67,6 +68,7 @@ class SimulationResult:
     summary: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    packages: dict[str, str] = field(default_factory=dict)
 
     def final_metric(self, site: str, metric: str) -> float | None:
         """``metric`` of the final global model on ``site``'s validation cases (cross-site evaluation)."""
@@ -236,7 +238,53 @@ def run_simulation(
     result.seconds = time.perf_counter() - t0
     if resume_from is not None:
         carry_tensorboard(resume_from.tb_logdir, result.tb_logdir)
+    result.packages = write_packages(result, exp, site_configs)
     return result
+
+
+def _rated(rows: list[dict[str, Any]], key: str, how: str) -> dict[str, Any]:
+    """What a model was chosen on, from one ``global_metrics.jsonl`` record (case-weighted over the sites)."""
+    weights = rows[0].get("weights") or {}
+    return {"metric": key, "value": (rows[0].get("global") or {}).get(key), "cases": int(sum(weights.values())),
+            "metrics": rows[0].get("global") or {}, "per_site": rows[0].get("sites") or {},
+            "on": f"{how}; every site's validation cases, case-weighted mean"}
+
+
+def write_packages(result: SimulationResult, exp: ExperimentConfig, site_configs: dict[str, str]) -> dict[str, str]:
+    """The run's best and final global models as model packages in ``job_dir/packages/{best,final}``.
+
+    The best model is described by the validation record that chose it, the
+    final one by its final evaluation (``fed.final_eval``). The spec is the
+    one the sites' training data was preprocessed with.
+    """
+    import torch
+
+    from fedimg import config as cfgmod
+    from fedimg.models.package import package_run_model
+
+    datalists = {s: cfgmod.load_site_config(p).datalist for s, p in site_configs.items()}
+    key = exp.key_metric
+    best = result.summary.get("best") or {}
+    chose_best = [r for r in result.global_metrics if r.get("step") == best.get("round")
+                  and (r.get("global") or {}).get(key) == best.get("value")]
+    final = result.final_eval()
+    models = {
+        "best": (result.best_model, _rated(chose_best[-1:], key, f"the best {key} of the run, at step "
+                                           f"{best.get('round')}") if chose_best else {},
+                 {"round": best.get("round")}),
+        "final": (result.global_model, _rated([final], key, "the final evaluation after the last round")
+                  if final else {}, {"round": result.summary.get("end_round")}),
+    }
+    written = {}
+    for name, (path, chosen, where) in models.items():
+        if not path.is_file():
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        out = package_run_model(result.job_dir / "packages" / name, state, exp, datalists, chosen,
+                                {"run": "federated", "algorithm": exp.fed.algorithm, "model": name, **where})
+        if out is not None:
+            written[name] = str(out)
+    return written
 
 
 def lost_port_race(job: Path, sites: list[str]) -> str | None:

@@ -1,12 +1,12 @@
 """Output folders fedimg may write into, and the proof that it wrote them.
 
 A hospital's disk holds files fedimg did not make. So every command that
-writes a folder (``convert``, ``preprocess``, ``demo``, ``--write-dicom``)
+writes a folder (``convert``, ``preprocess``, ``demo``, ``--write-dicom``, ``predict``)
 first *claims* it:
 
 - the folder is new or empty: fedimg creates it and leaves its marker,
   ``.fedimg-output.json``, naming the kind of output (``convert``,
-  ``preprocess``, ``demo``, ``dicom-copies``);
+  ``preprocess``, ``demo``, ``dicom-copies``, ``predict``);
 - the folder carries fedimg's marker of the same kind: a re-run;
 - anything else (a non-empty folder without the marker, or one made by
   another fedimg command) is refused before any work, with a one-line error
@@ -45,7 +45,7 @@ from fedimg.preprocess.scan import PreprocessInputError
 
 MARKER = ".fedimg-output.json"
 JOURNAL = ".fedimg-journal"
-KINDS = ("convert", "preprocess", "demo", "dicom-copies")
+KINDS = ("convert", "preprocess", "demo", "dicom-copies", "predict")
 MARKER_VERSION = 1
 
 #: State files of earlier fedimg releases, which wrote no marker: a folder holding one is adopted.

@@ -342,20 +342,29 @@ def _check_crosswalk(path: Path, src: Path, dst: Path) -> None:
                                  "overwrites a file it did not write: choose another path")
 
 
-def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: PreprocessSpec, site: str, progress: bool, workers: int | None,
-                     pseudonymizer: Any | None, crosswalk: str | Path | None, write_dicom: str | Path | None,
-                     labels_csv: str | Path | None, sheet: LabelSheet | None) -> PreprocessResult:
-    """The body of :func:`preprocess`, in a claimed and locked DST."""
-    dst = out.path
-    previous = load_previous(dst, spec, pseudonymizer)
+def geometry_kwargs(spec: PreprocessSpec) -> dict[str, Any]:
+    """The spec's geometry checks as keyword arguments of :func:`fedimg.dicom.volume.series_geometry`."""
+    return dict(min_slices=spec.geometry.min_slices, spacing_tolerance=spec.geometry.spacing_tolerance,
+                orientation_tolerance=spec.geometry.orientation_tolerance)
 
+
+def select_series(image_headers: list[DicomHeader], spec: PreprocessSpec,
+                  rows: dict[str, ManifestRow]) -> dict[str, _Study]:
+    """Group image headers into studies and pick each study's candidate image series as the spec says.
+
+    Label series (``series.label_description_regex``) and DICOM SEG objects
+    become the study's labels (segmentation); series of other modalities, or
+    whose description misses ``series.image_description_regex``, are skipped;
+    a candidate's geometry is validated from its headers. Files decided here
+    get their manifest row in ``rows``. ``fedimg predict`` selects a study's
+    image exactly like this.
+
+    Returns:
+        Study Instance UID -> study (``images``: candidate image series with their geometry).
+    """
     label_re = re.compile(spec.series.label_description_regex)
     image_re = re.compile(spec.series.image_description_regex) if spec.series.image_description_regex else None
-    csv_re = re.compile(CSV_NAME_REGEX)
-    index, rows, image_headers = scanned.index, scanned.rows, scanned.image_headers
     classify = spec.is_classification
-    used_csv = Path(labels_csv).resolve() if labels_csv is not None else None
-
     studies: dict[str, _Study] = {}
     # DICOM SEG objects are labels, read through highdicom, not image series.
     for h in [h for h in image_headers if h.sop_class_uid == SEG_SOP_CLASS]:
@@ -365,8 +374,7 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
             continue
         studies.setdefault(h.study_uid, _Study(h.study_uid)).segs.append(h)
     image_headers = [h for h in image_headers if h.sop_class_uid != SEG_SOP_CLASS]
-    geo_kwargs = dict(min_slices=spec.geometry.min_slices, spacing_tolerance=spec.geometry.spacing_tolerance,
-                      orientation_tolerance=spec.geometry.orientation_tolerance)
+    geo_kwargs = geometry_kwargs(spec)
     groups = group_series(image_headers, spec.geometry.orientation_tolerance)
     per_series = Counter(g.series_uid for g in groups)
     files_per_series = Counter((h.study_uid, h.series_uid) for h in image_headers)
@@ -405,6 +413,22 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
             _mark(rows, g.rels, REFUSED, exc.reason, exc.detail + extra)
             continue
         study.images.append((g, geo))
+    return studies
+
+
+def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: PreprocessSpec, site: str, progress: bool, workers: int | None,
+                     pseudonymizer: Any | None, crosswalk: str | Path | None, write_dicom: str | Path | None,
+                     labels_csv: str | Path | None, sheet: LabelSheet | None) -> PreprocessResult:
+    """The body of :func:`preprocess`, in a claimed and locked DST."""
+    dst = out.path
+    previous = load_previous(dst, spec, pseudonymizer)
+
+    csv_re = re.compile(CSV_NAME_REGEX)
+    index, rows = scanned.index, scanned.rows
+    classify = spec.is_classification
+    used_csv = Path(labels_csv).resolve() if labels_csv is not None else None
+    geo_kwargs = geometry_kwargs(spec)
+    studies = select_series(scanned.image_headers, spec, rows)
 
     # Claimed non-DICOM files: label sheets (CSV) are skipped; NIfTI labels go to the one study
     # whose files sit under their nearest folder.
