@@ -255,33 +255,39 @@ def write_packages(result: SimulationResult, exp: ExperimentConfig, site_configs
 
     The best model is described by the validation record that chose it, the
     final one by its final evaluation (``fed.final_eval``). The spec is the
-    one the sites' training data was preprocessed with.
+    one the sites' training data was preprocessed with. A run without server
+    models writes none; a problem with one package is logged, never fails the run.
     """
     import torch
 
     from fedimg import config as cfgmod
     from fedimg.models.package import package_run_model
 
-    datalists = {s: cfgmod.load_site_config(p).datalist for s, p in site_configs.items()}
+    found = {name: Path(path) for name, path in (("best", getattr(result, "best_model", None)),
+                                                 ("final", getattr(result, "global_model", None)))
+             if path is not None and Path(path).is_file()}
+    if not found:
+        return {}
+    try:
+        datalists = {s: cfgmod.load_site_config(p).datalist for s, p in site_configs.items()}
+    except cfgmod.ConfigError as exc:
+        logger.warning("no model packages written: a site config cannot be read (%s)", exc)
+        return {}
     key = exp.key_metric
     best = result.summary.get("best") or {}
     chose_best = [r for r in result.global_metrics if r.get("step") == best.get("round")
                   and (r.get("global") or {}).get(key) == best.get("value")]
     final = result.final_eval()
-    models = {
-        "best": (result.best_model, _rated(chose_best[-1:], key, f"the best {key} of the run, at step "
-                                           f"{best.get('round')}") if chose_best else {},
-                 {"round": best.get("round")}),
-        "final": (result.global_model, _rated([final], key, "the final evaluation after the last round")
-                  if final else {}, {"round": result.summary.get("end_round")}),
-    }
+    chosen = {"best": _rated(chose_best[-1:], key, f"the best {key} of the run, at step {best.get('round')}")
+              if chose_best else {},
+              "final": _rated([final], key, "the final evaluation after the last round") if final else {}}
+    where = {"best": best.get("round"), "final": result.summary.get("end_round")}
     written = {}
-    for name, (path, chosen, where) in models.items():
-        if not path.is_file():
-            continue
+    for name, path in found.items():
         state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-        out = package_run_model(result.job_dir / "packages" / name, state, exp, datalists, chosen,
-                                {"run": "federated", "algorithm": exp.fed.algorithm, "model": name, **where})
+        out = package_run_model(result.job_dir / "packages" / name, state, exp, datalists, chosen[name],
+                                {"run": "federated", "algorithm": exp.fed.algorithm, "model": name,
+                                 "round": where[name]})
         if out is not None:
             written[name] = str(out)
     return written

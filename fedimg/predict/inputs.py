@@ -119,8 +119,11 @@ def find_inputs(src: Path, spec: PreprocessSpec) -> Inputs:
     if image_headers:
         with quiet_dicom():
             selected = select_series(image_headers, spec, rows)
+        by_study: dict[str, list[Any]] = {}
+        for h in image_headers:
+            by_study.setdefault(h.study_uid, []).append(h)
         for study in selected.values():
-            studies.extend(_dicom_inputs(study))
+            studies.extend(_dicom_inputs(study) or _refused_study(by_study.get(study.uid, []), rows))
             for m in study.masks:  # labels: predict does not read them
                 for rel in m.rels:
                     rows[rel] = ManifestRow(rel, "skipped", Reason.LABEL_NOT_USED.value, "")
@@ -165,8 +168,23 @@ def _dicom_inputs(study: Any) -> list[StudyInput]:
     return [item]
 
 
+def _refused_study(headers: list[Any], rows: dict[str, Any]) -> list[StudyInput]:
+    """A study whose candidate image series were all refused (geometry, codec...): reported with the first reason."""
+    for h in headers:
+        row = rows.get(h.rel)
+        if row is not None and row.status == "refused":
+            try:
+                reason = Reason(row.reason)
+            except ValueError:
+                continue
+            n = sum(1 for x in headers if x.series_uid == h.series_uid)
+            return [StudyInput(kind="dicom", rel=h.folder, study_uid=h.study_uid, series_uid=h.series_uid,
+                               accession=h.accession_number, refusal=(reason, row.detail), files=n)]
+    return []
+
+
 def _nifti_inputs(files: list[tuple[Path, str]], spec: PreprocessSpec) -> list[StudyInput]:
-    if spec.spatial_dims == 2:
+    if files and spec.spatial_dims == 2:
         raise PreprocessInputError("SRC holds NIfTI images, but the package's spec is 2D: a 2D spec needs the "
                                    "DICOM pixel spacing; pass the DICOM images")
     return [StudyInput(kind="nifti", rel=rel, path=p) for p, rel in sorted(files, key=lambda x: x[1])]

@@ -56,12 +56,12 @@ from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.models.package import ModelPackage, load_package
 from fedimg.predict.inputs import StudyInput, find_inputs
 from fedimg.preprocess.io import write_json, write_nifti
-from fedimg.preprocess.outdir import OutputDirError, claim, precheck
+from fedimg.preprocess.outdir import claim, precheck
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = ".fedimg_predict_state.json"
-CROSSWALK_KEYS = {"study_id", "input", "study_instance_uid", "series_instance_uid", "accession_number"}
+CROSSWALK_KEYS = frozenset({"study_id", "input", "study_instance_uid", "series_instance_uid", "accession_number"})
 
 
 @dataclass
@@ -120,26 +120,6 @@ class PredictResult:
         return "\n".join(lines)
 
 
-def _check_crosswalk(path: Path, src: Path, dst: Path) -> None:
-    for folder, name in ((src, "SRC"), (dst, "DST")):
-        try:
-            Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
-        except ValueError:
-            continue
-        raise OutputDirError(f"--crosswalk lies inside {name}: expected a site-private file outside SRC and DST; "
-                             "choose a path elsewhere, e.g. beside the site secret")
-    if path.exists():
-        try:
-            with path.open("rb") as fh:
-                ok = set(json.loads(fh.readline())) == CROSSWALK_KEYS
-        except (OSError, ValueError, TypeError):
-            ok = False
-        if not ok:
-            raise OutputDirError("--crosswalk names an existing file that is not a fedimg predict crosswalk: "
-                                 "expected a new path (or the crosswalk of an earlier predict run, which is "
-                                 "replaced); choose another path")
-
-
 def predict(package: str | Path | ModelPackage, src: str | Path, dst: str | Path, pseudonymizer: Any | None = None,
             keep_identifiers: bool = False, crosswalk: str | Path | None = None, device: str = "auto",
             amp: bool = True, seg: bool = True, png: bool = True, progress: bool = True) -> PredictResult:
@@ -178,7 +158,9 @@ def predict(package: str | Path | ModelPackage, src: str | Path, dst: str | Path
     src, dst = Path(src), Path(dst)
     precheck(dst, "predict", src=src)
     if crosswalk is not None:
-        _check_crosswalk(Path(crosswalk), src, dst)
+        from fedimg.preprocess.pipeline import check_crosswalk
+
+        check_crosswalk(Path(crosswalk), src, dst, CROSSWALK_KEYS)
     rt = runtime.setup(device, amp, 0)
     inputs = find_inputs(src, spec)
     model = pkg.build_model().to(rt.device)

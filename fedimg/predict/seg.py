@@ -111,8 +111,8 @@ def write_seg(path: Path, seg: Any, deidentified: bool) -> None:
 
     if deidentified:
         seg.PatientIdentityRemoved = "YES"
-        seg.DeidentificationMethod = ["fedimg predict: built from de-identified source copies "
-                                      "(keyed HMAC-SHA256 pseudonyms)"]
+        seg.DeidentificationMethod = ["fedimg predict: from de-identified source copies",
+                                      "fedimg keyed HMAC-SHA256 pseudonyms"]  # LO: 64 characters each
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     try:

@@ -309,7 +309,7 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         check_separate(dst, write_dicom, src_name="DST", dst_name="--write-dicom")
         precheck(write_dicom, "dicom-copies", src=src, what="--write-dicom")
     if crosswalk is not None:
-        _check_crosswalk(Path(crosswalk), src, dst)
+        check_crosswalk(Path(crosswalk), src, dst)
     load_previous(dst, spec, pseudonymizer)  # refuses a DST of another spec or secret, before any work
     scanned = index_source(src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site,
                            progress=progress)
@@ -318,22 +318,29 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
                                 write_dicom, labels_csv, sheet)
 
 
-def _check_crosswalk(path: Path, src: Path, dst: Path) -> None:
-    """The crosswalk links pseudonyms to input paths: it stays outside SRC and DST, and replaces only a crosswalk."""
+CROSSWALK_KEYS = frozenset({"input_hash", "input"})
+
+
+def check_crosswalk(path: Path, src: Path, dst: Path, keys: frozenset[str] = CROSSWALK_KEYS) -> None:
+    """The crosswalk links pseudonyms to input paths: it stays outside SRC and DST, and replaces only a crosswalk.
+
+    Args:
+        keys: the keys of a crosswalk line of this command (an existing file must start with one).
+    """
     for folder, name in ((src, "SRC"), (dst, "DST")):
         try:
             Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
         except ValueError:
             continue
         raise OutputDirError(f"--crosswalk lies inside {name}: expected a site-private file outside SRC and DST "
-                             f"(DST is what training reads); choose a path elsewhere, e.g. beside the site secret")
+                             "(DST is what is shared or read next); choose a path elsewhere, e.g. beside the site secret")
     if path.exists():
         first = b""
         if path.is_file():
             with path.open("rb") as fh:
                 first = fh.readline()
         try:
-            ok = set(json.loads(first)) == {"input_hash", "input"}
+            ok = set(json.loads(first)) == set(keys)
         except (ValueError, TypeError):
             ok = False
         if not ok:
