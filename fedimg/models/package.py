@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import json
 import logging
 import math
@@ -183,7 +184,9 @@ def write_package(path: str | Path, state_dict: Mapping[str, torch.Tensor], exp:
     if spec is not None:
         _check_spec(spec, exp, f"spec for {folder}")
     weights = folder / WEIGHTS_FILE
-    _atomic_bytes(weights, lambda tmp: torch.save(state, tmp))
+    buf = io.BytesIO()
+    torch.save(state, buf)  # to memory: the archive's inner name is fixed, so equal weights give equal bytes
+    _atomic_bytes(weights, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
     doc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

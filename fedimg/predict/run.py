@@ -304,8 +304,9 @@ def _write_seg(item: StudyInput, sid: str, pkg: ModelPackage, labels: np.ndarray
             series_uid = generate_uid(entropy_srcs=["fedimg-predict-seg-series", sha, item.series_uid])
             sop_uid = generate_uid(entropy_srcs=["fedimg-predict-seg-instance", sha, item.series_uid])
         try:
-            obj = build_seg(datasets, item.group, item.geometry, labels, pkg.class_names, series_uid,  # type: ignore[arg-type]
-                            sop_uid, pkg.experiment.name, str(pkg.meta.get("fedimg_version", "")), sha[:16])
+            obj = build_seg(datasets, item.group, item.geometry, labels,  # type: ignore[arg-type]
+                            pkg.class_names, series_uid, sop_uid, pkg.experiment.name,
+                            str(pkg.meta.get("fedimg_version", "")), sha[:16])
         except Exception as exc:  # noqa: BLE001 - highdicom refuses some sources; the message may quote values
             logger.warning("study %s: DICOM SEG not written (%s)", sid, type(exc).__name__)
             return f"not written: highdicom refused the source ({type(exc).__name__})"

@@ -192,10 +192,12 @@ def test_baselines_and_federated_runs_write_packages(small_preprocessed, tmp_pat
         site_cfgs[s] = str(tmp_path / f"{s}.yaml")
     rows = [{"step": 1, "final_eval": False, "global": {"val_dice": 0.5}, "sites": {}, "weights": {"site-1": 1.0}},
             {"step": 2, "final_eval": False, "global": {"val_dice": 0.7, "val_dice_organ": 0.8},
-             "sites": {"site-1": {"val_dice": 0.6}, "site-2": {"val_dice": 0.8}}, "weights": {"site-1": 1.0, "site-2": 1.0}},
+             "sites": {"site-1": {"val_dice": 0.6}, "site-2": {"val_dice": 0.8}},
+             "weights": {"site-1": 1.0, "site-2": 1.0}},
             {"step": 3, "final_eval": True, "global": {"val_dice": 0.65}, "sites": {},
              "weights": {"site-1": 1.0, "site-2": 2.0}}]
-    sim = SimulationResult(job_dir=job, run_dir=job / "server", global_model=job / "final.pt", best_model=job / "best.pt",
+    sim = SimulationResult(job_dir=job, run_dir=job / "server", global_model=job / "final.pt",
+                           best_model=job / "best.pt",
                            cross_site=job / "x.json", tb_logdir=job / "tb", cross_site_results={}, global_metrics=rows,
                            summary={"best": {"value": 0.7, "round": 2}, "end_round": 3})
     written = write_packages(sim, exp, site_cfgs)
@@ -205,3 +207,5 @@ def test_baselines_and_federated_runs_write_packages(small_preprocessed, tmp_pat
     assert best.chosen_on["per_site"]["site-2"]["val_dice"] == 0.8 and best.meta["origin"]["round"] == 2
     assert final.chosen_on["value"] == 0.65 and final.chosen_on["cases"] == 3 and final.meta["origin"]["round"] == 3
     assert best.spec is not None and best.spec.target_spacing == (6.0, 6.0, 6.0)
+    # Equal weights, equal bytes: the checksum identifies the model, whichever run wrote it.
+    assert best.meta["weights"]["sha256"] == final.meta["weights"]["sha256"] == pkg.meta["weights"]["sha256"]

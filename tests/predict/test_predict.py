@@ -404,6 +404,22 @@ def test_seg_references_write_dicom_copies_keep_identifiers_and_nifti_input(trai
     assert (tmp_path / "from_nifti" / res2.studies[0].study_id / "prediction.nii.gz").is_file()
 
 
+@pytest.mark.gpu
+def test_predict_on_cuda_with_amp_agrees_with_the_cpu(trained, tmp_path):
+    t = trained
+    case = t.truth["sites"]["site-1"]["cases"][0]
+    src = tmp_path / "src"
+    shutil.copytree(t.raw / case["study_dir"], src / "study")
+    cpu = predict(t.package, src, tmp_path / "cpu", pseudonymizer=t.ps, device="cpu", progress=False, png=False)
+    gpu = predict(t.package, src, tmp_path / "gpu", pseudonymizer=t.ps, device="cuda", progress=False, png=False)
+    assert gpu.device.startswith("cuda") and gpu.amp and not cpu.amp
+    sid = cpu.studies[0].study_id
+    a = np.asarray(nib.load(tmp_path / "cpu" / sid / "prediction.nii.gz").dataobj)
+    b = np.asarray(nib.load(tmp_path / "gpu" / sid / "prediction.nii.gz").dataobj)
+    assert (a == b).mean() > 0.999  # fp16 may flip a few boundary voxels, nothing more
+    assert gpu.studies[0].seg == "written"
+
+
 def test_predict_refuses_before_writing(untrained_ct, small_synth, tmp_path, capsys, monkeypatch):
     src = small_synth.out_dir / "site-1"
     monkeypatch.delenv("FEDIMG_SECRET_FILE", raising=False)
@@ -515,4 +531,5 @@ def test_classification_predict_dx(tmp_path, capsys, caplog):
         assert probs == pytest.approx(list(s), abs=1e-5) and sum(probs) == pytest.approx(1.0, abs=1e-5)
         assert row["predicted_class"] == exp.task.class_names[int(np.argmax(probs))]
     truth = json.loads(synth.ground_truth_path.read_text())
-    _assert_no_phi(tmp_path / "out", [captured.out, captured.err, caplog.text], _identifiers(truth, "site-1", synth.out_dir))
+    _assert_no_phi(tmp_path / "out", [captured.out, captured.err, caplog.text],
+                   _identifiers(truth, "site-1", synth.out_dir))
