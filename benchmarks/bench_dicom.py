@@ -26,7 +26,7 @@ Series (from ``../shared/data/dicom``; absent datasets are skipped and said so):
 The time breakdown runs fedimg's stages one by one with timers: header index
 (``index_source``), geometry (``group_series`` + ``series_geometry``), pixel
 read (``pydicom.dcmread`` of each slice), pixel decode (``load_volume`` minus
-the read), NIfTI write with gzip (``write_nifti``), and the rest of
+the read), NIfTI write with gzip (``write_volume``, as convert writes), and the rest of
 ``convert`` (manifest, state, process pool). ``--profile`` adds a cProfile
 listing of one fedimg pass.
 
@@ -135,7 +135,7 @@ def breakdown(src: Path, out: Path) -> dict[str, float]:
     from fedimg.dicom.index import group_series
     from fedimg.dicom.reasons import RefusedError
     from fedimg.dicom.volume import load_volume, series_geometry
-    from fedimg.preprocess.io import write_nifti
+    from fedimg.preprocess.convert import write_volume
     from fedimg.preprocess.scan import index_source
 
     t: dict[str, float] = {}
@@ -168,14 +168,14 @@ def breakdown(src: Path, out: Path) -> dict[str, float]:
     out.mkdir(parents=True)
     t0 = time.perf_counter()
     for i, v in enumerate(vols):
-        write_nifti(out / f"v{i}.nii.gz", v.data, v.affine)
+        write_volume(out / f"v{i}.nii.gz", v)
     t["nifti_write_gzip"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     for i, v in enumerate(vols):
-        write_nifti(out / f"v{i}.nii", v.data, v.affine)
+        write_volume(out / f"v{i}.nii", v)
     t["nifti_write_raw_for_reference"] = time.perf_counter() - t0
-    t["voxels"] = float(sum(v.data.size for v in vols))
+    t["voxels"] = float(sum(v.stored.size for v in vols))
     return t
 
 

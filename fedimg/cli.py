@@ -59,6 +59,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from fedimg.preprocess.pipeline import preprocess
     from fedimg.preprocess.scan import check_source
 
+    cfg.validate_site_name(args.site, "--site")
     spec = cfg.load(cfg.PreprocessSpec, args.spec, args.set)
     check_source(Path(args.src))  # a missing or empty source is reported before anything else
     pseudonymizer = None
@@ -140,12 +141,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _site_args(items: list[str]) -> dict[str, str]:
+    from fedimg.config import validate_site_name
+
     sites = {}
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not path:
             raise ValueError(f"--site expects NAME=SITE_YAML, got {item!r}")
-        sites[name] = path
+        sites[validate_site_name(name, "--site NAME=SITE_YAML")] = path
     if not sites:
         raise ValueError("name at least one site: --site NAME=SITE_YAML (repeatable)")
     return sites
@@ -352,24 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedimg.config import ConfigError
-    from fedimg.runtime import DeviceError
+    from fedimg.errors import UserError
 
-    expected: tuple[type[BaseException], ...] = (ConfigError, DeviceError)
-    try:
-        from fedimg.data.datasets import DatalistError
-        from fedimg.preprocess.pipeline import PreprocessInputError
-
-        expected += (PreprocessInputError, DatalistError)
-        if args.command in ("demo", "compare"):
-            from fedimg.fl.simulate import FederatedRunError
-
-            expected += (FederatedRunError,)
-    except ImportError:  # pragma: no cover - partial installs
-        pass
     try:
         return int(args.func(args) or 0)
-    except expected as exc:
+    except UserError as exc:
         print(f"fedimg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as exc:

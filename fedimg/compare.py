@@ -5,7 +5,11 @@
 3. centralized training on the pooled training cases, as many epochs.
 
 Every model is scored on every site's own validation cases with the same
-evaluation code. The comparison (JSON and Markdown, per site and the mean
+evaluation code; every cell says how many cases stand behind it. Sites with
+a held-out ``test`` split (``split.test_fraction``) get a second table: every
+model (the federated final and best models included) scored on those cases,
+which no method trained on or chose a model by. With cross-validation
+datalists, ``data.fold`` (``--fold``) picks the validating fold. The comparison (JSON and Markdown, per site and the mean
 over sites) is written to ``OUT/comparison.{json,md}`` and, as a table and a
 heatmap, into the federation's TensorBoard run (``global``).
 
@@ -45,7 +49,8 @@ def _mean(values: list[float | None]) -> float | None:
 def build_comparison(exp: ExperimentConfig, sites: list[str], federated: dict[str, dict[str, float]],
                      federated_best: dict[str, dict[str, float]] | None,
                      local: dict[str, dict[str, dict[str, float]]], centralized: dict[str, dict[str, float]],
-                     epochs: int, metric: str | None = None) -> dict[str, Any]:
+                     epochs: int, metric: str | None = None, cases: dict[str, int] | None = None,
+                     split: str = "validation") -> dict[str, Any]:
     """The comparison table's data.
 
     Args:
@@ -55,6 +60,8 @@ def build_comparison(exp: ExperimentConfig, sites: list[str], federated: dict[st
         centralized: site -> FL metrics of the pooled model.
         epochs: local epochs per site in every method.
         metric: the metric to tabulate (default: the key metric).
+        cases: site -> cases behind each of its numbers.
+        split: the cases scored: ``validation`` or ``test``.
     """
     from fedimg.fl.report import describe_metric
 
@@ -75,7 +82,8 @@ def build_comparison(exp: ExperimentConfig, sites: list[str], federated: dict[st
             "federated_over_centralized": ratio,
             "federated_minus_local_mean": (mean["federated"] - mean["local"])
             if mean["federated"] is not None and mean["local"] is not None else None,
-            "epochs": epochs,
+            "epochs": epochs, "split": split, "fold": exp.data.fold,
+            "cases": dict(cases or {}), "cases_total": sum((cases or {}).values()),
             "local_cross_site": local}
 
 
@@ -96,12 +104,12 @@ def run_comparison(exp: ExperimentConfig, site_configs: dict[str, str], out: str
     from fedimg.fl.report import comparison_heatmap, comparison_table, write_report_to_tensorboard
     from fedimg.fl.simulate import run_simulation
     from fedimg.tasks import metric_names
-    from fedimg.training.baselines import centralized, federated_epochs, local_only
+    from fedimg.training.baselines import centralized, federated_epochs, local_only, read_site_data, score_model
 
+    sites = [cfgmod.validate_site_name(s) for s in site_configs]  # each names folders under OUT
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfgmod.save(exp, out / "experiment.yaml")
-    sites = list(site_configs)
     site_cfgs = {s: cfgmod.load_site_config(p) for s, p in site_configs.items()}
     datalists = {s: c.datalist for s, c in site_cfgs.items()}
     times: dict[str, float] = {}
@@ -118,6 +126,7 @@ def run_comparison(exp: ExperimentConfig, site_configs: dict[str, str], out: str
 
     first = site_cfgs[sites[0]]
     rt = runtime.setup(device or first.device, exp.train.amp, 0, seed=exp.train.seed)
+    site_data = read_site_data(exp, datalists)
     epochs = federated_epochs(exp)
     t0 = time.perf_counter()
     loc = local_only(exp, datalists, rt, out / "baselines", epochs=epochs, progress=progress)
@@ -129,11 +138,25 @@ def run_comparison(exp: ExperimentConfig, site_configs: dict[str, str], out: str
 
     local = {s: {e: metric_names(m) for e, m in r.per_site.items()} for s, r in loc.items()}
     comparison = build_comparison(exp, sites, fed, fed_best, local,
-                                  {s: metric_names(m) for s, m in cen.per_site.items()}, epochs)
+                                  {s: metric_names(m) for s, m in cen.per_site.items()}, epochs,
+                                  cases={s: len(site_data[s].validation) for s in sites})
+    test_sets = {s: site_data[s].test for s in sites if site_data[s].test}
+    if test_sets:
+        # Held-out cases: every model scored once with the same code, reported apart from validation.
+        fed_test = score_model(exp, sim.global_model, test_sets, rt)
+        best_test = score_model(exp, sim.best_model, test_sets, rt) if sim.best_model.is_file() else None
+        comparison["test"] = build_comparison(
+            exp, sites, {s: metric_names(m) for s, m in fed_test.items()},
+            {s: metric_names(m) for s, m in best_test.items()} if best_test is not None else None,
+            {s: {e: metric_names(m) for e, m in r.per_site_test.items()} for s, r in loc.items()},
+            {s: metric_names(m) for s, m in cen.per_site_test.items()}, epochs,
+            cases={s: len(items) for s, items in test_sets.items()}, split="test")
     comparison["seconds"] = times
     comparison["federated_run"] = str(sim.job_dir)
     write_json(out / "comparison.json", comparison)
     table = comparison_table(comparison)
+    if "test" in comparison:
+        table += "\n\n" + comparison_table(comparison["test"])
     (out / "comparison.md").write_text("# Federated vs. local-only vs. centralized\n\n" + table + "\n",
                                        encoding="utf-8")
     write_report_to_tensorboard(str(sim.tb_logdir / "global"), "comparison", table, comparison_heatmap(comparison))
@@ -146,6 +169,9 @@ def print_comparison(comparison: dict[str, Any]) -> None:
     from fedimg.fl.report import comparison_table
 
     print(comparison_table(comparison))
+    if "test" in comparison:
+        print()
+        print(comparison_table(comparison["test"]))
     r = comparison.get("federated_over_centralized")
     if r is not None:
         print(f"\nfederated / centralized (mean over sites): {r:.3f}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from fedimg.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override does not match its schema."""
 
 
@@ -88,6 +91,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        # The value had this alternative's shape but an item was wrong (e.g. target_spacing[1]: NaN): say which.
+        nested = [e for e in errors if not e.startswith(f"{key}:")]
+        if nested:
+            raise ConfigError(nested[0])
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -116,15 +123,21 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected int, got {_describe(value)}")
         return value
     if tp is float:
+        number: float | None = None
         if isinstance(value, str):
             # PyYAML (YAML 1.1) reads "3e-4" as a string; accept it for float fields.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        if number is None:
             raise ConfigError(f"{key}: expected float, got {_describe(value)}")
-        return float(value)
+        # NaN and infinity pass every "<" check below and poison later arithmetic: refuse them here, for all fields.
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite float, got {_describe(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected str, got {_describe(value)}")
@@ -231,6 +244,19 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_regex(pattern: str | None, key: str, *, match_all_ok: bool = True) -> None:
+    """Refuse a pattern that :func:`re.compile` rejects (or, unless ``match_all_ok``, an empty one), naming ``key``."""
+    if pattern is None:
+        return
+    _check(match_all_ok or bool(pattern),
+           f"{key} is empty, which matches every name; expected a regular expression such as '(?i)mask|seg'")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{key} is not a valid regular expression ({exc}): got {pattern!r}; expected Python "
+                          "re syntax, e.g. '(?i)mask|seg'") from None
+
+
 def _check_positive(obj: Any, prefix: str, *names: str) -> None:
     """Refuse any of ``obj``'s fields ``names`` that is not a finite number > 0, naming ``prefix.name``."""
     for name in names:
@@ -242,6 +268,12 @@ def _check_positive(obj: Any, prefix: str, *names: str) -> None:
 # Preprocessing spec
 # --------------------------------------------------------------------------
 
+
+#: Bounds of ``target_spacing`` (mm): finer is no CT/MR acquisition; coarser leaves no anatomy.
+MIN_SPACING_MM = 0.01
+MAX_SPACING_MM = 50.0
+#: Largest 2D ``target_size`` side (pixels).
+MAX_SIZE_2D = 8192
 
 #: (0008,0060) Modality values a spec can select as its image series.
 ImageModality = Literal["CT", "MR", "DX", "CR", "MG"]
@@ -274,6 +306,11 @@ class SeriesSelection:
 
     def __post_init__(self) -> None:
         _check(bool(self.modalities), "series.image_modality must name at least one modality")
+        # Compiled at load: a bad pattern would otherwise raise re.error after the source was scanned.
+        _check_regex(self.image_description_regex, "series.image_description_regex")
+        # An empty label pattern would claim every series (the image too) as a label.
+        _check_regex(self.label_description_regex, "series.label_description_regex", match_all_ok=False)
+        _check_regex(self.label_nifti_name_regex, "series.label_nifti_name_regex", match_all_ok=False)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -341,11 +378,19 @@ class LabelSpec:
 
     def __post_init__(self) -> None:
         _check(len(self.classes) >= 1, "labels.classes must name at least one class")
+        _check(all(c.strip() for c in self.classes), f"labels.classes must be non-empty names, got {self.classes}")
         _check(len(set(self.classes)) == len(self.classes),
                f"labels.classes has duplicates: {self.classes}")
-        for name in self.values:
+        for name, value in self.values.items():
             _check(name in self.classes,
                    f"labels.values names {name!r}, which is not in labels.classes {self.classes}")
+            _check(value >= 1, f"labels.values.{name} must be a stored voxel value >= 1 (0 is background), "
+                               f"got {value}")
+        stored = [self.source_value(c) for c in self.classes]
+        repeated = sorted({v for v in stored if stored.count(v) > 1})
+        # Two classes on one stored value would silently merge them (the later class wins).
+        _check(not repeated, f"labels.values gives classes {self.classes} the stored values {stored}: "
+                             f"{repeated} repeat; each class needs its own value")
         _check(self.csv_key_column is None or bool(self.csv_key_column.strip()),
                "labels.csv_key_column must be a column name or null (default for labels.csv_key)")
         _check(bool(self.csv_label_column.strip()), "labels.csv_label_column must be a column name")
@@ -370,14 +415,32 @@ class LabelSpec:
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """Deterministic training/validation split (by a hash of the case id)."""
+    """How a site's cases are split, always by patient (:mod:`fedimg.preprocess.splits`).
+
+    Attributes:
+        val_fraction: share of cases for validation (whole patients).
+        seed: orders new patients (the split is deterministic).
+        test_fraction: share of cases held out as ``test`` (0: none); training
+            and model selection never see them.
+        folds: cross-validation folds of the non-test patients (0: none, else
+            2..20); fold 0 is the ``validation`` split, ``data.fold`` picks another.
+    """
 
     val_fraction: float = 0.25
     seed: int = 0
+    test_fraction: float = 0.0
+    folds: int = 0
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 1.0,
                f"split.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        _check(0.0 <= self.test_fraction < 1.0,
+               f"split.test_fraction must be >= 0 and < 1, got {self.test_fraction}")
+        _check(self.val_fraction + self.test_fraction < 1.0,
+               f"split.val_fraction + split.test_fraction must leave cases for training (< 1), got "
+               f"{self.val_fraction} + {self.test_fraction}")
+        _check(self.folds == 0 or 2 <= self.folds <= 20,
+               f"split.folds must be 0 (no cross-validation) or 2..20, got {self.folds}")
 
 
 @dataclass(frozen=True)
@@ -400,6 +463,8 @@ class GeometrySpec:
         _check(self.min_slices >= 2, f"geometry.min_slices must be >= 2, got {self.min_slices}")
         _check(0 < self.spacing_tolerance < 0.1,
                f"geometry.spacing_tolerance must be in (0, 0.1), got {self.spacing_tolerance}")
+        _check(0 < self.orientation_tolerance < 0.1,
+               f"geometry.orientation_tolerance must be in (0, 0.1), got {self.orientation_tolerance}")
 
 
 @dataclass(frozen=True)
@@ -419,6 +484,28 @@ class DeidSpec:
     covariates: list[str] = field(default_factory=list)
     keep_descriptors: dict[str, list[str]] = field(default_factory=dict)
     private_allowlist: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # The de-identification engine checks these only when --write-dicom runs, after the conversion:
+        # check them here against the same lists (imported late: they live with the PS3.15 table).
+        if self.covariates or self.keep_descriptors:
+            from fedimg.dicom.deid_table import DESCRIPTORS, PATIENT_CHARACTERISTICS
+
+            for i, name in enumerate(self.covariates):
+                _check(name in PATIENT_CHARACTERISTICS,
+                       f"deid.covariates[{i}] {name!r} is not a patient characteristic of the Retain Patient "
+                       f"Characteristics Option; expected one of {', '.join(sorted(PATIENT_CHARACTERISTICS))}")
+            for name, values in self.keep_descriptors.items():
+                _check(name in DESCRIPTORS,
+                       f"deid.keep_descriptors names {name!r}, which is not a descriptor of the Clean Descriptors "
+                       f"Option; expected one of {', '.join(sorted(DESCRIPTORS))}")
+                _check(all(v.strip() for v in values),
+                       f"deid.keep_descriptors.{name} must list non-empty values (kept verbatim, not patterns), "
+                       f"got {values}")
+        for i, (creator, element) in enumerate(self.private_allowlist):
+            _check(bool(creator.strip()) and 0 <= element <= 0xFFFF,
+                   f"deid.private_allowlist[{i}] must be [private creator, element 0x00-0xFF (or 0xXXYY)], "
+                   f"got {[creator, element]}")
 
 
 @dataclass(frozen=True)
@@ -463,8 +550,9 @@ class PreprocessSpec:
             _check(self.target_spacing is not None,
                    "missing required key target_spacing (list of 3 float, mm): a 3D spec (spatial_dims: 3) "
                    "resamples every volume to it")
-            _check(all(s > 0 for s in self.target_spacing),  # type: ignore[union-attr]
-                   f"target_spacing must be three positive mm values, got {list(self.target_spacing or ())}")
+            _check(all(MIN_SPACING_MM < s <= MAX_SPACING_MM for s in self.target_spacing),  # type: ignore[union-attr]
+                   f"target_spacing must be three mm values in ({MIN_SPACING_MM}, {MAX_SPACING_MM}], "
+                   f"got {list(self.target_spacing or ())}")
             _check(self.modality in VOLUME_MODALITIES,
                    f"modality must be CT or MR for a 3D spec, got {self.modality!r}; projection radiographs "
                    "(DX, CR, MG) need spatial_dims: 2 and target_size")
@@ -474,16 +562,21 @@ class PreprocessSpec:
             _check(self.target_size is not None,
                    "missing required key target_size ([H, W] pixels): a 2D spec (spatial_dims: 2) resizes "
                    "and pads every image to it")
-            _check(all(s >= 8 for s in self.target_size),  # type: ignore[union-attr]
-                   f"target_size must be two pixel counts >= 8, got {list(self.target_size or ())}")
+            _check(all(8 <= s <= MAX_SIZE_2D for s in self.target_size),  # type: ignore[union-attr]
+                   f"target_size must be two pixel counts in [8, {MAX_SIZE_2D}], got {list(self.target_size or ())}")
             _check(self.task == "classification",
                    "spatial_dims: 2 supports task: classification only (2D segmentation is not built); "
                    "set task: classification, or spatial_dims: 3 for volumes")
             _check(self.target_spacing is None,
                    "target_spacing is for 3D specs; a 2D spec uses target_size (output spacing follows "
                    "from the image's extent)")
-        _check(sorted(self.orientation.upper()) == sorted("RAS") or len(self.orientation) == 3,
-               f"orientation must be three axis codes like 'RAS', got {self.orientation!r}")
+        _check(bool(self.name.strip()), "name must be a non-empty spec name")
+        codes = self.orientation.upper()
+        _check(len(codes) == 3 and all(sum(c in pair for c in codes) == 1 for pair in ("LR", "AP", "SI")),
+               f"orientation must be three axis codes, one of L/R, A/P and S/I each (e.g. 'RAS', 'LPS'), "
+               f"got {self.orientation!r}")
+        # MONAI's Orientationd reads upper-case codes only.
+        object.__setattr__(self, "orientation", codes)
         if self.task == "classification":
             _check(len(self.labels.classes) >= 2,
                    f"labels.classes must name at least 2 classes for classification, got {self.labels.classes}")
@@ -569,6 +662,21 @@ class TaskConfig:
         """The metric that ranks models: mean Dice or mean one-vs-rest AUC."""
         return "dice_mean" if self.is_segmentation else "auc_mean"
 
+    @property
+    def rankable_metrics(self) -> tuple[str, ...]:
+        """FLModel metric names (``val_*``) the task's evaluation reports and that rank models (higher is better).
+
+        The names :func:`fedimg.tasks.metric_names` makes of
+        :class:`fedimg.tasks.segmentation.DiceAccumulator` and
+        :func:`fedimg.tasks.classification.classification_metrics` results; HD95
+        (lower is better) and ``val_cases`` cannot rank models.
+        """
+        if self.is_segmentation:
+            return ("val_dice", *(f"val_dice_{c}" for c in self.class_names))
+        per_class = [f"val_{m}_{c}" for m in ("auc", "sensitivity", "specificity", "balanced_accuracy")
+                     for c in self.class_names]
+        return ("val_auc", "val_balanced_accuracy", "val_accuracy", *per_class)
+
 
 MODEL_NAMES = ("unet", "segresnet", "densenet121", "resnet")
 SEGMENTATION_MODELS = ("unet", "segresnet")
@@ -610,6 +718,10 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        _check(len(self.channels) >= 2 and all(c >= 1 for c in self.channels),
+               f"model.channels must list >= 2 positive feature counts, got {self.channels}")
+        _check(all(s >= 1 for s in self.strides), f"model.strides must be positive, got {self.strides}")
+        _check(self.num_res_units >= 0, f"model.num_res_units must be >= 0, got {self.num_res_units}")
         _check(len(self.strides) == len(self.channels) - 1,
                f"model.strides must have len(model.channels) - 1 = {len(self.channels) - 1} "
                f"entries, got {len(self.strides)}")
@@ -638,6 +750,9 @@ class DataConfig:
         num_workers: DataLoader worker processes on the CPU (0: main process).
         samples_per_volume: segmentation: patches drawn per cached volume.
         augment: random flips and intensity changes during training.
+        fold: with cross-validation datalists (``split.folds``), the fold that
+            validates at every site; the other folds train. None: the
+            datalist's own training/validation split.
     """
 
     roi_size: list[int] = field(default_factory=lambda: [64, 64, 64])
@@ -646,6 +761,7 @@ class DataConfig:
     num_workers: int = 0
     samples_per_volume: int = 1
     augment: bool = True
+    fold: int | None = None
 
     def __post_init__(self) -> None:
         _check(len(self.roi_size) in (2, 3) and all(r >= 16 for r in self.roi_size),
@@ -656,6 +772,7 @@ class DataConfig:
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.samples_per_volume >= 1,
                f"data.samples_per_volume must be >= 1, got {self.samples_per_volume}")
+        _check(self.fold is None or self.fold >= 0, f"data.fold must be >= 0 or empty, got {self.fold}")
 
 
 @dataclass(frozen=True)
@@ -677,6 +794,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0.0 <= self.momentum < 1.0, f"optim.momentum must be in [0, 1), got {self.momentum}")
         _check(0.0 <= self.min_lr_factor <= 1.0,
                f"optim.min_lr_factor must be in [0, 1], got {self.min_lr_factor}")
 
@@ -701,6 +819,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, f"train.local_epochs must be >= 1, got {self.local_epochs}")
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.sw_batch_size >= 1, f"train.sw_batch_size must be >= 1, got {self.sw_batch_size}")
+        _check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -799,6 +919,13 @@ class FedConfig:
             cross-site evaluation.
         scope: the site privacy scope the job asks for (``privacy.json`` at
             each site); null uses each site's default scope.
+        max_steps_per_round: the most optimizer steps per round the server
+            believes a site did; a site's reported steps are its weight in
+            the mean, so a report that is missing, not finite, <= 0, above this
+            bound, or above 4x the site's first report of the run rejects its
+            update. 0 (default) derives a generous bound: the steps of a site
+            with 100,000 training cases (``train.local_epochs x
+            ceil(100000 / data.batch_size)``).
     """
 
     algorithm: Literal["fedavg", "fedprox", "fedopt", "scaffold", "fedbn"] = "fedavg"
@@ -817,8 +944,11 @@ class FedConfig:
     min_round_timeout_s: int = 60
     eval_timeout_s: int = 600
     scope: str | None = None
+    max_steps_per_round: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.max_steps_per_round >= 0,
+               f"fed.max_steps_per_round must be >= 0 (0: derived), got {self.max_steps_per_round}")
         _check(self.num_rounds >= 1, f"fed.num_rounds must be >= 1, got {self.num_rounds}")
         _check(self.min_clients >= 0, f"fed.min_clients must be >= 0, got {self.min_clients}")
         _check_positive(self, "fed", "mu")
@@ -926,6 +1056,11 @@ class PrivacyConfig:
             and the server sums ciphertexts without seeing any site's update
             (NVFlare's ``FedAvgRecipeWithHE``; keys come from provisioning,
             so POC or production only, not the simulator).
+        min_cohort: the fewest validation cases a site must have before it
+            sends counts about them (``val_cases`` and the per-class counts of
+            cases with an undefined HD95); a smaller site keeps them (its
+            metrics are still sent) and the server weighs its validation as
+            one case. At least 1 (1: always send).
     """
 
     update_filter: Literal["none", "gaussian", "percentile", "svt"] = "none"
@@ -934,6 +1069,11 @@ class PrivacyConfig:
     svt: SVTConfig = field(default_factory=SVTConfig)
     dp_sgd: DPSGDConfig = field(default_factory=DPSGDConfig)
     encryption: Literal["none", "he"] = "none"
+    min_cohort: int = 5
+
+    def __post_init__(self) -> None:
+        _check(self.min_cohort >= 1,
+               f"privacy.min_cohort must be >= 1 (1: always report counts), got {self.min_cohort}")
 
 
 @dataclass(frozen=True)
@@ -952,6 +1092,9 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name) and all(c.isalnum() or c in "-_" for c in self.name),
                f"name must be letters, digits, '-' or '_', got {self.name!r}")
+        _check(self.fed.key_metric in ("auto", *self.task.rankable_metrics),
+               f"fed.key_metric {self.fed.key_metric!r} is not a metric the {self.task.type} task reports that "
+               f"ranks models (higher is better); expected auto or one of {', '.join(self.task.rankable_metrics)}")
         _check(len(self.data.roi_size) == self.task.spatial_dims,
                f"data.roi_size must have task.spatial_dims = {self.task.spatial_dims} entries, "
                f"got {list(self.data.roi_size)}")
@@ -1022,6 +1165,33 @@ class ExperimentConfig:
         return "val_dice" if self.task.is_segmentation else "val_auc"
 
 
+_SITE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+
+
+def validate_site_name(name: Any, what: str = "site name") -> str:
+    """Return ``name`` if it may name a site; raise otherwise.
+
+    A site name becomes a folder (simulator workspace, POC kit, demo output)
+    and an NVFlare client name, so it must be one safe path component:
+    1 to 64 letters, digits, ``.``, ``_`` or ``-``, not starting with ``.``
+    or ``-`` and without ``..``.
+
+    Args:
+        name: the name as given (CLI argument, site YAML, ``NAME=YAML``).
+        what: where it came from, for the message (e.g. ``--site``).
+
+    Raises:
+        ConfigError: the name is not allowed (one line: what was expected, what arrived).
+    """
+    text = name if isinstance(name, str) else str(name)
+    if not isinstance(name, str) or not _SITE_NAME_RE.fullmatch(text) or ".." in text:
+        shown = repr(text) if len(text) <= 70 else repr(text[:67]) + "..."
+        raise ConfigError(f"{what}: expected a site name of 1-64 letters, digits, '.', '_' or '-' that does not "
+                          f"start with '.' or '-' and has no '..' (it names folders and the NVFlare client), "
+                          f"got {shown}; rename the site, e.g. site-1")
+    return text
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """Site-local settings; stays at the site.
@@ -1042,6 +1212,8 @@ class SiteConfig:
     local_logdir: str | None = None
 
     def __post_init__(self) -> None:
+        validate_site_name(self.name, "name")
+        _check(bool(self.datalist.strip()), "datalist must be the path of a datalist.json")
         _check(self.num_threads >= 0, f"num_threads must be >= 0, got {self.num_threads}")
 
 
@@ -1084,5 +1256,6 @@ __all__ = [
     "load_yaml",
     "save",
     "to_dict",
+    "validate_site_name",
 ]
 

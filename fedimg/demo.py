@@ -80,7 +80,7 @@ def _run_demo(out: Path, exp: cfgmod.ExperimentConfig, spec: cfgmod.PreprocessSp
     pre: dict[str, Any] = {}
     threads = default_threads(len(synth.sites))
     for site in synth.sites:
-        site_dir = out / "sites" / site
+        site_dir = out / "sites" / cfgmod.validate_site_name(site)  # a folder name
         # Each site has its own secret: case ids and manifest entries are keyed pseudonyms.
         site_dir.mkdir(parents=True, exist_ok=True)
         secret = SiteSecret.generate(site_dir / "site.secret")

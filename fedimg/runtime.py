@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedimg.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """The requested device is not available."""
 
 

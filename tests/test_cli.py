@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,17 @@ def test_preprocess_refuses_a_group_readable_secret(tmp_path, capsys):
     assert rc == 2
     line = _err_lines(capsys)[0]
     assert "chmod 600" in line and "a" * 40 not in line
+
+
+def test_convert_does_not_import_torch_monai_or_nvflare(tmp_path: Path) -> None:
+    # The audit command must start fast: conversion never uses torch, MONAI or NVFlare (issue 14).
+    code = ("import sys; from fedimg.cli import main; rc = main(['convert', sys.argv[1], sys.argv[2], '--quiet']); "
+            "heavy = sorted(m for m in ('torch', 'monai', 'nvflare') if m in sys.modules); "
+            "print('HEAVY', heavy); sys.exit(rc)")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("not dicom")
+    proc = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "no DICOM files in source" in proc.stderr  # the usage error path, too
+    assert "HEAVY []" in proc.stdout

@@ -8,7 +8,6 @@ goes back to host memory for its inputs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,32 +30,31 @@ from monai.transforms import (
 )
 
 from fedimg.config import DataConfig, TaskConfig
-
-
-class DatalistError(ValueError):
-    """A datalist is missing or malformed."""
+from fedimg.datalist import Datalist, DatalistError, DatalistItem
 
 
 @dataclass
-class Datalist:
-    """A site's datalist, with paths resolved against its folder.
+class SiteData:
+    """A site's datalist resolved for training: absolute paths, voxel spacing, the fold chosen.
 
     Attributes:
         training: training items (``image``, ``label``, ``case_id``, ``spacing``).
-        validation: validation items.
+        validation: validation items (with ``fold``: that fold).
+        test: held-out test items (never trained on, never used to choose a model).
         task: ``segmentation`` or ``classification``.
         spatial_dims: 2 or 3.
         classes: class names as the task config lists them (segmentation:
             foreground classes; classification: every class).
-        raw: the datalist as read.
+        datalist: the datalist as read (:class:`fedimg.datalist.Datalist`).
     """
 
     training: list[dict[str, Any]]
     validation: list[dict[str, Any]]
+    test: list[dict[str, Any]]
     task: str
     spatial_dims: int
     classes: list[str] | None
-    raw: dict[str, Any]
+    datalist: Datalist
 
 
 def _voxel_spacing(path: str, dims: int) -> torch.Tensor:
@@ -65,54 +63,39 @@ def _voxel_spacing(path: str, dims: int) -> torch.Tensor:
     return torch.tensor([float(z) for z in zooms[:dims]], dtype=torch.float64)
 
 
-def read_datalist(path: str | Path) -> Datalist:
-    """Read ``datalist.json``; paths are resolved against its folder.
+def _resolve(items: list[DatalistItem], root: Path, dl: Datalist) -> list[dict[str, Any]]:
+    out = []
+    for item in items:
+        image = str(root / item.image)
+        entry: dict[str, Any] = {"image": image, "case_id": item.case_id, "label": item.label,
+                                 "spacing": _voxel_spacing(image, dl.spatial_dims)}
+        if dl.task == "segmentation":
+            entry["label"] = str(root / str(item.label))
+        out.append(entry)
+    return out
+
+
+def read_datalist(path: str | Path, fold: int | None = None) -> SiteData:
+    """Read ``datalist.json`` for training; paths are resolved against its folder.
+
+    Args:
+        path: the site's ``datalist.json``.
+        fold: with a cross-validation datalist, the fold that validates (the others train).
 
     Raises:
-        DatalistError: the file is missing, not JSON, or its items do not match its task.
+        DatalistError: the file is missing, malformed, has no training case, or the fold does not exist.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DatalistError(f"datalist {p} does not exist; run `fedimg preprocess` for this site first")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DatalistError(f"datalist {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    task = raw.get("task", "segmentation")
-    dims = int(raw.get("spatial_dims", 3))
-    if task not in ("segmentation", "classification"):
-        raise DatalistError(f"datalist {p}: expected task 'segmentation' or 'classification', got {task!r}")
-    labels = raw.get("labels")
-    classes = None
-    if isinstance(labels, dict):
-        ordered = [labels[k] for k in sorted(labels, key=int)]
-        classes = ordered[1:] if task == "segmentation" else ordered
-    out = []
-    for key in ("training", "validation"):
-        items = raw.get(key)
-        if not isinstance(items, list):
-            raise DatalistError(f"datalist {p}: expected a list under {key!r}, got {type(items).__name__}")
-        resolved = []
-        for i, item in enumerate(items):
-            if not isinstance(item, dict) or "image" not in item or "label" not in item:
-                raise DatalistError(f"datalist {p}: {key}[{i}] needs 'image' and 'label' keys")
-            image = str(p.parent / item["image"])
-            entry = {**item, "image": image, "spacing": _voxel_spacing(image, dims)}
-            if task == "segmentation":
-                entry["label"] = str(p.parent / item["label"])
-            else:
-                label = item["label"]
-                if isinstance(label, bool) or not isinstance(label, int) or (classes and not 0 <= label < len(classes)):
-                    raise DatalistError(f"datalist {p}: {key}[{i}] label must be a class index 0..."
-                                        f"{len(classes or []) - 1}, got {label!r}")
-            resolved.append(entry)
-        out.append(resolved)
-    if not out[0]:
+    dl = Datalist.read(p)
+    train, val = dl.for_fold(fold)
+    if not train:
         raise DatalistError(f"datalist {p} has no training cases")
-    return Datalist(training=out[0], validation=out[1], task=task, spatial_dims=dims, classes=classes, raw=raw)
+    return SiteData(training=_resolve(train, p.parent, dl), validation=_resolve(val, p.parent, dl),
+                    test=_resolve(dl.test, p.parent, dl), task=dl.task, spatial_dims=dl.spatial_dims,
+                    classes=dl.classes if dl.labels else None, datalist=dl)
 
 
-def check_matches_task(dl: Datalist, task: TaskConfig, where: str) -> None:
+def check_matches_task(dl: SiteData, task: TaskConfig, where: str) -> None:
     """Refuse a datalist whose task, dimensions or classes differ from the experiment's.
 
     Raises:
@@ -210,13 +193,15 @@ def make_val_loader(items: list[dict[str, Any]], cfg: DataConfig, task: TaskConf
 
 def make_loaders(train_items: list[dict[str, Any]], val_items: list[dict[str, Any]], cfg: DataConfig,
                  task: TaskConfig, device: torch.device, progress: bool = False,
-                 seed: int = 0) -> tuple[DataLoader, DataLoader | None]:
-    """Cached training and validation loaders for the task.
+                 seed: int = 0) -> tuple[DataLoader | None, DataLoader | None]:
+    """Cached training and validation loaders for the task (None for a split without items).
 
     On CUDA the cache lives on the GPU and loading runs in the main process
     (workers cannot share GPU tensors).
     """
     workers = 0 if device.type == "cuda" else cfg.num_workers
+    if not train_items:  # an evaluation-only trainer (scoring a saved model)
+        return None, make_val_loader(val_items, cfg, task, device, progress)
     if task.is_segmentation:
         train_tf = seg_train_transforms(cfg, device, task.num_classes)
     else:

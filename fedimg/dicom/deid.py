@@ -1,6 +1,6 @@
 """De-identification engine: PS3.15 Annex E basic profile with keyed pseudonyms.
 
-Implements the "De-identification contract" of docs/DICOM.md:
+Implements the de-identification contract of docs/deidentification.md:
 
 * the Basic Application Level Confidentiality Profile (DCM 113100), applied
   from ONE pinned edition of Table E.1-1 (:data:`TABLE_EDITION`, 2024b), with
@@ -91,6 +91,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
+from fedimg.errors import UserError
 from fedimg.dicom.deid_table import (
     DESCRIPTOR_TAGS,
     DESCRIPTORS,
@@ -100,6 +101,7 @@ from fedimg.dicom.deid_table import (
     TABLE,
     TABLE_EDITION,
 )
+from fedimg.safepath import is_uid
 
 __all__ = [
     "DESCRIPTORS",
@@ -146,7 +148,7 @@ _DEID_TAGS = (0x00120062, 0x00120063, 0x00120064, 0x00280303)
 _META_KEEP = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
 
 
-class DeidError(ValueError):
+class DeidError(UserError, ValueError):
     """De-identification cannot proceed; the message carries no PHI or secret."""
 
 
@@ -328,10 +330,10 @@ class Pseudonymizer:
     def __repr__(self) -> str:
         return "Pseudonymizer(<secret hidden>)"
 
-    def _digest(self, purpose: str, *parts: str) -> bytes:
+    def _digest(self, purpose: str, *parts: str | bytes) -> bytes:
         msg = bytearray(b"fedimg-deid/v1\x00")
         for item in (purpose, *parts):
-            raw = item.encode("utf-8")
+            raw = item if isinstance(item, bytes) else item.encode("utf-8")
             msg += len(raw).to_bytes(4, "big") + raw
         return hmac.new(self._key, bytes(msg), hashlib.sha256).digest()
 
@@ -478,10 +480,14 @@ class Pseudonymizer:
     def path_hash(self, rel_path: str) -> str:
         """A 16-hex name for a relative path (folders and files leave no identifier).
 
+        The path's bytes on disk are hashed (``os.fsencode``): a name that is
+        not valid UTF-8 (read by Python with surrogate escapes) hashes like
+        any other, and a UTF-8 name gives the same hash as its text.
+
         Args:
             rel_path: a path relative to the site's raw root; ``\\`` is read as ``/``.
         """
-        return self._digest("path", str(rel_path).replace("\\", "/").strip("/")).hex()[:16]
+        return self._digest("path", os.fsencode(str(rel_path).replace("\\", "/").strip("/"))).hex()[:16]
 
 
 # --------------------------------------------------------------------------
@@ -574,7 +580,10 @@ def _set_values(elem: DataElement, values: list[str]) -> DataElement:
 
 
 def _remap_uids(elem: DataElement, p: Pseudonymizer) -> DataElement:
-    return _set_values(elem, [v if v.startswith(_DICOM_ROOT) else p.uid(v) for v in _values(elem)])
+    # Only a well-formed UID under the DICOM root is kept: "1.2.840.10008." followed by text (a path,
+    # a name) is not a class UID and is remapped like any other value.
+    return _set_values(elem, [v if v.startswith(_DICOM_ROOT) and is_uid(v.strip().rstrip("\x00")) else p.uid(v)
+                              for v in _values(elem)])
 
 
 def _shift(elem: DataElement, ctx: _Ctx) -> DataElement | None:

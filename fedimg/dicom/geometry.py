@@ -1,6 +1,6 @@
 """Slice ordering, spacing checks and the voxel-to-world affine of a series.
 
-Rules (see ``docs`` DICOM.md): slices are sorted by (0020,0032) Image Position
+Rules (see docs/dicom.md): slices are sorted by (0020,0032) Image Position
 Patient projected on the slice normal (the cross product of the two
 (0020,0037) Image Orientation Patient vectors), never by (0020,0013) Instance
 Number. Slice spacing comes from consecutive positions, never from

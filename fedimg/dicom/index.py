@@ -14,9 +14,11 @@ and are read here too; pixels are still never decoded.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,9 @@ class DicomHeader:
             read (the series is refused on it).
         accession_number: (0008,0050) Accession Number (an identifier: used
             in memory only, to find a study's row in a site's labels CSV).
+        patient_id: (0010,0020) Patient ID, as ``issuer|id`` when (0010,0021)
+            Issuer of Patient ID is set (an identifier: used in memory only, to
+            keep each patient's studies on one side of the split; empty when absent).
         imager_pixel_spacing: (0018,1164) Imager Pixel Spacing (row, column) of
             projection radiographs, used when (0028,0030) is absent.
         photometric_interpretation: (0028,0004), e.g. MONOCHROME1.
@@ -109,6 +114,7 @@ class DicomHeader:
     frames: tuple[FrameInfo, ...] = ()
     layout_error: str = ""
     accession_number: str = ""
+    patient_id: str = ""
     imager_pixel_spacing: tuple[float, float] | None = None
     photometric_interpretation: str = ""
 
@@ -149,12 +155,23 @@ class DicomHeader:
 
 @dataclass
 class FileProblem:
-    """A file that could not be indexed as DICOM."""
+    """A file that could not be indexed as DICOM, or a folder entry that is not read.
+
+    Attributes:
+        path: the entry's path (under the scanned root, links not resolved).
+        rel: path relative to the scanned root (for the manifest); a folder
+            entry (an unreadable folder, a link to a folder) has its own row.
+        reason: why it was not indexed.
+        detail: PHI-free explanation (never the entry's name or a link's target).
+        skipped: nothing is lost by not reading it (a link to an entry that is
+            read under its own path); otherwise it is refused.
+    """
 
     path: Path
     rel: str
     reason: Reason
     detail: str
+    skipped: bool = False
 
 
 @dataclass
@@ -202,14 +219,104 @@ class Index:
         return len(self.headers) + len(self.problems) + len(self.other_files)
 
 
+def _os_error(exc: OSError) -> str:
+    """``PermissionError, EACCES``: a PHI-free name for an OS error (its message may quote the path)."""
+    code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else "no errno"
+    return f"{type(exc).__name__}, {code}"
+
+
+def _within(path: str, base: str) -> bool:
+    """Whether the resolved ``path`` is ``base`` or below it."""
+    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _link_problem(path: Path, rel: str, base: str) -> FileProblem:
+    """The manifest fate of a symbolic link: links are never followed while walking.
+
+    A link whose target lies inside the source is skipped (the target is
+    walked and read under its own path: reading it twice would duplicate
+    slices); a link out of the source is refused (its target is not the
+    site's export); broken links and loops are refused with their own reasons.
+    """
+    try:
+        st = os.stat(path)  # follows the link
+    except (FileNotFoundError, NotADirectoryError):
+        return FileProblem(path, rel, Reason.BROKEN_LINK, "symbolic link to a target that does not exist")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return FileProblem(path, rel, Reason.SYMLINK_LOOP, "symbolic link that leads back to itself")
+        return FileProblem(path, rel, Reason.UNREADABLE,
+                           f"symbolic link whose target cannot be read ({_os_error(exc)})")
+    kind = "folder" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "special file"
+    if not _within(os.path.realpath(path), base):
+        return FileProblem(path, rel, Reason.SYMLINK_OUTSIDE_SOURCE,
+                           f"symbolic link to a {kind} outside the source folder; not followed")
+    return FileProblem(path, rel, Reason.SYMLINK_INSIDE_SOURCE,
+                       f"symbolic link to a {kind} inside the source folder, which is read under its own path",
+                       skipped=True)
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device file"
+    return "special file"
+
+
+def walk_source(root: Path) -> Iterator[Path | FileProblem]:
+    """Every entry under ``root``, in a stable order: regular files as paths, the rest as problems.
+
+    Nothing outside ``root`` is read: symbolic links (to files or folders)
+    are never followed but each gets a :class:`FileProblem` (see
+    :func:`_link_problem`), as do FIFOs, sockets and device files
+    (NOT_REGULAR_FILE) and folders that cannot be listed (UNREADABLE, one
+    problem for the folder). A folder's files come before its sub-folders,
+    names sorted, like ``os.walk``.
+
+    Raises:
+        OSError: ``root`` itself cannot be listed.
+    """
+    root = Path(root)
+    base = os.path.realpath(root)  # SRC may itself be a link (the site named it): its target is the source
+    stack = [""]
+    while stack:
+        prefix = stack.pop()
+        folder = root / prefix if prefix else root
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if not prefix:
+                raise
+            yield FileProblem(folder, prefix, Reason.UNREADABLE, f"folder could not be listed ({_os_error(exc)})")
+            continue
+        subfolders = []
+        for entry in entries:
+            rel = f"{prefix}/{entry.name}" if prefix else entry.name
+            path = folder / entry.name
+            try:
+                if entry.is_symlink():
+                    yield _link_problem(path, rel, base)
+                elif entry.is_dir(follow_symlinks=False):
+                    subfolders.append(rel)
+                elif entry.is_file(follow_symlinks=False):
+                    yield path
+                else:
+                    kind = _special_kind(entry.stat(follow_symlinks=False).st_mode)
+                    yield FileProblem(path, rel, Reason.NOT_REGULAR_FILE, f"a {kind}, not a regular file")
+            except OSError as exc:
+                yield FileProblem(path, rel, Reason.UNREADABLE, f"entry could not be examined ({_os_error(exc)})")
+        stack.extend(reversed(subfolders))
+
+
 def iter_files(root: Path) -> Iterator[Path]:
-    """All regular files under ``root``, recursively, in a stable order."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if p.is_file():
-                yield p
+    """All regular files under ``root``, recursively, in a stable order (see :func:`walk_source`)."""
+    for entry in walk_source(root):
+        if isinstance(entry, Path):
+            yield entry
 
 
 def _floats(value: object, n: int) -> tuple[float, ...] | None:
@@ -291,10 +398,21 @@ def _truncation(ds: pydicom.Dataset, size: int, prefixed: bool) -> str:
     return ""
 
 
+def _patient_key(ds: pydicom.Dataset) -> str:
+    """``issuer|id`` from (0010,0021) and (0010,0020); empty when the Patient ID is absent or blank."""
+    pid = str(ds.get("PatientID", "") or "").strip()
+    if not pid:
+        return ""
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    return f"{issuer}|{pid}" if issuer else pid
+
+
 def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
     """Read one file's header; return a :class:`FileProblem` if it is not usable DICOM.
 
-    Refusals (file level): NOT_DICOM for files pydicom cannot parse or that
+    Refusals (file level): UNREADABLE when the OS refuses to open or read the
+    file (an ``OSError`` with an errno: permissions, I/O error); NOT_DICOM
+    for files pydicom cannot parse or that
     name no (0008,0016) SOP Class UID and hold no pixel data; TRUNCATED when
     the file ends before a value it declares (see :func:`_truncation`) or the
     parser runs out of bytes after a ``DICM`` prefix; NO_PIXELS for an image
@@ -305,7 +423,13 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         ds = pydicom.dcmread(path, defer_size=4096)
     except InvalidDicomError:
         return FileProblem(path, rel, Reason.NOT_DICOM, "no DICOM preamble/prefix or file meta")
-    except (EOFError, OSError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:
+            # The OS refused (permissions, I/O error): the file may be fine, it was not read.
+            return FileProblem(path, rel, Reason.UNREADABLE, f"file could not be opened or read ({_os_error(exc)})")
+        # pydicom's own OSError ("No tag to read at file position ..."): the bytes ran out.
+        return FileProblem(path, rel, Reason.TRUNCATED, f"header could not be read ({type(exc).__name__})")
+    except EOFError as exc:
         return FileProblem(path, rel, Reason.TRUNCATED, f"header could not be read ({type(exc).__name__})")
     except struct.error as exc:
         # pydicom unpacks a tag or length from too few bytes: a header cut short.
@@ -395,20 +519,36 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         frames=frame_info,
         layout_error=layout_error,
         accession_number=str(ds.get("AccessionNumber", "") or ""),
+        patient_id=_patient_key(ds),
         imager_pixel_spacing=(imager_spacing[0], imager_spacing[1]) if imager_spacing else None,
         photometric_interpretation=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
     )
 
 
-def scan(root: Path, claim: Iterable[str] = (), progress: object | None = None) -> Index:
-    """Index every file under ``root``.
+def _unreadable(path: Path, rel: str) -> FileProblem | None:
+    """An UNREADABLE problem if the OS refuses to open ``path`` for reading, else None.
+
+    ``O_NONBLOCK``: a file swapped for a FIFO since the walk must not hang the run.
+    """
+    try:
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))
+    except OSError as exc:
+        return FileProblem(path, rel, Reason.UNREADABLE, f"file could not be opened ({_os_error(exc)})")
+    return None
+
+
+def scan(root: Path, claim: Iterable[str] = (), progress: object | None = None,
+         entries: Iterable[Path | FileProblem] | None = None) -> Index:
+    """Index every entry under ``root``.
 
     Args:
         root: folder to scan recursively.
         claim: regular expressions (on the file name) of non-DICOM files that
             another step handles, e.g. NIfTI labels; they are not reported as
-            ``NOT_DICOM``.
+            ``NOT_DICOM`` (but as UNREADABLE when they cannot be opened).
         progress: optional tqdm-like object with ``update(n)``.
+        entries: the result of :func:`walk_source` on ``root``, when the
+            caller has walked it already (default: walk it here).
     """
     import re
 
@@ -416,7 +556,15 @@ def scan(root: Path, claim: Iterable[str] = (), progress: object | None = None) 
     headers: list[DicomHeader] = []
     problems: list[FileProblem] = []
     other: list[tuple[Path, str]] = []
-    for path in iter_files(root):
+    for path in walk_source(root) if entries is None else entries:
+        # An entry that is not read (link, special file, unreadable folder) arrives as its problem; a file
+        # the OS refuses to open is one too, also a claimed one (a label that cannot be read is reported).
+        problem = path if isinstance(path, FileProblem) else _unreadable(path, path.relative_to(root).as_posix())
+        if problem is not None:
+            problems.append(problem)
+            if progress is not None:
+                progress.update(1)  # type: ignore[attr-defined]
+            continue
         rel = path.relative_to(root).as_posix()
         if any(p.search(path.name) for p in patterns):
             other.append((path, rel))

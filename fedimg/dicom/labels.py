@@ -18,7 +18,11 @@ import numpy as np
 from nibabel import orientations as ornt
 
 from fedimg.dicom.geometry import SeriesGeometry, same_grid
+from fedimg.dicom.pixels import apply_modality_lut
 from fedimg.dicom.reasons import Reason, RefusedError
+
+#: Voxels per slab when label values are read: bounds the int64 temporaries of a large label.
+SLAB_VOXELS = 1 << 21
 
 
 def match_nifti_to_study(nifti_rel: str, study_dirs: dict[str, set[str]]) -> str | None:
@@ -45,8 +49,15 @@ def match_nifti_to_study(nifti_rel: str, study_dirs: dict[str, set[str]]) -> str
     return None
 
 
-def load_nifti_on_grid(path: Path, grid: SeriesGeometry, tolerance_mm: float = 1e-2) -> np.ndarray:
+def load_nifti_on_grid(path: Path, grid: SeriesGeometry,
+                       tolerance_mm: float = 1e-2) -> tuple[np.ndarray, tuple[float, float]]:
     """Load a NIfTI label and bring it onto the image grid (axis permutation/flip only).
+
+    Returns:
+        The stored voxels on the image grid (a flipped/transposed view, in the
+        file's type) and the file's ``(scl_slope, scl_inter)``: values are
+        ``stored * slope + inter``. Not scaling here keeps a uint8 label at one
+        byte per voxel instead of nibabel's float64.
 
     Raises:
         RefusedError: LABEL_GEOMETRY_MISMATCH when the label's grid is not the
@@ -54,7 +65,9 @@ def load_nifti_on_grid(path: Path, grid: SeriesGeometry, tolerance_mm: float = 1
     """
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
+        proxy = img.dataobj
+        data = np.asarray(proxy.get_unscaled())
+        slope, inter = (float(v) for v in (proxy.slope, proxy.inter))
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on bad files
         raise RefusedError(Reason.NOT_A_LABEL, f"unreadable NIfTI ({type(exc).__name__})") from None
     if data.ndim == 4 and data.shape[3] == 1:
@@ -74,7 +87,7 @@ def load_nifti_on_grid(path: Path, grid: SeriesGeometry, tolerance_mm: float = 1
     if dev > tolerance_mm:
         raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH,
                            f"label grid differs from the image grid by up to {dev:.3g} mm")
-    return np.ascontiguousarray(data)
+    return data, (slope, inter)
 
 
 def check_mask_grid(image: SeriesGeometry, mask: SeriesGeometry, tolerance_mm: float = 1e-2) -> None:
@@ -84,27 +97,70 @@ def check_mask_grid(image: SeriesGeometry, mask: SeriesGeometry, tolerance_mm: f
         raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH, why)
 
 
-def map_label_values(raw: np.ndarray, class_values: list[int]) -> np.ndarray:
-    """Map source label values to 0..N (N = number of classes, in order).
+def _slabs(raw: np.ndarray) -> list[slice]:
+    """Ranges along the last axis of about :data:`SLAB_VOXELS` voxels each."""
+    n = raw.shape[-1] if raw.ndim else 1
+    step = max(1, SLAB_VOXELS // max(1, raw.size // max(n, 1)))
+    return [slice(k, min(k + step, n)) for k in range(0, n, step)]
+
+
+def _slab_values(slab: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """Label values of a slab: ``rint(stored * slope + intercept)`` (the float32 modality values, rounded)."""
+    if scale == (1.0, 0.0) and (np.issubdtype(slab.dtype, np.integer) or slab.dtype == np.bool_):
+        return slab.astype(np.int64)
+    values = apply_modality_lut(slab, *scale) if scale != (1.0, 0.0) else slab
+    return np.rint(values).astype(np.int64)
+
+
+def check_label_values(raw: np.ndarray, class_values: list[int], scale: tuple[float, float] = (1.0, 0.0)) -> None:
+    """Refuse a label that holds a value other than 0 and the class values, reading it slab by slab.
+
+    Args:
+        raw: label voxels as stored (any type and axis order).
+        class_values: the stored value of class 1, 2, ... N.
+        scale: ``(slope, intercept)``: values are ``rint(raw * slope + intercept)``.
+
+    Raises:
+        RefusedError: LABEL_VALUES_UNEXPECTED (a mismatched label map).
+    """
+    allowed = {0, *class_values}
+    present: set[int] = set()
+    for sl in _slabs(raw):
+        slab = raw[..., sl]
+        if scale == (1.0, 0.0) and slab.dtype in (np.uint8, np.uint16):
+            present.update(np.flatnonzero(np.bincount(slab.ravel())).tolist())
+        else:
+            present.update(np.unique(_slab_values(slab, scale)).tolist())
+    unexpected = sorted(present - allowed)
+    if unexpected:
+        raise RefusedError(Reason.LABEL_VALUES_UNEXPECTED,
+                           f"label holds values {unexpected[:8]} outside background 0 and classes "
+                           f"{class_values}; set labels.values in the spec")
+
+
+def map_label_values(raw: np.ndarray, class_values: list[int], scale: tuple[float, float] = (1.0, 0.0)) -> np.ndarray:
+    """Map source label values to 0..N (N = number of classes, in order), as uint8.
+
+    Read slab by slab, so the temporaries stay small whatever the label's size.
 
     Args:
         raw: label voxels as stored.
         class_values: the stored value of class 1, 2, ... N.
+        scale: ``(slope, intercept)`` of ``raw`` (a DICOM mask's modality LUT,
+            a NIfTI label's scl_slope / scl_inter): values are
+            ``rint(raw * slope + intercept)``.
 
     Raises:
         RefusedError: LABEL_VALUES_UNEXPECTED if the label holds a value that
             is neither 0 nor a class value (a mismatched label map).
     """
-    values = np.rint(raw).astype(np.int64)
-    present = set(np.unique(values).tolist())
-    unexpected = sorted(present - {0, *class_values})
-    if unexpected:
-        raise RefusedError(Reason.LABEL_VALUES_UNEXPECTED,
-                           f"label holds values {unexpected[:8]} outside background 0 and classes "
-                           f"{class_values}; set labels.values in the spec")
-    out = np.zeros(values.shape, dtype=np.uint8)
-    for idx, v in enumerate(class_values, start=1):
-        out[values == v] = idx
+    check_label_values(raw, class_values, scale)
+    out = np.zeros(raw.shape, dtype=np.uint8)
+    for sl in _slabs(raw):
+        values = _slab_values(raw[..., sl], scale)
+        target = out[..., sl]
+        for idx, v in enumerate(class_values, start=1):
+            target[values == v] = idx
     return out
 
 
@@ -148,4 +204,4 @@ def load_seg_on_grid(path: Path, source_sop_uids: list[str], grid: SeriesGeometr
     if arr.shape != (n, rows, cols):
         raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH,
                            f"SEG frames {list(arr.shape)} vs image slices x rows x columns {[n, rows, cols]}")
-    return np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))  # (k, row, col) -> (i=col, j=row, k)
+    return np.transpose(arr, (2, 1, 0))  # (k, row, col) -> (i=col, j=row, k), a view

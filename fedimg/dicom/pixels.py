@@ -110,10 +110,14 @@ def _mask_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer) or bits_stored >= bits_alloc or bits_stored < 1:
         return arr
     raw = arr.astype(np.int64) & ((1 << bits_stored) - 1)
-    if _header_int(ds, "PixelRepresentation", "(0028,0103) Pixel Representation", 0) == 1:
+    signed = _header_int(ds, "PixelRepresentation", "(0028,0103) Pixel Representation", 0) == 1
+    if signed:
         sign = 1 << (bits_stored - 1)
         raw = (raw ^ sign) - sign
-    return raw
+    # Back to an integer type of the decoder's width (the masked values fit): a volume of int64 slices
+    # would take four times the memory of the stored 16-bit values.
+    target = np.dtype(f"{'i' if signed else 'u'}{arr.dtype.itemsize}")
+    return raw.astype(target) if arr.dtype.itemsize < 8 else raw
 
 
 def check_codec(transfer_syntax: str) -> None:
@@ -195,8 +199,8 @@ def rescale(ds: Dataset) -> tuple[float, float]:
     return slope, intercept
 
 
-def apply_modality_lut(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """Stored values to modality values (Hounsfield units for CT), float32.
+def check_modality_lut(slope: float, intercept: float) -> None:
+    """Refuse a modality LUT that is not finite.
 
     Raises:
         RefusedError: PIXEL_DECODE_ERROR when ``slope`` or ``intercept`` is not
@@ -205,7 +209,60 @@ def apply_modality_lut(stored: np.ndarray, slope: float, intercept: float) -> np
     if not (math.isfinite(slope) and math.isfinite(intercept)):
         raise RefusedError(Reason.PIXEL_DECODE_ERROR,
                            "(0028,1053) Rescale Slope / (0028,1052) Rescale Intercept is not a finite number")
+
+
+def apply_modality_lut(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values to modality values (Hounsfield units for CT), float32.
+
+    Computed in float64 and rounded once to float32. Meant for one slice or
+    frame at a time (the float64 step is 4x the bytes of 16-bit stored values).
+
+    Raises:
+        RefusedError: PIXEL_DECODE_ERROR when ``slope`` or ``intercept`` is not
+            finite (e.g. a per-frame (0028,9145) value that did not parse).
+    """
+    check_modality_lut(slope, intercept)
     return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def modality_volume(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """:func:`apply_modality_lut` of an (i, j, k) volume, one k-slice at a time (no whole-volume float64 copy).
+
+    Returns:
+        float32 (i, j, k) array in Fortran order (each k-slice contiguous, as NIfTI stores it).
+    """
+    check_modality_lut(slope, intercept)
+    out = np.empty(stored.shape, dtype=np.float32, order="F")
+    for k in range(stored.shape[2]):
+        out[:, :, k] = apply_modality_lut(stored[:, :, k], slope, intercept)
+    return out
+
+
+#: Widest stored-value range whose every value :func:`exactly_scalable` checks one by one.
+_MAX_CHECKED_SPAN = 1 << 20
+
+
+def exactly_scalable(low: int, high: int, slope: float, intercept: float) -> bool:
+    """Whether every stored value in ``[low, high]`` maps exactly onto float32 through ``slope`` and ``intercept``.
+
+    True when ``slope`` and ``intercept`` are float32 numbers (NIfTI keeps
+    scl_slope / scl_inter as float32) and, for every value ``v`` of the
+    range, ``v * slope`` and ``v * slope + intercept`` are float32 numbers.
+    Then a reader that applies the scaling in float32 or in float64 gets
+    exactly :func:`apply_modality_lut`'s float32 values: storing the integers
+    plus the scaling loses nothing. CT's usual slope 1 and intercept -1024
+    (and any power-of-two slope) qualify; a slope such as 0.1 does not.
+    """
+    if np.float32(slope) != slope or np.float32(intercept) != intercept:
+        return False
+    if high - low >= _MAX_CHECKED_SPAN:
+        # Too many values to list: only the identity scaling of float32-exact integers qualifies.
+        return slope == 1.0 and intercept == 0.0 and max(abs(low), abs(high)) <= 1 << 24
+    values = np.arange(low, high + 1, dtype=np.float64)
+    product = values * slope
+    result = product + intercept
+    return bool(np.array_equal(product, product.astype(np.float32))
+                and np.array_equal(result, result.astype(np.float32)))
 
 
 def decode_slice(ds: Dataset) -> np.ndarray:

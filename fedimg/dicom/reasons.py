@@ -19,6 +19,13 @@ class Reason(str, Enum):
     NO_PIXELS = "NO_PIXELS"
     NON_IMAGE_OBJECT = "NON_IMAGE_OBJECT"
     LOCALIZER = "LOCALIZER"
+    # folder entries that are not read (symbolic links, special files, permissions)
+    UNREADABLE = "UNREADABLE"  # a file or folder the OS refused to open or list (permissions, I/O error)
+    NOT_REGULAR_FILE = "NOT_REGULAR_FILE"  # a FIFO, socket or device file
+    BROKEN_LINK = "BROKEN_LINK"  # a symbolic link whose target does not exist
+    SYMLINK_LOOP = "SYMLINK_LOOP"  # a symbolic link that resolves to itself through other links
+    SYMLINK_OUTSIDE_SOURCE = "SYMLINK_OUTSIDE_SOURCE"  # a link to a file or folder outside SRC: not followed
+    SYMLINK_INSIDE_SOURCE = "SYMLINK_INSIDE_SOURCE"  # a link to an entry inside SRC, read under its own path (skipped)
     # series level
     NO_GEOMETRY = "NO_GEOMETRY"
     TOO_FEW_SLICES = "TOO_FEW_SLICES"
@@ -45,6 +52,9 @@ class Reason(str, Enum):
     NOT_A_LABEL = "NOT_A_LABEL"
     LABEL_NOT_USED = "LABEL_NOT_USED"  # a segmentation label met by a classification spec (skipped)
     LABEL_SHEET = "LABEL_SHEET"  # a CSV file in the export: labels come only through --labels-csv (skipped)
+    LABEL_UNREADABLE = "LABEL_UNREADABLE"  # no label found, and an unreadable entry near the image may hold it
+    # output names
+    UNSAFE_NAME = "UNSAFE_NAME"  # a header value that names an output file is not a valid UID (--write-dicom)
     # de-identification
     BURNED_IN_ANNOTATION = "BURNED_IN_ANNOTATION"
 

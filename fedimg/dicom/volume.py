@@ -21,7 +21,15 @@ import numpy as np
 from fedimg.dicom.geometry import SeriesGeometry, Slice, compute_geometry
 from fedimg.dicom.index import DicomHeader, SeriesGroup
 from fedimg.dicom.mosaic import split_tiles, tile_positions
-from fedimg.dicom.pixels import apply_modality_lut, check_codec, decode_stored, read_slice, rescale
+from fedimg.dicom.pixels import (
+    apply_modality_lut,
+    check_codec,
+    check_modality_lut,
+    decode_stored,
+    modality_volume,
+    read_slice,
+    rescale,
+)
 from fedimg.dicom.reasons import Reason, RefusedError
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -29,23 +37,51 @@ SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 @dataclass
 class Volume:
-    """A converted series.
+    """A converted series, kept in the stored integer type where the modality LUT allows.
+
+    When every slice has the same (0028,1053) Rescale Slope and (0028,1052)
+    Rescale Intercept and integer stored values, ``stored`` holds those
+    integers and modality values are ``stored * slope + intercept``: half the
+    memory of float32 for 16-bit data. Otherwise (slopes that differ between
+    slices or frames, float pixel data) ``stored`` already holds float32
+    modality values, and ``slope``/``intercept`` are 1 and 0.
 
     Attributes:
-        data: float32 array (i, j, k) = (columns, rows, slices), modality values
-            (Hounsfield units for CT).
+        stored: (i, j, k) = (columns, rows, slices) array in Fortran order
+            (each slice one contiguous block, the NIfTI layout).
         geometry: the validated geometry; ``geometry.affine_ras`` maps voxels to RAS mm.
         modality: (0008,0060) Modality.
+        slope: the (uniform) Rescale Slope of ``stored``.
+        intercept: the (uniform) Rescale Intercept of ``stored``.
     """
 
-    data: np.ndarray
+    stored: np.ndarray
     geometry: SeriesGeometry
     modality: str
+    slope: float = 1.0
+    intercept: float = 0.0
 
     @property
     def affine(self) -> np.ndarray:
         """4x4 voxel-to-RAS affine."""
         return self.geometry.affine_ras
+
+    @property
+    def is_scaled(self) -> bool:
+        """True when ``stored`` holds integers that the modality LUT (slope, intercept) turns into values."""
+        return bool(np.issubdtype(self.stored.dtype, np.integer))
+
+    @property
+    def data(self) -> np.ndarray:
+        """Modality values (Hounsfield units for CT) as float32 (i, j, k).
+
+        For a scaled volume this builds a new whole-volume float32 array
+        (twice the bytes of 16-bit stored values) on every access; code that
+        can work on ``stored`` with ``slope``/``intercept`` should.
+        """
+        if not self.is_scaled:
+            return self.stored
+        return modality_volume(self.stored, self.slope, self.intercept)
 
 
 def _mosaic_slices(h: DicomHeader, index: int) -> list[Slice]:
@@ -120,11 +156,24 @@ def series_geometry(group: SeriesGroup, *, min_slices: int = 3, spacing_toleranc
     return geo
 
 
+def _as_modality_values(buf: np.ndarray, scales: list[tuple[float, float]]) -> np.ndarray:
+    """A float32 (n, rows, cols) buffer holding the modality values of the ``len(scales)`` slices decoded so far."""
+    out = np.empty(buf.shape, dtype=np.float32)
+    for k, (slope, intercept) in enumerate(scales):
+        out[k] = apply_modality_lut(buf[k], slope, intercept)
+    return out
+
+
 def load_volume(group: SeriesGroup, geometry: SeriesGeometry) -> Volume:
     """Decode the pixels of a group whose geometry was validated.
 
-    Every file is decoded once; the modality LUT is applied per slice (per
-    frame for enhanced objects, whose (0028,9145) values may differ by frame).
+    Every file is decoded once, its slices copied into one (slices, rows,
+    columns) buffer in the stored integer type, so the peak is the stored
+    pixel bytes plus one file. The modality LUT is read per slice (per frame
+    for enhanced objects, whose (0028,9145) values may differ by frame): when
+    it is the same for every slice, the volume keeps the integers and the one
+    LUT (see :class:`Volume`); when it differs, or the pixels are floats,
+    the volume holds float32 modality values, each slice with its own LUT.
 
     Raises:
         RefusedError: if any slice cannot be decoded (the whole series is refused:
@@ -132,7 +181,10 @@ def load_volume(group: SeriesGroup, geometry: SeriesGeometry) -> Volume:
     """
     cols, rows, n = geometry.shape
     sources = geometry.sources or tuple((i, 0) for i in geometry.order)
-    data = np.empty((cols, rows, n), dtype=np.float32)
+    # (k, row, column) in C order: slice k is one contiguous block, and the (i, j, k) view below is the
+    # Fortran-ordered array NIfTI writers stream without a copy.
+    buf: np.ndarray | None = None
+    scales: list[tuple[float, float]] = []
     cached_index: int | None = None
     stored: np.ndarray | None = None
     lut = (1.0, 0.0)
@@ -153,9 +205,24 @@ def load_volume(group: SeriesGroup, geometry: SeriesGeometry) -> Volume:
         if stored is None or fi >= stored.shape[0]:
             raise RefusedError(Reason.MIXED_SERIES, f"slice {k} refers to a frame the pixel data does not hold")
         slope, intercept = (h.frames[fi].slope, h.frames[fi].intercept) if h.frames else lut
-        sl = apply_modality_lut(stored[fi], slope, intercept)
+        check_modality_lut(slope, intercept)
+        sl = stored[fi]
         if sl.shape != (rows, cols):
             raise RefusedError(Reason.MIXED_SERIES,
                                f"slice {k} decodes to {sl.shape}, header says {(rows, cols)}")
-        data[:, :, k] = sl.T  # pixels are (rows, columns); volume axes are (i=column, j=row)
-    return Volume(data=data, geometry=geometry, modality=group.modality)
+        if buf is None:
+            buf = np.empty((n, rows, cols), dtype=sl.dtype if np.issubdtype(sl.dtype, np.integer) else np.float32)
+        if buf.dtype != np.float32:
+            same_lut = not scales or (slope, intercept) == scales[0]
+            if not (same_lut and np.can_cast(sl.dtype, buf.dtype)):
+                # Another LUT (or type) than the slices before: no single scaling describes the series.
+                buf = _as_modality_values(buf, scales)
+        buf[k] = apply_modality_lut(sl, slope, intercept) if buf.dtype == np.float32 else sl
+        scales.append((slope, intercept))
+    if buf is None:
+        raise RefusedError(Reason.MIXED_SERIES, "the series has no slice")
+    data = buf.transpose(2, 1, 0)  # pixels are (rows, columns); volume axes are (i=column, j=row, k)
+    if data.dtype == np.float32:
+        return Volume(stored=data, geometry=geometry, modality=group.modality)
+    slope, intercept = scales[0]
+    return Volume(stored=data, geometry=geometry, modality=group.modality, slope=slope, intercept=intercept)

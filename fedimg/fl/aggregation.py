@@ -9,17 +9,43 @@ the sites' sample counts.
 An entry a site does not send (FedBN's site-local normalization layers) is
 aggregated over the sites that sent it; the global model keeps its value when
 no site sent it.
+
+Nothing a site reports is trusted. Before screening and aggregation the
+server checks, with the pure functions here:
+
+* :func:`check_update`: the update (and SCAFFOLD's control change) has
+  exactly the global model's entries, shapes and number types, all finite;
+* :func:`check_weight`: the aggregation weight (the site's reported optimizer
+  steps) is a finite number in ``(0, cap]``;
+* :func:`check_metrics`: validation metrics are numbers in their range
+  (Dice, AUC, sensitivity, specificity, accuracy in [0, 1]; HD95 >= 0; case
+  counts whole numbers up to :data:`MAX_CASES_PER_SITE`).
+
+A failed check rejects the site's update (or its metrics) with a reason code
+and the site named; it never stops the server.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fedimg.fl.protocol import MAX_ENTRIES, MAX_NAME, is_number
+from fedimg.training.checkpoint import state_problem
+
 METHODS = ("mean", "median", "trimmed_mean")
+
+# A generous bound on one site's cases (training or validation): case counts above it are not believed, and
+# the default bound on a round's optimizer steps is derived from it (fedimg.fl.recipe.max_steps_per_round).
+MAX_CASES_PER_SITE = 100_000
+
+# Metric families by name (after "val_", "/" read as "_"), most specific first: their valid ranges.
+_UNIT_INTERVAL = ("balanced_accuracy", "accuracy", "sensitivity", "specificity", "dice", "auc")
+_COUNTS = ("hd95_undefined", "cases")
+_NON_NEGATIVE = ("hd95",)
 
 
 @dataclass(frozen=True)
@@ -163,3 +189,92 @@ def screen_updates(updates: Sequence[Update], global_params: Mapping[str, np.nda
                 rejected[s] = (f"DIRECTION_OUTLIER: cosine {cos:.3f} with the round's median update is below "
                                f"fed.robust.min_cosine {min_cosine:g}")
     return [u for u in ok if u.site not in rejected], rejected
+
+
+def check_update(params: Any, global_params: Mapping[str, np.ndarray], *, local_keys: Iterable[str] = (),
+                 fp16: bool = False) -> str | None:
+    """Why a site's update cannot be aggregated (None: it can).
+
+    The update must hold exactly the global model's entries (the algorithm's
+    site-local entries, FedBN's normalization layers, may be absent; nothing
+    else), each of the global entry's shape; floating entries as float32 or
+    float64 (float16 too with ``fed.update_precision: fp16``), integer
+    counters as numbers; every value finite. The same rule checks SCAFFOLD's
+    control-variate change against the server's controls.
+
+    Returns:
+        ``"CODE: explanation"`` (``NOT_A_STATE``, ``UNKNOWN_KEY``,
+        ``MISSING_KEY``, ``DTYPE``, ``SHAPE_MISMATCH``, ``NON_FINITE``), or None.
+    """
+    floats = ("float16", "float32", "float64") if fp16 else ("float32", "float64")
+    return state_problem(params, global_params, optional=frozenset(local_keys), float_dtypes=floats)
+
+
+def check_weight(value: Any, cap: float) -> tuple[float | None, str | None]:
+    """The aggregation weight a site reported (its optimizer steps of the round), checked.
+
+    Args:
+        value: the reported ``NUM_STEPS_CURRENT_ROUND``.
+        cap: the largest weight believed (see ``fed.max_steps_per_round``).
+
+    Returns:
+        ``(weight, None)`` for a finite number in ``(0, cap]``, else
+        ``(None, "BAD_WEIGHT: ...")`` or ``(None, "WEIGHT_TOO_LARGE: ...")``.
+    """
+    if not is_number(value):
+        return None, (f"BAD_WEIGHT: NUM_STEPS_CURRENT_ROUND must be a number of optimizer steps, got "
+                      f"{'nothing' if value is None else 'a ' + type(value).__name__}")
+    weight = float(value)
+    if not math.isfinite(weight) or weight <= 0:
+        return None, f"BAD_WEIGHT: NUM_STEPS_CURRENT_ROUND must be finite and > 0, got {weight!r}"
+    if weight > cap:
+        return None, f"WEIGHT_TOO_LARGE: NUM_STEPS_CURRENT_ROUND {weight:.6g} > the bound {cap:.6g}"
+    return weight, None
+
+
+def _family(name: str) -> str | None:
+    stem = name.split("_", 1)[1] if name.startswith(("val_", "test_")) else name
+    stem = stem.replace("/", "_")
+    for family in (*_COUNTS, *_UNIT_INTERVAL, *_NON_NEGATIVE):
+        if stem.startswith(family):
+            return family
+    return None
+
+
+def check_metrics(metrics: Any, max_cases: int = MAX_CASES_PER_SITE) -> str | None:
+    """Why a site's validation metrics cannot be used (None: they can).
+
+    Every value must be a number; ``NaN`` means undefined (e.g. the Dice of
+    a class absent from every case) and is skipped by the means, an infinite
+    value is invalid. By name (``val_`` prefix optional, ``/`` read as ``_``):
+    ``dice*``, ``auc*``, ``sensitivity*``, ``specificity*``,
+    ``*accuracy*`` in [0, 1]; ``hd95*`` >= 0; ``cases`` and
+    ``hd95_undefined*`` whole numbers in [0, ``max_cases``]. Other names need
+    only be finite. At most :data:`fedimg.fl.protocol.MAX_ENTRIES` metrics.
+
+    Returns:
+        ``"CODE: explanation"`` (``NOT_METRICS``, ``NOT_A_NUMBER``,
+        ``NON_FINITE``, ``OUT_OF_RANGE``), naming the metric family, never a
+        name the site chose; or None.
+    """
+    if not isinstance(metrics, Mapping) or len(metrics) > MAX_ENTRIES:
+        return f"NOT_METRICS: expected a mapping of at most {MAX_ENTRIES} metrics"
+    for name, value in metrics.items():
+        if not isinstance(name, str) or len(name) > MAX_NAME:
+            return f"NOT_METRICS: a metric name that is not a string of at most {MAX_NAME} characters"
+        family = _family(name)
+        what = f"a {family} metric" if family else "a metric"
+        if not is_number(value):
+            return f"NOT_A_NUMBER: {what} is a {type(value).__name__}"
+        v = float(value)
+        if math.isnan(v):
+            continue
+        if not math.isfinite(v):
+            return f"NON_FINITE: {what} is {v}"
+        if family in _UNIT_INTERVAL and not 0.0 <= v <= 1.0:
+            return f"OUT_OF_RANGE: {what} is {v:.6g}, outside [0, 1]"
+        if family in _NON_NEGATIVE and v < 0:
+            return f"OUT_OF_RANGE: {what} is {v:.6g}, below 0"
+        if family in _COUNTS and not (v.is_integer() and 0 <= v <= max_cases):
+            return f"OUT_OF_RANGE: {what} is {v:.6g}, not a whole number in [0, {max_cases}]"
+    return None

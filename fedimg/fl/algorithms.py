@@ -21,6 +21,7 @@ from nvflare.app_common.utils.fedprox_utils import get_fedprox_mu
 from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
 
+from fedimg.training.checkpoint import state_problem
 from fedimg.training.loops import StepHooks
 from fedimg.training.trainer import SiteTrainer
 
@@ -97,6 +98,15 @@ class ScaffoldClient(ClientAlgorithm):
             raise ValueError("SCAFFOLD: the training task carries no global control variates "
                              f"(meta {AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL!r}); the server must run fed.algorithm "
                              "scaffold as well")
+        # The server's controls are checked like a model: the network's parameters (buffers may come too),
+        # their shapes, finite values. NaN controls would silently corrupt every local step.
+        state = self.trainer.model.state_dict()
+        params = {name for name, _ in self.trainer.model.named_parameters()}
+        reference = {k: v for k, v in state.items() if v.is_floating_point()}
+        why = state_problem(controls, reference, optional=set(reference) - params)
+        if why:
+            raise ValueError(f"SCAFFOLD: the global control variates received are refused ({why}); server and site "
+                             "must run the same experiment config")
         self.helper.load_global_controls(controls)
         self._c_global, self._c_local = self.helper.get_params()
         self._global_model = copy.deepcopy(self.trainer.model)

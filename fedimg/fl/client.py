@@ -22,6 +22,17 @@ update as ``{"dp_sgd": {...}}`` under the result meta key ``fedimg_dp``
 writes its own record into the same meta entry and keeps the ``dp_sgd`` one
 (:class:`fedimg.fl.privacy.GaussianUpdateDP`).
 
+Counts about the validation cases (``val_cases``, the per-class counts of
+cases with an undefined HD95) are sent only by a site with at least
+``privacy.min_cohort`` validation cases (:func:`withhold_small_cohort`); the
+server then weighs that site's validation as one case.
+
+Every model received (global weights, another site's model in cross-site
+evaluation, SCAFFOLD's controls) is checked before it is loaded: exactly the
+network's entries and shapes, numbers only, every value finite
+(:meth:`fedimg.training.trainer.SiteTrainer.load_weights`); a broken one
+stops the task with an error naming the entry, and nothing is loaded.
+
 Only scalar metrics are streamed to the server's TensorBoard, tagged
 ``<site>/val/<metric>`` with the round as the step, so curves of all sites
 line up. Pictures of predictions go to the site's own ``local_logdir`` only.
@@ -50,7 +61,7 @@ from fedimg import config as cfgmod
 from fedimg import runtime
 from fedimg.fl.algorithms import client_algorithm
 from fedimg.fl.protocol import (RESULT_META_ALGO, RESULT_META_BYTES, RESULT_META_DP, RESULT_META_TIMES,
-                                RESULT_META_VAL, TASK_META_FINAL)
+                                RESULT_META_TEST, RESULT_META_VAL, TASK_META_FINAL)
 from fedimg.fl.exchange import DIFF, make_update, payload_bytes
 from fedimg.tasks import metric_names
 from fedimg.training.tracking import local_writer
@@ -87,6 +98,19 @@ def _scalars(val: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in val.items() if k != "cases" and not k.startswith("hd95_undefined")}
 
 
+def withhold_small_cohort(metrics: dict[str, float], cases: float, min_cohort: int,
+                          prefix: str = "val_") -> dict[str, float]:
+    """The metrics a site sends: without counts about its validation cases when it has fewer than ``min_cohort``.
+
+    With a handful of cases, a count (how many cases, how many with an
+    undefined HD95: a lesion missed or invented) describes individual
+    patients; the means still go out.
+    """
+    if cases >= min_cohort:
+        return metrics
+    return {k: v for k, v in metrics.items() if k != f"{prefix}cases" and not k.startswith(f"{prefix}hd95_undefined")}
+
+
 class SiteRunner:
     """The state one site keeps across tasks: its trainer, algorithm, writers and own weights."""
 
@@ -106,14 +130,16 @@ class SiteRunner:
 
     def _log_validation(self, val: dict[str, float], step: int) -> None:
         for k, v in _scalars(val).items():
-            self.writer.add_scalar(f"{self.site_name}/val/{k}", float(v), global_step=step)
+            # No site in the tag: the server writes each site as its own run, so one chart per measure
+            # overlays every site (and the federation's "global" run), the run names as the legend.
+            self.writer.add_scalar(f"val/{k}", float(v), global_step=step)
 
     def _local_pictures(self, step: int) -> None:
         if self.local is None:
             return
         for i, picture in enumerate(self.trainer.overlays()):
             # Patient pixels: this writer is the site's own logdir; nothing here is sent.
-            self.local.add_image(f"{self.site_name}/overlay/case_{i}", picture, step, dataformats="HWC")
+            self.local.add_image(f"overlay/case_{i}", picture, step, dataformats="HWC")
         self.local.flush()
 
     def handle(self, model: Any) -> Any:
@@ -129,12 +155,23 @@ class SiteRunner:
         t_val = time.perf_counter()
         val = self.trainer.validate()
         t_val = time.perf_counter() - t_val
-        metrics = metric_names(val)
+        metrics = withhold_small_cohort(metric_names(val), val.get("cases", self.trainer.n_val),
+                                        self.exp.privacy.min_cohort)
         meta = {RESULT_META_VAL: _scalars(val)}
         if flare.is_evaluate():
+            if self.trainer.n_test:
+                # Evaluation tasks (the final evaluation, cross-site evaluation) also score the held-out test
+                # cases; they are reported as test_* and never rate a model during training.
+                test = self.trainer.test()
+                metrics.update(withhold_small_cohort(metric_names(test, "test_"), test.get("cases", self.trainer.n_test),
+                                                     self.exp.privacy.min_cohort, prefix="test_"))
+                meta[RESULT_META_TEST] = _scalars(test)
             if (model.meta or {}).get(TASK_META_FINAL):
                 step = int(model.current_round or 0)
                 self._log_validation(val, step)
+                if self.trainer.n_test:
+                    for k, v in meta[RESULT_META_TEST].items():
+                        self.writer.add_scalar(f"test/{k}", float(v), global_step=step)
                 self._local_pictures(step)
             return flare.FLModel(metrics=metrics, meta=meta)
 
@@ -149,7 +186,7 @@ class SiteRunner:
         fit = self.trainer.fit(self.exp.train.local_epochs, hooks=hooks)
         t_fit = time.perf_counter() - t_fit
         extra = self.algorithm.end_round()
-        self.writer.add_scalar(f"{self.site_name}/train/loss", float(fit["loss"]), global_step=rnd + 1)
+        self.writer.add_scalar("train/loss", float(fit["loss"]), global_step=rnd + 1)
         self.local_weights = self.trainer.state_dict()
         update, kind = make_update(self.local_weights, global_state, self.exp.fed.exchange,
                                    self.exp.fed.update_precision, exclude=self.algorithm.local_keys)
@@ -167,7 +204,7 @@ class SiteRunner:
         if spent is not None:
             # Nested under its mechanism, so an update filter's own DP record can sit beside it.
             meta[RESULT_META_DP] = {"dp_sgd": spent}
-            self.writer.add_scalar(f"{self.site_name}/privacy/epsilon", float(spent["epsilon"]), global_step=rnd + 1)
+            self.writer.add_scalar("privacy/epsilon", float(spent["epsilon"]), global_step=rnd + 1)
             progress.info("site %s round %d: DP-SGD epsilon %.3f at delta %g after %d noised steps", self.site_name,
                           rnd, spent["epsilon"], spent["delta"], spent["steps"])
         return flare.FLModel(params=update, params_type=ParamsType.DIFF if kind == DIFF else ParamsType.FULL,

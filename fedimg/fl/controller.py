@@ -8,7 +8,7 @@ NVFlare's PyTorch recipes. Per round it:
    SCAFFOLD's global controls) to the sites;
 2. reads each site's validation of that model (it rates the global model after
    ``round`` aggregations), writes the case-weighted federation mean to
-   TensorBoard (``global/val/...``) and keeps the best global model by the key
+   TensorBoard (run ``global``, tags ``val/...``) and keeps the best global model by the key
    metric — the model that was rated, not the one aggregated after it;
 3. aggregates the updates (weights or differences, fp16 widened to fp32) with
    the configured rule and applies them (FedOpt: as a pseudo-gradient for a
@@ -19,6 +19,18 @@ NVFlare's PyTorch recipes. Per round it:
 After the last round every site validates the final global model, so the
 best-model choice includes it (``final_eval``). A resumed run (``start_round
 = -1``) continues the round numbering stored in the initial checkpoint.
+
+The server trusts no number, key or shape a site reports. Before screening,
+each update is checked (:mod:`fedimg.fl.aggregation`): exactly the global
+model's entries, shapes and number types, all finite (FedBN: its
+normalization layers may be absent; SCAFFOLD: its control change is checked
+the same way); its weight, the site's reported optimizer steps, finite and
+in ``(0, bound]``. A failure rejects that site's update for the round, with
+a reason code, in ``rounds.jsonl`` (``rejected``) and the log; the run goes
+on. Validation metrics out of range drop that site's validation for the
+step (``global_metrics.jsonl``: ``rejected``): they count neither in the
+means nor for the best model. A site whose result its own filters blocked
+(the scalar-only guard) is recorded as ``BLOCKED_AT_SITE``.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
@@ -39,9 +52,10 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fedprox_utils import set_fedprox_metadata
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 
-from fedimg.fl.aggregation import Update, aggregate, screen_updates, weighted_metrics
+from fedimg.fl.aggregation import (MAX_CASES_PER_SITE, Update, aggregate, check_metrics, check_update, check_weight,
+                                   screen_updates, weighted_metrics)
 from fedimg.fl.exchange import to_float32
-from fedimg.models.registry import build_from_spec
+from fedimg.models.registry import build_from_spec, normalization_keys
 from fedimg.training.tracking import local_writer
 
 from fedimg.fl.protocol import (
@@ -49,15 +63,40 @@ from fedimg.fl.protocol import (
     RESULT_META_ALGO,
     RESULT_META_BYTES,
     RESULT_META_DP,
+    RESULT_META_STEPS,
     RESULT_META_TIMES,
+    RESULT_META_TEST,
     RESULT_META_VAL,
     TASK_META_ALGORITHM,
     TASK_META_FINAL,
     TASK_META_ROUND,
+    scalar_tree_problem,
 )
 
 # The run's progress lines: the console of the simulator shows this logger only (see fedimg.fl.simulate).
 progress = logging.getLogger("fedimg.progress")
+
+# A site's optimizer steps per round are fixed by its training cases, data.batch_size and train.local_epochs
+# (Opacus' Poisson loader keeps the number of batches too): a report above this multiple of the site's first
+# accepted report of the run is not believed.
+STEP_GROWTH = 4.0
+
+_RETURN_CODES = frozenset(v for k, v in vars(ReturnCode).items() if k.isupper() and isinstance(v, str))
+
+
+def _error_reason(rc: Any) -> str:
+    """Why a site's answer was not a result, from its return code (quoted only when it is one of NVFlare's)."""
+    if rc == ReturnCode.TASK_RESULT_FILTER_ERROR:
+        return ("BLOCKED_AT_SITE: the site's result filters refused to send its result (TASK_RESULT_FILTER_ERROR, "
+                "e.g. the scalar-only guard); see the site's log")
+    code = rc if rc in _RETURN_CODES else "an unknown return code"
+    return f"SITE_ERROR: the site answered with {code} instead of a result; see the site's log"
+
+
+def _reported(value: Any) -> Any:
+    """A value a site reported, as the server records it: small scalar trees only."""
+    why = scalar_tree_problem(value)
+    return value if why is None else f"INVALID: {why}"
 
 
 class FedimgController(BaseFedAvg):
@@ -78,6 +117,14 @@ class FedimgController(BaseFedAvg):
         trim: values dropped per end for ``trimmed_mean``.
         norm_outlier_factor, max_update_norm, min_cosine: update screening
             (see :func:`fedimg.fl.aggregation.screen_updates`); NaN/Inf updates are always rejected.
+        update_precision: ``fp32`` or ``fp16`` (``fed.update_precision``): fp16
+            entries are accepted only with ``fp16``.
+        max_steps_per_round: the largest aggregation weight (a site's reported
+            optimizer steps of a round) believed; a site's later reports are
+            also bounded by :data:`STEP_GROWTH` x its first accepted one. A
+            report that is missing, not finite, <= 0 or above the bound
+            rejects the update (the recipe derives the bound from
+            ``fed.max_steps_per_round``).
         final_eval: validate the final global model at every site after the last round.
         min_responses: updates a round needs to count (0: every sampled site).
         train_timeout: seconds a round waits for updates; 0 is adaptive:
@@ -107,6 +154,8 @@ class FedimgController(BaseFedAvg):
         norm_outlier_factor: float = 0.0,
         max_update_norm: float = 0.0,
         min_cosine: float | None = None,
+        update_precision: str = "fp32",
+        max_steps_per_round: int = MAX_CASES_PER_SITE,
         final_eval: bool = True,
         min_responses: int = 0,
         train_timeout: int = 0,
@@ -116,8 +165,11 @@ class FedimgController(BaseFedAvg):
         tb_layout: dict | None = None,
         task_check_period: float = 0.2,
     ) -> None:
+        # A site's error answer (a crash, or a result its own guard blocked) is recorded as that site's rejection;
+        # whether the round still counts is fed.min_clients' decision below, not NVFlare's (which would stop the
+        # run on the first error when every site is needed for the broadcast).
         super().__init__(num_clients=num_clients, num_rounds=num_rounds, start_round=max(0, start_round),
-                         persistor_id=persistor_id, task_check_period=task_check_period)
+                         persistor_id=persistor_id, task_check_period=task_check_period, ignore_result_error=True)
         # NVFlare writes the job config from attributes named like the arguments: keep the -1 as given.
         self.start_round = start_round
         self.algorithm = algorithm
@@ -130,6 +182,13 @@ class FedimgController(BaseFedAvg):
         self.norm_outlier_factor = norm_outlier_factor
         self.max_update_norm = max_update_norm
         self.min_cosine = min_cosine
+        if update_precision not in ("fp32", "fp16"):
+            raise ValueError(f"update_precision must be 'fp32' or 'fp16', got {update_precision!r}")
+        self.update_precision = update_precision
+        if isinstance(max_steps_per_round, bool) or not isinstance(max_steps_per_round, (int, float)) \
+                or not math.isfinite(max_steps_per_round) or max_steps_per_round <= 0:
+            raise ValueError(f"max_steps_per_round must be a finite number > 0, got {max_steps_per_round!r}")
+        self.max_steps_per_round = max_steps_per_round
         self.final_eval = final_eval
         self.min_responses = min_responses
         self.train_timeout = train_timeout
@@ -145,6 +204,10 @@ class FedimgController(BaseFedAvg):
         self._server_opt: torch.optim.Optimizer | None = None
         self._best: dict[str, Any] = {"value": -math.inf, "round": None}
         self._history: list[dict[str, Any]] = []
+        self._local_keys: frozenset[str] = frozenset()  # FedBN: entries that stay at the sites
+        self._param_keys: frozenset[str] | None = None  # SCAFFOLD: the entries a control change covers
+        self._first_steps: dict[str, float] = {}
+        self._site_errors: dict[str, Any] = {}  # site -> return code of its non-result answer (this broadcast)
 
     # ------------------------------------------------------------------ files
 
@@ -167,6 +230,15 @@ class FedimgController(BaseFedAvg):
     # ------------------------------------------------------------------ setup
 
     def _setup_algorithm(self) -> None:
+        if self.algorithm in ("fedbn", "scaffold"):
+            if not self.model_spec:
+                raise ValueError(f"{self.algorithm} needs model_spec to know the network's site-local entries "
+                                 "and parameters")
+            net = build_from_spec(json.loads(self.model_spec))
+            if self.algorithm == "fedbn":
+                self._local_keys = frozenset(normalization_keys(net))
+            else:
+                self._param_keys = frozenset(name for name, _ in net.named_parameters())
         if self.algorithm == "fedopt":
             if not self.model_spec:
                 raise ValueError("fedopt needs model_spec to build the server-side model")
@@ -194,23 +266,56 @@ class FedimgController(BaseFedAvg):
     # ------------------------------------------------------------------ metrics and best model
 
     def _record_validation(self, step: int, results: list[FLModel], final: bool = False) -> dict[str, float]:
+        """Check the sites' validation of the rated model, write the weighted means, keep the best model.
+
+        A site whose metrics fail :func:`fedimg.fl.aggregation.check_metrics`
+        (flat or structured) is left out of this step, named in the log and in
+        ``global_metrics.jsonl`` (``rejected``). Each site weighs by its
+        ``val_cases``; a site that withholds it (fewer validation cases than
+        its ``privacy.min_cohort``) weighs as one case.
+        """
         per_site, structured, weights = {}, {}, {}
+        test_sites, test_structured, test_weights = {}, {}, {}
+        rejected = {site: _error_reason(rc) for site, rc in self._site_errors.items()}
         for res in results:
             site = (res.meta or {}).get("client_name", "?")
             if not res.metrics:
                 continue
-            per_site[site] = dict(res.metrics)
-            structured[site] = dict((res.meta or {}).get(RESULT_META_VAL) or {})
-            weights[site] = float(res.metrics.get("val_cases", 1.0) or 1.0)
+            tree = (res.meta or {}).get(RESULT_META_VAL) or {}
+            test_tree = (res.meta or {}).get(RESULT_META_TEST) or {}
+            why = check_metrics(res.metrics) or check_metrics(tree) or check_metrics(test_tree)
+            if why:
+                rejected[site] = why
+                self.warning(f"step {step}: validation of {site} rejected: {why}")
+                progress.warning("server: step %s: validation of %s rejected: %s", step, site, why)
+                continue
+            # Held-out test results (evaluation tasks only) are weighted by their own case counts and kept
+            # apart: they never rate a model.
+            per_site[site] = {k: v for k, v in res.metrics.items() if not k.startswith("test_")}
+            structured[site] = dict(tree)
+            cases = float(res.metrics.get("val_cases", math.nan))
+            weights[site] = cases if cases >= 1 else 1.0  # withheld (NaN) or none: one case
+            if test_tree:
+                test_sites[site] = {k: v for k, v in res.metrics.items() if k.startswith("test_")}
+                test_structured[site] = dict(test_tree)
+                n_test = float(res.metrics.get("test_cases", math.nan))
+                test_weights[site] = n_test if n_test >= 1 else 1.0
         flat = weighted_metrics(per_site, weights)
         tree = weighted_metrics(structured, weights)
         writer = self._tb()
         for key, value in tree.items():
             if key != "cases":
-                writer.add_scalar(f"global/val/{key}", value, step)
+                writer.add_scalar(f"val/{key}", value, step)  # the "global" run: the same tags as the sites'
+        test_flat = weighted_metrics(test_sites, test_weights)
+        for key, value in weighted_metrics(test_structured, test_weights).items():
+            if key != "cases":
+                writer.add_scalar(f"test/{key}", value, step)
         writer.flush()
-        self._append("global_metrics.jsonl", {"step": step, "final_eval": final, "global": flat,
-                                              "sites": per_site, "weights": weights})
+        record = {"step": step, "final_eval": final, "global": flat, "sites": per_site, "weights": weights,
+                  "rejected": rejected}
+        if test_sites:
+            record["test"] = {"global": test_flat, "sites": test_sites, "weights": test_weights}
+        self._append("global_metrics.jsonl", record)
         value = flat.get(self.key_metric)
         what = "final global model" if final else f"global model after {step} round(s)"
         shown = "n/a" if value is None else f"{value:.4f}"
@@ -236,22 +341,59 @@ class FedimgController(BaseFedAvg):
 
     # ------------------------------------------------------------------ aggregation
 
+    def _accept_train_result(self, client_name: str, result: Any, fl_ctx: Any, is_unknown_task: bool = False) -> bool:
+        """NVFlare's check of a result's return code, noting which site answered with an error (and which code)."""
+        rc = result.get_return_code()
+        if rc and rc != ReturnCode.OK and not is_unknown_task:
+            self._site_errors[client_name] = rc
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
+
+    def _step_bound(self, site: str) -> float:
+        first = self._first_steps.get(site)
+        bound = float(self.max_steps_per_round)
+        return bound if first is None else min(bound, STEP_GROWTH * first)
+
+    def _check_controls(self, ctrl: Any) -> str | None:
+        """Why a site's SCAFFOLD control change cannot be used (None: it can)."""
+        if ctrl is None:
+            return (f"MISSING_CONTROLS: no control-variate change (meta {AlgorithmConstants.SCAFFOLD_CTRL_DIFF!r}); "
+                    "every site must run scaffold")
+        if self._param_keys is None:  # no network known: any subset of the controls, nothing else
+            reference, optional = self._controls, set(self._controls)
+        else:
+            reference, optional = {k: v for k, v in self._controls.items() if k in self._param_keys}, set()
+        why = check_update(ctrl, reference, local_keys=optional, fp16=self.update_precision == "fp16")
+        if why is None:
+            return None
+        code, _, rest = why.partition(": ")
+        return f"{code}: in the SCAFFOLD control change, {rest}"
+
     def _updates(self, results: list[FLModel]) -> tuple[list[Update], dict[str, Any], str | None]:
-        updates, info, ptype = [], {}, None
+        """The round's usable updates, every other site's with its reason (checked before screening)."""
+        updates, ptype = [], None
+        info: dict[str, Any] = {site: _error_reason(rc) for site, rc in self._site_errors.items()}
         for res in results:
-            site = (res.meta or {}).get("client_name", "?")
+            meta = res.meta or {}
+            site = meta.get("client_name", "?")
             if not res.params:
-                info[site] = "empty result"
+                info[site] = "EMPTY: the result holds no model entries"
                 continue
-            params = to_float32(res.params)
-            weight = float((res.meta or {}).get("NUM_STEPS_CURRENT_ROUND", 1.0) or 1.0)
+            weight, why = check_weight(meta.get(RESULT_META_STEPS), self._step_bound(site))
+            why = why or check_update(res.params, self._global, local_keys=self._local_keys,
+                                      fp16=self.update_precision == "fp16")
+            if why is None and self.algorithm == "scaffold":
+                why = self._check_controls(meta.get(AlgorithmConstants.SCAFFOLD_CTRL_DIFF))
+            if why is not None or weight is None:
+                info[site] = why
+                continue
             kind = "DIFF" if res.params_type == ParamsType.DIFF else "FULL"
             if ptype is None:
                 ptype = kind
             elif kind != ptype:
                 info[site] = f"sent {kind} while others sent {ptype}; fed.exchange must be the same everywhere"
                 continue
-            updates.append(Update(site=site, params=params, weight=weight))
+            self._first_steps.setdefault(site, weight)
+            updates.append(Update(site=site, params=to_float32(res.params, self._global), weight=weight))
         if ptype is not None:
             updates, screened = screen_updates(updates, self._global, ptype == "DIFF", self.norm_outlier_factor,
                                                self.max_update_norm, self.min_cosine)
@@ -345,6 +487,7 @@ class FedimgController(BaseFedAvg):
             self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, rnd, private=True, sticky=False)
             self.event(AppEventType.ROUND_STARTED)
             limit = self.round_limit()
+            self._site_errors = {}
             # Wait for every sampled site until the limit; a site that does not answer by then is left out.
             results = self.broadcast_model(task_name="train", data=data, targets=clients, min_responses=0,
                                            timeout=limit, wait_time_after_min_received=limit)
@@ -378,14 +521,15 @@ class FedimgController(BaseFedAvg):
                 "round": rnd, "asked": clients, "contributed": contributed, "rejected": rejected,
                 "missing": missing,
                 "weights": {u.site: u.weight for u in updates},
-                "update_bytes": {(r.meta or {}).get("client_name"): (r.meta or {}).get(RESULT_META_BYTES)
+                # What the sites reported about themselves, as they reported it (small scalar trees only).
+                "update_bytes": {(r.meta or {}).get("client_name"): _reported((r.meta or {}).get(RESULT_META_BYTES))
                                  for r in results},
-                "site_seconds": {(r.meta or {}).get("client_name"): (r.meta or {}).get(RESULT_META_TIMES)
+                "site_seconds": {(r.meta or {}).get("client_name"): _reported((r.meta or {}).get(RESULT_META_TIMES))
                                  for r in results},
-                "algorithm_stats": {(r.meta or {}).get("client_name"): (r.meta or {}).get(RESULT_META_ALGO)
+                "algorithm_stats": {(r.meta or {}).get("client_name"): _reported((r.meta or {}).get(RESULT_META_ALGO))
                                     for r in results},
                 # What the sites' privacy filters did (mechanism, clipping, epsilon spent), as they reported it.
-                "privacy": {(r.meta or {}).get("client_name"): (r.meta or {}).get(RESULT_META_DP)
+                "privacy": {(r.meta or {}).get("client_name"): _reported((r.meta or {}).get(RESULT_META_DP))
                             for r in results if (r.meta or {}).get(RESULT_META_DP)},
                 "seconds": {"round": time.time() - t0, "wait_for_sites": t_wait, "aggregation": t_agg},
                 "started": t0 - t_start, "limit_s": limit,
@@ -400,6 +544,7 @@ class FedimgController(BaseFedAvg):
                            meta={TASK_META_FINAL: True, TASK_META_ROUND: end})
             # The sites that answered the last round: one that crashed would only hold the evaluation to its
             # limit (NVFlare 2.9 does not redeploy a running job to a restarted site).
+            self._site_errors = {}
             results = self.broadcast_model(task_name="validate", data=data, targets=live or None,
                                            timeout=int(self.eval_timeout))
             final = self._record_validation(end, results, final=True)

@@ -3,7 +3,9 @@
 * :class:`PocFederation` prepares NVFlare's POC (``nvflare poc prepare``: a
   real server and one real client process per site on loopback, with mTLS
   certificates), installs fedimg's site policies (``privacy.json``,
-  ``authorization.json``) into every site's ``local/``, starts each site with
+  ``authorization.json``) into every site's ``local/`` (the authorization
+  policy into the server's too), can add admin users of other roles
+  (:meth:`PocFederation.add_user`), starts each site with
   its own ``FEDIMG_SITE_CONFIG``, and on :meth:`stop` stops every process and
   checks that none is left.
 * :class:`ProdFederation` talks to a provisioned federation through an admin
@@ -29,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedimg.errors import UserError
+from fedimg.config import validate_site_name
+
 logger = logging.getLogger(__name__)
 
 POC_ADMIN = "admin@nvidia.com"
@@ -37,7 +42,7 @@ TERMINAL = ("FINISHED:COMPLETED", "FINISHED:ABORTED", "FINISHED:EXECUTION_EXCEPT
             "FAILED_TO_RUN", "FINISHED:CANT_SCHEDULE")
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(UserError, RuntimeError):
     """A federation could not be started, a job did not finish, or processes were left behind."""
 
 
@@ -220,7 +225,8 @@ class PocFederation(Federation):
     def __init__(self, workspace: str | Path, site_configs: dict[str, str], privacy: str | Path | None = None,
                  authorization: str | Path | None = None, use_he: bool = False) -> None:
         self.workspace = Path(workspace).resolve()
-        self.site_configs = {s: str(Path(p).resolve()) for s, p in site_configs.items()}
+        # Each site names a POC kit folder and an NVFlare client.
+        self.site_configs = {validate_site_name(s): str(Path(p).resolve()) for s, p in site_configs.items()}
         self.privacy = Path(privacy) if privacy else None
         self.authorization = Path(authorization) if authorization else None
         self.use_he = use_he
@@ -291,6 +297,28 @@ class PocFederation(Federation):
         self._nvflare(*args)
         for site in self.site_configs:
             install_site_policies(self.kit(site) / "local", self.privacy, self.authorization)
+        if self.authorization is not None:
+            # The server checks an admin's rights (submit_job, ...) before any site sees the job: same policy there.
+            json.loads(self.authorization.read_text())
+            shutil.copy2(self.authorization, self.kit("server") / "local" / "authorization.json")
+
+    def add_user(self, role: str, email: str, org: str = "nvidia") -> Federation:
+        """Provision an admin user with a certificate role (``org_admin``, ``lead``, ``member``) after :meth:`prepare`.
+
+        Returns:
+            a :class:`Federation` that logs in as that user (what the role may
+            do is the server's and sites' ``authorization.json``).
+
+        Raises:
+            DeploymentError: an unknown role, or NVFlare could not provision the user.
+        """
+        if role not in ("org_admin", "lead", "member"):
+            raise DeploymentError(f"role must be org_admin, lead or member (NVFlare's POC user roles), got {role!r}")
+        self._nvflare("add-user", role, email, "--org", org)
+        kit = self.kit(email)
+        if not (kit / "startup").is_dir():
+            raise DeploymentError(f"nvflare poc add-user {role} {email} wrote no startup kit at {kit}")
+        return Federation(email, kit)
 
     def start(self, connect_timeout: float = 180.0, port_wait: float = 3600.0) -> None:
         """Start the server, then every site with its own site config; wait until all are connected.

@@ -66,12 +66,23 @@ def make_update(local: Mapping[str, torch.Tensor], global_: Mapping[str, Any], e
     return out, (DIFF if exchange == "diff" else FULL)
 
 
-def to_float32(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Server side: every floating entry as float32 NumPy (fp16 updates widened), others unchanged."""
+def to_float32(params: Mapping[str, Any], reference: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Server side: every floating entry as float32 NumPy (fp16 updates widened), others unchanged.
+
+    Args:
+        params: a checked update (:func:`fedimg.fl.aggregation.check_update`).
+        reference: the global model; an entry that is an integer counter there
+            is returned in the counter's dtype (rounded, when a privacy
+            filter's arithmetic made it a float).
+    """
     out = {}
     for key, value in params.items():
         arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        out[key] = arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else arr
+        ref = None if reference is None else reference.get(key)
+        if ref is not None and not np.issubdtype(ref.dtype, np.floating):
+            out[key] = (np.rint(arr) if np.issubdtype(arr.dtype, np.floating) else arr).astype(ref.dtype)
+        else:
+            out[key] = arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else arr
     return out
 
 

@@ -5,6 +5,9 @@
 it turns that site into a faulty or malicious participant, so the server's
 screening and robust aggregation (``fed.robust``) can be measured against
 the clean run (``benchmarks/bench_robustness.py``, ``tests/fl/test_robustness.py``).
+:class:`TamperResult` makes a site lie about everything else it reports: its
+aggregation weight, the entries and shapes of its update, its metrics; the
+server must reject what does not fit and go on (``tests/safety``).
 It never belongs in a production job.
 """
 
@@ -19,6 +22,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 POISON_MODES = ("scale", "sign_flip", "nan")
+TAMPER_MODES = ("steps", "extra_entry", "shape", "metric")
 
 
 class PoisonUpdate(DXOFilter):
@@ -85,4 +89,58 @@ class PoisonUpdate(DXOFilter):
         return dxo
 
 
-__all__ = ["POISON_MODES", "PoisonUpdate"]
+class TamperResult(DXOFilter):
+    """Falsify what a site reports besides its update's values.
+
+    Modes:
+
+    * ``steps``: report ``value`` as ``NUM_STEPS_CURRENT_ROUND`` (the aggregation weight);
+    * ``extra_entry``: add an entry ``injected`` the model does not have;
+    * ``shape``: send the first floating-point entry as one value (shape ``(1,)``);
+    * ``metric``: report ``value`` for the metric ``metric`` (training and validation results).
+
+    Args:
+        mode: one of :data:`TAMPER_MODES`.
+        value: the number reported (``steps``, ``metric``).
+        metric: the metric's name (``metric``).
+        rounds: the rounds tampered with (None: every round; validation tasks
+            after the last round count as that round).
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+
+    def __init__(self, mode: str, value: float = 0.0, metric: str = "val_auc", rounds: list[int] | None = None) -> None:
+        super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS, DataKind.METRICS],
+                         data_kinds_to_filter=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS, DataKind.METRICS])
+        if mode not in TAMPER_MODES:
+            raise ValueError(f"TamperResult mode must be one of {', '.join(TAMPER_MODES)}, got {mode!r}")
+        self.mode = mode
+        self.value = value
+        self.metric = metric
+        self.rounds = rounds
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        """Falsify the result in the configured rounds."""
+        rnd = int(shareable.get_header("current_round") or fl_ctx.get_prop("current_round", 0) or 0)
+        if self.rounds is not None and rnd not in self.rounds:
+            return dxo
+        if self.mode == "metric":
+            if dxo.data_kind == DataKind.METRICS:
+                dxo.data[self.metric] = self.value
+            elif isinstance(dxo.get_meta_prop("initial_metrics"), dict):
+                dxo.meta["initial_metrics"][self.metric] = self.value
+        elif dxo.data_kind == DataKind.METRICS:
+            return dxo
+        elif self.mode == "steps":
+            dxo.set_meta_prop("NUM_STEPS_CURRENT_ROUND", self.value)
+        elif self.mode == "extra_entry":
+            dxo.data["injected"] = np.zeros(3, dtype=np.float32)
+        else:
+            key = next(k for k, v in dxo.data.items() if np.issubdtype(np.asarray(v).dtype, np.floating))
+            dxo.data[key] = np.zeros(1, dtype=np.float32)
+        self.log_warning(fl_ctx, f"fault injection: round {rnd} result falsified ({self.mode})", fire_event=False)
+        return dxo
+
+
+__all__ = ["POISON_MODES", "PoisonUpdate", "TAMPER_MODES", "TamperResult"]

@@ -5,6 +5,14 @@ holds serialized TenSEAL vectors). The secret key is in each site's startup
 kit (``startup/client_context.tenseal``, written by provisioning), so only a
 site can turn the final global model back into weights, with
 :func:`decrypt_global_model`.
+
+The checkpoint comes from the server: it is read with PyTorch's restricted
+unpickler (:func:`fedimg.training.checkpoint.load_checkpoint`), never with
+plain pickle. NVFlare's ``PTFileModelPersistor`` writes it as
+``{"model": {name: bytes (a serialized CKKS vector) or tensor}, "meta_props":
+{"processed_algorithm": "CKKS", "processed_keys": {name: bool}}}``: bytes,
+strings, booleans and tensors only, all of which the restricted unpickler
+reads without any extra allowed type.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from fedimg.training.checkpoint import load_checkpoint
 
 CLIENT_CONTEXT = "client_context.tenseal"
 
@@ -34,15 +44,15 @@ def decrypt_global_model(checkpoint: str | Path, site_kit: str | Path, net: torc
 
     Raises:
         FileNotFoundError: the kit has no HE context.
-        ValueError: the checkpoint is not an HE model of this network.
+        ValueError: the checkpoint is not an HE model of this network, or holds
+            anything but tensors, bytes, numbers and strings (refused unread).
     """
     import tenseal as ts
 
     context = ts.context_from(_context_file(Path(site_kit)).read_bytes())
     if not context.has_secret_key():
         raise ValueError(f"{site_kit} holds a public HE context only (a server's): decrypt with a site's kit")
-    # The file holds bytes (ciphertexts) and plain numbers from NVFlare's own persistor, not foreign pickles.
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = load_checkpoint(checkpoint)  # ciphertexts are bytes: no object of the server's is unpickled
     params = saved.get("model", saved) if isinstance(saved, dict) else None
     if not isinstance(params, dict):
         raise ValueError(f"{checkpoint} is not a model checkpoint")
@@ -55,10 +65,16 @@ def decrypt_global_model(checkpoint: str | Path, site_kit: str | Path, net: torc
         value = params[name]
         if isinstance(value, bytes):
             flat = torch.tensor(ts.ckks_vector_from(context, value).decrypt(), dtype=torch.float64)
+        elif isinstance(value, torch.Tensor) and not value.is_complex() and value.dtype != torch.bool:
+            flat = value.to(torch.float64).reshape(-1)
         else:
-            flat = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+            raise ValueError(f"{checkpoint}: {name} is a {type(value).__name__}, expected a ciphertext (bytes) or "
+                             "a tensor")
         if flat.numel() != ref.numel():
             raise ValueError(f"{name}: {flat.numel()} values decrypted, the network expects {ref.numel()}")
+        if not torch.isfinite(flat).all():
+            raise ValueError(f"{checkpoint}: {name} decrypts to NaN or infinite values; the global model is "
+                             "broken or was not encrypted with this federation's key")
         out[name] = flat.reshape(ref.shape).to(ref.dtype)
     return out
 

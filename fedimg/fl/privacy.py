@@ -26,23 +26,37 @@ DP-SGD, the client's ``{"dp_sgd": {...}}`` record in the same meta entry is
 kept under ``dp_sgd`` beside the Gaussian mechanism's fields: the two
 guarantees protect different units (a case vs a site's whole update) and are
 reported separately, not composed.
+
+:class:`ScalarOnlyResultGuard` (the ``public`` scope of
+``configs/federation/privacy.json``) blocks any result that holds more than
+model entries, scalar metrics and small bookkeeping numbers. NVFlare 2.9
+runs a site's scope filters before the job's own result filters: the guard
+checks what the job's code sent, and a filter the job adds runs after it
+(such filters come from the site's installed packages unless the site's
+authorization policy lets the submitter bring code, ``byoc``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+import re
+from typing import Any, Mapping
 
 import numpy as np
-from nvflare.apis.dxo import DXO, DataKind
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
+from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.filters.svt_privacy import SVTPrivacy
 
-from fedimg.fl.protocol import RESULT_META_DP
+from fedimg.fl.protocol import (MAX_ENTRIES, MAX_NAME, RESULT_META_ALGO, RESULT_META_BYTES, RESULT_META_DP,
+                                RESULT_META_TIMES, RESULT_META_VAL, is_number, scalar_tree_problem, RESULT_META_TEST)
 
 DP_META = RESULT_META_DP
 GUARD_META = "fedimg_guard"
@@ -187,68 +201,145 @@ class ValidatedSVTPrivacy(SVTPrivacy):
                          data_kinds=[DataKind.WEIGHT_DIFF])
 
 
-# Result meta that may leave a site: NVFlare's bookkeeping and fedimg's numbers (no data).
+# Result kinds a site may send: model entries (weights or their change) and metrics. Anything else is blocked.
+RESULT_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF, DataKind.METRICS)
+# Result meta that may leave a site: NVFlare's bookkeeping and fedimg's numbers (no data); other keys are dropped.
 _ALLOWED_META = {
-    "NUM_STEPS_CURRENT_ROUND", "current_round", "total_rounds", "start_round", "initial_metrics",
-    "fedimg_val", "fedimg_seconds", "fedimg_update_bytes", "fedimg_algorithm_stats", DP_META, GUARD_META,
-    "scaffold_c_diff", "processed_algorithm", "processed_keys", "model_name", "validate_type", "params_type",
+    MetaKey.NUM_STEPS_CURRENT_ROUND, MetaKey.CURRENT_ROUND, MetaKey.TOTAL_ROUNDS, MetaKey.START_ROUND,
+    MetaKey.INITIAL_METRICS, MetaKey.PROCESSED_ALGORITHM, MetaKey.PROCESSED_KEYS, MetaKey.VALIDATE_TYPE,
+    MetaKey.SUBMIT_MODEL_NAME, "model_name", "params_type", RESULT_META_VAL, RESULT_META_TIMES, RESULT_META_BYTES,
+    RESULT_META_ALGO, DP_META, AlgorithmConstants.SCAFFOLD_CTRL_DIFF, RESULT_META_TEST,
 }
+_ARRAY_META = {AlgorithmConstants.SCAFFOLD_CTRL_DIFF}  # model-shaped arrays, checked like model entries
+_METRIC_META = {MetaKey.INITIAL_METRICS}
+# Headers the job's FLModel sets (round numbers, validation type): numbers or short strings only.
+_JOB_HEADERS = (AppConstants.CURRENT_ROUND, AppConstants.START_ROUND, AppConstants.NUM_ROUNDS,
+                AppConstants.VALIDATE_TYPE)
+_FLOAT_DTYPES = {"float16", "float32", "float64"}
+_INT_DTYPES = {"int8", "int16", "int32", "int64", "uint8"}
+_ENTRY_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,256}")  # state-dict names: module paths
+_RETURN_CODES = frozenset(v for k, v in vars(ReturnCode).items() if k.isupper() and isinstance(v, str))
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+def _entries_problem(entries: Any) -> str | None:
+    """Why ``entries`` are not model entries (None: they are): floating tensors/arrays, integers as one counter."""
+    if not isinstance(entries, Mapping):
+        return f"model entries that are a {type(entries).__name__}, not a mapping"
+    for name, value in entries.items():
+        if not isinstance(name, str) or not _ENTRY_NAME.fullmatch(name):
+            return "an entry name that is not a module path (letters, digits, '_', '.', '-'; at most 256)"
+        if isinstance(value, torch.Tensor):
+            dtype, size = str(value.dtype).removeprefix("torch."), value.numel()
+        elif isinstance(value, np.ndarray):
+            dtype, size = value.dtype.name, value.size
+        else:
+            return f"an entry that is a {type(value).__name__}, not a tensor or array"
+        if dtype in _FLOAT_DTYPES or (dtype in _INT_DTYPES and size <= 1):
+            continue
+        return (f"an entry of dtype {dtype} with {size} value(s): model entries are floating point, integers "
+                "only as one counter value")
+    return None
 
 
-def _scalars_only(value: Any) -> bool:
-    if _is_number(value) or value is None or isinstance(value, (bool, str)):
-        return not isinstance(value, str) or len(value) <= 64
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _scalars_only(v) for k, v in value.items())
-    return False
+def _metrics_problem(metrics: Any) -> str | None:
+    """Why ``metrics`` are not scalar metrics (None: they are): at most MAX_ENTRIES named numbers."""
+    if not isinstance(metrics, Mapping) or len(metrics) > MAX_ENTRIES:
+        return f"metrics that are not a mapping of at most {MAX_ENTRIES} entries"
+    for name, value in metrics.items():
+        if not isinstance(name, str) or len(name) > MAX_NAME:
+            return f"a metric name that is not a string of at most {MAX_NAME} characters"
+        if not is_number(value):
+            return f"a metric that is a {type(value).__name__}, not a number"
+    return None
 
 
-class ScalarOnlyResultGuard(DXOFilter):
-    """Let a result leave the site only as model entries plus scalar metrics and bookkeeping numbers.
+class ScalarOnlyResultGuard(Filter):
+    """Let a result leave the site only as model entries plus scalar metrics and bookkeeping numbers; block the rest.
 
-    Metrics must be numbers (anything else is dropped); result meta must be on
-    fedimg's allow-list and hold numbers, short strings or dicts of them, the
-    one exception being SCAFFOLD's control-variate change (arrays shaped like
-    the model). What was dropped is counted in the meta, never quoted.
+    A task result passes only if all of it fits:
+
+    * its kind is ``WEIGHTS``, ``WEIGHT_DIFF`` (model entries) or ``METRICS``;
+      any other kind (``APP_DEFINED``, collections, statistics) or a result
+      that is not a DXO at all is blocked;
+    * model entries (and SCAFFOLD's control change) are float16/32/64 torch
+      tensors or NumPy arrays under module-path names. An integer entry is
+      allowed only as a single value: BatchNorm's ``num_batches_tracked``
+      counts the batches a layer has seen, which every site's model has and
+      which says no more than the step count the server is told anyway; an
+      integer array of more values would be identifiers or pixels, not
+      weights. Strings, bytes, booleans and objects are never model entries;
+    * metrics (and the ``initial_metrics`` meta) are numbers only, at most
+      :data:`fedimg.fl.protocol.MAX_ENTRIES` of them;
+    * meta values under fedimg's allow-list are small scalar trees
+      (:func:`fedimg.fl.protocol.scalar_tree_problem`: numbers, booleans,
+      strings of at most 64 characters, mappings of at most 256 entries nested
+      at most 2 deep); meta keys not on the list are dropped (NVFlare may add
+      its own bookkeeping), and counted in the meta ``fedimg_guard``;
+    * round headers set by the job are numbers or short strings.
+
+    A blocked result is replaced by an empty ``TASK_RESULT_FILTER_ERROR``
+    reply: nothing of it leaves the site, the site's log says why (the kind
+    of the offending value, never its content), and the server records the
+    site as ``BLOCKED_AT_SITE``. An error reply leaves as a bare return code.
+
+    What the guard cannot see: a floating-point tensor under a model-like name
+    is indistinguishable from a weight (the server rejects names and shapes
+    its model lacks, but only after they left the site), and the values of
+    real weights can carry anything the training code puts into them. It
+    stops accidental and obvious leaks through the result channel; code that
+    runs at a site is trusted by the site's own authorization policy.
     """
 
-    def __init__(self) -> None:
-        kinds = [DataKind.WEIGHT_DIFF, DataKind.WEIGHTS, DataKind.METRICS]
-        super().__init__(supported_data_kinds=kinds, data_kinds_to_filter=kinds)
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        """Check the whole result; return it (unknown meta dropped) or an empty error reply."""
+        rc = shareable.get_return_code()
+        if rc != ReturnCode.OK:
+            # An error answer carries no data: whatever rode on it stays here.
+            return make_reply(rc if rc in _RETURN_CODES else ReturnCode.EXECUTION_EXCEPTION)
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:  # noqa: BLE001 - NVFlare raises ValueError or KeyError for a non-DXO shareable
+            return self._block(fl_ctx, "the result is not a DXO")
+        why = self._problem(dxo, shareable)
+        if why:
+            return self._block(fl_ctx, why)
+        unknown = [k for k in dxo.meta if k not in _ALLOWED_META]
+        for key in unknown:
+            dxo.meta.pop(key)
+        dxo.set_meta_prop(GUARD_META, {"dropped": len(unknown)})
+        # Only the DXO and the headers go on: nothing else the shareable may have carried.
+        for key in [k for k in shareable if k != ReservedHeaderKey.HEADERS]:
+            shareable.pop(key)
+        return dxo.update_shareable(shareable)
 
-    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
-        """Drop non-scalar metrics and unknown or non-scalar meta."""
-        dropped = 0
-        if dxo.data_kind == DataKind.METRICS:
-            clean = {k: v for k, v in dxo.data.items() if _is_number(v)}
-            dropped += len(dxo.data) - len(clean)
-            dxo.data = clean
-        else:
-            bad = [k for k, v in dxo.data.items() if not hasattr(v, "shape")]
-            for k in bad:
-                dxo.data.pop(k)
-            dropped += len(bad)
-        for key in list(dxo.meta):
+    @staticmethod
+    def _problem(dxo: DXO, shareable: Shareable) -> str | None:
+        if dxo.data_kind not in RESULT_KINDS:
+            return f"a result of a kind other than {', '.join(RESULT_KINDS)}"
+        data = dxo.data if dxo.data is not None else {}
+        why = _metrics_problem(data) if dxo.data_kind == DataKind.METRICS else _entries_problem(data)
+        if why:
+            return why
+        for key in [k for k in dxo.meta if k in _ALLOWED_META]:
             value = dxo.meta[key]
-            if key == "initial_metrics" and isinstance(value, dict):
-                clean = {k: v for k, v in value.items() if _is_number(v)}
-                dropped += len(value) - len(clean)
-                dxo.meta[key] = clean
-                continue
-            if key == "scaffold_c_diff" and isinstance(value, dict):
-                continue
-            if key not in _ALLOWED_META or not _scalars_only(value):
-                dxo.meta.pop(key)
-                dropped += 1
-        dxo.set_meta_prop(GUARD_META, {"dropped": dropped})
-        if dropped:
-            self.log_warning(fl_ctx, f"scalar-only guard dropped {dropped} non-scalar or unknown entr(ies) "
-                                     "from the result", fire_event=False)
-        return dxo
+            if key in _ARRAY_META:
+                why = _entries_problem(value)
+            elif key in _METRIC_META:
+                why = _metrics_problem(value)
+            else:
+                why = scalar_tree_problem(value)
+            if why:
+                return f"meta {key}: {why}"
+        for header in _JOB_HEADERS:
+            value = shareable.get_header(header)
+            if value is not None and (scalar_tree_problem(value, depth=0) or isinstance(value, bool)):
+                return f"header {header}: not a number or short string"
+        return None
+
+    def _block(self, fl_ctx: FLContext, why: str) -> Shareable:
+        self.log_error(fl_ctx, f"scalar-only guard blocked this result, nothing of it was sent: {why}",
+                       fire_event=False)
+        return make_reply(ReturnCode.TASK_RESULT_FILTER_ERROR)
 
 
 def update_filter(pv: Any) -> DXOFilter | None:

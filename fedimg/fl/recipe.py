@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,7 @@ from nvflare.client.config import TransferType
 
 from fedimg import config as cfgmod
 from fedimg.config import ExperimentConfig
+from fedimg.fl.aggregation import MAX_CASES_PER_SITE
 from fedimg.fl.controller import FedimgController
 from fedimg.fl.privacy import update_filter
 from fedimg.fl.tracking import GLOBAL_RUN, CrossSiteReport, ScalarTBReceiver, scalar_layout
@@ -89,6 +91,8 @@ class FedimgRecipe(FedAvgRecipe):
             norm_outlier_factor=rb.norm_outlier_factor,
             max_update_norm=rb.max_update_norm,
             min_cosine=rb.min_cosine,
+            update_precision=exp.fed.update_precision,
+            max_steps_per_round=max_steps_per_round(exp),
             min_responses=exp.fed.min_clients,
             train_timeout=exp.fed.round_timeout_s,
             first_round_timeout=exp.fed.first_round_timeout_s,
@@ -96,6 +100,20 @@ class FedimgRecipe(FedAvgRecipe):
             eval_timeout=exp.fed.eval_timeout_s,
             tb_layout=scalar_layout(exp),
         )
+
+
+def max_steps_per_round(exp: ExperimentConfig) -> int:
+    """The largest number of optimizer steps per round the server believes a site did (its aggregation weight).
+
+    ``fed.max_steps_per_round`` when set; otherwise derived: ``train.local_epochs
+    x ceil(MAX_CASES_PER_SITE / data.batch_size)``, the steps of a site with
+    :data:`fedimg.fl.aggregation.MAX_CASES_PER_SITE` training cases (one step
+    per batch of cases, as the training loader and Opacus' Poisson loader
+    both take).
+    """
+    if exp.fed.max_steps_per_round:
+        return int(exp.fed.max_steps_per_round)
+    return int(exp.train.local_epochs * math.ceil(MAX_CASES_PER_SITE / exp.data.batch_size))
 
 
 def report_metrics(exp: ExperimentConfig) -> list[str]:
@@ -219,7 +237,7 @@ def build_he_recipe(
         import tenseal  # noqa: F401
     except ImportError:
         raise ValueError("privacy.encryption he needs TenSEAL on the server and every site: "
-                         "pip install 'nvflare[HE]' (see README, Homomorphic encryption)") from None
+                         "pip install 'nvflare[HE]' (see docs/federation.md, Homomorphic encryption)") from None
     from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
 
     if any(p is not None for p in site_configs.values()):
@@ -252,6 +270,8 @@ def _stage(exp: ExperimentConfig, job_dir: str | Path, names: list[str],
         raise FileNotFoundError(f"{job_dir}/client.py not found: expected the job's client script there")
     if not names:
         raise ValueError("at least one site is needed")
+    for name in names:
+        cfgmod.validate_site_name(name)  # names NVFlare clients and their workspace folders
     if GLOBAL_RUN in names:
         raise ValueError(f"a site may not be named {GLOBAL_RUN!r}: TensorBoard shows the federation under that name")
     min_clients = exp.fed.min_clients or len(names)

@@ -141,10 +141,18 @@ def matrix_heatmap(matrix: Mapping[str, Any]) -> np.ndarray:
 def comparison_table(comparison: Mapping[str, Any]) -> str:
     """The federated-vs-baselines comparison as Markdown (rows: methods, columns: sites and their mean)."""
     sites = comparison["sites"]
-    lines = [f"**{comparison['description']}** (`{comparison['metric']}`) on each site's validation cases, "
-             f"{comparison['epochs']} epochs of local training per site in every method",
+    split = comparison.get("split", "validation")
+    cases = comparison.get("cases") or {}
+    what = ("held-out test cases (never trained on, never used to choose a model)" if split == "test"
+            else "validation cases")
+    fold = comparison.get("fold")
+    lines = [f"**{comparison['description']}** (`{comparison['metric']}`) on each site's {what}"
+             + (f", fold {fold} validating" if fold is not None and split != "test" else "")
+             + f", {comparison['epochs']} epochs of local training per site in every method; n = cases behind "
+             "each number",
              "",
-             "| method | " + " | ".join(sites) + " | mean over sites |",
+             "| method | " + " | ".join(f"{s} (n={cases[s]})" if s in cases else s for s in sites)
+             + (f" | mean over sites (n={comparison.get('cases_total')}) |" if cases else " | mean over sites |"),
              "|---|" + "---|" * (len(sites) + 1)]
     for method in comparison["methods"]:
         row = comparison["per_site"][method]

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedimg import signals
-from fedimg.config import ExperimentConfig
+from fedimg.config import ExperimentConfig, validate_site_name
+from fedimg.errors import UserError
 from fedimg.fl.recipe import build_recipe, in_staging, simulator_gpu_config
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ SRV_GLOBAL = "SRV_" + GLOBAL_MODEL
 SRV_BEST = "SRV_" + BEST_MODEL
 
 
-class FederatedRunError(RuntimeError):
+class FederatedRunError(UserError, RuntimeError):
     """The federated run failed or produced incomplete results."""
 
 
@@ -105,6 +106,8 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
             record, or a site missing from the cross-site results. The message
             names the files to read.
     """
+    for site in sites:
+        validate_site_name(site)  # each names a folder under job_dir
     server = run_dir or job_dir / "server" / "simulate_job"
     errors = []
     folders = log_dirs or {p: job_dir / p for p in ["server", *sites]}

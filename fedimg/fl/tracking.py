@@ -6,7 +6,10 @@
   drops every non-scalar record with a warning, since only scalar metrics may
   leave a site, and names its event files without the server's host name.
 * :func:`scalar_layout`: TensorBoard "Custom Scalars" charts that overlay every
-  site and the federation (``global``) per measure.
+  site and the federation (``global``) per measure. Every site is its own run
+  (``tb_events/<site>``) and the federation is the run ``global``; all write
+  the same tags (``val/<metric>``, ``train/loss``, ``test/<metric>``), so any
+  chart of a tag overlays them, the run names as the legend.
 * :class:`CrossSiteReport`: after cross-site evaluation, writes the matrix as
   JSON and Markdown next to NVFlare's ``cross_val_results.json`` and, as a
   table and a heatmap of aggregate numbers, into the ``global`` TensorBoard run.
@@ -72,8 +75,9 @@ class ScalarTBReceiver(TBAnalyticsReceiver):
 def scalar_layout(exp: ExperimentConfig) -> dict:
     """Custom-scalar charts: one per measure, every site and the federation in the same chart.
 
-    Site tags are ``<site>/val/<metric>`` and ``<site>/train/loss``; the
-    federation's are ``global/val/<metric>`` (case-weighted mean over sites).
+    Every run (each site, and ``global``: the case-weighted mean over sites)
+    writes ``val/<metric>`` and ``train/loss``; a chart's regular expression
+    selects a tag, TensorBoard draws it for every run.
     """
     classes = list(exp.task.class_names)
     if exp.task.is_segmentation:
@@ -85,10 +89,10 @@ def scalar_layout(exp: ExperimentConfig) -> dict:
                ("Balanced accuracy (mean sensitivity over classes)", "balanced_accuracy")]
         val += [(f"Sensitivity: {c}", f"sensitivity/{c}") for c in classes]
         val += [(f"Specificity: {c}", f"specificity/{c}") for c in classes]
-    charts = [[title, ["Multiline", [rf"^[^/]+/val/{key}$"]]] for title, key in val]
+    charts = [[title, ["Multiline", [rf"^val/{key}$"]]] for title, key in val]
     return {
         "Validation: every hospital and the federation (x: rounds of aggregation)": {t: c for t, c in charts},
-        "Training": {"Training loss at each hospital (should fall)": ["Multiline", [r"^[^/]+/train/loss$"]]},
+        "Training": {"Training loss at each hospital (should fall)": ["Multiline", [r"^train/loss$"]]},
     }
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fedimg.datalist import Datalist, DatalistItem
 from fedimg.preprocess.io import write_json, write_nifti
 
 
@@ -95,7 +96,8 @@ def write_array_site(out_dir: Path, site: str, name: str, class_names: Sequence[
     out_dir = Path(out_dir)
     dims = train[0].ndim - 1
     affine = np.diag([spacing] * 3 + [1.0])
-    items: dict[str, list[dict]] = {"training": [], "validation": []}
+    datalist = Datalist(name=name, site=site, task="classification", spatial_dims=dims,
+                        labels={str(i): c for i, c in enumerate(class_names)})
     for split, (images, labels) in (("training", train), ("validation", val)):
         for i, (img, lab) in enumerate(zip(images, np.asarray(labels).reshape(-1))):
             case = f"{prefix}-{split[:3]}-{i:05d}"
@@ -104,10 +106,8 @@ def write_array_site(out_dir: Path, site: str, name: str, class_names: Sequence[
                 arr /= 255.0
             rel = f"images/{case}.nii.gz"
             write_nifti(out_dir / rel, arr, affine)
-            items[split].append({"image": rel, "label": int(lab), "case_id": case})
-    datalist = {"name": name, "site": site, "task": "classification", "spatial_dims": dims,
-                "labels": {str(i): c for i, c in enumerate(class_names)}, **items}
-    write_json(out_dir / "datalist.json", datalist)
+            datalist.split_items(split).append(DatalistItem(image=rel, case_id=case, label=int(lab)))
+    datalist.write(out_dir / "datalist.json")
     summary = {"site": site, "source": name,
                "training": {c: int((np.asarray(train[1]).reshape(-1) == i).sum()) for i, c in enumerate(class_names)},
                "validation": {c: int((np.asarray(val[1]).reshape(-1) == i).sum()) for i, c in enumerate(class_names)}}

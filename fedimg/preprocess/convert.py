@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from fedimg.config import GeometrySpec
 from fedimg.dicom.geometry import SeriesGeometry
 from fedimg.dicom.index import SeriesGroup, group_series
+from fedimg.dicom.pixels import exactly_scalable
 from fedimg.dicom.quiet import quiet_dicom, quiet_dicom_call
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.resample import RESAMPLABLE, load_regularized
-from fedimg.dicom.volume import load_volume, series_geometry
+from fedimg.dicom.volume import Volume, load_volume, series_geometry
 from fedimg.preprocess.io import write_json, write_jsonl, write_nifti
 from fedimg.preprocess.manifest import CONVERTED, REFUSED, finalize, mark, render_table, summarize
 from fedimg.preprocess.outdir import OutputDir, announce, claim, precheck
@@ -68,7 +71,7 @@ def fingerprint(group: SeriesGroup) -> str:
     h = hashlib.sha256()
     for hd in sorted(group.headers, key=lambda x: x.rel):
         st = hd.path.stat()
-        h.update(f"{hd.rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(f"{hd.rel}|{st.st_size}|{st.st_mtime_ns}\n"))  # bytes on disk: any file name
     return h.hexdigest()
 
 
@@ -80,15 +83,37 @@ def _convert_one(args: tuple[SeriesGroup, SeriesGeometry, str]) -> tuple[str, st
             vol = load_volume(group, geo)
     except RefusedError as exc:
         return REFUSED, exc.reason.value, exc.detail
-    _write_output(Path(out_path), vol.data, vol.affine)
+    _announce(Path(out_path))
+    write_volume(Path(out_path), vol)
     return CONVERTED, "", ""
 
 
-def _write_output(path: Path, data: Any, affine: Any) -> None:
+def _announce(path: Path) -> None:
     # Journaled before the write: a run killed mid-write still has a record that the file is fedimg's.
     dst = path.parent.parent
     announce(dst, [path.relative_to(dst).as_posix()])
-    write_nifti(path, data, affine)
+
+
+def write_volume(path: Path, vol: Volume) -> None:
+    """Write a converted series as NIfTI: its stored integers plus scl_slope/scl_inter where that is exact.
+
+    As dcm2niix does, a series with one modality LUT keeps its stored type
+    (unsigned 16-bit values that all fit are written as int16, the type most
+    tools expect) with the LUT as scl_slope / scl_inter, if every stored value
+    scales exactly onto the float32 value the LUT gives
+    (:func:`fedimg.dicom.pixels.exactly_scalable`): readers then see the same
+    values as a float32 volume, at half the bytes for 16-bit data and without
+    a float32 copy in memory. Other series are written as float32 modality values.
+    """
+    if vol.is_scaled and vol.stored.size:
+        stored = vol.stored
+        low, high = int(stored.min()), int(stored.max())
+        if exactly_scalable(low, high, vol.slope, vol.intercept):
+            if stored.dtype == np.uint16 and high <= np.iinfo(np.int16).max:
+                stored = stored.view(np.int16)  # same bits for these values; no copy
+            write_nifti(path, stored, vol.affine, scale=(vol.slope, vol.intercept))
+            return
+    write_nifti(path, vol.data, vol.affine)
 
 
 def _run(tasks: list[tuple[SeriesGroup, SeriesGeometry, str]], workers: int,
@@ -189,7 +214,8 @@ def _convert(scanned: Any, out: OutputDir, geometry: GeometrySpec, workers: int,
         except RefusedError as exc:
             mark(rows, g.rels, REFUSED, exc.reason, exc.detail, series_uid=g.series_uid)
             continue
-        _write_output(dst / name, reg.data, reg.affine_ras)
+        _announce(dst / name)
+        write_nifti(dst / name, reg.data, reg.affine_ras)
         mark(rows, g.rels, CONVERTED, "", "", output=name, series_uid=g.series_uid, correction=reg.correction)
         new_state.pop(name, None)  # always recomputed: cheap, and keeps the correction text current
 

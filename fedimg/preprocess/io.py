@@ -27,14 +27,27 @@ def _tmp_beside(path: Path) -> Path:
     return Path(name)
 
 
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray,
+                scale: tuple[float, float] | None = None) -> None:
     """Write a NIfTI volume atomically, with PHI-free header text fields.
 
     ``descrip``, ``aux_file``, ``intent_name`` and ``db_name`` are cleared: nibabel
     and other tools may otherwise carry free text there.
+
+    Args:
+        path: target ``.nii`` or ``.nii.gz`` file.
+        data: the voxels; a Fortran-ordered array is written without a copy.
+        affine: 4x4 voxel-to-RAS affine (qform and sform, code 1).
+        scale: ``(scl_slope, scl_inter)`` for integer ``data`` whose values are
+            ``data * slope + inter``; written as given (nibabel computes no
+            scaling of its own then). None: the values are ``data`` itself.
     """
     img = nib.Nifti1Image(data, affine)
     hdr = img.header
+    if scale is not None:
+        if not np.issubdtype(data.dtype, np.integer):
+            raise TypeError(f"scl_slope/scl_inter are for integer voxels, got {data.dtype}")
+        hdr.set_slope_inter(*scale)
     hdr["descrip"] = b"fedimg"
     hdr["aux_file"] = b""
     hdr["intent_name"] = b""

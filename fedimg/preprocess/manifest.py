@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from fedimg.dicom.reasons import Reason
+from fedimg.safepath import printable_path
 
 CONVERTED, REFUSED, SKIPPED = "converted", "refused", "skipped"
 STATUSES = (CONVERTED, REFUSED, SKIPPED)
@@ -33,8 +34,14 @@ class ManifestRow:
     correction: str | None = None  # an explicit geometric correction applied (e.g. gantry tilt removed)
 
     def to_json(self) -> dict[str, Any]:
-        """Row as written to manifest.jsonl (empty optional fields left out)."""
-        return {k: v for k, v in asdict(self).items() if v not in (None, "") or k in ("input", "status", "reason")}
+        """Row as written to manifest.jsonl (empty optional fields left out).
+
+        An input name that is not valid UTF-8 is written with its undecodable
+        bytes as ``\\xNN`` (:func:`fedimg.safepath.printable_path`).
+        """
+        row = {k: v for k, v in asdict(self).items() if v not in (None, "") or k in ("input", "status", "reason")}
+        row["input"] = printable_path(self.input)
+        return row
 
 
 def mark(rows: dict[str, ManifestRow], rels: Iterable[str], status: str, reason: Reason | str, detail: str,
@@ -107,16 +114,22 @@ ADVICE: dict[str, str] = {
     "NO_PIXELS": "image object without pixels; re-export this series",
     "NON_IMAGE_OBJECT": "report/presentation/RT object; nothing to convert",
     "LOCALIZER": "scout image; nothing to convert",
+    "UNREADABLE": "file or folder could not be opened or listed; make it readable for this user, run again",
+    "NOT_REGULAR_FILE": "a FIFO, socket or device, not a file; remove it from the export",
+    "BROKEN_LINK": "symbolic link to nothing; copy the file it meant into the export, or remove the link",
+    "SYMLINK_LOOP": "symbolic links that lead back to themselves; remove the loop",
+    "SYMLINK_OUTSIDE_SOURCE": "link out of the source, not followed; copy its target into the export",
+    "SYMLINK_INSIDE_SOURCE": "link to a file or folder of the source; read under its own path, nothing to do",
     "NO_GEOMETRY": "position/orientation/spacing tags missing; re-export with full headers",
     "TOO_FEW_SLICES": "too few slices for a volume; check the series is complete",
     "DUPLICATE_POSITION": "two slices at one position; remove duplicates or re-export",
     "SLICE_GAP": "slices missing; re-export the complete series",
     "NONUNIFORM_SPACING": "uneven slice spacing; re-export or reconstruct at uniform spacing",
-    "GANTRY_TILT": "tilted gantry; reconstruct without tilt or resample (not enabled)",
+    "GANTRY_TILT": "tilted gantry; reconstruct without tilt, or set geometry.irregular: resample in the spec (preprocess)",
     "MIXED_SERIES": "one series mixes geometries; split it at the modality",
-    "CODEC_MISSING": "compressed with a codec that is not installed; install the pylibjpeg plugins",
+    "CODEC_MISSING": "compressed with a codec no installed decoder reads (the detail names it); re-export uncompressed",
     "PIXEL_DECODE_ERROR": "pixel data could not be decoded; re-export uncompressed",
-    "UNSUPPORTED_MULTIFRAME": "enhanced multi-frame object; export as classic single-frame images",
+    "UNSUPPORTED_MULTIFRAME": "multi-frame object without usable per-frame geometry; export as classic single-frame images",
     "UNSUPPORTED_PIXELS": "colour or unusual pixels; not a greyscale volume",
     "NOT_SINGLE_IMAGE": "2D spec: export each view as its own single-frame series",
     "MODALITY_NOT_SELECTED": "modality not used by this spec",
@@ -130,5 +143,7 @@ ADVICE: dict[str, str] = {
     "NOT_A_LABEL": "unreadable label file",
     "LABEL_NOT_USED": "segmentation label; a classification spec reads classes from the labels CSV",
     "LABEL_SHEET": "a CSV file, not an image; labels are read only through --labels-csv",
+    "LABEL_UNREADABLE": "no label found, and an UNREADABLE entry nearby may hold it; make it readable, run again",
+    "UNSAFE_NAME": "(0008,0018) is not a UID (digits and dots, <= 64), it would name a copy; fix or drop --write-dicom",
     "BURNED_IN_ANNOTATION": "may carry burned-in text; review the pixels, then re-export with (0028,0301) NO",
 }

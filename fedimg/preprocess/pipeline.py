@@ -40,9 +40,11 @@ from tqdm.auto import tqdm
 
 from fedimg import config as cfgmod
 from fedimg.config import PreprocessSpec
+from fedimg.datalist import Datalist, DatalistItem
 from fedimg.dicom.index import DicomHeader, SeriesGroup, group_series
 from fedimg.dicom.labels import (
     SEG_SOP_CLASS,
+    check_label_values,
     check_mask_grid,
     load_nifti_on_grid,
     load_seg_on_grid,
@@ -68,15 +70,17 @@ from fedimg.preprocess.manifest import (
 from fedimg.preprocess.manifest import mark as _mark
 from fedimg.preprocess.outdir import OutputDir, OutputDirError, announce, check_separate, claim, precheck
 from fedimg.preprocess.scan import PreprocessInputError, ScanResult, index_source
+from fedimg.preprocess.splits import Assignment, CaseKey
+from fedimg.preprocess.splits import assign as assign_splits
 from fedimg.preprocess.state import (
     PreprocessState,
-    assign_splits,
     inputs_fingerprint,
     load_previous,
     save_state,
 )
 from fedimg.preprocess.transforms import apply_spec, apply_spec_2d
 from fedimg.preprocess.workers import default_workers, worker_pool
+from fedimg.safepath import UnsafePathError, child_path, is_uid, printable_path, uid_component
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +102,9 @@ class CaseRecord:
         shape: output array shape ((H, W) for 2D).
         spacing: output voxel / pixel size in mm.
         label_counts: segmentation: voxels per class.
-        split: ``training`` or ``validation``.
+        split: ``training``, ``validation`` or ``test`` (always by patient:
+            :mod:`fedimg.preprocess.splits`).
+        fold: the cross-validation fold (``split.folds``), else None.
         reused: the outputs of an earlier run were reused (inputs unchanged).
     """
 
@@ -109,6 +115,7 @@ class CaseRecord:
     spacing: tuple[float, ...]
     label_counts: dict[str, int] = field(default_factory=dict)
     split: str = "training"
+    fold: int | None = None
     reused: bool = False
 
 
@@ -130,6 +137,8 @@ class PreprocessResult:
     cases_reused: int = 0
     cases_removed: int = 0  # cases of earlier runs whose inputs are gone (or now refused): outputs removed
     labels_csv: dict[str, Any] | None = None  # classification: counts of CSV rows (never keys)
+    patients: int = 0  # distinct patients among the cases (cases without a Patient ID count as their own)
+    cases_without_patient_id: int = 0
 
     @property
     def problem(self) -> str | None:
@@ -149,7 +158,10 @@ class PreprocessResult:
         lines = [
             render_table(summary, f"site {self.site}"),
             f"  cases: {len(self.cases)} ({sum(c.split == 'training' for c in self.cases)} training, "
-            f"{sum(c.split == 'validation' for c in self.cases)} validation); "
+            f"{sum(c.split == 'validation' for c in self.cases)} validation"
+            + (f", {sum(c.split == 'test' for c in self.cases)} test" if any(c.split == "test" for c in self.cases)
+               else "")
+            + f"; {self.patients} patient(s), split by patient); "
             f"{self.cases_converted} converted, {self.cases_reused} reused unchanged"
             + (f", {self.cases_removed} removed (inputs gone or refused)" if self.cases_removed else ""),
         ]
@@ -162,15 +174,23 @@ class PreprocessResult:
         return "\n".join(lines)
 
 
+#: Prefix of the patient key of a case whose files carry no (0010,0020) Patient ID: it is its own patient.
+NO_PATIENT_ID = "case:"
+
+
+def _patient_key(patient_id: str, case_id: str, pseudonymizer: Any | None) -> str:
+    """The key a case's patient is split by: a keyed pseudonym (unkeyed hash under --no-deid), never the ID."""
+    if not patient_id:
+        return NO_PATIENT_ID + case_id
+    if pseudonymizer is not None:
+        return pseudonymizer.patient(patient_id)
+    return "P" + hashlib.sha256(patient_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 def case_id_for(study_uid: str, series_uid: str) -> str:
     """A stable, file-name-safe case id that does not spell out a UID."""
     digest = hashlib.sha256(f"{study_uid}|{series_uid}".encode()).hexdigest()
     return f"case-{digest[:12]}"
-
-
-def _split(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """Deterministic split of new cases (see :func:`fedimg.preprocess.state.assign_splits`)."""
-    return assign_splits({c: c for c in case_ids}, {}, val_fraction, seed)
 
 
 class _Study:
@@ -183,6 +203,54 @@ class _Study:
         self.segs: list[DicomHeader] = []
         # classification: (class index, None) or (None, (reason, detail)) from the labels CSV
         self.cls: tuple[int | None, tuple[Reason, str] | None] | None = None
+        # PHI-free detail when an UNREADABLE entry beside the study's files may hold its label
+        self.unreadable: str | None = None
+
+
+def _unsafe_uid_detail(headers: list[DicomHeader]) -> str:
+    """Why a series of a study with a non-UID (0008,0018) is refused under ``--write-dicom`` (PHI-free)."""
+    bad = sum(not is_uid(h.sop_instance_uid) for h in headers)
+    if not bad:
+        return ("another series of this study has a (0008,0018) SOP Instance UID that is not a UID; "
+                "--write-dicom copies whole cases, each file named by its UID")
+    return (f"{bad} of {len(headers)} file(s) have a (0008,0018) SOP Instance UID that is not a UID (expected "
+            "digits and dots, at most 64 characters); --write-dicom names each de-identified copy by it")
+
+
+def _unreadable_near(unreadable: list[str], folders: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Studies an unreadable entry may hold files of (its label, a slice): study -> the entries.
+
+    Walking up from the entry's folder, the first folder that holds files of
+    any study decides: every study with files under it (at any depth) may be
+    missing what the entry holds. E.g. ``study/label`` (unlistable) and
+    ``study/label/seg.nii.gz`` (unopenable) both point at the study whose
+    series sit under ``study/``; an unlistable patient folder at the root
+    points at every study (nothing tells which).
+
+    Args:
+        unreadable: relative paths of UNREADABLE entries.
+        folders: study -> relative folders of its DICOM files (``""`` for the root).
+    """
+    near: dict[str, list[str]] = defaultdict(list)
+    for rel in unreadable:
+        parent = Path(rel).parent
+        for folder in [parent, *parent.parents]:
+            prefix = "" if folder.as_posix() == "." else folder.as_posix()
+            hits = [uid for uid, dirs in folders.items()
+                    if any(not prefix or d == prefix or d.startswith(prefix + "/") for d in dirs)]
+            if hits:
+                for uid in hits:
+                    near[uid].append(rel)
+                break
+    return near
+
+
+def _unreadable_detail(near: list[str], ref: Any) -> str:
+    """PHI-free detail of an image held for unreadable entries; ``ref`` shows a path as its manifest row does."""
+    shown = ", ".join(ref(r) for r in near[:3]) + (f" and {len(near) - 3} more" if len(near) > 3 else "")
+    return (f"no label was found for this image, and {len(near)} entr{'y' if len(near) == 1 else 'ies'} beside its "
+            f"files could not be read (UNREADABLE row(s) {shown}); its label may be there: make it readable and "
+            "run again")
 
 
 def _study_task(args: tuple) -> tuple[dict[str, ManifestRow], CaseRecord | None]:
@@ -291,6 +359,7 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
             or missing columns; ``IncompatibleOutputError`` (see above). All
             are raised before anything is written.
     """
+    site = cfgmod.validate_site_name(site, "site")
     src, dst = Path(src), Path(dst)
     sheet: LabelSheet | None = None
     if spec.is_classification:
@@ -333,7 +402,8 @@ def check_crosswalk(path: Path, src: Path, dst: Path, keys: frozenset[str] = CRO
         except ValueError:
             continue
         raise OutputDirError(f"--crosswalk lies inside {name}: expected a site-private file outside SRC and DST "
-                             "(DST is what is shared or read next); choose a path elsewhere, e.g. beside the site secret")
+                             "(DST is what is shared or read next); choose a path elsewhere, e.g. beside the site "
+                             "secret")
     if path.exists():
         first = b""
         if path.is_file():
@@ -355,8 +425,8 @@ def geometry_kwargs(spec: PreprocessSpec) -> dict[str, Any]:
                 orientation_tolerance=spec.geometry.orientation_tolerance)
 
 
-def select_series(image_headers: list[DicomHeader], spec: PreprocessSpec,
-                  rows: dict[str, ManifestRow]) -> dict[str, _Study]:
+def select_series(image_headers: list[DicomHeader], spec: PreprocessSpec, rows: dict[str, ManifestRow],
+                  unsafe: set[str] | frozenset[str] = frozenset()) -> dict[str, _Study]:
     """Group image headers into studies and pick each study's candidate image series as the spec says.
 
     Label series (``series.label_description_regex``) and DICOM SEG objects
@@ -365,6 +435,9 @@ def select_series(image_headers: list[DicomHeader], spec: PreprocessSpec,
     a candidate's geometry is validated from its headers. Files decided here
     get their manifest row in ``rows``. ``fedimg predict`` selects a study's
     image exactly like this.
+
+    Args:
+        unsafe: Study Instance UIDs whose files are refused whole (UNSAFE_NAME).
 
     Returns:
         Study Instance UID -> study (``images``: candidate image series with their geometry).
@@ -379,7 +452,11 @@ def select_series(image_headers: list[DicomHeader], spec: PreprocessSpec,
             rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.LABEL_NOT_USED.value,
                                       "a DICOM SEG; a classification spec takes classes from the labels CSV")
             continue
-        studies.setdefault(h.study_uid, _Study(h.study_uid)).segs.append(h)
+        study = studies.setdefault(h.study_uid, _Study(h.study_uid))
+        if h.study_uid in unsafe:
+            rows[h.rel] = ManifestRow(h.rel, REFUSED, Reason.UNSAFE_NAME.value, _unsafe_uid_detail([h]))
+            continue
+        study.segs.append(h)
     image_headers = [h for h in image_headers if h.sop_class_uid != SEG_SOP_CLASS]
     geo_kwargs = geometry_kwargs(spec)
     groups = group_series(image_headers, spec.geometry.orientation_tolerance)
@@ -393,6 +470,8 @@ def select_series(image_headers: list[DicomHeader], spec: PreprocessSpec,
                 _mark(rows, g.rels, SKIPPED, Reason.LABEL_NOT_USED,
                       "a label series (series.label_description_regex); a classification spec takes classes "
                       "from the labels CSV")
+            elif g.study_uid in unsafe:
+                _mark(rows, g.rels, REFUSED, Reason.UNSAFE_NAME, _unsafe_uid_detail(g.headers))
             else:
                 study.masks.append(g)
             continue
@@ -403,6 +482,9 @@ def select_series(image_headers: list[DicomHeader], spec: PreprocessSpec,
         if image_re is not None and not image_re.search(g.description):
             _mark(rows, g.rels, SKIPPED, Reason.SERIES_NOT_SELECTED,
                   "(0008,103E) Series Description does not match series.image_description_regex")
+            continue
+        if g.study_uid in unsafe:
+            _mark(rows, g.rels, REFUSED, Reason.UNSAFE_NAME, _unsafe_uid_detail(g.headers))
             continue
         if spec.spatial_dims == 2:
             try:
@@ -435,7 +517,11 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
     classify = spec.is_classification
     used_csv = Path(labels_csv).resolve() if labels_csv is not None else None
     geo_kwargs = geometry_kwargs(spec)
-    studies = select_series(scanned.image_headers, spec, rows)
+    # --write-dicom names each copy by its (0008,0018): a study holding a value that is not a UID is
+    # refused whole (neither converted nor copied), never written under a crafted name.
+    copies = pseudonymizer is not None and write_dicom is not None
+    unsafe = {h.study_uid for h in scanned.image_headers if copies and not is_uid(h.sop_instance_uid)}
+    studies = select_series(scanned.image_headers, spec, rows, unsafe)
 
     # Claimed non-DICOM files: label sheets (CSV) are skipped; NIfTI labels go to the one study
     # whose files sit under their nearest folder.
@@ -459,6 +545,17 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
                                     "no single study's files share this label's folder")
         else:
             studies[owner].niftis.append((path, rel))
+
+    # A label lost to an unreadable folder or file must not read as "no label, add it".
+    unreadable = [p.rel for p in index.problems if p.reason == Reason.UNREADABLE]
+    if unreadable:
+        folders: dict[str, set[str]] = defaultdict(set)
+        for h in index.headers:
+            folders[h.study_uid].add(h.folder)
+        ref = pseudonymizer.path_hash if pseudonymizer is not None else printable_path
+        for uid, near in _unreadable_near(unreadable, folders).items():
+            if uid in studies:
+                studies[uid].unreadable = _unreadable_detail(near, ref)
 
     cases: list[CaseRecord] = []
     work = [s for s in studies.values() if s.images]
@@ -494,13 +591,17 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
                         cases.append(rec)
                     bar.update(1)
 
-    # The split orders new cases by the data (unkeyed, never written), not by the pseudonyms: the same
-    # export gets the same split whatever the site secret, and pseudonyms stay unlinkable. Cases of
-    # earlier runs keep theirs.
-    keys = {c.case_id: getattr(c, "_split_key", c.case_id) for c in cases}
-    split = assign_splits(keys, previous.splits, spec.split.val_fraction, spec.split.seed)
+    # Split by patient. New patients are ordered by the data (unkeyed, never written), not by the pseudonyms:
+    # the same export gets the same split whatever the site secret. Cases and patients of earlier runs keep
+    # their side.
+    keys = {c.case_id: CaseKey(patient=getattr(c, "_patient_key"), order=getattr(c, "_split_key"))
+            for c in cases}
+    assignment = assign_splits(keys, spec.split.val_fraction, spec.split.seed, test_fraction=spec.split.test_fraction,
+                               folds=spec.split.folds, previous_cases=previous.splits,
+                               previous_patients=previous.patients, previous_folds=previous.folds)
     for c in cases:
-        c.split = split[c.case_id]
+        c.split = assignment.splits[c.case_id]
+        c.fold = assignment.folds.get(c.case_id)
     cases.sort(key=lambda c: c.case_id)
 
     # Every file must be accounted for exactly once.
@@ -511,16 +612,12 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
         class_map = {str(i): n for i, n in enumerate(spec.labels.classes)}
     else:
         class_map = {"0": "background", **{str(i + 1): n for i, n in enumerate(spec.labels.classes)}}
-    datalist = {
-        "name": spec.name,
-        "site": site,
-        "task": spec.task,
-        "spatial_dims": spec.spatial_dims,
-        "labels": class_map,
-        "training": [_dl_item(c) for c in cases if c.split == "training"],
-        "validation": [_dl_item(c) for c in cases if c.split == "validation"],
-    }
-    write_json(dst / "datalist.json", datalist)
+    datalist = Datalist(name=spec.name, site=site, task=spec.task, spatial_dims=spec.spatial_dims, labels=class_map,
+                        folds=spec.split.folds)
+    for c in cases:
+        datalist.split_items(c.split).append(DatalistItem(image=c.image, case_id=c.case_id, label=c.label,
+                                                          fold=c.fold))
+    datalist.write(dst / "datalist.json")
     if pseudonymizer is not None and write_dicom is not None:
         with claim(write_dicom, "dicom-copies", src=src, what="--write-dicom") as copies:
             _write_deidentified(ordered_rows, scanned.index.root, copies, pseudonymizer, spec)
@@ -529,14 +626,14 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
         # hashes; a crosswalk back to the paths is kept only where the site asks, owner-only.
         if crosswalk is not None:
             cw = Path(crosswalk)
-            write_jsonl(cw, ({"input_hash": pseudonymizer.path_hash(r.input), "input": r.input}
+            write_jsonl(cw, ({"input_hash": pseudonymizer.path_hash(r.input), "input": printable_path(r.input)}
                              for r in ordered_rows))
             os.chmod(cw, 0o600)
         for r in ordered_rows:
             r.input = pseudonymizer.path_hash(r.input)
     write_jsonl(dst / "manifest.jsonl", (r.to_json() for r in ordered_rows))
     cfgmod.save(spec, dst / "spec.yaml")
-    removed = _save_state_and_prune(out, previous, cases)
+    removed = _save_state_and_prune(out, previous, cases, assignment)
     account = summarize(ordered_rows)
     labels_account = None
     if sheet is not None:
@@ -556,6 +653,8 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
         cases_converted=sum(not c.reused for c in cases),
         cases_reused=sum(c.reused for c in cases),
         cases_removed=removed,
+        patients=len({getattr(c, "_patient_key") for c in cases}),
+        cases_without_patient_id=sum(getattr(c, "_patient_key").startswith(NO_PATIENT_ID) for c in cases),
         labels_csv=labels_account,
     )
     from fedimg.dicom.deid import ENGINE, TABLE_EDITION
@@ -572,7 +671,8 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
     return result
 
 
-def _save_state_and_prune(out: OutputDir, previous: PreprocessState, cases: list[CaseRecord]) -> int:
+def _save_state_and_prune(out: OutputDir, previous: PreprocessState, cases: list[CaseRecord],
+                          assignment: Assignment) -> int:
     """Record the current cases for the next run, and remove outputs no current case refers to.
 
     Only files fedimg's records say it wrote are removed: the outputs of the
@@ -584,7 +684,9 @@ def _save_state_and_prune(out: OutputDir, previous: PreprocessState, cases: list
     """
     dst = out.path
     state = PreprocessState(spec_sha256=previous.spec_sha256, deid_key=previous.deid_key,
-                            splits={**previous.splits, **{c.case_id: c.split for c in cases}})
+                            splits={**previous.splits, **{c.case_id: c.split for c in cases}},
+                            patients={**previous.patients, **assignment.patient_splits},
+                            folds={**previous.folds, **assignment.patient_folds})
     for c in cases:
         state.cases[c.case_id] = {
             "inputs": getattr(c, "_inputs_fp", ""),
@@ -629,9 +731,12 @@ def _write_deidentified(ordered: list[ManifestRow], root: Path, copies: OutputDi
                         spec: PreprocessSpec) -> None:
     """Write de-identified DICOM copies of every converted file (``--write-dicom``).
 
-    Files land in ``out/<case_id>/<role>/<new SOP Instance UID>.dcm``: no name
+    Files land in ``<--write-dicom>/<case_id>/<role>/<new SOP Instance UID>.dcm``: no name
     carries an identifier. An object that may carry burned-in text is refused
-    (its case is withdrawn from the copies, never passed on).
+    (its case is withdrawn from the copies, never passed on). Every name is
+    checked before a case's first copy is written: the UID must be a UID and
+    the path must resolve inside the folder (:func:`fedimg.safepath.child_path`),
+    else the case is withdrawn from the copies with an UNSAFE_NAME note.
     """
     import pydicom
 
@@ -655,22 +760,24 @@ def _write_deidentified(ordered: list[ManifestRow], root: Path, copies: OutputDi
             for r, _ in datasets:
                 r.detail = f"{Reason.BURNED_IN_ANNOTATION.value}: not copied to --write-dicom ({risk})"
             continue
-        for r, ds in datasets:
-            clean = deidentify(ds, pseudonymizer, covariates=spec.deid.covariates,
-                               descriptor_allowlist=spec.deid.keep_descriptors,
-                               private_allowlist=[tuple(x) for x in spec.deid.private_allowlist])
-            target = copies.path / case_id / (r.role or "image") / f"{clean.SOPInstanceUID}.dcm"
+        cleaned = []
+        try:
+            for r, ds in datasets:
+                clean = deidentify(ds, pseudonymizer, covariates=spec.deid.covariates,
+                                   descriptor_allowlist=spec.deid.keep_descriptors,
+                                   private_allowlist=[tuple(x) for x in spec.deid.private_allowlist])
+                name = uid_component(str(clean.SOPInstanceUID), "(0008,0018) SOP Instance UID of a copy") + ".dcm"
+                target = child_path(copies.path, case_id, r.role or "image", name, what="--write-dicom name")
+                cleaned.append((target, clean))
+        except UnsafePathError as exc:
+            for r in case_rows:
+                r.detail = f"{Reason.UNSAFE_NAME.value}: not copied to --write-dicom ({exc})"
+            continue
+        for target, clean in cleaned:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f"{TMP_PREFIX}{target.name}")
             clean.save_as(tmp, enforce_file_format=True)
             os.replace(tmp, target)
-
-
-def _dl_item(c: CaseRecord) -> dict[str, Any]:
-    item: dict[str, Any] = {"image": c.image, "case_id": c.case_id}
-    if c.label is not None:
-        item["label"] = c.label
-    return item
 
 
 def _label_rels(label_source: tuple[str, Any] | None) -> list[str]:
@@ -689,14 +796,21 @@ def _label_files(label_source: tuple[str, Any] | None) -> list[tuple[str, Path]]
     return [(obj[1], Path(obj[0]))]
 
 
-def _reusable(entry: dict[str, Any] | None, fingerprint: str, dst: Path, with_label: bool) -> bool:
-    """Whether an earlier run's outputs of this case may stand for a new conversion."""
-    if not entry or entry.get("inputs") != fingerprint:
+def _reusable(entry: dict[str, Any] | None, fingerprint: str, dst: Path, with_label: bool, case_id: str) -> bool:
+    """Whether an earlier run's outputs of this case may stand for a new conversion.
+
+    The state file's output paths must be the ones this run would write
+    (``images/<case_id>.nii.gz``...): an edited state file cannot point the
+    datalist at a file outside DST.
+    """
+    if not entry or entry.get("inputs") != fingerprint or entry.get("image") != f"images/{case_id}.nii.gz":
         return False
-    if not (dst / str(entry.get("image", ""))).is_file():
+    if not (dst / str(entry["image"])).is_file():
         return False
     label = entry.get("label")
-    return (label is not None and (dst / str(label)).is_file()) if with_label else label is None
+    if not with_label:
+        return label is None
+    return label == f"labels/{case_id}.nii.gz" and (dst / label).is_file()
 
 
 def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[str, ManifestRow],
@@ -718,6 +832,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
     irregular_reason: Reason | None = irregular[0] if irregular else None
     case_id = (pseudonymizer.case(study.uid, group.series_uid) if pseudonymizer is not None
                else case_id_for(study.uid, group.series_uid))
+    patient_key = _patient_key(group.first.patient_id, case_id, pseudonymizer)
     label_source = None if spec.is_classification else _choose_label(study, group, geo, irregular_reason, rows,
                                                                       geo_kwargs)
 
@@ -742,6 +857,9 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
         if refusal is not None:
             refuse_all(*refusal)
             return None
+    elif label_source is None and study.unreadable:
+        refuse_all(Reason.LABEL_UNREADABLE, study.unreadable)  # held, also when labels are optional
+        return None
     elif label_source is None and spec.labels.required:
         refuse_all(Reason.NO_LABEL, "no label series or NIfTI label matched this image; labels.required is true")
         return None
@@ -750,7 +868,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
                                      pseudonymizer)
     split_key = case_id_for(study.uid, group.series_uid)
     entry = (previous or {}).get(case_id)
-    if _reusable(entry, fingerprint, dst, label_source is not None):
+    if _reusable(entry, fingerprint, dst, label_source is not None, case_id):
         # Unchanged inputs: the earlier outputs stand; nothing is decoded.
         correction = entry.get("correction")  # type: ignore[union-attr]
         image_rel, label_rel = str(entry["image"]), entry.get("label")  # type: ignore[index,union-attr]
@@ -764,6 +882,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
                          spacing=tuple(float(v) for v in entry["spacing"]),  # type: ignore[index]
                          label_counts=dict(entry.get("label_counts") or {}), reused=True)  # type: ignore[union-attr]
         rec._split_key = split_key  # type: ignore[attr-defined]  # not serialized
+        rec._patient_key = patient_key  # type: ignore[attr-defined]
         rec._inputs_fp = fingerprint  # type: ignore[attr-defined]
         rec._correction = correction  # type: ignore[attr-defined]
         return rec
@@ -775,17 +894,23 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
             image_arr, affine = apply_spec_2d(spec, load_planar(group, planar), planar)
             label_arr = None
         else:
+            image_scale = (1.0, 0.0)
             if irregular_reason is not None:
                 reg = load_regularized(group, irregular_reason)
                 image_data, image_affine, correction = reg.data, reg.affine_ras, reg.correction
             else:
+                # Stored integers plus their modality LUT: no float copy of the whole volume is made.
                 volume = load_volume(group, geo)
-                image_data, image_affine = volume.data, volume.affine
-            label = None
+                image_data, image_affine = volume.stored, volume.affine
+                image_scale = (volume.slope, volume.intercept)
+            raw, label_scale = None, (1.0, 0.0)
             if label_source is not None:
-                raw = _load_label(label_source, group, geo, irregular_reason, image_data, image_affine)
-                label = map_label_values(raw, class_values)
-            image_arr, label_arr, affine = apply_spec(spec, image_data, image_affine, label)
+                raw, label_scale = _load_label(label_source, group, geo, irregular_reason, image_data, image_affine)
+                check_label_values(raw, class_values, label_scale)
+            # Nearest-neighbour resampling copies source values, so mapping them to 0..N after it is the same
+            # as before it, on the (small) output grid.
+            image_arr, resampled, affine = apply_spec(spec, image_data, image_affine, raw, scale=image_scale)
+            label_arr = None if resampled is None else map_label_values(resampled, class_values, label_scale)
     except RefusedError as exc:
         refuse_all(exc.reason, exc.detail)
         return None
@@ -793,7 +918,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
     image_rel = f"images/{case_id}.nii.gz"
     label_rel = None if label_arr is None else f"labels/{case_id}.nii.gz"
     announce(dst, [r for r in (image_rel, label_rel) if r])  # recorded as fedimg's before they exist
-    write_nifti(dst / image_rel, image_arr.astype(np.float32), affine)
+    write_nifti(dst / image_rel, np.asarray(image_arr, dtype=np.float32), affine)
     counts: dict[str, int] = {}
     if label_arr is not None:
         write_nifti(dst / label_rel, label_arr.astype(np.uint8), affine)
@@ -807,6 +932,7 @@ def _convert_study(study: _Study, spec: PreprocessSpec, dst: Path, rows: dict[st
     rec = CaseRecord(case_id=case_id, image=image_rel, label=class_label if spec.is_classification else label_rel,
                      shape=tuple(int(s) for s in image_arr.shape), spacing=spacing, label_counts=counts)
     rec._split_key = split_key  # type: ignore[attr-defined]  # not serialized
+    rec._patient_key = patient_key  # type: ignore[attr-defined]
     rec._inputs_fp = fingerprint  # type: ignore[attr-defined]
     rec._correction = correction  # type: ignore[attr-defined]
     return rec
@@ -870,8 +996,8 @@ def _choose_label(study: _Study, group: SeriesGroup, geo: Any, irregular_reason:
 
 
 def _load_label(label_source: tuple[str, Any], group: SeriesGroup, geo: Any, irregular_reason: Reason | None,
-                image_data: np.ndarray, image_affine: np.ndarray) -> np.ndarray:
-    """A segmentation label's raw values on the image grid.
+                image_data: np.ndarray, image_affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """A segmentation label's stored values on the image grid, and their ``(slope, intercept)``.
 
     Raises:
         RefusedError: LABEL_GEOMETRY_MISMATCH and the label readers' reasons.
@@ -881,10 +1007,11 @@ def _load_label(label_source: tuple[str, Any], group: SeriesGroup, geo: Any, irr
         mreg = load_regularized(obj[0], irregular_reason, order=0)  # type: ignore[arg-type]
         if mreg.data.shape != image_data.shape or not np.allclose(mreg.affine_ras, image_affine, atol=1e-3):
             raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH, "resampled mask and image grids differ")
-        return mreg.data
+        return mreg.data, (1.0, 0.0)
     if kind == "dicom":
-        return load_volume(obj[0], obj[1]).data
+        mask = load_volume(obj[0], obj[1])
+        return mask.stored, (mask.slope, mask.intercept)
     if kind == "seg":
         uids = [group.headers[i].sop_instance_uid for i in geo.order]
-        return load_seg_on_grid(obj[0], uids, geo)
+        return load_seg_on_grid(obj[0], uids, geo), (1.0, 0.0)
     return load_nifti_on_grid(obj[0], geo)

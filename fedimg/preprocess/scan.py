@@ -13,12 +13,13 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from fedimg.dicom.index import DicomHeader, Index, iter_files, scan
+from fedimg.dicom.index import DicomHeader, FileProblem, Index, scan, walk_source
+from fedimg.errors import UserError
 from fedimg.dicom.reasons import Reason
 from fedimg.preprocess.manifest import REFUSED, SKIPPED, ManifestRow
 
 
-class PreprocessInputError(ValueError):
+class PreprocessInputError(UserError, ValueError):
     """The source folder cannot be processed at all (missing, empty, no DICOM)."""
 
 
@@ -26,24 +27,32 @@ class PreprocessInputError(ValueError):
 class ScanResult:
     """Everything the later stages start from."""
 
-    files: list[str]  # every input file, relative POSIX path
+    files: list[str]  # every input entry (files, links, special files, unreadable folders), relative POSIX path
     index: Index
     rows: dict[str, ManifestRow]  # files already decided (problems, non-image, localizers)
     image_headers: list[DicomHeader]
 
 
-def check_source(src: Path) -> list[Path]:
-    """All files under ``src``; clear errors for a missing, non-folder or empty source."""
+def check_source(src: Path) -> list[Path | FileProblem]:
+    """All entries under ``src`` (see :func:`fedimg.dicom.index.walk_source`).
+
+    Clear errors for a missing, non-folder, unlistable or empty source.
+    """
     if not src.exists():
         raise PreprocessInputError(
             "source folder does not exist: expected a folder of DICOM files, found nothing at the "
             "given path; check the SRC argument")
     if not src.is_dir():
         raise PreprocessInputError("source is a file: expected a folder of DICOM files; pass its parent folder")
-    files = list(iter_files(src))
-    if not files:
+    try:
+        entries = list(walk_source(src))
+    except OSError as exc:
+        raise PreprocessInputError(
+            f"source folder could not be listed ({type(exc).__name__}): expected a folder this user may read; "
+            "check its permissions") from None
+    if not entries:
         raise PreprocessInputError("source folder is empty: expected DICOM files (any depth), found 0 files")
-    return files
+    return entries
 
 
 def index_source(src: Path, claim: Iterable[str] = (), label: str = "", progress: bool = True) -> ScanResult:
@@ -52,18 +61,18 @@ def index_source(src: Path, claim: Iterable[str] = (), label: str = "", progress
     Raises:
         PreprocessInputError: see :func:`check_source`, or no DICOM file at all.
     """
-    paths = check_source(src)
-    with tqdm(total=len(paths), desc=f"{label}: index" if label else "index", unit="file",
+    entries = check_source(src)
+    with tqdm(total=len(entries), desc=f"{label}: index" if label else "index", unit="file",
               disable=not progress) as bar:
-        index = scan(src, claim=claim, progress=bar)
+        index = scan(src, claim=claim, progress=bar, entries=entries)
     if not index.headers:
         reasons = Counter(p.reason.value for p in index.problems)
         found = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "only non-DICOM label files"
         raise PreprocessInputError(
-            f"no DICOM files in source: expected DICOM files (any depth), found {len(paths)} file(s): {found}")
+            f"no DICOM files in source: expected DICOM files (any depth), found {len(entries)} file(s): {found}")
     rows: dict[str, ManifestRow] = {}
     for p in index.problems:
-        rows[p.rel] = ManifestRow(p.rel, REFUSED, p.reason.value, p.detail)
+        rows[p.rel] = ManifestRow(p.rel, SKIPPED if p.skipped else REFUSED, p.reason.value, p.detail)
     image_headers: list[DicomHeader] = []
     for h in index.headers:
         if h.is_non_image:
@@ -73,5 +82,7 @@ def index_source(src: Path, claim: Iterable[str] = (), label: str = "", progress
             rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.LOCALIZER.value, "(0008,0008) Image Type LOCALIZER")
         else:
             image_headers.append(h)
-    files = [p.relative_to(src).as_posix() for p in paths]
+    # Every entry is an input: regular files, and the links, special files and unreadable folders
+    # that were not read (each has its row above).
+    files = [e.rel if isinstance(e, FileProblem) else e.relative_to(src).as_posix() for e in entries]
     return ScanResult(files=files, index=index, rows=rows, image_headers=image_headers)

@@ -16,10 +16,11 @@ moves whole patients:
 Across runs (incremental preprocessing) nothing moves: a case keeps its
 split and fold, and a patient seen before keeps theirs, so a new study of a
 validation patient goes to validation. New patients are ordered by a seeded
-hash of their key and dealt to the held-out splits until each reaches its
-share of all current cases (``round(n * fraction)``, at least one validation
-case when there are two patients or more), the rest to training; at least
-one patient always trains.
+hash of their key and dealt to the held-out splits (test first) whenever a
+patient brings the split's case count closer to its share of all current
+cases (``round(n * fraction)``; at least one validation patient when there
+are two patients or more), the rest to training; at least one patient
+always trains.
 
 The patient key is a keyed pseudonym under de-identification (an unkeyed
 hash without it): it is written to the site-private state file, never the
@@ -35,11 +36,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from fedimg.errors import UserError
+
 TRAINING, VALIDATION, TEST = "training", "validation", "test"
 SPLITS = (TRAINING, VALIDATION, TEST)
 
 
-class SplitConflictError(ValueError):
+class SplitConflictError(UserError, ValueError):
     """Earlier runs put one patient's cases on both sides of a split; carrying that on would leak."""
 
 
@@ -133,18 +136,29 @@ def assign(cases: Mapping[str, CaseKey], val_fraction: float, seed: int, test_fr
               VALIDATION: max(1, int(round(n * val_fraction))) if n_patients >= 2 and folds < 2 else 0}
     new = sorted((p for p in by_patient if p not in patient_split),
                  key=lambda p: _rank(seed, min(cases[c].order for c in by_patient[p])))
-    training_patients = sum(1 for p in by_patient if patient_split.get(p) == TRAINING)
-    for i, p in enumerate(new):
-        remaining_after = len(new) - i - 1
-        choice = TRAINING
-        for split in (TEST, VALIDATION):
-            # Held out only while below its share, and never the last patient who could still train.
-            if have[split] < target[split] and (training_patients + remaining_after) >= 1:
-                choice = split
-                break
-        patient_split[p] = choice
-        have[choice] += size[p]
-        training_patients += choice == TRAINING
+    trains = sum(1 for p in by_patient if patient_split.get(p) == TRAINING)
+    for split in (TEST, VALIDATION):
+        if target[split] <= 0:
+            continue
+        for p in new:
+            if p in patient_split:
+                continue
+            free = sum(1 for q in new if q not in patient_split)
+            # A patient is held out when that brings the share closer to its target (whole patients: a large
+            # family of studies may not fit), never the last patient who could still train.
+            closer = abs(have[split] + size[p] - target[split]) < abs(have[split] - target[split])
+            if closer and trains + free - 1 >= 1:
+                patient_split[p] = split
+                have[split] += size[p]
+        if split == VALIDATION and have[split] == 0:
+            # Every remaining patient has many studies: still hold one out, the first in seeded order.
+            first = next((p for p in new if p not in patient_split), None)
+            free = sum(1 for q in new if q not in patient_split)
+            if first is not None and trains + free - 1 >= 1:
+                patient_split[first] = split
+                have[split] += size[first]
+    for p in new:
+        patient_split.setdefault(p, TRAINING)
     for p, ids in by_patient.items():
         out.patient_splits[p] = patient_split[p]
         for c in ids:

@@ -11,27 +11,33 @@ modification times. It records:
 - ``cases``: per current case, the fingerprint and what its outputs are
   (paths under DST, shape, spacing, label counts, correction text), so an
   unchanged case is reused without decoding a pixel;
-- ``splits``: the training/validation assignment of every case ever seen,
-  so a case keeps its split across runs, even one that was missing for a
-  while (a validation case must never move into training).
+- ``splits``: the training/validation/test assignment of every case ever
+  seen, so a case keeps its split across runs, even one that was missing for
+  a while (a validation case must never move into training);
+- ``patients`` and ``folds``: the split and cross-validation fold of every
+  patient ever seen, under their patient key (a keyed pseudonym; an unkeyed
+  hash under ``--no-deid``), so a new study of a known patient joins the
+  patient's side (:mod:`fedimg.preprocess.splits`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from fedimg import config as cfgmod
 from fedimg.config import PreprocessSpec
+from fedimg.datalist import Datalist, DatalistError
 from fedimg.preprocess.io import write_json
 from fedimg.preprocess.scan import PreprocessInputError
 
 STATE_FILE = ".fedimg_preprocess_state.json"
 STATE_VERSION = 1
-SPLITS = ("training", "validation")
+SPLITS = ("training", "validation", "test")
 
 
 class IncompatibleOutputError(PreprocessInputError):
@@ -62,7 +68,7 @@ def inputs_fingerprint(files: Iterable[tuple[str, Path]], pseudonymizer: Any | N
     payload = "\n".join(lines)
     if pseudonymizer is not None:
         return pseudonymizer.path_hash(payload)
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+    return hashlib.sha256(os.fsencode(payload)).hexdigest()[:32]  # the names' bytes: any file name hashes
 
 
 @dataclass
@@ -73,11 +79,13 @@ class PreprocessState:
     deid_key: str
     cases: dict[str, dict[str, Any]] = field(default_factory=dict)
     splits: dict[str, str] = field(default_factory=dict)
+    patients: dict[str, str] = field(default_factory=dict)
+    folds: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """As written to the state file."""
         return {"version": STATE_VERSION, "spec_sha256": self.spec_sha256, "deid_key": self.deid_key,
-                "cases": self.cases, "splits": self.splits}
+                "cases": self.cases, "splits": self.splits, "patients": self.patients, "folds": self.folds}
 
 
 def _differing_keys(dst: Path, spec: PreprocessSpec) -> list[str]:
@@ -118,24 +126,28 @@ def load_previous(dst: Path, spec: PreprocessSpec, pseudonymizer: Any | None) ->
         datalist = dst / "datalist.json"
         if datalist.is_file():
             try:
-                dl = json.loads(datalist.read_text(encoding="utf-8"))
-                for split in SPLITS:
-                    for item in dl.get(split, []):
-                        fresh.splits[str(item["case_id"])] = split
-            except (ValueError, KeyError, TypeError, AttributeError):
-                pass  # unreadable: nothing to keep
+                dl = Datalist.read(datalist)
+            except DatalistError:
+                dl = None  # unreadable: nothing to keep
+            for split in SPLITS if dl is not None else ():
+                for item in dl.split_items(split):
+                    fresh.splits[item.case_id] = split
         return fresh
     try:
         raw = json.loads(state_path.read_text(encoding="utf-8"))
         if raw.get("version") != STATE_VERSION:
             raise ValueError("version")
         old = PreprocessState(spec_sha256=str(raw["spec_sha256"]), deid_key=str(raw["deid_key"]),
-                              cases=dict(raw.get("cases", {})), splits=dict(raw.get("splits", {})))
+                              cases=dict(raw.get("cases", {})), splits=dict(raw.get("splits", {})),
+                              patients=dict(raw.get("patients", {})),
+                              folds={str(k): int(v) for k, v in dict(raw.get("folds", {})).items()})
     except (ValueError, KeyError, TypeError, AttributeError):
         raise IncompatibleOutputError(
             f"DST holds an unreadable {STATE_FILE} (expected version {STATE_VERSION} written by fedimg "
             f"preprocess); {fix}") from None
-    if old.spec_sha256 != fresh.spec_sha256:
+    # spec.yaml, compared above key by key (with today's defaults for keys added since), is the judge when it
+    # exists; the digest only when it does not.
+    if old.spec_sha256 != fresh.spec_sha256 and not (dst / "spec.yaml").is_file():
         raise IncompatibleOutputError(
             f"DST already holds the outputs of another preprocessing spec; expected the same spec as its "
             f"earlier runs; {fix}")
@@ -146,40 +158,11 @@ def load_previous(dst: Path, spec: PreprocessSpec, pseudonymizer: Any | None) ->
             f"--secret-file as its earlier runs; {fix}")
     fresh.cases = old.cases
     fresh.splits = {k: v for k, v in old.splits.items() if v in SPLITS}
+    fresh.patients = {k: v for k, v in old.patients.items() if v in SPLITS}
+    fresh.folds = old.folds
     return fresh
 
 
 def save_state(dst: Path, state: PreprocessState) -> None:
     """Write the state file atomically."""
     write_json(dst / STATE_FILE, state.to_json())
-
-
-def assign_splits(keys: dict[str, str], previous: dict[str, str], val_fraction: float,
-                  seed: int) -> dict[str, str]:
-    """Split cases so that every case seen before keeps its split.
-
-    Cases in ``previous`` keep their assignment. New cases are ordered by a
-    seeded hash of their split key, and the first of them go to validation
-    until the validation share of all current cases reaches ``val_fraction``
-    (``max(1, round(n * val_fraction))`` cases when there are two or more),
-    the rest to training. With no previous cases this is the plain seeded
-    split; as studies are added, the share stays at ``val_fraction`` on
-    average, and a case never moves.
-
-    Args:
-        keys: case id -> split key (an unkeyed hash of the data, so the order
-            does not depend on the site secret).
-        previous: case id -> split of earlier runs.
-        val_fraction: the spec's ``split.val_fraction``.
-        seed: the spec's ``split.seed``.
-    """
-    out = {c: previous[c] for c in keys if previous.get(c) in SPLITS}
-    new = sorted((c for c in keys if c not in out),
-                 key=lambda c: hashlib.sha256(f"{seed}:{keys[c]}".encode()).hexdigest())
-    n = len(keys)
-    target = max(1, int(round(n * val_fraction))) if n >= 2 else 0
-    have = sum(1 for s in out.values() if s == "validation")
-    need = min(max(target - have, 0), len(new))
-    for i, c in enumerate(new):
-        out[c] = "validation" if i < need else "training"
-    return out

@@ -7,6 +7,14 @@ integers), then intensity normalization per modality:
 * CT: clip to a Hounsfield window, scale to [0, 1].
 * MR: clip to intensity percentiles, then z-score over the non-zero voxels.
 
+:func:`build_transforms` is that chain in MONAI (``Orientationd``,
+``Spacingd``, intensity transforms). :func:`apply_spec` gives its result
+without its memory: MONAI computes the output grid (lazily, touching no
+voxel), and one interpolation reads the stored volume where it lies (any
+integer type, any axis order) straight onto that grid, instead of a float32
+copy, a flipped copy and a resampled copy of the whole volume. The
+intensity transforms then run on the (small) output.
+
 2D images (:func:`apply_spec_2d`) have their own chain: percentile clip and
 scale to [0, 1], resize to fit ``target_size`` keeping the physical aspect
 ratio, pad to exactly ``target_size``.
@@ -17,13 +25,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from scipy import ndimage
 from monai.transforms import (
     ClipIntensityPercentilesd,
     Compose,
     NormalizeIntensityd,
+    Orientation,
     Orientationd,
     ScaleIntensityRange,
     ScaleIntensityRanged,
+    Spacing,
     Spacingd,
 )
 
@@ -32,20 +43,25 @@ from fedimg.dicom.geometry import LPS_TO_RAS
 from fedimg.dicom.planar import PlanarGeometry
 
 
-def build_transforms(spec: PreprocessSpec, with_label: bool) -> Compose:
+AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def build_transforms(spec: PreprocessSpec, with_label: bool, spatial: bool = True) -> Compose:
     """Spatial + intensity chain for one case.
 
     Args:
         spec: the shared preprocessing spec.
         with_label: whether the sample dict holds a ``label`` key.
+        spatial: include ``Orientationd`` and ``Spacingd`` (False: the
+            intensity transforms only, as :func:`apply_spec` uses them).
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
     chain = [
-        Orientationd(keys=keys, axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Orientationd(keys=keys, axcodes=spec.orientation, labels=AXIS_LABELS),
         Spacingd(keys=keys, pixdim=spec.target_spacing, mode=modes, padding_mode="border",
                  dtype=[np.float32] * len(keys)),
-    ]
+    ] if spatial else []
     if spec.modality == "CT":
         lo, hi = spec.intensity.ct_window
         chain.append(ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
@@ -56,29 +72,66 @@ def build_transforms(spec: PreprocessSpec, with_label: bool) -> Compose:
     return Compose(chain)
 
 
+def output_grid(spec: PreprocessSpec, shape: tuple[int, ...], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and 4x4 affine of the grid that ``Orientationd`` + ``Spacingd`` of the spec produce.
+
+    MONAI's own transforms compute it, lazily: they only record what they
+    would do, on a stand-in tensor of ``shape`` that holds one value.
+    """
+    stand_in = torch.zeros((1,) * (len(shape) + 1)).expand(1, *shape)
+    mt = MetaTensor(stand_in, affine=torch.as_tensor(affine, dtype=torch.float64))
+    mt = Orientation(axcodes=spec.orientation, labels=AXIS_LABELS, lazy=True)(mt)
+    mt = Spacing(pixdim=spec.target_spacing, mode="bilinear", padding_mode="border", dtype=np.float32, lazy=True)(mt)
+    out_shape = tuple(int(v) for v in mt.peek_pending_shape())
+    return out_shape, np.asarray(mt.peek_pending_affine(), dtype=np.float64)
+
+
+def _resample(data: np.ndarray, to_source: np.ndarray, shape: tuple[int, ...], order: int,
+              out_dtype: np.dtype) -> np.ndarray:
+    """Sample ``data`` at ``to_source @ (i, j, k, 1)`` for every output voxel; beyond the edges, the edge value.
+
+    Order 1 is MONAI's ``bilinear`` with ``padding_mode="border"`` (the sample
+    position is clamped into the volume), order 0 its ``nearest``. The input is
+    read in place, whatever its type and strides: no copy of it is made.
+    """
+    return ndimage.affine_transform(data, to_source[:3, :3], offset=to_source[:3, 3], output_shape=shape,
+                                    output=out_dtype, order=order, mode="nearest", prefilter=False)
+
+
 def apply_spec(spec: PreprocessSpec, image: np.ndarray, affine: np.ndarray,
-               label: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+               label: np.ndarray | None = None,
+               scale: tuple[float, float] = (1.0, 0.0)) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Run the chain on one volume (and its label on the same grid).
 
+    The result is :func:`build_transforms`' (up to float32 rounding) at a
+    fraction of its memory: besides ``image`` and ``label`` themselves, only
+    the output grid is allocated.
+
     Args:
-        image: (i, j, k) voxels in modality units.
+        image: (i, j, k) voxels: modality values, or stored integers that
+            ``scale`` turns into modality values.
         affine: 4x4 voxel-to-RAS affine shared by image and label.
-        label: (i, j, k) integer label on the same grid, or None.
+        label: (i, j, k) label on the same grid, or None. It is resampled by
+            nearest neighbour, so the output holds the input's values (and type).
+        scale: ``(slope, intercept)``: modality value = stored * slope +
+            intercept. Linear interpolation commutes with it, so it is applied
+            to the resampled output.
 
     Returns:
-        (image, label, affine) after the chain; arrays without channel axis.
+        (float32 image, label, affine) after the chain; arrays without channel axis.
     """
-    aff = torch.as_tensor(affine, dtype=torch.float64)
-    sample = {"image": MetaTensor(torch.as_tensor(image[None], dtype=torch.float32), affine=aff.clone())}
-    if label is not None:
-        sample["label"] = MetaTensor(torch.as_tensor(label[None].astype(np.float32)), affine=aff.clone())
-    out = build_transforms(spec, label is not None)(sample)
-    img = out["image"]
-    out_affine = img.affine.detach().cpu().numpy().astype(np.float64)
-    img_arr = img.detach().cpu().numpy()[0].astype(np.float32)
-    lbl_arr = None
-    if label is not None:
-        lbl_arr = np.rint(out["label"].detach().cpu().numpy()[0]).astype(np.uint8)
+    shape, out_affine = output_grid(spec, image.shape, affine)
+    to_source = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ out_affine
+    img = _resample(image, to_source, shape, 1, np.dtype(np.float32))
+    slope, intercept = scale
+    if (slope, intercept) != (1.0, 0.0):
+        img *= np.float32(slope)
+        img += np.float32(intercept)
+    lbl_arr = None if label is None else _resample(label, to_source, shape, 0, label.dtype)
+    aff = torch.as_tensor(out_affine, dtype=torch.float64)
+    out = build_transforms(spec, with_label=False, spatial=False)({"image": MetaTensor(torch.from_numpy(img[None]),
+                                                                                        affine=aff)})
+    img_arr = np.asarray(out["image"].detach().cpu().numpy()[0], dtype=np.float32)
     return img_arr, lbl_arr, out_affine
 
 

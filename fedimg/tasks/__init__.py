@@ -18,17 +18,18 @@ def build_task(exp: ExperimentConfig) -> Task:
     return ClassificationTask(exp)
 
 
-def metric_names(metrics: dict[str, float]) -> dict[str, float]:
+def metric_names(metrics: dict[str, float], prefix: str = "val_") -> dict[str, float]:
     """Evaluation results as flat FLModel metric names.
 
     ``dice_mean`` becomes ``val_dice``, ``auc_mean`` ``val_auc``, and
     ``dice/organ`` ``val_dice_organ``: names without slashes, as NVFlare's
-    metric aggregation and model selection expect.
+    metric aggregation and model selection expect. Held-out test results use
+    ``prefix="test_"``.
     """
     out = {}
     for key, value in metrics.items():
         name = key[:-len("_mean")] if key.endswith("_mean") else key
-        out["val_" + name.replace("/", "_")] = float(value)
+        out[prefix + name.replace("/", "_")] = float(value)
     return out
 
 

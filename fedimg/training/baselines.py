@@ -42,6 +42,7 @@ class BaselineResult:
         trained_on: sites whose training cases were used.
         epochs: epochs trained.
         per_site: site -> validation metrics of the final model on that site's cases.
+        per_site_test: site -> metrics on that site's held-out test cases (sites with a test split).
         model_path: the final model's checkpoint.
         package: the final model as a model package folder (None if it could not be written).
         seconds: wall time of training and evaluation.
@@ -57,6 +58,7 @@ class BaselineResult:
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
     privacy: dict[str, Any] | None = None
+    per_site_test: dict[str, dict[str, float]] = field(default_factory=dict)
     package: str | None = None
 
 
@@ -67,23 +69,24 @@ def federated_epochs(exp: ExperimentConfig) -> int:
 
 def _train(exp: ExperimentConfig, name: str, train_items: list[dict[str, Any]],
            eval_sets: dict[str, list[dict[str, Any]]], trained_on: list[str], rt: Runtime, out_dir: Path,
-           epochs: int, progress: bool, datalists: dict[str, str]) -> BaselineResult:
+           epochs: int, progress: bool, test_sets: dict[str, list[dict[str, Any]]] | None = None,
+           datalists: dict[str, str] | None = None) -> BaselineResult:
     t0 = time.perf_counter()
     # Scored once at the end, on every site's cases: no per-epoch validation loader is needed.
     trainer = SiteTrainer(exp, train_items, [], rt)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = local_writer(out_dir / "tb")
+    writer = local_writer(out_dir / "tb" / name)  # a run named after the baseline, tags shared with the others
     history = []
     metric = trainer.task.main_metric
     for epoch in tqdm(range(1, epochs + 1), desc=f"{name}: train", unit="epoch", disable=not progress):
         trainer.set_progress((epoch - 1) / epochs)
         fit = trainer.fit(1)
         row = {"epoch": float(epoch), "train_loss": fit["loss"]}
-        writer.add_scalar(f"{name}/train/loss", fit["loss"], epoch)
+        writer.add_scalar("train/loss", fit["loss"], epoch)
         spent = trainer.privacy_spent()
         if spent is not None:  # DP-SGD: the same mechanism as the federated sites, accounted the same way
             row["privacy_epsilon"] = spent["epsilon"]
-            writer.add_scalar(f"{name}/privacy/epsilon", spent["epsilon"], epoch)
+            writer.add_scalar("privacy/epsilon", spent["epsilon"], epoch)
         history.append(row)
     # Final model on every site's validation cases.
     per_site = {}
@@ -92,14 +95,18 @@ def _train(exp: ExperimentConfig, name: str, train_items: list[dict[str, Any]],
             continue
         per_site[site] = trainer.evaluate(trainer.eval_loader(items))
         if metric in per_site[site]:
-            writer.add_scalar(f"{name}/val_on/{site}/{metric}", per_site[site][metric], epochs)
+            writer.add_scalar(f"val_on/{site}/{metric}", per_site[site][metric], epochs)
+    # Held-out test cases: scored once, reported apart, never used to choose anything.
+    per_site_test = {site: trainer.evaluate(trainer.eval_loader(items))
+                     for site, items in (test_sets or {}).items() if items}
     writer.close()
     model_path = out_dir / "final_model.pt"
     save_checkpoint(model_path, trainer.model, {"baseline": name, "epochs": epochs})
-    package = _package(exp, name, trainer, per_site, out_dir, epochs, {s: datalists[s] for s in trained_on})
+    package = _package(exp, name, trainer, per_site, out_dir, epochs,
+                       {s: datalists[s] for s in trained_on} if datalists else {})
     res = BaselineResult(name=name, trained_on=trained_on, epochs=epochs, per_site=per_site,
                          model_path=str(model_path), seconds=time.perf_counter() - t0, history=history,
-                         privacy=trainer.privacy_spent(), package=package)
+                         privacy=trainer.privacy_spent(), per_site_test=per_site_test, package=package)
     (out_dir / "result.json").write_text(json.dumps(res.__dict__, indent=1))
     return res
 
@@ -120,10 +127,30 @@ def _package(exp: ExperimentConfig, name: str, trainer: SiteTrainer, per_site: d
     return None if path is None else str(path)
 
 
+def score_model(exp: ExperimentConfig, checkpoint: str | Path, eval_sets: dict[str, list[dict[str, Any]]],
+                rt: Runtime) -> dict[str, dict[str, float]]:
+    """Score a saved model (``{"model": state_dict}``, loaded with ``weights_only``) on each site's items.
+
+    Used for the held-out test cases of a federated run in ``fedimg compare``: the same evaluation code as the
+    baselines, on the same machine (a simulation-time report).
+    """
+    import torch
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    trainer = SiteTrainer(exp, [], [], rt)
+    trainer.load_weights(saved["model"] if isinstance(saved, dict) and "model" in saved else saved)
+    return {site: trainer.evaluate(trainer.eval_loader(items)) for site, items in eval_sets.items() if items}
+
+
+def read_site_data(exp: ExperimentConfig, datalists: dict[str, str]) -> dict[str, Any]:
+    """Every site's datalist, resolved (``data.fold`` applied) and checked against the experiment's task."""
+    return _read(exp, datalists)
+
+
 def _read(exp: ExperimentConfig, datalists: dict[str, str]) -> dict[str, Any]:
     out = {}
     for site, path in datalists.items():
-        dl = read_datalist(path)
+        dl = read_datalist(path, fold=exp.data.fold)
         check_matches_task(dl, exp.task, f"{site}: datalist {path}")
         out[site] = dl
     return out
@@ -140,10 +167,12 @@ def local_only(exp: ExperimentConfig, datalists: dict[str, str], rt: Runtime, ou
     epochs = epochs or federated_epochs(exp)
     dls = _read(exp, datalists)
     eval_sets = {s: dl.validation for s, dl in dls.items()}
+    test_sets = {s: dl.test for s, dl in dls.items()}
     results = {}
     for site, dl in dls.items():
         results[site] = _train(exp, f"local-{site}", dl.training, eval_sets, [site], rt,
-                               Path(out_dir) / f"local-{site}", epochs, progress, datalists)
+                               Path(out_dir) / f"local-{site}", epochs, progress, test_sets=test_sets,
+                               datalists=datalists)
         logger.info("local-only %s: trained %d epochs in %.0f s", site, epochs, results[site].seconds)
     return results
 
@@ -156,4 +185,4 @@ def centralized(exp: ExperimentConfig, datalists: dict[str, str], rt: Runtime, o
     pooled = [item for dl in dls.values() for item in dl.training]
     eval_sets = {s: dl.validation for s, dl in dls.items()}
     return _train(exp, "centralized", pooled, eval_sets, list(dls), rt, Path(out_dir) / "centralized",
-                  epochs, progress, datalists)
+                  epochs, progress, test_sets={s: dl.test for s, dl in dls.items()}, datalists=datalists)

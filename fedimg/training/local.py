@@ -44,11 +44,13 @@ def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, pr
 
     With ``privacy.dp_sgd.enabled`` training is DP-SGD; the epsilon spent is
     in every ``metrics.jsonl`` row (``privacy_epsilon``), in TensorBoard
-    (``<site>/privacy/epsilon``) and in the result.
+    (``privacy/epsilon``) and in the result.
 
     Writes ``out_dir/{best_model.pt,last_model.pt,metrics.jsonl,config.yaml,site.yaml}``,
-    TensorBoard events under ``out_dir/tb`` and the best and last models as
-    model packages in ``out_dir/packages/{best,final}`` (:mod:`fedimg.models.package`).
+    TensorBoard events under ``out_dir/tb/<site>`` (one run named after the
+    site, tags ``train/loss``, ``val/<metric>``: the same tags as a federated
+    run's, so the runs overlay) and the best and last models as model packages
+    in ``out_dir/packages/{best,final}`` (:mod:`fedimg.models.package`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,7 @@ def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, pr
     rt = runtime.setup(site.device, exp.train.amp, site.num_threads, seed=exp.train.seed)
     t0 = time.perf_counter()
     trainer = SiteTrainer.from_datalist(exp, site.datalist, rt, progress=progress)
-    writer = local_writer(out / "tb")
+    writer = local_writer(out / "tb" / site.name)
     best, best_epoch, last_val, best_val = -math.inf, 0, {}, {}
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
@@ -64,19 +66,19 @@ def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, pr
     for epoch in bar:
         trainer.set_progress((epoch - 1) / exp.train.epochs)
         fit = trainer.fit(1)
-        writer.add_scalar(f"{site.name}/train/loss", fit["loss"], epoch)
+        writer.add_scalar("train/loss", fit["loss"], epoch)
         val = trainer.validate()
         last_val = val
         row = {"epoch": epoch, "train_loss": fit["loss"], **{f"val_{k}": v for k, v in val.items()}}
         spent = trainer.privacy_spent()
         if spent is not None:
             row["privacy_epsilon"] = spent["epsilon"]
-            writer.add_scalar(f"{site.name}/privacy/epsilon", spent["epsilon"], epoch)
+            writer.add_scalar("privacy/epsilon", spent["epsilon"], epoch)
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         for k, v in val.items():
             if k != "cases":
-                writer.add_scalar(f"{site.name}/val/{k}", v, epoch)
+                writer.add_scalar(f"val/{k}", v, epoch)
         score = val.get(trainer.task.main_metric, -fit["loss"])
         if score > best:
             best, best_epoch, best_val = score, epoch, val

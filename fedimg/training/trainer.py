@@ -21,6 +21,7 @@ from fedimg.data.datasets import check_matches_task, make_loaders, make_val_load
 from fedimg.models.registry import build_model, normalization_keys
 from fedimg.runtime import Runtime
 from fedimg.tasks import build_task
+from fedimg.training.checkpoint import state_problem
 from fedimg.training.loops import StepHooks, build_optimizer, train_epoch
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class SiteTrainer:
         train_items: training items (from :func:`fedimg.data.datasets.read_datalist`).
         val_items: validation items (may be empty).
         rt: the process runtime (device, AMP, threads).
+        test_items: held-out test items (may be empty): scored by :meth:`test` only,
+            never trained on and never used to choose a model.
         progress: show a progress bar while caching.
 
     Raises:
@@ -49,12 +52,15 @@ class SiteTrainer:
     """
 
     def __init__(self, exp: ExperimentConfig, train_items: list[dict[str, Any]], val_items: list[dict[str, Any]],
-                 rt: Runtime, progress: bool = False) -> None:
+                 rt: Runtime, progress: bool = False, test_items: list[dict[str, Any]] | None = None) -> None:
         self.exp = exp
         self.rt = rt
         self.task = build_task(exp)
         self.n_train = len(train_items)
         self.n_val = len(val_items)
+        self.test_items = list(test_items or [])
+        self.n_test = len(self.test_items)
+        self._test_loader: Any = None
         self.progress = progress
         self.train_loader, self.val_loader = make_loaders(train_items, val_items, exp.data, exp.task, rt.device,
                                                           progress=progress, seed=exp.train.seed)
@@ -64,7 +70,7 @@ class SiteTrainer:
         self.steps_done = 0
         self.norm_keys = frozenset(normalization_keys(self.model))
         self.dp: Any = None
-        if exp.privacy.dp_sgd.enabled:
+        if exp.privacy.dp_sgd.enabled and self.train_loader is not None:
             from fedimg.training.dp_sgd import DPSGD  # Opacus only when asked for
 
             self.loss_fn = self.task.loss(per_sample=True)  # a mean of per-sample terms: each case's own gradient
@@ -82,36 +88,39 @@ class SiteTrainer:
     @classmethod
     def from_datalist(cls, exp: ExperimentConfig, datalist: str | Path, rt: Runtime,
                       progress: bool = False) -> "SiteTrainer":
-        """A trainer on one site's ``datalist.json`` (checked against the experiment's task)."""
-        dl = read_datalist(datalist)
+        """A trainer on one site's ``datalist.json`` (checked against the experiment's task; ``data.fold`` applied)."""
+        dl = read_datalist(datalist, fold=exp.data.fold)
         check_matches_task(dl, exp.task, f"datalist {datalist}")
-        return cls(exp, dl.training, dl.validation, rt, progress=progress)
+        return cls(exp, dl.training, dl.validation, rt, progress=progress, test_items=dl.test)
 
     def load_weights(self, state: dict[str, Any], keep: Iterable[str] = ()) -> None:
         """Load (global) weights, except the keys in ``keep``, which stay as they are (FedBN).
 
+        What arrives from another party is checked before anything is loaded
+        (:func:`fedimg.training.checkpoint.state_problem`): exactly the
+        network's entries (those in ``keep`` may be absent), each of the
+        network's shape, numbers only, every value finite. Under homomorphic
+        encryption an entry may arrive flat (CKKS decrypts every tensor as a
+        vector) and is reshaped.
+
         Raises:
-            ValueError: a key is missing or has the wrong shape, named in the message.
+            ValueError: the weights do not fit the network or hold NaN or
+                infinite values; the model is left unchanged.
         """
         keep = set(keep)
         current = self.model.state_dict()
-        missing = sorted(k for k in current if k not in state and k not in keep)
-        unknown = sorted(k for k in state if k not in current)
-        if missing or unknown:
-            raise ValueError(f"received weights do not fit the configured {self.exp.model.name}: "
-                             f"missing {missing[:3]}, unexpected {unknown[:3]}; server and site must use the "
-                             "same experiment config")
+        why = state_problem(state, current, optional=keep, flat_ok=self.exp.privacy.encryption == "he")
+        if why:
+            raise ValueError(f"received weights refused ({why}); they do not fit the configured "
+                             f"{self.exp.model.name} or are broken: server and site must use the same experiment "
+                             "config, and a model with NaN or infinite values is never loaded")
         new = {}
         for k, v in current.items():
             if k in keep or k not in state:
                 new[k] = v
                 continue
             t = torch.as_tensor(state[k])
-            if t.ndim == 1 and t.numel() == v.numel() and v.ndim != 1:
-                t = t.reshape(v.shape)  # homomorphic encryption decrypts every tensor as a flat CKKS vector
-            if tuple(t.shape) != tuple(v.shape):
-                raise ValueError(f"received weight {k} has shape {tuple(t.shape)}, the model expects {tuple(v.shape)}")
-            new[k] = t.to(dtype=v.dtype)
+            new[k] = t.reshape(v.shape).to(dtype=v.dtype)
         self.model.load_state_dict(new, strict=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -126,6 +135,9 @@ class SiteTrainer:
             ValueError: DP-SGD is on and ``hooks`` add to the step (FedProx,
                 SCAFFOLD): their terms are outside DP-SGD's clipping.
         """
+        if self.train_loader is None:
+            raise ValueError("this trainer has no training cases (it only evaluates); the datalist's training "
+                             "split is empty")
         losses, steps = [], 0
 
         def hook(i: int, loss: float) -> None:
@@ -163,6 +175,14 @@ class SiteTrainer:
         if self.val_loader is None:
             return {}
         return self.task.evaluate(self.model, self.val_loader, self.rt)
+
+    def test(self) -> dict[str, float]:
+        """Metrics on the held-out test cases (empty dict if there are none); for reports, never for choices."""
+        if not self.test_items:
+            return {}
+        if self._test_loader is None:
+            self._test_loader = self.eval_loader(self.test_items)
+        return self.task.evaluate(self.model, self._test_loader, self.rt)
 
     def eval_loader(self, items: list[dict[str, Any]]) -> Any:
         """A cached loader over other validation items (e.g. another site's, in centralized training)."""

@@ -96,7 +96,10 @@ def main() -> int:
     sites: dict[str, str | None] = {}
     for item in args.site:
         name, _, path = item.partition("=")
-        sites[name] = path or None
+        try:
+            sites[cfgmod.validate_site_name(name, "--site NAME[=SITE_YAML]")] = path or None
+        except cfgmod.ConfigError as exc:
+            p.error(str(exc))
     if not sites:
         p.error("name the participating sites with --site NAME (and =SITE_YAML in simulation)")
 

@@ -122,10 +122,10 @@ def test_task_algorithm_combination(task, algorithm, model, small_preprocessed, 
     for run in [*sites, "global"]:
         acc = EventAccumulator(str(res.tb_logdir / run))
         acc.Reload()
-        assert [e.step for e in acc.Scalars(f"{run}/val/{metric}")] == list(range(rounds + 1))
-        assert all(math.isfinite(e.value) for e in acc.Scalars(f"{run}/val/{metric}"))
+        assert [e.step for e in acc.Scalars(f"val/{metric}")] == list(range(rounds + 1))
+        assert all(math.isfinite(e.value) for e in acc.Scalars(f"val/{metric}"))
         if run != "global":
-            assert [e.step for e in acc.Scalars(f"{run}/train/loss")] == list(range(1, rounds + 1))
+            assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, rounds + 1))
 
     stats = [r["algorithm_stats"] for r in train_rounds]
     if algorithm == "fedprox":

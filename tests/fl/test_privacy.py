@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
@@ -83,19 +84,22 @@ def test_epsilon_grows_with_rounds_and_falls_with_noise():
     assert gaussian_epsilon(2.0, 10, 1e-5) < gaussian_epsilon(1.0, 10, 1e-5)
 
 
-def test_scalar_only_guard_drops_non_scalars_and_unknown_meta():
+def test_scalar_only_guard_drops_unknown_meta_and_blocks_non_scalars():
     g = ScalarOnlyResultGuard()
-    meta = {"NUM_STEPS_CURRENT_ROUND": 4, "initial_metrics": {"val_dice": 0.5, "pixels": [1, 2, 3]},
-            "fedimg_val": {"dice_mean": 0.5}, "leak": "a" * 10, "fedimg_seconds": {"train": np.arange(3)}}
-    dxo = g.process_dxo(DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3), "note": "text"}, meta=meta),
-                        Shareable(), FLContext())
-    assert set(dxo.data) == {"w"}
-    assert dxo.meta["initial_metrics"] == {"val_dice": 0.5}
-    assert "leak" not in dxo.meta and "fedimg_seconds" not in dxo.meta and dxo.meta["fedimg_val"]
-    assert dxo.get_meta_prop("fedimg_guard")["dropped"] == 4
-    metrics = g.process_dxo(DXO(DataKind.METRICS, data={"val_auc": 0.9, "image": np.zeros((4, 4))}),
-                            Shareable(), FLContext())
-    assert metrics.data == {"val_auc": 0.9}
+    meta = {"NUM_STEPS_CURRENT_ROUND": 4, "initial_metrics": {"val_dice": 0.5}, "fedimg_val": {"dice_mean": 0.5},
+            "leak": "a" * 10}
+    out = g.process(DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3, np.float32)}, meta=meta).to_shareable(),
+                    FLContext())
+    dxo = from_shareable(out)
+    assert set(dxo.data) == {"w"} and dxo.meta["initial_metrics"] == {"val_dice": 0.5} and dxo.meta["fedimg_val"]
+    assert "leak" not in dxo.meta and dxo.get_meta_prop("fedimg_guard")["dropped"] == 1
+    # Non-scalar data, a non-scalar metric, a non-scalar meta value: the whole result is blocked.
+    for bad in (DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3, np.float32), "note": "text"}),
+                DXO(DataKind.METRICS, data={"val_auc": 0.9, "image": np.zeros((4, 4))}),
+                DXO(DataKind.WEIGHTS, data={"w": np.ones(3, np.float32)},
+                    meta={"fedimg_seconds": {"t": np.arange(3)}})):
+        blocked = g.process(bad.to_shareable(), FLContext())
+        assert blocked.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR and "DXO" not in blocked
 
 
 def test_gaussian_filter_keeps_a_dp_sgd_record_beside_its_own():

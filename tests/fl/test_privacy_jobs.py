@@ -107,7 +107,7 @@ def test_dp_sgd_sites_report_their_epsilon_by_round(three_sites, tmp_path):
         assert 0 < first["epsilon"] < second["epsilon"] < math.inf
     acc = EventAccumulator(str(res.tb_logdir / "site-1"))
     acc.Reload()
-    eps = [(e.step, e.value) for e in acc.Scalars("site-1/privacy/epsilon")]
+    eps = [(e.step, e.value) for e in acc.Scalars("privacy/epsilon")]
     assert [s for s, _ in eps] == [1, 2]
     assert [v for _, v in eps] == pytest.approx([recs[0]["site-1"]["epsilon"], recs[1]["site-1"]["epsilon"]])
 

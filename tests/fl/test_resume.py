@@ -43,9 +43,9 @@ def test_resumed_run_continues_rounds_best_model_and_curves(cls_sites, tmp_path)
     for site in sites:
         acc = EventAccumulator(str(second.tb_logdir / site))
         acc.Reload()
-        steps = [e.step for e in acc.Scalars(f"{site}/val/auc_mean")]
+        steps = [e.step for e in acc.Scalars("val/auc_mean")]
         assert sorted(set(steps)) == [0, 1, 2, 3, 4]
-        loss_steps = [e.step for e in acc.Scalars(f"{site}/train/loss")]
+        loss_steps = [e.step for e in acc.Scalars("train/loss")]
         assert sorted(loss_steps) == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="resume into a new workspace"):
         run_simulation(exp, REPO / "jobs" / "train", sites, tmp_path / "ws1", resume_from=first)

@@ -16,7 +16,8 @@ import pytest
 from fedimg import config as cfg
 from fedimg.dicom.deid import Pseudonymizer, SiteSecret
 from fedimg.preprocess.pipeline import preprocess
-from fedimg.preprocess.state import STATE_FILE, IncompatibleOutputError, assign_splits
+from fedimg.preprocess.splits import CaseKey, assign
+from fedimg.preprocess.state import STATE_FILE, IncompatibleOutputError
 from fedimg.synth import generate
 from tests.conftest import REPO
 
@@ -179,13 +180,15 @@ def test_segmentation_rerun_reuses_and_a_changed_label_reconverts(small_synth, c
 def test_assign_splits_never_moves_a_case_and_keeps_the_share():
     splits: dict[str, str] = {}
     history: dict[str, str] = {}
-    for batch in range(8):  # 8 deliveries of 5 studies
-        keys = {f"case-{i:03d}": f"key-{i}" for i in range(5 * (batch + 1))}
-        splits = assign_splits(keys, history, val_fraction=0.2, seed=0)
+    patients: dict[str, str] = {}
+    for batch in range(8):  # 8 deliveries of 5 studies, one patient each
+        keys = {f"case-{i:03d}": CaseKey(patient=f"p{i}", order=f"key-{i}") for i in range(5 * (batch + 1))}
+        a = assign(keys, val_fraction=0.2, seed=0, previous_cases=history, previous_patients=patients)
+        splits = a.splits
         assert all(splits[c] == s for c, s in history.items())
-        history = dict(splits)
+        history, patients = dict(splits), dict(a.patient_splits)
         assert sum(s == "validation" for s in splits.values()) == max(1, round(len(keys) * 0.2))
     # A fresh split of the same cases is the plain seeded split, whatever the case ids.
-    fresh = assign_splits({f"x{i}": f"key-{i}" for i in range(40)}, {}, 0.2, 0)
+    fresh = assign({f"x{i}": CaseKey(patient=f"p{i}", order=f"key-{i}") for i in range(40)}, 0.2, 0).splits
     assert sum(s == "validation" for s in fresh.values()) == 8
-    assert assign_splits({"a": "k"}, {}, 0.2, 0) == {"a": "training"}
+    assert assign({"a": CaseKey("p", "k")}, 0.2, 0).splits == {"a": "training"}

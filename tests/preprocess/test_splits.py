@@ -91,3 +91,15 @@ def test_folds_deal_whole_patients_and_fold_zero_validates() -> None:
     again = assign(cases, 0.25, 0, test_fraction=0.1, folds=5, previous_cases=a.splits,
                    previous_patients=a.patient_splits, previous_folds=a.patient_folds)
     assert again.folds == a.folds and again.splits == a.splits
+
+
+def test_a_patient_with_many_studies_is_not_held_out_when_a_single_one_fits_the_share() -> None:
+    # 4 cases, target 1 validation case: the two-study patient would double it.
+    cases = {"a1": CaseKey("A", "0"), "a2": CaseKey("A", "1"), "b": CaseKey("B", "2"), "c": CaseKey("C", "3")}
+    for seed in range(10):
+        a = assign(cases, 0.25, seed)
+        assert a.count(VALIDATION) == 1 and a.splits["a1"] == a.splits["a2"] == TRAINING
+    # Only multi-study patients: one is still held out (at least one validation patient).
+    families = {f"{p}{i}": CaseKey(p, f"{p}{i}") for p in "ABC" for i in range(2)}
+    b = assign(families, 0.1, 0)
+    assert b.patients_in(VALIDATION) == 1 and b.patients_in(TRAINING) == 2
