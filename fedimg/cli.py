@@ -70,15 +70,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     check_source(Path(args.src))  # a missing or empty source is reported before anything else
     pseudonymizer = None
     if not args.no_deid:
-        from fedimg.dicom.deid import DeidError, Pseudonymizer, SiteSecret
-
-        if not (args.secret_file or os.environ.get("FEDIMG_SECRET_FILE")):
-            raise DeidError(
-                "de-identification needs this site's secret: expected --secret-file PATH or the environment "
-                "variable FEDIMG_SECRET_FILE naming an owner-only file, found neither; create one with "
-                "`umask 077; head -c 32 /dev/urandom | base64 > site.secret` and keep it at the site "
-                "(--no-deid only for data that is already de-identified)")
-        pseudonymizer = Pseudonymizer(SiteSecret.load(args.secret_file))
+        pseudonymizer = _site_pseudonymizer(args.secret_file, "de-identification",
+                                            "--no-deid only for data that is already de-identified")
     if pseudonymizer is None and (args.write_dicom or args.crosswalk):
         raise ValueError("--write-dicom and --crosswalk need de-identification: drop --no-deid and pass "
                          "--secret-file PATH")
@@ -225,6 +218,56 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_pseudonymizer(secret_file: str | None, what: str, alternative: str) -> object:
+    """The site's Pseudonymizer from --secret-file or $FEDIMG_SECRET_FILE.
+
+    Raises:
+        DeidError: neither names a file (the message says how to make one, and ``alternative``).
+    """
+    from fedimg.dicom.deid import DeidError, Pseudonymizer, SiteSecret
+
+    if not (secret_file or os.environ.get("FEDIMG_SECRET_FILE")):
+        raise DeidError(
+            f"{what} needs this site's secret: expected --secret-file PATH or the environment variable "
+            "FEDIMG_SECRET_FILE naming an owner-only file, found neither; create one with "
+            "`umask 077; head -c 32 /dev/urandom | base64 > site.secret` and keep it at the site "
+            f"({alternative})")
+    return Pseudonymizer(SiteSecret.load(secret_file))
+
+
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    from fedimg.models.package import describe, load_package
+
+    pkg = load_package(args.package)
+    if args.json:
+        print(json.dumps({k: v for k, v in pkg.meta.items()}, indent=1))
+    else:
+        print(describe(pkg))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fedimg.predict import predict
+
+    pseudonymizer = None
+    if not args.keep_identifiers:
+        pseudonymizer = _site_pseudonymizer(args.secret_file, "de-identified predictions (the default)",
+                                            "--keep-identifiers for identified outputs")
+    result = predict(args.package, args.src, args.dst, pseudonymizer=pseudonymizer,
+                     keep_identifiers=args.keep_identifiers, crosswalk=args.crosswalk, device=args.device,
+                     amp=not args.no_amp, seg=not args.no_seg, png=not args.no_png, progress=not args.quiet)
+    print(result.table())
+    if args.keep_identifiers:
+        print("fedimg predict: warning: --keep-identifiers: the SEG objects and predictions.csv carry the source's "
+              "identifiers (UIDs, patient and study modules, accession numbers); keep DST at the site",
+              file=sys.stderr)
+    if not result.predicted:
+        print(f"fedimg predict: nothing usable: no study could be predicted ({len(result.studies)} found); "
+              f"summary.json in {args.dst} says why for each", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from fedimg.runtime import environment_report
 
@@ -341,6 +384,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_compare)
+
+    s = sub.add_parser("model", help="model packages: fedimg model info PKG")
+    msub = s.add_subparsers(dest="model_command", required=True)
+    m = msub.add_parser("info", help="print a model package: task, classes, network, spec, metrics, version")
+    m.add_argument("package", help="a model package folder (e.g. RUN/packages/best)")
+    m.add_argument("--json", action="store_true", help="print package.json as stored")
+    m.set_defaults(func=_cmd_model_info)
+
+    s = sub.add_parser("predict", help="apply a model package to DICOM studies or NIfTI images: label maps on the "
+                                       "source grid, DICOM SEG, overlay PNG, predictions.csv")
+    s.add_argument("package", help="a model package folder (RUN/packages/best)")
+    s.add_argument("src", help="a DICOM study folder, a PACS export with several studies, or NIfTI images (read only)")
+    s.add_argument("dst", help="output folder (new, empty, or an earlier predict output)")
+    s.add_argument("--secret-file", default=None,
+                   help="site secret (owner-only file) for de-identified outputs; default: $FEDIMG_SECRET_FILE")
+    s.add_argument("--keep-identifiers", action="store_true",
+                   help="write identified outputs: the SEG references the original series and copies its patient "
+                        "and study modules; predictions.csv lists UIDs, accession numbers and source folders")
+    s.add_argument("--crosswalk", default=None, metavar="FILE",
+                   help="keep the study-id -> input crosswalk here (owner-only; outside SRC and DST, at the site)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
+    s.add_argument("--no-seg", action="store_true", help="do not write DICOM SEG objects")
+    s.add_argument("--no-png", action="store_true", help="do not write overlay pictures")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_predict)
 
     s = sub.add_parser("env", help="print versions, devices and threads")
     s.set_defaults(func=_cmd_env)

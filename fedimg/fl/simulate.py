@@ -54,6 +54,7 @@ class SimulationResult:
         global_metrics: the federation's validation per step (``fedimg/global_metrics.jsonl``).
         summary: the controller's ``fedimg/summary.json``.
         seconds: wall time of the run, start-up included.
+        packages: ``best`` / ``final`` -> model package folder (``job_dir/packages/...``).
     """
 
     job_dir: Path
@@ -68,6 +69,7 @@ class SimulationResult:
     summary: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    packages: dict[str, str] = field(default_factory=dict)
 
     def final_metric(self, site: str, metric: str) -> float | None:
         """``metric`` of the final global model on ``site``'s validation cases (cross-site evaluation)."""
@@ -239,7 +241,59 @@ def run_simulation(
     result.seconds = time.perf_counter() - t0
     if resume_from is not None:
         carry_tensorboard(resume_from.tb_logdir, result.tb_logdir)
+    result.packages = write_packages(result, exp, site_configs)
     return result
+
+
+def _rated(rows: list[dict[str, Any]], key: str, how: str) -> dict[str, Any]:
+    """What a model was chosen on, from one ``global_metrics.jsonl`` record (case-weighted over the sites)."""
+    weights = rows[0].get("weights") or {}
+    return {"metric": key, "value": (rows[0].get("global") or {}).get(key), "cases": int(sum(weights.values())),
+            "metrics": rows[0].get("global") or {}, "per_site": rows[0].get("sites") or {},
+            "on": f"{how}; every site's validation cases, case-weighted mean"}
+
+
+def write_packages(result: SimulationResult, exp: ExperimentConfig, site_configs: dict[str, str]) -> dict[str, str]:
+    """The run's best and final global models as model packages in ``job_dir/packages/{best,final}``.
+
+    The best model is described by the validation record that chose it, the
+    final one by its final evaluation (``fed.final_eval``). The spec is the
+    one the sites' training data was preprocessed with. A run without server
+    models writes none; a problem with one package is logged, never fails the run.
+    """
+    import torch
+
+    from fedimg import config as cfgmod
+    from fedimg.models.package import package_run_model
+
+    found = {name: Path(path) for name, path in (("best", getattr(result, "best_model", None)),
+                                                 ("final", getattr(result, "global_model", None)))
+             if path is not None and Path(path).is_file()}
+    if not found:
+        return {}
+    try:
+        datalists = {s: cfgmod.load_site_config(p).datalist for s, p in site_configs.items()}
+    except cfgmod.ConfigError as exc:
+        logger.warning("no model packages written: a site config cannot be read (%s)", exc)
+        return {}
+    key = exp.key_metric
+    best = result.summary.get("best") or {}
+    chose_best = [r for r in result.global_metrics if r.get("step") == best.get("round")
+                  and (r.get("global") or {}).get(key) == best.get("value")]
+    final = result.final_eval()
+    chosen = {"best": _rated(chose_best[-1:], key, f"the best {key} of the run, at step {best.get('round')}")
+              if chose_best else {},
+              "final": _rated([final], key, "the final evaluation after the last round") if final else {}}
+    where = {"best": best.get("round"), "final": result.summary.get("end_round")}
+    written = {}
+    for name, path in found.items():
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        out = package_run_model(result.job_dir / "packages" / name, state, exp, datalists, chosen[name],
+                                {"run": "federated", "algorithm": exp.fed.algorithm, "model": name,
+                                 "round": where[name]})
+        if out is not None:
+            written[name] = str(out)
+    return written
 
 
 def lost_port_race(job: Path, sites: list[str]) -> str | None:

@@ -2,11 +2,11 @@
 
 A hospital's disk holds files fedimg did not make. So every command that
 writes a folder (``convert``, ``preprocess``, ``demo``, ``--write-dicom``,
-``pull``) first *claims* it:
+``pull``, ``predict``) first *claims* it:
 
 - the folder is new or empty: fedimg creates it and leaves its marker,
   ``.fedimg-output.json``, naming the kind of output (``convert``,
-  ``preprocess``, ``demo``, ``dicom-copies``, ``pull``);
+  ``preprocess``, ``demo``, ``dicom-copies``, ``pull``, ``predict``);
 - the folder carries fedimg's marker of the same kind: a re-run;
 - anything else (a non-empty folder without the marker, or one made by
   another fedimg command) is refused before any work, with a one-line error
@@ -49,7 +49,7 @@ PULL_MANIFEST = "pull_manifest.jsonl"
 #: fedimg's own records at the top of a folder it made: when such a folder is read as a source (a pulled
 #: export), they are skipped with a reason, not refused as NOT_DICOM.
 RECORD_FILES = (MARKER, JOURNAL, PULL_MANIFEST)
-KINDS = ("convert", "preprocess", "demo", "dicom-copies", "pull")
+KINDS = ("convert", "preprocess", "demo", "dicom-copies", "pull", "predict")
 MARKER_VERSION = 1
 
 #: State files of earlier fedimg releases, which wrote no marker: a folder holding one is adopted.

@@ -378,7 +378,7 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
         check_separate(dst, write_dicom, src_name="DST", dst_name="--write-dicom")
         precheck(write_dicom, "dicom-copies", src=src, what="--write-dicom")
     if crosswalk is not None:
-        _check_crosswalk(Path(crosswalk), src, dst)
+        check_crosswalk(Path(crosswalk), src, dst)
     load_previous(dst, spec, pseudonymizer)  # refuses a DST of another spec or secret, before any work
     scanned = index_source(src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site,
                            progress=progress)
@@ -387,22 +387,30 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
                                 write_dicom, labels_csv, sheet)
 
 
-def _check_crosswalk(path: Path, src: Path, dst: Path) -> None:
-    """The crosswalk links pseudonyms to input paths: it stays outside SRC and DST, and replaces only a crosswalk."""
+CROSSWALK_KEYS = frozenset({"input_hash", "input"})
+
+
+def check_crosswalk(path: Path, src: Path, dst: Path, keys: frozenset[str] = CROSSWALK_KEYS) -> None:
+    """The crosswalk links pseudonyms to input paths: it stays outside SRC and DST, and replaces only a crosswalk.
+
+    Args:
+        keys: the keys of a crosswalk line of this command (an existing file must start with one).
+    """
     for folder, name in ((src, "SRC"), (dst, "DST")):
         try:
             Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
         except ValueError:
             continue
         raise OutputDirError(f"--crosswalk lies inside {name}: expected a site-private file outside SRC and DST "
-                             f"(DST is what training reads); choose a path elsewhere, e.g. beside the site secret")
+                             "(DST is what is shared or read next); choose a path elsewhere, e.g. beside the site "
+                             "secret")
     if path.exists():
         first = b""
         if path.is_file():
             with path.open("rb") as fh:
                 first = fh.readline()
         try:
-            ok = set(json.loads(first)) == {"input_hash", "input"}
+            ok = set(json.loads(first)) == set(keys)
         except (ValueError, TypeError):
             ok = False
         if not ok:
@@ -411,25 +419,33 @@ def _check_crosswalk(path: Path, src: Path, dst: Path) -> None:
                                  "overwrites a file it did not write: choose another path")
 
 
-def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: PreprocessSpec, site: str, progress: bool, workers: int | None,
-                     pseudonymizer: Any | None, crosswalk: str | Path | None, write_dicom: str | Path | None,
-                     labels_csv: str | Path | None, sheet: LabelSheet | None) -> PreprocessResult:
-    """The body of :func:`preprocess`, in a claimed and locked DST."""
-    dst = out.path
-    previous = load_previous(dst, spec, pseudonymizer)
+def geometry_kwargs(spec: PreprocessSpec) -> dict[str, Any]:
+    """The spec's geometry checks as keyword arguments of :func:`fedimg.dicom.volume.series_geometry`."""
+    return dict(min_slices=spec.geometry.min_slices, spacing_tolerance=spec.geometry.spacing_tolerance,
+                orientation_tolerance=spec.geometry.orientation_tolerance)
 
+
+def select_series(image_headers: list[DicomHeader], spec: PreprocessSpec, rows: dict[str, ManifestRow],
+                  unsafe: set[str] | frozenset[str] = frozenset()) -> dict[str, _Study]:
+    """Group image headers into studies and pick each study's candidate image series as the spec says.
+
+    Label series (``series.label_description_regex``) and DICOM SEG objects
+    become the study's labels (segmentation); series of other modalities, or
+    whose description misses ``series.image_description_regex``, are skipped;
+    a candidate's geometry is validated from its headers. Files decided here
+    get their manifest row in ``rows``. ``fedimg predict`` selects a study's
+    image exactly like this.
+
+    Args:
+        unsafe: Study Instance UIDs whose files are refused whole (UNSAFE_NAME).
+
+    Returns:
+        Study Instance UID -> study (``images``: candidate image series with their geometry).
+    """
     label_re = re.compile(spec.series.label_description_regex)
     image_re = re.compile(spec.series.image_description_regex) if spec.series.image_description_regex else None
-    csv_re = re.compile(CSV_NAME_REGEX)
-    index, rows, image_headers = scanned.index, scanned.rows, scanned.image_headers
     classify = spec.is_classification
-    used_csv = Path(labels_csv).resolve() if labels_csv is not None else None
-
     studies: dict[str, _Study] = {}
-    # --write-dicom names each copy by its (0008,0018): a study holding a value that is not a UID is
-    # refused whole (neither converted nor copied), never written under a crafted name.
-    copies = pseudonymizer is not None and write_dicom is not None
-    unsafe = {h.study_uid for h in image_headers if copies and not is_uid(h.sop_instance_uid)}
     # DICOM SEG objects are labels, read through highdicom, not image series.
     for h in [h for h in image_headers if h.sop_class_uid == SEG_SOP_CLASS]:
         if classify:
@@ -442,8 +458,7 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
             continue
         study.segs.append(h)
     image_headers = [h for h in image_headers if h.sop_class_uid != SEG_SOP_CLASS]
-    geo_kwargs = dict(min_slices=spec.geometry.min_slices, spacing_tolerance=spec.geometry.spacing_tolerance,
-                      orientation_tolerance=spec.geometry.orientation_tolerance)
+    geo_kwargs = geometry_kwargs(spec)
     groups = group_series(image_headers, spec.geometry.orientation_tolerance)
     per_series = Counter(g.series_uid for g in groups)
     files_per_series = Counter((h.study_uid, h.series_uid) for h in image_headers)
@@ -487,6 +502,26 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
             _mark(rows, g.rels, REFUSED, exc.reason, exc.detail + extra)
             continue
         study.images.append((g, geo))
+    return studies
+
+
+def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: PreprocessSpec, site: str, progress: bool, workers: int | None,
+                     pseudonymizer: Any | None, crosswalk: str | Path | None, write_dicom: str | Path | None,
+                     labels_csv: str | Path | None, sheet: LabelSheet | None) -> PreprocessResult:
+    """The body of :func:`preprocess`, in a claimed and locked DST."""
+    dst = out.path
+    previous = load_previous(dst, spec, pseudonymizer)
+
+    csv_re = re.compile(CSV_NAME_REGEX)
+    index, rows = scanned.index, scanned.rows
+    classify = spec.is_classification
+    used_csv = Path(labels_csv).resolve() if labels_csv is not None else None
+    geo_kwargs = geometry_kwargs(spec)
+    # --write-dicom names each copy by its (0008,0018): a study holding a value that is not a UID is
+    # refused whole (neither converted nor copied), never written under a crafted name.
+    copies = pseudonymizer is not None and write_dicom is not None
+    unsafe = {h.study_uid for h in scanned.image_headers if copies and not is_uid(h.sop_instance_uid)}
+    studies = select_series(scanned.image_headers, spec, rows, unsafe)
 
     # Claimed non-DICOM files: label sheets (CSV) are skipped; NIfTI labels go to the one study
     # whose files sit under their nearest folder.

@@ -44,6 +44,7 @@ class BaselineResult:
         per_site: site -> validation metrics of the final model on that site's cases.
         per_site_test: site -> metrics on that site's held-out test cases (sites with a test split).
         model_path: the final model's checkpoint.
+        package: the final model as a model package folder (None if it could not be written).
         seconds: wall time of training and evaluation.
         history: per-epoch training loss (and ``privacy_epsilon`` with DP-SGD).
         privacy: DP-SGD's privacy spent over the run (None without ``privacy.dp_sgd``).
@@ -58,6 +59,7 @@ class BaselineResult:
     history: list[dict[str, float]] = field(default_factory=list)
     privacy: dict[str, Any] | None = None
     per_site_test: dict[str, dict[str, float]] = field(default_factory=dict)
+    package: str | None = None
 
 
 def federated_epochs(exp: ExperimentConfig) -> int:
@@ -67,7 +69,8 @@ def federated_epochs(exp: ExperimentConfig) -> int:
 
 def _train(exp: ExperimentConfig, name: str, train_items: list[dict[str, Any]],
            eval_sets: dict[str, list[dict[str, Any]]], trained_on: list[str], rt: Runtime, out_dir: Path,
-           epochs: int, progress: bool, test_sets: dict[str, list[dict[str, Any]]] | None = None) -> BaselineResult:
+           epochs: int, progress: bool, test_sets: dict[str, list[dict[str, Any]]] | None = None,
+           datalists: dict[str, str] | None = None) -> BaselineResult:
     t0 = time.perf_counter()
     # Scored once at the end, on every site's cases: no per-epoch validation loader is needed.
     trainer = SiteTrainer(exp, train_items, [], rt)
@@ -99,11 +102,29 @@ def _train(exp: ExperimentConfig, name: str, train_items: list[dict[str, Any]],
     writer.close()
     model_path = out_dir / "final_model.pt"
     save_checkpoint(model_path, trainer.model, {"baseline": name, "epochs": epochs})
+    package = _package(exp, name, trainer, per_site, out_dir, epochs,
+                       {s: datalists[s] for s in trained_on} if datalists else {})
     res = BaselineResult(name=name, trained_on=trained_on, epochs=epochs, per_site=per_site,
                          model_path=str(model_path), seconds=time.perf_counter() - t0, history=history,
-                         privacy=trainer.privacy_spent(), per_site_test=per_site_test)
+                         privacy=trainer.privacy_spent(), per_site_test=per_site_test, package=package)
     (out_dir / "result.json").write_text(json.dumps(res.__dict__, indent=1))
     return res
+
+
+def _package(exp: ExperimentConfig, name: str, trainer: SiteTrainer, per_site: dict[str, dict[str, float]],
+             out_dir: Path, epochs: int, datalists: dict[str, str]) -> str | None:
+    """The final model as a model package; chosen on its case-weighted validation metrics over every site."""
+    from fedimg.models.package import package_run_model
+
+    metric = trainer.task.main_metric
+    cases = {s: float(m.get("cases", 0)) for s, m in per_site.items() if metric in m}
+    total = sum(cases.values())
+    value = sum(per_site[s][metric] * n for s, n in cases.items()) / total if total else None
+    chosen = {"metric": metric, "value": value, "cases": int(total), "metrics": per_site,
+              "on": "the final model on every site's validation cases (case-weighted mean)"}
+    path = package_run_model(out_dir / "package", trainer.state_dict(), exp, datalists, chosen,
+                             {"run": name, "model": "final", "epochs": epochs, "trained_on": sorted(datalists)})
+    return None if path is None else str(path)
 
 
 def score_model(exp: ExperimentConfig, checkpoint: str | Path, eval_sets: dict[str, list[dict[str, Any]]],
@@ -150,7 +171,8 @@ def local_only(exp: ExperimentConfig, datalists: dict[str, str], rt: Runtime, ou
     results = {}
     for site, dl in dls.items():
         results[site] = _train(exp, f"local-{site}", dl.training, eval_sets, [site], rt,
-                               Path(out_dir) / f"local-{site}", epochs, progress, test_sets=test_sets)
+                               Path(out_dir) / f"local-{site}", epochs, progress, test_sets=test_sets,
+                               datalists=datalists)
         logger.info("local-only %s: trained %d epochs in %.0f s", site, epochs, results[site].seconds)
     return results
 
@@ -163,4 +185,4 @@ def centralized(exp: ExperimentConfig, datalists: dict[str, str], rt: Runtime, o
     pooled = [item for dl in dls.values() for item in dl.training]
     eval_sets = {s: dl.validation for s, dl in dls.items()}
     return _train(exp, "centralized", pooled, eval_sets, list(dls), rt, Path(out_dir) / "centralized",
-                  epochs, progress, test_sets={s: dl.test for s, dl in dls.items()})
+                  epochs, progress, test_sets={s: dl.test for s, dl in dls.items()}, datalists=datalists)

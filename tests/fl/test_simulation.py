@@ -188,7 +188,11 @@ def test_job_export_has_no_site_paths(tmp_path):
     assert str(REPO) not in client_cfg  # no absolute paths of this machine
     server_cfg = json.loads(next(job.rglob("config_fed_server.json")).read_text())
     ctl = [w for w in server_cfg["workflows"] if w["path"].endswith("FedimgController")]
-    assert ctl and ctl[0]["args"]["algorithm"] == "fedprox" and ctl[0]["args"]["fedprox_mu"] == 0.01
+    # The server reads the same experiment the sites read: one JSON argument, not copies of its settings.
+    shipped = cfg.from_dict(cfg.ExperimentConfig, json.loads(ctl[0]["args"]["experiment"])) if ctl else None
+    assert shipped is not None and shipped.fed.algorithm == "fedprox" and shipped.fed.mu == 0.01
+    assert set(ctl[0]["args"]) <= {"num_clients", "num_rounds", "experiment", "start_round", "persistor_id",
+                                   "task_check_period"}
     assert not list(job.rglob("custom/fedimg"))
 
 
