@@ -84,6 +84,7 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -114,6 +115,7 @@ __all__ = [
     "SiteSecret",
     "burned_in_risk",
     "deidentify",
+    "series_burned_in_risk",
 ]
 
 #: Minimum secret length in bytes (after stripping whitespace).
@@ -862,4 +864,22 @@ def burned_in_risk(ds: Dataset) -> str | None:
             f"(0028,0301) Burned In Annotation is {found} on a Secondary Capture object "
             f"(SOP Class {sop_class}), which may carry burned-in text"
         )
+    return None
+
+
+def series_burned_in_risk(headers: Iterable[Any]) -> str | None:
+    """PHI-free reason if any object of a series may carry burned-in text (see :func:`burned_in_risk`).
+
+    Decided from indexed headers ((0028,0301), (0008,0060) Modality, (0008,0016)
+    SOP Class; :class:`fedimg.dicom.index.DicomHeader`): no file is read again.
+    """
+    for h in headers:
+        ds = Dataset()
+        ds.Modality = h.modality
+        ds.SOPClassUID = h.sop_class_uid
+        if h.burned_in_annotation is not None:
+            ds.BurnedInAnnotation = h.burned_in_annotation
+        risk = burned_in_risk(ds)
+        if risk:
+            return risk
     return None

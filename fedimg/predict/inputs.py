@@ -3,7 +3,7 @@
 SRC is a DICOM study folder, a PACS export holding several studies, NIfTI
 images, or a single NIfTI file. DICOM files are indexed from their headers
 and every study's image series is selected by
-:func:`fedimg.preprocess.pipeline.select_series` with the package's own spec
+:func:`fedimg.preprocess.plan.select_series` with the package's own spec
 (modality, series description, geometry checks): the same series that
 preprocessing would have turned into a training case. NIfTI files whose
 name matches ``series.label_nifti_name_regex`` are labels and are skipped;
@@ -68,7 +68,7 @@ class StudyInput:
         if self.kind == "dicom":
             if pseudonymizer is not None:
                 return pseudonymizer.case(self.study_uid, self.series_uid)
-            from fedimg.preprocess.pipeline import case_id_for
+            from fedimg.preprocess.cases import case_id_for
 
             return case_id_for(self.study_uid, self.series_uid)
         if pseudonymizer is not None:
@@ -93,7 +93,7 @@ def find_inputs(src: Path, spec: PreprocessSpec) -> Inputs:
     """
     from fedimg.dicom.quiet import quiet_dicom
     from fedimg.preprocess.manifest import ManifestRow
-    from fedimg.preprocess.pipeline import select_series
+    from fedimg.preprocess.plan import select_series
 
     if not src.exists():
         raise PreprocessInputError("SRC does not exist: expected a DICOM study folder, a PACS export or NIfTI "
@@ -154,7 +154,8 @@ def _dicom_inputs(study: Any) -> list[StudyInput]:
     """The study's one image series, or a refusal when it has none usable or several."""
     if not study.images:
         return []
-    group, geo, *irregular = study.images[0]
+    candidate = study.images[0]
+    group, geo = candidate.group, candidate.geometry
     h = group.first
     item = StudyInput(kind="dicom", rel=h.folder, study_uid=study.uid, series_uid=group.series_uid,
                       accession=h.accession_number, group=group, geometry=geo, files=len(group.headers))
@@ -162,8 +163,8 @@ def _dicom_inputs(study: Any) -> list[StudyInput]:
         item.refusal = (Reason.AMBIGUOUS_IMAGE_SERIES,
                         f"{len(study.images)} candidate image series in one study; narrow "
                         "series.image_description_regex in the spec")
-    elif irregular:
-        item.refusal = (irregular[0], "irregular slice geometry: predict writes onto the acquisition grid, which "
+    elif candidate.irregular is not None:
+        item.refusal = (candidate.irregular, "irregular slice geometry: predict writes onto the acquisition grid, which "
                                       "is not a regular grid here (preprocessing resampled such series)")
     return [item]
 

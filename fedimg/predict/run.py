@@ -158,7 +158,7 @@ def predict(package: str | Path | ModelPackage, src: str | Path, dst: str | Path
     src, dst = Path(src), Path(dst)
     precheck(dst, "predict", src=src)
     if crosswalk is not None:
-        from fedimg.preprocess.pipeline import check_crosswalk
+        from fedimg.preprocess.outputs import check_crosswalk
 
         check_crosswalk(Path(crosswalk), src, dst, CROSSWALK_KEYS)
     rt = runtime.setup(device, amp, 0)
@@ -237,9 +237,9 @@ def _predict_study(item: StudyInput, sid: str, pkg: ModelPackage, model: Any, rt
 
     spec = pkg.require_spec()
     if pseudonymizer is not None and item.kind == "dicom":
-        from fedimg.preprocess.pipeline import _burned_in
+        from fedimg.dicom.deid import series_burned_in_risk
 
-        risky = _burned_in(item.group)  # type: ignore[arg-type]
+        risky = series_burned_in_risk(item.group.headers)  # type: ignore[union-attr]
         if risky is not None:
             return StudyResult(sid, "refused", Reason.BURNED_IN_ANNOTATION.value, risky)
     if pkg.task == "classification":
