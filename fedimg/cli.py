@@ -26,7 +26,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 EXIT_USAGE = 2
 EXIT_NOTHING_USABLE = 3
@@ -81,7 +81,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     if args.labels_csv and not spec.is_classification:
         raise ValueError(f"--labels-csv was given, but spec {spec.name!r} is a segmentation spec whose labels come "
                          "from mask series or NIfTI files; drop --labels-csv, or use a spec with task: classification")
-    result = preprocess(args.src, args.dst, spec, site=args.site, progress=not args.quiet, workers=args.workers,
+    result = preprocess(args.src, args.out, spec, site=args.site, progress=not args.quiet, workers=args.workers,
                         pseudonymizer=pseudonymizer, crosswalk=args.crosswalk, write_dicom=args.write_dicom,
                         labels_csv=args.labels_csv)
     print(result.table())
@@ -97,11 +97,11 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from fedimg.preprocess.convert import convert
 
-    result = convert(args.src, args.dst, workers=args.workers, progress=not args.quiet, compress=not args.no_compress)
+    result = convert(args.src, args.out, workers=args.workers, progress=not args.quiet, compress=not args.no_compress)
     print(result.table())
     if not result.outputs:
         print(f"fedimg convert: nothing usable: no series was converted ({result.src_files} input files); the "
-              f"manifest says why for each file: fedimg manifest {args.dst}", file=sys.stderr)
+              f"manifest says why for each file: fedimg manifest {args.out}", file=sys.stderr)
         return EXIT_NOTHING_USABLE
     return 0
 
@@ -143,10 +143,10 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     from fedimg.pacs.pull import pull
 
     keys = read_keys(args.keys, key_type=args.key, column=args.key_column)
-    result = pull(_pull_client(args), keys, args.dst, progress=not args.quiet)
+    result = pull(_pull_client(args), keys, args.out, progress=not args.quiet)
     print(result.table())
     if not result.retrieved:
-        print(f"fedimg pull: nothing retrieved: no key's studies are complete in {args.dst}; the manifest says why "
+        print(f"fedimg pull: nothing retrieved: no key's studies are complete in {args.out}; the manifest says why "
               f"for each key: {result.manifest_path}", file=sys.stderr)
         return EXIT_NOTHING_USABLE
     return 0
@@ -210,7 +210,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from fedimg import config as cfg
     from fedimg.compare import print_comparison, run_comparison
 
-    exp = cfg.load(cfg.ExperimentConfig, args.config, args.set)
+    overrides = list(args.set or []) + ([f"data.fold={args.fold}"] if args.fold is not None else [])
+    exp = cfg.load(cfg.ExperimentConfig, args.config, overrides)
     comparison = run_comparison(exp, _site_args(args.site), args.out, progress=not args.quiet, device=args.device)
     print_comparison(comparison)
     print(f"\ncomparison: {Path(args.out) / 'comparison.md'} (and .json); "
@@ -253,7 +254,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not args.keep_identifiers:
         pseudonymizer = _site_pseudonymizer(args.secret_file, "de-identified predictions (the default)",
                                             "--keep-identifiers for identified outputs")
-    result = predict(args.package, args.src, args.dst, pseudonymizer=pseudonymizer,
+    result = predict(args.package, args.src, args.out, pseudonymizer=pseudonymizer,
                      keep_identifiers=args.keep_identifiers, crosswalk=args.crosswalk, device=args.device,
                      amp=not args.no_amp, seg=not args.no_seg, png=not args.no_png, progress=not args.quiet)
     print(result.table())
@@ -263,9 +264,62 @@ def _cmd_predict(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if not result.predicted:
         print(f"fedimg predict: nothing usable: no study could be predicted ({len(result.studies)} found); "
-              f"summary.json in {args.dst} says why for each", file=sys.stderr)
+              f"summary.json in {args.out} says why for each", file=sys.stderr)
         return EXIT_NOTHING_USABLE
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedimg")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH
+        from fedimg import __version__
+
+        return __version__
+
+
+def _target(args: argparse.Namespace) -> Any:
+    from fedimg.fl.launch import Target, parse_sites
+
+    return Target(env=args.env, sites=parse_sites(args.site), workspace=Path(args.out), timeout=args.timeout,
+                  privacy_file=args.privacy_file, authorization_file=args.authorization_file,
+                  startup_kit=args.startup_kit, admin=args.admin)
+
+
+def _cmd_fl_run(args: argparse.Namespace) -> int:
+    from fedimg import config as cfg
+    from fedimg.fl.launch import describe, run
+
+    exp = cfg.load(cfg.ExperimentConfig, args.config, args.set)
+    target = _target(args)
+    launched = run(exp, target, resume_from=args.resume_from)
+    print(describe(exp, launched, list(target.sites)))
+    return 0 if launched.ok else EXIT_USAGE
+
+
+def _cmd_fl_export(args: argparse.Namespace) -> int:
+    from fedimg import config as cfg
+    from fedimg.fl.launch import export, parse_sites
+
+    exp = cfg.load(cfg.ExperimentConfig, args.config, args.set)
+    sites = parse_sites(args.site)
+    if not sites:
+        raise ValueError("name the participating sites: --site NAME (repeatable)")
+    job = export(exp, list(sites), args.out)
+    print(f"job exported to {job}; submit with `nvflare job submit -j {job}`")
+    return 0
+
+
+def _cmd_fl_evaluate(args: argparse.Namespace) -> int:
+    from fedimg.fl.launch import describe, evaluate
+    from fedimg.models.package import load_package
+
+    target = _target(args)
+    launched = evaluate(args.package, target, overrides=args.set)
+    print(describe(load_package(args.package).experiment, launched, list(target.sites)))
+    return 0 if launched.ok else EXIT_USAGE
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -275,27 +329,65 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for documentation and tests)."""
-    p = argparse.ArgumentParser(prog="fedimg", description="Federated medical-imaging training pipeline.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default in its help when it has a meaningful one (not None, False or SUPPRESS)."""
 
-    s = sub.add_parser("synth", help="write synthetic multi-site DICOM studies (CT volumes or DX radiographs) "
-                                     "with labels")
-    s.add_argument("out", help="output folder (one sub-folder per site)")
-    s.add_argument("--sites", type=int, default=3)
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" not in text and default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every subcommand takes, so ``fedimg CMD -v`` works as well as ``fedimg -v CMD``."""
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    return c
+
+
+def _add_out(s: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    """The output folder, taken the same way by every command that writes: ``OUT`` (last) or ``--out OUT``."""
+    s.add_argument("out", nargs="?", default=None, metavar="OUT", help=what + (f" (default: {default})"
+                                                                              if default else ""))
+    s.add_argument("--out", dest="out_option", default=None, metavar="OUT", help="the same as OUT")
+    s.set_defaults(out_default=default)
+
+
+def _resolve_out(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not hasattr(args, "out_default"):
+        return
+    given = [v for v in (args.out, args.out_option) if v is not None]
+    if len(given) == 2 and given[0] != given[1]:
+        p.error(f"fedimg {args.command}: give the output folder once: OUT {given[0]!r} and --out {given[1]!r} differ")
+    args.out = given[0] if given else args.out_default
+    if args.out is None:
+        p.error(f"fedimg {args.command}: the output folder is required: OUT (or --out OUT)")
+
+
+def _site_option(s: argparse.ArgumentParser, help_text: str) -> None:
+    s.add_argument("--site", action="append", default=[], metavar="NAME[=SITE_YAML]", help=help_text)
+
+
+def _data_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Commands that make and account for data: synth, preprocess, convert, pull, manifest."""
+    s = sub.add_parser("synth", parents=[common], formatter_class=_HelpFormatter,
+                       help="write synthetic multi-site DICOM studies (CT volumes or DX radiographs) with labels")
+    _add_out(s, "output folder (one sub-folder per site)")
+    s.add_argument("--sites", type=int, default=3, help="number of sites")
     s.add_argument("--cases", type=int, default=8, help="base number of studies per site (sites vary around it)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed (the data set is deterministic per seed)")
     s.add_argument("--modality", choices=["CT", "DX"], default="CT",
-                   help="CT: volumes with segmentation labels (default); DX: single-frame projection radiographs. "
+                   help="CT: volumes with segmentation labels; DX: single-frame projection radiographs. "
                         "Both write SITE/labels.csv (lesion / no_lesion per study)")
-    s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_synth)
 
-    s = sub.add_parser("preprocess", help="DICOM tree -> normalized NIfTI volumes, datalist.json, manifest.jsonl")
+    s = sub.add_parser("preprocess", parents=[common], formatter_class=_HelpFormatter,
+                       help="DICOM tree -> normalized NIfTI volumes, datalist.json, manifest.jsonl")
     s.add_argument("src", help="the site's DICOM export (read only)")
-    s.add_argument("dst", help="output folder")
+    _add_out(s, "output folder (new, empty, or an earlier preprocess output)")
     s.add_argument("--spec", required=True, help="configs/preprocessing/<name>.yaml")
     s.add_argument("--site", required=True, help="this site's name, e.g. site-1")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
@@ -305,28 +397,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-deid", action="store_true",
                    help="skip keyed pseudonyms (only for data that is already de-identified)")
     s.add_argument("--crosswalk", default=None,
-                   help="keep the input-path crosswalk here (owner-only; keep it outside DST, at the site)")
+                   help="keep the input-path crosswalk here (owner-only; outside SRC and OUT, at the site)")
     s.add_argument("--write-dicom", default=None, metavar="DIR",
                    help="also write de-identified DICOM copies (PS3.15 Basic Profile, keyed) into DIR")
     s.add_argument("--labels-csv", default=None, metavar="FILE",
                    help="classification specs: the site's CSV of study key (labels.csv_key) and class; "
                         "it holds identifiers: keep it at the site")
-    s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_preprocess)
 
-    s = sub.add_parser("convert", help="raw conversion: one NIfTI per series as acquired, plus manifest.jsonl")
+    s = sub.add_parser("convert", parents=[common], formatter_class=_HelpFormatter,
+                       help="raw conversion: one NIfTI per series as acquired, plus manifest.jsonl")
     s.add_argument("src", help="a DICOM folder tree (read only)")
-    s.add_argument("dst", help="output folder")
+    _add_out(s, "output folder (new, empty, or an earlier convert output)")
     s.add_argument("--workers", type=int, default=None, help="parallel series (default: CPU count)")
     s.add_argument("--no-compress", action="store_true", help="write .nii instead of .nii.gz (faster)")
-    s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_convert)
 
-    s = sub.add_parser("pull", help="retrieve studies from a PACS (DICOMweb or C-FIND/C-GET) into a raw folder",
-                       description="Retrieve the studies named in a keys CSV from a PACS into DST (a new or empty "
-                                   "folder, or an earlier pull's). Instances already in DST are not fetched again. "
-                                   "Writes DST/pull_manifest.jsonl (one row per key) and prints a summary.")
-    s.add_argument("dst", help="output folder: DST/study-<hash>/series-<hash>/<SOPInstanceUID>.dcm")
+    _pull_parser(sub, common)
+
+    s = sub.add_parser("manifest", parents=[common], formatter_class=_HelpFormatter,
+                       help="print the account of a convert/preprocess output folder")
+    s.add_argument("dst", help="output folder (or its manifest.jsonl)")
+    s.set_defaults(func=_cmd_manifest)
+
+
+def _pull_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("pull", parents=[common], formatter_class=_HelpFormatter,
+                       help="retrieve studies from a PACS (DICOMweb or C-FIND/C-GET) into a raw folder",
+                       description="Retrieve the studies named in a keys CSV from a PACS into OUT (a new or empty "
+                                   "folder, or an earlier pull's). Instances already in OUT are not fetched again. "
+                                   "Writes OUT/pull_manifest.jsonl (one row per key) and prints a summary.")
+    _add_out(s, "output folder: OUT/study-<hash>/series-<hash>/<SOPInstanceUID>.dcm")
     s.add_argument("--from", dest="source", nargs=2, metavar=("KIND", "ADDRESS"), required=True,
                    help="'dicomweb URL' (the service root, e.g. https://pacs.example.org/dicom-web) or "
                         "'dimse HOST:PORT'")
@@ -348,77 +449,141 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dicomweb: PEM CA bundle to verify an https server (default: the system's)")
     s.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="network timeout per request (default: 60)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_pull)
 
-    s = sub.add_parser("manifest", help="print the account of a convert/preprocess output folder")
-    s.add_argument("dst", help="output folder (or its manifest.jsonl)")
-    s.set_defaults(func=_cmd_manifest)
 
-    s = sub.add_parser("train-local", help="train one site without NVFlare")
+def _training_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Commands that train and compare: train-local, demo, compare."""
+    s = sub.add_parser("train-local", parents=[common], formatter_class=_HelpFormatter,
+                       help="train one site without NVFlare")
+    _add_out(s, "output folder for checkpoints, model packages, metrics and TensorBoard")
     s.add_argument("--config", required=True, help="configs/experiments/<name>.yaml")
     s.add_argument("--site-config", required=True, help="the site's config (configs/sites/site.yaml template)")
-    s.add_argument("--out", required=True, help="output folder for checkpoints, metrics and TensorBoard")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the site config's device")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
-    s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_train_local)
 
-    s = sub.add_parser("demo", help="synth 3 sites -> preprocess -> federated training (simulator) -> summary")
-    s.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    s.add_argument("--sites", type=int, default=3)
-    s.add_argument("--cases", type=int, default=8)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("demo", parents=[common], formatter_class=_HelpFormatter,
+                       help="synth 3 sites -> preprocess -> federated training (simulator) -> summary")
+    _add_out(s, "output folder (new, empty, or an earlier demo's)", default="demo_out")
+    s.add_argument("--sites", type=int, default=3, help="number of synthetic hospitals")
+    s.add_argument("--cases", type=int, default=8, help="base number of studies per site")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
     s.add_argument("--rounds", type=int, default=None, help="override fed.num_rounds")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     s.add_argument("--config", default=None, help="experiment config (default: the packaged seg_demo)")
-    s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_demo)
 
-    s = sub.add_parser("compare", help="federated run + local-only + centralized baselines -> comparison table")
+    s = sub.add_parser("compare", parents=[common], formatter_class=_HelpFormatter,
+                       help="federated run + local-only + centralized baselines -> comparison table")
+    _add_out(s, "output folder")
     s.add_argument("--config", required=True, help="configs/experiments/<name>.yaml")
-    s.add_argument("--site", action="append", metavar="NAME=SITE_YAML", help="a site and its site YAML (repeatable)")
-    s.add_argument("--out", required=True, help="output folder")
+    _site_option(s, "a site and its site YAML, NAME=SITE_YAML (repeatable)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="device of the baselines (default: the first site's)")
+    s.add_argument("--fold", type=int, default=None,
+                   help="cross-validation datalists (split.folds): the fold that validates at every site")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
-    s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_compare)
 
-    s = sub.add_parser("model", help="model packages: fedimg model info PKG")
+
+def _fl_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``fedimg fl run | export | evaluate``: federated jobs in the simulator, POC or production."""
+    s = sub.add_parser("fl", formatter_class=_HelpFormatter,
+                       help="federated jobs: run (train), export (a job folder), evaluate (a given model)")
+    fsub = s.add_subparsers(dest="fl_command", required=True)
+
+    def env_options(f: argparse.ArgumentParser) -> None:
+        f.add_argument("--env", choices=["sim", "poc", "prod"], default="sim",
+                       help="sim: NVFlare simulator; poc: real processes on this machine (mTLS); prod: a "
+                            "provisioned federation through --startup-kit")
+        _site_option(f, "a participating site, NAME=SITE_YAML in sim and POC, NAME in prod (repeatable)")
+        f.add_argument("--timeout", type=int, default=0,
+                       help="poc/prod: seconds until the job is aborted (0: first_round_timeout_s x (rounds + 2))")
+        f.add_argument("--privacy-file", default=None, help="poc: the sites' local/privacy.json (default: shipped)")
+        f.add_argument("--authorization-file", default=None,
+                       help="poc: the sites' local/authorization.json (default: shipped)")
+        f.add_argument("--startup-kit", default=None, help="prod: the admin's provisioned startup kit folder")
+        f.add_argument("--admin", default=None, help="prod: the admin's name in the project (e.g. lead@org)")
+        f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
+
+    f = fsub.add_parser("run", parents=[common], formatter_class=_HelpFormatter, help="train the experiment")
+    _add_out(f, "workspace of the run (simulator runs, POC kits, downloaded results)", default="workspace/train")
+    f.add_argument("--config", required=True, help="experiment YAML (configs/experiments/)")
+    env_options(f)
+    f.add_argument("--resume-from", default=None, metavar="RUN_DIR",
+                   help="sim: continue a finished run (its workspace/<name> folder) for fed.num_rounds more rounds")
+    f.set_defaults(func=_cmd_fl_run)
+
+    f = fsub.add_parser("export", parents=[common], formatter_class=_HelpFormatter,
+                        help="write the job folder for `nvflare job submit -j`")
+    _add_out(f, "folder the job is written into (OUT/<experiment name>)")
+    f.add_argument("--config", required=True, help="experiment YAML (configs/experiments/)")
+    _site_option(f, "a participating site's name (repeatable)")
+    f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
+    f.set_defaults(func=_cmd_fl_export)
+
+    f = fsub.add_parser("evaluate", parents=[common], formatter_class=_HelpFormatter,
+                        help="every site scores a model package on its validation and test cases; no training")
+    f.add_argument("package", help="a model package folder (e.g. RUN/packages/best), from any federation")
+    _add_out(f, "workspace of the evaluation", default="workspace/evaluate")
+    env_options(f)
+    f.set_defaults(func=_cmd_fl_evaluate)
+
+
+def _model_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Using a trained model: model info, predict."""
+    s = sub.add_parser("model", formatter_class=_HelpFormatter, help="model packages: fedimg model info PKG")
     msub = s.add_subparsers(dest="model_command", required=True)
-    m = msub.add_parser("info", help="print a model package: task, classes, network, spec, metrics, version")
+    m = msub.add_parser("info", parents=[common], formatter_class=_HelpFormatter,
+                        help="print a model package: task, classes, network, spec, metrics, version")
     m.add_argument("package", help="a model package folder (e.g. RUN/packages/best)")
     m.add_argument("--json", action="store_true", help="print package.json as stored")
     m.set_defaults(func=_cmd_model_info)
 
-    s = sub.add_parser("predict", help="apply a model package to DICOM studies or NIfTI images: label maps on the "
-                                       "source grid, DICOM SEG, overlay PNG, predictions.csv")
+    s = sub.add_parser("predict", parents=[common], formatter_class=_HelpFormatter,
+                       help="apply a model package to DICOM studies or NIfTI images: label maps on the source grid, "
+                            "DICOM SEG, overlay PNG, predictions.csv")
     s.add_argument("package", help="a model package folder (RUN/packages/best)")
     s.add_argument("src", help="a DICOM study folder, a PACS export with several studies, or NIfTI images (read only)")
-    s.add_argument("dst", help="output folder (new, empty, or an earlier predict output)")
+    _add_out(s, "output folder (new, empty, or an earlier predict output)")
     s.add_argument("--secret-file", default=None,
                    help="site secret (owner-only file) for de-identified outputs; default: $FEDIMG_SECRET_FILE")
     s.add_argument("--keep-identifiers", action="store_true",
                    help="write identified outputs: the SEG references the original series and copies its patient "
                         "and study modules; predictions.csv lists UIDs, accession numbers and source folders")
     s.add_argument("--crosswalk", default=None, metavar="FILE",
-                   help="keep the study-id -> input crosswalk here (owner-only; outside SRC and DST, at the site)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+                   help="keep the study-id -> input crosswalk here (owner-only; outside SRC and OUT, at the site)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run the model")
     s.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
     s.add_argument("--no-seg", action="store_true", help="do not write DICOM SEG objects")
     s.add_argument("--no-png", action="store_true", help="do not write overlay pictures")
-    s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_predict)
 
-    s = sub.add_parser("env", help="print versions, devices and threads")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    p = argparse.ArgumentParser(prog="fedimg", description="Federated medical-imaging training pipeline.",
+                                formatter_class=_HelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"fedimg {_version()}")
+    common = _common()
+    sub = p.add_subparsers(dest="command", required=True)
+    _data_parsers(sub, common)
+    _training_parsers(sub, common)
+    _fl_parsers(sub, common)
+    _model_parsers(sub, common)
+    s = sub.add_parser("env", parents=[common], formatter_class=_HelpFormatter,
+                       help="print versions, devices and threads")
     s.set_defaults(func=_cmd_env)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedimg`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _resolve_out(parser, args)
     _setup_logging(args.verbose)
     from fedimg import signals
 

@@ -27,11 +27,11 @@ from typing import Any
 from fedimg import config as cfgmod
 from fedimg.config import ExperimentConfig
 from fedimg.preprocess.io import write_json
+from fedimg.resources import job_dir
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-JOB_DIR = REPO_ROOT / "jobs" / "train"
+JOB_DIR = job_dir()
 
 METHOD_LABELS = {
     "federated": "federated, final global model",

@@ -15,13 +15,13 @@ from typing import Any
 from fedimg import config as cfgmod
 from fedimg.preprocess.io import write_json
 from fedimg.preprocess.outdir import claim
+from fedimg.resources import config_path, job_dir
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_EXPERIMENT = REPO_ROOT / "configs" / "experiments" / "seg_demo.yaml"
-DEFAULT_SPEC = REPO_ROOT / "configs" / "preprocessing" / "ct_phantom.yaml"
-JOB_DIR = REPO_ROOT / "jobs" / "train"
+DEFAULT_EXPERIMENT = config_path("experiments", "seg_demo.yaml")
+DEFAULT_SPEC = config_path("preprocessing", "ct_phantom.yaml")
+JOB_DIR = job_dir()
 #: What a demo writes into its output folder; a re-run replaces exactly these.
 DEMO_ENTRIES = ("raw", "sites", "nvflare", "experiment.yaml", "summary.json")
 

@@ -144,3 +144,33 @@ def test_convert_does_not_import_torch_monai_or_nvflare(tmp_path: Path) -> None:
                           text=True, timeout=120)
     assert proc.returncode == 2 and "no DICOM files in source" in proc.stderr  # the usage error path, too
     assert "HEAVY []" in proc.stdout
+
+
+def test_version_verbose_anywhere_and_one_way_to_name_the_output(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("fedimg ")
+    # Every writing command takes its output the same way: OUT last, or --out OUT.
+    from fedimg.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["synth", "X"], ["preprocess", "S", "X", "--spec", "s", "--site", "a"], ["convert", "S", "X"],
+                 ["pull", "X", "--from", "dicomweb", "u", "--keys", "k"], ["predict", "P", "S", "X"],
+                 ["train-local", "X", "--config", "c", "--site-config", "s"], ["demo", "X"],
+                 ["compare", "X", "--config", "c"], ["fl", "run", "X", "--config", "c"],
+                 ["fl", "export", "X", "--config", "c"], ["fl", "evaluate", "P", "X"]):
+        positional = parser.parse_args(argv)
+        option = parser.parse_args([a if a != "X" else "--out=X" for a in argv])
+        assert positional.out == "X" and option.out_option == "X", argv
+    # -v after the subcommand works as before it.
+    assert parser.parse_args(["convert", "S", "X", "-v"]).verbose is True
+    assert parser.parse_args(["-v", "convert", "S", "X"]).verbose is True
+    assert parser.parse_args(["convert", "S", "X"]).verbose is False
+    # Two different outputs are a usage error, in one line.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(tmp_path), "a", "--out", "b"])
+    assert exit_info.value.code == 2 and "give the output folder once" in capsys.readouterr().err
+    # Defaults are shown in --help.
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "(default: 3)" in capsys.readouterr().out

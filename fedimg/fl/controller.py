@@ -63,6 +63,7 @@ from fedimg.fl.aggregation import (
 )
 from fedimg.fl.algorithms import ServerStrategy, server_strategy
 from fedimg.fl.exchange import to_float32
+from fedimg.fl.report import evaluation_table, report_metrics
 from fedimg.fl.tracking import scalar_layout
 from fedimg.training.tracking import local_writer
 
@@ -127,6 +128,9 @@ class FedimgController(BaseFedAvg):
             checkpoint's ``meta["fedimg"]["rounds_done"]`` (0 without one).
         persistor_id: the job's model persistor.
         task_check_period: seconds between checks for results.
+        mode: ``train``, or ``evaluate``: no training; every site scores the
+            initial model (a model package given to ``fedimg fl evaluate``)
+            on its validation and test cases once.
     """
 
     def __init__(
@@ -138,6 +142,7 @@ class FedimgController(BaseFedAvg):
         start_round: int = 0,
         persistor_id: str = "persistor",
         task_check_period: float = 0.2,
+        mode: str = "train",
     ) -> None:
         # A site's error answer (a crash, or a result its own guard blocked) is recorded as that site's rejection;
         # whether the round still counts is fed.min_clients' decision below, not NVFlare's (which would stop the
@@ -147,6 +152,10 @@ class FedimgController(BaseFedAvg):
         # NVFlare writes the job config from attributes named like the arguments: keep them as given.
         self.start_round = start_round
         self.experiment = experiment
+        if mode not in ("train", "evaluate"):
+            raise ValueError(f"mode must be 'train' or 'evaluate', got {mode!r}")
+        self.mode = mode
+        self._t_start = time.time()
         self.exp = cfgmod.from_dict(ExperimentConfig, json.loads(experiment))
         self.fed = self.exp.fed
         self.key_metric = self.exp.key_metric
@@ -183,7 +192,8 @@ class FedimgController(BaseFedAvg):
 
     # ------------------------------------------------------------------ metrics and best model
 
-    def _record_validation(self, step: int, results: list[FLModel], final: bool = False) -> dict[str, float]:
+    def _record_validation(self, step: int, results: list[FLModel], final: bool = False,
+                           rate: bool = True) -> dict[str, float]:
         """Check the sites' validation of the rated model, write the weighted means, keep the best model.
 
         A site whose metrics fail :func:`fedimg.fl.aggregation.check_metrics`
@@ -234,12 +244,13 @@ class FedimgController(BaseFedAvg):
         if test_sites:
             record["test"] = {"global": test_flat, "sites": test_sites, "weights": test_weights}
         self._append("global_metrics.jsonl", record)
+        self._last_record = record
         value = flat.get(self.key_metric)
         what = "final global model" if final else f"global model after {step} round(s)"
         shown = "n/a" if value is None else f"{value:.4f}"
         progress.info("server: %s: %s %s (case-weighted mean of %d site(s))", what, self.key_metric, shown,
                       len(per_site))
-        if value is not None and value > self._best["value"]:
+        if rate and value is not None and value > self._best["value"]:
             self._save_best(step, value)
             progress.info("server: new best global model (%s %.4f, after %d round(s))", self.key_metric, value, step)
         return flat
@@ -327,6 +338,9 @@ class FedimgController(BaseFedAvg):
         if model is None:
             return
         self._global = to_float32(model.params)
+        if self.mode == "evaluate":
+            self._evaluate_only()
+            return
         prior = (model.meta or {}).get(META_KEY) or {}
         if self.start_round < 0:
             self.start_round = int(prior.get("rounds_done", 0) or 0)
@@ -336,88 +350,121 @@ class FedimgController(BaseFedAvg):
         end = self.start_round + self.num_rounds
         self.info(f"fedimg {self.fed.algorithm}: rounds {self.start_round}..{end - 1}, aggregation "
                   f"{self.fed.robust.aggregation}")
-        t_start = time.time()
+        self._t_start = time.time()
         live: list[Any] = []
         for self.current_round in range(self.start_round, end):
-            rnd = self.current_round
-            t0 = time.time()
-            data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=rnd, total_rounds=end,
-                           start_round=self.start_round, meta=self._task_meta(rnd))
-            clients = self.sample_clients(None)  # every connected site, every round: a returning site rejoins
-            self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, rnd, private=True, sticky=False)
-            self.event(AppEventType.ROUND_STARTED)
-            limit = self.round_limit()
-            self._site_errors = {}
-            # Wait for every sampled site until the limit; a site that does not answer by then is left out.
-            results = self.broadcast_model(task_name="train", data=data, targets=clients, min_responses=0,
-                                           timeout=limit, wait_time_after_min_received=limit)
-            if self.abort_signal.triggered:
-                self.info("abort signal: stopping")
-                return
-            t_wait = time.time() - t0
-            self._record_validation(rnd, results)
-            updates, rejected, ptype = self._updates(results)
-            contributed = [u.site for u in updates]
-            missing = [c for c in clients if c not in contributed and c not in rejected]
-            live = [c for c in clients if c not in missing]
-            needed = self.fed.min_clients or len(clients)
-            if missing:
-                progress.warning("server: round %d: no update from %s within %d s; the round goes on with %s",
-                                 rnd, ", ".join(missing), limit, ", ".join(contributed) or "no site")
-            if len(updates) < needed:
-                self._append("rounds.jsonl", {"round": rnd, "asked": clients, "contributed": contributed,
-                                              "rejected": rejected, "missing": missing, "failed": True,
-                                              "seconds": {"round": time.time() - t0}, "started": t0 - t_start})
-                self.panic(f"round {rnd}: {len(updates)} usable update(s) ({', '.join(contributed) or 'none'}), "
-                           f"fewer than the {needed} needed (fed.min_clients); missing: {missing}, rejected: "
-                           f"{sorted(rejected)}. Stopping the run.")
-                return
-            t1 = time.time()
-            if updates and ptype is not None:
-                metas = {(r.meta or {}).get("client_name"): (r.meta or {}) for r in results}
-                self._global = self.strategy.apply(self._global, updates, ptype == "DIFF", metas)
-            t_agg = time.time() - t1
-            self.save_model(FLModel(params=self._global, meta=self._meta(rnd + 1)))
-            self._append("rounds.jsonl", {
-                "round": rnd, "asked": clients, "contributed": contributed, "rejected": rejected,
-                "missing": missing,
-                "weights": {u.site: u.weight for u in updates},
-                # What the sites reported about themselves, as they reported it (small scalar trees only).
-                "update_bytes": {(r.meta or {}).get("client_name"): _reported((r.meta or {}).get(RESULT_META_BYTES))
-                                 for r in results},
-                "site_seconds": {(r.meta or {}).get("client_name"): _reported((r.meta or {}).get(RESULT_META_TIMES))
-                                 for r in results},
-                "algorithm_stats": {(r.meta or {}).get("client_name"): _reported((r.meta or {}).get(RESULT_META_ALGO))
-                                    for r in results},
-                # What the sites' privacy filters did (mechanism, clipping, epsilon spent), as they reported it.
-                "privacy": {(r.meta or {}).get("client_name"): _reported((r.meta or {}).get(RESULT_META_DP))
-                            for r in results if (r.meta or {}).get(RESULT_META_DP)},
-                "seconds": {"round": time.time() - t0, "wait_for_sites": t_wait, "aggregation": t_agg},
-                "started": t0 - t_start, "limit_s": limit,
-            })
-            if not missing:
-                # Only complete rounds size the limit: a round cut by the limit says nothing of the sites' speed.
-                self._round_seconds.append(time.time() - t0)
+            outcome = self._train_round(self.current_round, end)
+            if outcome is None:
+                return  # aborted, or too few usable updates (the run was stopped)
+            live = outcome
             self._maybe_cleanup_memory()
-        if self.fed.final_eval:
-            t0 = time.time()
-            data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=end, total_rounds=end,
-                           meta={TASK_META_FINAL: True, TASK_META_ROUND: end})
-            # The sites that answered the last round: one that crashed would only hold the evaluation to its
-            # limit (NVFlare 2.9 does not redeploy a running job to a restarted site).
-            self._site_errors = {}
-            results = self.broadcast_model(task_name="validate", data=data, targets=live or None,
-                                           timeout=int(self.fed.eval_timeout_s))
-            final = self._record_validation(end, results, final=True)
-            # Rewrite the final model with the best-model record that now includes its own score.
-            self.save_model(FLModel(params=self._global, meta=self._meta(end)))
-            self._append("rounds.jsonl", {"round": end, "final_eval": True, "asked": live or "all",
-                                          "seconds": {"evaluation": time.time() - t0}, "started": t0 - t_start})
-        else:
-            final = {}
-        summary = {"algorithm": self.fed.algorithm, "aggregation": self.fed.robust.aggregation,
-                   "start_round": self.start_round,
-                   "end_round": end, "key_metric": self.key_metric, "best": self._best, "final_global_val": final}
+        final = self._final_evaluation(end, live) if self.fed.final_eval else {}
+        self._finish({"algorithm": self.fed.algorithm, "aggregation": self.fed.robust.aggregation,
+                      "start_round": self.start_round, "end_round": end, "key_metric": self.key_metric,
+                      "best": self._best, "final_global_val": final})
+
+    def _train_round(self, rnd: int, end: int) -> list[Any] | None:
+        """One round: send the global model, check and record the answers, aggregate, save.
+
+        Returns:
+            The sites that answered (for the final evaluation), or None when the run must stop.
+        """
+        t0 = time.time()
+        data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=rnd, total_rounds=end,
+                       start_round=self.start_round, meta=self._task_meta(rnd))
+        clients = self.sample_clients(None)  # every connected site, every round: a returning site rejoins
+        self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, rnd, private=True, sticky=False)
+        self.event(AppEventType.ROUND_STARTED)
+        limit = self.round_limit()
+        self._site_errors = {}
+        # Wait for every sampled site until the limit; a site that does not answer by then is left out.
+        results = self.broadcast_model(task_name="train", data=data, targets=clients, min_responses=0,
+                                       timeout=limit, wait_time_after_min_received=limit)
+        if self.abort_signal.triggered:
+            self.info("abort signal: stopping")
+            return None
+        t_wait = time.time() - t0
+        self._record_validation(rnd, results)
+        updates, rejected, ptype = self._updates(results)
+        contributed = [u.site for u in updates]
+        missing = [c for c in clients if c not in contributed and c not in rejected]
+        needed = self.fed.min_clients or len(clients)
+        if missing:
+            progress.warning("server: round %d: no update from %s within %d s; the round goes on with %s",
+                             rnd, ", ".join(missing), limit, ", ".join(contributed) or "no site")
+        record: dict[str, Any] = {"round": rnd, "asked": clients, "contributed": contributed, "rejected": rejected,
+                                  "missing": missing, "started": t0 - self._t_start}
+        if len(updates) < needed:
+            self._append("rounds.jsonl", {**record, "failed": True, "seconds": {"round": time.time() - t0}})
+            self.panic(f"round {rnd}: {len(updates)} usable update(s) ({', '.join(contributed) or 'none'}), "
+                       f"fewer than the {needed} needed (fed.min_clients); missing: {missing}, rejected: "
+                       f"{sorted(rejected)}. Stopping the run.")
+            return None
+        t1 = time.time()
+        if updates and ptype is not None:
+            metas = {(r.meta or {}).get("client_name"): (r.meta or {}) for r in results}
+            self._global = self.strategy.apply(self._global, updates, ptype == "DIFF", metas)
+        t_agg = time.time() - t1
+        self.save_model(FLModel(params=self._global, meta=self._meta(rnd + 1)))
+        self._append("rounds.jsonl", {**record, "weights": {u.site: u.weight for u in updates},
+                                      **self._reported_by_sites(results),
+                                      "seconds": {"round": time.time() - t0, "wait_for_sites": t_wait,
+                                                  "aggregation": t_agg},
+                                      "limit_s": limit})
+        if not missing:
+            # Only complete rounds size the limit: a round cut by the limit says nothing of the sites' speed.
+            self._round_seconds.append(time.time() - t0)
+        return [c for c in clients if c not in missing]
+
+    @staticmethod
+    def _reported_by_sites(results: list[FLModel]) -> dict[str, Any]:
+        """What the sites reported about themselves, as they reported it (small scalar trees only)."""
+        def per_site(key: str, only_present: bool = False) -> dict[str, Any]:
+            return {(r.meta or {}).get("client_name"): _reported((r.meta or {}).get(key)) for r in results
+                    if not only_present or (r.meta or {}).get(key)}
+
+        # "privacy": what the sites' privacy filters did (mechanism, clipping, epsilon spent).
+        return {"update_bytes": per_site(RESULT_META_BYTES), "site_seconds": per_site(RESULT_META_TIMES),
+                "algorithm_stats": per_site(RESULT_META_ALGO), "privacy": per_site(RESULT_META_DP, True)}
+
+    def _final_evaluation(self, end: int, live: list[Any]) -> dict[str, float]:
+        """Every site that answered the last round scores the final global model (it may become the best)."""
+        t0 = time.time()
+        data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=end, total_rounds=end,
+                       meta={TASK_META_FINAL: True, TASK_META_ROUND: end})
+        # The sites that answered the last round: one that crashed would only hold the evaluation to its
+        # limit (NVFlare 2.9 does not redeploy a running job to a restarted site).
+        self._site_errors = {}
+        results = self.broadcast_model(task_name="validate", data=data, targets=live or None,
+                                       timeout=int(self.fed.eval_timeout_s))
+        final = self._record_validation(end, results, final=True)
+        # Rewrite the final model with the best-model record that now includes its own score.
+        self.save_model(FLModel(params=self._global, meta=self._meta(end)))
+        self._append("rounds.jsonl", {"round": end, "final_eval": True, "asked": live or "all",
+                                      "seconds": {"evaluation": time.time() - t0}, "started": t0 - self._t_start})
+        return final
+
+    def _evaluate_only(self) -> None:
+        """Evaluation mode: every site scores the given model on its validation (and test) cases; no training."""
+        self._t_start = time.time()
+        self.info("fedimg: evaluating the given model at every site (no training)")
+        data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=0, total_rounds=0,
+                       meta={TASK_META_FINAL: True, TASK_META_ROUND: 0})
+        self._site_errors = {}
+        results = self.broadcast_model(task_name="validate", data=data, targets=None,
+                                       timeout=int(self.fed.eval_timeout_s))
+        final = self._record_validation(0, results, final=True, rate=False)
+        self.save_model(FLModel(params=self._global, meta=self._meta(0)))
+        record = getattr(self, "_last_record", {})
+        (self._out_dir() / "evaluation.json").write_text(json.dumps(record, indent=1, default=float))
+        table = evaluation_table(record, report_metrics(self.exp))
+        (self._out_dir() / "evaluation.md").write_text("# Evaluation of a given model\n\n" + table + "\n")
+        writer = self._tb()
+        writer.add_text("evaluation/table", table, 0)
+        writer.flush()
+        self._finish({"mode": "evaluate", "key_metric": self.key_metric, "final_global_val": final})
+
+    def _finish(self, summary: dict[str, Any]) -> None:
         (self._out_dir() / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
         if self._writer is not None:
             self._writer.close()

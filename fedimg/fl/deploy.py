@@ -373,7 +373,8 @@ class PocFederation(Federation):
         self._release_port()
         return left
 
-    def collect(self, outcome: JobOutcome, require_cross_site: bool = True, require_records: bool = True) -> Any:
+    def collect(self, outcome: JobOutcome, require_cross_site: bool = True, require_records: bool = True,
+                require_evaluation: bool = False) -> Any:
         """Check a downloaded POC job like a simulator run (models, round records, every error log empty)."""
         from fedimg.fl.simulate import collect
 
@@ -382,7 +383,8 @@ class PocFederation(Federation):
         run_dir = outcome.result_dir / "workspace"
         logs = {"server": run_dir, **{s: self.kit(s) / outcome.job_id for s in self.site_configs}}
         return collect(outcome.result_dir, list(self.site_configs), require_cross_site=require_cross_site,
-                       run_dir=run_dir, log_dirs=logs, require_records=require_records)
+                       run_dir=run_dir, log_dirs=logs, require_records=require_records,
+                       require_evaluation=require_evaluation)
 
     def __enter__(self) -> "PocFederation":
         self.prepare()

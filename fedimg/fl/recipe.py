@@ -30,6 +30,7 @@ from fedimg import config as cfgmod
 from fedimg.config import ExperimentConfig
 from fedimg.fl.controller import FedimgController
 from fedimg.fl.privacy import update_filter
+from fedimg.fl.report import report_metrics
 from fedimg.fl.tracking import GLOBAL_RUN, CrossSiteReport, ScalarTBReceiver
 from fedimg.models.registry import model_spec
 
@@ -63,29 +64,18 @@ class FedimgRecipe(FedAvgRecipe):
         **kwargs: passed to ``FedAvgRecipe``.
     """
 
-    def __init__(self, exp: ExperimentConfig, start_round: int = 0, **kwargs: Any) -> None:
+    def __init__(self, exp: ExperimentConfig, start_round: int = 0, mode: str = "train", **kwargs: Any) -> None:
         # FedAvgRecipe builds the controller inside __init__: the settings must exist before.
         self._exp = exp
         self._start_round = start_round
+        self._mode = mode
         super().__init__(**kwargs)
 
     def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> FedimgController:
         # The controller reads every setting from the experiment itself: one source, no copied arguments.
         return FedimgController(num_clients=self.min_clients, num_rounds=self.num_rounds,
                                 experiment=json.dumps(cfgmod.to_dict(self._exp)), start_round=self._start_round,
-                                persistor_id=persistor_id or "persistor")
-
-
-def report_metrics(exp: ExperimentConfig) -> list[str]:
-    """Metrics tabulated in the cross-site report: the key metric, then one per class."""
-    key = exp.key_metric
-    base = "val_dice" if exp.task.is_segmentation else "val_auc"
-    per_class = [f"{base}_{c}" for c in exp.task.class_names]
-    if not exp.task.is_segmentation and len(exp.task.class_names) == 2:
-        per_class = []  # both one-vs-rest AUCs equal the AUC
-    extra = [f"val_hd95_{c}" for c in exp.task.class_names] if exp.task.is_segmentation else \
-        ["val_balanced_accuracy"]
-    return list(dict.fromkeys([key, base, *per_class, *extra]))
+                                persistor_id=persistor_id or "persistor", mode=self._mode)
 
 
 def build_recipe(
@@ -97,6 +87,7 @@ def build_recipe(
     initial_ckpt: str | None = None,
     start_round: int = 0,
     fast_polling: bool = False,
+    mode: str = "train",
 ) -> Any:
     """The experiment's recipe (a :class:`FedimgRecipe`, or NVFlare's HE recipe for ``privacy.encryption: he``), with TensorBoard tracking and (if configured) cross-site evaluation.
 
@@ -114,6 +105,8 @@ def build_recipe(
         start_round: first round number; -1 continues the checkpoint's rounds.
         fast_polling: sites ask for their next task every 0.25 s instead of
             NVFlare's 2 s (for the simulator and POC on one machine).
+        mode: ``train``, or ``evaluate``: the sites score ``initial_ckpt`` once,
+            nothing is trained (no cross-site evaluation: sites have no models of their own).
 
     Raises:
         ValueError: no sites, too few sites for ``fed.min_clients``, a site named
@@ -129,6 +122,7 @@ def build_recipe(
         recipe = FedimgRecipe(
             exp,
             start_round=start_round,
+            mode=mode,
             name=exp.name,
             model=model_spec(exp.model, exp.task),
             initial_ckpt=initial_ckpt,
@@ -157,7 +151,7 @@ def build_recipe(
             # Job-specified: every site filters its training result (a site's own scope may add more).
             recipe.add_client_output_filter(flt, tasks=["train"])
         _add_common(recipe, exp, fast_polling)
-        if exp.fed.cross_site_eval:
+        if exp.fed.cross_site_eval and mode == "train":
             from nvflare.recipe import add_cross_site_evaluation
 
             add_cross_site_evaluation(recipe, submit_model_timeout=exp.fed.eval_timeout_s,

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fedimg.config import ExperimentConfig
+
 FINAL_GLOBAL = "SRV_FL_global_model.pt"
 BEST_GLOBAL = "SRV_best_FL_global_model.pt"
 
@@ -90,6 +92,52 @@ def matrix_markdown(matrix: Mapping[str, Any]) -> str:
         present = [v for v in row if v is not None]
         mean = sum(present) / len(present) if present else None
         lines.append(f"| {matrix['labels'][m]} | " + " | ".join(_fmt(v) for v in row) + f" | {_fmt(mean)} |")
+    return "\n".join(lines)
+
+
+def evaluation_table(record: Mapping[str, Any], metrics: Sequence[str]) -> str:
+    """One model scored at every site (``fedimg fl evaluate``): validation and held-out test, n per cell.
+
+    Args:
+        record: the server's final-evaluation record (``global_metrics.jsonl``):
+            ``sites`` (site -> ``val_*`` metrics), ``global`` (case-weighted
+            means), ``weights``, and ``test`` for sites with held-out cases.
+        metrics: the ``val_`` metrics to tabulate, the key metric first.
+    """
+    sites = sorted(record.get("sites") or {})
+    test = record.get("test") or {}
+    cols = [(m, describe_metric(m)) for m in metrics]
+
+    def cell(values: Mapping[str, Any], metric: str) -> str:
+        v = _num(values.get(metric))
+        return _fmt(v)
+
+    def n(values: Mapping[str, Any], key: str) -> str:
+        v = _num(values.get(key))
+        return "n withheld" if v is None else f"n={int(v)}"
+
+    lines = ["**The given model at every site** (no training; n = cases behind each number)", "",
+             "| site | split | " + " | ".join(f"{words} (`{m}`)" for m, words in cols) + " | cases |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
+    for site in sites:
+        vals = record["sites"][site]
+        lines.append(f"| {site} | validation | " + " | ".join(cell(vals, m) for m, _ in cols)
+                     + f" | {n(vals, 'val_cases')} |")
+        tvals = (test.get("sites") or {}).get(site)
+        if tvals:
+            lines.append(f"| {site} | test | " + " | ".join(cell(tvals, 'test_' + m[4:]) for m, _ in cols)
+                         + f" | {n(tvals, 'test_cases')} |")
+    def total(per_site: Mapping[str, Mapping[str, Any]], key: str) -> str:
+        counts = [_num(v.get(key)) for v in per_site.values()]
+        known = sum(int(c) for c in counts if c is not None)
+        return f"n={known}" + (" + withheld" if any(c is None for c in counts) else "")
+
+    lines.append("| all sites (case-weighted) | validation | " + " | ".join(
+        cell(record.get("global") or {}, m) for m, _ in cols) + f" | {total(record.get('sites') or {}, 'val_cases')} |")
+    if test:
+        lines.append("| all sites (case-weighted) | test | " + " | ".join(
+            cell(test.get("global") or {}, "test_" + m[4:]) for m, _ in cols)
+            + f" | {total(test.get('sites') or {}, 'test_cases')} |")
     return "\n".join(lines)
 
 
@@ -188,3 +236,15 @@ def write_report_to_tensorboard(logdir: str, name: str, markdown: str, picture: 
         writer.add_image(f"{name}/heatmap", picture, step, dataformats="HWC")
     finally:
         writer.close()
+
+
+def report_metrics(exp: ExperimentConfig) -> list[str]:
+    """Metrics tabulated in the cross-site and evaluation reports: the key metric, then one per class."""
+    key = exp.key_metric
+    base = "val_dice" if exp.task.is_segmentation else "val_auc"
+    per_class = [f"{base}_{c}" for c in exp.task.class_names]
+    if not exp.task.is_segmentation and len(exp.task.class_names) == 2:
+        per_class = []  # both one-vs-rest AUCs equal the AUC
+    extra = [f"val_hd95_{c}" for c in exp.task.class_names] if exp.task.is_segmentation else \
+        ["val_balanced_accuracy"]
+    return list(dict.fromkeys([key, base, *per_class, *extra]))

@@ -87,7 +87,7 @@ class SimulationResult:
 
 def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
             run_dir: Path | None = None, log_dirs: dict[str, Path] | None = None,
-            require_records: bool = True) -> SimulationResult:
+            require_records: bool = True, require_evaluation: bool = False) -> SimulationResult:
     """Read a finished workspace and check it is complete.
 
     Args:
@@ -100,6 +100,8 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
             ``job_dir/<participant>``, the simulator's layout).
         require_records: fedimg's controller wrote its round records and
             summary (False for the HE job, whose workflow is NVFlare's).
+        require_evaluation: an evaluation-only job wrote ``fedimg/evaluation.json``
+            with every site's scores.
 
     Raises:
         FederatedRunError: a missing model, a non-empty error log, no round
@@ -128,6 +130,11 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
         problems.append(f"no round records at {server / 'fedimg' / 'rounds.jsonl'}")
     if require_records and not summary_path.is_file():
         problems.append(f"the workflow did not finish (no {summary_path})")
+    if require_evaluation:
+        ev = server / "fedimg" / "evaluation.json"
+        scored = set((json.loads(ev.read_text()).get("sites") or {}) if ev.is_file() else ())
+        if set(sites) - scored:
+            problems.append(f"sites {sorted(set(sites) - scored)} did not score the model ({ev})")
     if require_cross_site:
         missing = [s for s in sites if SRV_GLOBAL not in results.get(s, {})]
         if missing:
@@ -175,6 +182,7 @@ def run_simulation(
     initial_ckpt: str | None = None,
     resume_from: SimulationResult | None = None,
     customize: Callable[[Any], None] | None = None,
+    evaluate: Any | None = None,
 ) -> SimulationResult:
     """Build the experiment's recipe and run it in ``SimEnv``, one process per site.
 
@@ -191,6 +199,9 @@ def run_simulation(
             ``exp.fed.num_rounds`` more rounds are run.
         customize: called with the built recipe before it runs (e.g. to add
             a fault-injection filter to one site, :mod:`fedimg.fl.faults`).
+        evaluate: a state dict to evaluate instead of training: every site
+            scores it once on its validation (and test) cases; the server
+            writes ``fedimg/evaluation.{json,md}`` (see :func:`fedimg.fl.launch.evaluate`).
 
     Raises:
         FederatedRunError: the run failed or its outputs are incomplete.
@@ -206,10 +217,13 @@ def run_simulation(
         initial_ckpt = str(resume_from.global_model.resolve())
     staging = workspace / "job_staging"
     sites = list(site_configs)
+    mode = "train"
+    if evaluate is not None:
+        initial_ckpt, mode = stage_weights(evaluate, staging), "evaluate"
     for attempt in (1, 2):
         recipe = build_recipe(exp, job_dir, site_configs, staging, sites_sharing_cpu=len(sites),
                               initial_ckpt=initial_ckpt, start_round=-1 if resume_from is not None else 0,
-                              fast_polling=True)
+                              fast_polling=True, mode=mode)
         if customize is not None:
             with in_staging(staging):
                 customize(recipe)
@@ -228,7 +242,8 @@ def run_simulation(
                 raise FederatedRunError(f"NVFlare simulator failed ({exc}); see the error_log.txt files under "
                                         f"{workspace / exp.name}") from None
             job = Path(run.get_result()) if run is not None else workspace / exp.name
-            result = collect(job, sites, require_cross_site=exp.fed.cross_site_eval)
+            result = collect(job, sites, require_cross_site=exp.fed.cross_site_eval and mode == "train",
+                             require_records=mode == "train", require_evaluation=mode == "evaluate")
             break
         except FederatedRunError:
             signals.check()
@@ -241,8 +256,27 @@ def run_simulation(
     result.seconds = time.perf_counter() - t0
     if resume_from is not None:
         carry_tensorboard(resume_from.tb_logdir, result.tb_logdir)
-    result.packages = write_packages(result, exp, site_configs)
+    if mode == "train":
+        result.packages = write_packages(result, exp, site_configs)
     return result
+
+
+EVALUATED_MODEL = "evaluated_model.pt"
+
+
+def stage_weights(state: Any, staging: Path) -> str:
+    """Write weights to evaluate into the job's staging folder; NVFlare bundles them with the server app.
+
+    Returns:
+        The checkpoint name relative to the staging folder (what the recipe's ``initial_ckpt`` takes).
+    """
+    import torch
+
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / f".{EVALUATED_MODEL}.tmp"
+    torch.save({"model": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
+    tmp.replace(staging / EVALUATED_MODEL)
+    return EVALUATED_MODEL
 
 
 def _rated(rows: list[dict[str, Any]], key: str, how: str) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from typing import Any, Mapping
 import torch
 
 from fedimg import config as cfgmod
+from fedimg.errors import UserError
 from fedimg.config import ConfigError, ExperimentConfig, PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "spec.yaml"  # written by ``fedimg preprocess`` beside each datalist.json
 
 
-class PackageError(ValueError):
+class PackageError(UserError, ValueError):
     """A model package is missing, malformed, or does not fit its own configs."""
 
 

@@ -225,7 +225,7 @@ def _fake_simulator(monkeypatch, tmp_path, logs_per_attempt):
                 (job / site / "error_log.txt").write_text(text)
             attempts.append(1)
 
-    def collect(job, sites, require_cross_site=True):
+    def collect(job, sites, require_cross_site=True, **_checks):
         bad = [s for s in sites if (job / s / "error_log.txt").is_file()]
         if bad:
             raise simulate.FederatedRunError(f"error logs are not empty: {bad}")
