@@ -11,53 +11,81 @@ from enum import Enum
 
 
 class Reason(str, Enum):
-    """Why a file or series was refused or skipped."""
+    """Why a file or series was refused or skipped, with what to do about it.
+
+    Each member is its code (the string in the manifest) and its advice
+    (:attr:`advice`, shown in the end-of-run table and in
+    ``docs/reason-codes.md``, which ``tools/gen_reason_codes.py`` generates
+    from this class): one place for both. The comment lines group the codes.
+    """
+
+    advice: str
+
+    def __new__(cls, code: str, advice: str = "") -> Reason:
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.advice = advice
+        return member
 
     # file level
-    NOT_DICOM = "NOT_DICOM"
-    TRUNCATED = "TRUNCATED"
-    NO_PIXELS = "NO_PIXELS"
-    NON_IMAGE_OBJECT = "NON_IMAGE_OBJECT"
-    LOCALIZER = "LOCALIZER"
+    NOT_DICOM = "NOT_DICOM", "not a DICOM file; remove it from the export or ignore"
+    TRUNCATED = "TRUNCATED", "file ends early; re-export this series from PACS"
+    NO_PIXELS = "NO_PIXELS", "image object without pixels; re-export this series"
+    NON_IMAGE_OBJECT = "NON_IMAGE_OBJECT", "report/presentation/RT object; nothing to convert"
+    LOCALIZER = "LOCALIZER", "scout image; nothing to convert"
     # folder entries that are not read (symbolic links, special files, permissions)
-    UNREADABLE = "UNREADABLE"  # a file or folder the OS refused to open or list (permissions, I/O error)
-    NOT_REGULAR_FILE = "NOT_REGULAR_FILE"  # a FIFO, socket or device file
-    BROKEN_LINK = "BROKEN_LINK"  # a symbolic link whose target does not exist
-    SYMLINK_LOOP = "SYMLINK_LOOP"  # a symbolic link that resolves to itself through other links
-    SYMLINK_OUTSIDE_SOURCE = "SYMLINK_OUTSIDE_SOURCE"  # a link to a file or folder outside SRC: not followed
-    SYMLINK_INSIDE_SOURCE = "SYMLINK_INSIDE_SOURCE"  # a link to an entry inside SRC, read under its own path (skipped)
+    UNREADABLE = "UNREADABLE", "file or folder could not be opened or listed; make it readable for this user, run again"
+    NOT_REGULAR_FILE = "NOT_REGULAR_FILE", "a FIFO, socket or device, not a file; remove it from the export"
+    BROKEN_LINK = "BROKEN_LINK", "symbolic link to nothing; copy the file it meant into the export, or remove the link"
+    SYMLINK_LOOP = "SYMLINK_LOOP", "symbolic links that lead back to themselves; remove the loop"
+    SYMLINK_OUTSIDE_SOURCE = ("SYMLINK_OUTSIDE_SOURCE",
+        "link out of the source, not followed; copy its target into the export")
+    SYMLINK_INSIDE_SOURCE = ("SYMLINK_INSIDE_SOURCE",
+        "link to a file or folder of the source; read under its own path, nothing to do")
     # series level
-    NO_GEOMETRY = "NO_GEOMETRY"
-    TOO_FEW_SLICES = "TOO_FEW_SLICES"
-    DUPLICATE_POSITION = "DUPLICATE_POSITION"
-    SLICE_GAP = "SLICE_GAP"
-    NONUNIFORM_SPACING = "NONUNIFORM_SPACING"
-    GANTRY_TILT = "GANTRY_TILT"
-    MIXED_SERIES = "MIXED_SERIES"
-    CODEC_MISSING = "CODEC_MISSING"
-    PIXEL_DECODE_ERROR = "PIXEL_DECODE_ERROR"
-    UNSUPPORTED_MULTIFRAME = "UNSUPPORTED_MULTIFRAME"
-    UNSUPPORTED_PIXELS = "UNSUPPORTED_PIXELS"
-    NOT_SINGLE_IMAGE = "NOT_SINGLE_IMAGE"  # a 2D spec met a series of several instances or frames
+    NO_GEOMETRY = "NO_GEOMETRY", "position/orientation/spacing tags missing; re-export with full headers"
+    TOO_FEW_SLICES = "TOO_FEW_SLICES", "too few slices for a volume; check the series is complete"
+    DUPLICATE_POSITION = "DUPLICATE_POSITION", "two slices at one position; remove duplicates or re-export"
+    SLICE_GAP = "SLICE_GAP", "slices missing; re-export the complete series"
+    NONUNIFORM_SPACING = "NONUNIFORM_SPACING", "uneven slice spacing; re-export or reconstruct at uniform spacing"
+    GANTRY_TILT = ("GANTRY_TILT",
+        "tilted gantry; reconstruct without tilt, or set geometry.irregular: resample in the spec "
+        "(preprocess)")
+    MIXED_SERIES = "MIXED_SERIES", "one series mixes geometries; split it at the modality"
+    CODEC_MISSING = ("CODEC_MISSING",
+        "compressed with a codec no installed decoder reads (the detail names it); re-export uncompressed")
+    PIXEL_DECODE_ERROR = "PIXEL_DECODE_ERROR", "pixel data could not be decoded; re-export uncompressed"
+    UNSUPPORTED_MULTIFRAME = ("UNSUPPORTED_MULTIFRAME",
+        "multi-frame object without usable per-frame geometry; export as classic single-frame images")
+    UNSUPPORTED_PIXELS = "UNSUPPORTED_PIXELS", "colour or unusual pixels; not a greyscale volume"
+    NOT_SINGLE_IMAGE = "NOT_SINGLE_IMAGE", "2D spec: export each view as its own single-frame series"
     # selection / study level
-    MODALITY_NOT_SELECTED = "MODALITY_NOT_SELECTED"
-    SERIES_NOT_SELECTED = "SERIES_NOT_SELECTED"
-    AMBIGUOUS_IMAGE_SERIES = "AMBIGUOUS_IMAGE_SERIES"
+    MODALITY_NOT_SELECTED = "MODALITY_NOT_SELECTED", "modality not used by this spec"
+    SERIES_NOT_SELECTED = "SERIES_NOT_SELECTED", "series not selected by the spec's description pattern"
+    AMBIGUOUS_IMAGE_SERIES = ("AMBIGUOUS_IMAGE_SERIES",
+        "several candidate images in a study; narrow the spec's series pattern")
     # labels
-    NO_LABEL = "NO_LABEL"
-    LABEL_UNMATCHED = "LABEL_UNMATCHED"
-    LABEL_GEOMETRY_MISMATCH = "LABEL_GEOMETRY_MISMATCH"
-    LABEL_VALUES_UNEXPECTED = "LABEL_VALUES_UNEXPECTED"
-    IMAGE_REFUSED = "IMAGE_REFUSED"
-    NOT_A_LABEL = "NOT_A_LABEL"
-    LABEL_NOT_USED = "LABEL_NOT_USED"  # a segmentation label met by a classification spec (skipped)
-    LABEL_SHEET = "LABEL_SHEET"  # a CSV file in the export: labels come only through --labels-csv (skipped)
-    FEDIMG_RECORD = "FEDIMG_RECORD"  # fedimg's own bookkeeping at the top of a folder it made (skipped)
-    LABEL_UNREADABLE = "LABEL_UNREADABLE"  # no label found, and an unreadable entry near the image may hold it
+    NO_LABEL = "NO_LABEL", "no label for this image (mask/NIfTI, or a row in --labels-csv); add it"
+    LABEL_UNMATCHED = "LABEL_UNMATCHED", "label could not be matched to exactly one image"
+    LABEL_GEOMETRY_MISMATCH = ("LABEL_GEOMETRY_MISMATCH",
+        "label grid differs from its image; re-export the label on the image grid")
+    LABEL_VALUES_UNEXPECTED = ("LABEL_VALUES_UNEXPECTED",
+        "label values outside the spec's classes; fix labels.values or the CSV")
+    IMAGE_REFUSED = "IMAGE_REFUSED", "its image was refused; see the image's row"
+    NOT_A_LABEL = "NOT_A_LABEL", "unreadable label file"
+    LABEL_NOT_USED = "LABEL_NOT_USED", "segmentation label; a classification spec reads classes from the labels CSV"
+    LABEL_SHEET = "LABEL_SHEET", "a CSV file, not an image; labels are read only through --labels-csv"
+    FEDIMG_RECORD = ("FEDIMG_RECORD",
+        "fedimg's own record of the folder (marker, journal, pull manifest); nothing to convert")
+    LABEL_UNREADABLE = ("LABEL_UNREADABLE",
+        "no label found, and an UNREADABLE entry nearby may hold it; make it readable, run again")
     # output names
-    UNSAFE_NAME = "UNSAFE_NAME"  # a header value that names an output file is not a valid UID (--write-dicom)
+    UNSAFE_NAME = ("UNSAFE_NAME",
+        "(0008,0018) is not a UID (digits and dots, <= 64), it would name a copy; fix or drop --write-"
+        "dicom")
     # de-identification
-    BURNED_IN_ANNOTATION = "BURNED_IN_ANNOTATION"
+    BURNED_IN_ANNOTATION = ("BURNED_IN_ANNOTATION",
+        "may carry burned-in text; review the pixels, then re-export with (0028,0301) NO")
 
     def __str__(self) -> str:
         return self.value

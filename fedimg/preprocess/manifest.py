@@ -93,8 +93,15 @@ def render_table(summary: dict[str, Any], title: str) -> str:
         lines.append(f"  {'status':<9} {'reason':<26} {'files':>6}  what to do")
         for key, n in summary["reasons"].items():
             status, reason = key.split(":", 1)
-            lines.append(f"  {status:<9} {reason:<26} {n:>6}  {ADVICE.get(reason, '')}")
+            lines.append(f"  {status:<9} {reason:<26} {n:>6}  {_advice(reason)}")
     return "\n".join(lines)
+
+
+def _advice(code: str) -> str:
+    try:
+        return Reason(code).advice
+    except ValueError:  # a manifest of another fedimg version
+        return ""
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
@@ -105,46 +112,3 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         raise FileNotFoundError(f"no manifest at {p}: expected the DST folder of `fedimg convert` or `preprocess`")
     return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-# What a refusal means for the person who made the export.
-ADVICE: dict[str, str] = {
-    "NOT_DICOM": "not a DICOM file; remove it from the export or ignore",
-    "TRUNCATED": "file ends early; re-export this series from PACS",
-    "NO_PIXELS": "image object without pixels; re-export this series",
-    "NON_IMAGE_OBJECT": "report/presentation/RT object; nothing to convert",
-    "LOCALIZER": "scout image; nothing to convert",
-    "UNREADABLE": "file or folder could not be opened or listed; make it readable for this user, run again",
-    "NOT_REGULAR_FILE": "a FIFO, socket or device, not a file; remove it from the export",
-    "BROKEN_LINK": "symbolic link to nothing; copy the file it meant into the export, or remove the link",
-    "SYMLINK_LOOP": "symbolic links that lead back to themselves; remove the loop",
-    "SYMLINK_OUTSIDE_SOURCE": "link out of the source, not followed; copy its target into the export",
-    "SYMLINK_INSIDE_SOURCE": "link to a file or folder of the source; read under its own path, nothing to do",
-    "NO_GEOMETRY": "position/orientation/spacing tags missing; re-export with full headers",
-    "TOO_FEW_SLICES": "too few slices for a volume; check the series is complete",
-    "DUPLICATE_POSITION": "two slices at one position; remove duplicates or re-export",
-    "SLICE_GAP": "slices missing; re-export the complete series",
-    "NONUNIFORM_SPACING": "uneven slice spacing; re-export or reconstruct at uniform spacing",
-    "GANTRY_TILT": "tilted gantry; reconstruct without tilt, or set geometry.irregular: resample in the spec (preprocess)",
-    "MIXED_SERIES": "one series mixes geometries; split it at the modality",
-    "CODEC_MISSING": "compressed with a codec no installed decoder reads (the detail names it); re-export uncompressed",
-    "PIXEL_DECODE_ERROR": "pixel data could not be decoded; re-export uncompressed",
-    "UNSUPPORTED_MULTIFRAME": "multi-frame object without usable per-frame geometry; export as classic single-frame images",
-    "UNSUPPORTED_PIXELS": "colour or unusual pixels; not a greyscale volume",
-    "NOT_SINGLE_IMAGE": "2D spec: export each view as its own single-frame series",
-    "MODALITY_NOT_SELECTED": "modality not used by this spec",
-    "SERIES_NOT_SELECTED": "series not selected by the spec's description pattern",
-    "AMBIGUOUS_IMAGE_SERIES": "several candidate images in a study; narrow the spec's series pattern",
-    "NO_LABEL": "no label for this image (mask/NIfTI, or a row in --labels-csv); add it",
-    "LABEL_UNMATCHED": "label could not be matched to exactly one image",
-    "LABEL_GEOMETRY_MISMATCH": "label grid differs from its image; re-export the label on the image grid",
-    "LABEL_VALUES_UNEXPECTED": "label values outside the spec's classes; fix labels.values or the CSV",
-    "IMAGE_REFUSED": "its image was refused; see the image's row",
-    "NOT_A_LABEL": "unreadable label file",
-    "LABEL_NOT_USED": "segmentation label; a classification spec reads classes from the labels CSV",
-    "FEDIMG_RECORD": "fedimg's own record of the folder (marker, journal, pull manifest); nothing to convert",
-    "LABEL_SHEET": "a CSV file, not an image; labels are read only through --labels-csv",
-    "LABEL_UNREADABLE": "no label found, and an UNREADABLE entry nearby may hold it; make it readable, run again",
-    "UNSAFE_NAME": "(0008,0018) is not a UID (digits and dots, <= 64), it would name a copy; fix or drop --write-dicom",
-    "BURNED_IN_ANNOTATION": "may carry burned-in text; review the pixels, then re-export with (0028,0301) NO",
-}
