@@ -65,22 +65,14 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from fedimg.preprocess.pipeline import preprocess
     from fedimg.preprocess.scan import check_source
 
-    cfg.validate_site_name(args.site, "--site")
+    # The checks of the arguments themselves live in preprocess(): one place, raised before anything is written.
+    cfg.validate_site_name(args.site, "--site")  # named as the user typed it
     spec = cfg.load(cfg.PreprocessSpec, args.spec, args.set)
-    check_source(Path(args.src))  # a missing or empty source is reported before anything else
+    check_source(Path(args.src))  # a missing or empty source is reported before the secret is asked for
     pseudonymizer = None
     if not args.no_deid:
         pseudonymizer = _site_pseudonymizer(args.secret_file, "de-identification",
                                             "--no-deid only for data that is already de-identified")
-    if pseudonymizer is None and (args.write_dicom or args.crosswalk):
-        raise ValueError("--write-dicom and --crosswalk need de-identification: drop --no-deid and pass "
-                         "--secret-file PATH")
-    if spec.is_classification and not args.labels_csv:
-        raise ValueError(f"spec {spec.name!r} is a classification spec (task: classification): expected "
-                         "--labels-csv FILE (the site's CSV of study key and class), found none")
-    if args.labels_csv and not spec.is_classification:
-        raise ValueError(f"--labels-csv was given, but spec {spec.name!r} is a segmentation spec whose labels come "
-                         "from mask series or NIfTI files; drop --labels-csv, or use a spec with task: classification")
     result = preprocess(args.src, args.out, spec, site=args.site, progress=not args.quiet, workers=args.workers,
                         pseudonymizer=pseudonymizer, crosswalk=args.crosswalk, write_dicom=args.write_dicom,
                         labels_csv=args.labels_csv)

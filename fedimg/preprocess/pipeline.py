@@ -197,6 +197,9 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
     """
     site = cfgmod.validate_site_name(site, "site")
     src, dst = Path(src), Path(dst)
+    if pseudonymizer is None and (write_dicom is not None or crosswalk is not None):
+        raise PreprocessInputError("--write-dicom and --crosswalk need de-identification: drop --no-deid and pass "
+                                   "--secret-file PATH")
     sheet: LabelSheet | None = None
     if spec.is_classification:
         if labels_csv is None:
