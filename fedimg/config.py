@@ -277,6 +277,9 @@ MAX_SIZE_2D = 8192
 
 #: (0008,0060) Modality values a spec can select as its image series.
 ImageModality = Literal["CT", "MR", "DX", "CR", "MG"]
+TaskType = Literal["segmentation", "classification"]
+#: ``fed.robust.aggregation``: the rules of :func:`fedimg.fl.aggregation.aggregate`.
+AggregationMethod = Literal["mean", "median", "trimmed_mean"]
 #: Modalities of 3D volumes (the rest are projection radiographs: 2D only).
 VOLUME_MODALITIES = ("CT", "MR")
 
@@ -535,7 +538,7 @@ class PreprocessSpec:
     modality: ImageModality
     target_spacing: tuple[float, float, float] | None = None
     orientation: str = "RAS"
-    task: Literal["segmentation", "classification"] = "segmentation"
+    task: TaskType = "segmentation"
     spatial_dims: Literal[2, 3] = 3
     target_size: tuple[int, int] | None = None
     intensity: IntensitySpec = field(default_factory=IntensitySpec)
@@ -618,7 +621,7 @@ class TaskConfig:
             (default: the last class).
     """
 
-    type: Literal["segmentation", "classification"] = "segmentation"
+    type: TaskType = "segmentation"
     spatial_dims: int = 3
     class_names: list[str] = field(default_factory=lambda: ["foreground"])
     in_channels: int = 1
@@ -678,7 +681,7 @@ class TaskConfig:
         return ("val_auc", "val_balanced_accuracy", "val_accuracy", *per_class)
 
 
-MODEL_NAMES = ("unet", "segresnet", "densenet121", "resnet")
+ModelName = Literal["unet", "segresnet", "densenet121", "resnet"]
 SEGMENTATION_MODELS = ("unet", "segresnet")
 
 
@@ -704,7 +707,7 @@ class ModelConfig:
         dropout: dropout probability.
     """
 
-    name: Literal["unet", "segresnet", "densenet121", "resnet"] = "unet"
+    name: ModelName = "unet"
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 2
@@ -864,7 +867,7 @@ class RobustConfig:
             an update pointing away from the majority; needs >= 3 updates).
     """
 
-    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    aggregation: AggregationMethod = "mean"
     trim: int = 1
     norm_outlier_factor: float = 0.0
     max_update_norm: float = 0.0
@@ -879,7 +882,9 @@ class RobustConfig:
                f"fed.robust.min_cosine must be null or in [-1, 1), got {self.min_cosine}")
 
 
-ALGORITHMS = ("fedavg", "fedprox", "fedopt", "scaffold", "fedbn")
+AlgorithmName = Literal["fedavg", "fedprox", "fedopt", "scaffold", "fedbn"]
+#: The names of ``fed.algorithm`` (the registry :mod:`fedimg.fl.algorithms` has exactly these).
+ALGORITHMS: tuple[str, ...] = get_args(AlgorithmName)
 
 
 @dataclass(frozen=True)
@@ -928,7 +933,7 @@ class FedConfig:
             ceil(100000 / data.batch_size)``).
     """
 
-    algorithm: Literal["fedavg", "fedprox", "fedopt", "scaffold", "fedbn"] = "fedavg"
+    algorithm: AlgorithmName = "fedavg"
     num_rounds: int = 5
     min_clients: int = 0
     key_metric: str = "auto"
@@ -1036,7 +1041,6 @@ class DPSGDConfig:
         _check(0 < self.delta < 1, f"privacy.dp_sgd.delta must be in (0, 1), got {self.delta}")
 
 
-UPDATE_FILTERS = ("none", "gaussian", "percentile", "svt")
 
 
 @dataclass(frozen=True)

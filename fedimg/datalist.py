@@ -32,12 +32,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, get_args
 
+from fedimg.config import TaskType
 from fedimg.errors import UserError
 
 SPLIT_KEYS = ("training", "validation", "test")
-TASKS = ("segmentation", "classification")
+TASKS: tuple[str, ...] = get_args(TaskType)
 
 
 class DatalistError(UserError, ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,8 +20,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv holding only the fedimg wheel; its dependencies come from this venv, read-only."""
     base = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ beside the sources, and the checkout stays as it is.
+    source = base / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "demo_out", "workspace", "bench_out", "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(base / "dist"), str(REPO)], check=True, capture_output=True, timeout=600)
+                    str(base / "dist"), str(source)], check=True, capture_output=True, timeout=600)
     wheel = next((base / "dist").glob("fedimg-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True, timeout=300)
     py = base / "venv" / "bin" / "python"

@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import get_args, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from fedimg.config import ExperimentConfig
+from fedimg.config import AggregationMethod, ExperimentConfig
 
 from fedimg.fl.protocol import MAX_ENTRIES, MAX_NAME, is_number
 from fedimg.training.checkpoint import state_problem
 
-METHODS = ("mean", "median", "trimmed_mean")
+METHODS: tuple[str, ...] = get_args(AggregationMethod)
 
 # A generous bound on one site's cases (training or validation): case counts above it are not believed, and
 # the default bound on a round's optimizer steps is derived from it (:func:`max_steps_per_round`).
