@@ -180,18 +180,12 @@ def breakdown(src: Path, out: Path) -> dict[str, float]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_out/dicom.json")
-    p.add_argument(
-        "--workers", type=int, default=1, help="fedimg convert worker processes (default 1)"
-    )
+    p.add_argument("--workers", type=int, default=1, help="fedimg convert worker processes (default 1)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gzip", action="store_true", help="fedimg and MONAI write .nii.gz (dcm2niix stays -z n)")
-    p.add_argument(
-        "--profile", action="store_true", help="also print a cProfile listing of one fedimg pass"
-    )
+    p.add_argument("--profile", action="store_true", help="also print a cProfile listing of one fedimg pass")
     args = p.parse_args()
     global COMPRESS
     COMPRESS = bool(args.gzip)
@@ -223,9 +217,7 @@ def main() -> int:
             src = SHARED / rel
             n_files = sum(1 for f in src.rglob("*") if f.is_file())
             t_fed, fed_all, n_fed = _best(
-                lambda r, src=src, name=name: run_fedimg(
-                    src, tmp / f"fed_{name}_{r}", args.workers
-                ),
+                lambda r, src=src, name=name: run_fedimg(src, tmp / f"fed_{name}_{r}", args.workers),
                 args.repeats,
             )
             t_d2n, d2n_all, n_d2n = _best(
@@ -239,12 +231,7 @@ def main() -> int:
             stages = breakdown(src, tmp / f"stages_{name}")
             stages["convert_rest"] = max(
                 0.0,
-                t_fed
-                - sum(
-                    v
-                    for k, v in stages.items()
-                    if k not in ("voxels", "nifti_write_raw_for_reference")
-                ),
+                t_fed - sum(v for k, v in stages.items() if k not in ("voxels", "nifti_write_raw_for_reference")),
             )
             for k, v in stages.items():
                 stages_total[k] = stages_total.get(k, 0.0) + v
@@ -302,9 +289,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "pydicom": pydicom.__version__,
-            "dcm2niix": subprocess.run(
-                [exe, "--version"], check=False, capture_output=True, text=True
-            )
+            "dcm2niix": subprocess.run([exe, "--version"], check=False, capture_output=True, text=True)
             .stdout.strip()
             .splitlines()[-1],
         },
@@ -351,10 +336,7 @@ def main() -> int:
     )
     print(
         "  per dataset: "
-        + "; ".join(
-            f"{r['dataset']} " + "/".join(f"{r['fedimg_breakdown_s'][k]:.2f}" for k in parts)
-            for r in rows
-        )
+        + "; ".join(f"{r['dataset']} " + "/".join(f"{r['fedimg_breakdown_s'][k]:.2f}" for k in parts) for r in rows)
         + "  (index/geometry/read/decode/gzip-write/rest, s)"
     )
     if profile_text:

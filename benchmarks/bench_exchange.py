@@ -31,23 +31,32 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
+    from benchmarks.bench_quality import prepare_segmentation
     from fedimg import config as cfg
     from fedimg.fl.simulate import run_simulation
-    from benchmarks.bench_quality import prepare_segmentation
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         sites = prepare_segmentation(tmp / "seg", args.cases)
         for exchange, precision in SETTINGS:
-            exp = cfg.load(cfg.ExperimentConfig, REPO / "configs" / "experiments" / "seg_demo.yaml",
-                           [f"fed.num_rounds={args.rounds}", "fed.cross_site_eval=false", f"train.seed={args.seed}",
-                            f"fed.exchange={exchange}", f"fed.update_precision={precision}"])
+            exp = cfg.load(
+                cfg.ExperimentConfig,
+                REPO / "configs" / "experiments" / "seg_demo.yaml",
+                [
+                    f"fed.num_rounds={args.rounds}",
+                    "fed.cross_site_eval=false",
+                    f"train.seed={args.seed}",
+                    f"fed.exchange={exchange}",
+                    f"fed.update_precision={precision}",
+                ],
+            )
             sim = run_simulation(exp, REPO / "jobs" / "train", sites, tmp / f"{exchange}_{precision}")
             rounds = [r for r in sim.rounds if not r.get("final_eval")]
             per_round = [sum(r["update_bytes"].values()) for r in rounds]
             results[f"{exchange}+{precision}"] = {
-                "exchange": exchange, "precision": precision,
+                "exchange": exchange,
+                "precision": precision,
                 "bytes_per_round_all_sites": sum(per_round) / len(per_round),
                 "bytes_per_site_update": per_round[0] / len(rounds[0]["update_bytes"]),
                 "final_val_dice": sim.final_eval()["global"]["val_dice"],
@@ -58,11 +67,18 @@ def main() -> int:
     print(f"\n{'exchange':<16} {'MB/round (all sites)':>20} {'vs weights+fp32':>16} {'final Dice':>11}")
     for name, r in results.items():
         r["bytes_ratio_to_weights_fp32"] = r["bytes_per_round_all_sites"] / base["bytes_per_round_all_sites"]
-        print(f"{name:<16} {r['bytes_per_round_all_sites'] / 1e6:>20.2f} {r['bytes_ratio_to_weights_fp32']:>16.3f} "
-              f"{r['final_val_dice']:>11.4f}")
-    out = {"rounds": args.rounds, "seed": args.seed, "sites": len(sites), "settings": results,
-           "note": "bytes are the tensor payload of the sites' updates (what dominates each message); "
-                   "the server-to-site direction always sends fp32 weights"}
+        print(
+            f"{name:<16} {r['bytes_per_round_all_sites'] / 1e6:>20.2f} {r['bytes_ratio_to_weights_fp32']:>16.3f} "
+            f"{r['final_val_dice']:>11.4f}"
+        )
+    out = {
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "sites": len(sites),
+        "settings": results,
+        "note": "bytes are the tensor payload of the sites' updates (what dominates each message); "
+        "the server-to-site direction always sends fp32 weights",
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0

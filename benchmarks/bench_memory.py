@@ -63,8 +63,11 @@ def main() -> int:
     p.add_argument("--slices", type=int, default=2000)
     p.add_argument("--size", type=int, default=512, help="rows = columns")
     p.add_argument("--spacing", type=float, nargs=3, default=[0.7, 0.7, 1.0], metavar=("ROW", "COL", "SLICE"))
-    p.add_argument("--no-label", action="store_true",
-                   help="no label NIfTI; preprocess with --set labels.required=false (the image alone)")
+    p.add_argument(
+        "--no-label",
+        action="store_true",
+        help="no label NIfTI; preprocess with --set labels.required=false (the image alone)",
+    )
     args = p.parse_args()
 
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -81,44 +84,93 @@ def main() -> int:
         from fedimg.synth.bulk import write_bulk_ct
 
         writer = multiprocessing.get_context("spawn").Process(
-            target=write_bulk_ct, args=(study, args.slices, args.size, args.size, tuple(args.spacing)),
-            kwargs={"label": not args.no_label})
+            target=write_bulk_ct,
+            args=(study, args.slices, args.size, args.size, tuple(args.spacing)),
+            kwargs={"label": not args.no_label},
+        )
         writer.start()
         writer.join()
         if writer.exitcode != 0:
             raise SystemExit(f"writing the series failed (exit {writer.exitcode})")
         what = "slices" if args.no_label else "slices + label"
-        print(f"wrote {args.slices} x {args.size}^2 {what} in {time.perf_counter() - t0:.0f} s "
-              f"({pixel_bytes / 2**30:.2f} GiB stored pixels)", flush=True)
+        print(
+            f"wrote {args.slices} x {args.size}^2 {what} in {time.perf_counter() - t0:.0f} s "
+            f"({pixel_bytes / 2**30:.2f} GiB stored pixels)",
+            flush=True,
+        )
         baseline, _, _ = peak_rss([py, "-c", IMPORTS], env)
         commands = {
-            "convert": [py, "-m", "fedimg.cli", "convert", str(study), str(root / "convert"), "--workers", "1",
-                        "--quiet"],
-            "preprocess": [py, "-m", "fedimg.cli", "preprocess", str(study), str(root / "pre"), "--spec", str(CT_SPEC),
-                           "--site", "bench", "--no-deid", "--workers", "1", "--quiet",
-                           *(["--set", "labels.required=false"] if args.no_label else [])],
+            "convert": [
+                py,
+                "-m",
+                "fedimg.cli",
+                "convert",
+                str(study),
+                str(root / "convert"),
+                "--workers",
+                "1",
+                "--quiet",
+            ],
+            "preprocess": [
+                py,
+                "-m",
+                "fedimg.cli",
+                "preprocess",
+                str(study),
+                str(root / "pre"),
+                "--spec",
+                str(CT_SPEC),
+                "--site",
+                "bench",
+                "--no-deid",
+                "--workers",
+                "1",
+                "--quiet",
+                *(["--set", "labels.required=false"] if args.no_label else []),
+            ],
         }
         rows = {}
         for name, cmd in commands.items():
             peak, seconds, _ = peak_rss(cmd, env)
-            rows[name] = {"peak_rss_bytes": peak, "pixel_bytes": pixel_bytes, "ratio": peak / pixel_bytes,
-                          "net_ratio": (peak - baseline) / pixel_bytes, "seconds": round(seconds, 1)}
+            rows[name] = {
+                "peak_rss_bytes": peak,
+                "pixel_bytes": pixel_bytes,
+                "ratio": peak / pixel_bytes,
+                "net_ratio": (peak - baseline) / pixel_bytes,
+                "seconds": round(seconds, 1),
+            }
             print(f"{name}: peak {peak / 2**30:.2f} GiB, {peak / pixel_bytes:.2f}x pixel bytes", flush=True)
         outputs = sorted(str(f.relative_to(root)) for f in (root / "convert" / "series").glob("*"))
         datalist = json.loads((root / "pre" / "datalist.json").read_text())
         cases = datalist["training"] + datalist["validation"]
         if len(outputs) != 1 or len(cases) != 1 or bool(cases[0].get("label")) == args.no_label:
-            raise SystemExit(f"expected one converted series and one preprocessed case (label: {not args.no_label}), "
-                             f"got {outputs} and {cases}: the numbers above would not measure a conversion")
-    result = {"series": {"slices": args.slices, "rows": args.size, "columns": args.size, "dtype": "uint16",
-                         "bits_stored": 12, "rescale": [1.0, -1024.0], "spacing_mm": args.spacing},
-              "spec": str(CT_SPEC.relative_to(REPO)), "label": not args.no_label, "baseline_rss_bytes": baseline,
-              "commands": rows, "convert_outputs": outputs}
+            raise SystemExit(
+                f"expected one converted series and one preprocessed case (label: {not args.no_label}), "
+                f"got {outputs} and {cases}: the numbers above would not measure a conversion"
+            )
+    result = {
+        "series": {
+            "slices": args.slices,
+            "rows": args.size,
+            "columns": args.size,
+            "dtype": "uint16",
+            "bits_stored": 12,
+            "rescale": [1.0, -1024.0],
+            "spacing_mm": args.spacing,
+        },
+        "spec": str(CT_SPEC.relative_to(REPO)),
+        "label": not args.no_label,
+        "baseline_rss_bytes": baseline,
+        "commands": rows,
+        "convert_outputs": outputs,
+    }
     print(f"\n{'command':<11} {'peak GiB':>9} {'pixel GiB':>10} {'ratio':>6} {'net ratio':>10} {'s':>6}")
     print(f"{'(imports)':<11} {baseline / 2**30:>9.2f}")
     for name, r in rows.items():
-        print(f"{name:<11} {r['peak_rss_bytes'] / 2**30:>9.2f} {r['pixel_bytes'] / 2**30:>10.2f} {r['ratio']:>6.2f} "
-              f"{r['net_ratio']:>10.2f} {r['seconds']:>6.1f}")
+        print(
+            f"{name:<11} {r['peak_rss_bytes'] / 2**30:>9.2f} {r['pixel_bytes'] / 2**30:>10.2f} {r['ratio']:>6.2f} "
+            f"{r['net_ratio']:>10.2f} {r['seconds']:>6.1f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")

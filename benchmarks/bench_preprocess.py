@@ -61,22 +61,40 @@ def main() -> int:
                 ref = Path(tmp) / f"ref_{site}_{r}"
                 ref.mkdir()
                 t0 = time.perf_counter()
-                subprocess.run([exe, "-b", "n", "-z", "y", "-f", "%s_%j", "-o", str(ref), str(raw / site)],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    [exe, "-b", "n", "-z", "y", "-f", "%s_%j", "-o", str(ref), str(raw / site)],
+                    check=True,
+                    capture_output=True,
+                )
                 t_ref.append(time.perf_counter() - t0)
-            rows.append({"site": site, "files": n_files, "cases": len(res.cases),
-                         "fedimg_s": min(t_fed), "dcm2niix_s": min(t_ref),
-                         "fedimg_over_dcm2niix": min(t_fed) / min(t_ref)})
+            rows.append(
+                {
+                    "site": site,
+                    "files": n_files,
+                    "cases": len(res.cases),
+                    "fedimg_s": min(t_fed),
+                    "dcm2niix_s": min(t_ref),
+                    "fedimg_over_dcm2niix": min(t_fed) / min(t_ref),
+                }
+            )
     total_fed = sum(r["fedimg_s"] for r in rows)
     total_ref = sum(r["dcm2niix_s"] for r in rows)
-    result = {"baseline": "dcm2niix -z y (conversion only)", "repeats": args.repeats, "sites": rows,
-              "fedimg_over_dcm2niix": total_fed / total_ref}
+    result = {
+        "baseline": "dcm2niix -z y (conversion only)",
+        "repeats": args.repeats,
+        "sites": rows,
+        "fedimg_over_dcm2niix": total_fed / total_ref,
+    }
     print(f"{'site':<8} {'files':>6} {'cases':>6} {'fedimg s':>9} {'dcm2niix s':>11} {'ratio':>6}")
     for r in rows:
-        print(f"{r['site']:<8} {r['files']:>6} {r['cases']:>6} {r['fedimg_s']:>9.2f} {r['dcm2niix_s']:>11.2f} "
-              f"{r['fedimg_over_dcm2niix']:>6.2f}")
-    print(f"total: fedimg {total_fed:.2f} s, dcm2niix {total_ref:.2f} s, ratio {result['fedimg_over_dcm2niix']:.2f} "
-          "(best of repeats; fedimg also resamples, normalizes and writes labels + manifest)")
+        print(
+            f"{r['site']:<8} {r['files']:>6} {r['cases']:>6} {r['fedimg_s']:>9.2f} {r['dcm2niix_s']:>11.2f} "
+            f"{r['fedimg_over_dcm2niix']:>6.2f}"
+        )
+    print(
+        f"total: fedimg {total_fed:.2f} s, dcm2niix {total_ref:.2f} s, ratio {result['fedimg_over_dcm2niix']:.2f} "
+        "(best of repeats; fedimg also resamples, normalizes and writes labels + manifest)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -64,8 +64,16 @@ def experiment(name: str, seed: int, rounds: int, local_epochs: int, extra: list
     """The benchmark's experiment: the demo's, one case per sample, difference exchange, no cross-site step."""
     from fedimg import config as cfg
 
-    over = [f"name={name}", f"train.seed={seed}", f"fed.num_rounds={rounds}", f"train.local_epochs={local_epochs}",
-            "data.samples_per_volume=1", "fed.exchange=diff", "fed.cross_site_eval=false", *extra]
+    over = [
+        f"name={name}",
+        f"train.seed={seed}",
+        f"fed.num_rounds={rounds}",
+        f"train.local_epochs={local_epochs}",
+        "data.samples_per_volume=1",
+        "fed.exchange=diff",
+        "fed.cross_site_eval=false",
+        *extra,
+    ]
     return cfg.load(cfg.ExperimentConfig, REPO / "configs" / "experiments" / "seg_demo.yaml", over)
 
 
@@ -88,14 +96,21 @@ def measure_updates(exp, sites: dict[str, str], init: Path) -> dict[str, Any]:
         trainer.set_progress(0.0)
         steps = int(trainer.fit(exp.train.local_epochs)["steps"])
         after = trainer.state_dict()
-        diff = np.concatenate([(after[k].double() - start[k].double()).numpy().ravel()
-                               for k in after if after[k].is_floating_point()])
+        diff = np.concatenate(
+            [(after[k].double() - start[k].double()).numpy().ravel() for k in after if after[k].is_floating_point()]
+        )
         per_step = np.abs(diff) / steps
-        per_site[site] = {"update_norm": float(np.linalg.norm(diff)), "steps": steps,
-                          "per_step_abs_p90": float(np.percentile(per_step, 90)),
-                          "per_step_abs_p99": float(np.percentile(per_step, 99)), "entries": int(diff.size)}
-    agg = {k: statistics.median(v[k] for v in per_site.values())
-           for k in ("update_norm", "per_step_abs_p90", "per_step_abs_p99")}
+        per_site[site] = {
+            "update_norm": float(np.linalg.norm(diff)),
+            "steps": steps,
+            "per_step_abs_p90": float(np.percentile(per_step, 90)),
+            "per_step_abs_p99": float(np.percentile(per_step, 99)),
+            "entries": int(diff.size),
+        }
+    agg = {
+        k: statistics.median(v[k] for v in per_site.values())
+        for k in ("update_norm", "per_step_abs_p90", "per_step_abs_p99")
+    }
     return {"per_site": per_site, "median": agg}
 
 
@@ -107,20 +122,42 @@ def settings(calib: dict[str, Any]) -> list[tuple[str, list[str], dict[str, Any]
     p90 = float(f"{med['per_step_abs_p90']:.3g}")
     out: list[tuple[str, list[str], dict[str, Any]]] = [("no privacy", [], {})]
     for sigma in GAUSSIAN_SIGMAS:
-        out.append((f"gaussian C={clip:g} sigma={sigma:g}",
-                    ["privacy.update_filter=gaussian", f"privacy.gaussian.clip_norm={clip}",
-                     f"privacy.gaussian.noise_multiplier={sigma}", f"privacy.gaussian.delta={DELTA}",
-                     "privacy.gaussian.seed=0"],
-                    {"clip_norm": clip, "noise_multiplier": sigma, "delta": DELTA}))
-    out.append((f"percentile 90 gamma={p99:g}",
-                ["privacy.update_filter=percentile", "privacy.percentile.percentile=90",
-                 f"privacy.percentile.gamma={p99}"], {"percentile": 90, "gamma": p99}))
+        out.append(
+            (
+                f"gaussian C={clip:g} sigma={sigma:g}",
+                [
+                    "privacy.update_filter=gaussian",
+                    f"privacy.gaussian.clip_norm={clip}",
+                    f"privacy.gaussian.noise_multiplier={sigma}",
+                    f"privacy.gaussian.delta={DELTA}",
+                    "privacy.gaussian.seed=0",
+                ],
+                {"clip_norm": clip, "noise_multiplier": sigma, "delta": DELTA},
+            )
+        )
+    out.append(
+        (
+            f"percentile 90 gamma={p99:g}",
+            ["privacy.update_filter=percentile", "privacy.percentile.percentile=90", f"privacy.percentile.gamma={p99}"],
+            {"percentile": 90, "gamma": p99},
+        )
+    )
     svt = {"fraction": 0.1, "epsilon": 0.1, "noise_var": 2.0, "gamma": p90, "tau": p90 / 10}
-    out.append((f"svt 10% gamma={p90:g}", ["privacy.update_filter=svt"] + [f"privacy.svt.{k}={v}" for k, v in
-                                                                           svt.items()], svt))
-    out.append((f"dp_sgd sigma={DP_SGD['noise_multiplier']:g} C={DP_SGD['max_grad_norm']:g}",
-                ["privacy.dp_sgd.enabled=true", f"privacy.dp_sgd.delta={DELTA}"]
-                + [f"privacy.dp_sgd.{k}={v}" for k, v in DP_SGD.items()], {**DP_SGD, "delta": DELTA}))
+    out.append(
+        (
+            f"svt 10% gamma={p90:g}",
+            ["privacy.update_filter=svt"] + [f"privacy.svt.{k}={v}" for k, v in svt.items()],
+            svt,
+        )
+    )
+    out.append(
+        (
+            f"dp_sgd sigma={DP_SGD['noise_multiplier']:g} C={DP_SGD['max_grad_norm']:g}",
+            ["privacy.dp_sgd.enabled=true", f"privacy.dp_sgd.delta={DELTA}"]
+            + [f"privacy.dp_sgd.{k}={v}" for k, v in DP_SGD.items()],
+            {**DP_SGD, "delta": DELTA},
+        )
+    )
     return out
 
 
@@ -136,8 +173,9 @@ def _epsilon(train_rounds: list[dict[str, Any]]) -> tuple[float | None, dict[str
     return (max(eps) if eps else None), last
 
 
-def run_setting(index: int, label: str, extra: list[str], seed: int, args, sites: dict[str, str], init: Path,
-                work: Path) -> dict[str, Any]:
+def run_setting(
+    index: int, label: str, extra: list[str], seed: int, args, sites: dict[str, str], init: Path, work: Path
+) -> dict[str, Any]:
     """One federated run; the final global model's Dice, epsilon and what the sites recorded."""
     from fedimg.fl.simulate import run_simulation
 
@@ -152,8 +190,14 @@ def run_setting(index: int, label: str, extra: list[str], seed: int, args, sites
     dice = statistics.mean(per_site.values())  # mean over sites, each site counted once
     train = [r for r in res.rounds if not r.get("final_eval")]
     eps, last = _epsilon(train)
-    return {"seed": seed, "val_dice": dice, "per_site": per_site, "epsilon": eps, "seconds": seconds,
-            "last_round_privacy": last}
+    return {
+        "seed": seed,
+        "val_dice": dice,
+        "per_site": per_site,
+        "epsilon": eps,
+        "seconds": seconds,
+        "last_round_privacy": last,
+    }
 
 
 def main() -> int:
@@ -185,10 +229,15 @@ def main() -> int:
             torch.save({"model": build_model(exp0.model, exp0.task).state_dict()}, init)
             calib = measure_updates(exp0, sites, init)
             calibrations[seed] = calib
-            print(f"seed {seed}: first-round updates from the initial weights: "
-                  + ", ".join(f"{s} norm {v['update_norm']:.3f} ({v['steps']} steps, per-step |change| p90 "
-                              f"{v['per_step_abs_p90']:.2e}, p99 {v['per_step_abs_p99']:.2e})"
-                              for s, v in calib["per_site"].items()), flush=True)
+            print(
+                f"seed {seed}: first-round updates from the initial weights: "
+                + ", ".join(
+                    f"{s} norm {v['update_norm']:.3f} ({v['steps']} steps, per-step |change| p90 "
+                    f"{v['per_step_abs_p90']:.2e}, p99 {v['per_step_abs_p99']:.2e})"
+                    for s, v in calib["per_site"].items()
+                ),
+                flush=True,
+            )
             for i, (label, extra, params) in enumerate(settings(calib)):
                 print(f"  [{i + 1}] {label} ...", flush=True)
                 row = run_setting(i, label, extra, seed, args, sites, init, tmp / f"ws_{seed}")
@@ -206,25 +255,34 @@ def main() -> int:
         dice = statistics.mean(r["val_dice"] for r in rows)
         eps_values = [r["epsilon"] for r in rows if r["epsilon"] is not None]
         label = rows[-1]["label"] if len(rows) == 1 else key.split(":", 1)[1]
-        results.append({
-            "setting": label, "val_dice": dice, "ratio_to_baseline": dice / base if base else math.nan,
-            "epsilon": max(eps_values) if eps_values else NO_DP,
-            "delta": DELTA if eps_values else None,
-            "seconds": statistics.mean(r["seconds"] for r in rows),
-            "params": rows[-1]["params"], "per_seed": rows,
-        })
+        results.append(
+            {
+                "setting": label,
+                "val_dice": dice,
+                "ratio_to_baseline": dice / base if base else math.nan,
+                "epsilon": max(eps_values) if eps_values else NO_DP,
+                "delta": DELTA if eps_values else None,
+                "seconds": statistics.mean(r["seconds"] for r in rows),
+                "params": rows[-1]["params"],
+                "per_seed": rows,
+            }
+        )
     svt = next((r for r in results if r["setting"].startswith("svt")), None)
     notes = {}
     if svt is not None:
         entries = next(iter(calibrations.values()))["per_site"]["site-1"]["entries"]
         n_upload = math.ceil(entries * svt["params"]["fraction"])
         notes["svt_nominal_epsilon_per_round"] = svt["params"]["epsilon"] + n_upload * svt["params"]["noise_var"]
-        notes["svt"] = ("NVFlare's SVTPrivacy budget per round (selection epsilon + n_upload * noise_var, each "
-                        "released entry clipped to gamma); fedimg does not account it over rounds")
+        notes["svt"] = (
+            "NVFlare's SVTPrivacy budget per round (selection epsilon + n_upload * noise_var, each "
+            "released entry clipped to gamma); fedimg does not account it over rounds"
+        )
 
     print()
-    print(f"baseline: no privacy; {args.rounds} rounds x {args.local_epochs} local epochs, seeds {seeds}; "
-          f"val_dice = final global model, mean over the 3 sites' validation cases")
+    print(
+        f"baseline: no privacy; {args.rounds} rounds x {args.local_epochs} local epochs, seeds {seeds}; "
+        f"val_dice = final global model, mean over the 3 sites' validation cases"
+    )
     print(f"{'setting':<34} {'val_dice':>8} {'ratio':>6} {'seconds':>7}  epsilon (delta {DELTA:g})")
     for r in results:
         eps = r["epsilon"] if isinstance(r["epsilon"], str) else f"{r['epsilon']:.4g}"
@@ -232,16 +290,21 @@ def main() -> int:
     out = {
         "benchmark": "synthetic heterogeneous 3-site segmentation (bench_quality), privacy settings",
         "baseline": "no privacy",
-        "settings": {"config": "configs/experiments/seg_demo.yaml", "overrides": ["data.samples_per_volume=1",
-                                                                                "fed.exchange=diff",
-                                                                                "fed.cross_site_eval=false"],
-                     "rounds": args.rounds, "local_epochs": args.local_epochs, "cases_per_site": args.cases,
-                     "seeds": seeds, "delta": DELTA,
-                     "epsilon": "after the last round; gaussian: site-level (every site the same); dp_sgd: "
-                                "sample-level, the largest over the sites",
-                     "val_dice": "final global model, mean over the three sites' validation Dice"},
+        "settings": {
+            "config": "configs/experiments/seg_demo.yaml",
+            "overrides": ["data.samples_per_volume=1", "fed.exchange=diff", "fed.cross_site_eval=false"],
+            "rounds": args.rounds,
+            "local_epochs": args.local_epochs,
+            "cases_per_site": args.cases,
+            "seeds": seeds,
+            "delta": DELTA,
+            "epsilon": "after the last round; gaussian: site-level (every site the same); dp_sgd: "
+            "sample-level, the largest over the sites",
+            "val_dice": "final global model, mean over the three sites' validation Dice",
+        },
         "calibration": {str(s): c for s, c in calibrations.items()},
-        "results": results, "notes": notes,
+        "results": results,
+        "notes": notes,
         "total_seconds": time.perf_counter() - t_start,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

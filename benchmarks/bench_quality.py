@@ -56,10 +56,18 @@ def prepare_segmentation(tmp: Path, cases: int) -> dict[str, str]:
         d = tmp / "sites" / site
         d.mkdir(parents=True)
         secret = SiteSecret.generate(d / "site.secret")
-        preprocess(tmp / "raw" / site, d / "preprocessed", spec, site=site, progress=False,
-                   pseudonymizer=Pseudonymizer(secret))
-        cfg.save(cfg.SiteConfig(name=site, datalist="preprocessed/datalist.json", device="auto",
-                                num_threads=default_threads(len(synth.sites))), d / "site.yaml")
+        preprocess(
+            tmp / "raw" / site, d / "preprocessed", spec, site=site, progress=False, pseudonymizer=Pseudonymizer(secret)
+        )
+        cfg.save(
+            cfg.SiteConfig(
+                name=site,
+                datalist="preprocessed/datalist.json",
+                device="auto",
+                num_threads=default_threads(len(synth.sites)),
+            ),
+            d / "site.yaml",
+        )
         dirs[site] = d
     return _site_yamls(dirs)
 
@@ -69,14 +77,28 @@ def prepare_pneumonia(tmp: Path) -> dict[str, str]:
     import subprocess
 
     out = tmp / "pneumonia"
-    subprocess.run([sys.executable, str(REPO / "preprocessing" / "medmnist.py"), str(MEDMNIST), str(out),
-                    "--sizes", "0.5,0.3,0.2", "--positive", "0.8,0.5,0.2", "--seed", "0"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "preprocessing" / "medmnist.py"),
+            str(MEDMNIST),
+            str(out),
+            "--sizes",
+            "0.5,0.3,0.2",
+            "--positive",
+            "0.8,0.5,0.2",
+            "--seed",
+            "0",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return _site_yamls({s: out / s for s in ("site-1", "site-2", "site-3")})
 
 
-def run_benchmark(name: str, config: Path, sites: dict[str, str], seeds: list[int], tmp: Path,
-                  overrides: list[str]) -> dict:
+def run_benchmark(
+    name: str, config: Path, sites: dict[str, str], seeds: list[int], tmp: Path, overrides: list[str]
+) -> dict:
     from fedimg import config as cfg
     from fedimg.compare import run_comparison
 
@@ -85,19 +107,39 @@ def run_benchmark(name: str, config: Path, sites: dict[str, str], seeds: list[in
         exp = cfg.load(cfg.ExperimentConfig, config, [f"train.seed={seed}", *overrides])
         t0 = time.perf_counter()
         comp = run_comparison(exp, sites, tmp / f"{name}_seed{seed}", progress=False)
-        per_seed.append({"seed": seed, "seconds": time.perf_counter() - t0, "mean": comp["mean"],
-                         "per_site": comp["per_site"], "ratio": comp["federated_over_centralized"]})
-        print(f"  {name} seed {seed}: federated {comp['mean']['federated']:.4f}, centralized "
-              f"{comp['mean']['centralized']:.4f}, local-only {comp['mean']['local']:.4f} "
-              f"({per_seed[-1]['seconds']:.0f} s)", flush=True)
+        per_seed.append(
+            {
+                "seed": seed,
+                "seconds": time.perf_counter() - t0,
+                "mean": comp["mean"],
+                "per_site": comp["per_site"],
+                "ratio": comp["federated_over_centralized"],
+            }
+        )
+        print(
+            f"  {name} seed {seed}: federated {comp['mean']['federated']:.4f}, centralized "
+            f"{comp['mean']['centralized']:.4f}, local-only {comp['mean']['local']:.4f} "
+            f"({per_seed[-1]['seconds']:.0f} s)",
+            flush=True,
+        )
     metric = comp["metric"]
     fed = statistics.mean(r["mean"]["federated"] for r in per_seed)
     cen = statistics.mean(r["mean"]["centralized"] for r in per_seed)
     loc = statistics.mean(r["mean"]["local"] for r in per_seed)
     best = statistics.mean(r["mean"]["federated_best"] for r in per_seed if r["mean"].get("federated_best") is not None)
-    return {"metric": metric, "federated": fed, "centralized": cen, "local_mean": loc, "ratio": fed / cen,
-            "federated_best": best, "federated_beats_local": fed > loc, "seeds": seeds,
-            "config": str(config.relative_to(REPO)), "overrides": overrides, "per_seed": per_seed}
+    return {
+        "metric": metric,
+        "federated": fed,
+        "centralized": cen,
+        "local_mean": loc,
+        "ratio": fed / cen,
+        "federated_best": best,
+        "federated_beats_local": fed > loc,
+        "seeds": seeds,
+        "config": str(config.relative_to(REPO)),
+        "overrides": overrides,
+        "per_seed": per_seed,
+    }
 
 
 def main() -> int:
@@ -106,8 +148,13 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1", help="training seeds, comma-separated (at least 2 for the report)")
     p.add_argument("--only", choices=["synthetic_segmentation", "pneumoniamnist"], default=None)
     p.add_argument("--cases", type=int, default=8, help="synthetic studies per site (as the demo)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an experiment key in both benchmarks (e.g. fed.algorithm=fedprox)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an experiment key in both benchmarks (e.g. fed.algorithm=fedprox)",
+    )
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
 
@@ -118,8 +165,13 @@ def main() -> int:
             print("(a) synthetic heterogeneous 3-site segmentation", flush=True)
             sites = prepare_segmentation(tmp / "seg", args.cases)
             results["synthetic_segmentation"] = run_benchmark(
-                "synthetic_segmentation", REPO / "configs" / "experiments" / "seg_demo.yaml", sites, seeds, tmp,
-                args.set)
+                "synthetic_segmentation",
+                REPO / "configs" / "experiments" / "seg_demo.yaml",
+                sites,
+                seeds,
+                tmp,
+                args.set,
+            )
         if args.only in (None, "pneumoniamnist"):
             if not MEDMNIST.is_file():
                 print(f"(b) skipped: {MEDMNIST} is absent (expected ../shared/data beside the repo)")
@@ -127,15 +179,24 @@ def main() -> int:
                 print("(b) PneumoniaMNIST, 3 non-IID sites, 2D classification", flush=True)
                 sites = prepare_pneumonia(tmp)
                 results["pneumoniamnist"] = run_benchmark(
-                    "pneumoniamnist", REPO / "configs" / "experiments" / "cls_pneumonia.yaml", sites, seeds, tmp,
-                    args.set)
+                    "pneumoniamnist",
+                    REPO / "configs" / "experiments" / "cls_pneumonia.yaml",
+                    sites,
+                    seeds,
+                    tmp,
+                    args.set,
+                )
 
     print()
-    print(f"{'benchmark':<24} {'metric':<9} {'federated':>9} {'centralized':>11} {'local':>7} {'fed/cen':>8} "
-          f"{'fed>local':>9}  seeds")
+    print(
+        f"{'benchmark':<24} {'metric':<9} {'federated':>9} {'centralized':>11} {'local':>7} {'fed/cen':>8} "
+        f"{'fed>local':>9}  seeds"
+    )
     for name, r in results.items():
-        print(f"{name:<24} {r['metric']:<9} {r['federated']:>9.4f} {r['centralized']:>11.4f} {r['local_mean']:>7.4f} "
-              f"{r['ratio']:>8.3f} {str(r['federated_beats_local']):>9}  {r['seeds']}")
+        print(
+            f"{name:<24} {r['metric']:<9} {r['federated']:>9.4f} {r['centralized']:>11.4f} {r['local_mean']:>7.4f} "
+            f"{r['ratio']:>8.3f} {str(r['federated_beats_local']):>9}  {r['seeds']}"
+        )
     print("goals: fed/cen >= 0.98; federated better than the mean of local-only")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -44,10 +44,12 @@ DEFENCES = {
     "median": {"aggregation": "median"},
     "trimmed mean": {"aggregation": "trimmed_mean", "trim": 1},
 }
-PLAN = [("none", d) for d in ("mean (FedAvg)", "median", "trimmed mean")] + \
-    [("scale x100", d) for d in ("mean (FedAvg)", "norm screening 5x", "median")] + \
-    [("sign flip x10", d) for d in ("mean (FedAvg)", "direction screening cos<0", "median")] + \
-    [("NaN", "mean (FedAvg)")]
+PLAN = (
+    [("none", d) for d in ("mean (FedAvg)", "median", "trimmed mean")]
+    + [("scale x100", d) for d in ("mean (FedAvg)", "norm screening 5x", "median")]
+    + [("sign flip x10", d) for d in ("mean (FedAvg)", "direction screening cos<0", "median")]
+    + [("NaN", "mean (FedAvg)")]
+)
 BAD_SITE = "site-3"
 
 
@@ -58,13 +60,17 @@ def prepare(tmp: Path, cases: int, spacing: float) -> dict[str, str]:
     from fedimg.synth import generate
 
     synth = generate(tmp / "raw", n_sites=3, n_cases=cases, seed=3, progress=False)
-    spec = dataclasses.replace(cfg.load(cfg.PreprocessSpec, REPO / "configs" / "preprocessing" / "ct_phantom.yaml"),
-                               target_spacing=(spacing,) * 3)
+    spec = dataclasses.replace(
+        cfg.load(cfg.PreprocessSpec, REPO / "configs" / "preprocessing" / "ct_phantom.yaml"),
+        target_spacing=(spacing,) * 3,
+    )
     out = {}
     for site in synth.sites:
         preprocess(synth.out_dir / site, tmp / "pre" / site, spec, site=site, progress=False)
-        cfg.save(cfg.SiteConfig(name=site, datalist=str(tmp / "pre" / site / "datalist.json"), device="cpu",
-                                num_threads=1), tmp / f"{site}.yaml")
+        cfg.save(
+            cfg.SiteConfig(name=site, datalist=str(tmp / "pre" / site / "datalist.json"), device="cpu", num_threads=1),
+            tmp / f"{site}.yaml",
+        )
         out[site] = str(tmp / f"{site}.yaml")
     return out
 
@@ -73,11 +79,23 @@ def experiment(rounds: int, robust: dict, name: str):
     """The benchmark's experiment: the demo's UNet at a small size, a decaying learning rate."""
     from fedimg import config as cfg
 
-    over = ["model.channels=[8, 16, 32]", "model.strides=[2, 2]", "model.num_res_units=1",
-            "data.roi_size=[32, 32, 32]", "data.batch_size=2", "data.samples_per_volume=1",
-            "train.local_epochs=4", "optim.lr=0.01", "optim.schedule=cosine", "task.min_component_voxels=1",
-            f"fed.num_rounds={rounds}", "fed.exchange=diff", "fed.cross_site_eval=false", "fed.min_clients=2",
-            f"name={name}"]
+    over = [
+        "model.channels=[8, 16, 32]",
+        "model.strides=[2, 2]",
+        "model.num_res_units=1",
+        "data.roi_size=[32, 32, 32]",
+        "data.batch_size=2",
+        "data.samples_per_volume=1",
+        "train.local_epochs=4",
+        "optim.lr=0.01",
+        "optim.schedule=cosine",
+        "task.min_component_voxels=1",
+        f"fed.num_rounds={rounds}",
+        "fed.exchange=diff",
+        "fed.cross_site_eval=false",
+        "fed.min_clients=2",
+        f"name={name}",
+    ]
     exp = cfg.load(cfg.ExperimentConfig, REPO / "configs" / "experiments" / "seg_demo.yaml", over)
     return dataclasses.replace(exp, fed=dataclasses.replace(exp.fed, robust=cfg.RobustConfig(**robust)))
 
@@ -113,28 +131,50 @@ def main() -> int:
                     recipe.add_client_output_filter(PoisonUpdate(**poison), tasks=["train"], clients=[BAD_SITE])
 
             t0 = time.perf_counter()
-            res = run_simulation(exp, REPO / "jobs" / "train", sites, tmp / f"ws{i}", initial_ckpt=str(init),
-                                 customize=add_fault)
+            res = run_simulation(
+                exp, REPO / "jobs" / "train", sites, tmp / f"ws{i}", initial_ckpt=str(init), customize=add_fault
+            )
             dice = float(res.global_metrics[-1]["global"]["val_dice"])
             train = [r for r in res.rounds if not r.get("final_eval")]
             rejected = sum(1 for r in train if BAD_SITE in r["rejected"])
-            rows.append({"attack": attack, "defence": defence, "val_dice": dice,
-                         "rounds_site3_rejected": rejected, "seconds": round(time.perf_counter() - t0, 1)})
-            print(f"[{i + 1}/{len(PLAN)}] {attack:14s} {defence:28s} Dice {dice:.4f} "
-                  f"(site-3 rejected in {rejected}/{len(train)} rounds)", flush=True)
+            rows.append(
+                {
+                    "attack": attack,
+                    "defence": defence,
+                    "val_dice": dice,
+                    "rounds_site3_rejected": rejected,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
+            print(
+                f"[{i + 1}/{len(PLAN)}] {attack:14s} {defence:28s} Dice {dice:.4f} "
+                f"(site-3 rejected in {rejected}/{len(train)} rounds)",
+                flush=True,
+            )
     base = rows[0]["val_dice"]
     for r in rows:
         r["dice_points_vs_clean"] = round(100 * (r["val_dice"] - base), 2)
     print(f"\nbaseline: clean run, plain mean (FedAvg): Dice {base:.4f}\n")
-    print(f"| attack (site-3) | server defence | final Dice | vs clean (points) | site-3 rejected |")
+    print("| attack (site-3) | server defence | final Dice | vs clean (points) | site-3 rejected |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['attack']} | {r['defence']} | {r['val_dice']:.4f} | {r['dice_points_vs_clean']:+.2f} | "
-              f"{r['rounds_site3_rejected']}/{args.rounds} |")
-    out = {"benchmark": "synthetic 3-site segmentation, one poisoned site", "baseline": "clean, mean (FedAvg)",
-           "settings": {"cases_per_site": args.cases, "spacing_mm": args.spacing, "rounds": args.rounds,
-                        "local_epochs": 4, "poisoned_site": BAD_SITE, "from_round": 1},
-           "results": rows}
+        print(
+            f"| {r['attack']} | {r['defence']} | {r['val_dice']:.4f} | {r['dice_points_vs_clean']:+.2f} | "
+            f"{r['rounds_site3_rejected']}/{args.rounds} |"
+        )
+    out = {
+        "benchmark": "synthetic 3-site segmentation, one poisoned site",
+        "baseline": "clean, mean (FedAvg)",
+        "settings": {
+            "cases_per_site": args.cases,
+            "spacing_mm": args.spacing,
+            "rounds": args.rounds,
+            "local_epochs": 4,
+            "poisoned_site": BAD_SITE,
+            "from_round": 1,
+        },
+        "results": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp_out = Path(args.out).with_suffix(".tmp")
     tmp_out.write_text(json.dumps(out, indent=2))

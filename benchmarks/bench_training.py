@@ -37,26 +37,51 @@ def plain_monai_epoch(exp, datalist: Path, threads: int) -> float:
     from monai.data import CacheDataset, DataLoader, load_decathlon_datalist
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
-    from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, RandCropByLabelClassesd,
-                                  RandFlipd, RandScaleIntensityd, RandShiftIntensityd, SpatialPadd)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        LoadImaged,
+        RandCropByLabelClassesd,
+        RandFlipd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        SpatialPadd,
+    )
 
     torch.set_num_threads(threads)
     items = load_decathlon_datalist(str(datalist), data_list_key="training", base_dir=str(datalist.parent))
     roi = exp.data.roi_size
-    tf = Compose([
-        LoadImaged(keys=["image", "label"], image_only=True), EnsureChannelFirstd(keys=["image", "label"]),
-        EnsureTyped(keys=["image", "label"], dtype=(torch.float32, torch.uint8), track_meta=False),
-        SpatialPadd(keys=["image", "label"], spatial_size=roi),
-        RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=roi,
-                                num_classes=exp.task.num_classes, num_samples=exp.data.samples_per_volume, warn=False),
-        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
-    ])
+    tf = Compose(
+        [
+            LoadImaged(keys=["image", "label"], image_only=True),
+            EnsureChannelFirstd(keys=["image", "label"]),
+            EnsureTyped(keys=["image", "label"], dtype=(torch.float32, torch.uint8), track_meta=False),
+            SpatialPadd(keys=["image", "label"], spatial_size=roi),
+            RandCropByLabelClassesd(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=roi,
+                num_classes=exp.task.num_classes,
+                num_samples=exp.data.samples_per_volume,
+                warn=False,
+            ),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+        ]
+    )
     ds = CacheDataset(items, transform=tf, cache_rate=1.0, progress=False)
     loader = DataLoader(ds, batch_size=exp.data.batch_size, shuffle=True, num_workers=0)
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=exp.task.num_classes, channels=exp.model.channels,
-               strides=exp.model.strides, num_res_units=exp.model.num_res_units, norm=exp.model.norm)
+    net = UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=exp.task.num_classes,
+        channels=exp.model.channels,
+        strides=exp.model.strides,
+        num_res_units=exp.model.num_res_units,
+        norm=exp.model.norm,
+    )
     opt = torch.optim.Adam(net.parameters(), lr=exp.optim.lr, weight_decay=exp.optim.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
     net.train()
@@ -85,9 +110,11 @@ def client_epochs(exp, site_cfg: str, tmp: Path, rounds: int) -> list[float]:
     """Epoch times measured inside the NVFlare client: a one-site federation, the site alone on the CPU."""
     from fedimg.fl.simulate import run_simulation
 
-    one = dataclasses.replace(exp, name="bench_one_site",
-                              fed=dataclasses.replace(exp.fed, num_rounds=rounds, cross_site_eval=False,
-                                                      final_eval=False))
+    one = dataclasses.replace(
+        exp,
+        name="bench_one_site",
+        fed=dataclasses.replace(exp.fed, num_rounds=rounds, cross_site_eval=False, final_eval=False),
+    )
     sim = run_simulation(one, REPO / "jobs" / "train", {"site-1": site_cfg}, tmp / "one_site")
     return [r["site_seconds"]["site-1"]["train"] / exp.train.local_epochs for r in sim.rounds]
 
@@ -126,8 +153,11 @@ def main() -> int:
     from fedimg.synth import generate
     from fedimg.training.baselines import centralized, federated_epochs
 
-    exp = cfg.load(cfg.ExperimentConfig, REPO / "configs/experiments/seg_demo.yaml",
-                   [f"fed.num_rounds={args.rounds}", "fed.cross_site_eval=false", "fed.final_eval=true"])
+    exp = cfg.load(
+        cfg.ExperimentConfig,
+        REPO / "configs/experiments/seg_demo.yaml",
+        [f"fed.num_rounds={args.rounds}", "fed.cross_site_eval=false", "fed.final_eval=true"],
+    )
     spec = cfg.load(cfg.PreprocessSpec, REPO / "configs/preprocessing/ct_phantom.yaml")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -135,11 +165,19 @@ def main() -> int:
         site_dirs, site_cfgs = [], {}
         for site in synth.sites:
             secret = SiteSecret.generate(tmp / f"{site}.secret")
-            preprocess(tmp / "raw" / site, tmp / site / "pre", spec, site=site, progress=False,
-                       pseudonymizer=Pseudonymizer(secret))
+            preprocess(
+                tmp / "raw" / site,
+                tmp / site / "pre",
+                spec,
+                site=site,
+                progress=False,
+                pseudonymizer=Pseudonymizer(secret),
+            )
             site_dirs.append(tmp / site / "pre")
-            cfg.save(cfg.SiteConfig(name=site, datalist="pre/datalist.json", device="cpu", num_threads=1),
-                     tmp / site / "site.yaml")
+            cfg.save(
+                cfg.SiteConfig(name=site, datalist="pre/datalist.json", device="cpu", num_threads=1),
+                tmp / site / "site.yaml",
+            )
             site_cfgs[site] = str(tmp / site / "site.yaml")
 
         # 1. one site's epoch: inside the NVFlare client vs a plain MONAI loop (2 threads each, best of repeats)
@@ -156,30 +194,44 @@ def main() -> int:
         fed_wall = time.perf_counter() - t0
         rt = runtime.setup("cpu", amp=False, num_threads=0, seed=0)
         t0 = time.perf_counter()
-        cen = centralized(exp, {s: str(d / "datalist.json") for s, d in zip(synth.sites, site_dirs)}, rt,
-                          tmp / "central", epochs=federated_epochs(exp))
+        cen = centralized(
+            exp,
+            {s: str(d / "datalist.json") for s, d in zip(synth.sites, site_dirs)},
+            rt,
+            tmp / "central",
+            epochs=federated_epochs(exp),
+        )
         central_wall = time.perf_counter() - t0
         where = breakdown(sim, fed_wall)
 
     result = {
         "client_epoch_overhead": client_t / plain_t,
         "federated_over_centralized_wall": fed_wall / central_wall,
-        "client_epoch_s": client_t, "site_trainer_epoch_s": direct_t, "plain_monai_epoch_s": plain_t,
+        "client_epoch_s": client_t,
+        "site_trainer_epoch_s": direct_t,
+        "plain_monai_epoch_s": plain_t,
         "site_trainer_over_plain": direct_t / plain_t,
-        "federated_wall_s": fed_wall, "centralized_wall_s": central_wall,
-        "rounds": args.rounds, "local_epochs": exp.train.local_epochs, "sites": len(site_cfgs),
+        "federated_wall_s": fed_wall,
+        "centralized_wall_s": central_wall,
+        "rounds": args.rounds,
+        "local_epochs": exp.train.local_epochs,
+        "sites": len(site_cfgs),
         "federated_breakdown": where,
         "centralized_val_dice": {s: m.get("dice_mean") for s, m in cen.per_site.items()},
         "federated_final_val_dice": (sim.final_eval() or {}).get("global", {}).get("val_dice"),
         "note": "3 simulated sites share 2 CPU cores; the centralized run uses both cores for one process; "
-                "the centralized time includes scoring every site's validation cases once",
+        "the centralized time includes scoring every site's validation cases once",
     }
-    print(f"site epoch: inside the NVFlare client {client_t:.2f} s vs plain MONAI loop {plain_t:.2f} s "
-          f"-> overhead ratio {result['client_epoch_overhead']:.3f} (goal <= 1.05); "
-          f"SiteTrainer alone {direct_t:.2f} s ({result['site_trainer_over_plain']:.3f})")
-    print(f"federated ({args.rounds} rounds x {exp.train.local_epochs} epochs, {len(site_cfgs)} sites, simulator) "
-          f"{fed_wall:.1f} s vs centralized ({args.rounds * exp.train.local_epochs} epochs, pooled) "
-          f"{central_wall:.1f} s -> ratio {result['federated_over_centralized_wall']:.2f}")
+    print(
+        f"site epoch: inside the NVFlare client {client_t:.2f} s vs plain MONAI loop {plain_t:.2f} s "
+        f"-> overhead ratio {result['client_epoch_overhead']:.3f} (goal <= 1.05); "
+        f"SiteTrainer alone {direct_t:.2f} s ({result['site_trainer_over_plain']:.3f})"
+    )
+    print(
+        f"federated ({args.rounds} rounds x {exp.train.local_epochs} epochs, {len(site_cfgs)} sites, simulator) "
+        f"{fed_wall:.1f} s vs centralized ({args.rounds * exp.train.local_epochs} epochs, pooled) "
+        f"{central_wall:.1f} s -> ratio {result['federated_over_centralized_wall']:.2f}"
+    )
     for k, v in where.items():
         print(f"  {k}: {v:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -25,16 +25,20 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 EXIT_USAGE = 2
 EXIT_NOTHING_USABLE = 3
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     # Third-party INFO chatter hides our progress bars.
     for noisy in ("nvflare", "monai", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -51,11 +55,19 @@ def _setup_logging(verbose: bool) -> None:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from fedimg.synth import generate
 
-    res = generate(Path(args.out), n_sites=args.sites, n_cases=args.cases, seed=args.seed,
-                   progress=not args.quiet, modality=args.modality)
+    res = generate(
+        Path(args.out),
+        n_sites=args.sites,
+        n_cases=args.cases,
+        seed=args.seed,
+        progress=not args.quiet,
+        modality=args.modality,
+    )
     for site, cases in res.sites.items():
-        print(f"{site}: {len(cases)} {args.modality} studies ({sum(c.has_lesion for c in cases)} with a lesion) -> "
-              f"{Path(args.out) / site} (labels: {Path(args.out) / site / 'labels.csv'})")
+        print(
+            f"{site}: {len(cases)} {args.modality} studies ({sum(c.has_lesion for c in cases)} with a lesion) -> "
+            f"{Path(args.out) / site} (labels: {Path(args.out) / site / 'labels.csv'})"
+        )
     print(f"ground truth: {res.ground_truth_path}")
     return 0
 
@@ -71,15 +83,28 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     check_source(Path(args.src))  # a missing or empty source is reported before the secret is asked for
     pseudonymizer = None
     if not args.no_deid:
-        pseudonymizer = _site_pseudonymizer(args.secret_file, "de-identification",
-                                            "--no-deid only for data that is already de-identified")
-    result = preprocess(args.src, args.out, spec, site=args.site, progress=not args.quiet, workers=args.workers,
-                        pseudonymizer=pseudonymizer, crosswalk=args.crosswalk, write_dicom=args.write_dicom,
-                        labels_csv=args.labels_csv)
+        pseudonymizer = _site_pseudonymizer(
+            args.secret_file, "de-identification", "--no-deid only for data that is already de-identified"
+        )
+    result = preprocess(
+        args.src,
+        args.out,
+        spec,
+        site=args.site,
+        progress=not args.quiet,
+        workers=args.workers,
+        pseudonymizer=pseudonymizer,
+        crosswalk=args.crosswalk,
+        write_dicom=args.write_dicom,
+        labels_csv=args.labels_csv,
+    )
     print(result.table())
     if pseudonymizer is None:
-        print("fedimg preprocess: warning: --no-deid: case ids are unkeyed hashes and the manifest lists raw "
-              "input paths; use only for data that is already de-identified", file=sys.stderr)
+        print(
+            "fedimg preprocess: warning: --no-deid: case ids are unkeyed hashes and the manifest lists raw "
+            "input paths; use only for data that is already de-identified",
+            file=sys.stderr,
+        )
     if result.problem:
         print(f"fedimg preprocess: nothing usable: {result.problem}", file=sys.stderr)
         return EXIT_NOTHING_USABLE
@@ -92,8 +117,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     result = convert(args.src, args.out, workers=args.workers, progress=not args.quiet, compress=not args.no_compress)
     print(result.table())
     if not result.outputs:
-        print(f"fedimg convert: nothing usable: no series was converted ({result.src_files} input files); the "
-              f"manifest says why for each file: fedimg manifest {args.out}", file=sys.stderr)
+        print(
+            f"fedimg convert: nothing usable: no series was converted ({result.src_files} input files); the "
+            f"manifest says why for each file: fedimg manifest {args.out}",
+            file=sys.stderr,
+        )
         return EXIT_NOTHING_USABLE
     return 0
 
@@ -109,15 +137,24 @@ def _pull_client(args: argparse.Namespace):  # -> fedimg.pacs.client.PacsClient 
         if stray:
             raise PacsError(f"{' and '.join(stray)} apply to --from dimse only; drop them for --from dicomweb")
         if args.credentials_file and not args.auth:
-            raise PacsError("--credentials-file was given without --auth: expected --auth basic (the file holds "
-                            "user:password) or --auth bearer (the file holds a token)")
+            raise PacsError(
+                "--credentials-file was given without --auth: expected --auth basic (the file holds "
+                "user:password) or --auth bearer (the file holds a token)"
+            )
         auth = load_auth(args.auth, args.credentials_file) if args.auth else None
         from fedimg.pacs.dicomweb import DicomWebClient
 
         return DicomWebClient(DicomWebSource(address, auth=auth, ca_bundle=args.ca_bundle, timeout_s=timeout))
     if kind == "dimse":
-        stray = [o for o, v in (("--auth", args.auth), ("--credentials-file", args.credentials_file),
-                                ("--ca-bundle", args.ca_bundle)) if v]
+        stray = [
+            o
+            for o, v in (
+                ("--auth", args.auth),
+                ("--credentials-file", args.credentials_file),
+                ("--ca-bundle", args.ca_bundle),
+            )
+            if v
+        ]
         if stray:
             raise PacsError(f"{' and '.join(stray)} apply to --from dicomweb only; drop them for --from dimse")
         if not args.called_aet:
@@ -125,8 +162,11 @@ def _pull_client(args: argparse.Namespace):  # -> fedimg.pacs.client.PacsClient 
         host, port = parse_host_port(address)
         from fedimg.pacs.dimse import DimseClient
 
-        return DimseClient(DimseSource(host, port, called_aet=args.called_aet,
-                                       calling_aet=args.calling_aet or "FEDIMG", timeout_s=timeout))
+        return DimseClient(
+            DimseSource(
+                host, port, called_aet=args.called_aet, calling_aet=args.calling_aet or "FEDIMG", timeout_s=timeout
+            )
+        )
     raise PacsError(f"--from expects 'dicomweb URL' or 'dimse HOST:PORT', got {kind!r} as the kind")
 
 
@@ -138,8 +178,11 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     result = pull(_pull_client(args), keys, args.out, progress=not args.quiet)
     print(result.table())
     if not result.retrieved:
-        print(f"fedimg pull: nothing retrieved: no key's studies are complete in {args.out}; the manifest says why "
-              f"for each key: {result.manifest_path}", file=sys.stderr)
+        print(
+            f"fedimg pull: nothing retrieved: no key's studies are complete in {args.out}; the manifest says why "
+            f"for each key: {result.manifest_path}",
+            file=sys.stderr,
+        )
         return EXIT_NOTHING_USABLE
     return 0
 
@@ -169,8 +212,10 @@ def _cmd_train_local(args: argparse.Namespace) -> int:
 
     select_device(site.device)  # fail fast, before caching data
     res = train_local(exp, site, args.out, progress=not args.quiet)
-    print(f"site {res.site}: best validation {res.metric} {res.best_score:.4f} at epoch {res.best_epoch}/{res.epochs} "
-          f"({res.seconds:.0f} s)")
+    print(
+        f"site {res.site}: best validation {res.metric} {res.best_score:.4f} at epoch {res.best_epoch}/{res.epochs} "
+        f"({res.seconds:.0f} s)"
+    )
     print(f"best model: {res.best_model}")
     print(f"tensorboard --logdir {res.logdir}")
     return 0
@@ -179,8 +224,16 @@ def _cmd_train_local(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedimg.demo import run_demo
 
-    run_demo(Path(args.out), sites=args.sites, cases=args.cases, seed=args.seed, rounds=args.rounds,
-             device=args.device, config=args.config, progress=not args.quiet)
+    run_demo(
+        Path(args.out),
+        sites=args.sites,
+        cases=args.cases,
+        seed=args.seed,
+        rounds=args.rounds,
+        device=args.device,
+        config=args.config,
+        progress=not args.quiet,
+    )
     return 0
 
 
@@ -206,8 +259,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     exp = cfg.load(cfg.ExperimentConfig, args.config, overrides)
     comparison = run_comparison(exp, _site_args(args.site), args.out, progress=not args.quiet, device=args.device)
     print_comparison(comparison)
-    print(f"\ncomparison: {Path(args.out) / 'comparison.md'} (and .json); "
-          f"TensorBoard: tensorboard --logdir {comparison['federated_run']}/server/simulate_job/tb_events")
+    print(
+        f"\ncomparison: {Path(args.out) / 'comparison.md'} (and .json); "
+        f"TensorBoard: tensorboard --logdir {comparison['federated_run']}/server/simulate_job/tb_events"
+    )
     return 0
 
 
@@ -224,7 +279,8 @@ def _site_pseudonymizer(secret_file: str | None, what: str, alternative: str) ->
             f"{what} needs this site's secret: expected --secret-file PATH or the environment variable "
             "FEDIMG_SECRET_FILE naming an owner-only file, found neither; create one with "
             "`umask 077; head -c 32 /dev/urandom | base64 > site.secret` and keep it at the site "
-            f"({alternative})")
+            f"({alternative})"
+        )
     return Pseudonymizer(SiteSecret.load(secret_file))
 
 
@@ -244,19 +300,35 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     pseudonymizer = None
     if not args.keep_identifiers:
-        pseudonymizer = _site_pseudonymizer(args.secret_file, "de-identified predictions (the default)",
-                                            "--keep-identifiers for identified outputs")
-    result = predict(args.package, args.src, args.out, pseudonymizer=pseudonymizer,
-                     keep_identifiers=args.keep_identifiers, crosswalk=args.crosswalk, device=args.device,
-                     amp=not args.no_amp, seg=not args.no_seg, png=not args.no_png, progress=not args.quiet)
+        pseudonymizer = _site_pseudonymizer(
+            args.secret_file, "de-identified predictions (the default)", "--keep-identifiers for identified outputs"
+        )
+    result = predict(
+        args.package,
+        args.src,
+        args.out,
+        pseudonymizer=pseudonymizer,
+        keep_identifiers=args.keep_identifiers,
+        crosswalk=args.crosswalk,
+        device=args.device,
+        amp=not args.no_amp,
+        seg=not args.no_seg,
+        png=not args.no_png,
+        progress=not args.quiet,
+    )
     print(result.table())
     if args.keep_identifiers:
-        print("fedimg predict: warning: --keep-identifiers: the SEG objects and predictions.csv carry the source's "
-              "identifiers (UIDs, patient and study modules, accession numbers); keep DST at the site",
-              file=sys.stderr)
+        print(
+            "fedimg predict: warning: --keep-identifiers: the SEG objects and predictions.csv carry the source's "
+            "identifiers (UIDs, patient and study modules, accession numbers); keep DST at the site",
+            file=sys.stderr,
+        )
     if not result.predicted:
-        print(f"fedimg predict: nothing usable: no study could be predicted ({len(result.studies)} found); "
-              f"summary.json in {args.out} says why for each", file=sys.stderr)
+        print(
+            f"fedimg predict: nothing usable: no study could be predicted ({len(result.studies)} found); "
+            f"summary.json in {args.out} says why for each",
+            file=sys.stderr,
+        )
         return EXIT_NOTHING_USABLE
     return 0
 
@@ -275,9 +347,16 @@ def _version() -> str:
 def _target(args: argparse.Namespace) -> Any:
     from fedimg.fl.launch import Target, parse_sites
 
-    return Target(env=args.env, sites=parse_sites(args.site), workspace=Path(args.out), timeout=args.timeout,
-                  privacy_file=args.privacy_file, authorization_file=args.authorization_file,
-                  startup_kit=args.startup_kit, admin=args.admin)
+    return Target(
+        env=args.env,
+        sites=parse_sites(args.site),
+        workspace=Path(args.out),
+        timeout=args.timeout,
+        privacy_file=args.privacy_file,
+        authorization_file=args.authorization_file,
+        startup_kit=args.startup_kit,
+        admin=args.admin,
+    )
 
 
 def _cmd_fl_run(args: argparse.Namespace) -> int:
@@ -342,8 +421,9 @@ def _common() -> argparse.ArgumentParser:
 
 def _add_out(s: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
     """The output folder, taken the same way by every command that writes: ``OUT`` (last) or ``--out OUT``."""
-    s.add_argument("out", nargs="?", default=None, metavar="OUT", help=what + (f" (default: {default})"
-                                                                              if default else ""))
+    s.add_argument(
+        "out", nargs="?", default=None, metavar="OUT", help=what + (f" (default: {default})" if default else "")
+    )
     s.add_argument("--out", dest="out_option", default=None, metavar="OUT", help="the same as OUT")
     s.set_defaults(out_default=default)
 
@@ -365,40 +445,71 @@ def _site_option(s: argparse.ArgumentParser, help_text: str) -> None:
 
 def _data_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     """Commands that make and account for data: synth, preprocess, convert, pull, manifest."""
-    s = sub.add_parser("synth", parents=[common], formatter_class=_HelpFormatter,
-                       help="write synthetic multi-site DICOM studies (CT volumes or DX radiographs) with labels")
+    s = sub.add_parser(
+        "synth",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="write synthetic multi-site DICOM studies (CT volumes or DX radiographs) with labels",
+    )
     _add_out(s, "output folder (one sub-folder per site)")
     s.add_argument("--sites", type=int, default=3, help="number of sites")
     s.add_argument("--cases", type=int, default=8, help="base number of studies per site (sites vary around it)")
     s.add_argument("--seed", type=int, default=0, help="random seed (the data set is deterministic per seed)")
-    s.add_argument("--modality", choices=["CT", "DX"], default="CT",
-                   help="CT: volumes with segmentation labels; DX: single-frame projection radiographs. "
-                        "Both write SITE/labels.csv (lesion / no_lesion per study)")
+    s.add_argument(
+        "--modality",
+        choices=["CT", "DX"],
+        default="CT",
+        help="CT: volumes with segmentation labels; DX: single-frame projection radiographs. "
+        "Both write SITE/labels.csv (lesion / no_lesion per study)",
+    )
     s.set_defaults(func=_cmd_synth)
 
-    s = sub.add_parser("preprocess", parents=[common], formatter_class=_HelpFormatter,
-                       help="DICOM tree -> normalized NIfTI volumes, datalist.json, manifest.jsonl")
+    s = sub.add_parser(
+        "preprocess",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="DICOM tree -> normalized NIfTI volumes, datalist.json, manifest.jsonl",
+    )
     s.add_argument("src", help="the site's DICOM export (read only)")
     _add_out(s, "output folder (new, empty, or an earlier preprocess output)")
     s.add_argument("--spec", required=True, help="configs/preprocessing/<name>.yaml")
     s.add_argument("--site", required=True, help="this site's name, e.g. site-1")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     s.add_argument("--workers", type=int, default=None, help="parallel studies (default: CPU count)")
-    s.add_argument("--secret-file", default=None,
-                   help="site secret (owner-only file) for keyed pseudonyms; default: $FEDIMG_SECRET_FILE")
-    s.add_argument("--no-deid", action="store_true",
-                   help="skip keyed pseudonyms (only for data that is already de-identified)")
-    s.add_argument("--crosswalk", default=None,
-                   help="keep the input-path crosswalk here (owner-only; outside SRC and OUT, at the site)")
-    s.add_argument("--write-dicom", default=None, metavar="DIR",
-                   help="also write de-identified DICOM copies (PS3.15 Basic Profile, keyed) into DIR")
-    s.add_argument("--labels-csv", default=None, metavar="FILE",
-                   help="classification specs: the site's CSV of study key (labels.csv_key) and class; "
-                        "it holds identifiers: keep it at the site")
+    s.add_argument(
+        "--secret-file",
+        default=None,
+        help="site secret (owner-only file) for keyed pseudonyms; default: $FEDIMG_SECRET_FILE",
+    )
+    s.add_argument(
+        "--no-deid", action="store_true", help="skip keyed pseudonyms (only for data that is already de-identified)"
+    )
+    s.add_argument(
+        "--crosswalk",
+        default=None,
+        help="keep the input-path crosswalk here (owner-only; outside SRC and OUT, at the site)",
+    )
+    s.add_argument(
+        "--write-dicom",
+        default=None,
+        metavar="DIR",
+        help="also write de-identified DICOM copies (PS3.15 Basic Profile, keyed) into DIR",
+    )
+    s.add_argument(
+        "--labels-csv",
+        default=None,
+        metavar="FILE",
+        help="classification specs: the site's CSV of study key (labels.csv_key) and class; "
+        "it holds identifiers: keep it at the site",
+    )
     s.set_defaults(func=_cmd_preprocess)
 
-    s = sub.add_parser("convert", parents=[common], formatter_class=_HelpFormatter,
-                       help="raw conversion: one NIfTI per series as acquired, plus manifest.jsonl")
+    s = sub.add_parser(
+        "convert",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="raw conversion: one NIfTI per series as acquired, plus manifest.jsonl",
+    )
     s.add_argument("src", help="a DICOM folder tree (read only)")
     _add_out(s, "output folder (new, empty, or an earlier convert output)")
     s.add_argument("--workers", type=int, default=None, help="parallel series (default: CPU count)")
@@ -407,47 +518,86 @@ def _data_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
     _pull_parser(sub, common)
 
-    s = sub.add_parser("manifest", parents=[common], formatter_class=_HelpFormatter,
-                       help="print the account of a convert/preprocess output folder")
+    s = sub.add_parser(
+        "manifest",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="print the account of a convert/preprocess output folder",
+    )
     s.add_argument("dst", help="output folder (or its manifest.jsonl)")
     s.set_defaults(func=_cmd_manifest)
 
 
 def _pull_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser("pull", parents=[common], formatter_class=_HelpFormatter,
-                       help="retrieve studies from a PACS (DICOMweb or C-FIND/C-GET) into a raw folder",
-                       description="Retrieve the studies named in a keys CSV from a PACS into OUT (a new or empty "
-                                   "folder, or an earlier pull's). Instances already in OUT are not fetched again. "
-                                   "Writes OUT/pull_manifest.jsonl (one row per key) and prints a summary.")
+    s = sub.add_parser(
+        "pull",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="retrieve studies from a PACS (DICOMweb or C-FIND/C-GET) into a raw folder",
+        description="Retrieve the studies named in a keys CSV from a PACS into OUT (a new or empty "
+        "folder, or an earlier pull's). Instances already in OUT are not fetched again. "
+        "Writes OUT/pull_manifest.jsonl (one row per key) and prints a summary.",
+    )
     _add_out(s, "output folder: OUT/study-<hash>/series-<hash>/<SOPInstanceUID>.dcm")
-    s.add_argument("--from", dest="source", nargs=2, metavar=("KIND", "ADDRESS"), required=True,
-                   help="'dicomweb URL' (the service root, e.g. https://pacs.example.org/dicom-web) or "
-                        "'dimse HOST:PORT'")
-    s.add_argument("--keys", required=True, metavar="CSV",
-                   help="CSV with a header row; the key column is AccessionNumber/accession/accession_number or "
-                        "StudyInstanceUID/study_uid/study_instance_uid, or the one --key-column names")
-    s.add_argument("--key", choices=["accession", "study_uid"], default=None,
-                   help="what the keys are (default: from the column's name)")
+    s.add_argument(
+        "--from",
+        dest="source",
+        nargs=2,
+        metavar=("KIND", "ADDRESS"),
+        required=True,
+        help="'dicomweb URL' (the service root, e.g. https://pacs.example.org/dicom-web) or 'dimse HOST:PORT'",
+    )
+    s.add_argument(
+        "--keys",
+        required=True,
+        metavar="CSV",
+        help="CSV with a header row; the key column is AccessionNumber/accession/accession_number or "
+        "StudyInstanceUID/study_uid/study_instance_uid, or the one --key-column names",
+    )
+    s.add_argument(
+        "--key",
+        choices=["accession", "study_uid"],
+        default=None,
+        help="what the keys are (default: from the column's name)",
+    )
     s.add_argument("--key-column", default=None, metavar="NAME", help="the CSV column holding the keys")
     s.add_argument("--called-aet", default=None, metavar="AET", help="dimse: the PACS's AE title")
-    s.add_argument("--calling-aet", default=None, metavar="AET",
-                   help="dimse: our AE title, as registered at the PACS (default: FEDIMG)")
-    s.add_argument("--auth", choices=["basic", "bearer"], default=None,
-                   help="dicomweb: HTTP authentication; the credential comes from --credentials-file or "
-                        "$FEDIMG_PACS_CREDENTIALS, never from the command line")
-    s.add_argument("--credentials-file", default=None, metavar="FILE",
-                   help="dicomweb: owner-only file holding user:password (basic) or the token (bearer)")
-    s.add_argument("--ca-bundle", default=None, metavar="FILE",
-                   help="dicomweb: PEM CA bundle to verify an https server (default: the system's)")
-    s.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="network timeout per request (default: 60)")
+    s.add_argument(
+        "--calling-aet",
+        default=None,
+        metavar="AET",
+        help="dimse: our AE title, as registered at the PACS (default: FEDIMG)",
+    )
+    s.add_argument(
+        "--auth",
+        choices=["basic", "bearer"],
+        default=None,
+        help="dicomweb: HTTP authentication; the credential comes from --credentials-file or "
+        "$FEDIMG_PACS_CREDENTIALS, never from the command line",
+    )
+    s.add_argument(
+        "--credentials-file",
+        default=None,
+        metavar="FILE",
+        help="dicomweb: owner-only file holding user:password (basic) or the token (bearer)",
+    )
+    s.add_argument(
+        "--ca-bundle",
+        default=None,
+        metavar="FILE",
+        help="dicomweb: PEM CA bundle to verify an https server (default: the system's)",
+    )
+    s.add_argument(
+        "--timeout", type=float, default=None, metavar="SECONDS", help="network timeout per request (default: 60)"
+    )
     s.set_defaults(func=_cmd_pull)
 
 
 def _training_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     """Commands that train and compare: train-local, demo, compare."""
-    s = sub.add_parser("train-local", parents=[common], formatter_class=_HelpFormatter,
-                       help="train one site without NVFlare")
+    s = sub.add_parser(
+        "train-local", parents=[common], formatter_class=_HelpFormatter, help="train one site without NVFlare"
+    )
     _add_out(s, "output folder for checkpoints, model packages, metrics and TensorBoard")
     s.add_argument("--config", required=True, help="configs/experiments/<name>.yaml")
     s.add_argument("--site-config", required=True, help="the site's config (configs/sites/site.yaml template)")
@@ -455,8 +605,12 @@ def _training_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
     s.set_defaults(func=_cmd_train_local)
 
-    s = sub.add_parser("demo", parents=[common], formatter_class=_HelpFormatter,
-                       help="synth 3 sites -> preprocess -> federated training (simulator) -> summary")
+    s = sub.add_parser(
+        "demo",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="synth 3 sites -> preprocess -> federated training (simulator) -> summary",
+    )
     _add_out(s, "output folder (new, empty, or an earlier demo's)", default="demo_out")
     s.add_argument("--sites", type=int, default=3, help="number of synthetic hospitals")
     s.add_argument("--cases", type=int, default=8, help="base number of studies per site")
@@ -466,35 +620,59 @@ def _training_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--config", default=None, help="experiment config (default: the packaged seg_demo)")
     s.set_defaults(func=_cmd_demo)
 
-    s = sub.add_parser("compare", parents=[common], formatter_class=_HelpFormatter,
-                       help="federated run + local-only + centralized baselines -> comparison table")
+    s = sub.add_parser(
+        "compare",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="federated run + local-only + centralized baselines -> comparison table",
+    )
     _add_out(s, "output folder")
     s.add_argument("--config", required=True, help="configs/experiments/<name>.yaml")
     _site_option(s, "a site and its site YAML, NAME=SITE_YAML (repeatable)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                   help="device of the baselines (default: the first site's)")
-    s.add_argument("--fold", type=int, default=None,
-                   help="cross-validation datalists (split.folds): the fold that validates at every site")
+    s.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=None,
+        help="device of the baselines (default: the first site's)",
+    )
+    s.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="cross-validation datalists (split.folds): the fold that validates at every site",
+    )
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
     s.set_defaults(func=_cmd_compare)
 
 
 def _fl_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     """``fedimg fl run | export | evaluate``: federated jobs in the simulator, POC or production."""
-    s = sub.add_parser("fl", formatter_class=_HelpFormatter,
-                       help="federated jobs: run (train), export (a job folder), evaluate (a given model)")
+    s = sub.add_parser(
+        "fl",
+        formatter_class=_HelpFormatter,
+        help="federated jobs: run (train), export (a job folder), evaluate (a given model)",
+    )
     fsub = s.add_subparsers(dest="fl_command", required=True)
 
     def env_options(f: argparse.ArgumentParser) -> None:
-        f.add_argument("--env", choices=["sim", "poc", "prod"], default="sim",
-                       help="sim: NVFlare simulator; poc: real processes on this machine (mTLS); prod: a "
-                            "provisioned federation through --startup-kit")
+        f.add_argument(
+            "--env",
+            choices=["sim", "poc", "prod"],
+            default="sim",
+            help="sim: NVFlare simulator; poc: real processes on this machine (mTLS); prod: a "
+            "provisioned federation through --startup-kit",
+        )
         _site_option(f, "a participating site, NAME=SITE_YAML in sim and POC, NAME in prod (repeatable)")
-        f.add_argument("--timeout", type=int, default=0,
-                       help="poc/prod: seconds until the job is aborted (0: first_round_timeout_s x (rounds + 2))")
+        f.add_argument(
+            "--timeout",
+            type=int,
+            default=0,
+            help="poc/prod: seconds until the job is aborted (0: first_round_timeout_s x (rounds + 2))",
+        )
         f.add_argument("--privacy-file", default=None, help="poc: the sites' local/privacy.json (default: shipped)")
-        f.add_argument("--authorization-file", default=None,
-                       help="poc: the sites' local/authorization.json (default: shipped)")
+        f.add_argument(
+            "--authorization-file", default=None, help="poc: the sites' local/authorization.json (default: shipped)"
+        )
         f.add_argument("--startup-kit", default=None, help="prod: the admin's provisioned startup kit folder")
         f.add_argument("--admin", default=None, help="prod: the admin's name in the project (e.g. lead@org)")
         f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
@@ -503,20 +681,32 @@ def _fl_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     _add_out(f, "workspace of the run (simulator runs, POC kits, downloaded results)", default="workspace/train")
     f.add_argument("--config", required=True, help="experiment YAML (configs/experiments/)")
     env_options(f)
-    f.add_argument("--resume-from", default=None, metavar="RUN_DIR",
-                   help="sim: continue a finished run (its workspace/<name> folder) for fed.num_rounds more rounds")
+    f.add_argument(
+        "--resume-from",
+        default=None,
+        metavar="RUN_DIR",
+        help="sim: continue a finished run (its workspace/<name> folder) for fed.num_rounds more rounds",
+    )
     f.set_defaults(func=_cmd_fl_run)
 
-    f = fsub.add_parser("export", parents=[common], formatter_class=_HelpFormatter,
-                        help="write the job folder for `nvflare job submit -j`")
+    f = fsub.add_parser(
+        "export",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="write the job folder for `nvflare job submit -j`",
+    )
     _add_out(f, "folder the job is written into (OUT/<experiment name>)")
     f.add_argument("--config", required=True, help="experiment YAML (configs/experiments/)")
     _site_option(f, "a participating site's name (repeatable)")
     f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
     f.set_defaults(func=_cmd_fl_export)
 
-    f = fsub.add_parser("evaluate", parents=[common], formatter_class=_HelpFormatter,
-                        help="every site scores a model package on its validation and test cases; no training")
+    f = fsub.add_parser(
+        "evaluate",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="every site scores a model package on its validation and test cases; no training",
+    )
     f.add_argument("package", help="a model package folder (e.g. RUN/packages/best), from any federation")
     _add_out(f, "workspace of the evaluation", default="workspace/evaluate")
     env_options(f)
@@ -527,25 +717,43 @@ def _model_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     """Using a trained model: model info, predict."""
     s = sub.add_parser("model", formatter_class=_HelpFormatter, help="model packages: fedimg model info PKG")
     msub = s.add_subparsers(dest="model_command", required=True)
-    m = msub.add_parser("info", parents=[common], formatter_class=_HelpFormatter,
-                        help="print a model package: task, classes, network, spec, metrics, version")
+    m = msub.add_parser(
+        "info",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="print a model package: task, classes, network, spec, metrics, version",
+    )
     m.add_argument("package", help="a model package folder (e.g. RUN/packages/best)")
     m.add_argument("--json", action="store_true", help="print package.json as stored")
     m.set_defaults(func=_cmd_model_info)
 
-    s = sub.add_parser("predict", parents=[common], formatter_class=_HelpFormatter,
-                       help="apply a model package to DICOM studies or NIfTI images: label maps on the source grid, "
-                            "DICOM SEG, overlay PNG, predictions.csv")
+    s = sub.add_parser(
+        "predict",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="apply a model package to DICOM studies or NIfTI images: label maps on the source grid, "
+        "DICOM SEG, overlay PNG, predictions.csv",
+    )
     s.add_argument("package", help="a model package folder (RUN/packages/best)")
     s.add_argument("src", help="a DICOM study folder, a PACS export with several studies, or NIfTI images (read only)")
     _add_out(s, "output folder (new, empty, or an earlier predict output)")
-    s.add_argument("--secret-file", default=None,
-                   help="site secret (owner-only file) for de-identified outputs; default: $FEDIMG_SECRET_FILE")
-    s.add_argument("--keep-identifiers", action="store_true",
-                   help="write identified outputs: the SEG references the original series and copies its patient "
-                        "and study modules; predictions.csv lists UIDs, accession numbers and source folders")
-    s.add_argument("--crosswalk", default=None, metavar="FILE",
-                   help="keep the study-id -> input crosswalk here (owner-only; outside SRC and OUT, at the site)")
+    s.add_argument(
+        "--secret-file",
+        default=None,
+        help="site secret (owner-only file) for de-identified outputs; default: $FEDIMG_SECRET_FILE",
+    )
+    s.add_argument(
+        "--keep-identifiers",
+        action="store_true",
+        help="write identified outputs: the SEG references the original series and copies its patient "
+        "and study modules; predictions.csv lists UIDs, accession numbers and source folders",
+    )
+    s.add_argument(
+        "--crosswalk",
+        default=None,
+        metavar="FILE",
+        help="keep the study-id -> input crosswalk here (owner-only; outside SRC and OUT, at the site)",
+    )
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run the model")
     s.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
     s.add_argument("--no-seg", action="store_true", help="do not write DICOM SEG objects")
@@ -555,8 +763,9 @@ def _model_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
-    p = argparse.ArgumentParser(prog="fedimg", description="Federated medical-imaging training pipeline.",
-                                formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fedimg", description="Federated medical-imaging training pipeline.", formatter_class=_HelpFormatter
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"fedimg {_version()}")
     common = _common()
@@ -565,8 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
     _training_parsers(sub, common)
     _fl_parsers(sub, common)
     _model_parsers(sub, common)
-    s = sub.add_parser("env", parents=[common], formatter_class=_HelpFormatter,
-                       help="print versions, devices and threads")
+    s = sub.add_parser(
+        "env", parents=[common], formatter_class=_HelpFormatter, help="print versions, devices and threads"
+    )
     s.set_defaults(func=_cmd_env)
     return p
 
@@ -584,9 +794,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except signals.Interrupted as exc:
         stopped = signals.stop_descendants()
-        print(f"fedimg {args.command}: stopped by {exc}" + (f"; {stopped} worker process(es) stopped" if stopped
-                                                            else "") + "; outputs already written are complete, "
-              "run the same command again to finish", file=sys.stderr)
+        print(
+            f"fedimg {args.command}: stopped by {exc}"
+            + (f"; {stopped} worker process(es) stopped" if stopped else "")
+            + "; outputs already written are complete, "
+            "run the same command again to finish",
+            file=sys.stderr,
+        )
         return exc.exit_status
     finally:
         signals.restore(previous)

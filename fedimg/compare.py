@@ -9,9 +9,10 @@ evaluation code; every cell says how many cases stand behind it. Sites with
 a held-out ``test`` split (``split.test_fraction``) get a second table: every
 model (the federated final and best models included) scored on those cases,
 which no method trained on or chose a model by. With cross-validation
-datalists, ``data.fold`` (``--fold``) picks the validating fold. The comparison (JSON and Markdown, per site and the mean
-over sites) is written to ``OUT/comparison.{json,md}`` and, as a table and a
-heatmap, into the federation's TensorBoard run (``global``).
+datalists, ``data.fold`` (``--fold``) picks the validating fold. The
+comparison (JSON and Markdown, per site and the mean over sites) is written
+to ``OUT/comparison.{json,md}`` and, as a table and a heatmap, into the
+federation's TensorBoard run (``global``).
 
 Pooling the data is a simulation-time baseline only: it needs every site's
 data on one machine, which is exactly what a real federation avoids.
@@ -46,11 +47,18 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def build_comparison(exp: ExperimentConfig, sites: list[str], federated: dict[str, dict[str, float]],
-                     federated_best: dict[str, dict[str, float]] | None,
-                     local: dict[str, dict[str, dict[str, float]]], centralized: dict[str, dict[str, float]],
-                     epochs: int, metric: str | None = None, cases: dict[str, int] | None = None,
-                     split: str = "validation") -> dict[str, Any]:
+def build_comparison(
+    exp: ExperimentConfig,
+    sites: list[str],
+    federated: dict[str, dict[str, float]],
+    federated_best: dict[str, dict[str, float]] | None,
+    local: dict[str, dict[str, dict[str, float]]],
+    centralized: dict[str, dict[str, float]],
+    epochs: int,
+    metric: str | None = None,
+    cases: dict[str, int] | None = None,
+    split: str = "validation",
+) -> dict[str, Any]:
     """The comparison table's data.
 
     Args:
@@ -77,18 +85,34 @@ def build_comparison(exp: ExperimentConfig, sites: list[str], federated: dict[st
         methods.insert(1, "federated_best")
     mean = {m: _mean(list(per_site[m].values())) for m in methods}
     ratio = (mean["federated"] / mean["centralized"]) if mean["federated"] is not None and mean["centralized"] else None
-    return {"metric": metric, "description": describe_metric(metric), "sites": sites, "methods": methods,
-            "labels": {m: METHOD_LABELS[m] for m in methods}, "per_site": per_site, "mean": mean,
-            "federated_over_centralized": ratio,
-            "federated_minus_local_mean": (mean["federated"] - mean["local"])
-            if mean["federated"] is not None and mean["local"] is not None else None,
-            "epochs": epochs, "split": split, "fold": exp.data.fold,
-            "cases": dict(cases or {}), "cases_total": sum((cases or {}).values()),
-            "local_cross_site": local}
+    return {
+        "metric": metric,
+        "description": describe_metric(metric),
+        "sites": sites,
+        "methods": methods,
+        "labels": {m: METHOD_LABELS[m] for m in methods},
+        "per_site": per_site,
+        "mean": mean,
+        "federated_over_centralized": ratio,
+        "federated_minus_local_mean": (mean["federated"] - mean["local"])
+        if mean["federated"] is not None and mean["local"] is not None
+        else None,
+        "epochs": epochs,
+        "split": split,
+        "fold": exp.data.fold,
+        "cases": dict(cases or {}),
+        "cases_total": sum((cases or {}).values()),
+        "local_cross_site": local,
+    }
 
 
-def run_comparison(exp: ExperimentConfig, site_configs: dict[str, str], out: str | Path,
-                   progress: bool = True, device: str | None = None) -> dict[str, Any]:
+def run_comparison(
+    exp: ExperimentConfig,
+    site_configs: dict[str, str],
+    out: str | Path,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict[str, Any]:
     """Run the federated experiment, local-only and centralized training; write the comparison.
 
     Args:
@@ -137,28 +161,41 @@ def run_comparison(exp: ExperimentConfig, site_configs: dict[str, str], out: str
     times["centralized"] = time.perf_counter() - t0
 
     local = {s: {e: metric_names(m) for e, m in r.per_site.items()} for s, r in loc.items()}
-    comparison = build_comparison(exp, sites, fed, fed_best, local,
-                                  {s: metric_names(m) for s, m in cen.per_site.items()}, epochs,
-                                  cases={s: len(site_data[s].validation) for s in sites})
+    comparison = build_comparison(
+        exp,
+        sites,
+        fed,
+        fed_best,
+        local,
+        {s: metric_names(m) for s, m in cen.per_site.items()},
+        epochs,
+        cases={s: len(site_data[s].validation) for s in sites},
+    )
     test_sets = {s: site_data[s].test for s in sites if site_data[s].test}
     if test_sets:
         # Held-out cases: every model scored once with the same code, reported apart from validation.
         fed_test = score_model(exp, sim.global_model, test_sets, rt)
         best_test = score_model(exp, sim.best_model, test_sets, rt) if sim.best_model.is_file() else None
         comparison["test"] = build_comparison(
-            exp, sites, {s: metric_names(m) for s, m in fed_test.items()},
+            exp,
+            sites,
+            {s: metric_names(m) for s, m in fed_test.items()},
             {s: metric_names(m) for s, m in best_test.items()} if best_test is not None else None,
             {s: {e: metric_names(m) for e, m in r.per_site_test.items()} for s, r in loc.items()},
-            {s: metric_names(m) for s, m in cen.per_site_test.items()}, epochs,
-            cases={s: len(items) for s, items in test_sets.items()}, split="test")
+            {s: metric_names(m) for s, m in cen.per_site_test.items()},
+            epochs,
+            cases={s: len(items) for s, items in test_sets.items()},
+            split="test",
+        )
     comparison["seconds"] = times
     comparison["federated_run"] = str(sim.job_dir)
     write_json(out / "comparison.json", comparison)
     table = comparison_table(comparison)
     if "test" in comparison:
         table += "\n\n" + comparison_table(comparison["test"])
-    (out / "comparison.md").write_text("# Federated vs. local-only vs. centralized\n\n" + table + "\n",
-                                       encoding="utf-8")
+    (out / "comparison.md").write_text(
+        "# Federated vs. local-only vs. centralized\n\n" + table + "\n", encoding="utf-8"
+    )
     write_report_to_tensorboard(str(sim.tb_logdir / "global"), "comparison", table, comparison_heatmap(comparison))
     logger.info("comparison written to %s", out / "comparison.md")
     return comparison

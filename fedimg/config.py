@@ -102,9 +102,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if origin is tuple and args and Ellipsis not in args:
             if len(value) != len(args):
-                raise ConfigError(
-                    f"{key}: expected {_type_name(tp)}, got {len(value)} items ({value!r})"
-                )
+                raise ConfigError(f"{key}: expected {_type_name(tp)}, got {len(value)} items ({value!r})")
             return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         items = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -151,9 +149,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown key {where}{unknown[0]!s}; {cls.__name__} accepts: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"unknown key {where}{unknown[0]!s}; {cls.__name__} accepts: {', '.join(sorted(names))}")
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         key = f"{prefix}.{f.name}" if prefix else f.name
@@ -248,13 +244,17 @@ def _check_regex(pattern: str | None, key: str, *, match_all_ok: bool = True) ->
     """Refuse a pattern that :func:`re.compile` rejects (or, unless ``match_all_ok``, an empty one), naming ``key``."""
     if pattern is None:
         return
-    _check(match_all_ok or bool(pattern),
-           f"{key} is empty, which matches every name; expected a regular expression such as '(?i)mask|seg'")
+    _check(
+        match_all_ok or bool(pattern),
+        f"{key} is empty, which matches every name; expected a regular expression such as '(?i)mask|seg'",
+    )
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ConfigError(f"{key} is not a valid regular expression ({exc}): got {pattern!r}; expected Python "
-                          "re syntax, e.g. '(?i)mask|seg'") from None
+        raise ConfigError(
+            f"{key} is not a valid regular expression ({exc}): got {pattern!r}; expected Python "
+            "re syntax, e.g. '(?i)mask|seg'"
+        ) from None
 
 
 def _check_positive(obj: Any, prefix: str, *names: str) -> None:
@@ -338,11 +338,12 @@ class IntensitySpec:
     percentiles_2d: tuple[float, float] = (0.5, 99.5)
 
     def __post_init__(self) -> None:
-        _check(self.ct_window[0] < self.ct_window[1],
-               f"intensity.ct_window must be [low, high] with low < high, got {list(self.ct_window)}")
+        _check(
+            self.ct_window[0] < self.ct_window[1],
+            f"intensity.ct_window must be [low, high] with low < high, got {list(self.ct_window)}",
+        )
         for key, (lo, hi) in (("mr_percentiles", self.mr_percentiles), ("percentiles_2d", self.percentiles_2d)):
-            _check(0.0 <= lo < hi <= 100.0,
-                   f"intensity.{key} must satisfy 0 <= low < high <= 100, got {[lo, hi]}")
+            _check(0.0 <= lo < hi <= 100.0, f"intensity.{key} must satisfy 0 <= low < high <= 100, got {[lo, hi]}")
 
 
 @dataclass(frozen=True)
@@ -382,20 +383,22 @@ class LabelSpec:
     def __post_init__(self) -> None:
         _check(len(self.classes) >= 1, "labels.classes must name at least one class")
         _check(all(c.strip() for c in self.classes), f"labels.classes must be non-empty names, got {self.classes}")
-        _check(len(set(self.classes)) == len(self.classes),
-               f"labels.classes has duplicates: {self.classes}")
+        _check(len(set(self.classes)) == len(self.classes), f"labels.classes has duplicates: {self.classes}")
         for name, value in self.values.items():
-            _check(name in self.classes,
-                   f"labels.values names {name!r}, which is not in labels.classes {self.classes}")
-            _check(value >= 1, f"labels.values.{name} must be a stored voxel value >= 1 (0 is background), "
-                               f"got {value}")
+            _check(name in self.classes, f"labels.values names {name!r}, which is not in labels.classes {self.classes}")
+            _check(value >= 1, f"labels.values.{name} must be a stored voxel value >= 1 (0 is background), got {value}")
         stored = [self.source_value(c) for c in self.classes]
         repeated = sorted({v for v in stored if stored.count(v) > 1})
         # Two classes on one stored value would silently merge them (the later class wins).
-        _check(not repeated, f"labels.values gives classes {self.classes} the stored values {stored}: "
-                             f"{repeated} repeat; each class needs its own value")
-        _check(self.csv_key_column is None or bool(self.csv_key_column.strip()),
-               "labels.csv_key_column must be a column name or null (default for labels.csv_key)")
+        _check(
+            not repeated,
+            f"labels.values gives classes {self.classes} the stored values {stored}: "
+            f"{repeated} repeat; each class needs its own value",
+        )
+        _check(
+            self.csv_key_column is None or bool(self.csv_key_column.strip()),
+            "labels.csv_key_column must be a column name or null (default for labels.csv_key)",
+        )
         _check(bool(self.csv_label_column.strip()), "labels.csv_label_column must be a column name")
 
     @property
@@ -408,8 +411,7 @@ class LabelSpec:
     @property
     def key_tag(self) -> str:
         """The DICOM attribute the CSV key is compared with, as ``(gggg,eeee) Name``."""
-        return ("(0008,0050) Accession Number" if self.csv_key == "accession"
-                else "(0020,000D) Study Instance UID")
+        return "(0008,0050) Accession Number" if self.csv_key == "accession" else "(0020,000D) Study Instance UID"
 
     def source_value(self, name: str) -> int:
         """Stored value of class ``name`` in the source label (default: its 1-based index)."""
@@ -435,15 +437,20 @@ class SplitSpec:
     folds: int = 0
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.val_fraction < 1.0,
-               f"split.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
-        _check(0.0 <= self.test_fraction < 1.0,
-               f"split.test_fraction must be >= 0 and < 1, got {self.test_fraction}")
-        _check(self.val_fraction + self.test_fraction < 1.0,
-               f"split.val_fraction + split.test_fraction must leave cases for training (< 1), got "
-               f"{self.val_fraction} + {self.test_fraction}")
-        _check(self.folds == 0 or 2 <= self.folds <= 20,
-               f"split.folds must be 0 (no cross-validation) or 2..20, got {self.folds}")
+        _check(
+            0.0 < self.val_fraction < 1.0,
+            f"split.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}",
+        )
+        _check(0.0 <= self.test_fraction < 1.0, f"split.test_fraction must be >= 0 and < 1, got {self.test_fraction}")
+        _check(
+            self.val_fraction + self.test_fraction < 1.0,
+            f"split.val_fraction + split.test_fraction must leave cases for training (< 1), got "
+            f"{self.val_fraction} + {self.test_fraction}",
+        )
+        _check(
+            self.folds == 0 or 2 <= self.folds <= 20,
+            f"split.folds must be 0 (no cross-validation) or 2..20, got {self.folds}",
+        )
 
 
 @dataclass(frozen=True)
@@ -464,10 +471,14 @@ class GeometrySpec:
 
     def __post_init__(self) -> None:
         _check(self.min_slices >= 2, f"geometry.min_slices must be >= 2, got {self.min_slices}")
-        _check(0 < self.spacing_tolerance < 0.1,
-               f"geometry.spacing_tolerance must be in (0, 0.1), got {self.spacing_tolerance}")
-        _check(0 < self.orientation_tolerance < 0.1,
-               f"geometry.orientation_tolerance must be in (0, 0.1), got {self.orientation_tolerance}")
+        _check(
+            0 < self.spacing_tolerance < 0.1,
+            f"geometry.spacing_tolerance must be in (0, 0.1), got {self.spacing_tolerance}",
+        )
+        _check(
+            0 < self.orientation_tolerance < 0.1,
+            f"geometry.orientation_tolerance must be in (0, 0.1), got {self.orientation_tolerance}",
+        )
 
 
 @dataclass(frozen=True)
@@ -495,20 +506,28 @@ class DeidSpec:
             from fedimg.dicom.deid_table import DESCRIPTORS, PATIENT_CHARACTERISTICS
 
             for i, name in enumerate(self.covariates):
-                _check(name in PATIENT_CHARACTERISTICS,
-                       f"deid.covariates[{i}] {name!r} is not a patient characteristic of the Retain Patient "
-                       f"Characteristics Option; expected one of {', '.join(sorted(PATIENT_CHARACTERISTICS))}")
+                _check(
+                    name in PATIENT_CHARACTERISTICS,
+                    f"deid.covariates[{i}] {name!r} is not a patient characteristic of the Retain Patient "
+                    f"Characteristics Option; expected one of {', '.join(sorted(PATIENT_CHARACTERISTICS))}",
+                )
             for name, values in self.keep_descriptors.items():
-                _check(name in DESCRIPTORS,
-                       f"deid.keep_descriptors names {name!r}, which is not a descriptor of the Clean Descriptors "
-                       f"Option; expected one of {', '.join(sorted(DESCRIPTORS))}")
-                _check(all(v.strip() for v in values),
-                       f"deid.keep_descriptors.{name} must list non-empty values (kept verbatim, not patterns), "
-                       f"got {values}")
+                _check(
+                    name in DESCRIPTORS,
+                    f"deid.keep_descriptors names {name!r}, which is not a descriptor of the Clean Descriptors "
+                    f"Option; expected one of {', '.join(sorted(DESCRIPTORS))}",
+                )
+                _check(
+                    all(v.strip() for v in values),
+                    f"deid.keep_descriptors.{name} must list non-empty values (kept verbatim, not patterns), "
+                    f"got {values}",
+                )
         for i, (creator, element) in enumerate(self.private_allowlist):
-            _check(bool(creator.strip()) and 0 <= element <= 0xFFFF,
-                   f"deid.private_allowlist[{i}] must be [private creator, element 0x00-0xFF (or 0xXXYY)], "
-                   f"got {[creator, element]}")
+            _check(
+                bool(creator.strip()) and 0 <= element <= 0xFFFF,
+                f"deid.private_allowlist[{i}] must be [private creator, element 0x00-0xFF (or 0xXXYY)], "
+                f"got {[creator, element]}",
+            )
 
 
 @dataclass(frozen=True)
@@ -550,45 +569,68 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         if self.spatial_dims == 3:
-            _check(self.target_spacing is not None,
-                   "missing required key target_spacing (list of 3 float, mm): a 3D spec (spatial_dims: 3) "
-                   "resamples every volume to it")
-            _check(all(MIN_SPACING_MM < s <= MAX_SPACING_MM for s in self.target_spacing),  # type: ignore[union-attr]
-                   f"target_spacing must be three mm values in ({MIN_SPACING_MM}, {MAX_SPACING_MM}], "
-                   f"got {list(self.target_spacing or ())}")
-            _check(self.modality in VOLUME_MODALITIES,
-                   f"modality must be CT or MR for a 3D spec, got {self.modality!r}; projection radiographs "
-                   "(DX, CR, MG) need spatial_dims: 2 and target_size")
-            _check(self.target_size is None,
-                   "target_size is for 2D specs (spatial_dims: 2); a 3D spec uses target_spacing")
+            _check(
+                self.target_spacing is not None,
+                "missing required key target_spacing (list of 3 float, mm): a 3D spec (spatial_dims: 3) "
+                "resamples every volume to it",
+            )
+            _check(
+                all(MIN_SPACING_MM < s <= MAX_SPACING_MM for s in self.target_spacing),  # type: ignore[union-attr]
+                f"target_spacing must be three mm values in ({MIN_SPACING_MM}, {MAX_SPACING_MM}], "
+                f"got {list(self.target_spacing or ())}",
+            )
+            _check(
+                self.modality in VOLUME_MODALITIES,
+                f"modality must be CT or MR for a 3D spec, got {self.modality!r}; projection radiographs "
+                "(DX, CR, MG) need spatial_dims: 2 and target_size",
+            )
+            _check(
+                self.target_size is None, "target_size is for 2D specs (spatial_dims: 2); a 3D spec uses target_spacing"
+            )
         else:
-            _check(self.target_size is not None,
-                   "missing required key target_size ([H, W] pixels): a 2D spec (spatial_dims: 2) resizes "
-                   "and pads every image to it")
-            _check(all(8 <= s <= MAX_SIZE_2D for s in self.target_size),  # type: ignore[union-attr]
-                   f"target_size must be two pixel counts in [8, {MAX_SIZE_2D}], got {list(self.target_size or ())}")
-            _check(self.task == "classification",
-                   "spatial_dims: 2 supports task: classification only (2D segmentation is not built); "
-                   "set task: classification, or spatial_dims: 3 for volumes")
-            _check(self.target_spacing is None,
-                   "target_spacing is for 3D specs; a 2D spec uses target_size (output spacing follows "
-                   "from the image's extent)")
+            _check(
+                self.target_size is not None,
+                "missing required key target_size ([H, W] pixels): a 2D spec (spatial_dims: 2) resizes "
+                "and pads every image to it",
+            )
+            _check(
+                all(8 <= s <= MAX_SIZE_2D for s in self.target_size),  # type: ignore[union-attr]
+                f"target_size must be two pixel counts in [8, {MAX_SIZE_2D}], got {list(self.target_size or ())}",
+            )
+            _check(
+                self.task == "classification",
+                "spatial_dims: 2 supports task: classification only (2D segmentation is not built); "
+                "set task: classification, or spatial_dims: 3 for volumes",
+            )
+            _check(
+                self.target_spacing is None,
+                "target_spacing is for 3D specs; a 2D spec uses target_size (output spacing follows "
+                "from the image's extent)",
+            )
         _check(bool(self.name.strip()), "name must be a non-empty spec name")
         codes = self.orientation.upper()
-        _check(len(codes) == 3 and all(sum(c in pair for c in codes) == 1 for pair in ("LR", "AP", "SI")),
-               f"orientation must be three axis codes, one of L/R, A/P and S/I each (e.g. 'RAS', 'LPS'), "
-               f"got {self.orientation!r}")
+        _check(
+            len(codes) == 3 and all(sum(c in pair for c in codes) == 1 for pair in ("LR", "AP", "SI")),
+            f"orientation must be three axis codes, one of L/R, A/P and S/I each (e.g. 'RAS', 'LPS'), "
+            f"got {self.orientation!r}",
+        )
         # MONAI's Orientationd reads upper-case codes only.
         object.__setattr__(self, "orientation", codes)
         if self.task == "classification":
-            _check(len(self.labels.classes) >= 2,
-                   f"labels.classes must name at least 2 classes for classification, got {self.labels.classes}")
-            _check(not self.labels.values,
-                   "labels.values maps voxel values of segmentation labels; a classification spec reads "
-                   "class names (or 0-based indices) from the labels CSV: remove labels.values")
-            _check(self.labels.required,
-                   "labels.required: false has no meaning for classification: a study without a row in "
-                   "the labels CSV has no class and is refused (NO_LABEL)")
+            _check(
+                len(self.labels.classes) >= 2,
+                f"labels.classes must name at least 2 classes for classification, got {self.labels.classes}",
+            )
+            _check(
+                not self.labels.values,
+                "labels.values maps voxel values of segmentation labels; a classification spec reads "
+                "class names (or 0-based indices) from the labels CSV: remove labels.values",
+            )
+            _check(
+                self.labels.required,
+                "labels.required: false has no meaning for classification: a study without a row in "
+                "the labels CSV has no class and is refused (NO_LABEL)",
+            )
 
     @property
     def is_classification(self) -> bool:
@@ -631,24 +673,34 @@ class TaskConfig:
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), f"task.spatial_dims must be 2 or 3, got {self.spatial_dims}")
         _check(len(self.class_names) >= 1, "task.class_names must name at least one class")
-        _check(len(set(self.class_names)) == len(self.class_names),
-               f"task.class_names has duplicates: {self.class_names}")
+        _check(
+            len(set(self.class_names)) == len(self.class_names), f"task.class_names has duplicates: {self.class_names}"
+        )
         bad = [c for c in self.class_names if not c or not all(ch.isalnum() or ch in "_-" for ch in c)]
-        _check(not bad, f"task.class_names must be letters, digits, '_' or '-' (they name metrics and "
-                        f"TensorBoard tags), got {bad}")
-        _check(self.min_component_voxels >= 0,
-               f"task.min_component_voxels must be >= 0, got {self.min_component_voxels}")
+        _check(
+            not bad,
+            f"task.class_names must be letters, digits, '_' or '-' (they name metrics and TensorBoard tags), got {bad}",
+        )
+        _check(
+            self.min_component_voxels >= 0, f"task.min_component_voxels must be >= 0, got {self.min_component_voxels}"
+        )
         _check(self.in_channels >= 1, f"task.in_channels must be >= 1, got {self.in_channels}")
         if self.type == "segmentation":
-            _check(self.spatial_dims == 3,
-                   f"task.spatial_dims must be 3 for segmentation (volumes), got {self.spatial_dims}")
+            _check(
+                self.spatial_dims == 3,
+                f"task.spatial_dims must be 3 for segmentation (volumes), got {self.spatial_dims}",
+            )
         else:
-            _check(len(self.class_names) >= 2,
-                   f"task.class_names must name at least 2 classes for classification, got {self.class_names}")
+            _check(
+                len(self.class_names) >= 2,
+                f"task.class_names must name at least 2 classes for classification, got {self.class_names}",
+            )
         if self.positive_class is not None:
-            _check(self.type == "classification" and self.positive_class in self.class_names,
-                   f"task.positive_class must be one of task.class_names {self.class_names} (classification), "
-                   f"got {self.positive_class!r}")
+            _check(
+                self.type == "classification" and self.positive_class in self.class_names,
+                f"task.positive_class must be one of task.class_names {self.class_names} (classification), "
+                f"got {self.positive_class!r}",
+            )
 
     @property
     def num_classes(self) -> int:
@@ -676,8 +728,9 @@ class TaskConfig:
         """
         if self.is_segmentation:
             return ("val_dice", *(f"val_dice_{c}" for c in self.class_names))
-        per_class = [f"val_{m}_{c}" for m in ("auc", "sensitivity", "specificity", "balanced_accuracy")
-                     for c in self.class_names]
+        per_class = [
+            f"val_{m}_{c}" for m in ("auc", "sensitivity", "specificity", "balanced_accuracy") for c in self.class_names
+        ]
         return ("val_auc", "val_balanced_accuracy", "val_accuracy", *per_class)
 
 
@@ -721,22 +774,30 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(len(self.channels) >= 2 and all(c >= 1 for c in self.channels),
-               f"model.channels must list >= 2 positive feature counts, got {self.channels}")
+        _check(
+            len(self.channels) >= 2 and all(c >= 1 for c in self.channels),
+            f"model.channels must list >= 2 positive feature counts, got {self.channels}",
+        )
         _check(all(s >= 1 for s in self.strides), f"model.strides must be positive, got {self.strides}")
         _check(self.num_res_units >= 0, f"model.num_res_units must be >= 0, got {self.num_res_units}")
-        _check(len(self.strides) == len(self.channels) - 1,
-               f"model.strides must have len(model.channels) - 1 = {len(self.channels) - 1} "
-               f"entries, got {len(self.strides)}")
+        _check(
+            len(self.strides) == len(self.channels) - 1,
+            f"model.strides must have len(model.channels) - 1 = {len(self.channels) - 1} "
+            f"entries, got {len(self.strides)}",
+        )
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        _check(self.resnet_depth in (10, 18, 34, 50),
-               f"model.resnet_depth must be 10, 18, 34 or 50, got {self.resnet_depth}")
+        _check(
+            self.resnet_depth in (10, 18, 34, 50),
+            f"model.resnet_depth must be 10, 18, 34 or 50, got {self.resnet_depth}",
+        )
         _check(self.init_filters >= 4, f"model.init_filters must be >= 4, got {self.init_filters}")
         _check(self.init_features >= 4, f"model.init_features must be >= 4, got {self.init_features}")
         _check(self.growth_rate >= 4, f"model.growth_rate must be >= 4, got {self.growth_rate}")
         _check(0.0 < self.width <= 4.0, f"model.width must be in (0, 4], got {self.width}")
-        _check(len(self.blocks_down) >= 2 and all(b >= 1 for b in self.blocks_down),
-               f"model.blocks_down must list >= 2 positive block counts, got {self.blocks_down}")
+        _check(
+            len(self.blocks_down) >= 2 and all(b >= 1 for b in self.blocks_down),
+            f"model.blocks_down must list >= 2 positive block counts, got {self.blocks_down}",
+        )
 
 
 @dataclass(frozen=True)
@@ -767,14 +828,14 @@ class DataConfig:
     fold: int | None = None
 
     def __post_init__(self) -> None:
-        _check(len(self.roi_size) in (2, 3) and all(r >= 16 for r in self.roi_size),
-               f"data.roi_size must be 2 or 3 sizes, each >= 16, got {list(self.roi_size)}")
+        _check(
+            len(self.roi_size) in (2, 3) and all(r >= 16 for r in self.roi_size),
+            f"data.roi_size must be 2 or 3 sizes, each >= 16, got {list(self.roi_size)}",
+        )
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _check(0.0 <= self.cache_rate <= 1.0,
-               f"data.cache_rate must be in [0, 1], got {self.cache_rate}")
+        _check(0.0 <= self.cache_rate <= 1.0, f"data.cache_rate must be in [0, 1], got {self.cache_rate}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
-        _check(self.samples_per_volume >= 1,
-               f"data.samples_per_volume must be >= 1, got {self.samples_per_volume}")
+        _check(self.samples_per_volume >= 1, f"data.samples_per_volume must be >= 1, got {self.samples_per_volume}")
         _check(self.fold is None or self.fold >= 0, f"data.fold must be >= 0 or empty, got {self.fold}")
 
 
@@ -798,8 +859,7 @@ class OptimConfig:
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(0.0 <= self.momentum < 1.0, f"optim.momentum must be in [0, 1), got {self.momentum}")
-        _check(0.0 <= self.min_lr_factor <= 1.0,
-               f"optim.min_lr_factor must be in [0, 1], got {self.min_lr_factor}")
+        _check(0.0 <= self.min_lr_factor <= 1.0, f"optim.min_lr_factor must be in [0, 1], got {self.min_lr_factor}")
 
     def lr_at(self, progress: float) -> float:
         """Learning rate at ``progress`` in [0, 1] of the run."""
@@ -843,8 +903,10 @@ class ServerOptimConfig:
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"fed.server_optimizer.lr must be > 0, got {self.lr}")
         _check(0.0 <= self.momentum < 1.0, f"fed.server_optimizer.momentum must be in [0, 1), got {self.momentum}")
-        _check(all(0.0 <= b < 1.0 for b in self.betas),
-               f"fed.server_optimizer.betas must be in [0, 1), got {list(self.betas)}")
+        _check(
+            all(0.0 <= b < 1.0 for b in self.betas),
+            f"fed.server_optimizer.betas must be in [0, 1), got {list(self.betas)}",
+        )
         _check(self.eps > 0, f"fed.server_optimizer.eps must be > 0, got {self.eps}")
 
 
@@ -875,11 +937,15 @@ class RobustConfig:
 
     def __post_init__(self) -> None:
         _check(self.trim >= 1, f"fed.robust.trim must be >= 1, got {self.trim}")
-        _check(self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1,
-               f"fed.robust.norm_outlier_factor must be 0 (off) or > 1, got {self.norm_outlier_factor}")
+        _check(
+            self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1,
+            f"fed.robust.norm_outlier_factor must be 0 (off) or > 1, got {self.norm_outlier_factor}",
+        )
         _check(self.max_update_norm >= 0, f"fed.robust.max_update_norm must be >= 0, got {self.max_update_norm}")
-        _check(self.min_cosine is None or -1.0 <= self.min_cosine < 1.0,
-               f"fed.robust.min_cosine must be null or in [-1, 1), got {self.min_cosine}")
+        _check(
+            self.min_cosine is None or -1.0 <= self.min_cosine < 1.0,
+            f"fed.robust.min_cosine must be null or in [-1, 1), got {self.min_cosine}",
+        )
 
 
 AlgorithmName = Literal["fedavg", "fedprox", "fedopt", "scaffold", "fedbn"]
@@ -952,23 +1018,30 @@ class FedConfig:
     max_steps_per_round: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.max_steps_per_round >= 0,
-               f"fed.max_steps_per_round must be >= 0 (0: derived), got {self.max_steps_per_round}")
+        _check(
+            self.max_steps_per_round >= 0,
+            f"fed.max_steps_per_round must be >= 0 (0: derived), got {self.max_steps_per_round}",
+        )
         _check(self.num_rounds >= 1, f"fed.num_rounds must be >= 1, got {self.num_rounds}")
         _check(self.min_clients >= 0, f"fed.min_clients must be >= 0, got {self.min_clients}")
         _check_positive(self, "fed", "mu")
         _check(self.round_timeout_s >= 0, f"fed.round_timeout_s must be >= 0 (0: adaptive), got {self.round_timeout_s}")
-        _check(self.first_round_timeout_s >= 10,
-               f"fed.first_round_timeout_s must be >= 10, got {self.first_round_timeout_s}")
-        _check(self.min_round_timeout_s >= 10,
-               f"fed.min_round_timeout_s must be >= 10, got {self.min_round_timeout_s}")
+        _check(
+            self.first_round_timeout_s >= 10,
+            f"fed.first_round_timeout_s must be >= 10, got {self.first_round_timeout_s}",
+        )
+        _check(self.min_round_timeout_s >= 10, f"fed.min_round_timeout_s must be >= 10, got {self.min_round_timeout_s}")
         _check(self.eval_timeout_s >= 10, f"fed.eval_timeout_s must be >= 10, got {self.eval_timeout_s}")
-        _check(self.scope is None or (bool(self.scope) and all(c.isalnum() or c in "-_" for c in self.scope)),
-               f"fed.scope must be null or a scope name (letters, digits, '-', '_'), got {self.scope!r}")
+        _check(
+            self.scope is None or (bool(self.scope) and all(c.isalnum() or c in "-_" for c in self.scope)),
+            f"fed.scope must be null or a scope name (letters, digits, '-', '_'), got {self.scope!r}",
+        )
         if self.algorithm == "fedopt":
-            _check(self.exchange == "diff",
-                   "fed.algorithm fedopt treats the averaged update as a gradient: set fed.exchange: diff "
-                   f"(got {self.exchange!r})")
+            _check(
+                self.exchange == "diff",
+                "fed.algorithm fedopt treats the averaged update as a gradient: set fed.exchange: diff "
+                f"(got {self.exchange!r})",
+            )
 
 
 @dataclass(frozen=True)
@@ -1041,8 +1114,6 @@ class DPSGDConfig:
         _check(0 < self.delta < 1, f"privacy.dp_sgd.delta must be in (0, 1), got {self.delta}")
 
 
-
-
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Privacy the job itself asks of every site (a site's own ``privacy.json`` scope may add more).
@@ -1076,8 +1147,9 @@ class PrivacyConfig:
     min_cohort: int = 5
 
     def __post_init__(self) -> None:
-        _check(self.min_cohort >= 1,
-               f"privacy.min_cohort must be >= 1 (1: always report counts), got {self.min_cohort}")
+        _check(
+            self.min_cohort >= 1, f"privacy.min_cohort must be >= 1 (1: always report counts), got {self.min_cohort}"
+        )
 
 
 @dataclass(frozen=True)
@@ -1094,54 +1166,77 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and all(c.isalnum() or c in "-_" for c in self.name),
-               f"name must be letters, digits, '-' or '_', got {self.name!r}")
-        _check(self.fed.key_metric in ("auto", *self.task.rankable_metrics),
-               f"fed.key_metric {self.fed.key_metric!r} is not a metric the {self.task.type} task reports that "
-               f"ranks models (higher is better); expected auto or one of {', '.join(self.task.rankable_metrics)}")
-        _check(len(self.data.roi_size) == self.task.spatial_dims,
-               f"data.roi_size must have task.spatial_dims = {self.task.spatial_dims} entries, "
-               f"got {list(self.data.roi_size)}")
+        _check(
+            bool(self.name) and all(c.isalnum() or c in "-_" for c in self.name),
+            f"name must be letters, digits, '-' or '_', got {self.name!r}",
+        )
+        _check(
+            self.fed.key_metric in ("auto", *self.task.rankable_metrics),
+            f"fed.key_metric {self.fed.key_metric!r} is not a metric the {self.task.type} task reports that "
+            f"ranks models (higher is better); expected auto or one of {', '.join(self.task.rankable_metrics)}",
+        )
+        _check(
+            len(self.data.roi_size) == self.task.spatial_dims,
+            f"data.roi_size must have task.spatial_dims = {self.task.spatial_dims} entries, "
+            f"got {list(self.data.roi_size)}",
+        )
         if self.task.is_segmentation:
-            _check(self.model.name in SEGMENTATION_MODELS,
-                   f"model.name {self.model.name!r} is a classifier; segmentation uses one of "
-                   f"{', '.join(SEGMENTATION_MODELS)}")
+            _check(
+                self.model.name in SEGMENTATION_MODELS,
+                f"model.name {self.model.name!r} is a classifier; segmentation uses one of "
+                f"{', '.join(SEGMENTATION_MODELS)}",
+            )
         else:
-            _check(self.model.name not in SEGMENTATION_MODELS,
-                   f"model.name {self.model.name!r} is a segmentation network; classification uses "
-                   "densenet121 or resnet")
+            _check(
+                self.model.name not in SEGMENTATION_MODELS,
+                f"model.name {self.model.name!r} is a segmentation network; classification uses densenet121 or resnet",
+            )
         if self.model.name == "densenet121":
             # The stem and three transitions halve the image five times.
-            _check(all(r >= 32 for r in self.data.roi_size),
-                   f"model.name densenet121 needs images of at least 32 per axis (data.roi_size), "
-                   f"got {list(self.data.roi_size)}")
+            _check(
+                all(r >= 32 for r in self.data.roi_size),
+                f"model.name densenet121 needs images of at least 32 per axis (data.roi_size), "
+                f"got {list(self.data.roi_size)}",
+            )
             # Instance norm needs more than one value per channel: the last one sees roi / 32 per axis.
-            _check(self.model.norm != "instance" or all(r >= 64 for r in self.data.roi_size),
-                   "model.name densenet121 with model.norm instance needs images of at least 64 per axis "
-                   f"(data.roi_size; got {list(self.data.roi_size)}): its last norm layer would see a single "
-                   "pixel. Use model.norm batch or group, or larger images")
+            _check(
+                self.model.norm != "instance" or all(r >= 64 for r in self.data.roi_size),
+                "model.name densenet121 with model.norm instance needs images of at least 64 per axis "
+                f"(data.roi_size; got {list(self.data.roi_size)}): its last norm layer would see a single "
+                "pixel. Use model.norm batch or group, or larger images",
+            )
         if self.fed.algorithm == "fedbn":
-            _check(self.model.norm != "instance",
-                   "fed.algorithm fedbn keeps normalization layers at each site, but model.norm instance "
-                   "has no learned or tracked statistics in MONAI's networks: set model.norm: batch (or group)")
+            _check(
+                self.model.norm != "instance",
+                "fed.algorithm fedbn keeps normalization layers at each site, but model.norm instance "
+                "has no learned or tracked statistics in MONAI's networks: set model.norm: batch (or group)",
+            )
         self._check_privacy()
 
     def _check_privacy(self) -> None:
         pv, fed = self.privacy, self.fed
         if pv.update_filter != "none":
-            _check(fed.exchange == "diff",
-                   f"privacy.update_filter {pv.update_filter} acts on model differences (clipping or sparsifying "
-                   f"full weights would destroy the model): set fed.exchange: diff (got {fed.exchange!r})")
+            _check(
+                fed.exchange == "diff",
+                f"privacy.update_filter {pv.update_filter} acts on model differences (clipping or sparsifying "
+                f"full weights would destroy the model): set fed.exchange: diff (got {fed.exchange!r})",
+            )
         if pv.dp_sgd.enabled:
-            _check(self.model.norm != "batch",
-                   "privacy.dp_sgd needs per-sample gradients, which BatchNorm mixes across the batch: set "
-                   "model.norm: instance or group (got batch)")
-            _check(fed.algorithm in ("fedavg", "fedopt"),
-                   f"privacy.dp_sgd clips per-sample gradients of the task loss; fed.algorithm {fed.algorithm} adds "
-                   "terms outside that accounting: use fedavg or fedopt")
-            _check(self.data.samples_per_volume == 1,
-                   "privacy.dp_sgd protects each training sample: set data.samples_per_volume: 1 so a sample is "
-                   f"one case (got {self.data.samples_per_volume})")
+            _check(
+                self.model.norm != "batch",
+                "privacy.dp_sgd needs per-sample gradients, which BatchNorm mixes across the batch: set "
+                "model.norm: instance or group (got batch)",
+            )
+            _check(
+                fed.algorithm in ("fedavg", "fedopt"),
+                f"privacy.dp_sgd clips per-sample gradients of the task loss; fed.algorithm {fed.algorithm} adds "
+                "terms outside that accounting: use fedavg or fedopt",
+            )
+            _check(
+                self.data.samples_per_volume == 1,
+                "privacy.dp_sgd protects each training sample: set data.samples_per_volume: 1 so a sample is "
+                f"one case (got {self.data.samples_per_volume})",
+            )
         if pv.encryption == "he":
             problems = []
             if fed.algorithm != "fedavg":
@@ -1150,16 +1245,22 @@ class ExperimentConfig:
                 problems.append(f"fed.exchange: weights (got {fed.exchange})")
             if fed.update_precision != "fp32":
                 problems.append(f"fed.update_precision: fp32 (got {fed.update_precision})")
-            if fed.robust.aggregation != "mean" or fed.robust.norm_outlier_factor or fed.robust.max_update_norm \
-                    or fed.robust.min_cosine is not None:
+            if (
+                fed.robust.aggregation != "mean"
+                or fed.robust.norm_outlier_factor
+                or fed.robust.max_update_norm
+                or fed.robust.min_cosine is not None
+            ):
                 problems.append("fed.robust at its defaults (mean, no screening)")
             if fed.cross_site_eval or fed.final_eval:
                 problems.append("fed.cross_site_eval: false and fed.final_eval: false")
             if pv.update_filter != "none":
                 problems.append(f"privacy.update_filter: none (got {pv.update_filter})")
-            _check(not problems,
-                   "privacy.encryption he: the server only sums ciphertexts, so it cannot screen, weigh, rate or "
-                   "select models; set " + "; ".join(problems))
+            _check(
+                not problems,
+                "privacy.encryption he: the server only sums ciphertexts, so it cannot screen, weigh, rate or "
+                "select models; set " + "; ".join(problems),
+            )
 
     @property
     def key_metric(self) -> str:
@@ -1190,9 +1291,11 @@ def validate_site_name(name: Any, what: str = "site name") -> str:
     text = name if isinstance(name, str) else str(name)
     if not isinstance(name, str) or not _SITE_NAME_RE.fullmatch(text) or ".." in text:
         shown = repr(text) if len(text) <= 70 else repr(text[:67]) + "..."
-        raise ConfigError(f"{what}: expected a site name of 1-64 letters, digits, '.', '_' or '-' that does not "
-                          f"start with '.' or '-' and has no '..' (it names folders and the NVFlare client), "
-                          f"got {shown}; rename the site, e.g. site-1")
+        raise ConfigError(
+            f"{what}: expected a site name of 1-64 letters, digits, '.', '_' or '-' that does not "
+            f"start with '.' or '-' and has no '..' (it names folders and the NVFlare client), "
+            f"got {shown}; rename the site, e.g. site-1"
+        )
     return text
 
 
@@ -1262,4 +1365,3 @@ __all__ = [
     "to_dict",
     "validate_site_name",
 ]
-

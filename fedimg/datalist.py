@@ -107,8 +107,10 @@ class Datalist:
         if fold is None:
             return list(self.training), list(self.validation)
         if not self.folds:
-            raise DatalistError(f"data.fold {fold} was asked, but the datalist of site {self.site} has no folds; "
-                                "preprocess with split.folds set, or leave data.fold empty")
+            raise DatalistError(
+                f"data.fold {fold} was asked, but the datalist of site {self.site} has no folds; "
+                "preprocess with split.folds set, or leave data.fold empty"
+            )
         if not 0 <= fold < self.folds:
             raise DatalistError(f"data.fold must be in 0..{self.folds - 1} for site {self.site}, got {fold}")
         pool = self.training + self.validation
@@ -116,8 +118,13 @@ class Datalist:
 
     def to_json(self) -> dict[str, Any]:
         """As written to ``datalist.json``."""
-        out: dict[str, Any] = {"name": self.name, "site": self.site, "task": self.task,
-                               "spatial_dims": self.spatial_dims, "labels": dict(self.labels)}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "site": self.site,
+            "task": self.task,
+            "spatial_dims": self.spatial_dims,
+            "labels": dict(self.labels),
+        }
         for key in SPLIT_KEYS:
             out[key] = [i.to_json() for i in getattr(self, key)]
         if self.folds:
@@ -148,12 +155,18 @@ class Datalist:
             raise DatalistError(f"{where}: expected spatial_dims 2 or 3, got {dims!r}")
         labels = raw.get("labels") or {}
         if not isinstance(labels, dict) or not all(str(k).isdigit() and isinstance(v, str) for k, v in labels.items()):
-            raise DatalistError(f"{where}: expected labels as {{\"0\": \"background\", ...}}, got {labels!r}")
+            raise DatalistError(f'{where}: expected labels as {{"0": "background", ...}}, got {labels!r}')
         folds = raw.get("folds", 0) or 0
         if not isinstance(folds, int) or isinstance(folds, bool) or folds < 0:
             raise DatalistError(f"{where}: expected folds as a non-negative integer, got {folds!r}")
-        dl = cls(name=str(raw.get("name", "")), site=str(raw.get("site", "")), task=task, spatial_dims=int(dims),
-                 labels={str(k): v for k, v in labels.items()}, folds=folds)
+        dl = cls(
+            name=str(raw.get("name", "")),
+            site=str(raw.get("site", "")),
+            task=task,
+            spatial_dims=int(dims),
+            labels={str(k): v for k, v in labels.items()},
+            folds=folds,
+        )
         n_classes = len(dl.classes)
         for key in SPLIT_KEYS:
             items = raw.get(key, [] if key == "test" else None)
@@ -188,8 +201,9 @@ def _relative_inside(value: Any, where: str, what: str) -> str:
         raise DatalistError(f"{where}: expected {what} as a relative path, got {value!r}")
     pure = PurePosixPath(value)
     if pure.is_absolute() or ".." in pure.parts or "\\" in value:
-        raise DatalistError(f"{where}: {what} must be a path inside the datalist's folder (relative, no '..'), "
-                            f"got {value!r}")
+        raise DatalistError(
+            f"{where}: {what} must be a path inside the datalist's folder (relative, no '..'), got {value!r}"
+        )
     return value
 
 
@@ -205,8 +219,7 @@ def _item(item: Any, where: str, task: str, n_classes: int, folds: int) -> Datal
     fold = item.get("fold")
     if folds and (isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds):
         raise DatalistError(f"{where}: expected fold in 0..{folds - 1} (the datalist has {folds} folds), got {fold!r}")
-    return DatalistItem(image=image, case_id=str(item.get("case_id", "")), label=label,
-                        fold=fold if folds else None)
+    return DatalistItem(image=image, case_id=str(item.get("case_id", "")), label=label, fold=fold if folds else None)
 
 
 __all__ = ["SPLIT_KEYS", "Datalist", "DatalistError", "DatalistItem"]

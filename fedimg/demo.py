@@ -30,9 +30,17 @@ def _print(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def run_demo(out: Path, sites: int = 3, cases: int = 8, seed: int = 0, rounds: int | None = None,
-             device: str = "auto", config: str | None = None, progress: bool = True,
-             overrides: list[str] | None = None) -> dict[str, Any]:
+def run_demo(
+    out: Path,
+    sites: int = 3,
+    cases: int = 8,
+    seed: int = 0,
+    rounds: int | None = None,
+    device: str = "auto",
+    config: str | None = None,
+    progress: bool = True,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Run the demo end to end and return the summary (also written to ``out/summary.json``).
 
     ``out`` must be new, empty, or an earlier demo's output (it carries
@@ -61,8 +69,16 @@ def run_demo(out: Path, sites: int = 3, cases: int = 8, seed: int = 0, rounds: i
         return _run_demo(out, exp, spec, sites, cases, seed, device, progress)
 
 
-def _run_demo(out: Path, exp: cfgmod.ExperimentConfig, spec: cfgmod.PreprocessSpec, sites: int, cases: int,
-              seed: int, device: str, progress: bool) -> dict[str, Any]:
+def _run_demo(
+    out: Path,
+    exp: cfgmod.ExperimentConfig,
+    spec: cfgmod.PreprocessSpec,
+    sites: int,
+    cases: int,
+    seed: int,
+    device: str,
+    progress: bool,
+) -> dict[str, Any]:
     from fedimg.dicom.deid import Pseudonymizer, SiteSecret
     from fedimg.fl.simulate import run_simulation
     from fedimg.preprocess.pipeline import preprocess
@@ -84,32 +100,48 @@ def _run_demo(out: Path, exp: cfgmod.ExperimentConfig, spec: cfgmod.PreprocessSp
         # Each site has its own secret: case ids and manifest entries are keyed pseudonyms.
         site_dir.mkdir(parents=True, exist_ok=True)
         secret = SiteSecret.generate(site_dir / "site.secret")
-        res = preprocess(raw / site, site_dir / "preprocessed", spec, site=site, progress=progress,
-                         pseudonymizer=Pseudonymizer(secret))
+        res = preprocess(
+            raw / site,
+            site_dir / "preprocessed",
+            spec,
+            site=site,
+            progress=progress,
+            pseudonymizer=Pseudonymizer(secret),
+        )
         _print(res.table())
         pre[site] = res
-        site_cfg = cfgmod.SiteConfig(name=site, datalist="preprocessed/datalist.json", device=device,
-                                     num_threads=threads, local_logdir="tb_local")
+        site_cfg = cfgmod.SiteConfig(
+            name=site,
+            datalist="preprocessed/datalist.json",
+            device=device,
+            num_threads=threads,
+            local_logdir="tb_local",
+        )
         cfgmod.save(site_cfg, site_dir / "site.yaml")
         site_cfgs[site] = str(site_dir / "site.yaml")
 
-    _print(f"[3/3] federated training: FedAvg, {exp.fed.num_rounds} rounds x {exp.train.local_epochs} local "
-           f"epoch(s), {len(site_cfgs)} sites in the NVFlare simulator")
+    _print(
+        f"[3/3] federated training: FedAvg, {exp.fed.num_rounds} rounds x {exp.train.local_epochs} local "
+        f"epoch(s), {len(site_cfgs)} sites in the NVFlare simulator"
+    )
     cfgmod.save(exp, out / "experiment.yaml")
     sim = run_simulation(exp, JOB_DIR, site_cfgs, out / "nvflare")
 
     rows = {}
     for site, res in pre.items():
         dice = sim.final_dice(site)
-        rows[site] = {"cases": len(res.cases),
-                      "train_cases": sum(c.split == "training" for c in res.cases),
-                      "val_cases": sum(c.split == "validation" for c in res.cases),
-                      "val_dice": dice,
-                      "val_dice_per_class": {
-                          k[len("val_dice_"):]: v
-                          for k, v in sim.cross_site_results.get(site, {}).get("SRV_FL_global_model.pt", {}).items()
-                          if k.startswith("val_dice_")},
-                      "manifest": res.manifest}
+        rows[site] = {
+            "cases": len(res.cases),
+            "train_cases": sum(c.split == "training" for c in res.cases),
+            "val_cases": sum(c.split == "validation" for c in res.cases),
+            "val_dice": dice,
+            "val_dice_per_class": {
+                k[len("val_dice_") :]: v
+                for k, v in sim.cross_site_results.get(site, {}).get("SRV_FL_global_model.pt", {}).items()
+                if k.startswith("val_dice_")
+            },
+            "manifest": res.manifest,
+        }
     summary = {
         "sites": rows,
         "best_model": str(sim.best_model),
@@ -123,14 +155,17 @@ def _run_demo(out: Path, exp: cfgmod.ExperimentConfig, spec: cfgmod.PreprocessSp
     write_json(out / "summary.json", summary)
 
     _print()
-    _print("Final global model, Dice on each site's validation cases (mean over "
-           + ", ".join(exp.task.class_names) + "):")
+    _print(
+        "Final global model, Dice on each site's validation cases (mean over " + ", ".join(exp.task.class_names) + "):"
+    )
     _print(f"{'site':<10} {'cases':>5} {'val':>4} {'Dice':>7}  " + "  ".join(f"{c:>7}" for c in exp.task.class_names))
     for site, row in rows.items():
         per = row["val_dice_per_class"]
         d = row["val_dice"]
-        _print(f"{site:<10} {row['cases']:>5} {row['val_cases']:>4} {d if d is None else f'{d:.3f}':>7}  "
-               + "  ".join(f"{per.get(c, float('nan')):>7.3f}" for c in exp.task.class_names))
+        _print(
+            f"{site:<10} {row['cases']:>5} {row['val_cases']:>4} {d if d is None else f'{d:.3f}':>7}  "
+            + "  ".join(f"{per.get(c, float('nan')):>7.3f}" for c in exp.task.class_names)
+        )
     _print()
     _print(f"best model:        {sim.best_model}")
     _print(f"final model:       {sim.global_model}")
@@ -138,4 +173,3 @@ def _run_demo(out: Path, exp: cfgmod.ExperimentConfig, spec: cfgmod.PreprocessSp
     _print(f"TensorBoard:       tensorboard --logdir {sim.tb_logdir}")
     _print(f"summary:           {out / 'summary.json'}  ({summary['total_seconds']:.0f} s in all)")
     return summary
-

@@ -76,8 +76,10 @@ def uid_component(value: str, what: str) -> str:
             an identifier).
     """
     if not is_uid(value):
-        raise UnsafePathError(f"{what} is not a UID (expected digits and dots, at most {UID_MAX_LEN} "
-                              f"characters, PS3.5 9.1; got {len(str(value))} characters)")
+        raise UnsafePathError(
+            f"{what} is not a UID (expected digits and dots, at most {UID_MAX_LEN} "
+            f"characters, PS3.5 9.1; got {len(str(value))} characters)"
+        )
     return value
 
 
@@ -102,8 +104,10 @@ def child_path(root: str | os.PathLike[str], *parts: str, what: str = "path comp
         target = target / safe_component(part, what)
     resolved = target.resolve()
     if resolved == base or base not in resolved.parents:
-        raise UnsafePathError(f"{what} would leave its folder: {len(parts)} component(s) below the root "
-                              "resolve outside it (a symbolic link inside the folder?)")
+        raise UnsafePathError(
+            f"{what} would leave its folder: {len(parts)} component(s) below the root "
+            "resolve outside it (a symbolic link inside the folder?)"
+        )
     return resolved
 
 

@@ -72,14 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     for i, (tr, va) in enumerate(zip(train_split, val_split), start=1):
         site = f"site-{i}"
         site_dir = out / site
-        summaries[site] = write_array_site(site_dir / "preprocessed", site, stem, classes,
-                                           (data["train_images"][tr], tr_lab[tr]),
-                                           (data["test_images"][va], te_lab[va]), prefix=stem)
+        summaries[site] = write_array_site(
+            site_dir / "preprocessed",
+            site,
+            stem,
+            classes,
+            (data["train_images"][tr], tr_lab[tr]),
+            (data["test_images"][va], te_lab[va]),
+            prefix=stem,
+        )
         cfgmod.save(cfgmod.SiteConfig(name=site, datalist="preprocessed/datalist.json"), site_dir / "site.yaml")
         s = summaries[site]
         print(f"{site}: training {s['training']}, validation {s['validation']}")
-    (out / "split.json").write_text(json.dumps({"source": str(src.name), "seed": args.seed, "sizes": sizes,
-                                                "positive": positive, "sites": summaries}, indent=1))
+    (out / "split.json").write_text(
+        json.dumps(
+            {"source": str(src.name), "seed": args.seed, "sizes": sizes, "positive": positive, "sites": summaries},
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -87,8 +87,7 @@ def synthetic_ct_sites(base: Path, *, n_sites: int, n_cases: int, seed: int) -> 
     out = {}
     for site in synth.sites:
         preprocess(synth.out_dir / site, base / "pre" / site, spec, site=site, progress=False)
-        sc = cfg.SiteConfig(name=site, datalist=str(base / "pre" / site / "datalist.json"), device="cpu",
-                            num_threads=1)
+        sc = cfg.SiteConfig(name=site, datalist=str(base / "pre" / site / "datalist.json"), device="cpu", num_threads=1)
         cfg.save(sc, base / f"{site}.yaml")
         out[site] = str(base / f"{site}.yaml")
     return out
@@ -150,8 +149,9 @@ def cls_sites(tmp_path_factory: pytest.TempPathFactory):
             tr_lab = np.array([1] * n_pos + [0] * n_neg)
             va_lab = np.array([1] * 3 + [0] * 3)
             site_dir = base / f"d{dims}" / f"site-{s}"
-            write_array_site(site_dir, f"site-{s}", "blobs", ["clear", "blob"], (np.stack(tr), tr_lab),
-                             (np.stack(va), va_lab))
+            write_array_site(
+                site_dir, f"site-{s}", "blobs", ["clear", "blob"], (np.stack(tr), tr_lab), (np.stack(va), va_lab)
+            )
             out[dims][f"site-{s}"] = site_dir / "datalist.json"
     return out
 
@@ -163,8 +163,14 @@ def tiny_classification(dims: int, **over):
     base = {
         "name": "tiny_cls",
         "task": {"type": "classification", "spatial_dims": dims, "class_names": ["clear", "blob"]},
-        "model": {"name": "resnet", "resnet_depth": 10, "width": 0.125, "norm": "batch",
-                  "growth_rate": 4, "init_features": 8},
+        "model": {
+            "name": "resnet",
+            "resnet_depth": 10,
+            "width": 0.125,
+            "norm": "batch",
+            "growth_rate": 4,
+            "init_features": 8,
+        },
         "data": {"roi_size": [32] * dims, "batch_size": 4, "augment": False},
         "optim": {"name": "adam", "lr": 0.003},
         "train": {"local_epochs": 1, "epochs": 2, "seed": 0, "amp": False},
@@ -177,8 +183,9 @@ def tiny_classification(dims: int, **over):
 def controller_for(algorithm: str = "fedavg", net=None, num_clients: int = 3, overrides: dict | None = None, **fed):
     """A FedimgController on a tiny segmentation experiment, its global model set from ``net`` (default Linear(3, 2)).
 
-    ``fed`` holds ``fed.*`` overrides (dotted below ``fed``), ``overrides`` any other experiment key. The strategy's own network (FedOpt's server
-    model, SCAFFOLD's parameters, FedBN's normalization layers) is ``net`` too, so tests see small, known keys.
+    ``fed`` holds ``fed.*`` overrides (dotted below ``fed``), ``overrides`` any other experiment key. The
+    strategy's own network (FedOpt's server model, SCAFFOLD's parameters, FedBN's normalization layers) is
+    ``net`` too, so tests see small, known keys.
     """
     import copy
     import json
@@ -190,13 +197,14 @@ def controller_for(algorithm: str = "fedavg", net=None, num_clients: int = 3, ov
     from fedimg.fl.controller import FedimgController
     from fedimg.fl.exchange import to_float32
 
-    exp = tiny_experiment(**{"fed.algorithm": algorithm, **{f"fed.{k}": v for k, v in fed.items()}, **(overrides or {})})
+    exp = tiny_experiment(
+        **{"fed.algorithm": algorithm, **{f"fed.{k}": v for k, v in fed.items()}, **(overrides or {})}
+    )
     ctl = FedimgController(num_clients=num_clients, num_rounds=1, experiment=json.dumps(cfg.to_dict(exp)))
     torch.manual_seed(0)
     net = net if net is not None else torch.nn.Linear(3, 2)
     ctl._global = to_float32(net.state_dict())
-    with mock.patch(f"fedimg.fl.algorithms.{algorithm}.build_model", lambda *a, **k: copy.deepcopy(net),
-                    create=True):
+    with mock.patch(f"fedimg.fl.algorithms.{algorithm}.build_model", lambda *a, **k: copy.deepcopy(net), create=True):
         ctl.strategy.setup(ctl._global)
     return ctl
 

@@ -20,9 +20,12 @@ def _imports(path) -> set[str]:
 
 
 def test_only_fedimg_fl_imports_nvflare():
-    offenders = [str(p.relative_to(REPO)) for p in (REPO / "fedimg").rglob("*.py")
-                 if "fl" not in p.relative_to(REPO / "fedimg").parts[:1]
-                 and any(m.split(".")[0] == "nvflare" for m in _imports(p))]
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "fedimg").rglob("*.py")
+        if "fl" not in p.relative_to(REPO / "fedimg").parts[:1]
+        and any(m.split(".")[0] == "nvflare" for m in _imports(p))
+    ]
     assert not offenders
 
 
@@ -35,6 +38,10 @@ def test_training_does_not_import_fl_and_fedimg_never_imports_jobs():
 
 
 def test_importing_fedimg_prints_nothing():
-    out = subprocess.run([sys.executable, "-c", "import fedimg, fedimg.config, fedimg.runtime, fedimg.cli"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import fedimg, fedimg.config, fedimg.runtime, fedimg.cli"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout == "" and out.stderr == ""

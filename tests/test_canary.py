@@ -120,9 +120,9 @@ def test_no_canary_survives_the_demo_path(tmp_path):
 
     synth = generate(tmp_path / "raw", n_sites=2, n_cases=3, seed=11, progress=False)
     raws = {site: tmp_path / "raw" / site for site in synth.sites}
-    canaries = []
-    for site, raw in raws.items():
-        canaries = _plant(raw)
+    canaries: list[str] = []
+    for raw in raws.values():
+        canaries = sorted({*canaries, *_plant(raw)})
     before = {site: _tree_hash(raw) for site, raw in raws.items()}
     # Positive control: the scanner finds every planted canary in the raw export (names, values, private tag).
     raw_hits = "\n".join(_scan(list(raws.values()), canaries))
@@ -135,8 +135,15 @@ def test_no_canary_survives_the_demo_path(tmp_path):
     site_cfgs, case_ids = {}, {}
     for site, raw in raws.items():
         secret = SiteSecret.generate(secrets_dir / f"{site}.secret")
-        res = preprocess(raw, out / site / "preprocessed", spec, site=site, progress=False,
-                         pseudonymizer=Pseudonymizer(secret), write_dicom=out / site / "deid_dicom")
+        res = preprocess(
+            raw,
+            out / site / "preprocessed",
+            spec,
+            site=site,
+            progress=False,
+            pseudonymizer=Pseudonymizer(secret),
+            write_dicom=out / site / "deid_dicom",
+        )
         assert len(res.cases) >= 2
         case_ids[site] = [c.case_id for c in res.cases]
         sc = cfg.SiteConfig(name=site, datalist="preprocessed/datalist.json", device="cpu", num_threads=1)
@@ -157,10 +164,22 @@ def test_no_canary_survives_the_demo_path(tmp_path):
     assert {site: _tree_hash(raw) for site, raw in raws.items()} == before
     # Same secret -> same pseudonyms; another secret -> none equal.
     site = "site-1"
-    again = preprocess(raws[site], tmp_path / "again", spec, site=site, progress=False,
-                       pseudonymizer=Pseudonymizer(SiteSecret.load(secrets_dir / f"{site}.secret")))
+    again = preprocess(
+        raws[site],
+        tmp_path / "again",
+        spec,
+        site=site,
+        progress=False,
+        pseudonymizer=Pseudonymizer(SiteSecret.load(secrets_dir / f"{site}.secret")),
+    )
     assert [c.case_id for c in again.cases] == case_ids[site]
-    other = preprocess(raws[site], tmp_path / "other", spec, site=site, progress=False,
-                       pseudonymizer=Pseudonymizer(SiteSecret.generate(tmp_path / "other.secret")))
+    other = preprocess(
+        raws[site],
+        tmp_path / "other",
+        spec,
+        site=site,
+        progress=False,
+        pseudonymizer=Pseudonymizer(SiteSecret.generate(tmp_path / "other.secret")),
+    )
     assert not set(c.case_id for c in other.cases) & set(case_ids[site])
     shutil.rmtree(tmp_path / "again")

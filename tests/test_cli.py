@@ -18,8 +18,9 @@ def _err_lines(capsys) -> list[str]:
 
 
 def test_preprocess_missing_source(tmp_path, capsys):
-    rc = main(["preprocess", str(tmp_path / "nope"), str(tmp_path / "out"), "--spec", str(CT_SPEC),
-               "--site", "s", "--quiet"])
+    rc = main(
+        ["preprocess", str(tmp_path / "nope"), str(tmp_path / "out"), "--spec", str(CT_SPEC), "--site", "s", "--quiet"]
+    )
     assert rc == 2
     (line,) = _err_lines(capsys)
     assert "does not exist" in line and "expected a folder of DICOM files" in line
@@ -28,8 +29,19 @@ def test_preprocess_missing_source(tmp_path, capsys):
 def test_preprocess_folder_without_dicom(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "notes.txt").write_text("hello")
-    rc = main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--spec", str(CT_SPEC),
-               "--site", "s", "--quiet", "--no-deid"])
+    rc = main(
+        [
+            "preprocess",
+            str(tmp_path / "src"),
+            str(tmp_path / "out"),
+            "--spec",
+            str(CT_SPEC),
+            "--site",
+            "s",
+            "--quiet",
+            "--no-deid",
+        ]
+    )
     assert rc == 2
     (line,) = _err_lines(capsys)
     assert "no DICOM files" in line and "found 1 file" in line
@@ -37,8 +49,19 @@ def test_preprocess_folder_without_dicom(tmp_path, capsys):
 
 def test_preprocess_bad_spec_override(tmp_path, capsys):
     (tmp_path / "src").mkdir()
-    rc = main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--spec", str(CT_SPEC),
-               "--site", "s", "--set", "target_spacing=3"])
+    rc = main(
+        [
+            "preprocess",
+            str(tmp_path / "src"),
+            str(tmp_path / "out"),
+            "--spec",
+            str(CT_SPEC),
+            "--site",
+            "s",
+            "--set",
+            "target_spacing=3",
+        ]
+    )
     assert rc == 2
     (line,) = _err_lines(capsys)
     # null is allowed too: 2D specs have no target_spacing.
@@ -48,8 +71,19 @@ def test_preprocess_bad_spec_override(tmp_path, capsys):
 def test_train_local_unknown_key(tmp_path, capsys):
     site = tmp_path / "site.yaml"
     site.write_text("name: s\ndatalist: d.json\n")
-    rc = main(["train-local", "--config", str(DEMO_EXPERIMENT), "--site-config", str(site), "--out",
-               str(tmp_path / "o"), "--set", "optim.learning_rate=1"])
+    rc = main(
+        [
+            "train-local",
+            "--config",
+            str(DEMO_EXPERIMENT),
+            "--site-config",
+            str(site),
+            "--out",
+            str(tmp_path / "o"),
+            "--set",
+            "optim.learning_rate=1",
+        ]
+    )
     assert rc == 2
     assert "unknown key optim.learning_rate" in _err_lines(capsys)[0]
 
@@ -58,8 +92,19 @@ def test_train_local_unknown_key(tmp_path, capsys):
 def test_cuda_without_gpu_suggests_auto(tmp_path, capsys):
     site = tmp_path / "site.yaml"
     site.write_text("name: s\ndatalist: d.json\n")
-    rc = main(["train-local", "--config", str(DEMO_EXPERIMENT), "--site-config", str(site), "--out",
-               str(tmp_path / "o"), "--device", "cuda"])
+    rc = main(
+        [
+            "train-local",
+            "--config",
+            str(DEMO_EXPERIMENT),
+            "--site-config",
+            str(site),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cuda",
+        ]
+    )
     assert rc == 2
     line = _err_lines(capsys)[0]
     assert "no CUDA GPU" in line and "--device auto" in line
@@ -68,8 +113,18 @@ def test_cuda_without_gpu_suggests_auto(tmp_path, capsys):
 def test_train_local_missing_datalist(tmp_path, capsys):
     site = tmp_path / "site.yaml"
     site.write_text("name: s\ndatalist: missing/datalist.json\ndevice: cpu\n")
-    rc = main(["train-local", "--config", str(DEMO_EXPERIMENT), "--site-config", str(site), "--out",
-               str(tmp_path / "o"), "--quiet"])
+    rc = main(
+        [
+            "train-local",
+            "--config",
+            str(DEMO_EXPERIMENT),
+            "--site-config",
+            str(site),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert rc == 2
     assert "run `fedimg preprocess`" in _err_lines(capsys)[0]
 
@@ -78,8 +133,9 @@ def test_preprocess_without_secret_is_refused_with_how_to(tmp_path, capsys, monk
     monkeypatch.delenv("FEDIMG_SECRET_FILE", raising=False)
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.dcm").write_bytes(b"x")
-    rc = main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--spec", str(CT_SPEC),
-               "--site", "s", "--quiet"])
+    rc = main(
+        ["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--spec", str(CT_SPEC), "--site", "s", "--quiet"]
+    )
     assert rc == 2
     line = _err_lines(capsys)[0]
     assert "--secret-file" in line and "FEDIMG_SECRET_FILE" in line and "umask 077" in line
@@ -91,9 +147,25 @@ def test_synth_then_preprocess_via_cli(tmp_path, capsys):
 
     SiteSecret.generate(tmp_path / "site.secret")
     assert main(["synth", str(tmp_path / "raw"), "--sites", "1", "--cases", "2", "--seed", "3", "--quiet"]) == 0
-    assert main(["preprocess", str(tmp_path / "raw" / "site-1"), str(tmp_path / "pre"), "--spec", str(CT_SPEC),
-                 "--site", "site-1", "--quiet", "--set", "target_spacing=[6, 6, 6]",
-                 "--secret-file", str(tmp_path / "site.secret")]) == 0
+    assert (
+        main(
+            [
+                "preprocess",
+                str(tmp_path / "raw" / "site-1"),
+                str(tmp_path / "pre"),
+                "--spec",
+                str(CT_SPEC),
+                "--site",
+                "site-1",
+                "--quiet",
+                "--set",
+                "target_spacing=[6, 6, 6]",
+                "--secret-file",
+                str(tmp_path / "site.secret"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "0 refused" in out and "cases: 2" in out
     assert len(json.loads((tmp_path / "pre" / "datalist.json").read_text())["training"]) == 1
@@ -105,9 +177,25 @@ def test_synth_then_preprocess_via_cli(tmp_path, capsys):
 def test_demo_smoke_writes_summary(tmp_path):
     """The demo path end to end at a small size (2 rounds); quality is checked by `make demo`."""
     proc = subprocess.run(
-        [sys.executable, "-m", "fedimg.cli", "demo", "--out", str(tmp_path / "demo"), "--sites", "2",
-         "--cases", "3", "--rounds", "2", "--quiet"],
-        capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "fedimg.cli",
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--sites",
+            "2",
+            "--cases",
+            "3",
+            "--rounds",
+            "2",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["sites"]) == {"site-1", "site-2"}
@@ -115,7 +203,7 @@ def test_demo_smoke_writes_summary(tmp_path):
         assert row["cases"] >= 2 and 0.0 <= row["val_dice"] <= 1.0
     for key in ("best_model", "tensorboard_logdir", "cross_site"):
         assert (tmp_path / "demo").as_posix() in summary[key]
-    assert json.loads(open(summary["cross_site"]).read())
+    assert json.loads(Path(summary["cross_site"]).read_text())
     assert "tensorboard --logdir" in proc.stdout and "Dice" in proc.stdout
 
 
@@ -125,8 +213,20 @@ def test_preprocess_refuses_a_group_readable_secret(tmp_path, capsys):
     secret = tmp_path / "site.secret"
     secret.write_text("a" * 40)
     secret.chmod(0o644)
-    rc = main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--spec", str(CT_SPEC),
-               "--site", "s", "--secret-file", str(secret), "--quiet"])
+    rc = main(
+        [
+            "preprocess",
+            str(tmp_path / "src"),
+            str(tmp_path / "out"),
+            "--spec",
+            str(CT_SPEC),
+            "--site",
+            "s",
+            "--secret-file",
+            str(secret),
+            "--quiet",
+        ]
+    )
     assert rc == 2
     line = _err_lines(capsys)[0]
     assert "chmod 600" in line and "a" * 40 not in line
@@ -134,14 +234,17 @@ def test_preprocess_refuses_a_group_readable_secret(tmp_path, capsys):
 
 def test_convert_does_not_import_torch_monai_or_nvflare(tmp_path: Path) -> None:
     # The audit command must start fast: conversion never uses torch, MONAI or NVFlare (issue 14).
-    code = ("import sys; from fedimg.cli import main; rc = main(['convert', sys.argv[1], sys.argv[2], '--quiet']); "
-            "heavy = sorted(m for m in ('torch', 'monai', 'nvflare') if m in sys.modules); "
-            "print('HEAVY', heavy); sys.exit(rc)")
+    code = (
+        "import sys; from fedimg.cli import main; rc = main(['convert', sys.argv[1], sys.argv[2], '--quiet']); "
+        "heavy = sorted(m for m in ('torch', 'monai', 'nvflare') if m in sys.modules); "
+        "print('HEAVY', heavy); sys.exit(rc)"
+    )
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("not dicom")
-    proc = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(tmp_path / "out")], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "no DICOM files in source" in proc.stderr  # the usage error path, too
     assert "HEAVY []" in proc.stdout
 
@@ -154,11 +257,19 @@ def test_version_verbose_anywhere_and_one_way_to_name_the_output(tmp_path, capsy
     from fedimg.cli import build_parser
 
     parser = build_parser()
-    for argv in (["synth", "X"], ["preprocess", "S", "X", "--spec", "s", "--site", "a"], ["convert", "S", "X"],
-                 ["pull", "X", "--from", "dicomweb", "u", "--keys", "k"], ["predict", "P", "S", "X"],
-                 ["train-local", "X", "--config", "c", "--site-config", "s"], ["demo", "X"],
-                 ["compare", "X", "--config", "c"], ["fl", "run", "X", "--config", "c"],
-                 ["fl", "export", "X", "--config", "c"], ["fl", "evaluate", "P", "X"]):
+    for argv in (
+        ["synth", "X"],
+        ["preprocess", "S", "X", "--spec", "s", "--site", "a"],
+        ["convert", "S", "X"],
+        ["pull", "X", "--from", "dicomweb", "u", "--keys", "k"],
+        ["predict", "P", "S", "X"],
+        ["train-local", "X", "--config", "c", "--site-config", "s"],
+        ["demo", "X"],
+        ["compare", "X", "--config", "c"],
+        ["fl", "run", "X", "--config", "c"],
+        ["fl", "export", "X", "--config", "c"],
+        ["fl", "evaluate", "P", "X"],
+    ):
         positional = parser.parse_args(argv)
         option = parser.parse_args([a if a != "X" else "--out=X" for a in argv])
         assert positional.out == "X" and option.out_option == "X", argv

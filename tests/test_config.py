@@ -33,7 +33,10 @@ def test_unknown_key_is_named_with_alternatives(tmp_path):
         ("data.roi_size=[64, 64]", "data.roi_size must have task.spatial_dims = 3 entries"),
         ("data.roi_size=[8, 64, 64]", "data.roi_size must be 2 or 3 sizes, each >= 16"),
         ("fed.exchange=delta", "fed.exchange: expected one of 'weights', 'diff'"),
-        ("fed.algorithm=fedopt", "fed.algorithm fedopt treats the averaged update as a gradient: set fed.exchange: diff"),
+        (
+            "fed.algorithm=fedopt",
+            "fed.algorithm fedopt treats the averaged update as a gradient: set fed.exchange: diff",
+        ),
         ("fed.algorithm=fedbn", "fed.algorithm fedbn keeps normalization layers at each site"),
         ("fed.mu=0", "fed.mu must be a finite number > 0"),
         ("fed.min_round_timeout_s=5", "fed.min_round_timeout_s must be >= 10, got 5"),
@@ -90,8 +93,15 @@ def test_site_config_resolves_relative_paths(tmp_path):
 
 def test_label_values_must_name_classes():
     with pytest.raises(cfg.ConfigError, match="labels.values names 'tumour'"):
-        cfg.from_dict(cfg.PreprocessSpec, {"name": "s", "modality": "MR", "target_spacing": [1, 1, 1],
-                                           "labels": {"classes": ["tumor"], "values": {"tumour": 1}}})
+        cfg.from_dict(
+            cfg.PreprocessSpec,
+            {
+                "name": "s",
+                "modality": "MR",
+                "target_spacing": [1, 1, 1],
+                "labels": {"classes": ["tumor"], "values": {"tumour": 1}},
+            },
+        )
 
 
 def test_cosine_schedule_endpoints():
@@ -122,12 +132,14 @@ def test_privacy_settings_are_checked_against_the_exchange_and_the_workflow():
     with pytest.raises(cfg.ConfigError, match="acts on model differences.*fed.exchange: diff"):
         tiny_classification(2, **{"privacy.update_filter": "percentile"})
     with pytest.raises(cfg.ConfigError, match="privacy.gaussian.noise_multiplier must be"):
-        tiny_classification(2, **{"fed.exchange": "diff", "privacy.update_filter": "gaussian",
-                                  "privacy.gaussian.noise_multiplier": 0})
+        tiny_classification(
+            2, **{"fed.exchange": "diff", "privacy.update_filter": "gaussian", "privacy.gaussian.noise_multiplier": 0}
+        )
     with pytest.raises(cfg.ConfigError, match="encryption he.*fed.exchange: weights.*cross_site_eval: false"):
         tiny_classification(2, **{"privacy.encryption": "he", "fed.exchange": "diff"})
-    ok = tiny_classification(2, **{"privacy.encryption": "he", "fed.cross_site_eval": "false",
-                                   "fed.final_eval": "false"})
+    ok = tiny_classification(
+        2, **{"privacy.encryption": "he", "fed.cross_site_eval": "false", "fed.final_eval": "false"}
+    )
     assert ok.privacy.encryption == "he"
 
 
@@ -136,7 +148,8 @@ def test_he_job_is_refused_in_the_simulator_with_what_to_do(tmp_path):
     from fedimg.fl.recipe import build_recipe
     from tests.conftest import REPO, tiny_classification
 
-    exp = tiny_classification(2, **{"privacy.encryption": "he", "fed.cross_site_eval": "false",
-                                    "fed.final_eval": "false"})
+    exp = tiny_classification(
+        2, **{"privacy.encryption": "he", "fed.cross_site_eval": "false", "fed.final_eval": "false"}
+    )
     with pytest.raises(ValueError, match="--env poc or --env prod"):
         build_recipe(exp, REPO / "jobs" / "train", {"site-1": str(tmp_path / "s.yaml")}, tmp_path / "staging")

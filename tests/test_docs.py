@@ -65,9 +65,11 @@ def test_reason_codes_page_lists_every_code_with_advice():
 
 
 def test_generator_finds_skips_in_source(tmp_path):
-    (tmp_path / "m.py").write_text("mark(rows, rels, SKIPPED, Reason.FOO, 'x')\n"
-                                   "ManifestRow(r, REFUSED, Reason.BAR.value, 'y')\n"
-                                   "ManifestRow(r, SKIPPED, Reason.BAZ.value, 'z')\n")
+    (tmp_path / "m.py").write_text(
+        "mark(rows, rels, SKIPPED, Reason.FOO, 'x')\n"
+        "ManifestRow(r, REFUSED, Reason.BAR.value, 'y')\n"
+        "ManifestRow(r, SKIPPED, Reason.BAZ.value, 'z')\n"
+    )
     assert _generator().skipped_codes(tmp_path) == {"FOO", "BAZ"}
 
 

@@ -42,15 +42,27 @@ def test_incremental_preprocessing_then_resumed_training(tmp_path):
     site_cfgs, secrets = {}, {}
     for site in ("site-1", "site-2"):
         secrets[site] = Pseudonymizer(SiteSecret.generate(tmp_path / f"{site}.secret"))
-        preprocess(export / site, tmp_path / "pre" / site, spec, site=site, progress=False,
-                   pseudonymizer=secrets[site], labels_csv=export / site / "labels.csv")
-        cfg.save(cfg.SiteConfig(name=site, datalist=str(tmp_path / "pre" / site / "datalist.json"), device="cpu",
-                                num_threads=1), tmp_path / f"{site}.yaml")
+        preprocess(
+            export / site,
+            tmp_path / "pre" / site,
+            spec,
+            site=site,
+            progress=False,
+            pseudonymizer=secrets[site],
+            labels_csv=export / site / "labels.csv",
+        )
+        cfg.save(
+            cfg.SiteConfig(
+                name=site, datalist=str(tmp_path / "pre" / site / "datalist.json"), device="cpu", num_threads=1
+            ),
+            tmp_path / f"{site}.yaml",
+        )
         site_cfgs[site] = str(tmp_path / f"{site}.yaml")
     before = _datalist(tmp_path / "pre" / "site-1" / "datalist.json")
 
-    exp = tiny_classification(2, name="newdata", **{"fed.cross_site_eval": "false",
-                                                    "task.class_names": "[no_lesion, lesion]"})
+    exp = tiny_classification(
+        2, name="newdata", **{"fed.cross_site_eval": "false", "task.class_names": "[no_lesion, lesion]"}
+    )
     first = run_simulation(exp, REPO / "jobs" / "train", site_cfgs, tmp_path / "ws1")
 
     # site-1's PACS export grows (the old files untouched); its preprocessing runs again into the same folder.
@@ -60,8 +72,15 @@ def test_incremental_preprocessing_then_resumed_training(tmp_path):
         if study.is_dir() and not dest.exists():
             shutil.copytree(study, dest)
     shutil.copy2(src / "labels.csv", export / "site-1" / "labels.csv")
-    res = preprocess(export / "site-1", tmp_path / "pre" / "site-1", spec, site="site-1", progress=False,
-                     pseudonymizer=secrets["site-1"], labels_csv=export / "site-1" / "labels.csv")
+    res = preprocess(
+        export / "site-1",
+        tmp_path / "pre" / "site-1",
+        spec,
+        site="site-1",
+        progress=False,
+        pseudonymizer=secrets["site-1"],
+        labels_csv=export / "site-1" / "labels.csv",
+    )
     after = _datalist(tmp_path / "pre" / "site-1" / "datalist.json")
     assert len(after) > len(before)
     assert all(after[c] == s for c, s in before.items())  # no case changed split: no validation case trains

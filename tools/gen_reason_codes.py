@@ -108,8 +108,10 @@ def render() -> str:
     members, reason_cls = _reason_source()
     codes = [m.value for m in reason_cls]
     if [c for c, _ in members] != codes:
-        raise RuntimeError("could not read every Reason member from fedimg/dicom/reasons.py: "
-                           f"parsed {[c for c, _ in members]}, the enum has {codes}")
+        raise RuntimeError(
+            "could not read every Reason member from fedimg/dicom/reasons.py: "
+            f"parsed {[c for c, _ in members]}, the enum has {codes}"
+        )
     skipped = skipped_codes()
     resamplable = {r.value for r in RESAMPLABLE}
     rows = ["| code | group | status | what it means and what to do |", "|---|---|---|---|"]

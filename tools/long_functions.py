@@ -16,8 +16,11 @@ def body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     """Lines of a function without its docstring."""
     total = node.end_lineno - node.lineno + 1  # type: ignore[operator]
     first = node.body[0] if node.body else None
-    if isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant) \
-            and isinstance(first.value.value, str):
+    if (
+        isinstance(first, ast.Expr)
+        and isinstance(getattr(first, "value", None), ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
         total -= first.end_lineno - first.lineno + 1  # type: ignore[operator]
     return total
 

@@ -33,8 +33,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logdir")
     p.add_argument("png")
-    p.add_argument("--dashboard", default="custom_scalars",
-                   help="TensorBoard dashboard: custom_scalars, timeseries, text, images")
+    p.add_argument(
+        "--dashboard", default="custom_scalars", help="TensorBoard dashboard: custom_scalars, timeseries, text, images"
+    )
     p.add_argument("--size", default="1400,1000", help="window size W,H")
     p.add_argument("--wait", type=int, default=12000, help="milliseconds of page time before the picture")
     args = p.parse_args()
@@ -42,8 +43,11 @@ def main() -> int:
     if chromium is None:
         p.error("Chromium not found: install it (Debian: apt-get install chromium)")
     port = _free_port()
-    tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", args.logdir, "--host", "127.0.0.1",
-                           "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tb = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", args.logdir, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}/"
         for _ in range(60):
@@ -56,12 +60,29 @@ def main() -> int:
             p.error("TensorBoard did not start")
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as profile:
-            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                            "--disable-sync", f"--user-data-dir={profile}", f"--window-size={args.size}",
-                            "--hide-scrollbars", f"--virtual-time-budget={args.wait}",
-                            f"--screenshot={Path(args.png).resolve()}", f"{url}#{args.dashboard}"],
-                           check=True, timeout=120, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    chromium,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    f"--user-data-dir={profile}",
+                    f"--window-size={args.size}",
+                    "--hide-scrollbars",
+                    f"--virtual-time-budget={args.wait}",
+                    f"--screenshot={Path(args.png).resolve()}",
+                    f"{url}#{args.dashboard}",
+                ],
+                check=True,
+                timeout=120,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
     finally:
         tb.terminate()
         tb.wait(timeout=20)

@@ -67,8 +67,12 @@ def _resolve(items: list[DatalistItem], root: Path, dl: Datalist) -> list[dict[s
     out = []
     for item in items:
         image = str(root / item.image)
-        entry: dict[str, Any] = {"image": image, "case_id": item.case_id, "label": item.label,
-                                 "spacing": _voxel_spacing(image, dl.spatial_dims)}
+        entry: dict[str, Any] = {
+            "image": image,
+            "case_id": item.case_id,
+            "label": item.label,
+            "spacing": _voxel_spacing(image, dl.spatial_dims),
+        }
         if dl.task == "segmentation":
             entry["label"] = str(root / str(item.label))
         out.append(entry)
@@ -90,9 +94,15 @@ def read_datalist(path: str | Path, fold: int | None = None) -> SiteData:
     train, val = dl.for_fold(fold)
     if not train:
         raise DatalistError(f"datalist {p} has no training cases")
-    return SiteData(training=_resolve(train, p.parent, dl), validation=_resolve(val, p.parent, dl),
-                    test=_resolve(dl.test, p.parent, dl), task=dl.task, spatial_dims=dl.spatial_dims,
-                    classes=dl.classes if dl.labels else None, datalist=dl)
+    return SiteData(
+        training=_resolve(train, p.parent, dl),
+        validation=_resolve(val, p.parent, dl),
+        test=_resolve(dl.test, p.parent, dl),
+        task=dl.task,
+        spatial_dims=dl.spatial_dims,
+        classes=dl.classes if dl.labels else None,
+        datalist=dl,
+    )
 
 
 def check_matches_task(dl: SiteData, task: TaskConfig, where: str) -> None:
@@ -102,15 +112,21 @@ def check_matches_task(dl: SiteData, task: TaskConfig, where: str) -> None:
         DatalistError: with what the experiment expects and what the datalist holds.
     """
     if dl.task != task.type:
-        raise DatalistError(f"{where}: the experiment is a {task.type} task but the datalist holds {dl.task} "
-                            "cases; preprocess with a spec of the same task")
+        raise DatalistError(
+            f"{where}: the experiment is a {task.type} task but the datalist holds {dl.task} "
+            "cases; preprocess with a spec of the same task"
+        )
     if dl.spatial_dims != task.spatial_dims:
-        raise DatalistError(f"{where}: the experiment expects {task.spatial_dims}D images (task.spatial_dims), "
-                            f"the datalist holds {dl.spatial_dims}D images")
+        raise DatalistError(
+            f"{where}: the experiment expects {task.spatial_dims}D images (task.spatial_dims), "
+            f"the datalist holds {dl.spatial_dims}D images"
+        )
     if dl.classes is not None and dl.classes != list(task.class_names):
-        raise DatalistError(f"{where}: datalist classes {dl.classes} do not match task.class_names "
-                            f"{list(task.class_names)}; preprocess with a spec whose labels.classes match "
-                            "the experiment")
+        raise DatalistError(
+            f"{where}: datalist classes {dl.classes} do not match task.class_names "
+            f"{list(task.class_names)}; preprocess with a spec whose labels.classes match "
+            "the experiment"
+        )
 
 
 def _to_device(device: torch.device, keys: list[str]) -> list[Any]:
@@ -130,37 +146,49 @@ def seg_train_transforms(cfg: DataConfig, device: torch.device, num_classes: int
         EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=False),
         SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
         *_to_device(device, keys),
-        RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=cfg.roi_size,
-                                num_classes=num_classes, num_samples=cfg.samples_per_volume, warn=False),
+        RandCropByLabelClassesd(
+            keys=keys,
+            label_key="label",
+            spatial_size=cfg.roi_size,
+            num_classes=num_classes,
+            num_samples=cfg.samples_per_volume,
+            warn=False,
+        ),
     ]
     if cfg.augment:
-        t += [RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-              RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-              RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5)]
+        t += [
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+        ]
     return Compose(t)
 
 
 def seg_val_transforms(cfg: DataConfig, device: torch.device) -> Compose:
     """Cached loading only; validation runs on whole volumes."""
     keys = ["image", "label"]
-    return Compose([
-        LoadImaged(keys=keys, image_only=True),
-        EnsureChannelFirstd(keys=keys),
-        EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=False),
-        SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
-        *_to_device(device, keys),
-    ])
+    return Compose(
+        [
+            LoadImaged(keys=keys, image_only=True),
+            EnsureChannelFirstd(keys=keys),
+            EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=False),
+            SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
+            *_to_device(device, keys),
+        ]
+    )
 
 
 def cls_val_transforms(cfg: DataConfig, device: torch.device) -> Compose:
     """Load and resize every image to ``data.roi_size`` (cached)."""
-    return Compose([
-        LoadImaged(keys="image", image_only=True),
-        EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
-        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
-        Resized(keys="image", spatial_size=cfg.roi_size, mode="area"),
-        *_to_device(device, ["image"]),
-    ])
+    return Compose(
+        [
+            LoadImaged(keys="image", image_only=True),
+            EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
+            EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+            Resized(keys="image", spatial_size=cfg.roi_size, mode="area"),
+            *_to_device(device, ["image"]),
+        ]
+    )
 
 
 def cls_train_transforms(cfg: DataConfig, device: torch.device) -> Compose:
@@ -168,16 +196,24 @@ def cls_train_transforms(cfg: DataConfig, device: torch.device) -> Compose:
     t: list[Any] = list(cls_val_transforms(cfg, device).transforms)
     if cfg.augment:
         dims = len(cfg.roi_size)
-        t += [RandFlipd(keys="image", prob=0.5, spatial_axis=0),
-              RandAffined(keys="image", prob=0.5, rotate_range=[0.1] * (1 if dims == 2 else 3),
-                          scale_range=[0.1] * dims, padding_mode="zeros"),
-              RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-              RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5)]
+        t += [
+            RandFlipd(keys="image", prob=0.5, spatial_axis=0),
+            RandAffined(
+                keys="image",
+                prob=0.5,
+                rotate_range=[0.1] * (1 if dims == 2 else 3),
+                scale_range=[0.1] * dims,
+                padding_mode="zeros",
+            ),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+        ]
     return Compose(t)
 
 
-def make_val_loader(items: list[dict[str, Any]], cfg: DataConfig, task: TaskConfig, device: torch.device,
-                    progress: bool = False) -> DataLoader | None:
+def make_val_loader(
+    items: list[dict[str, Any]], cfg: DataConfig, task: TaskConfig, device: torch.device, progress: bool = False
+) -> DataLoader | None:
     """A cached loader over validation items (None when there are none)."""
     if not items:
         return None
@@ -186,14 +222,21 @@ def make_val_loader(items: list[dict[str, Any]], cfg: DataConfig, task: TaskConf
         tf, batch = seg_val_transforms(cfg, device), 1  # whole volumes of different sizes
     else:
         tf, batch = cls_val_transforms(cfg, device), max(1, cfg.batch_size)
-    ds = CacheDataset(items, transform=tf, cache_rate=cfg.cache_rate, num_workers=None, progress=progress,
-                      copy_cache=False)
+    ds = CacheDataset(
+        items, transform=tf, cache_rate=cfg.cache_rate, num_workers=None, progress=progress, copy_cache=False
+    )
     return DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers)
 
 
-def make_loaders(train_items: list[dict[str, Any]], val_items: list[dict[str, Any]], cfg: DataConfig,
-                 task: TaskConfig, device: torch.device, progress: bool = False,
-                 seed: int = 0) -> tuple[DataLoader | None, DataLoader | None]:
+def make_loaders(
+    train_items: list[dict[str, Any]],
+    val_items: list[dict[str, Any]],
+    cfg: DataConfig,
+    task: TaskConfig,
+    device: torch.device,
+    progress: bool = False,
+    seed: int = 0,
+) -> tuple[DataLoader | None, DataLoader | None]:
     """Cached training and validation loaders for the task (None for a split without items).
 
     On CUDA the cache lives on the GPU and loading runs in the main process
@@ -206,11 +249,16 @@ def make_loaders(train_items: list[dict[str, Any]], val_items: list[dict[str, An
         train_tf = seg_train_transforms(cfg, device, task.num_classes)
     else:
         train_tf = cls_train_transforms(cfg, device)
-    train_ds = CacheDataset(train_items, transform=train_tf, cache_rate=cfg.cache_rate, num_workers=None,
-                            progress=progress, copy_cache=False)
+    train_ds = CacheDataset(
+        train_items,
+        transform=train_tf,
+        cache_rate=cfg.cache_rate,
+        num_workers=None,
+        progress=progress,
+        copy_cache=False,
+    )
     train_ds.transform.set_random_state(seed)  # type: ignore[union-attr]
     gen = torch.Generator()
     gen.manual_seed(seed)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
-                              generator=gen)
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, generator=gen)
     return train_loader, make_val_loader(val_items, cfg, task, device, progress)

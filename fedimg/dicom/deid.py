@@ -92,7 +92,6 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from fedimg.errors import UserError
 from fedimg.dicom.deid_table import (
     DESCRIPTOR_TAGS,
     DESCRIPTORS,
@@ -102,6 +101,7 @@ from fedimg.dicom.deid_table import (
     TABLE,
     TABLE_EDITION,
 )
+from fedimg.errors import UserError
 from fedimg.safepath import is_uid
 
 __all__ = [
@@ -172,9 +172,7 @@ class SiteSecret:
 
     def __post_init__(self) -> None:
         if not isinstance(self._key, bytes) or len(self._key.strip()) < MIN_SECRET_BYTES:
-            raise DeidError(
-                f"a site secret must be at least {MIN_SECRET_BYTES} bytes of random data; {_FIX_SECRET}"
-            )
+            raise DeidError(f"a site secret must be at least {MIN_SECRET_BYTES} bytes of random data; {_FIX_SECRET}")
 
     @property
     def key(self) -> bytes:
@@ -187,9 +185,7 @@ class SiteSecret:
         return hmac.new(self._key, b"fedimg-deid/fingerprint", hashlib.sha256).hexdigest()[:12]
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike[str] | None = None, env: str = "FEDIMG_SECRET_FILE"
-    ) -> SiteSecret:
+    def load(cls, path: str | os.PathLike[str] | None = None, env: str = "FEDIMG_SECRET_FILE") -> SiteSecret:
         """Read the site secret from ``path``, else from the file named by ``env``.
 
         Args:
@@ -221,8 +217,7 @@ class SiteSecret:
             st = os.stat(p)
         except FileNotFoundError:
             raise DeidError(
-                f"site secret file {origin}{p} does not exist; expected an existing owner-only file; "
-                f"{_FIX_SECRET}"
+                f"site secret file {origin}{p} does not exist; expected an existing owner-only file; {_FIX_SECRET}"
             ) from None
         except OSError as exc:
             raise DeidError(
@@ -290,9 +285,7 @@ class SiteSecret:
             try:
                 os.link(tmp, p)
             except FileExistsError:
-                raise DeidError(
-                    f"site secret file {p} already exists; refusing to overwrite it"
-                ) from None
+                raise DeidError(f"site secret file {p} already exists; refusing to overwrite it") from None
         except OSError as exc:
             raise DeidError(
                 f"cannot create site secret file {p} ({type(exc).__name__}); expected a writable folder"
@@ -323,9 +316,7 @@ class Pseudonymizer:
 
     def __init__(self, secret: SiteSecret) -> None:
         if not isinstance(secret, SiteSecret):
-            raise DeidError(
-                "Pseudonymizer needs a SiteSecret (see SiteSecret.load); there is no default secret"
-            )
+            raise DeidError("Pseudonymizer needs a SiteSecret (see SiteSecret.load); there is no default secret")
         self._key = secret.key
         self._offsets: dict[str, int] = {}
 
@@ -354,10 +345,7 @@ class Pseudonymizer:
             study_uid: original (0020,000D) Study Instance UID.
             series_uid: original (0020,000E) Series Instance UID.
         """
-        return (
-            "case-"
-            + self._digest("case", str(study_uid).strip(), str(series_uid).strip()).hex()[:16]
-        )
+        return "case-" + self._digest("case", str(study_uid).strip(), str(series_uid).strip()).hex()[:16]
 
     def uid(self, original_uid: str) -> str:
         """Remapped UID ``2.25.<int>`` from the first 16 bytes of the HMAC.
@@ -406,9 +394,7 @@ class Pseudonymizer:
             day = _dt.date(int(padded[:4]), int(padded[4:6]), int(padded[6:8]))
             shifted = day + _dt.timedelta(days=self.date_offset_days(patient_id))
         except (ValueError, OverflowError):
-            raise DeidError(
-                "not a valid calendar date in a DA value; the value was not shifted"
-            ) from None
+            raise DeidError("not a valid calendar date in a DA value; the value was not shifted") from None
         return shifted.strftime("%Y%m%d")[: len(text)]
 
     def time_offset_seconds(self, patient_id: str) -> int:
@@ -461,9 +447,7 @@ class Pseudonymizer:
         while digits < len(text) and digits < 8 and text[digits].isdigit():
             digits += 1
         if digits not in (4, 6, 8):
-            raise DeidError(
-                "not a DICOM DT value (expected YYYYMMDD...); the value was not shifted"
-            )
+            raise DeidError("not a DICOM DT value (expected YYYYMMDD...); the value was not shifted")
         rest = text[digits:]
         clock = ""
         while len(clock) < len(rest) and len(clock) < 6 and rest[len(clock)].isdigit():
@@ -471,13 +455,18 @@ class Pseudonymizer:
         if digits < 8 or len(clock) not in (2, 4, 6):
             return self.shift_date(text[:digits], patient_id) + rest
         try:
-            when = _dt.datetime(int(text[:4]), int(text[4:6]), int(text[6:8]), int(clock[0:2]),
-                                int(clock[2:4] or 0), min(int(clock[4:6] or 0), 59))
-            when += _dt.timedelta(days=self.date_offset_days(patient_id),
-                                  seconds=self.time_offset_seconds(patient_id))
+            when = _dt.datetime(
+                int(text[:4]),
+                int(text[4:6]),
+                int(text[6:8]),
+                int(clock[0:2]),
+                int(clock[2:4] or 0),
+                min(int(clock[4:6] or 0), 59),
+            )
+            when += _dt.timedelta(days=self.date_offset_days(patient_id), seconds=self.time_offset_seconds(patient_id))
         except (ValueError, OverflowError):
             raise DeidError("not a valid DICOM DT value; the value was not shifted") from None
-        return when.strftime("%Y%m%d%H%M%S")[: 8 + len(clock)] + rest[len(clock):]
+        return when.strftime("%Y%m%d%H%M%S")[: 8 + len(clock)] + rest[len(clock) :]
 
     def path_hash(self, rel_path: str) -> str:
         """A 16-hex name for a relative path (folders and files leave no identifier).
@@ -584,8 +573,9 @@ def _set_values(elem: DataElement, values: list[str]) -> DataElement:
 def _remap_uids(elem: DataElement, p: Pseudonymizer) -> DataElement:
     # Only a well-formed UID under the DICOM root is kept: "1.2.840.10008." followed by text (a path,
     # a name) is not a class UID and is remapped like any other value.
-    return _set_values(elem, [v if v.startswith(_DICOM_ROOT) and is_uid(v.strip().rstrip("\x00")) else p.uid(v)
-                              for v in _values(elem)])
+    return _set_values(
+        elem, [v if v.startswith(_DICOM_ROOT) and is_uid(v.strip().rstrip("\x00")) else p.uid(v) for v in _values(elem)]
+    )
 
 
 def _shift(elem: DataElement, ctx: _Ctx) -> DataElement | None:
@@ -595,9 +585,7 @@ def _shift(elem: DataElement, ctx: _Ctx) -> DataElement | None:
         for v in _values(elem):
             if elem.VR == "DA":
                 # a DA range "A-B" (query syntax) is shifted end by end
-                out.append(
-                    "-".join(ctx.p.shift_date(x, ctx.patient_id) if x else "" for x in v.split("-"))
-                )
+                out.append("-".join(ctx.p.shift_date(x, ctx.patient_id) if x else "" for x in v.split("-")))
             else:
                 out.append(ctx.p.shift_datetime(v, ctx.patient_id))
     except DeidError:
@@ -607,11 +595,7 @@ def _shift(elem: DataElement, ctx: _Ctx) -> DataElement | None:
 
 def _dummy(elem: DataElement, ctx: _Ctx) -> DataElement:
     if elem.VR == "UI":
-        return (
-            _remap_uids(elem, ctx.p)
-            if _values(elem)
-            else DataElement(elem.tag, "UI", ctx.p.uid("dummy"))
-        )
+        return _remap_uids(elem, ctx.p) if _values(elem) else DataElement(elem.tag, "UI", ctx.p.uid("dummy"))
     if elem.VR in _DUMMY_BY_VR:
         return DataElement(elem.tag, elem.VR, _DUMMY_BY_VR[elem.VR])
     return DataElement(elem.tag, elem.VR, b"\x00\x00")  # OB, OW, UN, ...
@@ -628,11 +612,7 @@ def _clean_private(ds: Dataset, ctx: _Ctx) -> None:
             continue  # private creator; decided below
         creator_tag = Tag(t.group, t.element >> 8)
         creator = ds.get(creator_tag)
-        name = (
-            str(creator.value).strip()
-            if creator is not None and creator.value is not None
-            else None
-        )
+        name = str(creator.value).strip() if creator is not None and creator.value is not None else None
         if name is not None and (name, t.element & 0xFF) in ctx.private:
             keep_creators.add(int(creator_tag))
             elem = ds[tag]
@@ -671,9 +651,7 @@ def _clean(ds: Dataset, ctx: _Ctx) -> None:
 def _apply(elem: DataElement, action: str | None, ctx: _Ctx) -> DataElement | None:
     t = int(elem.tag)
     if t == _PATIENT_ID:
-        return DataElement(
-            t, elem.VR, ctx.p.patient(str(elem.value or "")) if _values(elem) else None
-        )
+        return DataElement(t, elem.VR, ctx.p.patient(str(elem.value or "")) if _values(elem) else None)
     if t == _PATIENT_NAME:
         return DataElement(t, elem.VR, ctx.p.patient(ctx.patient_id) if ctx.patient_id else None)
     if t in ctx.covariates:
@@ -771,9 +749,7 @@ def deidentify(
             invalid.
     """
     if not isinstance(p, Pseudonymizer):
-        raise DeidError(
-            "deidentify needs a Pseudonymizer built from the site secret; there is no default"
-        )
+        raise DeidError("deidentify needs a Pseudonymizer built from the site secret; there is no default")
     covs = _normalize_covariates(covariates)
     ctx = _Ctx(
         p=p,

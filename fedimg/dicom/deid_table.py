@@ -207,9 +207,7 @@ def load_table() -> ActionTable:
                 mask = (int(entry[2]) << 16) | int(entry[3])
                 masked.append((value & mask, mask, code))
             else:
-                raise TableUnavailableError(
-                    f"{engine}: unexpected table entry {entry!r} in {list_name}"
-                )
+                raise TableUnavailableError(f"{engine}: unexpected table entry {entry!r} in {list_name}")
     return ActionTable(edition=TABLE_EDITION, engine=engine, exact=exact, masked=tuple(masked))
 
 

@@ -16,8 +16,9 @@ is LPS; NIfTI world space is RAS, so x and y are negated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -106,12 +107,16 @@ def compute_geometry(
             TOO_FEW_SLICES, MIXED_SERIES, DUPLICATE_POSITION, SLICE_GAP,
             NONUNIFORM_SPACING or GANTRY_TILT.
     """
-    missing = [name for name, ok in (
-        ("(0020,0037) Image Orientation Patient", all(h.iop is not None for h in headers)),
-        ("(0020,0032) Image Position Patient", all(h.ipp is not None for h in headers)),
-        ("(0028,0030) Pixel Spacing", all(h.pixel_spacing is not None for h in headers)),
-        ("(0028,0010) Rows / (0028,0011) Columns", all(h.rows and h.columns for h in headers)),
-    ) if not ok]
+    missing = [
+        name
+        for name, ok in (
+            ("(0020,0037) Image Orientation Patient", all(h.iop is not None for h in headers)),
+            ("(0020,0032) Image Position Patient", all(h.ipp is not None for h in headers)),
+            ("(0028,0030) Pixel Spacing", all(h.pixel_spacing is not None for h in headers)),
+            ("(0028,0010) Rows / (0028,0011) Columns", all(h.rows and h.columns for h in headers)),
+        )
+        if not ok
+    ]
     if missing:
         raise RefusedError(Reason.NO_GEOMETRY, "missing " + ", ".join(missing))
     n = len(headers)
@@ -123,11 +128,15 @@ def compute_geometry(
     spacings = np.array([h.pixel_spacing for h in headers], dtype=float)
     # NaN/inf compare False with every tolerance below, so they would slip through
     # and give a singular or NaN affine: every geometry value must be finite.
-    not_finite = [name for name, values in (
-        ("(0020,0037) Image Orientation Patient", iops),
-        ("(0020,0032) Image Position Patient", ipps),
-        ("(0028,0030) Pixel Spacing", spacings),
-    ) if not np.isfinite(values).all()]
+    not_finite = [
+        name
+        for name, values in (
+            ("(0020,0037) Image Orientation Patient", iops),
+            ("(0020,0032) Image Position Patient", ipps),
+            ("(0028,0030) Pixel Spacing", spacings),
+        )
+        if not np.isfinite(values).all()
+    ]
     if not_finite:
         raise RefusedError(Reason.NO_GEOMETRY, "not a finite number in " + ", ".join(not_finite))
     if (spacings <= 0).any():
@@ -153,15 +162,13 @@ def compute_geometry(
     median = float(np.median(steps))
     if median <= 1e-6 or steps.min() < 0.01 * median:
         dup = int((steps < max(0.01 * median, 1e-4)).sum())
-        raise RefusedError(Reason.DUPLICATE_POSITION,
-                           f"{dup} pair(s) of slices share a position along the normal")
+        raise RefusedError(Reason.DUPLICATE_POSITION, f"{dup} pair(s) of slices share a position along the normal")
     rel_dev = np.abs(steps - median) / median
     if rel_dev.max() > spacing_tolerance:
         ratios = steps / median
         if np.all(np.abs(ratios - np.round(ratios)) < 10 * spacing_tolerance) and ratios.max() >= 1.5:
             missing_n = int(np.round(ratios).sum() - len(ratios))
-            raise RefusedError(Reason.SLICE_GAP,
-                               f"{missing_n} slice(s) missing at spacing {median:.4g} mm")
+            raise RefusedError(Reason.SLICE_GAP, f"{missing_n} slice(s) missing at spacing {median:.4g} mm")
         raise RefusedError(
             Reason.NONUNIFORM_SPACING,
             f"slice spacing varies from {steps.min():.4g} to {steps.max():.4g} mm "
@@ -172,14 +179,14 @@ def compute_geometry(
     cos_angle = float(abs(step @ normal) / np.linalg.norm(step))
     angle = float(np.arccos(min(1.0, cos_angle)))
     if angle > spacing_tolerance:
-        raise RefusedError(Reason.GANTRY_TILT,
-                           f"slice positions deviate {np.degrees(angle):.3g} degrees from the normal")
+        raise RefusedError(
+            Reason.GANTRY_TILT, f"slice positions deviate {np.degrees(angle):.3g} degrees from the normal"
+        )
     # Positions must lie on one line: a residual means mixed stacks or in-plane shifts.
     expected = ipps[0] + np.outer(np.arange(n), step)
     resid = float(np.abs(ipps - expected).max())
     if resid > max(spacing_tolerance * median, 1e-3):
-        raise RefusedError(Reason.NONUNIFORM_SPACING,
-                           f"slice positions deviate {resid:.3g} mm from a straight stack")
+        raise RefusedError(Reason.NONUNIFORM_SPACING, f"slice positions deviate {resid:.3g} mm from a straight stack")
 
     row_spacing, col_spacing = float(spacings[0][0]), float(spacings[0][1])
     lps = np.eye(4)

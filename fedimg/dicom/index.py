@@ -20,9 +20,9 @@ import math
 import os
 import stat
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -245,15 +245,24 @@ def _link_problem(path: Path, rel: str, base: str) -> FileProblem:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return FileProblem(path, rel, Reason.SYMLINK_LOOP, "symbolic link that leads back to itself")
-        return FileProblem(path, rel, Reason.UNREADABLE,
-                           f"symbolic link whose target cannot be read ({_os_error(exc)})")
+        return FileProblem(
+            path, rel, Reason.UNREADABLE, f"symbolic link whose target cannot be read ({_os_error(exc)})"
+        )
     kind = "folder" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "special file"
     if not _within(os.path.realpath(path), base):
-        return FileProblem(path, rel, Reason.SYMLINK_OUTSIDE_SOURCE,
-                           f"symbolic link to a {kind} outside the source folder; not followed")
-    return FileProblem(path, rel, Reason.SYMLINK_INSIDE_SOURCE,
-                       f"symbolic link to a {kind} inside the source folder, which is read under its own path",
-                       skipped=True)
+        return FileProblem(
+            path,
+            rel,
+            Reason.SYMLINK_OUTSIDE_SOURCE,
+            f"symbolic link to a {kind} outside the source folder; not followed",
+        )
+    return FileProblem(
+        path,
+        rel,
+        Reason.SYMLINK_INSIDE_SOURCE,
+        f"symbolic link to a {kind} inside the source folder, which is read under its own path",
+        skipped=True,
+    )
 
 
 def _special_kind(mode: int) -> str:
@@ -380,10 +389,12 @@ def _truncation(ds: pydicom.Dataset, size: int, prefixed: bool) -> str:
     meta = ds.file_meta
     group_length = meta.get("FileMetaInformationGroupLength") if meta is not None else None
     if prefixed and isinstance(group_length, int) and _META_START + group_length > size:
-        return (f"file ends inside the file meta ((0002,0000) group length {group_length}, "
-                f"{max(size - _META_START, 0)} bytes present)")
+        return (
+            f"file ends inside the file meta ((0002,0000) group length {group_length}, "
+            f"{max(size - _META_START, 0)} bytes present)"
+        )
     deflated = str(meta.get("TransferSyntaxUID", "")) == _DEFLATED_TS if meta is not None else False
-    for tag in ds.keys():
+    for tag in ds:
         raw = ds.get_item(tag, keep_deferred=True)
         length = getattr(raw, "length", None)
         if not isinstance(length, int) or length == _UNDEFINED_LENGTH:
@@ -431,11 +442,10 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         return FileProblem(path, rel, Reason.TRUNCATED, f"header could not be read ({type(exc).__name__})")
     except EOFError as exc:
         return FileProblem(path, rel, Reason.TRUNCATED, f"header could not be read ({type(exc).__name__})")
-    except struct.error as exc:
+    except struct.error:
         # pydicom unpacks a tag or length from too few bytes: a header cut short.
         if _has_dicm_prefix(path):
-            return FileProblem(path, rel, Reason.TRUNCATED,
-                               "header cut short (struct.error reading a tag or length)")
+            return FileProblem(path, rel, Reason.TRUNCATED, "header cut short (struct.error reading a tag or length)")
         return FileProblem(path, rel, Reason.NOT_DICOM, "unreadable header (struct.error)")
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
         return FileProblem(path, rel, Reason.NOT_DICOM, f"unreadable header ({type(exc).__name__})")
@@ -485,10 +495,16 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         except MultiFrameError as exc:
             layout_error = str(exc)
     # Pixel data cut by the end of the file was refused above (_truncation).
-    if not has_pixels and sop_class.startswith(_IMAGE_SOP_PREFIXES) \
-            and not sop_class.startswith(_NON_IMAGE_SOP_PREFIXES) and sop_class != _KOS_SOP and not is_dicomdir:
-        return FileProblem(path, rel, Reason.NO_PIXELS,
-                           "image object without (7FE0,0010) Pixel Data; the file may be truncated")
+    if (
+        not has_pixels
+        and sop_class.startswith(_IMAGE_SOP_PREFIXES)
+        and not sop_class.startswith(_NON_IMAGE_SOP_PREFIXES)
+        and sop_class != _KOS_SOP
+        and not is_dicomdir
+    ):
+        return FileProblem(
+            path, rel, Reason.NO_PIXELS, "image object without (7FE0,0010) Pixel Data; the file may be truncated"
+        )
     return DicomHeader(
         path=path,
         rel=rel,
@@ -537,8 +553,12 @@ def _unreadable(path: Path, rel: str) -> FileProblem | None:
     return None
 
 
-def scan(root: Path, claim: Iterable[str] = (), progress: object | None = None,
-         entries: Iterable[Path | FileProblem] | None = None) -> Index:
+def scan(
+    root: Path,
+    claim: Iterable[str] = (),
+    progress: object | None = None,
+    entries: Iterable[Path | FileProblem] | None = None,
+) -> Index:
     """Index every entry under ``root``.
 
     Args:
@@ -646,7 +666,9 @@ def group_series(headers: list[DicomHeader], orientation_tolerance: float = 1e-4
         if len(folders) > 1 and _has_duplicates(g.headers):
             by_folder: dict[str, SeriesGroup] = {}
             for h in g.headers:
-                sub = by_folder.setdefault(h.folder, SeriesGroup(g.study_uid, g.series_uid, g.key + ("folder", h.folder)))
+                sub = by_folder.setdefault(
+                    h.folder, SeriesGroup(g.study_uid, g.series_uid, g.key + ("folder", h.folder))
+                )
                 sub.headers.append(h)
             out.extend(by_folder.values())
         else:

@@ -39,7 +39,8 @@ def match_nifti_to_study(nifti_rel: str, study_dirs: dict[str, set[str]]) -> str
     for folder in [parent, *parent.parents]:
         prefix = folder.as_posix()
         hits = [
-            study for study, dirs in study_dirs.items()
+            study
+            for study, dirs in study_dirs.items()
             if any(d == prefix or prefix == "." or d.startswith(prefix + "/") for d in dirs)
         ]
         if len(hits) == 1:
@@ -49,8 +50,9 @@ def match_nifti_to_study(nifti_rel: str, study_dirs: dict[str, set[str]]) -> str
     return None
 
 
-def load_nifti_on_grid(path: Path, grid: SeriesGeometry,
-                       tolerance_mm: float = 1e-2) -> tuple[np.ndarray, tuple[float, float]]:
+def load_nifti_on_grid(
+    path: Path, grid: SeriesGeometry, tolerance_mm: float = 1e-2
+) -> tuple[np.ndarray, tuple[float, float]]:
     """Load a NIfTI label and bring it onto the image grid (axis permutation/flip only).
 
     Returns:
@@ -80,13 +82,15 @@ def load_nifti_on_grid(path: Path, grid: SeriesGeometry,
     data = ornt.apply_orientation(data, transform)
     affine = img.affine @ ornt.inv_ornt_aff(transform, img.shape[:3])
     if tuple(data.shape) != tuple(grid.shape):
-        raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH,
-                           f"label shape {list(data.shape)} vs image {list(grid.shape)}")
+        raise RefusedError(
+            Reason.LABEL_GEOMETRY_MISMATCH, f"label shape {list(data.shape)} vs image {list(grid.shape)}"
+        )
     corners = np.array([[0, 0, 0, 1], [s - 1 for s in grid.shape] + [1]], dtype=float).T
     dev = float(np.abs(affine @ corners - grid.affine_ras @ corners).max())
     if dev > tolerance_mm:
-        raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH,
-                           f"label grid differs from the image grid by up to {dev:.3g} mm")
+        raise RefusedError(
+            Reason.LABEL_GEOMETRY_MISMATCH, f"label grid differs from the image grid by up to {dev:.3g} mm"
+        )
     return data, (slope, inter)
 
 
@@ -133,9 +137,11 @@ def check_label_values(raw: np.ndarray, class_values: list[int], scale: tuple[fl
             present.update(np.unique(_slab_values(slab, scale)).tolist())
     unexpected = sorted(present - allowed)
     if unexpected:
-        raise RefusedError(Reason.LABEL_VALUES_UNEXPECTED,
-                           f"label holds values {unexpected[:8]} outside background 0 and classes "
-                           f"{class_values}; set labels.values in the spec")
+        raise RefusedError(
+            Reason.LABEL_VALUES_UNEXPECTED,
+            f"label holds values {unexpected[:8]} outside background 0 and classes "
+            f"{class_values}; set labels.values in the spec",
+        )
 
 
 def map_label_values(raw: np.ndarray, class_values: list[int], scale: tuple[float, float] = (1.0, 0.0)) -> np.ndarray:
@@ -198,10 +204,13 @@ def load_seg_on_grid(path: Path, source_sop_uids: list[str], grid: SeriesGeometr
             assert_missing_frames_are_empty=False,
         )
     except (KeyError, ValueError, RuntimeError) as exc:
-        raise RefusedError(Reason.LABEL_UNMATCHED,
-                           f"DICOM SEG frames do not reference this image's slices ({type(exc).__name__})") from None
+        raise RefusedError(
+            Reason.LABEL_UNMATCHED, f"DICOM SEG frames do not reference this image's slices ({type(exc).__name__})"
+        ) from None
     cols, rows, n = grid.shape
     if arr.shape != (n, rows, cols):
-        raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH,
-                           f"SEG frames {list(arr.shape)} vs image slices x rows x columns {[n, rows, cols]}")
+        raise RefusedError(
+            Reason.LABEL_GEOMETRY_MISMATCH,
+            f"SEG frames {list(arr.shape)} vs image slices x rows x columns {[n, rows, cols]}",
+        )
     return np.transpose(arr, (2, 1, 0))  # (k, row, col) -> (i=col, j=row, k), a view

@@ -84,8 +84,9 @@ def read_mosaic_info(ds: Any, rows: int, columns: int) -> MosaicInfo:
         n = int(csareader.get_n_mosaic(csa))
         normal = csareader.get_slice_normal(csa)
     except Exception as exc:  # noqa: BLE001
-        raise MosaicError(f"{CSA_IMAGE_HEADER_INFO} lacks NumberOfImagesInMosaic/SliceNormalVector "
-                          f"({type(exc).__name__})") from None
+        raise MosaicError(
+            f"{CSA_IMAGE_HEADER_INFO} lacks NumberOfImagesInMosaic/SliceNormalVector ({type(exc).__name__})"
+        ) from None
     if n < 1 or normal is None or len(normal) != 3:
         raise MosaicError(f"{CSA_IMAGE_HEADER_INFO} has no usable NumberOfImagesInMosaic/SliceNormalVector")
     side = math.ceil(math.sqrt(n))
@@ -96,13 +97,24 @@ def read_mosaic_info(ds: Any, rows: int, columns: int) -> MosaicInfo:
     if norm < 1e-6:
         raise MosaicError(f"{CSA_IMAGE_HEADER_INFO} SliceNormalVector is zero")
     vec = vec / norm
-    return MosaicInfo(n_images=n, tiles_per_side=side, tile_rows=rows // side, tile_columns=columns // side,
-                      slice_normal=(float(vec[0]), float(vec[1]), float(vec[2])))
+    return MosaicInfo(
+        n_images=n,
+        tiles_per_side=side,
+        tile_rows=rows // side,
+        tile_columns=columns // side,
+        slice_normal=(float(vec[0]), float(vec[1]), float(vec[2])),
+    )
 
 
-def tile_positions(info: MosaicInfo, ipp: tuple[float, ...], iop: tuple[float, ...],
-                   pixel_spacing: tuple[float, float], rows: int, columns: int,
-                   slice_spacing: float) -> list[tuple[float, float, float]]:
+def tile_positions(
+    info: MosaicInfo,
+    ipp: tuple[float, ...],
+    iop: tuple[float, ...],
+    pixel_spacing: tuple[float, float],
+    rows: int,
+    columns: int,
+    slice_spacing: float,
+) -> list[tuple[float, float, float]]:
     """(0020,0032)-equivalent LPS position of each tile, in storage order.
 
     Args:
@@ -121,8 +133,9 @@ def tile_positions(info: MosaicInfo, ipp: tuple[float, ...], iop: tuple[float, .
     # The grid's IPP is its top-left voxel; the first tile is centred within the grid.
     shift_rows = (rows - info.tile_rows) / 2.0
     shift_cols = (columns - info.tile_columns) / 2.0
-    first = (np.asarray(ipp, dtype=float) + col_cos * pixel_spacing[0] * shift_rows
-             + row_cos * pixel_spacing[1] * shift_cols)
+    first = (
+        np.asarray(ipp, dtype=float) + col_cos * pixel_spacing[0] * shift_rows + row_cos * pixel_spacing[1] * shift_cols
+    )
     normal = np.asarray(info.slice_normal, dtype=float)
     return [tuple(float(v) for v in first + k * slice_spacing * normal) for k in range(info.n_images)]  # type: ignore[misc]
 
@@ -135,5 +148,7 @@ def split_tiles(grid: np.ndarray, info: MosaicInfo) -> np.ndarray:
     out = np.empty((info.n_images, info.tile_rows, info.tile_columns), dtype=grid.dtype)
     for k in range(info.n_images):
         r, c = divmod(k, info.tiles_per_side)
-        out[k] = grid[r * info.tile_rows:(r + 1) * info.tile_rows, c * info.tile_columns:(c + 1) * info.tile_columns]
+        out[k] = grid[
+            r * info.tile_rows : (r + 1) * info.tile_rows, c * info.tile_columns : (c + 1) * info.tile_columns
+        ]
     return out

@@ -115,11 +115,13 @@ def read_frames(ds: Any) -> tuple[FrameInfo, ...]:
         slope = _lookup(item, shared, "PixelValueTransformationSequence", "RescaleSlope")
         inter = _lookup(item, shared, "PixelValueTransformationSequence", "RescaleIntercept")
         spacing = _floats(_lookup(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2)
-        frames.append(FrameInfo(
-            ipp=_floats(_lookup(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
-            iop=_floats(_lookup(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
-            pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
-            slope=_number(slope, _number(top_slope, 1.0) or 1.0),
-            intercept=_number(inter, _number(top_inter, 0.0)),
-        ))
+        frames.append(
+            FrameInfo(
+                ipp=_floats(_lookup(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
+                iop=_floats(_lookup(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+                pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
+                slope=_number(slope, _number(top_slope, 1.0) or 1.0),
+                intercept=_number(inter, _number(top_inter, 0.0)),
+            )
+        )
     return tuple(frames)

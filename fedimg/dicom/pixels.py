@@ -84,19 +84,22 @@ def _check_native_length(ds: Dataset, transfer_syntax: str) -> None:
     frames = _header_int(ds, "NumberOfFrames", "(0028,0008) Number of Frames", 1)
     bits = _header_int(ds, "BitsAllocated", "(0028,0100) Bits Allocated", 0)
     if rows <= 0 or columns <= 0 or samples <= 0 or frames <= 0:
-        raise RefusedError(Reason.PIXEL_DECODE_ERROR,
-                           "(0028,0010) Rows, (0028,0011) Columns, (0028,0002) Samples per Pixel and "
-                           "(0028,0008) Number of Frames must be positive")
+        raise RefusedError(
+            Reason.PIXEL_DECODE_ERROR,
+            "(0028,0010) Rows, (0028,0011) Columns, (0028,0002) Samples per Pixel and "
+            "(0028,0008) Number of Frames must be positive",
+        )
     if bits != 1 and (bits <= 0 or bits % 8):
-        raise RefusedError(Reason.PIXEL_DECODE_ERROR,
-                           f"(0028,0100) Bits Allocated {bits} is not 1 or a multiple of 8")
+        raise RefusedError(Reason.PIXEL_DECODE_ERROR, f"(0028,0100) Bits Allocated {bits} is not 1 or a multiple of 8")
     n_samples = rows * columns * samples * frames
     expected = (n_samples + 7) // 8 if bits == 1 else n_samples * (bits // 8)
     actual = len(ds.PixelData)
     if actual not in (expected, expected + 1):
-        raise RefusedError(Reason.PIXEL_DECODE_ERROR,
-                           f"(7FE0,0010) Pixel Data holds {actual} bytes; (0028,0010) Rows, (0028,0011) Columns, "
-                           f"(0028,0100) Bits Allocated, (0028,0002) and (0028,0008) imply {expected}")
+        raise RefusedError(
+            Reason.PIXEL_DECODE_ERROR,
+            f"(7FE0,0010) Pixel Data holds {actual} bytes; (0028,0010) Rows, (0028,0011) Columns, "
+            f"(0028,0100) Bits Allocated, (0028,0002) and (0028,0008) imply {expected}",
+        )
 
 
 def _mask_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -138,13 +141,15 @@ def check_codec(transfer_syntax: str) -> None:
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
-        raise RefusedError(Reason.CODEC_MISSING,
-                           f"no pixel decoder exists for transfer syntax {transfer_syntax}") from None
+        raise RefusedError(
+            Reason.CODEC_MISSING, f"no pixel decoder exists for transfer syntax {transfer_syntax}"
+        ) from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
         name = uid.name if uid.is_valid else transfer_syntax
-        raise RefusedError(Reason.CODEC_MISSING,
-                           f"no installed decoder for {name} ({transfer_syntax}); install one of: {missing}")
+        raise RefusedError(
+            Reason.CODEC_MISSING, f"no installed decoder for {name} ({transfer_syntax}); install one of: {missing}"
+        )
 
 
 def decode_stored(ds: Dataset) -> np.ndarray:
@@ -164,8 +169,9 @@ def decode_stored(ds: Dataset) -> np.ndarray:
         raise RefusedError(Reason.NO_PIXELS, "no (7FE0,0010) Pixel Data")
     samples = _header_int(ds, "SamplesPerPixel", "(0028,0002) Samples per Pixel", 1)
     if samples != 1:
-        raise RefusedError(Reason.UNSUPPORTED_PIXELS,
-                           f"(0028,0002) Samples per Pixel is {samples}; only greyscale volumes")
+        raise RefusedError(
+            Reason.UNSUPPORTED_PIXELS, f"(0028,0002) Samples per Pixel is {samples}; only greyscale volumes"
+        )
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     check_codec(ts)
     _check_native_length(ds, ts)
@@ -174,13 +180,16 @@ def decode_stored(ds: Dataset) -> np.ndarray:
     except (NotImplementedError, RuntimeError) as exc:
         text = str(exc).lower()
         if "plugin" in text or "handler" in text or "missing" in text:
-            raise RefusedError(Reason.CODEC_MISSING,
-                               f"no installed decoder for transfer syntax {ts}; install pylibjpeg "
-                               "and its plugins") from None
+            raise RefusedError(
+                Reason.CODEC_MISSING,
+                f"no installed decoder for transfer syntax {ts}; install pylibjpeg and its plugins",
+            ) from None
         raise RefusedError(Reason.PIXEL_DECODE_ERROR, f"{type(exc).__name__} decoding {ts}") from None
     except (ValueError, EOFError, OSError) as exc:
-        raise RefusedError(Reason.PIXEL_DECODE_ERROR,
-                           f"pixel data could not be decoded ({type(exc).__name__}); the file may be truncated") from None
+        raise RefusedError(
+            Reason.PIXEL_DECODE_ERROR,
+            f"pixel data could not be decoded ({type(exc).__name__}); the file may be truncated",
+        ) from None
     return _mask_bits(np.asarray(arr), ds)
 
 
@@ -207,8 +216,10 @@ def check_modality_lut(slope: float, intercept: float) -> None:
             finite (e.g. a per-frame (0028,9145) value that did not parse).
     """
     if not (math.isfinite(slope) and math.isfinite(intercept)):
-        raise RefusedError(Reason.PIXEL_DECODE_ERROR,
-                           "(0028,1053) Rescale Slope / (0028,1052) Rescale Intercept is not a finite number")
+        raise RefusedError(
+            Reason.PIXEL_DECODE_ERROR,
+            "(0028,1053) Rescale Slope / (0028,1052) Rescale Intercept is not a finite number",
+        )
 
 
 def apply_modality_lut(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
@@ -261,8 +272,9 @@ def exactly_scalable(low: int, high: int, slope: float, intercept: float) -> boo
     values = np.arange(low, high + 1, dtype=np.float64)
     product = values * slope
     result = product + intercept
-    return bool(np.array_equal(product, product.astype(np.float32))
-                and np.array_equal(result, result.astype(np.float32)))
+    return bool(
+        np.array_equal(product, product.astype(np.float32)) and np.array_equal(result, result.astype(np.float32))
+    )
 
 
 def decode_slice(ds: Dataset) -> np.ndarray:

@@ -74,35 +74,48 @@ def planar_geometry(group: SeriesGroup, instances_in_series: int | None = None) 
     """
     n = max(len(group.headers), instances_in_series or 0)
     if n > 1:
-        raise RefusedError(Reason.NOT_SINGLE_IMAGE,
-                           f"the series holds {n} instances; a 2D spec takes a series of exactly one "
-                           "single-frame image (export each view as its own series, or use a 3D spec)")
+        raise RefusedError(
+            Reason.NOT_SINGLE_IMAGE,
+            f"the series holds {n} instances; a 2D spec takes a series of exactly one "
+            "single-frame image (export each view as its own series, or use a 3D spec)",
+        )
     h = group.first
     if h.number_of_frames > 1 or h.mosaic is not None or len(h.frames) > 1:
         frames = h.number_of_frames if h.number_of_frames > 1 else max(len(h.frames), 2)
-        raise RefusedError(Reason.NOT_SINGLE_IMAGE,
-                           f"(0028,0008) Number of Frames is {frames} (or a mosaic); a 2D spec takes one "
-                           "single-frame image")
+        raise RefusedError(
+            Reason.NOT_SINGLE_IMAGE,
+            f"(0028,0008) Number of Frames is {frames} (or a mosaic); a 2D spec takes one single-frame image",
+        )
     if not h.rows or not h.columns or h.rows <= 0 or h.columns <= 0:
         raise RefusedError(Reason.NO_GEOMETRY, "(0028,0010) Rows / (0028,0011) Columns missing or not positive")
     if h.photometric_interpretation not in _GREYSCALE:
-        raise RefusedError(Reason.UNSUPPORTED_PIXELS,
-                           f"(0028,0004) Photometric Interpretation {h.photometric_interpretation}; "
-                           "expected MONOCHROME1 or MONOCHROME2")
+        raise RefusedError(
+            Reason.UNSUPPORTED_PIXELS,
+            f"(0028,0004) Photometric Interpretation {h.photometric_interpretation}; "
+            "expected MONOCHROME1 or MONOCHROME2",
+        )
     if _valid(h.pixel_spacing):
         spacing, source = h.pixel_spacing, "(0028,0030) Pixel Spacing"
     elif _valid(h.imager_pixel_spacing):
         spacing, source = h.imager_pixel_spacing, "(0018,1164) Imager Pixel Spacing"
     else:
-        raise RefusedError(Reason.NO_GEOMETRY,
-                           "no finite, positive (0028,0030) Pixel Spacing or (0018,1164) Imager Pixel Spacing; "
-                           "re-export with the pixel size")
+        raise RefusedError(
+            Reason.NO_GEOMETRY,
+            "no finite, positive (0028,0030) Pixel Spacing or (0018,1164) Imager Pixel Spacing; "
+            "re-export with the pixel size",
+        )
     check_codec(h.transfer_syntax)
     iop = h.iop if h.iop is not None and all(math.isfinite(v) for v in h.iop) else None
     ipp = h.ipp if h.ipp is not None and all(math.isfinite(v) for v in h.ipp) else None
-    return PlanarGeometry(rows=int(h.rows), columns=int(h.columns), row_spacing=float(spacing[0]),  # type: ignore[index]
-                          column_spacing=float(spacing[1]), spacing_source=source,  # type: ignore[index]
-                          iop=iop if ipp is not None else None, ipp=ipp if iop is not None else None)
+    return PlanarGeometry(
+        rows=int(h.rows),
+        columns=int(h.columns),
+        row_spacing=float(spacing[0]),  # type: ignore[index]
+        column_spacing=float(spacing[1]),
+        spacing_source=source,  # type: ignore[index]
+        iop=iop if ipp is not None else None,
+        ipp=ipp if iop is not None else None,
+    )
 
 
 def load_planar(group: SeriesGroup, geometry: PlanarGeometry) -> np.ndarray:
@@ -116,10 +129,13 @@ def load_planar(group: SeriesGroup, geometry: PlanarGeometry) -> np.ndarray:
     ds = read_slice(str(group.first.path))
     stored = decode_stored(ds)
     if stored.ndim != 2:
-        raise RefusedError(Reason.NOT_SINGLE_IMAGE, f"pixel data decodes to {stored.ndim}D "
-                           f"shape {list(stored.shape)}; a 2D spec takes one single-frame image")
+        raise RefusedError(
+            Reason.NOT_SINGLE_IMAGE,
+            f"pixel data decodes to {stored.ndim}D shape {list(stored.shape)}; a 2D spec takes one single-frame image",
+        )
     if stored.shape != (geometry.rows, geometry.columns):
-        raise RefusedError(Reason.MIXED_SERIES,
-                           f"pixel data decodes to {list(stored.shape)}, header says "
-                           f"{[geometry.rows, geometry.columns]}")
+        raise RefusedError(
+            Reason.MIXED_SERIES,
+            f"pixel data decodes to {list(stored.shape)}, header says {[geometry.rows, geometry.columns]}",
+        )
     return apply_modality_lut(invert_monochrome1(stored, ds), *rescale(ds))

@@ -8,11 +8,12 @@ warnings are silenced while fedimg reads inputs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
-import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -45,8 +45,15 @@ class Regularized:
     correction: str
 
 
-def regularize(data: np.ndarray, positions_lps: np.ndarray, row_cos: np.ndarray, col_cos: np.ndarray,
-               col_spacing: float, row_spacing: float, order: int = 1) -> Regularized:
+def regularize(
+    data: np.ndarray,
+    positions_lps: np.ndarray,
+    row_cos: np.ndarray,
+    col_cos: np.ndarray,
+    col_spacing: float,
+    row_spacing: float,
+    order: int = 1,
+) -> Regularized:
     """Resample slices at arbitrary positions onto a regular orthogonal grid.
 
     Args:
@@ -75,8 +82,10 @@ def regularize(data: np.ndarray, positions_lps: np.ndarray, row_cos: np.ndarray,
     if step <= 0:
         raise ValueError("slices share one position; nothing to resample")
     if steps.max() > MAX_GAP_SPACINGS * step:
-        raise ValueError(f"a hole of {steps.max():.3g} mm is wider than {MAX_GAP_SPACINGS} slice spacings "
-                         f"({step:.3g} mm); refusing to invent slices")
+        raise ValueError(
+            f"a hole of {steps.max():.3g} mm is wider than {MAX_GAP_SPACINGS} slice spacings "
+            f"({step:.3g} mm); refusing to invent slices"
+        )
     n_out = int(round((dist[-1] - dist[0]) / step)) + 1
     origin = pos[0]
     ni, nj = vol.shape[0], vol.shape[1]
@@ -91,8 +100,9 @@ def regularize(data: np.ndarray, positions_lps: np.ndarray, row_cos: np.ndarray,
         dv = float(d @ col_cos) / row_spacing
         if abs(du) < 1e-9 and abs(dv) < 1e-9:
             return vol[:, :, k].astype(np.float64)
-        return ndimage.map_coordinates(vol[:, :, k].astype(np.float64), [ii + du, jj + dv], order=order,
-                                       mode="constant", cval=fill)
+        return ndimage.map_coordinates(
+            vol[:, :, k].astype(np.float64), [ii + du, jj + dv], order=order, mode="constant", cval=fill
+        )
 
     for k in range(n_out):
         d_t = dist[0] + k * step

@@ -92,16 +92,26 @@ def _mosaic_slices(h: DicomHeader, index: int) -> list[Slice]:
     if spacing is None or not math.isfinite(spacing) or spacing <= 0:
         # A mosaic file has one position for all its tiles: without the spacing the
         # slice positions are unknown, and guessing would be silently wrong.
-        raise RefusedError(Reason.NO_GEOMETRY,
-                           "mosaic without a finite, positive (0018,0088) Spacing Between Slices")
+        raise RefusedError(Reason.NO_GEOMETRY, "mosaic without a finite, positive (0018,0088) Spacing Between Slices")
     positions = tile_positions(info, h.ipp, h.iop, h.pixel_spacing, h.rows, h.columns, spacing)
-    return [Slice(ipp=p, iop=h.iop, pixel_spacing=h.pixel_spacing, rows=info.tile_rows,
-                  columns=info.tile_columns, source=(index, k)) for k, p in enumerate(positions)]
+    return [
+        Slice(
+            ipp=p,
+            iop=h.iop,
+            pixel_spacing=h.pixel_spacing,
+            rows=info.tile_rows,
+            columns=info.tile_columns,
+            source=(index, k),
+        )
+        for k, p in enumerate(positions)
+    ]
 
 
 def _frame_slices(h: DicomHeader, index: int) -> list[Slice]:
-    return [Slice(ipp=f.ipp, iop=f.iop, pixel_spacing=f.pixel_spacing, rows=h.rows, columns=h.columns,
-                  source=(index, k)) for k, f in enumerate(h.frames)]
+    return [
+        Slice(ipp=f.ipp, iop=f.iop, pixel_spacing=f.pixel_spacing, rows=h.rows, columns=h.columns, source=(index, k))
+        for k, f in enumerate(h.frames)
+    ]
 
 
 def series_slices(group: SeriesGroup) -> list[DicomHeader | Slice]:
@@ -114,16 +124,19 @@ def series_slices(group: SeriesGroup) -> list[DicomHeader | Slice]:
     """
     for h in group.headers:
         if h.sop_class_uid == SEG_SOP_CLASS:
-            raise RefusedError(Reason.UNSUPPORTED_MULTIFRAME,
-                               "DICOM SEG is a label object; it is read with its image by `fedimg preprocess`")
+            raise RefusedError(
+                Reason.UNSUPPORTED_MULTIFRAME,
+                "DICOM SEG is a label object; it is read with its image by `fedimg preprocess`",
+            )
         if h.layout_error:
             reason = Reason.NO_GEOMETRY if h.is_mosaic else Reason.UNSUPPORTED_MULTIFRAME
             raise RefusedError(reason, h.layout_error)
     uids = Counter(h.sop_instance_uid for h in group.headers if h.sop_instance_uid)
     repeated = sum(n - 1 for n in uids.values() if n > 1)
     if repeated:
-        raise RefusedError(Reason.DUPLICATE_POSITION,
-                           f"{repeated} file(s) repeat a (0008,0018) SOP Instance UID of this series")
+        raise RefusedError(
+            Reason.DUPLICATE_POSITION, f"{repeated} file(s) repeat a (0008,0018) SOP Instance UID of this series"
+        )
     slices: list[DicomHeader | Slice] = []
     for idx, h in enumerate(group.headers):
         if h.mosaic is not None:
@@ -131,15 +144,15 @@ def series_slices(group: SeriesGroup) -> list[DicomHeader | Slice]:
         elif h.frames:
             slices.extend(_frame_slices(h, idx))
         elif h.number_of_frames > 1:
-            raise RefusedError(Reason.UNSUPPORTED_MULTIFRAME,
-                               "multi-frame object without per-frame geometry")
+            raise RefusedError(Reason.UNSUPPORTED_MULTIFRAME, "multi-frame object without per-frame geometry")
         else:
             slices.append(h)
     return slices
 
 
-def series_geometry(group: SeriesGroup, *, min_slices: int = 3, spacing_tolerance: float = 1e-3,
-                    orientation_tolerance: float = 1e-4) -> SeriesGeometry:
+def series_geometry(
+    group: SeriesGroup, *, min_slices: int = 3, spacing_tolerance: float = 1e-3, orientation_tolerance: float = 1e-4
+) -> SeriesGeometry:
     """Validate a group's geometry from headers only (no pixels read).
 
     Raises:
@@ -149,8 +162,9 @@ def series_geometry(group: SeriesGroup, *, min_slices: int = 3, spacing_toleranc
             header, so refused before any pixel is read).
     """
     slices = series_slices(group)
-    geo = compute_geometry(slices, min_slices=min_slices, spacing_tolerance=spacing_tolerance,
-                           orientation_tolerance=orientation_tolerance)
+    geo = compute_geometry(
+        slices, min_slices=min_slices, spacing_tolerance=spacing_tolerance, orientation_tolerance=orientation_tolerance
+    )
     for ts in sorted({h.transfer_syntax for h in group.headers}):
         check_codec(ts)
     return geo
@@ -196,8 +210,10 @@ def load_volume(group: SeriesGroup, geometry: SeriesGeometry) -> Volume:
             lut = rescale(ds)
             if h.mosaic is not None:
                 if stored.ndim != 2 or stored.shape != (h.rows, h.columns):
-                    raise RefusedError(Reason.MIXED_SERIES,
-                                       f"mosaic decodes to {list(stored.shape)}, header says {[h.rows, h.columns]}")
+                    raise RefusedError(
+                        Reason.MIXED_SERIES,
+                        f"mosaic decodes to {list(stored.shape)}, header says {[h.rows, h.columns]}",
+                    )
                 stored = split_tiles(stored, h.mosaic)
             elif stored.ndim == 2:
                 stored = stored[None]
@@ -208,8 +224,7 @@ def load_volume(group: SeriesGroup, geometry: SeriesGeometry) -> Volume:
         check_modality_lut(slope, intercept)
         sl = stored[fi]
         if sl.shape != (rows, cols):
-            raise RefusedError(Reason.MIXED_SERIES,
-                               f"slice {k} decodes to {sl.shape}, header says {(rows, cols)}")
+            raise RefusedError(Reason.MIXED_SERIES, f"slice {k} decodes to {sl.shape}, header says {(rows, cols)}")
         if buf is None:
             buf = np.empty((n, rows, cols), dtype=sl.dtype if np.issubdtype(sl.dtype, np.integer) else np.float32)
         if buf.dtype != np.float32:

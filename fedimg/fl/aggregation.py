@@ -28,13 +28,13 @@ and the site named; it never stops the server.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import get_args, Any, Iterable, Mapping, Sequence
+from typing import Any, get_args
 
 import numpy as np
 
 from fedimg.config import AggregationMethod, ExperimentConfig
-
 from fedimg.fl.protocol import MAX_ENTRIES, MAX_NAME, is_number
 from fedimg.training.checkpoint import state_problem
 
@@ -102,7 +102,7 @@ def aggregate(updates: Sequence[Update], method: str = "mean", trim: int = 1) ->
             value = np.median(stack, axis=0)
         else:
             s = np.sort(stack, axis=0)
-            value = s[trim:len(arrays) - trim].mean(axis=0)
+            value = s[trim : len(arrays) - trim].mean(axis=0)
         if np.issubdtype(dtype, np.integer):
             value = np.rint(value)
         out[key] = value.astype(dtype if not np.issubdtype(dtype, np.floating) else np.float32)
@@ -132,9 +132,14 @@ def _float_keys(params: Mapping[str, np.ndarray]) -> list[str]:
     return [k for k, v in params.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
 
 
-def screen_updates(updates: Sequence[Update], global_params: Mapping[str, np.ndarray], is_diff: bool,
-                   norm_outlier_factor: float = 0.0, max_update_norm: float = 0.0,
-                   min_cosine: float | None = None) -> tuple[list[Update], dict[str, str]]:
+def screen_updates(
+    updates: Sequence[Update],
+    global_params: Mapping[str, np.ndarray],
+    is_diff: bool,
+    norm_outlier_factor: float = 0.0,
+    max_update_norm: float = 0.0,
+    min_cosine: float | None = None,
+) -> tuple[list[Update], dict[str, str]]:
     """Reject updates that are broken or far from the majority, before aggregation.
 
     Every check works on the change a site proposes (its difference, or its
@@ -178,8 +183,10 @@ def screen_updates(updates: Sequence[Update], global_params: Mapping[str, np.nda
         med = float(np.median([norms[s] for s in live]))
         for s in live:
             if med > 0 and norms[s] > norm_outlier_factor * med:
-                rejected[s] = (f"NORM_OUTLIER: update norm {norms[s]:.4g} is {norms[s] / med:.1f} x the round's "
-                               f"median {med:.4g} (limit {norm_outlier_factor:g} x)")
+                rejected[s] = (
+                    f"NORM_OUTLIER: update norm {norms[s]:.4g} is {norms[s] / med:.1f} x the round's "
+                    f"median {med:.4g} (limit {norm_outlier_factor:g} x)"
+                )
     live = [s for s in norms if s not in rejected]
     if min_cosine is not None and len(live) >= 3 and len({changes[s].size for s in live}) == 1:
         center = np.median(np.stack([changes[s] for s in live]), axis=0)
@@ -188,13 +195,16 @@ def screen_updates(updates: Sequence[Update], global_params: Mapping[str, np.nda
             denom = norms[s] * cn
             cos = float(changes[s] @ center / denom) if denom > 0 else 1.0
             if cos < min_cosine:
-                rejected[s] = (f"DIRECTION_OUTLIER: cosine {cos:.3f} with the round's median update is below "
-                               f"fed.robust.min_cosine {min_cosine:g}")
+                rejected[s] = (
+                    f"DIRECTION_OUTLIER: cosine {cos:.3f} with the round's median update is below "
+                    f"fed.robust.min_cosine {min_cosine:g}"
+                )
     return [u for u in ok if u.site not in rejected], rejected
 
 
-def check_update(params: Any, global_params: Mapping[str, np.ndarray], *, local_keys: Iterable[str] = (),
-                 fp16: bool = False) -> str | None:
+def check_update(
+    params: Any, global_params: Mapping[str, np.ndarray], *, local_keys: Iterable[str] = (), fp16: bool = False
+) -> str | None:
     """Why a site's update cannot be aggregated (None: it can).
 
     The update must hold exactly the global model's entries (the algorithm's
@@ -224,8 +234,10 @@ def check_weight(value: Any, cap: float) -> tuple[float | None, str | None]:
         ``(None, "BAD_WEIGHT: ...")`` or ``(None, "WEIGHT_TOO_LARGE: ...")``.
     """
     if not is_number(value):
-        return None, (f"BAD_WEIGHT: NUM_STEPS_CURRENT_ROUND must be a number of optimizer steps, got "
-                      f"{'nothing' if value is None else 'a ' + type(value).__name__}")
+        return None, (
+            f"BAD_WEIGHT: NUM_STEPS_CURRENT_ROUND must be a number of optimizer steps, got "
+            f"{'nothing' if value is None else 'a ' + type(value).__name__}"
+        )
     weight = float(value)
     if not math.isfinite(weight) or weight <= 0:
         return None, f"BAD_WEIGHT: NUM_STEPS_CURRENT_ROUND must be finite and > 0, got {weight!r}"

@@ -50,8 +50,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import ParamsType
@@ -60,9 +61,16 @@ from nvflare.client.tracking import SummaryWriter
 from fedimg import config as cfgmod
 from fedimg import runtime
 from fedimg.fl.algorithms import client_algorithm
-from fedimg.fl.protocol import (RESULT_META_ALGO, RESULT_META_BYTES, RESULT_META_DP, RESULT_META_TIMES,
-                                RESULT_META_TEST, RESULT_META_VAL, TASK_META_FINAL)
 from fedimg.fl.exchange import DIFF, make_update, payload_bytes
+from fedimg.fl.protocol import (
+    RESULT_META_ALGO,
+    RESULT_META_BYTES,
+    RESULT_META_DP,
+    RESULT_META_TEST,
+    RESULT_META_TIMES,
+    RESULT_META_VAL,
+    TASK_META_FINAL,
+)
 from fedimg.tasks import metric_names
 from fedimg.training.tracking import local_writer
 from fedimg.training.trainer import SiteTrainer
@@ -75,11 +83,18 @@ SITE_CONFIG_ENV = "FEDIMG_SITE_CONFIG"
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fedimg-client")
-    p.add_argument("--config", default="experiment.yaml",
-                   help="experiment YAML shipped with the job (relative to this script's folder)")
+    p.add_argument(
+        "--config",
+        default="experiment.yaml",
+        help="experiment YAML shipped with the job (relative to this script's folder)",
+    )
     p.add_argument("--site-config", default=None, help=f"site YAML; default: ${SITE_CONFIG_ENV}")
-    p.add_argument("--sites-sharing-cpu", type=int, default=1,
-                   help="training processes on this machine (simulator), for thread sizing")
+    p.add_argument(
+        "--sites-sharing-cpu",
+        type=int,
+        default=1,
+        help="training processes on this machine (simulator), for thread sizing",
+    )
     return p.parse_args(list(argv))
 
 
@@ -98,8 +113,9 @@ def _scalars(val: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in val.items() if k != "cases" and not k.startswith("hd95_undefined")}
 
 
-def withhold_small_cohort(metrics: dict[str, float], cases: float, min_cohort: int,
-                          prefix: str = "val_") -> dict[str, float]:
+def withhold_small_cohort(
+    metrics: dict[str, float], cases: float, min_cohort: int, prefix: str = "val_"
+) -> dict[str, float]:
     """The metrics a site sends: without counts about its validation cases when it has fewer than ``min_cohort``.
 
     With a handful of cases, a count (how many cases, how many with an
@@ -114,19 +130,27 @@ def withhold_small_cohort(metrics: dict[str, float], cases: float, min_cohort: i
 class SiteRunner:
     """The state one site keeps across tasks: its trainer, algorithm, writers and own weights."""
 
-    def __init__(self, exp: cfgmod.ExperimentConfig, site: cfgmod.SiteConfig, site_name: str,
-                 sites_sharing_cpu: int) -> None:
+    def __init__(
+        self, exp: cfgmod.ExperimentConfig, site: cfgmod.SiteConfig, site_name: str, sites_sharing_cpu: int
+    ) -> None:
         self.exp = exp
         self.site_name = site_name
-        self.rt = runtime.setup(site.device, exp.train.amp, site.num_threads, seed=exp.train.seed,
-                                workers_sharing_cpu=sites_sharing_cpu)
+        self.rt = runtime.setup(
+            site.device, exp.train.amp, site.num_threads, seed=exp.train.seed, workers_sharing_cpu=sites_sharing_cpu
+        )
         self.trainer = SiteTrainer.from_datalist(exp, site.datalist, self.rt)
         self.algorithm = client_algorithm(exp.fed.algorithm, self.trainer)
         self.writer = SummaryWriter()
         self.local = local_writer(site.local_logdir) if site.local_logdir else None
         self.local_weights: dict[str, Any] | None = None
-        progress.info("site %s: %d training / %d validation cases on %s, %s", site_name, self.trainer.n_train,
-                    self.trainer.n_val, self.rt.device, exp.fed.algorithm)
+        progress.info(
+            "site %s: %d training / %d validation cases on %s, %s",
+            site_name,
+            self.trainer.n_train,
+            self.trainer.n_val,
+            self.rt.device,
+            exp.fed.algorithm,
+        )
 
     def _log_validation(self, val: dict[str, float], step: int) -> None:
         for k, v in _scalars(val).items():
@@ -155,16 +179,23 @@ class SiteRunner:
         t_val = time.perf_counter()
         val = self.trainer.validate()
         t_val = time.perf_counter() - t_val
-        metrics = withhold_small_cohort(metric_names(val), val.get("cases", self.trainer.n_val),
-                                        self.exp.privacy.min_cohort)
+        metrics = withhold_small_cohort(
+            metric_names(val), val.get("cases", self.trainer.n_val), self.exp.privacy.min_cohort
+        )
         meta = {RESULT_META_VAL: _scalars(val)}
         if flare.is_evaluate():
             if self.trainer.n_test:
                 # Evaluation tasks (the final evaluation, cross-site evaluation) also score the held-out test
                 # cases; they are reported as test_* and never rate a model during training.
                 test = self.trainer.test()
-                metrics.update(withhold_small_cohort(metric_names(test, "test_"), test.get("cases", self.trainer.n_test),
-                                                     self.exp.privacy.min_cohort, prefix="test_"))
+                metrics.update(
+                    withhold_small_cohort(
+                        metric_names(test, "test_"),
+                        test.get("cases", self.trainer.n_test),
+                        self.exp.privacy.min_cohort,
+                        prefix="test_",
+                    )
+                )
                 meta[RESULT_META_TEST] = _scalars(test)
             if (model.meta or {}).get(TASK_META_FINAL):
                 step = int(model.current_round or 0)
@@ -188,27 +219,55 @@ class SiteRunner:
         extra = self.algorithm.end_round()
         self.writer.add_scalar("train/loss", float(fit["loss"]), global_step=rnd + 1)
         self.local_weights = self.trainer.state_dict()
-        update, kind = make_update(self.local_weights, global_state, self.exp.fed.exchange,
-                                   self.exp.fed.update_precision, exclude=self.algorithm.local_keys)
+        update, kind = make_update(
+            self.local_weights,
+            global_state,
+            self.exp.fed.exchange,
+            self.exp.fed.update_precision,
+            exclude=self.algorithm.local_keys,
+        )
         if self.exp.fed.update_precision == "fp16":
-            extra = {k: ({n: a.astype("float16") for n, a in v.items()} if isinstance(v, dict) else v)
-                     for k, v in extra.items()}
+            extra = {
+                k: ({n: a.astype("float16") for n, a in v.items()} if isinstance(v, dict) else v)
+                for k, v in extra.items()
+            }
         nbytes = payload_bytes(update) + sum(payload_bytes(v) for v in extra.values() if isinstance(v, dict))
-        progress.info("site %s round %d: %s %.4f, train loss %.4f (validate %.2f s, train %.2f s, update %.2f MB)",
-                    self.site_name, rnd, self.trainer.task.main_metric,
-                    val.get(self.trainer.task.main_metric, float("nan")), fit["loss"], t_val, t_fit, nbytes / 1e6)
-        meta.update({"NUM_STEPS_CURRENT_ROUND": int(fit["steps"]), RESULT_META_BYTES: nbytes,
-                     RESULT_META_ALGO: dict(self.algorithm.stats),
-                     RESULT_META_TIMES: {"validate": t_val, "train": t_fit}, **extra})
+        progress.info(
+            "site %s round %d: %s %.4f, train loss %.4f (validate %.2f s, train %.2f s, update %.2f MB)",
+            self.site_name,
+            rnd,
+            self.trainer.task.main_metric,
+            val.get(self.trainer.task.main_metric, float("nan")),
+            fit["loss"],
+            t_val,
+            t_fit,
+            nbytes / 1e6,
+        )
+        meta.update(
+            {
+                "NUM_STEPS_CURRENT_ROUND": int(fit["steps"]),
+                RESULT_META_BYTES: nbytes,
+                RESULT_META_ALGO: dict(self.algorithm.stats),
+                RESULT_META_TIMES: {"validate": t_val, "train": t_fit},
+                **extra,
+            }
+        )
         spent = self.trainer.privacy_spent()
         if spent is not None:
             # Nested under its mechanism, so an update filter's own DP record can sit beside it.
             meta[RESULT_META_DP] = {"dp_sgd": spent}
             self.writer.add_scalar("privacy/epsilon", float(spent["epsilon"]), global_step=rnd + 1)
-            progress.info("site %s round %d: DP-SGD epsilon %.3f at delta %g after %d noised steps", self.site_name,
-                          rnd, spent["epsilon"], spent["delta"], spent["steps"])
-        return flare.FLModel(params=update, params_type=ParamsType.DIFF if kind == DIFF else ParamsType.FULL,
-                             metrics=metrics, meta=meta)
+            progress.info(
+                "site %s round %d: DP-SGD epsilon %.3f at delta %g after %d noised steps",
+                self.site_name,
+                rnd,
+                spent["epsilon"],
+                spent["delta"],
+                spent["steps"],
+            )
+        return flare.FLModel(
+            params=update, params_type=ParamsType.DIFF if kind == DIFF else ParamsType.FULL, metrics=metrics, meta=meta
+        )
 
 
 def run(argv: Sequence[str] | None = None, script_dir: str | Path | None = None) -> None:
@@ -226,7 +285,8 @@ def run(argv: Sequence[str] | None = None, script_dir: str | Path | None = None)
     if not site_cfg_path:
         raise cfgmod.ConfigError(
             f"no site config: expected --site-config PATH in the job's script args or the environment "
-            f"variable {SITE_CONFIG_ENV} naming this site's YAML (see configs/sites/site.yaml)")
+            f"variable {SITE_CONFIG_ENV} naming this site's YAML (see configs/sites/site.yaml)"
+        )
     site = cfgmod.load_site_config(site_cfg_path)
 
     flare.init()

@@ -63,24 +63,23 @@ from fedimg.fl.aggregation import (
 )
 from fedimg.fl.algorithms import ServerStrategy, server_strategy
 from fedimg.fl.exchange import to_float32
-from fedimg.fl.report import evaluation_table, report_metrics
-from fedimg.fl.tracking import scalar_layout
-from fedimg.training.tracking import local_writer
-
 from fedimg.fl.protocol import (
     META_KEY,
     RESULT_META_ALGO,
     RESULT_META_BYTES,
     RESULT_META_DP,
     RESULT_META_STEPS,
-    RESULT_META_TIMES,
     RESULT_META_TEST,
+    RESULT_META_TIMES,
     RESULT_META_VAL,
     TASK_META_ALGORITHM,
     TASK_META_FINAL,
     TASK_META_ROUND,
     scalar_tree_problem,
 )
+from fedimg.fl.report import evaluation_table, report_metrics
+from fedimg.fl.tracking import scalar_layout
+from fedimg.training.tracking import local_writer
 
 # The run's progress lines: the console of the simulator shows this logger only (see fedimg.fl.simulate).
 progress = logging.getLogger("fedimg.progress")
@@ -96,8 +95,10 @@ _RETURN_CODES = frozenset(v for k, v in vars(ReturnCode).items() if k.isupper() 
 def _error_reason(rc: Any) -> str:
     """Why a site's answer was not a result, from its return code (quoted only when it is one of NVFlare's)."""
     if rc == ReturnCode.TASK_RESULT_FILTER_ERROR:
-        return ("BLOCKED_AT_SITE: the site's result filters refused to send its result (TASK_RESULT_FILTER_ERROR, "
-                "e.g. the scalar-only guard); see the site's log")
+        return (
+            "BLOCKED_AT_SITE: the site's result filters refused to send its result (TASK_RESULT_FILTER_ERROR, "
+            "e.g. the scalar-only guard); see the site's log"
+        )
     code = rc if rc in _RETURN_CODES else "an unknown return code"
     return f"SITE_ERROR: the site answered with {code} instead of a result; see the site's log"
 
@@ -147,8 +148,14 @@ class FedimgController(BaseFedAvg):
         # A site's error answer (a crash, or a result its own guard blocked) is recorded as that site's rejection;
         # whether the round still counts is fed.min_clients' decision below, not NVFlare's (which would stop the
         # run on the first error when every site is needed for the broadcast).
-        super().__init__(num_clients=num_clients, num_rounds=num_rounds, start_round=max(0, start_round),
-                         persistor_id=persistor_id, task_check_period=task_check_period, ignore_result_error=True)
+        super().__init__(
+            num_clients=num_clients,
+            num_rounds=num_rounds,
+            start_round=max(0, start_round),
+            persistor_id=persistor_id,
+            task_check_period=task_check_period,
+            ignore_result_error=True,
+        )
         # NVFlare writes the job config from attributes named like the arguments: keep them as given.
         self.start_round = start_round
         self.experiment = experiment
@@ -192,8 +199,9 @@ class FedimgController(BaseFedAvg):
 
     # ------------------------------------------------------------------ metrics and best model
 
-    def _record_validation(self, step: int, results: list[FLModel], final: bool = False,
-                           rate: bool = True) -> dict[str, float]:
+    def _record_validation(
+        self, step: int, results: list[FLModel], final: bool = False, rate: bool = True
+    ) -> dict[str, float]:
         """Check the sites' validation of the rated model, write the weighted means, keep the best model.
 
         A site whose metrics fail :func:`fedimg.fl.aggregation.check_metrics`
@@ -239,8 +247,14 @@ class FedimgController(BaseFedAvg):
             if key != "cases":
                 writer.add_scalar(f"test/{key}", value, step)
         writer.flush()
-        record = {"step": step, "final_eval": final, "global": flat, "sites": per_site, "weights": weights,
-                  "rejected": rejected}
+        record = {
+            "step": step,
+            "final_eval": final,
+            "global": flat,
+            "sites": per_site,
+            "weights": weights,
+            "rejected": rejected,
+        }
         if test_sites:
             record["test"] = {"global": test_flat, "sites": test_sites, "weights": test_weights}
         self._append("global_metrics.jsonl", record)
@@ -248,18 +262,25 @@ class FedimgController(BaseFedAvg):
         value = flat.get(self.key_metric)
         what = "final global model" if final else f"global model after {step} round(s)"
         shown = "n/a" if value is None else f"{value:.4f}"
-        progress.info("server: %s: %s %s (case-weighted mean of %d site(s))", what, self.key_metric, shown,
-                      len(per_site))
+        progress.info(
+            "server: %s: %s %s (case-weighted mean of %d site(s))", what, self.key_metric, shown, len(per_site)
+        )
         if rate and value is not None and value > self._best["value"]:
             self._save_best(step, value)
             progress.info("server: new best global model (%s %.4f, after %d round(s))", self.key_metric, value, step)
         return flat
 
     def _meta(self, rounds_done: int) -> dict[str, Any]:
-        return {META_KEY: {"rounds_done": rounds_done, "algorithm": self.fed.algorithm,
-                           "best_round": self._best["round"], "best_value": self._best["value"],
-                           "key_metric": self.key_metric},
-                "current_round": rounds_done - 1}
+        return {
+            META_KEY: {
+                "rounds_done": rounds_done,
+                "algorithm": self.fed.algorithm,
+                "best_round": self._best["round"],
+                "best_value": self._best["value"],
+                "key_metric": self.key_metric,
+            },
+            "current_round": rounds_done - 1,
+        }
 
     def _save_best(self, step: int, value: float) -> None:
         self._best = {"value": float(value), "round": step}
@@ -309,8 +330,9 @@ class FedimgController(BaseFedAvg):
             updates.append(Update(site=site, params=to_float32(res.params, self._global), weight=weight))
         if ptype is not None:
             rb = self.fed.robust
-            updates, screened = screen_updates(updates, self._global, ptype == "DIFF", rb.norm_outlier_factor,
-                                               rb.max_update_norm, rb.min_cosine)
+            updates, screened = screen_updates(
+                updates, self._global, ptype == "DIFF", rb.norm_outlier_factor, rb.max_update_norm, rb.min_cosine
+            )
             info.update(screened)
         for site, reason in info.items():
             self.warning(f"round {self.current_round}: update of {site} rejected: {reason}")
@@ -348,20 +370,31 @@ class FedimgController(BaseFedAvg):
             self._best = {"value": float(prior["best_value"]), "round": prior.get("best_round")}
         self.strategy.setup(self._global)
         end = self.start_round + self.num_rounds
-        self.info(f"fedimg {self.fed.algorithm}: rounds {self.start_round}..{end - 1}, aggregation "
-                  f"{self.fed.robust.aggregation}")
+        self.info(
+            f"fedimg {self.fed.algorithm}: rounds {self.start_round}..{end - 1}, aggregation "
+            f"{self.fed.robust.aggregation}"
+        )
         self._t_start = time.time()
         live: list[Any] = []
-        for self.current_round in range(self.start_round, end):
-            outcome = self._train_round(self.current_round, end)
+        for rnd in range(self.start_round, end):
+            self.current_round = rnd  # NVFlare's base class reads it (events, logs)
+            outcome = self._train_round(rnd, end)
             if outcome is None:
                 return  # aborted, or too few usable updates (the run was stopped)
             live = outcome
             self._maybe_cleanup_memory()
         final = self._final_evaluation(end, live) if self.fed.final_eval else {}
-        self._finish({"algorithm": self.fed.algorithm, "aggregation": self.fed.robust.aggregation,
-                      "start_round": self.start_round, "end_round": end, "key_metric": self.key_metric,
-                      "best": self._best, "final_global_val": final})
+        self._finish(
+            {
+                "algorithm": self.fed.algorithm,
+                "aggregation": self.fed.robust.aggregation,
+                "start_round": self.start_round,
+                "end_round": end,
+                "key_metric": self.key_metric,
+                "best": self._best,
+                "final_global_val": final,
+            }
+        )
 
     def _train_round(self, rnd: int, end: int) -> list[Any] | None:
         """One round: send the global model, check and record the answers, aggregate, save.
@@ -370,16 +403,28 @@ class FedimgController(BaseFedAvg):
             The sites that answered (for the final evaluation), or None when the run must stop.
         """
         t0 = time.time()
-        data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=rnd, total_rounds=end,
-                       start_round=self.start_round, meta=self._task_meta(rnd))
+        data = FLModel(
+            params=self._global,
+            params_type=ParamsType.FULL,
+            current_round=rnd,
+            total_rounds=end,
+            start_round=self.start_round,
+            meta=self._task_meta(rnd),
+        )
         clients = self.sample_clients(None)  # every connected site, every round: a returning site rejoins
         self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, rnd, private=True, sticky=False)
         self.event(AppEventType.ROUND_STARTED)
         limit = self.round_limit()
         self._site_errors = {}
         # Wait for every sampled site until the limit; a site that does not answer by then is left out.
-        results = self.broadcast_model(task_name="train", data=data, targets=clients, min_responses=0,
-                                       timeout=limit, wait_time_after_min_received=limit)
+        results = self.broadcast_model(
+            task_name="train",
+            data=data,
+            targets=clients,
+            min_responses=0,
+            timeout=limit,
+            wait_time_after_min_received=limit,
+        )
         if self.abort_signal.triggered:
             self.info("abort signal: stopping")
             return None
@@ -390,15 +435,28 @@ class FedimgController(BaseFedAvg):
         missing = [c for c in clients if c not in contributed and c not in rejected]
         needed = self.fed.min_clients or len(clients)
         if missing:
-            progress.warning("server: round %d: no update from %s within %d s; the round goes on with %s",
-                             rnd, ", ".join(missing), limit, ", ".join(contributed) or "no site")
-        record: dict[str, Any] = {"round": rnd, "asked": clients, "contributed": contributed, "rejected": rejected,
-                                  "missing": missing, "started": t0 - self._t_start}
+            progress.warning(
+                "server: round %d: no update from %s within %d s; the round goes on with %s",
+                rnd,
+                ", ".join(missing),
+                limit,
+                ", ".join(contributed) or "no site",
+            )
+        record: dict[str, Any] = {
+            "round": rnd,
+            "asked": clients,
+            "contributed": contributed,
+            "rejected": rejected,
+            "missing": missing,
+            "started": t0 - self._t_start,
+        }
         if len(updates) < needed:
             self._append("rounds.jsonl", {**record, "failed": True, "seconds": {"round": time.time() - t0}})
-            self.panic(f"round {rnd}: {len(updates)} usable update(s) ({', '.join(contributed) or 'none'}), "
-                       f"fewer than the {needed} needed (fed.min_clients); missing: {missing}, rejected: "
-                       f"{sorted(rejected)}. Stopping the run.")
+            self.panic(
+                f"round {rnd}: {len(updates)} usable update(s) ({', '.join(contributed) or 'none'}), "
+                f"fewer than the {needed} needed (fed.min_clients); missing: {missing}, rejected: "
+                f"{sorted(rejected)}. Stopping the run."
+            )
             return None
         t1 = time.time()
         if updates and ptype is not None:
@@ -406,11 +464,16 @@ class FedimgController(BaseFedAvg):
             self._global = self.strategy.apply(self._global, updates, ptype == "DIFF", metas)
         t_agg = time.time() - t1
         self.save_model(FLModel(params=self._global, meta=self._meta(rnd + 1)))
-        self._append("rounds.jsonl", {**record, "weights": {u.site: u.weight for u in updates},
-                                      **self._reported_by_sites(results),
-                                      "seconds": {"round": time.time() - t0, "wait_for_sites": t_wait,
-                                                  "aggregation": t_agg},
-                                      "limit_s": limit})
+        self._append(
+            "rounds.jsonl",
+            {
+                **record,
+                "weights": {u.site: u.weight for u in updates},
+                **self._reported_by_sites(results),
+                "seconds": {"round": time.time() - t0, "wait_for_sites": t_wait, "aggregation": t_agg},
+                "limit_s": limit,
+            },
+        )
         if not missing:
             # Only complete rounds size the limit: a round cut by the limit says nothing of the sites' speed.
             self._round_seconds.append(time.time() - t0)
@@ -419,40 +482,68 @@ class FedimgController(BaseFedAvg):
     @staticmethod
     def _reported_by_sites(results: list[FLModel]) -> dict[str, Any]:
         """What the sites reported about themselves, as they reported it (small scalar trees only)."""
+
         def per_site(key: str, only_present: bool = False) -> dict[str, Any]:
-            return {(r.meta or {}).get("client_name"): _reported((r.meta or {}).get(key)) for r in results
-                    if not only_present or (r.meta or {}).get(key)}
+            return {
+                (r.meta or {}).get("client_name"): _reported((r.meta or {}).get(key))
+                for r in results
+                if not only_present or (r.meta or {}).get(key)
+            }
 
         # "privacy": what the sites' privacy filters did (mechanism, clipping, epsilon spent).
-        return {"update_bytes": per_site(RESULT_META_BYTES), "site_seconds": per_site(RESULT_META_TIMES),
-                "algorithm_stats": per_site(RESULT_META_ALGO), "privacy": per_site(RESULT_META_DP, True)}
+        return {
+            "update_bytes": per_site(RESULT_META_BYTES),
+            "site_seconds": per_site(RESULT_META_TIMES),
+            "algorithm_stats": per_site(RESULT_META_ALGO),
+            "privacy": per_site(RESULT_META_DP, True),
+        }
 
     def _final_evaluation(self, end: int, live: list[Any]) -> dict[str, float]:
         """Every site that answered the last round scores the final global model (it may become the best)."""
         t0 = time.time()
-        data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=end, total_rounds=end,
-                       meta={TASK_META_FINAL: True, TASK_META_ROUND: end})
+        data = FLModel(
+            params=self._global,
+            params_type=ParamsType.FULL,
+            current_round=end,
+            total_rounds=end,
+            meta={TASK_META_FINAL: True, TASK_META_ROUND: end},
+        )
         # The sites that answered the last round: one that crashed would only hold the evaluation to its
         # limit (NVFlare 2.9 does not redeploy a running job to a restarted site).
         self._site_errors = {}
-        results = self.broadcast_model(task_name="validate", data=data, targets=live or None,
-                                       timeout=int(self.fed.eval_timeout_s))
+        results = self.broadcast_model(
+            task_name="validate", data=data, targets=live or None, timeout=int(self.fed.eval_timeout_s)
+        )
         final = self._record_validation(end, results, final=True)
         # Rewrite the final model with the best-model record that now includes its own score.
         self.save_model(FLModel(params=self._global, meta=self._meta(end)))
-        self._append("rounds.jsonl", {"round": end, "final_eval": True, "asked": live or "all",
-                                      "seconds": {"evaluation": time.time() - t0}, "started": t0 - self._t_start})
+        self._append(
+            "rounds.jsonl",
+            {
+                "round": end,
+                "final_eval": True,
+                "asked": live or "all",
+                "seconds": {"evaluation": time.time() - t0},
+                "started": t0 - self._t_start,
+            },
+        )
         return final
 
     def _evaluate_only(self) -> None:
         """Evaluation mode: every site scores the given model on its validation (and test) cases; no training."""
         self._t_start = time.time()
         self.info("fedimg: evaluating the given model at every site (no training)")
-        data = FLModel(params=self._global, params_type=ParamsType.FULL, current_round=0, total_rounds=0,
-                       meta={TASK_META_FINAL: True, TASK_META_ROUND: 0})
+        data = FLModel(
+            params=self._global,
+            params_type=ParamsType.FULL,
+            current_round=0,
+            total_rounds=0,
+            meta={TASK_META_FINAL: True, TASK_META_ROUND: 0},
+        )
         self._site_errors = {}
-        results = self.broadcast_model(task_name="validate", data=data, targets=None,
-                                       timeout=int(self.fed.eval_timeout_s))
+        results = self.broadcast_model(
+            task_name="validate", data=data, targets=None, timeout=int(self.fed.eval_timeout_s)
+        )
         final = self._record_validation(0, results, final=True, rate=False)
         self.save_model(FLModel(params=self._global, meta=self._meta(0)))
         record = getattr(self, "_last_record", {})

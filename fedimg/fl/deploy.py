@@ -31,15 +31,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedimg.errors import UserError
 from fedimg.config import validate_site_name
+from fedimg.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 POC_ADMIN = "admin@nvidia.com"
 POC_LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "fedimg-nvflare-poc-8002.lock"
-TERMINAL = ("FINISHED:COMPLETED", "FINISHED:ABORTED", "FINISHED:EXECUTION_EXCEPTION", "FINISHED:ABNORMAL",
-            "FAILED_TO_RUN", "FINISHED:CANT_SCHEDULE")
+TERMINAL = (
+    "FINISHED:COMPLETED",
+    "FINISHED:ABORTED",
+    "FINISHED:EXECUTION_EXCEPTION",
+    "FINISHED:ABNORMAL",
+    "FAILED_TO_RUN",
+    "FINISHED:CANT_SCHEDULE",
+)
 
 
 class DeploymentError(UserError, RuntimeError):
@@ -80,8 +86,10 @@ class Federation:
         from nvflare.fuel.flare_api.flare_api import new_secure_session
 
         if not (self.admin_kit / "startup").is_dir():
-            raise DeploymentError(f"admin startup kit {self.admin_kit} has no startup/ folder; pass the admin's "
-                                  "provisioned kit (e.g. prod_00/lead@example.org)")
+            raise DeploymentError(
+                f"admin startup kit {self.admin_kit} has no startup/ folder; pass the admin's "
+                "provisioned kit (e.g. prod_00/lead@example.org)"
+            )
         return new_secure_session(self.admin_user, str(self.admin_kit), timeout=timeout)
 
     def connected_sites(self) -> list[str]:
@@ -109,8 +117,9 @@ class Federation:
             if not missing:
                 return
             time.sleep(2.0)
-        raise DeploymentError(f"sites {missing} did not connect to the server within {timeout:.0f} s; "
-                              "see their poc_console.log / log.txt")
+        raise DeploymentError(
+            f"sites {missing} did not connect to the server within {timeout:.0f} s; see their poc_console.log / log.txt"
+        )
 
     def submit(self, job_dir: str | Path) -> str:
         """Submit an exported job folder; returns its job id."""
@@ -222,8 +231,14 @@ class PocFederation(Federation):
         use_he: provision homomorphic-encryption contexts (needs ``nvflare[HE]``: tenseal).
     """
 
-    def __init__(self, workspace: str | Path, site_configs: dict[str, str], privacy: str | Path | None = None,
-                 authorization: str | Path | None = None, use_he: bool = False) -> None:
+    def __init__(
+        self,
+        workspace: str | Path,
+        site_configs: dict[str, str],
+        privacy: str | Path | None = None,
+        authorization: str | Path | None = None,
+        use_he: bool = False,
+    ) -> None:
         self.workspace = Path(workspace).resolve()
         # Each site names a POC kit folder and an NVFlare client.
         self.site_configs = {validate_site_name(s): str(Path(p).resolve()) for s, p in site_configs.items()}
@@ -246,8 +261,10 @@ class PocFederation(Federation):
             except BlockingIOError:
                 if time.time() > deadline:
                     f.close()
-                    raise DeploymentError(f"another NVFlare POC on this machine held port 8002 ({POC_LOCK}) for "
-                                          f"more than {timeout:.0f} s; stop it (nvflare poc stop) and retry") from None
+                    raise DeploymentError(
+                        f"another NVFlare POC on this machine held port 8002 ({POC_LOCK}) for "
+                        f"more than {timeout:.0f} s; stop it (nvflare poc stop) and retry"
+                    ) from None
                 time.sleep(2.0)
         self._lock = f
 
@@ -268,11 +285,19 @@ class PocFederation(Federation):
 
     def _nvflare(self, *args: str, site: str | None = None, timeout: float = 180.0) -> str:
         exe = Path(sys.executable).with_name("nvflare")
-        proc = subprocess.run([str(exe), "poc", *args], env=self._env(site), capture_output=True, text=True,
-                              timeout=timeout, cwd=str(self.workspace.parent), input="y\n")
+        proc = subprocess.run(
+            [str(exe), "poc", *args],
+            env=self._env(site),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(self.workspace.parent),
+            input="y\n",
+        )
         if proc.returncode != 0:
-            raise DeploymentError(f"`nvflare poc {' '.join(args)}` failed ({proc.returncode}): "
-                                  f"{(proc.stderr or proc.stdout)[-1500:]}")
+            raise DeploymentError(
+                f"`nvflare poc {' '.join(args)}` failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}"
+            )
         return proc.stdout
 
     def kit(self, participant: str) -> Path:
@@ -284,9 +309,11 @@ class PocFederation(Federation):
         if self.workspace.exists():
             if any(self.workspace.iterdir()) and not (self.workspace / "example_project").is_dir():
                 # Only an earlier POC (NVFlare's example_project/ layout) is replaced: never a folder of the user's.
-                raise DeploymentError(f"{self.workspace} is not empty and is not an NVFlare POC workspace (no "
-                                      "example_project/): expected a new folder or an earlier POC; choose another "
-                                      "--workspace")
+                raise DeploymentError(
+                    f"{self.workspace} is not empty and is not an NVFlare POC workspace (no "
+                    "example_project/): expected a new folder or an earlier POC; choose another "
+                    "--workspace"
+                )
             if _processes_under(self.workspace):
                 raise DeploymentError(f"POC processes of {self.workspace} are still running; stop them first")
             shutil.rmtree(self.workspace)
@@ -328,8 +355,7 @@ class PocFederation(Federation):
         self._acquire_port(port_wait)
         try:
             # NVFlare's own readiness wait defaults to 30 s, too short on a loaded 2-core machine.
-            self._nvflare("start", "-p", "server", "--timeout", str(int(connect_timeout)),
-                          timeout=connect_timeout + 60)
+            self._nvflare("start", "-p", "server", "--timeout", str(int(connect_timeout)), timeout=connect_timeout + 60)
             for site in self.site_configs:
                 self.start_site(site)
             self.wait_for_sites(list(self.site_configs), timeout=connect_timeout)
@@ -373,8 +399,13 @@ class PocFederation(Federation):
         self._release_port()
         return left
 
-    def collect(self, outcome: JobOutcome, require_cross_site: bool = True, require_records: bool = True,
-                require_evaluation: bool = False) -> Any:
+    def collect(
+        self,
+        outcome: JobOutcome,
+        require_cross_site: bool = True,
+        require_records: bool = True,
+        require_evaluation: bool = False,
+    ) -> Any:
         """Check a downloaded POC job like a simulator run (models, round records, every error log empty)."""
         from fedimg.fl.simulate import collect
 
@@ -382,11 +413,17 @@ class PocFederation(Federation):
             raise DeploymentError(f"job {outcome.job_id} was not downloaded")
         run_dir = outcome.result_dir / "workspace"
         logs = {"server": run_dir, **{s: self.kit(s) / outcome.job_id for s in self.site_configs}}
-        return collect(outcome.result_dir, list(self.site_configs), require_cross_site=require_cross_site,
-                       run_dir=run_dir, log_dirs=logs, require_records=require_records,
-                       require_evaluation=require_evaluation)
+        return collect(
+            outcome.result_dir,
+            list(self.site_configs),
+            require_cross_site=require_cross_site,
+            run_dir=run_dir,
+            log_dirs=logs,
+            require_records=require_records,
+            require_evaluation=require_evaluation,
+        )
 
-    def __enter__(self) -> "PocFederation":
+    def __enter__(self) -> PocFederation:
         self.prepare()
         self.start()
         return self

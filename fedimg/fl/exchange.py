@@ -13,7 +13,8 @@ Pure NumPy/PyTorch: no NVFlare import, so both sides and the tests share it.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +27,13 @@ def _as_tensor(value: Any) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
 
 
-def make_update(local: Mapping[str, torch.Tensor], global_: Mapping[str, Any], exchange: str, precision: str,
-                exclude: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], str]:
+def make_update(
+    local: Mapping[str, torch.Tensor],
+    global_: Mapping[str, Any],
+    exchange: str,
+    precision: str,
+    exclude: Iterable[str] = (),
+) -> tuple[dict[str, torch.Tensor], str]:
     """The update a site sends.
 
     Args:

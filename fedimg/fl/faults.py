@@ -46,10 +46,11 @@ class PoisonUpdate(DXOFilter):
         ValueError: a mode or parameter out of range.
     """
 
-    def __init__(self, mode: str = "scale", factor: float = 100.0, fraction: float = 0.01,
-                 from_round: int = 0) -> None:
-        super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS],
-                         data_kinds_to_filter=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS])
+    def __init__(self, mode: str = "scale", factor: float = 100.0, fraction: float = 0.01, from_round: int = 0) -> None:
+        super().__init__(
+            supported_data_kinds=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS],
+            data_kinds_to_filter=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS],
+        )
         if mode not in POISON_MODES:
             raise ValueError(f"PoisonUpdate mode must be one of {', '.join(POISON_MODES)}, got {mode!r}")
         if not (isinstance(factor, (int, float)) and np.isfinite(factor) and factor > 0):
@@ -111,8 +112,10 @@ class TamperResult(DXOFilter):
     """
 
     def __init__(self, mode: str, value: float = 0.0, metric: str = "val_auc", rounds: list[int] | None = None) -> None:
-        super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS, DataKind.METRICS],
-                         data_kinds_to_filter=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS, DataKind.METRICS])
+        super().__init__(
+            supported_data_kinds=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS, DataKind.METRICS],
+            data_kinds_to_filter=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS, DataKind.METRICS],
+        )
         if mode not in TAMPER_MODES:
             raise ValueError(f"TamperResult mode must be one of {', '.join(TAMPER_MODES)}, got {mode!r}")
         self.mode = mode

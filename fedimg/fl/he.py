@@ -30,8 +30,10 @@ def _context_file(site_kit: Path) -> Path:
     for cand in (site_kit / "startup" / CLIENT_CONTEXT, site_kit / CLIENT_CONTEXT):
         if cand.is_file():
             return cand
-    raise FileNotFoundError(f"no {CLIENT_CONTEXT} in {site_kit}/startup: expected a site startup kit provisioned "
-                            "with HE (nvflare poc prepare -he, or the HE builder in project.yml)")
+    raise FileNotFoundError(
+        f"no {CLIENT_CONTEXT} in {site_kit}/startup: expected a site startup kit provisioned "
+        "with HE (nvflare poc prepare -he, or the HE builder in project.yml)"
+    )
 
 
 def decrypt_global_model(checkpoint: str | Path, site_kit: str | Path, net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -68,13 +70,16 @@ def decrypt_global_model(checkpoint: str | Path, site_kit: str | Path, net: torc
         elif isinstance(value, torch.Tensor) and not value.is_complex() and value.dtype != torch.bool:
             flat = value.to(torch.float64).reshape(-1)
         else:
-            raise ValueError(f"{checkpoint}: {name} is a {type(value).__name__}, expected a ciphertext (bytes) or "
-                             "a tensor")
+            raise ValueError(
+                f"{checkpoint}: {name} is a {type(value).__name__}, expected a ciphertext (bytes) or a tensor"
+            )
         if flat.numel() != ref.numel():
             raise ValueError(f"{name}: {flat.numel()} values decrypted, the network expects {ref.numel()}")
         if not torch.isfinite(flat).all():
-            raise ValueError(f"{checkpoint}: {name} decrypts to NaN or infinite values; the global model is "
-                             "broken or was not encrypted with this federation's key")
+            raise ValueError(
+                f"{checkpoint}: {name} decrypts to NaN or infinite values; the global model is "
+                "broken or was not encrypted with this federation's key"
+            )
         out[name] = flat.reshape(ref.shape).to(ref.dtype)
     return out
 

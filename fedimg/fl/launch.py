@@ -29,7 +29,7 @@ from typing import Any
 from fedimg import config as cfgmod
 from fedimg.config import ExperimentConfig
 from fedimg.errors import UserError
-from fedimg.fl.simulate import FederatedRunError, SimulationResult, collect, run_simulation, stage_weights
+from fedimg.fl.simulate import SimulationResult, collect, run_simulation, stage_weights
 from fedimg.resources import config_path, job_dir
 
 logger = logging.getLogger(__name__)
@@ -72,8 +72,9 @@ class Target:
             raise LaunchError("name the participating sites: --site NAME=SITE_YAML (repeatable; NAME alone in prod)")
         missing = [n for n, p in self.sites.items() if p is None]
         if self.env in ("sim", "poc") and missing:
-            raise LaunchError(f"--env {self.env} runs every site on this machine and needs each site's YAML: "
-                              f"--site {missing[0]}=PATH")
+            raise LaunchError(
+                f"--env {self.env} runs every site on this machine and needs each site's YAML: --site {missing[0]}=PATH"
+            )
         if self.env == "prod" and (not self.startup_kit or not self.admin):
             raise LaunchError("--env prod needs --startup-kit (the admin's provisioned kit) and --admin (its name)")
 
@@ -138,12 +139,14 @@ def run(exp: ExperimentConfig, target: Target, resume_from: str | Path | None = 
         previous = None
         if resume_from is not None:
             previous = collect(Path(resume_from).resolve(), list(target.sites), require_cross_site=False)
-        res = run_simulation(exp, job_dir(), {n: str(p) for n, p in target.sites.items()}, target.workspace,
-                             resume_from=previous)
+        res = run_simulation(
+            exp, job_dir(), {n: str(p) for n, p in target.sites.items()}, target.workspace, resume_from=previous
+        )
         return Launched(result=res, seconds=res.seconds)
     if resume_from is not None:
-        raise LaunchError("--resume-from continues a simulator run; in POC or production start from a checkpoint "
-                          "instead")
+        raise LaunchError(
+            "--resume-from continues a simulator run; in POC or production start from a checkpoint instead"
+        )
     return _deploy(exp, target, mode="train")
 
 
@@ -169,8 +172,9 @@ def evaluate(package: str | Path, target: Target, overrides: list[str] | None = 
     exp = cfgmod.from_dict(ExperimentConfig, data)
     exp = dataclasses.replace(exp, fed=dataclasses.replace(exp.fed, cross_site_eval=False))
     if target.env == "sim":
-        res = run_simulation(exp, job_dir(), {n: str(p) for n, p in target.sites.items()}, target.workspace,
-                             evaluate=pkg.state_dict)
+        res = run_simulation(
+            exp, job_dir(), {n: str(p) for n, p in target.sites.items()}, target.workspace, evaluate=pkg.state_dict
+        )
         return Launched(result=res, seconds=res.seconds)
     return _deploy(exp, target, mode="evaluate", weights=pkg.state_dict)
 
@@ -185,16 +189,29 @@ def _deploy(exp: ExperimentConfig, target: Target, mode: str, weights: Any | Non
     timeout = target.timeout or exp.fed.first_round_timeout_s * (exp.fed.num_rounds + 2)
     staging = ws / "staging"
     initial = stage_weights(weights, staging) if weights is not None else None
-    recipe = build_recipe(exp, job_dir(), {n: None for n in target.sites}, staging,
-                          fast_polling=target.env == "poc", initial_ckpt=initial, mode=mode)
+    recipe = build_recipe(
+        exp,
+        job_dir(),
+        {n: None for n in target.sites},
+        staging,
+        fast_polling=target.env == "poc",
+        initial_ckpt=initial,
+        mode=mode,
+    )
     job = export_job(recipe, staging, ws / "jobs")
-    checks = {"require_cross_site": exp.fed.cross_site_eval and mode == "train",
-              "require_records": not he and mode == "train", "require_evaluation": mode == "evaluate"}
+    checks = {
+        "require_cross_site": exp.fed.cross_site_eval and mode == "train",
+        "require_records": not he and mode == "train",
+        "require_evaluation": mode == "evaluate",
+    }
     if target.env == "poc":
-        poc = PocFederation(ws / "poc", {n: str(p) for n, p in target.sites.items()},
-                            privacy=target.privacy_file or config_path("federation", "privacy.json"),
-                            authorization=target.authorization_file or config_path("federation", "authorization.json"),
-                            use_he=he)
+        poc = PocFederation(
+            ws / "poc",
+            {n: str(p) for n, p in target.sites.items()},
+            privacy=target.privacy_file or config_path("federation", "privacy.json"),
+            authorization=target.authorization_file or config_path("federation", "authorization.json"),
+            use_he=he,
+        )
         poc.prepare()
         try:
             poc.start()
@@ -208,10 +225,10 @@ def _deploy(exp: ExperimentConfig, target: Target, mode: str, weights: Any | Non
         fed = ProdFederation(str(target.admin), str(target.startup_kit))
         outcome = fed.run(job, timeout=timeout, download_to=ws / "results")
         run_dir = outcome.result_dir / "workspace"
-        res = collect(outcome.result_dir, list(target.sites), run_dir=run_dir, log_dirs={"server": run_dir},
-                      **checks)
-    return Launched(result=res, status=outcome.status, job_id=outcome.job_id, seconds=outcome.seconds,
-                    result_dir=outcome.result_dir)
+        res = collect(outcome.result_dir, list(target.sites), run_dir=run_dir, log_dirs={"server": run_dir}, **checks)
+    return Launched(
+        result=res, status=outcome.status, job_id=outcome.job_id, seconds=outcome.seconds, result_dir=outcome.result_dir
+    )
 
 
 def describe(exp: ExperimentConfig, launched: Launched, sites: list[str]) -> str:
@@ -220,14 +237,17 @@ def describe(exp: ExperimentConfig, launched: Launched, sites: list[str]) -> str
     metric = exp.key_metric
     lines = []
     if launched.result_dir is not None:
-        lines.append(f"job {launched.job_id}: {launched.status} in {launched.seconds:.0f} s; results in "
-                     f"{launched.result_dir}")
+        lines.append(
+            f"job {launched.job_id}: {launched.status} in {launched.seconds:.0f} s; results in {launched.result_dir}"
+        )
     evaluation = res.run_dir / "fedimg" / "evaluation.md"
     if evaluation.is_file():
         lines += [evaluation.read_text(encoding="utf-8").strip(), f"evaluation: {evaluation}"]
     elif exp.privacy.encryption == "he":
-        lines.append("the server holds only the encrypted global model; each site validated every round's "
-                     "decrypted model: see TensorBoard")
+        lines.append(
+            "the server holds only the encrypted global model; each site validated every round's "
+            "decrypted model: see TensorBoard"
+        )
     else:
         for site in sites:
             value = res.final_metric(site, metric)

@@ -41,7 +41,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,16 +56,31 @@ from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.filters.svt_privacy import SVTPrivacy
 
-from fedimg.fl.protocol import (MAX_ENTRIES, MAX_NAME, RESULT_META_ALGO, RESULT_META_BYTES, RESULT_META_DP,
-                                RESULT_META_TIMES, RESULT_META_VAL, is_number, scalar_tree_problem, RESULT_META_TEST)
+from fedimg.fl.protocol import (
+    MAX_ENTRIES,
+    MAX_NAME,
+    RESULT_META_ALGO,
+    RESULT_META_BYTES,
+    RESULT_META_DP,
+    RESULT_META_TEST,
+    RESULT_META_TIMES,
+    RESULT_META_VAL,
+    is_number,
+    scalar_tree_problem,
+)
 
 DP_META = RESULT_META_DP
 GUARD_META = "fedimg_guard"
 
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
@@ -74,8 +90,9 @@ def _in_range(name: str, value: Any, low: float, high: float, low_open: bool = F
     v = _positive(name, value, allow_zero=True) if low >= 0 else float(value)
     ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
-        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got {value!r}"
+        )
     return v
 
 
@@ -112,10 +129,13 @@ class GaussianUpdateDP(DXOFilter):
         ValueError: a parameter out of range, named with the value received.
     """
 
-    def __init__(self, clip_norm: float = 1.0, noise_multiplier: float = 1.0, delta: float = 1e-5,
-                 seed: int | None = None) -> None:
-        super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS],
-                         data_kinds_to_filter=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS])
+    def __init__(
+        self, clip_norm: float = 1.0, noise_multiplier: float = 1.0, delta: float = 1e-5, seed: int | None = None
+    ) -> None:
+        super().__init__(
+            supported_data_kinds=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS],
+            data_kinds_to_filter=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS],
+        )
         self.clip_norm = _positive("GaussianUpdateDP clip_norm", clip_norm)
         self.noise_multiplier = _positive("GaussianUpdateDP noise_multiplier", noise_multiplier)
         self.delta = _in_range("GaussianUpdateDP delta", delta, 0.0, 1.0, low_open=True, high_open=True)
@@ -134,8 +154,10 @@ class GaussianUpdateDP(DXOFilter):
         """Clip and noise the update; record the mechanism and the privacy spent in the DXO meta."""
         if dxo.data_kind != DataKind.WEIGHT_DIFF:
             # Clipping full weights would destroy the model; the update is the difference.
-            raise ValueError("GaussianUpdateDP needs model differences: set fed.exchange: diff in the experiment "
-                             f"(this site received a {dxo.data_kind} result)")
+            raise ValueError(
+                "GaussianUpdateDP needs model differences: set fed.exchange: diff in the experiment "
+                f"(this site received a {dxo.data_kind} result)"
+            )
         site, rnd = _site_and_round(fl_ctx, shareable)
         params = dxo.data
         floats = [k for k, v in params.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
@@ -151,8 +173,15 @@ class GaussianUpdateDP(DXOFilter):
         self.releases += 1
         eps = gaussian_epsilon(self.noise_multiplier, self.releases, self.delta)
         dxo.data = out
-        record = {"mechanism": "gaussian", "clip_norm": self.clip_norm, "noise_multiplier": self.noise_multiplier,
-                  "noise_std": std, "releases": self.releases, "epsilon": eps, "delta": self.delta}
+        record = {
+            "mechanism": "gaussian",
+            "clip_norm": self.clip_norm,
+            "noise_multiplier": self.noise_multiplier,
+            "noise_std": std,
+            "releases": self.releases,
+            "epsilon": eps,
+            "delta": self.delta,
+        }
         # The raw update norm (or whether it was clipped) depends on the data and is not covered by the
         # guarantee: it is neither sent nor logged (site logs can be streamed to the server).
         prior = dxo.get_meta_prop(DP_META)
@@ -160,13 +189,18 @@ class GaussianUpdateDP(DXOFilter):
             # The site trained with DP-SGD too: keep its (sample-level) record beside this (site-level) one.
             record["dp_sgd"] = prior["dp_sgd"]
         dxo.set_meta_prop(DP_META, record)
-        self.log_info(fl_ctx, f"DP: update clipped to norm <= {self.clip_norm:.4g}, noise std {std:.4g}; epsilon "
-                              f"{eps:.3f} at delta {self.delta:g} after {self.releases} release(s)")
+        self.log_info(
+            fl_ctx,
+            f"DP: update clipped to norm <= {self.clip_norm:.4g}, noise std {std:.4g}; epsilon "
+            f"{eps:.3f} at delta {self.delta:g} after {self.releases} release(s)",
+        )
         return dxo
 
 
 class ValidatedPercentilePrivacy(PercentilePrivacy):
-    """NVFlare's ``PercentilePrivacy`` (share only the largest ``100 - percentile``% of changes), checked at construction.
+    """NVFlare's ``PercentilePrivacy`` (share only the largest ``100 - percentile``% of changes), checked.
+
+    The parameters are validated on construction, before NVFlare sees them.
 
     Args:
         percentile: changes with magnitude below this percentile are zeroed (0..100).
@@ -190,31 +224,61 @@ class ValidatedSVTPrivacy(SVTPrivacy):
         tau: threshold (>= 0).
     """
 
-    def __init__(self, fraction: float = 0.1, epsilon: float = 0.1, noise_var: float = 0.1, gamma: float = 1e-5,
-                 tau: float = 1e-6) -> None:
+    def __init__(
+        self,
+        fraction: float = 0.1,
+        epsilon: float = 0.1,
+        noise_var: float = 0.1,
+        gamma: float = 1e-5,
+        tau: float = 1e-6,
+    ) -> None:
         _in_range("SVTPrivacy fraction", fraction, 0.0, 1.0, low_open=True)
         _positive("SVTPrivacy epsilon", epsilon)
         _positive("SVTPrivacy noise_var", noise_var)
         _positive("SVTPrivacy gamma", gamma)
         _positive("SVTPrivacy tau", tau, allow_zero=True)
-        super().__init__(fraction=fraction, epsilon=epsilon, noise_var=noise_var, gamma=gamma, tau=tau,
-                         data_kinds=[DataKind.WEIGHT_DIFF])
+        super().__init__(
+            fraction=fraction,
+            epsilon=epsilon,
+            noise_var=noise_var,
+            gamma=gamma,
+            tau=tau,
+            data_kinds=[DataKind.WEIGHT_DIFF],
+        )
 
 
 # Result kinds a site may send: model entries (weights or their change) and metrics. Anything else is blocked.
 RESULT_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF, DataKind.METRICS)
 # Result meta that may leave a site: NVFlare's bookkeeping and fedimg's numbers (no data); other keys are dropped.
 _ALLOWED_META = {
-    MetaKey.NUM_STEPS_CURRENT_ROUND, MetaKey.CURRENT_ROUND, MetaKey.TOTAL_ROUNDS, MetaKey.START_ROUND,
-    MetaKey.INITIAL_METRICS, MetaKey.PROCESSED_ALGORITHM, MetaKey.PROCESSED_KEYS, MetaKey.VALIDATE_TYPE,
-    MetaKey.SUBMIT_MODEL_NAME, "model_name", "params_type", RESULT_META_VAL, RESULT_META_TIMES, RESULT_META_BYTES,
-    RESULT_META_ALGO, DP_META, AlgorithmConstants.SCAFFOLD_CTRL_DIFF, RESULT_META_TEST,
+    MetaKey.NUM_STEPS_CURRENT_ROUND,
+    MetaKey.CURRENT_ROUND,
+    MetaKey.TOTAL_ROUNDS,
+    MetaKey.START_ROUND,
+    MetaKey.INITIAL_METRICS,
+    MetaKey.PROCESSED_ALGORITHM,
+    MetaKey.PROCESSED_KEYS,
+    MetaKey.VALIDATE_TYPE,
+    MetaKey.SUBMIT_MODEL_NAME,
+    "model_name",
+    "params_type",
+    RESULT_META_VAL,
+    RESULT_META_TIMES,
+    RESULT_META_BYTES,
+    RESULT_META_ALGO,
+    DP_META,
+    AlgorithmConstants.SCAFFOLD_CTRL_DIFF,
+    RESULT_META_TEST,
 }
 _ARRAY_META = {AlgorithmConstants.SCAFFOLD_CTRL_DIFF}  # model-shaped arrays, checked like model entries
 _METRIC_META = {MetaKey.INITIAL_METRICS}
 # Headers the job's FLModel sets (round numbers, validation type): numbers or short strings only.
-_JOB_HEADERS = (AppConstants.CURRENT_ROUND, AppConstants.START_ROUND, AppConstants.NUM_ROUNDS,
-                AppConstants.VALIDATE_TYPE)
+_JOB_HEADERS = (
+    AppConstants.CURRENT_ROUND,
+    AppConstants.START_ROUND,
+    AppConstants.NUM_ROUNDS,
+    AppConstants.VALIDATE_TYPE,
+)
 _FLOAT_DTYPES = {"float16", "float32", "float64"}
 _INT_DTYPES = {"int8", "int16", "int32", "int64", "uint8"}
 _ENTRY_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,256}")  # state-dict names: module paths
@@ -236,8 +300,10 @@ def _entries_problem(entries: Any) -> str | None:
             return f"an entry that is a {type(value).__name__}, not a tensor or array"
         if dtype in _FLOAT_DTYPES or (dtype in _INT_DTYPES and size <= 1):
             continue
-        return (f"an entry of dtype {dtype} with {size} value(s): model entries are floating point, integers "
-                "only as one counter value")
+        return (
+            f"an entry of dtype {dtype} with {size} value(s): model entries are floating point, integers "
+            "only as one counter value"
+        )
     return None
 
 
@@ -337,8 +403,9 @@ class ScalarOnlyResultGuard(Filter):
         return None
 
     def _block(self, fl_ctx: FLContext, why: str) -> Shareable:
-        self.log_error(fl_ctx, f"scalar-only guard blocked this result, nothing of it was sent: {why}",
-                       fire_event=False)
+        self.log_error(
+            fl_ctx, f"scalar-only guard blocked this result, nothing of it was sent: {why}", fire_event=False
+        )
         return make_reply(ReturnCode.TASK_RESULT_FILTER_ERROR)
 
 
@@ -346,17 +413,23 @@ def update_filter(pv: Any) -> DXOFilter | None:
     """The task-result filter a :class:`fedimg.config.PrivacyConfig` asks every site to apply (None: none)."""
     if pv.update_filter == "gaussian":
         g = pv.gaussian
-        return GaussianUpdateDP(clip_norm=g.clip_norm, noise_multiplier=g.noise_multiplier, delta=g.delta,
-                                seed=g.seed)
+        return GaussianUpdateDP(clip_norm=g.clip_norm, noise_multiplier=g.noise_multiplier, delta=g.delta, seed=g.seed)
     if pv.update_filter == "percentile":
         return ValidatedPercentilePrivacy(percentile=pv.percentile.percentile, gamma=pv.percentile.gamma)
     if pv.update_filter == "svt":
         v = pv.svt
-        return ValidatedSVTPrivacy(fraction=v.fraction, epsilon=v.epsilon, noise_var=v.noise_var, gamma=v.gamma,
-                                   tau=v.tau)
+        return ValidatedSVTPrivacy(
+            fraction=v.fraction, epsilon=v.epsilon, noise_var=v.noise_var, gamma=v.gamma, tau=v.tau
+        )
     return None
 
 
-__all__ = ["DP_META", "GaussianUpdateDP", "ScalarOnlyResultGuard", "ValidatedPercentilePrivacy",
-           "ValidatedSVTPrivacy", "gaussian_epsilon", "update_filter"]
-
+__all__ = [
+    "DP_META",
+    "GaussianUpdateDP",
+    "ScalarOnlyResultGuard",
+    "ValidatedPercentilePrivacy",
+    "ValidatedSVTPrivacy",
+    "gaussian_epsilon",
+    "update_filter",
+]

@@ -31,8 +31,10 @@ ALLOW_PREFIX = "fedimg"
 def _read_json(path: str, what: str) -> Any:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"SitePolicyBuilder: {what} {p.resolve()} does not exist; paths in project.yml are "
-                                "relative to the folder `nvflare provision` runs in")
+        raise FileNotFoundError(
+            f"SitePolicyBuilder: {what} {p.resolve()} does not exist; paths in project.yml are "
+            "relative to the folder `nvflare provision` runs in"
+        )
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -47,7 +49,7 @@ def check_privacy_policy(policy: Any) -> list[str]:
             default scope that is not defined.
     """
     if not isinstance(policy, dict) or not isinstance(policy.get("scopes"), list) or not policy["scopes"]:
-        raise ValueError("privacy policy: expected {\"scopes\": [...], \"default_scope\": ...} with at least one scope")
+        raise ValueError('privacy policy: expected {"scopes": [...], "default_scope": ...} with at least one scope')
     names = [s.get("name") for s in policy["scopes"]]
     if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
         raise ValueError(f"privacy policy: every scope needs a unique name, got {names}")
@@ -66,9 +68,12 @@ class SitePolicyBuilder(Builder):
         server_storage_root: folder for the server's job store and snapshots.
     """
 
-    def __init__(self, privacy_file: str = "configs/federation/privacy.json",
-                 authorization_file: str = "configs/federation/authorization.json",
-                 server_storage_root: str = "/var/lib/nvflare") -> None:
+    def __init__(
+        self,
+        privacy_file: str = "configs/federation/privacy.json",
+        authorization_file: str = "configs/federation/authorization.json",
+        server_storage_root: str = "/var/lib/nvflare",
+    ) -> None:
         self.privacy_file = privacy_file
         self.authorization_file = authorization_file
         self.server_storage_root = server_storage_root
@@ -79,8 +84,10 @@ class SitePolicyBuilder(Builder):
         check_privacy_policy(privacy)
         authorization = _read_json(self.authorization_file, "authorization_file")
         if not os.path.isabs(self.server_storage_root) or self.server_storage_root.startswith("/tmp"):
-            raise ValueError(f"SitePolicyBuilder: server_storage_root must be an absolute path outside /tmp, got "
-                             f"{self.server_storage_root!r}")
+            raise ValueError(
+                f"SitePolicyBuilder: server_storage_root must be an absolute path outside /tmp, got "
+                f"{self.server_storage_root!r}"
+            )
         for client in project.get_clients():
             local = Path(ctx.get_local_dir(client))
             (local / "privacy.json").write_text(json.dumps(privacy, indent=2) + "\n")

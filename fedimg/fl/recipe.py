@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from nvflare.app_opt.pt.recipes import FedAvgRecipe
 from nvflare.client.config import TransferType
@@ -51,8 +51,10 @@ def _chdir(path: Path) -> Iterator[None]:
 def _check_no_spaces(value: str, what: str) -> None:
     # NVFlare splits script args with shlex(posix=False): quotes are not removed.
     if any(c.isspace() for c in value):
-        raise ValueError(f"{what} must not contain spaces (NVFlare splits script arguments on them): got a path "
-                         "with a space; move the folder or use a symlink without spaces")
+        raise ValueError(
+            f"{what} must not contain spaces (NVFlare splits script arguments on them): got a path "
+            "with a space; move the folder or use a symlink without spaces"
+        )
 
 
 class FedimgRecipe(FedAvgRecipe):
@@ -73,9 +75,14 @@ class FedimgRecipe(FedAvgRecipe):
 
     def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> FedimgController:
         # The controller reads every setting from the experiment itself: one source, no copied arguments.
-        return FedimgController(num_clients=self.min_clients, num_rounds=self.num_rounds,
-                                experiment=json.dumps(cfgmod.to_dict(self._exp)), start_round=self._start_round,
-                                persistor_id=persistor_id or "persistor", mode=self._mode)
+        return FedimgController(
+            num_clients=self.min_clients,
+            num_rounds=self.num_rounds,
+            experiment=json.dumps(cfgmod.to_dict(self._exp)),
+            start_round=self._start_round,
+            persistor_id=persistor_id or "persistor",
+            mode=self._mode,
+        )
 
 
 def build_recipe(
@@ -89,7 +96,9 @@ def build_recipe(
     fast_polling: bool = False,
     mode: str = "train",
 ) -> Any:
-    """The experiment's recipe (a :class:`FedimgRecipe`, or NVFlare's HE recipe for ``privacy.encryption: he``), with TensorBoard tracking and (if configured) cross-site evaluation.
+    """The experiment's recipe: a :class:`FedimgRecipe`, or NVFlare's HE recipe for ``privacy.encryption: he``.
+
+    With TensorBoard tracking and (if configured) cross-site evaluation.
 
     Args:
         exp: the experiment.
@@ -113,8 +122,7 @@ def build_recipe(
             ``global``, or a path NVFlare cannot pass on.
     """
     if exp.privacy.encryption == "he":
-        return build_he_recipe(exp, job_dir, site_configs, staging_dir, sites_sharing_cpu, initial_ckpt,
-                               fast_polling)
+        return build_he_recipe(exp, job_dir, site_configs, staging_dir, sites_sharing_cpu, initial_ckpt, fast_polling)
     staging, min_clients = _stage(exp, job_dir, list(site_configs), staging_dir)
     base_args = f"--config experiment.yaml --sites-sharing-cpu {int(sites_sharing_cpu)}"
     transfer = TransferType.DIFF if exp.fed.exchange == "diff" else TransferType.FULL
@@ -154,8 +162,9 @@ def build_recipe(
         if exp.fed.cross_site_eval and mode == "train":
             from nvflare.recipe import add_cross_site_evaluation
 
-            add_cross_site_evaluation(recipe, submit_model_timeout=exp.fed.eval_timeout_s,
-                                      validation_timeout=exp.fed.eval_timeout_s)
+            add_cross_site_evaluation(
+                recipe, submit_model_timeout=exp.fed.eval_timeout_s, validation_timeout=exp.fed.eval_timeout_s
+            )
             recipe._job.to_server(CrossSiteReport(report_metrics(exp)), "cross_site_report")  # noqa: SLF001
     return recipe
 
@@ -190,13 +199,17 @@ def build_he_recipe(
     try:
         import tenseal  # noqa: F401
     except ImportError:
-        raise ValueError("privacy.encryption he needs TenSEAL on the server and every site: "
-                         "pip install 'nvflare[HE]' (see docs/federation.md, Homomorphic encryption)") from None
+        raise ValueError(
+            "privacy.encryption he needs TenSEAL on the server and every site: "
+            "pip install 'nvflare[HE]' (see docs/federation.md, Homomorphic encryption)"
+        ) from None
     from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
 
     if any(p is not None for p in site_configs.values()):
-        raise ValueError("privacy.encryption he needs the HE keys of a provisioned federation: run it with "
-                         "--env poc or --env prod (the simulator has no keys)")
+        raise ValueError(
+            "privacy.encryption he needs the HE keys of a provisioned federation: run it with "
+            "--env poc or --env prod (the simulator has no keys)"
+        )
     staging, min_clients = _stage(exp, job_dir, list(site_configs), staging_dir)
     with _chdir(staging):
         recipe = FedAvgRecipeWithHE(
@@ -212,8 +225,7 @@ def build_he_recipe(
     return recipe
 
 
-def _stage(exp: ExperimentConfig, job_dir: str | Path, names: list[str],
-           staging_dir: str | Path) -> tuple[Path, int]:
+def _stage(exp: ExperimentConfig, job_dir: str | Path, names: list[str], staging_dir: str | Path) -> tuple[Path, int]:
     """Check the sites, copy the client script and the experiment into ``staging_dir``.
 
     Returns:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ def describe_metric(name: str) -> str:
         if core == key:
             return _METRIC_WORDS[key] + (", mean over classes" if key in ("dice", "auc", "hd95") else "")
         if core.startswith(key + "_"):
-            return f"{_METRIC_WORDS[key]}, {core[len(key) + 1:]}"
+            return f"{_METRIC_WORDS[key]}, {core[len(key) + 1 :]}"
     return core
 
 
@@ -65,8 +66,15 @@ def cross_site_matrix(results: Mapping[str, Mapping[str, Mapping[str, float]]], 
         names.update(per_model)
     models = [m for m in (FINAL_GLOBAL, BEST_GLOBAL) if m in names] + sorted(names - {FINAL_GLOBAL, BEST_GLOBAL})
     values = {m: {s: _num(results.get(s, {}).get(m, {}).get(metric)) for s in sites} for m in models}
-    return {"metric": metric, "description": describe_metric(metric), "sites": sites, "models": models,
-            "labels": {m: model_label(m) for m in models}, "values": values, "all": results}
+    return {
+        "metric": metric,
+        "description": describe_metric(metric),
+        "sites": sites,
+        "models": models,
+        "labels": {m: model_label(m) for m in models},
+        "values": values,
+        "all": results,
+    }
 
 
 def _num(value: Any) -> float | None:
@@ -82,11 +90,12 @@ def _fmt(value: float | None) -> str:
 def matrix_markdown(matrix: Mapping[str, Any]) -> str:
     """The cross-site matrix as a Markdown table (rows: models, columns: validation cases of each site)."""
     sites = matrix["sites"]
-    lines = [f"**{matrix['description']}** (`{matrix['metric']}`), each model scored on each site's own "
-             "validation cases",
-             "",
-             "| model | " + " | ".join(f"{s} cases" for s in sites) + " | mean |",
-             "|---|" + "---|" * (len(sites) + 1)]
+    lines = [
+        f"**{matrix['description']}** (`{matrix['metric']}`), each model scored on each site's own validation cases",
+        "",
+        "| model | " + " | ".join(f"{s} cases" for s in sites) + " | mean |",
+        "|---|" + "---|" * (len(sites) + 1),
+    ]
     for m in matrix["models"]:
         row = [matrix["values"][m][s] for s in sites]
         present = [v for v in row if v is not None]
@@ -116,33 +125,51 @@ def evaluation_table(record: Mapping[str, Any], metrics: Sequence[str]) -> str:
         v = _num(values.get(key))
         return "n withheld" if v is None else f"n={int(v)}"
 
-    lines = ["**The given model at every site** (no training; n = cases behind each number)", "",
-             "| site | split | " + " | ".join(f"{words} (`{m}`)" for m, words in cols) + " | cases |",
-             "|---|---|" + "---|" * (len(cols) + 1)]
+    lines = [
+        "**The given model at every site** (no training; n = cases behind each number)",
+        "",
+        "| site | split | " + " | ".join(f"{words} (`{m}`)" for m, words in cols) + " | cases |",
+        "|---|---|" + "---|" * (len(cols) + 1),
+    ]
     for site in sites:
         vals = record["sites"][site]
-        lines.append(f"| {site} | validation | " + " | ".join(cell(vals, m) for m, _ in cols)
-                     + f" | {n(vals, 'val_cases')} |")
+        lines.append(
+            f"| {site} | validation | " + " | ".join(cell(vals, m) for m, _ in cols) + f" | {n(vals, 'val_cases')} |"
+        )
         tvals = (test.get("sites") or {}).get(site)
         if tvals:
-            lines.append(f"| {site} | test | " + " | ".join(cell(tvals, 'test_' + m[4:]) for m, _ in cols)
-                         + f" | {n(tvals, 'test_cases')} |")
+            lines.append(
+                f"| {site} | test | "
+                + " | ".join(cell(tvals, "test_" + m[4:]) for m, _ in cols)
+                + f" | {n(tvals, 'test_cases')} |"
+            )
+
     def total(per_site: Mapping[str, Mapping[str, Any]], key: str) -> str:
         counts = [_num(v.get(key)) for v in per_site.values()]
         known = sum(int(c) for c in counts if c is not None)
         return f"n={known}" + (" + withheld" if any(c is None for c in counts) else "")
 
-    lines.append("| all sites (case-weighted) | validation | " + " | ".join(
-        cell(record.get("global") or {}, m) for m, _ in cols) + f" | {total(record.get('sites') or {}, 'val_cases')} |")
+    lines.append(
+        "| all sites (case-weighted) | validation | "
+        + " | ".join(cell(record.get("global") or {}, m) for m, _ in cols)
+        + f" | {total(record.get('sites') or {}, 'val_cases')} |"
+    )
     if test:
-        lines.append("| all sites (case-weighted) | test | " + " | ".join(
-            cell(test.get("global") or {}, "test_" + m[4:]) for m, _ in cols)
-            + f" | {total(test.get('sites') or {}, 'test_cases')} |")
+        lines.append(
+            "| all sites (case-weighted) | test | "
+            + " | ".join(cell(test.get("global") or {}, "test_" + m[4:]) for m, _ in cols)
+            + f" | {total(test.get('sites') or {}, 'test_cases')} |"
+        )
     return "\n".join(lines)
 
 
-def heatmap(rows: Sequence[str], cols: Sequence[str], values: Sequence[Sequence[float | None]], title: str,
-            higher_is_better: bool = True) -> np.ndarray:
+def heatmap(
+    rows: Sequence[str],
+    cols: Sequence[str],
+    values: Sequence[Sequence[float | None]],
+    title: str,
+    higher_is_better: bool = True,
+) -> np.ndarray:
     """A labelled heatmap of aggregate numbers as an RGB array (H, W, 3, uint8)."""
     import matplotlib
 
@@ -191,21 +218,30 @@ def comparison_table(comparison: Mapping[str, Any]) -> str:
     sites = comparison["sites"]
     split = comparison.get("split", "validation")
     cases = comparison.get("cases") or {}
-    what = ("held-out test cases (never trained on, never used to choose a model)" if split == "test"
-            else "validation cases")
+    what = (
+        "held-out test cases (never trained on, never used to choose a model)"
+        if split == "test"
+        else "validation cases"
+    )
     fold = comparison.get("fold")
-    lines = [f"**{comparison['description']}** (`{comparison['metric']}`) on each site's {what}"
-             + (f", fold {fold} validating" if fold is not None and split != "test" else "")
-             + f", {comparison['epochs']} epochs of local training per site in every method; n = cases behind "
-             "each number",
-             "",
-             "| method | " + " | ".join(f"{s} (n={cases[s]})" if s in cases else s for s in sites)
-             + (f" | mean over sites (n={comparison.get('cases_total')}) |" if cases else " | mean over sites |"),
-             "|---|" + "---|" * (len(sites) + 1)]
+    lines = [
+        f"**{comparison['description']}** (`{comparison['metric']}`) on each site's {what}"
+        + (f", fold {fold} validating" if fold is not None and split != "test" else "")
+        + f", {comparison['epochs']} epochs of local training per site in every method; n = cases behind "
+        "each number",
+        "",
+        "| method | "
+        + " | ".join(f"{s} (n={cases[s]})" if s in cases else s for s in sites)
+        + (f" | mean over sites (n={comparison.get('cases_total')}) |" if cases else " | mean over sites |"),
+        "|---|" + "---|" * (len(sites) + 1),
+    ]
     for method in comparison["methods"]:
         row = comparison["per_site"][method]
-        lines.append(f"| {comparison['labels'][method]} | " + " | ".join(_fmt(row.get(s)) for s in sites)
-                     + f" | {_fmt(comparison['mean'][method])} |")
+        lines.append(
+            f"| {comparison['labels'][method]} | "
+            + " | ".join(_fmt(row.get(s)) for s in sites)
+            + f" | {_fmt(comparison['mean'][method])} |"
+        )
     return "\n".join(lines)
 
 
@@ -213,10 +249,16 @@ def comparison_heatmap(comparison: Mapping[str, Any]) -> np.ndarray:
     """The comparison as a heatmap picture (methods x sites, plus the mean)."""
     sites = comparison["sites"]
     rows = [comparison["labels"][m] for m in comparison["methods"]]
-    values = [[comparison["per_site"][m].get(s) for s in sites] + [comparison["mean"][m]]
-              for m in comparison["methods"]]
-    return heatmap(rows, [*sites, "mean"], values, comparison["description"],
-                   higher_is_better=not comparison["metric"].startswith("val_hd95"))
+    values = [
+        [comparison["per_site"][m].get(s) for s in sites] + [comparison["mean"][m]] for m in comparison["methods"]
+    ]
+    return heatmap(
+        rows,
+        [*sites, "mean"],
+        values,
+        comparison["description"],
+        higher_is_better=not comparison["metric"].startswith("val_hd95"),
+    )
 
 
 def write_report_to_tensorboard(logdir: str, name: str, markdown: str, picture: np.ndarray, step: int = 0) -> None:
@@ -245,6 +287,5 @@ def report_metrics(exp: ExperimentConfig) -> list[str]:
     per_class = [f"{base}_{c}" for c in exp.task.class_names]
     if not exp.task.is_segmentation and len(exp.task.class_names) == 2:
         per_class = []  # both one-vs-rest AUCs equal the AUC
-    extra = [f"val_hd95_{c}" for c in exp.task.class_names] if exp.task.is_segmentation else \
-        ["val_balanced_accuracy"]
+    extra = [f"val_hd95_{c}" for c in exp.task.class_names] if exp.task.is_segmentation else ["val_balanced_accuracy"]
     return list(dict.fromkeys([key, base, *per_class, *extra]))

@@ -12,9 +12,10 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedimg import signals
 from fedimg.config import ExperimentConfig, validate_site_name
@@ -85,9 +86,15 @@ class SimulationResult:
         return finals[-1] if finals else None
 
 
-def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
-            run_dir: Path | None = None, log_dirs: dict[str, Path] | None = None,
-            require_records: bool = True, require_evaluation: bool = False) -> SimulationResult:
+def collect(
+    job_dir: Path,
+    sites: list[str],
+    require_cross_site: bool = True,
+    run_dir: Path | None = None,
+    log_dirs: dict[str, Path] | None = None,
+    require_records: bool = True,
+    require_evaluation: bool = False,
+) -> SimulationResult:
     """Read a finished workspace and check it is complete.
 
     Args:
@@ -113,7 +120,7 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
     server = run_dir or job_dir / "server" / "simulate_job"
     errors = []
     folders = log_dirs or {p: job_dir / p for p in ["server", *sites]}
-    for participant, folder in folders.items():
+    for _participant, folder in folders.items():
         log = folder / "error_log.txt"
         if log.is_file() and log.stat().st_size > 0:
             errors.append(str(log))
@@ -143,11 +150,19 @@ def collect(job_dir: Path, sites: list[str], require_cross_site: bool = True,
         problems.append("error logs are not empty: " + ", ".join(errors))
     if problems:
         raise FederatedRunError("federated run incomplete: " + "; ".join(problems))
-    return SimulationResult(job_dir=job_dir, run_dir=server, global_model=gm, best_model=bm, cross_site=cs,
-                            tb_logdir=server / "tb_events", cross_site_results=results, rounds=rounds,
-                            global_metrics=_jsonl(server / "fedimg" / "global_metrics.jsonl"),
-                            summary=json.loads(summary_path.read_text()) if summary_path.is_file() else {},
-                            errors=errors)
+    return SimulationResult(
+        job_dir=job_dir,
+        run_dir=server,
+        global_model=gm,
+        best_model=bm,
+        cross_site=cs,
+        tb_logdir=server / "tb_events",
+        cross_site_results=results,
+        rounds=rounds,
+        global_metrics=_jsonl(server / "fedimg" / "global_metrics.jsonl"),
+        summary=json.loads(summary_path.read_text()) if summary_path.is_file() else {},
+        errors=errors,
+    )
 
 
 def quiet_log_config(path: Path) -> str:
@@ -164,9 +179,13 @@ def quiet_log_config(path: Path) -> str:
     cfg["handlers"]["consoleHandler"]["level"] = "WARNING"
     cfg["filters"]["FedimgOnly"] = {"name": "fedimg.progress"}  # logging.Filter: fedimg's progress lines only
     cfg["formatters"]["fedimgFormatter"] = {"format": "%(asctime)s %(message)s", "datefmt": "%H:%M:%S"}
-    cfg["handlers"]["fedimgConsole"] = {"class": "logging.StreamHandler", "level": "INFO",
-                                        "formatter": "fedimgFormatter", "filters": ["FedimgOnly"],
-                                        "stream": "ext://sys.stdout"}
+    cfg["handlers"]["fedimgConsole"] = {
+        "class": "logging.StreamHandler",
+        "level": "INFO",
+        "formatter": "fedimgFormatter",
+        "filters": ["FedimgOnly"],
+        "stream": "ext://sys.stdout",
+    }
     cfg["loggers"]["root"]["handlers"].append("fedimgConsole")
     # Passed as a file: the simulator forwards a JSON string through a command line.
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,15 +240,28 @@ def run_simulation(
     if evaluate is not None:
         initial_ckpt, mode = stage_weights(evaluate, staging), "evaluate"
     for attempt in (1, 2):
-        recipe = build_recipe(exp, job_dir, site_configs, staging, sites_sharing_cpu=len(sites),
-                              initial_ckpt=initial_ckpt, start_round=-1 if resume_from is not None else 0,
-                              fast_polling=True, mode=mode)
+        recipe = build_recipe(
+            exp,
+            job_dir,
+            site_configs,
+            staging,
+            sites_sharing_cpu=len(sites),
+            initial_ckpt=initial_ckpt,
+            start_round=-1 if resume_from is not None else 0,
+            fast_polling=True,
+            mode=mode,
+        )
         if customize is not None:
             with in_staging(staging):
                 customize(recipe)
-        env = SimEnv(clients=sites, num_clients=len(sites), num_threads=len(sites), workspace_root=str(workspace),
-                     gpu_config=simulator_gpu_config(len(sites)),
-                     log_config=quiet_log_config(workspace / "log_config.json"))
+        env = SimEnv(
+            clients=sites,
+            num_clients=len(sites),
+            num_threads=len(sites),
+            workspace_root=str(workspace),
+            gpu_config=simulator_gpu_config(len(sites)),
+            log_config=quiet_log_config(workspace / "log_config.json"),
+        )
         t0 = time.perf_counter()
         try:
             try:
@@ -239,20 +271,29 @@ def run_simulation(
                 # NVFlare's simulator handles Ctrl-C/SIGTERM itself (it kills its site processes and fails the
                 # run): a run asked to stop is an interruption, not a failed run.
                 signals.check()
-                raise FederatedRunError(f"NVFlare simulator failed ({exc}); see the error_log.txt files under "
-                                        f"{workspace / exp.name}") from None
+                raise FederatedRunError(
+                    f"NVFlare simulator failed ({exc}); see the error_log.txt files under {workspace / exp.name}"
+                ) from None
             job = Path(run.get_result()) if run is not None else workspace / exp.name
-            result = collect(job, sites, require_cross_site=exp.fed.cross_site_eval and mode == "train",
-                             require_records=mode == "train", require_evaluation=mode == "evaluate")
+            result = collect(
+                job,
+                sites,
+                require_cross_site=exp.fed.cross_site_eval and mode == "train",
+                require_records=mode == "train",
+                require_evaluation=mode == "evaluate",
+            )
             break
         except FederatedRunError:
             signals.check()
             site = lost_port_race(workspace / exp.name, sites)
             if site is None or attempt == 2:
                 raise
-            logger.warning("NVFlare's simulator could not start %s's process: the local port it had chosen was "
-                           "taken by another process before it bound it (a race inside NVFlare, likely when "
-                           "several runs share the machine); running the job again from the start", site)
+            logger.warning(
+                "NVFlare's simulator could not start %s's process: the local port it had chosen was "
+                "taken by another process before it bound it (a race inside NVFlare, likely when "
+                "several runs share the machine); running the job again from the start",
+                site,
+            )
     result.seconds = time.perf_counter() - t0
     if resume_from is not None:
         carry_tensorboard(resume_from.tb_logdir, result.tb_logdir)
@@ -282,9 +323,14 @@ def stage_weights(state: Any, staging: Path) -> str:
 def _rated(rows: list[dict[str, Any]], key: str, how: str) -> dict[str, Any]:
     """What a model was chosen on, from one ``global_metrics.jsonl`` record (case-weighted over the sites)."""
     weights = rows[0].get("weights") or {}
-    return {"metric": key, "value": (rows[0].get("global") or {}).get(key), "cases": int(sum(weights.values())),
-            "metrics": rows[0].get("global") or {}, "per_site": rows[0].get("sites") or {},
-            "on": f"{how}; every site's validation cases, case-weighted mean"}
+    return {
+        "metric": key,
+        "value": (rows[0].get("global") or {}).get(key),
+        "cases": int(sum(weights.values())),
+        "metrics": rows[0].get("global") or {},
+        "per_site": rows[0].get("sites") or {},
+        "on": f"{how}; every site's validation cases, case-weighted mean",
+    }
 
 
 def write_packages(result: SimulationResult, exp: ExperimentConfig, site_configs: dict[str, str]) -> dict[str, str]:
@@ -300,9 +346,14 @@ def write_packages(result: SimulationResult, exp: ExperimentConfig, site_configs
     from fedimg import config as cfgmod
     from fedimg.models.package import package_run_model
 
-    found = {name: Path(path) for name, path in (("best", getattr(result, "best_model", None)),
-                                                 ("final", getattr(result, "global_model", None)))
-             if path is not None and Path(path).is_file()}
+    found = {
+        name: Path(path)
+        for name, path in (
+            ("best", getattr(result, "best_model", None)),
+            ("final", getattr(result, "global_model", None)),
+        )
+        if path is not None and Path(path).is_file()
+    }
     if not found:
         return {}
     try:
@@ -312,19 +363,30 @@ def write_packages(result: SimulationResult, exp: ExperimentConfig, site_configs
         return {}
     key = exp.key_metric
     best = result.summary.get("best") or {}
-    chose_best = [r for r in result.global_metrics if r.get("step") == best.get("round")
-                  and (r.get("global") or {}).get(key) == best.get("value")]
+    chose_best = [
+        r
+        for r in result.global_metrics
+        if r.get("step") == best.get("round") and (r.get("global") or {}).get(key) == best.get("value")
+    ]
     final = result.final_eval()
-    chosen = {"best": _rated(chose_best[-1:], key, f"the best {key} of the run, at step {best.get('round')}")
-              if chose_best else {},
-              "final": _rated([final], key, "the final evaluation after the last round") if final else {}}
+    chosen = {
+        "best": _rated(chose_best[-1:], key, f"the best {key} of the run, at step {best.get('round')}")
+        if chose_best
+        else {},
+        "final": _rated([final], key, "the final evaluation after the last round") if final else {},
+    }
     where = {"best": best.get("round"), "final": result.summary.get("end_round")}
     written = {}
     for name, path in found.items():
         state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-        out = package_run_model(result.job_dir / "packages" / name, state, exp, datalists, chosen[name],
-                                {"run": "federated", "algorithm": exp.fed.algorithm, "model": name,
-                                 "round": where[name]})
+        out = package_run_model(
+            result.job_dir / "packages" / name,
+            state,
+            exp,
+            datalists,
+            chosen[name],
+            {"run": "federated", "algorithm": exp.fed.algorithm, "model": name, "round": where[name]},
+        )
         if out is not None:
             written[name] = str(out)
     return written

@@ -35,8 +35,9 @@ from fedimg.config import ExperimentConfig
 from fedimg.fl.report import cross_site_matrix, matrix_heatmap, matrix_markdown, write_report_to_tensorboard
 from fedimg.training.tracking import neutral_hostname
 
-SCALAR_TYPES = frozenset({AnalyticsDataType.SCALAR, AnalyticsDataType.SCALARS, AnalyticsDataType.METRIC,
-                          AnalyticsDataType.METRICS})
+SCALAR_TYPES = frozenset(
+    {AnalyticsDataType.SCALAR, AnalyticsDataType.SCALARS, AnalyticsDataType.METRIC, AnalyticsDataType.METRICS}
+)
 GLOBAL_RUN = "global"  # the federation's own TensorBoard run; no site may have this name
 
 
@@ -62,8 +63,12 @@ class ScalarTBReceiver(TBAnalyticsReceiver):
         if data.data_type not in SCALAR_TYPES:
             self.dropped += 1
             # Neither tag nor value is logged: they are exactly what must not leave the site.
-            self.log_warning(fl_ctx, f"dropped a {data.data_type.value} record from {record_origin}: "
-                                     "only scalar metrics are accepted by this server", fire_event=False)
+            self.log_warning(
+                fl_ctx,
+                f"dropped a {data.data_type.value} record from {record_origin}: "
+                "only scalar metrics are accepted by this server",
+                fire_event=False,
+            )
             return
         if record_origin not in self.writers_table:
             peer_log_dir = resolve_path_under_root(self.root_log_dir, record_origin, "record_origin")
@@ -85,8 +90,10 @@ def scalar_layout(exp: ExperimentConfig) -> dict:
         val += [(f"Dice overlap: {c}", f"dice/{c}") for c in classes]
         val += [(f"95% Hausdorff distance, mm: {c} (lower is better)", f"hd95/{c}") for c in classes]
     else:
-        val = [("AUC, mean over classes (0.5 chance, 1 perfect)", "auc_mean"),
-               ("Balanced accuracy (mean sensitivity over classes)", "balanced_accuracy")]
+        val = [
+            ("AUC, mean over classes (0.5 chance, 1 perfect)", "auc_mean"),
+            ("Balanced accuracy (mean sensitivity over classes)", "balanced_accuracy"),
+        ]
         val += [(f"Sensitivity: {c}", f"sensitivity/{c}") for c in classes]
         val += [(f"Specificity: {c}", f"specificity/{c}") for c in classes]
     charts = [[title, ["Multiline", [rf"^val/{key}$"]]] for title, key in val]
@@ -121,12 +128,16 @@ class CrossSiteReport(ValidationJsonGenerator):
             results = json.loads(json.dumps(self._val_results, default=float))
             matrices = [cross_site_matrix(results, m) for m in self.metrics]
             with open(os.path.join(out_dir, "cross_site_matrix.json"), "w", encoding="utf-8") as fh:
-                json.dump({"matrices": [{k: v for k, v in m.items() if k != "all"} for m in matrices],
-                           "results": results}, fh, indent=1)
+                json.dump(
+                    {"matrices": [{k: v for k, v in m.items() if k != "all"} for m in matrices], "results": results},
+                    fh,
+                    indent=1,
+                )
             text = "\n\n".join(matrix_markdown(m) for m in matrices)
             with open(os.path.join(out_dir, "cross_site_matrix.md"), "w", encoding="utf-8") as fh:
                 fh.write("# Cross-site evaluation\n\n" + text + "\n")
-            write_report_to_tensorboard(os.path.join(run_dir, self.tb_folder, GLOBAL_RUN), "cross_site", text,
-                                        matrix_heatmap(matrices[0]))
+            write_report_to_tensorboard(
+                os.path.join(run_dir, self.tb_folder, GLOBAL_RUN), "cross_site", text, matrix_heatmap(matrices[0])
+            )
         except Exception as exc:  # noqa: BLE001 - a report failure must not fail a finished run
             self.log_error(fl_ctx, f"cross-site report not written: {type(exc).__name__}: {exc}", fire_event=False)

@@ -39,15 +39,16 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from fedimg import config as cfgmod
-from fedimg.errors import UserError
 from fedimg.config import ConfigError, ExperimentConfig, PreprocessSpec
+from fedimg.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,11 @@ class ModelPackage:
         """The spec, or a PackageError saying why the package has none and what to do."""
         if self.spec is None:
             note = self.meta.get("spec_note") or "it records no preprocessing spec"
-            raise PackageError(f"model package {self.path} cannot prepare new studies: {note}; expected a package "
-                               "from a run whose sites were all preprocessed with one spec (spec.yaml beside each "
-                               "datalist.json)")
+            raise PackageError(
+                f"model package {self.path} cannot prepare new studies: {note}; expected a package "
+                "from a run whose sites were all preprocessed with one spec (spec.yaml beside each "
+                "datalist.json)"
+            )
         return self.spec
 
 
@@ -155,9 +158,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def write_package(path: str | Path, state_dict: Mapping[str, torch.Tensor], exp: ExperimentConfig,
-                  spec: PreprocessSpec | None, metrics: Mapping[str, Any] | None,
-                  meta: Mapping[str, Any] | None = None, spec_note: str | None = None) -> Path:
+def write_package(
+    path: str | Path,
+    state_dict: Mapping[str, torch.Tensor],
+    exp: ExperimentConfig,
+    spec: PreprocessSpec | None,
+    metrics: Mapping[str, Any] | None,
+    meta: Mapping[str, Any] | None = None,
+    spec_note: str | None = None,
+) -> Path:
     """Write a model package folder (``package.json`` and ``weights.pt``), each file atomically.
 
     Args:
@@ -193,15 +202,22 @@ def write_package(path: str | Path, state_dict: Mapping[str, torch.Tensor], exp:
         "format_version": FORMAT_VERSION,
         "fedimg_version": fedimg_version(),
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "task": {"type": exp.task.type, "spatial_dims": exp.task.spatial_dims,
-                 "class_names": list(exp.task.class_names)},
+        "task": {
+            "type": exp.task.type,
+            "spatial_dims": exp.task.spatial_dims,
+            "class_names": list(exp.task.class_names),
+        },
         "network": model_spec(exp.model, exp.task),
         "experiment": cfgmod.to_dict(exp),
         "spec": cfgmod.to_dict(spec) if spec is not None else None,
         "chosen_on": _finite(dict(metrics or {})),
         "origin": _finite(dict(meta or {})),
-        "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights), "tensors": len(state),
-                    "parameters": int(sum(v.numel() for v in state.values() if v.is_floating_point()))},
+        "weights": {
+            "file": WEIGHTS_FILE,
+            "sha256": _sha256(weights),
+            "tensors": len(state),
+            "parameters": int(sum(v.numel() for v in state.values() if v.is_floating_point())),
+        },
     }
     if spec is None:
         doc["spec_note"] = spec_note or "the run recorded no preprocessing spec"
@@ -212,36 +228,46 @@ def write_package(path: str | Path, state_dict: Mapping[str, torch.Tensor], exp:
 
 def _check_spec(spec: PreprocessSpec, exp: ExperimentConfig, where: str) -> None:
     if spec.task != exp.task.type or spec.spatial_dims != exp.task.spatial_dims:
-        raise PackageError(f"{where}: the spec is a {spec.spatial_dims}D {spec.task} spec, the experiment a "
-                           f"{exp.task.spatial_dims}D {exp.task.type} task; expected the spec the training data "
-                           "was preprocessed with")
+        raise PackageError(
+            f"{where}: the spec is a {spec.spatial_dims}D {spec.task} spec, the experiment a "
+            f"{exp.task.spatial_dims}D {exp.task.type} task; expected the spec the training data "
+            "was preprocessed with"
+        )
     if list(spec.labels.classes) != list(exp.task.class_names):
-        raise PackageError(f"{where}: spec classes {list(spec.labels.classes)} differ from the experiment's "
-                           f"task.class_names {list(exp.task.class_names)}; expected the same classes in order")
+        raise PackageError(
+            f"{where}: spec classes {list(spec.labels.classes)} differ from the experiment's "
+            f"task.class_names {list(exp.task.class_names)}; expected the same classes in order"
+        )
 
 
 def _check_weights(state: Mapping[str, Any], exp: ExperimentConfig, where: str) -> None:
     """Keys, shapes and finiteness of ``state`` against the network ``exp`` builds."""
     from fedimg.models.registry import build_model
 
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                  for k, v in state.items()):
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise PackageError(f"{where}: expected a mapping of parameter names to tensors")
     expected = build_model(exp.model, exp.task).state_dict()
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     if missing or unknown:
-        raise PackageError(f"{where}: the weights do not fit the {exp.model.name} the experiment builds: "
-                           f"{len(missing)} missing (e.g. {missing[:2]}), {len(unknown)} unexpected "
-                           f"(e.g. {unknown[:2]}); expected the weights of a run of this experiment")
+        raise PackageError(
+            f"{where}: the weights do not fit the {exp.model.name} the experiment builds: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unknown)} unexpected "
+            f"(e.g. {unknown[:2]}); expected the weights of a run of this experiment"
+        )
     for key, ref in expected.items():
         t = state[key]
         if tuple(t.shape) != tuple(ref.shape):
-            raise PackageError(f"{where}: weight {key} has shape {list(t.shape)}, the network expects "
-                               f"{list(ref.shape)}")
+            raise PackageError(
+                f"{where}: weight {key} has shape {list(t.shape)}, the network expects {list(ref.shape)}"
+            )
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise PackageError(f"{where}: weight {key} holds NaN or infinite values; the model diverged or the "
-                               "file is damaged: use another checkpoint")
+            raise PackageError(
+                f"{where}: weight {key} holds NaN or infinite values; the model diverged or the "
+                "file is damaged: use another checkpoint"
+            )
 
 
 def load_package(path: str | Path) -> ModelPackage:
@@ -258,30 +284,41 @@ def load_package(path: str | Path) -> ModelPackage:
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         found = "a file" if folder.is_file() else ("a folder without it" if folder.is_dir() else "nothing")
-        raise PackageError(f"model package {folder}: expected a folder holding {META_FILE} and {WEIGHTS_FILE} "
-                           f"(written by a fedimg run under packages/), found {found}")
+        raise PackageError(
+            f"model package {folder}: expected a folder holding {META_FILE} and {WEIGHTS_FILE} "
+            f"(written by a fedimg run under packages/), found {found}"
+        )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackageError(f"{meta_path}: not readable JSON ({type(exc).__name__}); the package is damaged: "
-                           "copy it again from the run") from None
+        raise PackageError(
+            f"{meta_path}: not readable JSON ({type(exc).__name__}); the package is damaged: copy it again from the run"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise PackageError(f"{meta_path}: expected format {FORMAT!r}, found "
-                           f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}")
+        raise PackageError(
+            f"{meta_path}: expected format {FORMAT!r}, found "
+            f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}"
+        )
     version = meta.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise PackageError(f"{meta_path}: format_version {version!r}; this fedimg ({fedimg_version()}) reads "
-                           f"versions 1..{FORMAT_VERSION}: use the fedimg release that wrote it "
-                           f"({meta.get('fedimg_version')}) or newer")
+        raise PackageError(
+            f"{meta_path}: format_version {version!r}; this fedimg ({fedimg_version()}) reads "
+            f"versions 1..{FORMAT_VERSION}: use the fedimg release that wrote it "
+            f"({meta.get('fedimg_version')}) or newer"
+        )
     try:
         exp = cfgmod.from_dict(ExperimentConfig, meta.get("experiment"))
         spec = cfgmod.from_dict(PreprocessSpec, meta["spec"]) if meta.get("spec") is not None else None
     except (ConfigError, TypeError) as exc:
-        raise PackageError(f"{meta_path}: its configs do not validate ({exc}); the package is damaged or from "
-                           "an incompatible fedimg release") from None
+        raise PackageError(
+            f"{meta_path}: its configs do not validate ({exc}); the package is damaged or from "
+            "an incompatible fedimg release"
+        ) from None
     if list(exp.task.class_names) != list((meta.get("task") or {}).get("class_names") or []):
-        raise PackageError(f"{meta_path}: task.class_names and the experiment's classes differ; the package is "
-                           "damaged or was edited: copy it again from the run")
+        raise PackageError(
+            f"{meta_path}: task.class_names and the experiment's classes differ; the package is "
+            "damaged or was edited: copy it again from the run"
+        )
     if spec is not None:
         _check_spec(spec, exp, str(meta_path))
     winfo = meta.get("weights") or {}
@@ -290,13 +327,17 @@ def load_package(path: str | Path) -> ModelPackage:
         raise PackageError(f"model package {folder}: expected its weights in {WEIGHTS_FILE}, found none")
     digest = _sha256(weights)
     if digest != winfo.get("sha256"):
-        raise PackageError(f"{weights}: SHA-256 differs from the one in {META_FILE}; the weights are damaged or "
-                           "were replaced: copy the package again from the run")
+        raise PackageError(
+            f"{weights}: SHA-256 differs from the one in {META_FILE}; the weights are damaged or "
+            "were replaced: copy the package again from the run"
+        )
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types on damaged or non-tensor files
-        raise PackageError(f"{weights}: not a tensor-only state dict ({type(exc).__name__}); fedimg loads "
-                           "weights with weights_only=True and never unpickles code") from None
+        raise PackageError(
+            f"{weights}: not a tensor-only state dict ({type(exc).__name__}); fedimg loads "
+            "weights with weights_only=True and never unpickles code"
+        ) from None
     _check_weights(state, exp, str(weights))
     return ModelPackage(path=folder, meta=meta, experiment=exp, spec=spec, state_dict=dict(state))
 
@@ -322,8 +363,9 @@ def spec_of_datalists(datalists: Mapping[str, str | Path]) -> tuple[PreprocessSp
     for site, dl in datalists.items():
         f = Path(dl).parent / SPEC_FILE
         if not f.is_file():
-            return None, (f"site {site}'s training data has no {SPEC_FILE} beside its datalist (not made by "
-                          "fedimg preprocess)")
+            return None, (
+                f"site {site}'s training data has no {SPEC_FILE} beside its datalist (not made by fedimg preprocess)"
+            )
         try:
             specs[site] = cfgmod.load(PreprocessSpec, f)
         except ConfigError as exc:
@@ -333,14 +375,21 @@ def spec_of_datalists(datalists: Mapping[str, str | Path]) -> tuple[PreprocessSp
     first_site, first = next(iter(specs.items()))
     differ = [s for s, sp in specs.items() if cfgmod.to_dict(sp) != cfgmod.to_dict(first)]
     if differ:
-        return None, (f"sites were preprocessed with different specs ({', '.join(differ)} differ from "
-                      f"{first_site}): no single spec prepares new studies like all training cases")
+        return None, (
+            f"sites were preprocessed with different specs ({', '.join(differ)} differ from "
+            f"{first_site}): no single spec prepares new studies like all training cases"
+        )
     return first, None
 
 
-def package_run_model(path: str | Path, state_dict: Mapping[str, torch.Tensor], exp: ExperimentConfig,
-                      datalists: Mapping[str, str | Path], metrics: Mapping[str, Any] | None,
-                      meta: Mapping[str, Any]) -> Path | None:
+def package_run_model(
+    path: str | Path,
+    state_dict: Mapping[str, torch.Tensor],
+    exp: ExperimentConfig,
+    datalists: Mapping[str, str | Path],
+    metrics: Mapping[str, Any] | None,
+    meta: Mapping[str, Any],
+) -> Path | None:
     """Write one model of a run as a package, with the sites' spec; log instead of failing the run.
 
     A finished run's models are worth keeping even when one cannot be
@@ -349,8 +398,9 @@ def package_run_model(path: str | Path, state_dict: Mapping[str, torch.Tensor], 
     """
     spec, why = spec_of_datalists(datalists)
     if spec is None:
-        logger.warning("model package %s has no preprocessing spec: %s; `fedimg predict` will refuse it",
-                       Path(path).name, why)
+        logger.warning(
+            "model package %s has no preprocessing spec: %s; `fedimg predict` will refuse it", Path(path).name, why
+        )
     try:
         return write_package(path, state_dict, exp, spec, metrics, meta, spec_note=why)
     except PackageError as exc:
@@ -376,23 +426,31 @@ def describe(pkg: ModelPackage) -> str:
         f"model package: {pkg.path}",
         f"  experiment:   {exp.name}",
         f"  task:         {exp.task.type} ({exp.task.spatial_dims}D)",
-        f"  classes:      " + (", ".join(["background (0)"] + [f"{c} ({i + 1})" for i, c in enumerate(pkg.class_names)])
-                               if exp.task.is_segmentation else
-                               ", ".join(f"{c} ({i})" for i, c in enumerate(pkg.class_names))),
+        "  classes:      "
+        + (
+            ", ".join(["background (0)"] + [f"{c} ({i + 1})" for i, c in enumerate(pkg.class_names)])
+            if exp.task.is_segmentation
+            else ", ".join(f"{c} ({i})" for i, c in enumerate(pkg.class_names))
+        ),
         f"  network:      {net.get('class_path', exp.model.name)} ({w.get('parameters', '?')} parameters, "
         f"{w.get('tensors', '?')} tensors)",
     ]
     if exp.task.is_segmentation:
-        lines.append(f"  inference:    sliding window {list(exp.data.roi_size)}, sw_batch_size "
-                     f"{exp.train.sw_batch_size}, small components < {exp.task.min_component_voxels} voxels removed")
+        lines.append(
+            f"  inference:    sliding window {list(exp.data.roi_size)}, sw_batch_size "
+            f"{exp.train.sw_batch_size}, small components < {exp.task.min_component_voxels} voxels removed"
+        )
     else:
         lines.append(f"  inference:    images resized to {list(exp.data.roi_size)}")
     sp = pkg.spec
     if sp is None:
         lines.append(f"  spec:         none ({m.get('spec_note', 'not recorded')}); predict refuses this package")
     else:
-        geo = (f"{sp.orientation}, {list(sp.target_spacing or ())} mm" if sp.spatial_dims == 3
-               else f"{list(sp.target_size or ())} px")
+        geo = (
+            f"{sp.orientation}, {list(sp.target_spacing or ())} mm"
+            if sp.spatial_dims == 3
+            else f"{list(sp.target_size or ())} px"
+        )
         if sp.spatial_dims == 2:
             inten = f"percentiles {list(sp.intensity.percentiles_2d)} -> [0, 1]"
         elif sp.modality == "CT":
@@ -406,8 +464,10 @@ def describe(pkg: ModelPackage) -> str:
     chosen = pkg.chosen_on
     if chosen:
         value = chosen.get("value")
-        lines.append(f"  chosen on:    {chosen.get('metric', '?')} = {_fmt(value)} over {chosen.get('cases', '?')} "
-                     f"validation case(s)" + (f" ({chosen['on']})" if chosen.get("on") else ""))
+        lines.append(
+            f"  chosen on:    {chosen.get('metric', '?')} = {_fmt(value)} over {chosen.get('cases', '?')} "
+            f"validation case(s)" + (f" ({chosen['on']})" if chosen.get("on") else "")
+        )
         for k, v in sorted((chosen.get("metrics") or {}).items()):
             if isinstance(v, (int, float)) and not k.startswith("hd95_undefined"):
                 lines.append(f"    {k:<28} {_fmt(v)}")
@@ -416,11 +476,25 @@ def describe(pkg: ModelPackage) -> str:
     origin = m.get("origin") or {}
     if origin:
         lines.append("  origin:       " + ", ".join(f"{k} {v}" for k, v in origin.items()))
-    lines += [f"  fedimg:       {m.get('fedimg_version')} (package format {m.get('format_version')})",
-              f"  created:      {m.get('created')}",
-              f"  weights:      {w.get('file')} sha256 {str(w.get('sha256'))[:16]}..."]
+    lines += [
+        f"  fedimg:       {m.get('fedimg_version')} (package format {m.get('format_version')})",
+        f"  created:      {m.get('created')}",
+        f"  weights:      {w.get('file')} sha256 {str(w.get('sha256'))[:16]}...",
+    ]
     return "\n".join(lines)
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "WEIGHTS_FILE", "ModelPackage", "PackageError", "describe",
-           "fedimg_version", "load_package", "package_run_model", "spec_of_datalists", "write_package"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "META_FILE",
+    "WEIGHTS_FILE",
+    "ModelPackage",
+    "PackageError",
+    "describe",
+    "fedimg_version",
+    "load_package",
+    "package_run_model",
+    "spec_of_datalists",
+    "write_package",
+]

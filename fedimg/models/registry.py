@@ -16,8 +16,12 @@ import torch
 from fedimg.config import ModelConfig, TaskConfig
 
 # ResNet layer counts and block types by depth (He et al. 2016), as MONAI's resnetXX helpers use them.
-_RESNET_LAYOUT = {10: ("basic", [1, 1, 1, 1]), 18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]),
-                  50: ("bottleneck", [3, 4, 6, 3])}
+_RESNET_LAYOUT = {
+    10: ("basic", [1, 1, 1, 1]),
+    18: ("basic", [2, 2, 2, 2]),
+    34: ("basic", [3, 4, 6, 3]),
+    50: ("bottleneck", [3, 4, 6, 3]),
+}
 _RESNET_INPLANES = [64, 128, 256, 512]
 _DENSENET121_BLOCKS = [6, 12, 24, 16]
 
@@ -50,33 +54,64 @@ def model_spec(model: ModelConfig, task: TaskConfig) -> dict[str, Any]:
     """
     dims = task.spatial_dims
     if model.name == "unet":
-        return {"class_path": "monai.networks.nets.UNet", "args": {
-            "spatial_dims": dims, "in_channels": task.in_channels, "out_channels": task.num_classes,
-            "channels": list(model.channels), "strides": list(model.strides),
-            "num_res_units": model.num_res_units, "norm": _norm(model), "dropout": model.dropout}}
+        return {
+            "class_path": "monai.networks.nets.UNet",
+            "args": {
+                "spatial_dims": dims,
+                "in_channels": task.in_channels,
+                "out_channels": task.num_classes,
+                "channels": list(model.channels),
+                "strides": list(model.strides),
+                "num_res_units": model.num_res_units,
+                "norm": _norm(model),
+                "dropout": model.dropout,
+            },
+        }
     if model.name == "segresnet":
         n_down = len(model.blocks_down)
-        return {"class_path": "monai.networks.nets.SegResNet", "args": {
-            "spatial_dims": dims, "in_channels": task.in_channels, "out_channels": task.num_classes,
-            "init_filters": model.init_filters, "blocks_down": list(model.blocks_down),
-            "blocks_up": [1] * (n_down - 1), "norm": _norm(model),
-            "dropout_prob": model.dropout or None}}
+        return {
+            "class_path": "monai.networks.nets.SegResNet",
+            "args": {
+                "spatial_dims": dims,
+                "in_channels": task.in_channels,
+                "out_channels": task.num_classes,
+                "init_filters": model.init_filters,
+                "blocks_down": list(model.blocks_down),
+                "blocks_up": [1] * (n_down - 1),
+                "norm": _norm(model),
+                "dropout_prob": model.dropout or None,
+            },
+        }
     if model.name == "densenet121":
         # The DenseNet-121 topology (blocks 6-12-24-16); growth_rate and init_features scale its width.
-        return {"class_path": "monai.networks.nets.DenseNet", "args": {
-            "spatial_dims": dims, "in_channels": task.in_channels, "out_channels": task.num_classes,
-            "init_features": model.init_features,
-            "growth_rate": model.growth_rate, "block_config": list(_DENSENET121_BLOCKS),
-            "norm": _norm(model, _densenet_widths(model.init_features, model.growth_rate, _DENSENET121_BLOCKS)),
-            "dropout_prob": model.dropout}}
+        return {
+            "class_path": "monai.networks.nets.DenseNet",
+            "args": {
+                "spatial_dims": dims,
+                "in_channels": task.in_channels,
+                "out_channels": task.num_classes,
+                "init_features": model.init_features,
+                "growth_rate": model.growth_rate,
+                "block_config": list(_DENSENET121_BLOCKS),
+                "norm": _norm(model, _densenet_widths(model.init_features, model.growth_rate, _DENSENET121_BLOCKS)),
+                "dropout_prob": model.dropout,
+            },
+        }
     if model.name == "resnet":
         block, layers = _RESNET_LAYOUT[model.resnet_depth]
-        return {"class_path": "monai.networks.nets.ResNet", "args": {
-            "block": block, "layers": layers,
-            "block_inplanes": [max(4, int(round(c * model.width))) for c in _RESNET_INPLANES],
-            "spatial_dims": dims, "n_input_channels": task.in_channels, "num_classes": task.num_classes,
-            # MONAI's ResNet initializes every norm layer's weight: instance norm needs affine parameters.
-            "norm": ("instance", {"affine": True}) if model.norm == "instance" else _norm(model)}}
+        return {
+            "class_path": "monai.networks.nets.ResNet",
+            "args": {
+                "block": block,
+                "layers": layers,
+                "block_inplanes": [max(4, int(round(c * model.width))) for c in _RESNET_INPLANES],
+                "spatial_dims": dims,
+                "n_input_channels": task.in_channels,
+                "num_classes": task.num_classes,
+                # MONAI's ResNet initializes every norm layer's weight: instance norm needs affine parameters.
+                "norm": ("instance", {"affine": True}) if model.norm == "instance" else _norm(model),
+            },
+        }
     raise ValueError(f"model.name must be one of: unet, segresnet, densenet121, resnet; got {model.name!r}")
 
 
@@ -92,8 +127,12 @@ def build_model(model: ModelConfig, task: TaskConfig) -> torch.nn.Module:
     return build_from_spec(model_spec(model, task))
 
 
-_NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm,  # noqa: SLF001
-               torch.nn.modules.instancenorm._InstanceNorm)  # noqa: SLF001
+_NORM_TYPES = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,  # noqa: SLF001
+    torch.nn.modules.instancenorm._InstanceNorm,
+)  # noqa: SLF001
 
 
 def normalization_keys(model: torch.nn.Module) -> set[str]:

@@ -9,8 +9,9 @@ caller's job, in one place for both protocols.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from fedimg.pacs.keys import Key
 
@@ -97,8 +98,9 @@ class PacsClient(Protocol):
         """
         ...
 
-    def retrieve(self, study_uid: str, series_uid: str, wanted: list[InstanceRef], whole_series: bool,
-                 deliver: Deliver) -> None:
+    def retrieve(
+        self, study_uid: str, series_uid: str, wanted: list[InstanceRef], whole_series: bool, deliver: Deliver
+    ) -> None:
         """Fetch instances of one series and hand each to ``deliver``.
 
         Args:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from fedimg.pacs.client import Deliver, InstanceRef, StudyListing
 from fedimg.pacs.errors import PacsError, PacsRequestError
@@ -135,19 +136,30 @@ class DicomWebClient:
     def _probe_message(self, err: PacsRequestError) -> str:
         where = self.describe()
         if err.reason in ("http_401", "http_403"):
-            have = (f"--auth {self.source.auth.scheme} from {self.source.auth.origin}" if self.source.auth
-                    else "no credentials")
-            return (f"{where} refused the query ({err.reason.replace('_', ' ').upper()}) with {have}: expected "
-                    "credentials it accepts; pass --auth basic|bearer with --credentials-file FILE")
+            have = (
+                f"--auth {self.source.auth.scheme} from {self.source.auth.origin}"
+                if self.source.auth
+                else "no credentials"
+            )
+            return (
+                f"{where} refused the query ({err.reason.replace('_', ' ').upper()}) with {have}: expected "
+                "credentials it accepts; pass --auth basic|bearer with --credentials-file FILE"
+            )
         if err.reason == "http_404":
-            return (f"{where} answered HTTP 404 to a QIDO-RS study search: expected the DICOMweb service root "
-                    "(the URL before /studies, e.g. https://pacs.example.org/dicom-web)")
+            return (
+                f"{where} answered HTTP 404 to a QIDO-RS study search: expected the DICOMweb service root "
+                "(the URL before /studies, e.g. https://pacs.example.org/dicom-web)"
+            )
         if err.reason == "tls":
-            return (f"{where}: the server's TLS certificate could not be verified: pass --ca-bundle FILE with the "
-                    "CA that issued it")
+            return (
+                f"{where}: the server's TLS certificate could not be verified: pass --ca-bundle FILE with the "
+                "CA that issued it"
+            )
         if err.reason in ("connection", "timeout"):
-            return (f"cannot reach {where} ({err.detail.split(': ', 1)[-1]}): expected a running DICOMweb "
-                    "service at that URL; check the address, the port and the network")
+            return (
+                f"cannot reach {where} ({err.detail.split(': ', 1)[-1]}): expected a running DICOMweb "
+                "service at that URL; check the address, the port and the network"
+            )
         return f"{where} did not answer a QIDO-RS study search as expected ({err.detail}): check the URL"
 
     def close(self) -> None:
@@ -164,8 +176,11 @@ class DicomWebClient:
 
     def find_studies(self, key: Key) -> list[str]:
         if key.type == "accession":
-            filters, fields, match_tag = {"AccessionNumber": key.value}, ["StudyInstanceUID", "AccessionNumber"], \
-                ACCESSION
+            filters, fields, match_tag = (
+                {"AccessionNumber": key.value},
+                ["StudyInstanceUID", "AccessionNumber"],
+                ACCESSION,
+            )
         else:
             filters, fields, match_tag = {"StudyInstanceUID": key.value}, ["StudyInstanceUID"], STUDY_UID
         try:
@@ -184,8 +199,10 @@ class DicomWebClient:
     def list_instances(self, study_uid: str) -> StudyListing:
         try:
             answers = self._api().search_for_instances(
-                study_instance_uid=study_uid, fields=["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"],
-                get_remaining=True)
+                study_instance_uid=study_uid,
+                fields=["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"],
+                get_remaining=True,
+            )
         except Exception as exc:  # noqa: BLE001
             raise _request_error(exc, "instance search (QIDO-RS)") from None
         return self._listing(study_uid, answers if isinstance(answers, list) else [])
@@ -208,8 +225,9 @@ class DicomWebClient:
 
     # ------------------------------------------------------------------ retrieval
 
-    def retrieve(self, study_uid: str, series_uid: str, wanted: list[InstanceRef], whole_series: bool,
-                 deliver: Deliver) -> None:
+    def retrieve(
+        self, study_uid: str, series_uid: str, wanted: list[InstanceRef], whole_series: bool, deliver: Deliver
+    ) -> None:
         api = self._api()
         if whole_series:
             try:
@@ -243,14 +261,16 @@ class DicomWebClient:
 
         refused: PacsRequestError | None = None
         for ds in datasets:
-            study, series, sop = (str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID",
-                                                               "SOPInstanceUID"))
+            study, series, sop = (
+                str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+            )
             buf = io.BytesIO()
             try:
                 pydicom.dcmwrite(buf, ds, enforce_file_format=True)
             except Exception as exc:  # noqa: BLE001 - a part we cannot encode is not stored
                 refused = refused or PacsRequestError(
-                    "bad_response", f"an instance could not be encoded as a DICOM file ({type(exc).__name__})")
+                    "bad_response", f"an instance could not be encoded as a DICOM file ({type(exc).__name__})"
+                )
                 continue
             try:
                 deliver(study, series, sop, buf.getvalue())

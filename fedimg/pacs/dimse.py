@@ -71,15 +71,21 @@ class DimseClient:
     def _association_error(self, assoc: Any) -> str:
         s = self.source
         if assoc.is_rejected:
-            return (f"{self.describe()} rejected the association: expected it to accept called AET {s.called_aet} "
-                    f"from calling AET {s.calling_aet}; check --called-aet and register --calling-aet at the PACS "
-                    "(with C-FIND and C-GET rights)")
-        return (f"{self.describe()} accepted the connection but no association was established (aborted or timed "
-                "out): expected a DICOM node at that port; check --called-aet and the PACS's log")
+            return (
+                f"{self.describe()} rejected the association: expected it to accept called AET {s.called_aet} "
+                f"from calling AET {s.calling_aet}; check --called-aet and register --calling-aet at the PACS "
+                "(with C-FIND and C-GET rights)"
+            )
+        return (
+            f"{self.describe()} accepted the connection but no association was established (aborted or timed "
+            "out): expected a DICOM node at that port; check --called-aet and the PACS's log"
+        )
 
     def open(self) -> None:
         from pynetdicom.sop_class import (
             StudyRootQueryRetrieveInformationModelFind as FindModel,
+        )
+        from pynetdicom.sop_class import (
             StudyRootQueryRetrieveInformationModelGet as GetModel,
         )
 
@@ -88,8 +94,10 @@ class DimseClient:
             with socket.create_connection((s.host, s.port), timeout=s.timeout_s):
                 pass
         except OSError as exc:
-            raise PacsError(f"cannot reach {self.describe()} ({type(exc).__name__}): expected a DICOM node "
-                            "listening there; check the host, the port and the network") from None
+            raise PacsError(
+                f"cannot reach {self.describe()} ({type(exc).__name__}): expected a DICOM node "
+                "listening there; check the host, the port and the network"
+            ) from None
         ae = self._ae()
         ae.add_requested_context(FindModel)
         ae.add_requested_context(GetModel)
@@ -100,9 +108,11 @@ class DimseClient:
         missing = [name for name, uid in (("C-FIND", FindModel), ("C-GET", GetModel)) if str(uid) not in accepted]
         if missing:
             assoc.release()
-            raise PacsError(f"{self.describe()} does not accept Study Root {' and '.join(missing)} from calling AET "
-                            f"{s.calling_aet}: expected both (fedimg pulls with C-GET, not C-MOVE); allow them for "
-                            "this AE title at the PACS")
+            raise PacsError(
+                f"{self.describe()} does not accept Study Root {' and '.join(missing)} from calling AET "
+                f"{s.calling_aet}: expected both (fedimg pulls with C-GET, not C-MOVE); allow them for "
+                "this AE title at the PACS"
+            )
         self._query = assoc
 
     def ping(self) -> bool:
@@ -149,8 +159,9 @@ class DimseClient:
                 code = getattr(status, "Status", None)
                 if code is None:
                     self._query = None
-                    raise PacsRequestError("connection", f"{what} (C-FIND): no answer (the association was aborted "
-                                                         "or timed out)")
+                    raise PacsRequestError(
+                        "connection", f"{what} (C-FIND): no answer (the association was aborted or timed out)"
+                    )
                 if code in _PENDING:
                     if answer is not None:
                         out.append(answer)
@@ -218,8 +229,9 @@ class DimseClient:
 
     # ------------------------------------------------------------------ retrieval
 
-    def retrieve(self, study_uid: str, series_uid: str, wanted: list[InstanceRef], whole_series: bool,
-                 deliver: Deliver) -> None:
+    def retrieve(
+        self, study_uid: str, series_uid: str, wanted: list[InstanceRef], whole_series: bool, deliver: Deliver
+    ) -> None:
         from pydicom.dataset import Dataset
         from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_role, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GetModel
@@ -227,27 +239,32 @@ class DimseClient:
         classes = sorted({str(ref.sop_class_uid) for ref in wanted if ref.sop_class_uid})
         if any(ref.sop_class_uid is None for ref in wanted):
             # The PACS did not say every SOP class: offer the common storage classes as well.
-            classes += [str(cx.abstract_syntax) for cx in StoragePresentationContexts
-                        if str(cx.abstract_syntax) not in classes]
+            classes += [
+                str(cx.abstract_syntax) for cx in StoragePresentationContexts if str(cx.abstract_syntax) not in classes
+            ]
         classes = classes[:MAX_STORAGE_CONTEXTS]
         refused: list[PacsRequestError] = []
 
         def on_store(event: Any) -> int:
             try:
                 ds = event.dataset
-                study, series, sop = (str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID",
-                                                                   "SOPInstanceUID"))
+                study, series, sop = (
+                    str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+                )
                 if sop != str(event.request.AffectedSOPInstanceUID):
-                    raise PacsRequestError("bad_response", "a C-STORE named another SOP Instance UID than its "
-                                                           "instance holds (refused, not stored)")
+                    raise PacsRequestError(
+                        "bad_response",
+                        "a C-STORE named another SOP Instance UID than its instance holds (refused, not stored)",
+                    )
                 deliver(study, series, sop, event.encoded_dataset())
                 return 0x0000
             except PacsRequestError as exc:
                 refused.append(exc)
                 return _STORE_OUT_OF_RESOURCES if exc.reason == "write_failed" else _STORE_REFUSED
             except Exception as exc:  # noqa: BLE001 - a handler must answer, whatever happened
-                refused.append(PacsRequestError("bad_response", f"an instance could not be read "
-                                                                f"({type(exc).__name__})"))
+                refused.append(
+                    PacsRequestError("bad_response", f"an instance could not be read ({type(exc).__name__})")
+                )
                 return _STORE_REFUSED
 
         ae = self._ae()
@@ -263,7 +280,7 @@ class DimseClient:
                 batches: list[list[str] | None] = [None]
             else:
                 uids = [ref.sop_uid for ref in wanted]
-                batches = [uids[i:i + GET_BATCH] for i in range(0, len(uids), GET_BATCH)]
+                batches = [uids[i : i + GET_BATCH] for i in range(0, len(uids), GET_BATCH)]
             for batch in batches:
                 ident = Dataset()
                 ident.QueryRetrieveLevel = "SERIES" if batch is None else "IMAGE"
@@ -287,8 +304,9 @@ class DimseClient:
             for status, _ in assoc.send_c_get(identifier, model):
                 code = getattr(status, "Status", None)
                 if code is None:
-                    raise PacsRequestError("connection", "retrieval (C-GET): no answer (the association was aborted "
-                                                         "or timed out)")
+                    raise PacsRequestError(
+                        "connection", "retrieval (C-GET): no answer (the association was aborted or timed out)"
+                    )
                 if code not in _PENDING:
                     final = code
         except (RuntimeError, OSError, ValueError) as exc:  # pynetdicom: the association went away mid-request

@@ -134,18 +134,24 @@ def _type_of_column(name: str) -> str | None:
 
 
 def _pick_column(header: list[str], key_type: str | None, column: str | None) -> tuple[int, str]:
-    how = ("name the column with --key-column NAME and its kind with --key accession|study_uid, or use a "
-           "header AccessionNumber or StudyInstanceUID")
+    how = (
+        "name the column with --key-column NAME and its kind with --key accession|study_uid, or use a "
+        "header AccessionNumber or StudyInstanceUID"
+    )
     if column is not None:
         folded = [h.casefold() for h in header]
         if folded.count(column.strip().casefold()) != 1:
-            raise PacsError(f"the --keys file has no single column {column.strip()!r} (--key-column); found columns: "
-                            f"{_columns_text(header)}; {how}")
+            raise PacsError(
+                f"the --keys file has no single column {column.strip()!r} (--key-column); found columns: "
+                f"{_columns_text(header)}; {how}"
+            )
         idx = folded.index(column.strip().casefold())
         kind = key_type or _type_of_column(header[idx])
         if kind is None:
-            raise PacsError(f"the --keys column {header[idx]!r} does not say what it holds: expected --key accession "
-                            "or --key study_uid with --key-column")
+            raise PacsError(
+                f"the --keys column {header[idx]!r} does not say what it holds: expected --key accession "
+                "or --key study_uid with --key-column"
+            )
         return idx, kind
     candidates = [(i, _type_of_column(h)) for i, h in enumerate(header)]
     found = [(i, k) for i, k in candidates if k is not None and (key_type is None or k == key_type)]
@@ -156,10 +162,14 @@ def _pick_column(header: list[str], key_type: str | None, column: str | None) ->
         hint = ""
         if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
             hint = "; the file seems to use another separator than ',': save it comma-separated"
-        raise PacsError(f"the --keys file has no key column: expected a header naming {wanted}; found columns: "
-                        f"{_columns_text(header)}{hint}; {how}")
-    raise PacsError(f"the --keys file has several key columns ({', '.join(repr(header[i]) for i, _ in found)}): "
-                    "expected one; pick it with --key-column NAME (or --key accession|study_uid)")
+        raise PacsError(
+            f"the --keys file has no key column: expected a header naming {wanted}; found columns: "
+            f"{_columns_text(header)}{hint}; {how}"
+        )
+    raise PacsError(
+        f"the --keys file has several key columns ({', '.join(repr(header[i]) for i, _ in found)}): "
+        "expected one; pick it with --key-column NAME (or --key accession|study_uid)"
+    )
 
 
 def read_keys(path: str | Path, key_type: str | None = None, column: str | None = None) -> KeyList:
@@ -181,8 +191,10 @@ def read_keys(path: str | Path, key_type: str | None = None, column: str | None 
         raise PacsError(f"--key must be one of {', '.join(KEY_TYPES)}, got {key_type!r}")
     p = Path(path)
     if not p.is_file():
-        raise PacsError(f"the --keys file {p} does not exist or is not a file: expected a CSV with a header row "
-                        "and one accession number or Study Instance UID per row")
+        raise PacsError(
+            f"the --keys file {p} does not exist or is not a file: expected a CSV with a header row "
+            "and one accession number or Study Instance UID per row"
+        )
     try:
         with p.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -208,9 +220,12 @@ def read_keys(path: str | Path, key_type: str | None = None, column: str | None 
     except PacsError:
         raise
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise PacsError(f"the --keys file {p} cannot be read ({type(exc).__name__}): expected a readable UTF-8 CSV "
-                        "file") from None
+        raise PacsError(
+            f"the --keys file {p} cannot be read ({type(exc).__name__}): expected a readable UTF-8 CSV file"
+        ) from None
     if not out.keys:
-        raise PacsError(f"the --keys file {p} lists no key in column {out.column!r} ({out.rows} data rows, "
-                        f"{out.rows_without_key} with an empty key cell): expected at least one key")
+        raise PacsError(
+            f"the --keys file {p} lists no key in column {out.column!r} ({out.rows} data rows, "
+            f"{out.rows_without_key} with an empty key cell): expected at least one key"
+        )
     return out

@@ -90,11 +90,23 @@ class KeyOutcome:
 
     def row(self) -> dict[str, Any]:
         """The manifest row."""
-        return {"key": self.key, "key_type": self.key_type, "line": self.line, "status": self.status,
-                "reason": self.reason, "detail": self.detail, "studies": self.studies, "series": self.series,
-                "instances": self.instances, "fetched": self.fetched, "already_present": self.already_present,
-                "failed": self.failed, "refused": self.refused, "unexpected": self.unexpected,
-                "folders": self.folders}
+        return {
+            "key": self.key,
+            "key_type": self.key_type,
+            "line": self.line,
+            "status": self.status,
+            "reason": self.reason,
+            "detail": self.detail,
+            "studies": self.studies,
+            "series": self.series,
+            "instances": self.instances,
+            "fetched": self.fetched,
+            "already_present": self.already_present,
+            "failed": self.failed,
+            "refused": self.refused,
+            "unexpected": self.unexpected,
+            "folders": self.folders,
+        }
 
     def finish(self, errors: list[PacsRequestError]) -> None:
         """Set status, reason and detail from the counts and the errors met."""
@@ -157,10 +169,14 @@ class PullResult:
     def table(self) -> str:
         """A summary for the console: counts, and one line per key (the keys as typed, nothing else)."""
         n = len(self.outcomes)
-        lines = [f"pulled from {self.source} into {self.dst}: {n} key{'s' if n != 1 else ''} -> "
-                 f"{self.retrieved} retrieved, {self.count(NOT_FOUND)} not found, {self.count(FAILED)} failed"]
-        lines.append(f"  instances: {self.fetched} fetched, {sum(o.already_present for o in self.outcomes)} already "
-                     f"present (not fetched again), {sum(o.failed for o in self.outcomes)} missing")
+        lines = [
+            f"pulled from {self.source} into {self.dst}: {n} key{'s' if n != 1 else ''} -> "
+            f"{self.retrieved} retrieved, {self.count(NOT_FOUND)} not found, {self.count(FAILED)} failed"
+        ]
+        lines.append(
+            f"  instances: {self.fetched} fetched, {sum(o.already_present for o in self.outcomes)} already "
+            f"present (not fetched again), {sum(o.failed for o in self.outcomes)} missing"
+        )
         notes = []
         if self.keys.rows_without_key:
             notes.append(f"{self.keys.rows_without_key} rows with an empty key cell skipped")
@@ -169,11 +185,15 @@ class PullResult:
         if notes:
             lines.append(f"  keys file: column {self.keys.column!r}; " + "; ".join(notes))
         width = min(_KEY_WIDTH, max([3] + [len(o.key) for o in self.outcomes]))
-        lines.append(f"  {'key':<{width}}  {'status':<9}  {'studies':>7}  {'series':>6}  {'fetched':>7}  "
-                     f"{'present':>7}  {'failed':>6}  reason")
+        lines.append(
+            f"  {'key':<{width}}  {'status':<9}  {'studies':>7}  {'series':>6}  {'fetched':>7}  "
+            f"{'present':>7}  {'failed':>6}  reason"
+        )
         for o in self.outcomes[:_TABLE_ROWS]:
-            lines.append(f"  {o.key[:width]:<{width}}  {o.status:<9}  {o.studies:>7}  {o.series:>6}  {o.fetched:>7}  "
-                         f"{o.already_present:>7}  {o.failed:>6}  {o.reason or ''}")
+            lines.append(
+                f"  {o.key[:width]:<{width}}  {o.status:<9}  {o.studies:>7}  {o.series:>6}  {o.fetched:>7}  "
+                f"{o.already_present:>7}  {o.failed:>6}  {o.reason or ''}"
+            )
         if n > _TABLE_ROWS:
             lines.append(f"  ... and {n - _TABLE_ROWS} more keys (see the manifest)")
         lines.append(f"  manifest: {self.manifest_path} (reasons in full, one row per key)")
@@ -212,8 +232,10 @@ def pull(client: PacsClient, keys: KeyList, dst: str | Path, progress: bool = Tr
                         # The PACS is gone: the other keys would each wait out their retries in vain.
                         for rest in outcomes[i:]:
                             rest.reason = "unreachable"
-                            rest.detail = ("not tried: the PACS stopped answering during the pull; run the same "
-                                           "command again (instances already fetched are kept)")
+                            rest.detail = (
+                                "not tried: the PACS stopped answering during the pull; run the same "
+                                "command again (instances already fetched are kept)"
+                            )
                         break
             finally:
                 bar.close()
@@ -258,8 +280,16 @@ def _pull_key(client: PacsClient, store: InstanceStore, key: Key, outcome: KeyOu
     outcome.finish(errors)
 
 
-def _pull_series(client: PacsClient, store: InstanceStore, study_uid: str, series_uid: str, refs: list[InstanceRef],
-                 outcome: KeyOutcome, errors: list[PacsRequestError], bar: Any) -> None:
+def _pull_series(
+    client: PacsClient,
+    store: InstanceStore,
+    study_uid: str,
+    series_uid: str,
+    refs: list[InstanceRef],
+    outcome: KeyOutcome,
+    errors: list[PacsRequestError],
+    bar: Any,
+) -> None:
     try:
         states = {ref.sop_uid: store.state(study_uid, series_uid, ref.sop_uid) for ref in refs}
     except PacsRequestError as exc:  # the series folder is unusable (a planted link): nothing is fetched into it
@@ -270,8 +300,12 @@ def _pull_series(client: PacsClient, store: InstanceStore, study_uid: str, serie
     occupied = sum(s == OCCUPIED for s in states.values())
     if occupied:
         outcome.failed += occupied
-        errors.append(PacsRequestError("occupied", f"{occupied} instance paths hold something fedimg did not write "
-                                                   "(a link or a folder); left as they are"))
+        errors.append(
+            PacsRequestError(
+                "occupied",
+                f"{occupied} instance paths hold something fedimg did not write (a link or a folder); left as they are",
+            )
+        )
     missing = [ref for ref in refs if states[ref.sop_uid] == MISSING]
     if not missing:
         return
@@ -280,8 +314,10 @@ def _pull_series(client: PacsClient, store: InstanceStore, study_uid: str, serie
     def deliver(study: str, series: str, sop: str, data: bytes) -> None:
         if study != study_uid or series != series_uid or sop not in expected:
             outcome.unexpected += 1
-            raise PacsRequestError("unexpected_instance", "the PACS sent an instance that was not asked for "
-                                                          "(another study or series, or a repeat); not stored")
+            raise PacsRequestError(
+                "unexpected_instance",
+                "the PACS sent an instance that was not asked for (another study or series, or a repeat); not stored",
+            )
         expected.discard(sop)  # a second copy is refused
         if store.write(study, series, sop, data):
             outcome.fetched += 1

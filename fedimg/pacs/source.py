@@ -18,8 +18,15 @@ from urllib.parse import urlsplit
 
 from fedimg.pacs.errors import PacsError
 
-__all__ = ["AUTH_SCHEMES", "CREDENTIALS_ENV", "DicomWebSource", "DimseSource", "HttpAuth", "load_auth",
-           "parse_host_port"]
+__all__ = [
+    "AUTH_SCHEMES",
+    "CREDENTIALS_ENV",
+    "DicomWebSource",
+    "DimseSource",
+    "HttpAuth",
+    "load_auth",
+    "parse_host_port",
+]
 
 CREDENTIALS_ENV = "FEDIMG_PACS_CREDENTIALS"
 AUTH_SCHEMES = ("basic", "bearer")
@@ -83,25 +90,31 @@ def load_auth(scheme: str, path: str | None = None, env: str = CREDENTIALS_ENV) 
         try:
             st = os.stat(p)
         except OSError:
-            raise PacsError(f"{origin} does not exist or cannot be examined: expected an owner-only file holding "
-                            f"{fmt}") from None
+            raise PacsError(
+                f"{origin} does not exist or cannot be examined: expected an owner-only file holding {fmt}"
+            ) from None
         if not stat.S_ISREG(st.st_mode):
             raise PacsError(f"{origin} is not a regular file: expected an owner-only file holding {fmt}")
         mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
-            raise PacsError(f"{origin} has mode {mode:04o}, readable or writable by group or others: expected "
-                            f"owner-only permissions; fix with: chmod 600 {p}")
+            raise PacsError(
+                f"{origin} has mode {mode:04o}, readable or writable by group or others: expected "
+                f"owner-only permissions; fix with: chmod 600 {p}"
+            )
         try:
             secret = p.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise PacsError(f"{origin} cannot be read ({type(exc).__name__}): expected a UTF-8 file holding "
-                            f"{fmt}") from None
+            raise PacsError(
+                f"{origin} cannot be read ({type(exc).__name__}): expected a UTF-8 file holding {fmt}"
+            ) from None
     else:
         origin = f"environment variable {env}"
         secret = os.environ.get(env, "").strip()
         if not secret:
-            raise PacsError(f"--auth {scheme} needs a credential: expected --credentials-file FILE (owner-only, "
-                            f"holding {fmt}) or the environment variable {env}, found neither")
+            raise PacsError(
+                f"--auth {scheme} needs a credential: expected --credentials-file FILE (owner-only, "
+                f"holding {fmt}) or the environment variable {env}, found neither"
+            )
     if not secret:
         raise PacsError(f"{origin} is empty: expected {fmt}")
     if "\n" in secret or "\r" in secret:
@@ -130,17 +143,25 @@ class DicomWebSource:
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise PacsError(f"--from dicomweb expects the service's http(s) URL, e.g. https://pacs.example.org/"
-                            f"dicom-web; got {self.url!r}")
+            raise PacsError(
+                f"--from dicomweb expects the service's http(s) URL, e.g. https://pacs.example.org/"
+                f"dicom-web; got {self.url!r}"
+            )
         if parts.username or parts.password:
-            raise PacsError("--from dicomweb: the URL holds credentials (user:password@): expected them in "
-                            f"--credentials-file FILE or ${CREDENTIALS_ENV}, never on the command line")
+            raise PacsError(
+                "--from dicomweb: the URL holds credentials (user:password@): expected them in "
+                f"--credentials-file FILE or ${CREDENTIALS_ENV}, never on the command line"
+            )
         if parts.query or parts.fragment:
-            raise PacsError("--from dicomweb: expected the service root URL without '?' or '#' parts; got "
-                            f"{self.describe()!r} with them")
+            raise PacsError(
+                "--from dicomweb: expected the service root URL without '?' or '#' parts; got "
+                f"{self.describe()!r} with them"
+            )
         if self.auth is not None and parts.scheme == "http" and not _is_loopback(parts.hostname):
-            raise PacsError(f"--auth over plain http to {parts.hostname} would send the credential unencrypted: "
-                            "expected an https URL (or a loopback address)")
+            raise PacsError(
+                f"--auth over plain http to {parts.hostname} would send the credential unencrypted: "
+                "expected an https URL (or a loopback address)"
+            )
         if self.ca_bundle is not None and not Path(self.ca_bundle).is_file():
             raise PacsError(f"--ca-bundle {self.ca_bundle} is not a file: expected a PEM file of CA certificates")
         if self.ca_bundle is not None and parts.scheme != "https":
@@ -154,10 +175,11 @@ class DicomWebSource:
 
 
 def _check_ae_title(value: str, option: str) -> None:
-    if not value.strip() or len(value) > AE_TITLE_MAX_LEN or any(not (" " <= ch <= "~") or ch == "\\"
-                                                                  for ch in value):
-        raise PacsError(f"{option} expects an AE title of 1 to {AE_TITLE_MAX_LEN} printable ASCII characters "
-                        f"without '\\', got {value!r}")
+    if not value.strip() or len(value) > AE_TITLE_MAX_LEN or any(not (" " <= ch <= "~") or ch == "\\" for ch in value):
+        raise PacsError(
+            f"{option} expects an AE title of 1 to {AE_TITLE_MAX_LEN} printable ASCII characters "
+            f"without '\\', got {value!r}"
+        )
 
 
 @dataclass(frozen=True)

@@ -62,14 +62,18 @@ class InstanceStore:
         """
         for name, value in (("Study", study_uid), ("Series", series_uid), ("SOP", sop_uid)):
             if not is_uid(value):
-                raise PacsRequestError("bad_uid", f"the PACS sent a {name} Instance UID that is not a UID "
-                                                  "(digits and dots, at most 64 characters); not stored")
+                raise PacsRequestError(
+                    "bad_uid",
+                    f"the PACS sent a {name} Instance UID that is not a UID "
+                    "(digits and dots, at most 64 characters); not stored",
+                )
         try:
             # Resolved inside the root: a link planted in place of a study or series folder is refused.
             folder = child_path(self.root, study_folder(study_uid), series_folder(series_uid), what="pull folder")
         except UnsafePathError:
-            raise PacsRequestError("occupied", "a study or series folder of the output is a link leading out of "
-                                               "it; nothing written there") from None
+            raise PacsRequestError(
+                "occupied", "a study or series folder of the output is a link leading out of it; nothing written there"
+            ) from None
         return folder / f"{sop_uid}.dcm"
 
     def state(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -95,8 +99,10 @@ class InstanceStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}pull.", suffix=".tmp", dir=target.parent)
         except OSError as exc:
-            raise PacsRequestError("write_failed", f"cannot create a file under the output folder "
-                                                   f"({type(exc).__name__}: {exc.strerror or 'error'})") from None
+            raise PacsRequestError(
+                "write_failed",
+                f"cannot create a file under the output folder ({type(exc).__name__}: {exc.strerror or 'error'})",
+            ) from None
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -116,7 +122,9 @@ class InstanceStore:
                 os.replace(tmp, target)
             return True
         except OSError as exc:
-            raise PacsRequestError("write_failed", f"cannot write an instance under the output folder "
-                                                   f"({type(exc).__name__}: {exc.strerror or 'error'})") from None
+            raise PacsRequestError(
+                "write_failed",
+                f"cannot write an instance under the output folder ({type(exc).__name__}: {exc.strerror or 'error'})",
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)

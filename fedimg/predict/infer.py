@@ -53,8 +53,9 @@ class Segmentation:
         return [float(counts[c]) * voxel_ml for c in range(1, n_classes + 1)]
 
 
-def resample_labels(labels: np.ndarray, from_affine: np.ndarray, shape: tuple[int, ...],
-                    to_affine: np.ndarray) -> np.ndarray:
+def resample_labels(
+    labels: np.ndarray, from_affine: np.ndarray, shape: tuple[int, ...], to_affine: np.ndarray
+) -> np.ndarray:
     """Nearest-neighbour resampling of a label map from one grid to another (same world space).
 
     Each output voxel takes the value of the input voxel its centre falls
@@ -69,14 +70,28 @@ def resample_labels(labels: np.ndarray, from_affine: np.ndarray, shape: tuple[in
     from scipy import ndimage
 
     m = np.linalg.inv(from_affine) @ to_affine  # output voxel -> input voxel
-    out = ndimage.affine_transform(labels.astype(np.uint8), m[:3, :3], offset=m[:3, 3], output_shape=tuple(shape),
-                                   order=0, mode="constant", cval=0, prefilter=False)
+    out = ndimage.affine_transform(
+        labels.astype(np.uint8),
+        m[:3, :3],
+        offset=m[:3, 3],
+        output_shape=tuple(shape),
+        order=0,
+        mode="constant",
+        cval=0,
+        prefilter=False,
+    )
     return out.astype(np.uint8)
 
 
 @torch.no_grad()
-def segment(model: torch.nn.Module, exp: ExperimentConfig, spec: PreprocessSpec, image: np.ndarray,
-            affine: np.ndarray, rt: Runtime) -> Segmentation:
+def segment(
+    model: torch.nn.Module,
+    exp: ExperimentConfig,
+    spec: PreprocessSpec,
+    image: np.ndarray,
+    affine: np.ndarray,
+    rt: Runtime,
+) -> Segmentation:
     """Segment one volume given on its acquisition grid; the result lies on the same grid.
 
     Args:
@@ -96,8 +111,13 @@ def segment(model: torch.nn.Module, exp: ExperimentConfig, spec: PreprocessSpec,
     pred = remove_small_components(pred, exp.task.num_classes, exp.task.min_component_voxels)
     spec_labels = pred[0, 0].detach().cpu().numpy().astype(np.uint8)
     labels = resample_labels(spec_labels, spec_affine, image.shape, affine)
-    return Segmentation(labels=labels, affine=np.asarray(affine, dtype=np.float64), image=image,
-                        spec_labels=spec_labels, spec_affine=spec_affine)
+    return Segmentation(
+        labels=labels,
+        affine=np.asarray(affine, dtype=np.float64),
+        image=image,
+        spec_labels=spec_labels,
+        spec_affine=spec_affine,
+    )
 
 
 @torch.no_grad()

@@ -96,17 +96,21 @@ def find_inputs(src: Path, spec: PreprocessSpec) -> Inputs:
     from fedimg.preprocess.plan import select_series
 
     if not src.exists():
-        raise PreprocessInputError("SRC does not exist: expected a DICOM study folder, a PACS export or NIfTI "
-                                   "images; check the SRC argument")
+        raise PreprocessInputError(
+            "SRC does not exist: expected a DICOM study folder, a PACS export or NIfTI images; check the SRC argument"
+        )
     if src.is_file():
         if not re.search(NIFTI_REGEX, src.name):
-            raise PreprocessInputError("SRC is a file that is not a NIfTI image (.nii, .nii.gz): expected a folder "
-                                       "of DICOM files or NIfTI images, or one NIfTI file")
+            raise PreprocessInputError(
+                "SRC is a file that is not a NIfTI image (.nii, .nii.gz): expected a folder "
+                "of DICOM files or NIfTI images, or one NIfTI file"
+            )
         return Inputs(studies=_nifti_inputs([(src, src.name)], spec), files=1)
     with quiet_dicom():
         index = scan(src, claim=[NIFTI_REGEX, CSV_REGEX])
-    rows: dict[str, ManifestRow] = {p.rel: ManifestRow(p.rel, "refused", p.reason.value, p.detail)
-                                    for p in index.problems}
+    rows: dict[str, ManifestRow] = {
+        p.rel: ManifestRow(p.rel, "refused", p.reason.value, p.detail) for p in index.problems
+    }
     image_headers = []
     for h in index.headers:
         if h.is_non_image:
@@ -144,8 +148,10 @@ def find_inputs(src: Path, spec: PreprocessSpec) -> Inputs:
         if re.search(CSV_REGEX, p.name):
             rows[rel] = ManifestRow(rel, "skipped", Reason.LABEL_SHEET.value, "")
     if not studies and not index.headers:
-        raise PreprocessInputError(f"no DICOM files or NIfTI images in SRC: found {index.n_files} file(s), none of "
-                                   "them DICOM or NIfTI; expected a DICOM study folder, a PACS export or NIfTI images")
+        raise PreprocessInputError(
+            f"no DICOM files or NIfTI images in SRC: found {index.n_files} file(s), none of "
+            "them DICOM or NIfTI; expected a DICOM study folder, a PACS export or NIfTI images"
+        )
     skipped = Counter(f"{r.status}:{r.reason}" for r in rows.values())
     return Inputs(studies=studies, files=index.n_files, skipped=skipped)
 
@@ -157,15 +163,28 @@ def _dicom_inputs(study: Any) -> list[StudyInput]:
     candidate = study.images[0]
     group, geo = candidate.group, candidate.geometry
     h = group.first
-    item = StudyInput(kind="dicom", rel=h.folder, study_uid=study.uid, series_uid=group.series_uid,
-                      accession=h.accession_number, group=group, geometry=geo, files=len(group.headers))
+    item = StudyInput(
+        kind="dicom",
+        rel=h.folder,
+        study_uid=study.uid,
+        series_uid=group.series_uid,
+        accession=h.accession_number,
+        group=group,
+        geometry=geo,
+        files=len(group.headers),
+    )
     if len(study.images) > 1:
-        item.refusal = (Reason.AMBIGUOUS_IMAGE_SERIES,
-                        f"{len(study.images)} candidate image series in one study; narrow "
-                        "series.image_description_regex in the spec")
+        item.refusal = (
+            Reason.AMBIGUOUS_IMAGE_SERIES,
+            f"{len(study.images)} candidate image series in one study; narrow "
+            "series.image_description_regex in the spec",
+        )
     elif candidate.irregular is not None:
-        item.refusal = (candidate.irregular, "irregular slice geometry: predict writes onto the acquisition grid, which "
-                                      "is not a regular grid here (preprocessing resampled such series)")
+        item.refusal = (
+            candidate.irregular,
+            "irregular slice geometry: predict writes onto the acquisition grid, which "
+            "is not a regular grid here (preprocessing resampled such series)",
+        )
     return [item]
 
 
@@ -179,15 +198,26 @@ def _refused_study(headers: list[Any], rows: dict[str, Any]) -> list[StudyInput]
             except ValueError:
                 continue
             n = sum(1 for x in headers if x.series_uid == h.series_uid)
-            return [StudyInput(kind="dicom", rel=h.folder, study_uid=h.study_uid, series_uid=h.series_uid,
-                               accession=h.accession_number, refusal=(reason, row.detail), files=n)]
+            return [
+                StudyInput(
+                    kind="dicom",
+                    rel=h.folder,
+                    study_uid=h.study_uid,
+                    series_uid=h.series_uid,
+                    accession=h.accession_number,
+                    refusal=(reason, row.detail),
+                    files=n,
+                )
+            ]
     return []
 
 
 def _nifti_inputs(files: list[tuple[Path, str]], spec: PreprocessSpec) -> list[StudyInput]:
     if files and spec.spatial_dims == 2:
-        raise PreprocessInputError("SRC holds NIfTI images, but the package's spec is 2D: a 2D spec needs the "
-                                   "DICOM pixel spacing; pass the DICOM images")
+        raise PreprocessInputError(
+            "SRC holds NIfTI images, but the package's spec is 2D: a 2D spec needs the "
+            "DICOM pixel spacing; pass the DICOM images"
+        )
     return [StudyInput(kind="nifti", rel=rel, path=p) for p, rel in sorted(files, key=lambda x: x[1])]
 
 

@@ -11,16 +11,24 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from fedimg.preprocess.io import TMP_PREFIX
 
 #: Class colours (RGB 0..1), class 1 first: distinguishable and colour-blind friendly (Okabe-Ito).
-COLOURS = [(0.90, 0.62, 0.0), (0.34, 0.71, 0.91), (0.0, 0.62, 0.45), (0.94, 0.89, 0.26),
-           (0.0, 0.45, 0.70), (0.84, 0.37, 0.0), (0.80, 0.47, 0.65)]
+COLOURS = [
+    (0.90, 0.62, 0.0),
+    (0.34, 0.71, 0.91),
+    (0.0, 0.62, 0.45),
+    (0.94, 0.89, 0.26),
+    (0.0, 0.45, 0.70),
+    (0.84, 0.37, 0.0),
+    (0.80, 0.47, 0.65),
+]
 MAX_TILES = 12
 
 
@@ -43,8 +51,9 @@ def pick_slices(labels: np.ndarray, limit: int = MAX_TILES) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(lo, hi, count)})
 
 
-def montage(image: np.ndarray, labels: np.ndarray, n_classes: int, ks: list[int], columns: int = 4,
-            gap: int = 4) -> np.ndarray:
+def montage(
+    image: np.ndarray, labels: np.ndarray, n_classes: int, ks: list[int], columns: int = 4, gap: int = 4
+) -> np.ndarray:
     """The chosen slices side by side as one RGB array (float, 0..1), classes blended in their colours.
 
     Args:
@@ -69,12 +78,20 @@ def montage(image: np.ndarray, labels: np.ndarray, n_classes: int, ks: list[int]
     out = np.ones((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), dtype=np.float32)
     for n, tile in enumerate(tiles):
         r, c = divmod(n, cols)
-        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
+        out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
     return out
 
 
-def overlay_montage(path: Path, image: np.ndarray, labels: np.ndarray, class_names: list[str],
-                    volumes_ml: list[float], title: str, modality: str, ct_window: Sequence[float]) -> None:
+def overlay_montage(
+    path: Path,
+    image: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    volumes_ml: list[float],
+    title: str,
+    modality: str,
+    ct_window: Sequence[float],
+) -> None:
     """Write the overlay montage PNG atomically: slices, their numbers, a legend with each class's volume."""
     import matplotlib
 
@@ -97,12 +114,27 @@ def overlay_montage(path: Path, image: np.ndarray, labels: np.ndarray, class_nam
     cols = min(4, len(ks))
     for n, k in enumerate(ks):
         r, c = divmod(n, cols)
-        ax.text(c * (w + 4) + 2, r * (h + 4) + 2, f"{k + 1}/{labels.shape[2]}", color="white", fontsize=7,
-                va="top", ha="left")
-    handles = [Patch(color=COLOURS[i % len(COLOURS)], label=f"{name}: {volumes_ml[i]:.1f} ml")
-               for i, name in enumerate(class_names)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=9, frameon=False,
-               bbox_to_anchor=(0.5, 0.0))
+        ax.text(
+            c * (w + 4) + 2,
+            r * (h + 4) + 2,
+            f"{k + 1}/{labels.shape[2]}",
+            color="white",
+            fontsize=7,
+            va="top",
+            ha="left",
+        )
+    handles = [
+        Patch(color=COLOURS[i % len(COLOURS)], label=f"{name}: {volumes_ml[i]:.1f} ml")
+        for i, name in enumerate(class_names)
+    ]
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(4, len(handles)),
+        fontsize=9,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.0),
+    )
     fig.text(0.5, 1 - 0.05 / total, title, fontsize=10, ha="center", va="top")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": "fedimg"})

@@ -101,9 +101,11 @@ class PredictResult:
 
     def table(self) -> str:
         """A console summary: per study its id and result (no identifiers without --keep-identifiers)."""
-        lines = [f"predict: {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'} found in "
-                 f"{self.files} file(s): {self.predicted} predicted, {len(self.studies) - self.predicted} refused "
-                 f"({self.device}{', AMP' if self.amp else ''}, {self.seconds:.0f} s)"]
+        lines = [
+            f"predict: {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'} found in "
+            f"{self.files} file(s): {self.predicted} predicted, {len(self.studies) - self.predicted} refused "
+            f"({self.device}{', AMP' if self.amp else ''}, {self.seconds:.0f} s)"
+        ]
         if self.skipped:
             lines.append("  files not used: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))
         for s in self.studies:
@@ -115,14 +117,26 @@ class PredictResult:
             else:
                 probs = "  ".join(f"p({c}) {v:.3f}" for c, v in s.probabilities.items())
                 lines.append(f"  {s.study_id}  {s.predicted_class}  {probs}")
-        lines.append(f"  outputs: {self.dst} (predictions.csv, summary.json"
-                     + (", one folder per study)" if self.task == "segmentation" else ")"))
+        lines.append(
+            f"  outputs: {self.dst} (predictions.csv, summary.json"
+            + (", one folder per study)" if self.task == "segmentation" else ")")
+        )
         return "\n".join(lines)
 
 
-def predict(package: str | Path | ModelPackage, src: str | Path, dst: str | Path, pseudonymizer: Any | None = None,
-            keep_identifiers: bool = False, crosswalk: str | Path | None = None, device: str = "auto",
-            amp: bool = True, seg: bool = True, png: bool = True, progress: bool = True) -> PredictResult:
+def predict(
+    package: str | Path | ModelPackage,
+    src: str | Path,
+    dst: str | Path,
+    pseudonymizer: Any | None = None,
+    keep_identifiers: bool = False,
+    crosswalk: str | Path | None = None,
+    device: str = "auto",
+    amp: bool = True,
+    seg: bool = True,
+    png: bool = True,
+    progress: bool = True,
+) -> PredictResult:
     """Apply a model package to every study under ``src``; write the outputs into ``dst``.
 
     Args:
@@ -152,9 +166,11 @@ def predict(package: str | Path | ModelPackage, src: str | Path, dst: str | Path
     pkg = package if isinstance(package, ModelPackage) else load_package(package)
     spec = pkg.require_spec()
     if pseudonymizer is None and not keep_identifiers:
-        raise DeidError("predictions are de-identified by default and need this site's secret: expected "
-                        "--secret-file PATH or the environment variable FEDIMG_SECRET_FILE, found neither; pass "
-                        "the secret the site preprocesses with, or --keep-identifiers for identified outputs")
+        raise DeidError(
+            "predictions are de-identified by default and need this site's secret: expected "
+            "--secret-file PATH or the environment variable FEDIMG_SECRET_FILE, found neither; pass "
+            "the secret the site preprocesses with, or --keep-identifiers for identified outputs"
+        )
     src, dst = Path(src), Path(dst)
     precheck(dst, "predict", src=src)
     if crosswalk is not None:
@@ -178,9 +194,18 @@ def predict(package: str | Path | ModelPackage, src: str | Path, dst: str | Path
                 results.append(_predict_study(item, sid, pkg, model, rt, out, pseudonymizer, seg, png))
             except RefusedError as exc:
                 results.append(StudyResult(sid, "refused", exc.reason.value, exc.detail))
-        res = PredictResult(dst=str(out.path), task=pkg.task, class_names=pkg.class_names, studies=results,
-                            files=inputs.files, skipped=dict(inputs.skipped), deidentified=pseudonymizer is not None,
-                            device=str(rt.device), amp=rt.amp, seconds=0.0)
+        res = PredictResult(
+            dst=str(out.path),
+            task=pkg.task,
+            class_names=pkg.class_names,
+            studies=results,
+            files=inputs.files,
+            skipped=dict(inputs.skipped),
+            deidentified=pseudonymizer is not None,
+            device=str(rt.device),
+            amp=rt.amp,
+            seconds=0.0,
+        )
         _write_tables(out.path, res, inputs.studies, pseudonymizer, keep_identifiers)
         res.seconds = time.perf_counter() - t0
         _write_summary(out.path, res, pkg)
@@ -231,8 +256,17 @@ def _load_image(item: StudyInput) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
-def _predict_study(item: StudyInput, sid: str, pkg: ModelPackage, model: Any, rt: Any, out: Any,
-                   pseudonymizer: Any | None, want_seg: bool, want_png: bool) -> StudyResult:
+def _predict_study(
+    item: StudyInput,
+    sid: str,
+    pkg: ModelPackage,
+    model: Any,
+    rt: Any,
+    out: Any,
+    pseudonymizer: Any | None,
+    want_seg: bool,
+    want_png: bool,
+) -> StudyResult:
     from fedimg.dicom.quiet import quiet_dicom
 
     spec = pkg.require_spec()
@@ -261,22 +295,40 @@ def _predict_study(item: StudyInput, sid: str, pkg: ModelPackage, model: Any, rt
     out.record([table_rel])
     from fedimg.predict.report import overlay_montage, write_csv
 
-    write_csv(out.path / table_rel, ["class", "label_value", "voxels", "volume_ml"],
-              [[n, i + 1, int(counts[i + 1]), volumes[i]] for i, n in enumerate(names)])
+    write_csv(
+        out.path / table_rel,
+        ["class", "label_value", "voxels", "volume_ml"],
+        [[n, i + 1, int(counts[i + 1]), volumes[i]] for i, n in enumerate(names)],
+    )
     res.outputs.append(table_rel)
     if want_png:
         png_rel = f"{sid}/overlay.png"
         out.record([png_rel])
-        overlay_montage(out.path / png_rel, seg.image, seg.labels, names, volumes, f"{sid} ({pkg.experiment.name})",
-                        spec.modality, spec.intensity.ct_window)
+        overlay_montage(
+            out.path / png_rel,
+            seg.image,
+            seg.labels,
+            names,
+            volumes,
+            f"{sid} ({pkg.experiment.name})",
+            spec.modality,
+            spec.intensity.ct_window,
+        )
         res.outputs.append(png_rel)
     if item.kind == "dicom" and want_seg:
         res.seg = _write_seg(item, sid, pkg, seg.labels, out, pseudonymizer, res)
     return res
 
 
-def _write_seg(item: StudyInput, sid: str, pkg: ModelPackage, labels: np.ndarray, out: Any,
-               pseudonymizer: Any | None, res: StudyResult) -> str:
+def _write_seg(
+    item: StudyInput,
+    sid: str,
+    pkg: ModelPackage,
+    labels: np.ndarray,
+    out: Any,
+    pseudonymizer: Any | None,
+    res: StudyResult,
+) -> str:
     """Write the study's DICOM SEG; returns "written" or why not (PHI-free)."""
     import pydicom
     from pydicom.uid import generate_uid
@@ -294,19 +346,34 @@ def _write_seg(item: StudyInput, sid: str, pkg: ModelPackage, labels: np.ndarray
         if pseudonymizer is not None:
             from fedimg.dicom.deid import deidentify
 
-            datasets = [deidentify(ds, pseudonymizer, covariates=spec.deid.covariates,
-                                   descriptor_allowlist=spec.deid.keep_descriptors,
-                                   private_allowlist=[tuple(x) for x in spec.deid.private_allowlist])
-                        for ds in datasets]
+            datasets = [
+                deidentify(
+                    ds,
+                    pseudonymizer,
+                    covariates=spec.deid.covariates,
+                    descriptor_allowlist=spec.deid.keep_descriptors,
+                    private_allowlist=[tuple(x) for x in spec.deid.private_allowlist],
+                )
+                for ds in datasets
+            ]
             series_uid = pseudonymizer.uid(f"fedimg-predict-seg-series|{sha}|{item.series_uid}")
             sop_uid = pseudonymizer.uid(f"fedimg-predict-seg-instance|{sha}|{item.series_uid}")
         else:
             series_uid = generate_uid(entropy_srcs=["fedimg-predict-seg-series", sha, item.series_uid])
             sop_uid = generate_uid(entropy_srcs=["fedimg-predict-seg-instance", sha, item.series_uid])
         try:
-            obj = build_seg(datasets, item.group, item.geometry, labels,  # type: ignore[arg-type]
-                            pkg.class_names, series_uid, sop_uid, pkg.experiment.name,
-                            str(pkg.meta.get("fedimg_version", "")), sha[:16])
+            obj = build_seg(
+                datasets,
+                item.group,
+                item.geometry,
+                labels,  # type: ignore[arg-type]
+                pkg.class_names,
+                series_uid,
+                sop_uid,
+                pkg.experiment.name,
+                str(pkg.meta.get("fedimg_version", "")),
+                sha[:16],
+            )
         except Exception as exc:  # noqa: BLE001 - highdicom refuses some sources; the message may quote values
             logger.warning("study %s: DICOM SEG not written (%s)", sid, type(exc).__name__)
             return f"not written: highdicom refused the source ({type(exc).__name__})"
@@ -333,12 +400,17 @@ def _classify_study(item: StudyInput, sid: str, pkg: ModelPackage, model: Any, r
             prepared, _, _ = apply_spec(spec, image, affine)
     probs = classify(model, pkg.experiment, prepared, rt)
     names = pkg.class_names
-    return StudyResult(sid, "predicted", probabilities={n: float(p) for n, p in zip(names, probs)},
-                       predicted_class=names[int(np.argmax(probs))])
+    return StudyResult(
+        sid,
+        "predicted",
+        probabilities={n: float(p) for n, p in zip(names, probs)},
+        predicted_class=names[int(np.argmax(probs))],
+    )
 
 
-def _write_tables(dst: Path, res: PredictResult, items: list[StudyInput], pseudonymizer: Any | None,
-                  keep: bool) -> None:
+def _write_tables(
+    dst: Path, res: PredictResult, items: list[StudyInput], pseudonymizer: Any | None, keep: bool
+) -> None:
     from fedimg.predict.report import write_csv
 
     names = res.class_names
@@ -367,13 +439,20 @@ def _write_tables(dst: Path, res: PredictResult, items: list[StudyInput], pseudo
 def _write_summary(dst: Path, res: PredictResult, pkg: ModelPackage) -> None:
     chosen = pkg.chosen_on
     summary = {
-        "package": {"path": str(pkg.path), "experiment": pkg.experiment.name,
-                    "sha256": (pkg.meta.get("weights") or {}).get("sha256"),
-                    "fedimg_version": pkg.meta.get("fedimg_version"), "created": pkg.meta.get("created"),
-                    "chosen_on": {k: chosen.get(k) for k in ("metric", "value", "cases")}},
+        "package": {
+            "path": str(pkg.path),
+            "experiment": pkg.experiment.name,
+            "sha256": (pkg.meta.get("weights") or {}).get("sha256"),
+            "fedimg_version": pkg.meta.get("fedimg_version"),
+            "created": pkg.meta.get("created"),
+            "chosen_on": {k: chosen.get(k) for k in ("metric", "value", "cases")},
+        },
         "spec": pkg.spec.name if pkg.spec else None,
-        "deidentification": ("keyed pseudonyms (site secret); SEG from de-identified source copies"
-                             if res.deidentified else "none: --keep-identifiers"),
+        "deidentification": (
+            "keyed pseudonyms (site secret); SEG from de-identified source copies"
+            if res.deidentified
+            else "none: --keep-identifiers"
+        ),
         **{k: v for k, v in asdict(res).items() if k != "dst"},
     }
     write_json(dst / "summary.json", summary)
@@ -382,9 +461,19 @@ def _write_summary(dst: Path, res: PredictResult, pkg: ModelPackage) -> None:
 def _write_crosswalk(path: Path, items: list[StudyInput], pseudonymizer: Any | None) -> None:
     from fedimg.preprocess.io import write_jsonl
 
-    write_jsonl(path, ({"study_id": it.study_id(pseudonymizer), "input": it.rel,
-                        "study_instance_uid": it.study_uid, "series_instance_uid": it.series_uid,
-                        "accession_number": it.accession} for it in items))
+    write_jsonl(
+        path,
+        (
+            {
+                "study_id": it.study_id(pseudonymizer),
+                "input": it.rel,
+                "study_instance_uid": it.study_uid,
+                "series_instance_uid": it.series_uid,
+                "accession_number": it.accession,
+            }
+            for it in items
+        ),
+    )
     os.chmod(path, 0o600)
 
 

@@ -55,9 +55,18 @@ def _codes(name: str) -> tuple[Any, Any]:
     return codes.SCT.Tissue, codes.SCT.Tissue
 
 
-def build_seg(datasets: list[Any], group: SeriesGroup, geometry: Any, labels: np.ndarray,
-              class_names: list[str], series_uid: str, sop_uid: str, algorithm: str, version: str,
-              serial: str) -> Any:
+def build_seg(
+    datasets: list[Any],
+    group: SeriesGroup,
+    geometry: Any,
+    labels: np.ndarray,
+    class_names: list[str],
+    series_uid: str,
+    sop_uid: str,
+    algorithm: str,
+    version: str,
+    serial: str,
+) -> Any:
     """A highdicom Segmentation of ``labels`` referencing ``datasets``.
 
     Args:
@@ -77,11 +86,18 @@ def build_seg(datasets: list[Any], group: SeriesGroup, geometry: Any, labels: np
     descriptions = []
     for i, name in enumerate(class_names, start=1):
         category, kind = _codes(name)
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=i, segment_label=name[:64], segmented_property_category=category,
-            segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name=f"fedimg {algorithm}"[:64], version=version[:64], family=codes.DCM.ArtificialIntelligence)))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=i,
+                segment_label=name[:64],
+                segmented_property_category=category,
+                segmented_property_type=kind,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=hd.AlgorithmIdentificationSequence(
+                    name=f"fedimg {algorithm}"[:64], version=version[:64], family=codes.DCM.ArtificialIntelligence
+                ),
+            )
+        )
     frames = np.transpose(labels, (2, 1, 0)).astype(np.uint8)  # (k, row, column)
     multi = len(group.headers) == 1 and (group.first.frames or group.first.number_of_frames > 1)
     if multi:
@@ -95,12 +111,22 @@ def build_seg(datasets: list[Any], group: SeriesGroup, geometry: Any, labels: np
         pixel = frames
         sources = [datasets[i] for i in geometry.order]
     return hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixel, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=series_uid, series_number=9901,
-        sop_instance_uid=sop_uid, instance_number=1, manufacturer="fedimg",
-        manufacturer_model_name=f"fedimg predict {algorithm}"[:64], software_versions=version[:64],
-        device_serial_number=serial[:64], series_description=f"fedimg {algorithm}"[:64],
-        content_label="FEDIMG", content_description="fedimg predict"[:64])
+        source_images=sources,
+        pixel_array=pixel,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid,
+        series_number=9901,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer="fedimg",
+        manufacturer_model_name=f"fedimg predict {algorithm}"[:64],
+        software_versions=version[:64],
+        device_serial_number=serial[:64],
+        series_description=f"fedimg {algorithm}"[:64],
+        content_label="FEDIMG",
+        content_description="fedimg predict"[:64],
+    )
 
 
 def write_seg(path: Path, seg: Any, deidentified: bool) -> None:
@@ -111,8 +137,10 @@ def write_seg(path: Path, seg: Any, deidentified: bool) -> None:
 
     if deidentified:
         seg.PatientIdentityRemoved = "YES"
-        seg.DeidentificationMethod = ["fedimg predict: from de-identified source copies",
-                                      "fedimg keyed HMAC-SHA256 pseudonyms"]  # LO: 64 characters each
+        seg.DeidentificationMethod = [
+            "fedimg predict: from de-identified source copies",
+            "fedimg keyed HMAC-SHA256 pseudonyms",
+        ]  # LO: 64 characters each
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     try:

@@ -10,9 +10,9 @@ training reads it exactly like a site's own preprocessed data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -33,8 +33,9 @@ class SiteShare:
     positive: float
 
 
-def non_iid_split(labels: np.ndarray, shares: Sequence[SiteShare], rng: np.random.Generator,
-                  total: int | None = None) -> list[np.ndarray]:
+def non_iid_split(
+    labels: np.ndarray, shares: Sequence[SiteShare], rng: np.random.Generator, total: int | None = None
+) -> list[np.ndarray]:
     """Indices of the cases of each site, with the requested sizes and class balance.
 
     The largest total that the available cases of each class allow is used
@@ -69,15 +70,22 @@ def non_iid_split(labels: np.ndarray, shares: Sequence[SiteShare], rng: np.rando
         n_p = int(round(n_site * p))
         n_p = min(n_p, len(idx_pos) - ip)
         n_n = min(n_site - n_p, len(idx_neg) - ineg)
-        site = np.concatenate([idx_pos[ip:ip + n_p], idx_neg[ineg:ineg + n_n]])
+        site = np.concatenate([idx_pos[ip : ip + n_p], idx_neg[ineg : ineg + n_n]])
         ip, ineg = ip + n_p, ineg + n_n
         out.append(np.sort(site))
     return out
 
 
-def write_array_site(out_dir: Path, site: str, name: str, class_names: Sequence[str],
-                     train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                     spacing: float = 1.0, prefix: str = "case") -> dict:
+def write_array_site(
+    out_dir: Path,
+    site: str,
+    name: str,
+    class_names: Sequence[str],
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    spacing: float = 1.0,
+    prefix: str = "case",
+) -> dict:
     """Write one site: images as NIfTI in [0, 1], and a classification ``datalist.json``.
 
     Args:
@@ -96,8 +104,13 @@ def write_array_site(out_dir: Path, site: str, name: str, class_names: Sequence[
     out_dir = Path(out_dir)
     dims = train[0].ndim - 1
     affine = np.diag([spacing] * 3 + [1.0])
-    datalist = Datalist(name=name, site=site, task="classification", spatial_dims=dims,
-                        labels={str(i): c for i, c in enumerate(class_names)})
+    datalist = Datalist(
+        name=name,
+        site=site,
+        task="classification",
+        spatial_dims=dims,
+        labels={str(i): c for i, c in enumerate(class_names)},
+    )
     for split, (images, labels) in (("training", train), ("validation", val)):
         for i, (img, lab) in enumerate(zip(images, np.asarray(labels).reshape(-1))):
             case = f"{prefix}-{split[:3]}-{i:05d}"
@@ -108,8 +121,11 @@ def write_array_site(out_dir: Path, site: str, name: str, class_names: Sequence[
             write_nifti(out_dir / rel, arr, affine)
             datalist.split_items(split).append(DatalistItem(image=rel, case_id=case, label=int(lab)))
     datalist.write(out_dir / "datalist.json")
-    summary = {"site": site, "source": name,
-               "training": {c: int((np.asarray(train[1]).reshape(-1) == i).sum()) for i, c in enumerate(class_names)},
-               "validation": {c: int((np.asarray(val[1]).reshape(-1) == i).sum()) for i, c in enumerate(class_names)}}
+    summary = {
+        "site": site,
+        "source": name,
+        "training": {c: int((np.asarray(train[1]).reshape(-1) == i).sum()) for i, c in enumerate(class_names)},
+        "validation": {c: int((np.asarray(val[1]).reshape(-1) == i).sum()) for i, c in enumerate(class_names)},
+    }
     write_json(out_dir / "summary.json", summary)
     return summary

@@ -89,9 +89,15 @@ class CaseRecord:
 
     def state_entry(self) -> dict[str, Any]:
         """What the state file keeps of the case for the next run."""
-        return {"inputs": self.inputs, "image": self.image, "label": self.label if isinstance(self.label, str) else None,
-                "shape": list(self.shape), "spacing": list(self.spacing), "label_counts": self.label_counts,
-                "correction": self.correction}
+        return {
+            "inputs": self.inputs,
+            "image": self.image,
+            "label": self.label if isinstance(self.label, str) else None,
+            "shape": list(self.shape),
+            "spacing": list(self.spacing),
+            "label_counts": self.label_counts,
+            "correction": self.correction,
+        }
 
 
 @dataclass(frozen=True)
@@ -138,22 +144,33 @@ def convert_case(study: StudyPlan, ctx: CaseContext, rows: dict[str, ManifestRow
     """The study's case (reused or converted), or None when it is refused (rows say why)."""
     if len(study.images) > 1:
         for image in study.images:
-            mark(rows, image.group.rels, REFUSED, Reason.AMBIGUOUS_IMAGE_SERIES,
-                 f"{len(study.images)} candidate image series in one study; narrow series.image_description_regex "
-                 "in the spec")
+            mark(
+                rows,
+                image.group.rels,
+                REFUSED,
+                Reason.AMBIGUOUS_IMAGE_SERIES,
+                f"{len(study.images)} candidate image series in one study; narrow series.image_description_regex "
+                "in the spec",
+            )
         mark(rows, study.label_rels, REFUSED, Reason.IMAGE_REFUSED, "its study has no single image series")
         return None
     image = study.images[0]
     group, spec = image.group, ctx.spec
-    case_id = (ctx.pseudonymizer.case(study.uid, group.series_uid) if ctx.pseudonymizer is not None
-               else case_id_for(study.uid, group.series_uid))
+    case_id = (
+        ctx.pseudonymizer.case(study.uid, group.series_uid)
+        if ctx.pseudonymizer is not None
+        else case_id_for(study.uid, group.series_uid)
+    )
     label = None if spec.is_classification else choose_label(study, image, rows, ctx.geo_kwargs)
     label_files = label.files if label is not None else []
 
     def refuse_all(reason: Reason, detail: str) -> None:
         mark(rows, group.rels, REFUSED, reason, detail, case_id=case_id)
-        label_reason = reason if reason in (Reason.LABEL_GEOMETRY_MISMATCH, Reason.LABEL_VALUES_UNEXPECTED,
-                                            Reason.BURNED_IN_ANNOTATION) else Reason.IMAGE_REFUSED
+        label_reason = (
+            reason
+            if reason in (Reason.LABEL_GEOMETRY_MISMATCH, Reason.LABEL_VALUES_UNEXPECTED, Reason.BURNED_IN_ANNOTATION)
+            else Reason.IMAGE_REFUSED
+        )
         mark(rows, [rel for rel, _ in label_files], REFUSED, label_reason, detail, case_id=case_id)
 
     refusal = _refusal(study, image, label, ctx)
@@ -161,10 +178,16 @@ def convert_case(study: StudyPlan, ctx: CaseContext, rows: dict[str, ManifestRow
         refuse_all(*refusal)
         return None
     class_label = study.cls.index if spec.is_classification and study.cls is not None else None
-    rec = CaseRecord(case_id=case_id, image="", label=None, shape=(), spacing=(),
-                     patient_key=patient_key(group.first.patient_id, case_id, ctx.pseudonymizer),
-                     order_key=case_id_for(study.uid, group.series_uid),
-                     inputs=inputs_fingerprint(image.files + label_files, ctx.pseudonymizer))
+    rec = CaseRecord(
+        case_id=case_id,
+        image="",
+        label=None,
+        shape=(),
+        spacing=(),
+        patient_key=patient_key(group.first.patient_id, case_id, ctx.pseudonymizer),
+        order_key=case_id_for(study.uid, group.series_uid),
+        inputs=inputs_fingerprint(image.files + label_files, ctx.pseudonymizer),
+    )
     try:
         rec = reuse_case(rec, ctx, label is not None) or convert_new_case(rec, image, label, ctx)
     except RefusedError as exc:
@@ -172,15 +195,26 @@ def convert_case(study: StudyPlan, ctx: CaseContext, rows: dict[str, ManifestRow
         return None
     if spec.is_classification:
         rec.label = class_label
-    mark(rows, group.rels, CONVERTED, "", "", output=rec.image, case_id=case_id, role="image",
-         correction=rec.correction)
-    mark(rows, [rel for rel, _ in label_files], CONVERTED, "", "", output=rec.label, case_id=case_id, role="label",
-         correction=rec.correction)
+    mark(
+        rows, group.rels, CONVERTED, "", "", output=rec.image, case_id=case_id, role="image", correction=rec.correction
+    )
+    mark(
+        rows,
+        [rel for rel, _ in label_files],
+        CONVERTED,
+        "",
+        "",
+        output=rec.label,
+        case_id=case_id,
+        role="label",
+        correction=rec.correction,
+    )
     return rec
 
 
-def _refusal(study: StudyPlan, image: ImageCandidate, label: LabelSource | None,
-             ctx: CaseContext) -> tuple[Reason, str] | None:
+def _refusal(
+    study: StudyPlan, image: ImageCandidate, label: LabelSource | None, ctx: CaseContext
+) -> tuple[Reason, str] | None:
     """Why the study cannot become a case before any pixel is read (None: it can)."""
     spec = ctx.spec
     if ctx.pseudonymizer is not None:
@@ -211,8 +245,12 @@ def reuse_case(rec: CaseRecord, ctx: CaseContext, with_label: bool) -> CaseRecor
     """
     entry = ctx.previous.get(rec.case_id)
     image_rel, label_rel = f"images/{rec.case_id}.nii.gz", f"labels/{rec.case_id}.nii.gz"
-    if not entry or entry.get("inputs") != rec.inputs or entry.get("image") != image_rel \
-            or not (ctx.dst / image_rel).is_file():
+    if (
+        not entry
+        or entry.get("inputs") != rec.inputs
+        or entry.get("image") != image_rel
+        or not (ctx.dst / image_rel).is_file()
+    ):
         return None
     if with_label != (entry.get("label") is not None):
         return None
@@ -227,8 +265,7 @@ def reuse_case(rec: CaseRecord, ctx: CaseContext, with_label: bool) -> CaseRecor
     return rec
 
 
-def convert_new_case(rec: CaseRecord, image: ImageCandidate, label: LabelSource | None,
-                     ctx: CaseContext) -> CaseRecord:
+def convert_new_case(rec: CaseRecord, image: ImageCandidate, label: LabelSource | None, ctx: CaseContext) -> CaseRecord:
     """Decode, resample and normalize the study; write its outputs.
 
     Raises:
@@ -249,12 +286,13 @@ def convert_new_case(rec: CaseRecord, image: ImageCandidate, label: LabelSource 
         write_nifti(ctx.dst / str(rec.label), label_arr.astype(np.uint8), affine)
         rec.label_counts = {name: int((label_arr == i + 1).sum()) for i, name in enumerate(spec.labels.classes)}
     rec.shape = tuple(int(s) for s in image_arr.shape)
-    rec.spacing = tuple(float(v) for v in np.sqrt((affine[:3, :image_arr.ndim] ** 2).sum(axis=0)))
+    rec.spacing = tuple(float(v) for v in np.sqrt((affine[:3, : image_arr.ndim] ** 2).sum(axis=0)))
     return rec
 
 
-def _volume_and_label(image: ImageCandidate, label: LabelSource | None,
-                      ctx: CaseContext) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, str | None]:
+def _volume_and_label(
+    image: ImageCandidate, label: LabelSource | None, ctx: CaseContext
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, str | None]:
     """A 3D case on the spec's grid: (image, label 0..N or None, affine, correction)."""
     correction: str | None = None
     scale = (1.0, 0.0)
@@ -276,5 +314,14 @@ def _volume_and_label(image: ImageCandidate, label: LabelSource | None,
     return image_arr, label_arr, out_affine, correction
 
 
-__all__ = ["NO_PATIENT_ID", "CaseContext", "CaseRecord", "case_id_for", "convert_case", "convert_new_case",
-           "convert_study", "patient_key", "reuse_case"]
+__all__ = [
+    "NO_PATIENT_ID",
+    "CaseContext",
+    "CaseRecord",
+    "case_id_for",
+    "convert_case",
+    "convert_new_case",
+    "convert_study",
+    "patient_key",
+    "reuse_case",
+]

@@ -17,9 +17,10 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -116,20 +117,28 @@ def write_volume(path: Path, vol: Volume) -> None:
     write_nifti(path, vol.data, vol.affine)
 
 
-def _run(tasks: list[tuple[SeriesGroup, SeriesGeometry, str]], workers: int,
-         progress: bool) -> Iterator[tuple[str, str, str]]:
+def _run(
+    tasks: list[tuple[SeriesGroup, SeriesGeometry, str]], workers: int, progress: bool
+) -> Iterator[tuple[str, str, str]]:
     if workers <= 1 or len(tasks) <= 1:
         for t in tqdm(tasks, desc="convert", unit="series", disable=not progress):
             yield _convert_one(t)
         return
     with worker_pool(workers) as pool:
-        yield from tqdm(pool.map(_convert_one, tasks), total=len(tasks), desc="convert", unit="series",
-                        disable=not progress)
+        yield from tqdm(
+            pool.map(_convert_one, tasks), total=len(tasks), desc="convert", unit="series", disable=not progress
+        )
 
 
 @quiet_dicom_call
-def convert(src: str | Path, dst: str | Path, geometry: GeometrySpec | None = None, workers: int | None = None,
-            progress: bool = True, compress: bool = True) -> ConvertResult:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    geometry: GeometrySpec | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    compress: bool = True,
+) -> ConvertResult:
     """Convert every series under ``src`` into ``dst/series/*.nii.gz`` (``*.nii`` without compression).
 
     ``dst`` must be new, empty, or an earlier ``convert`` output (see
@@ -162,8 +171,9 @@ def _read_state(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
 
-def _convert(scanned: Any, out: OutputDir, geometry: GeometrySpec, workers: int, progress: bool,
-             compress: bool) -> ConvertResult:
+def _convert(
+    scanned: Any, out: OutputDir, geometry: GeometrySpec, workers: int, progress: bool, compress: bool
+) -> ConvertResult:
     dst = out.path
     rows = scanned.rows
     state_path = dst / STATE_FILE
@@ -177,14 +187,21 @@ def _convert(scanned: Any, out: OutputDir, geometry: GeometrySpec, workers: int,
     reused = 0
     for g in groups:
         try:
-            geo = series_geometry(g, min_slices=geometry.min_slices, spacing_tolerance=geometry.spacing_tolerance,
-                                  orientation_tolerance=geometry.orientation_tolerance)
+            geo = series_geometry(
+                g,
+                min_slices=geometry.min_slices,
+                spacing_tolerance=geometry.spacing_tolerance,
+                orientation_tolerance=geometry.orientation_tolerance,
+            )
         except RefusedError as exc:
             if geometry.irregular == "resample" and exc.reason in RESAMPLABLE:
                 resample_groups.append((g, exc.reason))
                 continue
-            extra = (f" (series split into {per_series[g.series_uid]} groups by orientation/matrix/echo)"
-                     if per_series[g.series_uid] > 1 else "")
+            extra = (
+                f" (series split into {per_series[g.series_uid]} groups by orientation/matrix/echo)"
+                if per_series[g.series_uid] > 1
+                else ""
+            )
             mark(rows, g.rels, REFUSED, exc.reason, exc.detail + extra, series_uid=g.series_uid)
             continue
         name = f"series/{series_output_name(g, compress)}"
@@ -229,5 +246,10 @@ def _convert(scanned: Any, out: OutputDir, geometry: GeometrySpec, workers: int,
     # only files fedimg's records (the previous state, the journal) say it wrote.
     out.prune(set(old_state) | out.journaled(), keep=valid)
     out.clear_journal()
-    return ConvertResult(src_files=len(scanned.files), summary=summary, outputs=sorted(valid), reused=reused,
-                         manifest=str(dst / "manifest.jsonl"))
+    return ConvertResult(
+        src_files=len(scanned.files),
+        summary=summary,
+        outputs=sorted(valid),
+        reused=reused,
+        manifest=str(dst / "manifest.jsonl"),
+    )

@@ -24,8 +24,9 @@ from fedimg.preprocess.outdir import OutputDir
 from fedimg.safepath import UnsafePathError, child_path, uid_component
 
 
-def write_deidentified(ordered: list[ManifestRow], root: Path, copies: OutputDir, pseudonymizer: Any,
-                       spec: PreprocessSpec) -> None:
+def write_deidentified(
+    ordered: list[ManifestRow], root: Path, copies: OutputDir, pseudonymizer: Any, spec: PreprocessSpec
+) -> None:
     """Write a de-identified copy of every converted DICOM file, case by case (see the module docstring)."""
     import pydicom
 
@@ -52,19 +53,30 @@ def write_deidentified(ordered: list[ManifestRow], root: Path, copies: OutputDir
         _copy_case(case_id, case_rows, datasets, copies, pseudonymizer, spec)
 
 
-def _copy_case(case_id: str, case_rows: list[ManifestRow], datasets: list[tuple[ManifestRow, Any]],
-               copies: OutputDir, pseudonymizer: Any, spec: PreprocessSpec) -> None:
+def _copy_case(
+    case_id: str,
+    case_rows: list[ManifestRow],
+    datasets: list[tuple[ManifestRow, Any]],
+    copies: OutputDir,
+    pseudonymizer: Any,
+    spec: PreprocessSpec,
+) -> None:
     from fedimg.dicom.deid import deidentify
 
     cleaned = []
     try:
         for r, ds in datasets:
-            clean = deidentify(ds, pseudonymizer, covariates=spec.deid.covariates,
-                               descriptor_allowlist=spec.deid.keep_descriptors,
-                               private_allowlist=[tuple(x) for x in spec.deid.private_allowlist])
+            clean = deidentify(
+                ds,
+                pseudonymizer,
+                covariates=spec.deid.covariates,
+                descriptor_allowlist=spec.deid.keep_descriptors,
+                private_allowlist=[tuple(x) for x in spec.deid.private_allowlist],
+            )
             name = uid_component(str(clean.SOPInstanceUID), "(0008,0018) SOP Instance UID of a copy") + ".dcm"
-            cleaned.append((child_path(copies.path, case_id, r.role or "image", name, what="--write-dicom name"),
-                            clean))
+            cleaned.append(
+                (child_path(copies.path, case_id, r.role or "image", name, what="--write-dicom name"), clean)
+            )
     except UnsafePathError as exc:
         for r in case_rows:
             r.detail = f"{Reason.UNSAFE_NAME.value}: not copied to --write-dicom ({exc})"

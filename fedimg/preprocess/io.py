@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import nibabel as nib
 import numpy as np
-
 
 TMP_PREFIX = ".fedimg-tmp-"
 
@@ -27,8 +27,7 @@ def _tmp_beside(path: Path) -> Path:
     return Path(name)
 
 
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray,
-                scale: tuple[float, float] | None = None) -> None:
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, scale: tuple[float, float] | None = None) -> None:
     """Write a NIfTI volume atomically, with PHI-free header text fields.
 
     ``descrip``, ``aux_file``, ``intent_name`` and ``db_name`` are cleared: nibabel

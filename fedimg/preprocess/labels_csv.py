@@ -107,8 +107,10 @@ def read_labels_csv(path: str | Path, labels: LabelSpec) -> LabelSheet:
             found), or gives one key two different classes.
     """
     key_col, label_col = labels.key_column, labels.csv_label_column.strip()
-    expected = (f"expected a CSV with a header row naming the columns {key_col!r} (the study key, "
-                f"{labels.key_tag}; labels.csv_key_column) and {label_col!r} (the class; labels.csv_label_column)")
+    expected = (
+        f"expected a CSV with a header row naming the columns {key_col!r} (the study key, "
+        f"{labels.key_tag}; labels.csv_key_column) and {label_col!r} (the class; labels.csv_label_column)"
+    )
     p = Path(path)
     if not p.is_file():
         raise LabelsCsvError(f"the --labels-csv file does not exist or is not a file; {expected}")
@@ -125,8 +127,10 @@ def read_labels_csv(path: str | Path, labels: LabelSpec) -> LabelSheet:
                 hint = ""
                 if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
                     hint = "; the file seems to use another separator than ',': save it comma-separated"
-                raise LabelsCsvError(f"the --labels-csv file lacks the column(s) {missing}; {expected}; found "
-                                     f"columns: {_columns_text(header)}{hint}")
+                raise LabelsCsvError(
+                    f"the --labels-csv file lacks the column(s) {missing}; {expected}; found "
+                    f"columns: {_columns_text(header)}{hint}"
+                )
             sheet = LabelSheet(key_column=header[ki], label_column=header[li], key_tag=labels.key_tag)
             first_row: dict[str, int] = {}
             for line_no, row in enumerate(reader, start=2):
@@ -142,14 +146,17 @@ def read_labels_csv(path: str | Path, labels: LabelSpec) -> LabelSheet:
                 if key in sheet.labels and sheet.labels[key] != value:
                     raise LabelsCsvError(
                         f"the --labels-csv file gives one study key two different classes (lines "
-                        f"{first_row[key]} and {line_no}); keep one row per study")
+                        f"{first_row[key]} and {line_no}); keep one row per study"
+                    )
                 sheet.labels.setdefault(key, value)
                 first_row.setdefault(key, line_no)
     except LabelsCsvError:
         raise
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise LabelsCsvError(f"the --labels-csv file cannot be read ({type(exc).__name__}); expected a "
-                             f"readable UTF-8 CSV file; {expected}") from None
+        raise LabelsCsvError(
+            f"the --labels-csv file cannot be read ({type(exc).__name__}); expected a "
+            f"readable UTF-8 CSV file; {expected}"
+        ) from None
     return sheet
 
 

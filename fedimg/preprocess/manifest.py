@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fedimg.dicom.reasons import Reason
 from fedimg.safepath import printable_path
@@ -44,8 +45,9 @@ class ManifestRow:
         return row
 
 
-def mark(rows: dict[str, ManifestRow], rels: Iterable[str], status: str, reason: Reason | str, detail: str,
-         **extra: Any) -> None:
+def mark(
+    rows: dict[str, ManifestRow], rels: Iterable[str], status: str, reason: Reason | str, detail: str, **extra: Any
+) -> None:
     """Record the same fate for several files."""
     for rel in rels:
         rows[rel] = ManifestRow(rel, status, str(reason), detail, **extra)
@@ -87,8 +89,10 @@ def summarize(rows: Iterable[dict[str, Any] | ManifestRow]) -> dict[str, Any]:
 def render_table(summary: dict[str, Any], title: str) -> str:
     """A human-readable account of a manifest."""
     c = summary["counts"]
-    lines = [f"{title}: {summary['inputs']} input files -> {c[CONVERTED]} converted, {c[REFUSED]} refused, "
-             f"{c[SKIPPED]} skipped ({summary['outputs']} output volume(s))"]
+    lines = [
+        f"{title}: {summary['inputs']} input files -> {c[CONVERTED]} converted, {c[REFUSED]} refused, "
+        f"{c[SKIPPED]} skipped ({summary['outputs']} output volume(s))"
+    ]
     if summary["reasons"]:
         lines.append(f"  {'status':<9} {'reason':<26} {'files':>6}  what to do")
         for key, n in summary["reasons"].items():

@@ -36,9 +36,9 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from fedimg.errors import UserError
 from fedimg.preprocess.io import TMP_PREFIX
@@ -80,16 +80,22 @@ def check_separate(src: str | Path, dst: str | Path, src_name: str = "SRC", dst_
     """
     s, d = _resolved(Path(src)), _resolved(Path(dst))
     if s == d:
-        raise OutputDirError(f"{dst_name} is the same folder as {src_name}: expected a separate output folder, so "
-                             f"that the raw input is never written to; choose a {dst_name} outside {src_name}")
+        raise OutputDirError(
+            f"{dst_name} is the same folder as {src_name}: expected a separate output folder, so "
+            f"that the raw input is never written to; choose a {dst_name} outside {src_name}"
+        )
     if _is_within(d, s):
-        raise OutputDirError(f"{dst_name} lies inside {src_name}: expected an output folder outside the input "
-                             f"(outputs would be read back as input on the next run); choose a {dst_name} outside "
-                             f"{src_name}")
+        raise OutputDirError(
+            f"{dst_name} lies inside {src_name}: expected an output folder outside the input "
+            f"(outputs would be read back as input on the next run); choose a {dst_name} outside "
+            f"{src_name}"
+        )
     if _is_within(s, d):
-        raise OutputDirError(f"{dst_name} contains {src_name}: expected an output folder that does not hold the "
-                             f"raw input (pruning or re-runs would touch it); choose a {dst_name} beside, not "
-                             f"above, {src_name}")
+        raise OutputDirError(
+            f"{dst_name} contains {src_name}: expected an output folder that does not hold the "
+            f"raw input (pruning or re-runs would touch it); choose a {dst_name} beside, not "
+            f"above, {src_name}"
+        )
 
 
 def _describe_entries(folder: Path, limit: int = 5) -> str:
@@ -109,8 +115,18 @@ def read_marker(folder: Path) -> dict | None:
 
 
 def _write_marker(folder: Path, kind: str) -> None:
-    payload = json.dumps({"kind": kind, "version": MARKER_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                          "written_by": "fedimg"}, indent=1) + "\n"
+    payload = (
+        json.dumps(
+            {
+                "kind": kind,
+                "version": MARKER_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "written_by": "fedimg",
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     try:
         # O_EXCL: written once, never replaced, so the lock taken on it stays on the same file.
         fd = os.open(folder / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -174,7 +190,7 @@ class OutputDir:
     def remove_temp_files(self) -> int:
         """Delete the temporary files of killed runs (``.fedimg-tmp-*``); returns how many."""
         n = 0
-        for dirpath, dirnames, filenames in os.walk(self.path, followlinks=False):
+        for dirpath, _dirnames, filenames in os.walk(self.path, followlinks=False):
             for name in filenames:
                 if name.startswith(TMP_PREFIX):
                     try:
@@ -243,8 +259,9 @@ def precheck(dst: str | Path, kind: str, src: str | Path | None = None, what: st
     if src is not None:
         check_separate(src, folder, dst_name=what)
     if folder.exists() and not folder.is_dir():
-        raise OutputDirError(f"{what} {folder} is a file: expected a folder (new or empty) for the outputs; "
-                             "choose another path")
+        raise OutputDirError(
+            f"{what} {folder} is a file: expected a folder (new or empty) for the outputs; choose another path"
+        )
     if not folder.is_dir() or not any(os.scandir(folder)):
         return
     marker = read_marker(folder)
@@ -255,11 +272,13 @@ def precheck(dst: str | Path, kind: str, src: str | Path | None = None, what: st
         raise OutputDirError(
             f"{what} {folder} is not empty and was not made by fedimg {kind} (no {MARKER}): it holds "
             f"{_describe_entries(folder)}; fedimg never writes into a folder it did not make: choose a new "
-            f"or empty {what}")
+            f"or empty {what}"
+        )
     if marker["kind"] != kind:
         raise OutputDirError(
             f"{what} {folder} holds the outputs of fedimg {marker['kind']}, not of fedimg {kind}: expected a "
-            f"new or empty folder, or one an earlier fedimg {kind} wrote; choose another {what}")
+            f"new or empty folder, or one an earlier fedimg {kind} wrote; choose another {what}"
+        )
 
 
 def claim(dst: str | Path, kind: str, src: str | Path | None = None, what: str = "DST") -> OutputDir:
@@ -290,12 +309,24 @@ def claim(dst: str | Path, kind: str, src: str | Path | None = None, what: str =
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise OutputDirError(
                 f"{what} {folder} is in use by another fedimg {kind} run (its lock is held): expected one run per "
-                "output folder; wait for the other run to end, or choose another folder") from None
+                "output folder; wait for the other run to end, or choose another folder"
+            ) from None
         raise
     out = OutputDir(path=folder, kind=kind, _fd=fd)
     out.remove_temp_files()
     return out
 
 
-__all__ = ["JOURNAL", "KINDS", "MARKER", "OutputDir", "OutputDirError", "announce", "check_separate", "claim", "precheck",
-           "read_journal", "read_marker"]
+__all__ = [
+    "JOURNAL",
+    "KINDS",
+    "MARKER",
+    "OutputDir",
+    "OutputDirError",
+    "announce",
+    "check_separate",
+    "claim",
+    "precheck",
+    "read_journal",
+    "read_marker",
+]

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fedimg import config as cfgmod
 from fedimg.config import PreprocessSpec
@@ -45,9 +46,11 @@ def check_crosswalk(path: Path, src: Path, dst: Path, keys: frozenset[str] = CRO
             Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
         except ValueError:
             continue
-        raise OutputDirError(f"--crosswalk lies inside {name}: expected a site-private file outside SRC and DST "
-                             "(DST is what is shared or read next); choose a path elsewhere, e.g. beside the site "
-                             "secret")
+        raise OutputDirError(
+            f"--crosswalk lies inside {name}: expected a site-private file outside SRC and DST "
+            "(DST is what is shared or read next); choose a path elsewhere, e.g. beside the site "
+            "secret"
+        )
     if path.exists():
         first = b""
         if path.is_file():
@@ -58,9 +61,11 @@ def check_crosswalk(path: Path, src: Path, dst: Path, keys: frozenset[str] = CRO
         except (ValueError, TypeError):
             ok = False
         if not ok:
-            raise OutputDirError("--crosswalk names an existing file that is not a fedimg crosswalk: expected a new "
-                                 "path (or the crosswalk of an earlier run, which is replaced); fedimg never "
-                                 "overwrites a file it did not write: choose another path")
+            raise OutputDirError(
+                "--crosswalk names an existing file that is not a fedimg crosswalk: expected a new "
+                "path (or the crosswalk of an earlier run, which is replaced); fedimg never "
+                "overwrites a file it did not write: choose another path"
+            )
 
 
 def class_map(spec: PreprocessSpec) -> dict[str, str]:
@@ -72,26 +77,31 @@ def class_map(spec: PreprocessSpec) -> dict[str, str]:
 
 def write_datalist(dst: Path, spec: PreprocessSpec, site: str, cases: Iterable[CaseRecord]) -> Path:
     """``datalist.json``: every case under its split (with its fold when the spec has folds)."""
-    datalist = Datalist(name=spec.name, site=site, task=spec.task, spatial_dims=spec.spatial_dims,
-                        labels=class_map(spec), folds=spec.split.folds)
+    datalist = Datalist(
+        name=spec.name,
+        site=site,
+        task=spec.task,
+        spatial_dims=spec.spatial_dims,
+        labels=class_map(spec),
+        folds=spec.split.folds,
+    )
     for c in cases:
-        datalist.split_items(c.split).append(DatalistItem(image=c.image, case_id=c.case_id, label=c.label,
-                                                          fold=c.fold))
+        datalist.split_items(c.split).append(DatalistItem(image=c.image, case_id=c.case_id, label=c.label, fold=c.fold))
     path = dst / "datalist.json"
     datalist.write(path)
     return path
 
 
-def write_manifest(dst: Path, rows: list[ManifestRow], pseudonymizer: Any | None,
-                   crosswalk: str | Path | None) -> Path:
+def write_manifest(dst: Path, rows: list[ManifestRow], pseudonymizer: Any | None, crosswalk: str | Path | None) -> Path:
     """``manifest.jsonl``; under de-identification with keyed path hashes (and the crosswalk, if asked)."""
     if pseudonymizer is not None:
         # Paths of a PACS export spell out names and accession numbers: the manifest gets keyed
         # hashes; a crosswalk back to the paths is kept only where the site asks, owner-only.
         if crosswalk is not None:
             cw = Path(crosswalk)
-            write_jsonl(cw, ({"input_hash": pseudonymizer.path_hash(r.input), "input": printable_path(r.input)}
-                             for r in rows))
+            write_jsonl(
+                cw, ({"input_hash": pseudonymizer.path_hash(r.input), "input": printable_path(r.input)} for r in rows)
+            )
             os.chmod(cw, 0o600)
         for r in rows:
             r.input = pseudonymizer.path_hash(r.input)
@@ -106,11 +116,15 @@ def deid_account(spec: PreprocessSpec, pseudonymizer: Any | None, crosswalk: str
         return {"case_ids": "unkeyed hashes (no site secret given)", "manifest_inputs": "relative paths"}
     from fedimg.dicom.deid import ENGINE, TABLE_EDITION
 
-    return {"profile": f"{TABLE_EDITION} Basic Profile, Retain Longitudinal Temporal Information with Modified "
-                       "Dates, Clean Descriptors (allow-list)",
-            "engine": ENGINE, "covariates": list(spec.deid.covariates),
-            "case_ids": "HMAC-SHA256 pseudonyms (site secret)", "manifest_inputs": "HMAC-SHA256 path hashes",
-            "crosswalk": "kept at the site (owner-only)" if crosswalk is not None else "not kept"}
+    return {
+        "profile": f"{TABLE_EDITION} Basic Profile, Retain Longitudinal Temporal Information with Modified "
+        "Dates, Clean Descriptors (allow-list)",
+        "engine": ENGINE,
+        "covariates": list(spec.deid.covariates),
+        "case_ids": "HMAC-SHA256 pseudonyms (site secret)",
+        "manifest_inputs": "HMAC-SHA256 path hashes",
+        "crosswalk": "kept at the site (owner-only)" if crosswalk is not None else "not kept",
+    }
 
 
 def write_summary(dst: Path, result: Any, cases: list[CaseRecord], deid: dict[str, Any]) -> None:
@@ -123,8 +137,9 @@ def save_spec(dst: Path, spec: PreprocessSpec) -> None:
     cfgmod.save(spec, dst / "spec.yaml")
 
 
-def save_state_and_prune(out: OutputDir, previous: PreprocessState, cases: list[CaseRecord],
-                         assignment: Assignment) -> int:
+def save_state_and_prune(
+    out: OutputDir, previous: PreprocessState, cases: list[CaseRecord], assignment: Assignment
+) -> int:
     """Record the current cases for the next run, and remove outputs no current case refers to.
 
     Only files fedimg's records say it wrote are removed: the outputs of the
@@ -134,19 +149,35 @@ def save_state_and_prune(out: OutputDir, previous: PreprocessState, cases: list[
     Returns:
         The number of cases of the previous run that are no longer cases.
     """
-    state = PreprocessState(spec_sha256=previous.spec_sha256, deid_key=previous.deid_key,
-                            cases={c.case_id: c.state_entry() for c in cases},
-                            splits={**previous.splits, **{c.case_id: c.split for c in cases}},
-                            patients={**previous.patients, **assignment.patient_splits},
-                            folds={**previous.folds, **assignment.patient_folds})
+    state = PreprocessState(
+        spec_sha256=previous.spec_sha256,
+        deid_key=previous.deid_key,
+        cases={c.case_id: c.state_entry() for c in cases},
+        splits={**previous.splits, **{c.case_id: c.split for c in cases}},
+        patients={**previous.patients, **assignment.patient_splits},
+        folds={**previous.folds, **assignment.patient_folds},
+    )
     save_state(out.path, state)
     keep = {c.image for c in cases} | {c.label for c in cases if isinstance(c.label, str)}
-    written = {str(v) for entry in previous.cases.values() for k, v in entry.items()
-               if k in ("image", "label") and isinstance(v, str)}
+    written = {
+        str(v)
+        for entry in previous.cases.values()
+        for k, v in entry.items()
+        if k in ("image", "label") and isinstance(v, str)
+    }
     out.prune(written | out.journaled(), keep=keep)
     out.clear_journal()
     return len(set(previous.cases) - {c.case_id for c in cases})
 
 
-__all__ = ["CROSSWALK_KEYS", "check_crosswalk", "class_map", "deid_account", "save_spec", "save_state_and_prune",
-           "write_datalist", "write_manifest", "write_summary"]
+__all__ = [
+    "CROSSWALK_KEYS",
+    "check_crosswalk",
+    "class_map",
+    "deid_account",
+    "save_spec",
+    "save_state_and_prune",
+    "write_datalist",
+    "write_manifest",
+    "write_summary",
+]

@@ -36,7 +36,7 @@ from fedimg.config import PreprocessSpec
 from fedimg.dicom.quiet import quiet_dicom_call
 from fedimg.preprocess.cases import NO_PATIENT_ID, CaseContext, CaseRecord, case_id_for, convert_study
 from fedimg.preprocess.copies import write_deidentified
-from fedimg.preprocess.labels_csv import LabelSheet, LabelsCsvError, read_labels_csv
+from fedimg.preprocess.labels_csv import LabelsCsvError, LabelSheet, read_labels_csv
 from fedimg.preprocess.manifest import ManifestRow, finalize, render_table, summarize
 from fedimg.preprocess.outdir import OutputDir, check_separate, claim, precheck
 from fedimg.preprocess.outputs import (
@@ -95,42 +95,57 @@ class PreprocessResult:
     def problem(self) -> str | None:
         """Why this run's output cannot train a model (no case, or no validation case); None when usable."""
         if not self.cases:
-            return (f"site {self.site}: no case was converted ({self.src_files} input files); the manifest says why "
-                    "for each file: fedimg manifest DST")
+            return (
+                f"site {self.site}: no case was converted ({self.src_files} input files); the manifest says why "
+                "for each file: fedimg manifest DST"
+            )
         if not any(c.split == "validation" for c in self.cases):
-            return (f"site {self.site}: {len(self.cases)} case(s), none of them for validation (a site needs at "
-                    "least 2 cases to hold one out); add studies, or check the refusals: fedimg manifest DST")
+            return (
+                f"site {self.site}: {len(self.cases)} case(s), none of them for validation (a site needs at "
+                "least 2 cases to hold one out); add studies, or check the refusals: fedimg manifest DST"
+            )
         return None
 
     def table(self) -> str:
         """A human-readable summary: counts, reasons with what to do, cases, paths."""
-        summary = {"inputs": self.src_files, "counts": self.counts, "reasons": self.reasons,
-                   "outputs": self.outputs}
+        summary = {"inputs": self.src_files, "counts": self.counts, "reasons": self.reasons, "outputs": self.outputs}
         lines = [
             render_table(summary, f"site {self.site}"),
             f"  cases: {len(self.cases)} ({sum(c.split == 'training' for c in self.cases)} training, "
             f"{sum(c.split == 'validation' for c in self.cases)} validation"
-            + (f", {sum(c.split == 'test' for c in self.cases)} test" if any(c.split == "test" for c in self.cases)
-               else "")
+            + (
+                f", {sum(c.split == 'test' for c in self.cases)} test"
+                if any(c.split == "test" for c in self.cases)
+                else ""
+            )
             + f"; {self.patients} patient(s), split by patient); "
             f"{self.cases_converted} converted, {self.cases_reused} reused unchanged"
             + (f", {self.cases_removed} removed (inputs gone or refused)" if self.cases_removed else ""),
         ]
         if self.labels_csv is not None:
             lc = self.labels_csv
-            lines.append(f"  labels CSV: {lc['rows']} rows, {lc['rows_matched']} matched a study, "
-                         f"{lc['rows_unmatched']} matched none" +
-                         (f", {lc['rows_without_key']} without a key" if lc["rows_without_key"] else ""))
+            lines.append(
+                f"  labels CSV: {lc['rows']} rows, {lc['rows_matched']} matched a study, "
+                f"{lc['rows_unmatched']} matched none"
+                + (f", {lc['rows_without_key']} without a key" if lc["rows_without_key"] else "")
+            )
         lines += [f"  datalist: {self.datalist}", f"  manifest: {self.manifest}"]
         return "\n".join(lines)
 
 
 @quiet_dicom_call
-def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str,
-               progress: bool = True, workers: int | None = 1,
-               pseudonymizer: Any | None = None, crosswalk: str | Path | None = None,
-               write_dicom: str | Path | None = None,
-               labels_csv: str | Path | None = None) -> PreprocessResult:
+def preprocess(
+    src: str | Path,
+    dst: str | Path,
+    spec: PreprocessSpec,
+    site: str,
+    progress: bool = True,
+    workers: int | None = 1,
+    pseudonymizer: Any | None = None,
+    crosswalk: str | Path | None = None,
+    write_dicom: str | Path | None = None,
+    labels_csv: str | Path | None = None,
+) -> PreprocessResult:
     """Convert and normalize every case under ``src`` into ``dst``.
 
     Re-runs are incremental. Running again into the same ``dst`` with the
@@ -198,19 +213,22 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
     site = cfgmod.validate_site_name(site, "site")
     src, dst = Path(src), Path(dst)
     if pseudonymizer is None and (write_dicom is not None or crosswalk is not None):
-        raise PreprocessInputError("--write-dicom and --crosswalk need de-identification: drop --no-deid and pass "
-                                   "--secret-file PATH")
+        raise PreprocessInputError(
+            "--write-dicom and --crosswalk need de-identification: drop --no-deid and pass --secret-file PATH"
+        )
     sheet: LabelSheet | None = None
     if spec.is_classification:
         if labels_csv is None:
             raise PreprocessInputError(
                 f"spec {spec.name!r} is a classification spec (task: classification): expected --labels-csv FILE "
-                "(the site's CSV of study key and class), found none")
+                "(the site's CSV of study key and class), found none"
+            )
         sheet = read_labels_csv(labels_csv, spec.labels)
     elif labels_csv is not None:
         raise PreprocessInputError(
             f"--labels-csv was given, but spec {spec.name!r} is a segmentation spec whose labels come from mask "
-            "series or NIfTI files; drop --labels-csv, or use a spec with task: classification")
+            "series or NIfTI files; drop --labels-csv, or use a spec with task: classification"
+        )
     # Every output location is checked before any work; DST is claimed (created, locked) only then.
     precheck(dst, "preprocess", src=src)
     if write_dicom is not None:
@@ -219,23 +237,36 @@ def preprocess(src: str | Path, dst: str | Path, spec: PreprocessSpec, site: str
     if crosswalk is not None:
         check_crosswalk(Path(crosswalk), src, dst)
     load_previous(dst, spec, pseudonymizer)  # refuses a DST of another spec or secret, before any work
-    scanned = index_source(src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site,
-                           progress=progress)
+    scanned = index_source(
+        src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site, progress=progress
+    )
     with claim(dst, "preprocess", src=src) as out:
-        return _preprocess_into(out, scanned, src, spec, site, progress, workers, pseudonymizer, crosswalk,
-                                write_dicom, labels_csv, sheet)
+        return _preprocess_into(
+            out, scanned, src, spec, site, progress, workers, pseudonymizer, crosswalk, write_dicom, labels_csv, sheet
+        )
 
 
-def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: PreprocessSpec, site: str,
-                     progress: bool, workers: int | None, pseudonymizer: Any | None, crosswalk: str | Path | None,
-                     write_dicom: str | Path | None, labels_csv: str | Path | None,
-                     sheet: LabelSheet | None) -> PreprocessResult:
+def _preprocess_into(
+    out: OutputDir,
+    scanned: ScanResult,
+    src: Path,
+    spec: PreprocessSpec,
+    site: str,
+    progress: bool,
+    workers: int | None,
+    pseudonymizer: Any | None,
+    crosswalk: str | Path | None,
+    write_dicom: str | Path | None,
+    labels_csv: str | Path | None,
+    sheet: LabelSheet | None,
+) -> PreprocessResult:
     """The stages of :func:`preprocess` after indexing, in a claimed and locked DST."""
     dst = out.path
     previous = load_previous(dst, spec, pseudonymizer)
     studies = _plan(scanned, spec, pseudonymizer, write_dicom is not None, labels_csv, sheet)
-    ctx = CaseContext(spec=spec, dst=dst, pseudonymizer=pseudonymizer, previous=previous.cases,
-                      geo_kwargs=geometry_kwargs(spec))
+    ctx = CaseContext(
+        spec=spec, dst=dst, pseudonymizer=pseudonymizer, previous=previous.cases, geo_kwargs=geometry_kwargs(spec)
+    )
     cases = _convert_all(studies, ctx, scanned.rows, site, workers, progress)
     assignment = _split(cases, spec, previous)
     ordered = finalize(scanned.rows, scanned.files)  # every file accounted for exactly once
@@ -252,14 +283,23 @@ def _preprocess_into(out: OutputDir, scanned: ScanResult, src: Path, spec: Prepr
     return result
 
 
-def _plan(scanned: ScanResult, spec: PreprocessSpec, pseudonymizer: Any | None, copies: bool,
-          labels_csv: str | Path | None, sheet: LabelSheet | None) -> dict[str, StudyPlan]:
+def _plan(
+    scanned: ScanResult,
+    spec: PreprocessSpec,
+    pseudonymizer: Any | None,
+    copies: bool,
+    labels_csv: str | Path | None,
+    sheet: LabelSheet | None,
+) -> dict[str, StudyPlan]:
     """Selection: every study's plan; the files it decides get their manifest rows."""
     rows, index = scanned.rows, scanned.index
     # --write-dicom names each copy by its (0008,0018): a study holding a value that is not a UID is
     # refused whole (neither converted nor copied), never written under a crafted name.
-    unsafe = {h.study_uid for h in scanned.image_headers
-              if copies and pseudonymizer is not None and not is_uid(h.sop_instance_uid)}
+    unsafe = {
+        h.study_uid
+        for h in scanned.image_headers
+        if copies and pseudonymizer is not None and not is_uid(h.sop_instance_uid)
+    }
     studies = select_series(scanned.image_headers, spec, rows, unsafe)
     attach_other_files(index, studies, rows, spec, Path(labels_csv).resolve() if labels_csv is not None else None)
     # A label lost to an unreadable folder or file must not read as "no label, add it".
@@ -272,8 +312,14 @@ def _plan(scanned: ScanResult, spec: PreprocessSpec, pseudonymizer: Any | None, 
     return studies
 
 
-def _convert_all(studies: dict[str, StudyPlan], ctx: CaseContext, rows: dict[str, ManifestRow], site: str,
-                 workers: int | None, progress: bool) -> list[CaseRecord]:
+def _convert_all(
+    studies: dict[str, StudyPlan],
+    ctx: CaseContext,
+    rows: dict[str, ManifestRow],
+    site: str,
+    workers: int | None,
+    progress: bool,
+) -> list[CaseRecord]:
     """Case conversion of every study with an image, in worker processes (one study per task)."""
     tasks = [(study, ctx) for study in studies.values() if study.images]
     cases: list[CaseRecord] = []
@@ -304,28 +350,54 @@ def _split(cases: list[CaseRecord], spec: PreprocessSpec, previous: PreprocessSt
     side."""
     keys = {c.case_id: CaseKey(patient=c.patient_key, order=c.order_key) for c in cases}
     s = spec.split
-    assignment = assign_splits(keys, s.val_fraction, s.seed, test_fraction=s.test_fraction, folds=s.folds,
-                               previous_cases=previous.splits, previous_patients=previous.patients,
-                               previous_folds=previous.folds)
+    assignment = assign_splits(
+        keys,
+        s.val_fraction,
+        s.seed,
+        test_fraction=s.test_fraction,
+        folds=s.folds,
+        previous_cases=previous.splits,
+        previous_patients=previous.patients,
+        previous_folds=previous.folds,
+    )
     for c in cases:
         c.split = assignment.splits[c.case_id]
         c.fold = assignment.folds.get(c.case_id)
     return assignment
 
 
-def _result(site: str, spec: PreprocessSpec, scanned: ScanResult, ordered: list[ManifestRow],
-            cases: list[CaseRecord], removed: int, sheet: LabelSheet | None, dst: Path) -> PreprocessResult:
+def _result(
+    site: str,
+    spec: PreprocessSpec,
+    scanned: ScanResult,
+    ordered: list[ManifestRow],
+    cases: list[CaseRecord],
+    removed: int,
+    sheet: LabelSheet | None,
+    dst: Path,
+) -> PreprocessResult:
     account = summarize(ordered)
     labels_account = None
     if sheet is not None:
         key = "accession_number" if spec.labels.csv_key == "accession" else "study_uid"
-        labels_account = sheet.account({getattr(h, key).strip() for h in scanned.index.headers
-                                        if getattr(h, key).strip()})
+        labels_account = sheet.account(
+            {getattr(h, key).strip() for h in scanned.index.headers if getattr(h, key).strip()}
+        )
     return PreprocessResult(
-        site=site, src_files=len(scanned.files), counts=account["counts"], reasons=account["reasons"],
-        outputs=account["outputs"], cases=cases, datalist=str(dst / "datalist.json"),
-        manifest=str(dst / "manifest.jsonl"), task=spec.task, spatial_dims=spec.spatial_dims,
-        cases_converted=sum(not c.reused for c in cases), cases_reused=sum(c.reused for c in cases),
-        cases_removed=removed, patients=len({c.patient_key for c in cases}),
+        site=site,
+        src_files=len(scanned.files),
+        counts=account["counts"],
+        reasons=account["reasons"],
+        outputs=account["outputs"],
+        cases=cases,
+        datalist=str(dst / "datalist.json"),
+        manifest=str(dst / "manifest.jsonl"),
+        task=spec.task,
+        spatial_dims=spec.spatial_dims,
+        cases_converted=sum(not c.reused for c in cases),
+        cases_reused=sum(c.reused for c in cases),
+        cases_removed=removed,
+        patients=len({c.patient_key for c in cases}),
         cases_without_patient_id=sum(c.patient_key.startswith(NO_PATIENT_ID) for c in cases),
-        labels_csv=labels_account)
+        labels_csv=labels_account,
+    )

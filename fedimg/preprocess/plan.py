@@ -24,7 +24,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -86,8 +86,9 @@ class DicomMask:
         """The mask's files."""
         return [(h.rel, h.path) for h in self.group.headers]
 
-    def load(self, image: ImageCandidate, image_data: np.ndarray,
-             image_affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    def load(
+        self, image: ImageCandidate, image_data: np.ndarray, image_affine: np.ndarray
+    ) -> tuple[np.ndarray, tuple[float, float]]:
         """Stored values on the image grid and their ``(slope, intercept)``."""
         if image.irregular is not None:
             reg = load_regularized(self.group, image.irregular, order=0)
@@ -109,8 +110,9 @@ class DicomSeg:
         """The SEG file."""
         return [(self.header.rel, self.header.path)]
 
-    def load(self, image: ImageCandidate, image_data: np.ndarray,
-             image_affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    def load(
+        self, image: ImageCandidate, image_data: np.ndarray, image_affine: np.ndarray
+    ) -> tuple[np.ndarray, tuple[float, float]]:
         """Its segments on the image grid (through the referenced instances)."""
         geo: SeriesGeometry = image.geometry  # type: ignore[assignment]
         uids = [image.group.headers[i].sop_instance_uid for i in geo.order]
@@ -129,13 +131,14 @@ class NiftiLabel:
         """The NIfTI file."""
         return [(self.rel, self.path)]
 
-    def load(self, image: ImageCandidate, image_data: np.ndarray,
-             image_affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    def load(
+        self, image: ImageCandidate, image_data: np.ndarray, image_affine: np.ndarray
+    ) -> tuple[np.ndarray, tuple[float, float]]:
         """Its values on the image grid (axis permutation and flips only) and its ``(slope, intercept)``."""
         return load_nifti_on_grid(self.path, image.geometry)  # type: ignore[arg-type]
 
 
-LabelSource = Union[DicomMask, DicomSeg, NiftiLabel]
+LabelSource = DicomMask | DicomSeg | NiftiLabel
 
 
 @dataclass
@@ -170,28 +173,38 @@ class StudyPlan:
     @property
     def label_rels(self) -> list[str]:
         """Every label file of the study."""
-        return ([rel for m in self.masks for rel in m.rels] + [h.rel for h in self.segs]
-                + [n.rel for n in self.niftis])
+        return [rel for m in self.masks for rel in m.rels] + [h.rel for h in self.segs] + [n.rel for n in self.niftis]
 
 
 def geometry_kwargs(spec: PreprocessSpec) -> dict[str, Any]:
     """The spec's geometry checks as keyword arguments of :func:`fedimg.dicom.volume.series_geometry`."""
-    return dict(min_slices=spec.geometry.min_slices, spacing_tolerance=spec.geometry.spacing_tolerance,
-                orientation_tolerance=spec.geometry.orientation_tolerance)
+    return dict(
+        min_slices=spec.geometry.min_slices,
+        spacing_tolerance=spec.geometry.spacing_tolerance,
+        orientation_tolerance=spec.geometry.orientation_tolerance,
+    )
 
 
 def _unsafe_uid_detail(headers: list[DicomHeader]) -> str:
     """Why a series of a study with a non-UID (0008,0018) is refused under ``--write-dicom`` (PHI-free)."""
     bad = sum(not is_uid(h.sop_instance_uid) for h in headers)
     if not bad:
-        return ("another series of this study has a (0008,0018) SOP Instance UID that is not a UID; "
-                "--write-dicom copies whole cases, each file named by its UID")
-    return (f"{bad} of {len(headers)} file(s) have a (0008,0018) SOP Instance UID that is not a UID (expected "
-            "digits and dots, at most 64 characters); --write-dicom names each de-identified copy by it")
+        return (
+            "another series of this study has a (0008,0018) SOP Instance UID that is not a UID; "
+            "--write-dicom copies whole cases, each file named by its UID"
+        )
+    return (
+        f"{bad} of {len(headers)} file(s) have a (0008,0018) SOP Instance UID that is not a UID (expected "
+        "digits and dots, at most 64 characters); --write-dicom names each de-identified copy by it"
+    )
 
 
-def select_series(image_headers: list[DicomHeader], spec: PreprocessSpec, rows: dict[str, ManifestRow],
-                  unsafe: set[str] | frozenset[str] = frozenset()) -> dict[str, StudyPlan]:
+def select_series(
+    image_headers: list[DicomHeader],
+    spec: PreprocessSpec,
+    rows: dict[str, ManifestRow],
+    unsafe: set[str] | frozenset[str] = frozenset(),
+) -> dict[str, StudyPlan]:
     """Group image headers into studies and pick each study's candidate image series as the spec says.
 
     Label series (``series.label_description_regex``) and DICOM SEG objects
@@ -210,16 +223,21 @@ def select_series(image_headers: list[DicomHeader], spec: PreprocessSpec, rows: 
         # DICOM SEG objects are labels, read through highdicom, not image series.
         study = studies.setdefault(h.study_uid, StudyPlan(h.study_uid))
         if spec.is_classification:
-            rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.LABEL_NOT_USED.value,
-                                      "a DICOM SEG; a classification spec takes classes from the labels CSV")
+            rows[h.rel] = ManifestRow(
+                h.rel,
+                SKIPPED,
+                Reason.LABEL_NOT_USED.value,
+                "a DICOM SEG; a classification spec takes classes from the labels CSV",
+            )
         elif h.study_uid in unsafe:
             rows[h.rel] = ManifestRow(h.rel, REFUSED, Reason.UNSAFE_NAME.value, _unsafe_uid_detail([h]))
         else:
             study.segs.append(h)
     images = [h for h in image_headers if h.sop_class_uid != SEG_SOP_CLASS]
     groups = group_series(images, spec.geometry.orientation_tolerance)
-    ctx = _Selection(spec, rows, unsafe, Counter(g.series_uid for g in groups),
-                     Counter((h.study_uid, h.series_uid) for h in images))
+    ctx = _Selection(
+        spec, rows, unsafe, Counter(g.series_uid for g in groups), Counter((h.study_uid, h.series_uid) for h in images)
+    )
     for g in groups:
         ctx.place(g, studies.setdefault(g.study_uid, StudyPlan(g.study_uid)))
     return studies
@@ -245,18 +263,34 @@ class _Selection:
         spec, rows = self.spec, self.rows
         if self.label_re.search(g.description):
             if spec.is_classification:
-                mark(rows, g.rels, SKIPPED, Reason.LABEL_NOT_USED, "a label series (series.label_description_regex); "
-                     "a classification spec takes classes from the labels CSV")
+                mark(
+                    rows,
+                    g.rels,
+                    SKIPPED,
+                    Reason.LABEL_NOT_USED,
+                    "a label series (series.label_description_regex); "
+                    "a classification spec takes classes from the labels CSV",
+                )
             elif g.study_uid in self.unsafe:
                 mark(rows, g.rels, REFUSED, Reason.UNSAFE_NAME, _unsafe_uid_detail(g.headers))
             else:
                 study.masks.append(g)
         elif g.modality.upper() not in spec.series.modalities:
-            mark(rows, g.rels, SKIPPED, Reason.MODALITY_NOT_SELECTED,
-                 f"modality {g.modality or '?'}; spec selects {', '.join(spec.series.modalities)}")
+            mark(
+                rows,
+                g.rels,
+                SKIPPED,
+                Reason.MODALITY_NOT_SELECTED,
+                f"modality {g.modality or '?'}; spec selects {', '.join(spec.series.modalities)}",
+            )
         elif self.image_re is not None and not self.image_re.search(g.description):
-            mark(rows, g.rels, SKIPPED, Reason.SERIES_NOT_SELECTED,
-                 "(0008,103E) Series Description does not match series.image_description_regex")
+            mark(
+                rows,
+                g.rels,
+                SKIPPED,
+                Reason.SERIES_NOT_SELECTED,
+                "(0008,103E) Series Description does not match series.image_description_regex",
+            )
         elif g.study_uid in self.unsafe:
             mark(rows, g.rels, REFUSED, Reason.UNSAFE_NAME, _unsafe_uid_detail(g.headers))
         else:
@@ -279,8 +313,13 @@ class _Selection:
             return None
 
 
-def attach_other_files(index: Index, studies: dict[str, StudyPlan], rows: dict[str, ManifestRow],
-                       spec: PreprocessSpec, used_csv: Path | None) -> None:
+def attach_other_files(
+    index: Index,
+    studies: dict[str, StudyPlan],
+    rows: dict[str, ManifestRow],
+    spec: PreprocessSpec,
+    used_csv: Path | None,
+) -> None:
     """The claimed non-DICOM files: label sheets (CSV) are skipped; a NIfTI label joins the one study under it.
 
     A NIfTI label belongs to the study whose files sit under its nearest
@@ -293,17 +332,27 @@ def attach_other_files(index: Index, studies: dict[str, StudyPlan], rows: dict[s
     for path, rel in index.other_files:
         if csv_re.search(path.name):
             this_run = used_csv is not None and path.resolve() == used_csv
-            rows[rel] = ManifestRow(rel, SKIPPED, Reason.LABEL_SHEET.value,
-                                    "the labels CSV of this run (--labels-csv): read, not converted" if this_run
-                                    else "a CSV file, not an image; labels are read only from --labels-csv")
+            rows[rel] = ManifestRow(
+                rel,
+                SKIPPED,
+                Reason.LABEL_SHEET.value,
+                "the labels CSV of this run (--labels-csv): read, not converted"
+                if this_run
+                else "a CSV file, not an image; labels are read only from --labels-csv",
+            )
         elif spec.is_classification:
-            rows[rel] = ManifestRow(rel, SKIPPED, Reason.LABEL_NOT_USED.value,
-                                    "a NIfTI label; a classification spec takes classes from the labels CSV")
+            rows[rel] = ManifestRow(
+                rel,
+                SKIPPED,
+                Reason.LABEL_NOT_USED.value,
+                "a NIfTI label; a classification spec takes classes from the labels CSV",
+            )
         else:
             owner = match_nifti_to_study(rel, study_dirs)
             if owner is None or owner not in studies:
-                rows[rel] = ManifestRow(rel, REFUSED, Reason.LABEL_UNMATCHED.value,
-                                        "no single study's files share this label's folder")
+                rows[rel] = ManifestRow(
+                    rel, REFUSED, Reason.LABEL_UNMATCHED.value, "no single study's files share this label's folder"
+                )
             else:
                 studies[owner].niftis.append(NiftiLabel(path, rel))
 
@@ -327,8 +376,11 @@ def unreadable_near(unreadable: list[str], folders: dict[str, set[str]]) -> dict
         parent = Path(rel).parent
         for folder in [parent, *parent.parents]:
             prefix = "" if folder.as_posix() == "." else folder.as_posix()
-            hits = [uid for uid, dirs in folders.items()
-                    if any(not prefix or d == prefix or d.startswith(prefix + "/") for d in dirs)]
+            hits = [
+                uid
+                for uid, dirs in folders.items()
+                if any(not prefix or d == prefix or d.startswith(prefix + "/") for d in dirs)
+            ]
             if hits:
                 for uid in hits:
                     near[uid].append(rel)
@@ -350,7 +402,8 @@ def mark_unreadable(index: Index, studies: dict[str, StudyPlan], ref: Any) -> No
             studies[uid].unreadable = (
                 f"no label was found for this image, and {len(near)} entr{'y' if len(near) == 1 else 'ies'} beside "
                 f"its files could not be read (UNREADABLE row(s) {shown}); its label may be there: make it readable "
-                "and run again")
+                "and run again"
+            )
 
 
 def classify(study: StudyPlan, spec: PreprocessSpec, sheet: LabelSheet) -> ClassLabel:
@@ -359,19 +412,35 @@ def classify(study: StudyPlan, spec: PreprocessSpec, sheet: LabelSheet) -> Class
     h = study.images[0].group.first
     key = (h.accession_number if spec.labels.csv_key == "accession" else h.study_uid).strip()  # memory only
     if not key:
-        return ClassLabel(None, (Reason.NO_LABEL, f"{tag} is empty in this study, so it has no row in the labels "
-                                                  "CSV; set labels.csv_key to another key, or add the attribute"))
+        return ClassLabel(
+            None,
+            (
+                Reason.NO_LABEL,
+                f"{tag} is empty in this study, so it has no row in the labels "
+                "CSV; set labels.csv_key to another key, or add the attribute",
+            ),
+        )
     value = sheet.lookup(key)
     if value is None:
-        return ClassLabel(None, (Reason.NO_LABEL, f"no row in the labels CSV for this study's {tag} (column "
-                                                  f"{sheet.key_column!r}); add a row for it"))
+        return ClassLabel(
+            None,
+            (
+                Reason.NO_LABEL,
+                f"no row in the labels CSV for this study's {tag} (column {sheet.key_column!r}); add a row for it",
+            ),
+        )
     idx = class_index(value, spec.labels.classes)
     if idx is None:
         what = "is empty" if not value else "is not a class"
-        return ClassLabel(None, (Reason.LABEL_VALUES_UNEXPECTED,
-                                 f"the labels CSV's {sheet.label_column!r} cell for this study {what}; expected one "
-                                 f"of {', '.join(spec.labels.classes)} (or an index 0.."
-                                 f"{len(spec.labels.classes) - 1}); fix the CSV"))
+        return ClassLabel(
+            None,
+            (
+                Reason.LABEL_VALUES_UNEXPECTED,
+                f"the labels CSV's {sheet.label_column!r} cell for this study {what}; expected one "
+                f"of {', '.join(spec.labels.classes)} (or an index 0.."
+                f"{len(spec.labels.classes) - 1}); fix the CSV",
+            ),
+        )
     return ClassLabel(idx)
 
 
@@ -382,8 +451,9 @@ def refuse_labelless_studies(studies: dict[str, StudyPlan], rows: dict[str, Mani
             mark(rows, study.label_rels, REFUSED, Reason.IMAGE_REFUSED, "no usable image series in this study")
 
 
-def choose_label(study: StudyPlan, image: ImageCandidate, rows: dict[str, ManifestRow],
-                 geo_kwargs: dict[str, Any]) -> LabelSource | None:
+def choose_label(
+    study: StudyPlan, image: ImageCandidate, rows: dict[str, ManifestRow], geo_kwargs: dict[str, Any]
+) -> LabelSource | None:
     """Segmentation: a DICOM mask on the image's frame of reference, else a SEG, else a NIfTI file.
 
     Labels that are not chosen get their manifest rows here.
@@ -393,13 +463,23 @@ def choose_label(study: StudyPlan, image: ImageCandidate, rows: dict[str, Manife
     second = "a second label for the same image"
     for m in study.masks:
         if m.first.frame_of_reference_uid != fref:
-            mark(rows, m.rels, REFUSED, Reason.LABEL_UNMATCHED, "(0020,0052) Frame of Reference UID differs from "
-                 "the image series")
+            mark(
+                rows,
+                m.rels,
+                REFUSED,
+                Reason.LABEL_UNMATCHED,
+                "(0020,0052) Frame of Reference UID differs from the image series",
+            )
         elif image.irregular is not None:
             # The mask must share the image's irregular slices; it is resampled identically.
             if sorted(h.ipp for h in m.headers) != sorted(h.ipp for h in image.group.headers):
-                mark(rows, m.rels, REFUSED, Reason.LABEL_GEOMETRY_MISMATCH, "mask slices are not at the image's "
-                     "slice positions")
+                mark(
+                    rows,
+                    m.rels,
+                    REFUSED,
+                    Reason.LABEL_GEOMETRY_MISMATCH,
+                    "mask slices are not at the image's slice positions",
+                )
             elif chosen is None:
                 chosen = DicomMask(m)
             else:
@@ -421,8 +501,13 @@ def choose_label(study: StudyPlan, image: ImageCandidate, rows: dict[str, Manife
         if image.irregular is not None:
             mark(rows, [h.rel], REFUSED, Reason.LABEL_GEOMETRY_MISMATCH, follows)
         elif h.frame_of_reference_uid != fref:
-            mark(rows, [h.rel], REFUSED, Reason.LABEL_UNMATCHED, "(0020,0052) Frame of Reference UID differs from "
-                 "the image series")
+            mark(
+                rows,
+                [h.rel],
+                REFUSED,
+                Reason.LABEL_UNMATCHED,
+                "(0020,0052) Frame of Reference UID differs from the image series",
+            )
         elif chosen is not None:
             mark(rows, [h.rel], REFUSED, Reason.LABEL_UNMATCHED, second)
         else:
@@ -437,6 +522,21 @@ def choose_label(study: StudyPlan, image: ImageCandidate, rows: dict[str, Manife
     return chosen
 
 
-__all__ = ["CSV_NAME_REGEX", "ClassLabel", "DicomMask", "DicomSeg", "ImageCandidate", "LabelSource", "NiftiLabel",
-           "StudyPlan", "attach_other_files", "choose_label", "classify", "geometry_kwargs", "mark_unreadable",
-           "refuse_labelless_studies", "select_series", "unreadable_near"]
+__all__ = [
+    "CSV_NAME_REGEX",
+    "ClassLabel",
+    "DicomMask",
+    "DicomSeg",
+    "ImageCandidate",
+    "LabelSource",
+    "NiftiLabel",
+    "StudyPlan",
+    "attach_other_files",
+    "choose_label",
+    "classify",
+    "geometry_kwargs",
+    "mark_unreadable",
+    "refuse_labelless_studies",
+    "select_series",
+    "unreadable_near",
+]

@@ -7,15 +7,15 @@ left are image headers, ready to be grouped into series.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from tqdm.auto import tqdm
 
 from fedimg.dicom.index import DicomHeader, FileProblem, Index, scan, walk_source
-from fedimg.errors import UserError
 from fedimg.dicom.reasons import Reason
+from fedimg.errors import UserError
 from fedimg.preprocess.manifest import REFUSED, SKIPPED, ManifestRow
 from fedimg.preprocess.outdir import RECORD_FILES, read_marker
 
@@ -42,7 +42,8 @@ def check_source(src: Path) -> list[Path | FileProblem]:
     if not src.exists():
         raise PreprocessInputError(
             "source folder does not exist: expected a folder of DICOM files, found nothing at the "
-            "given path; check the SRC argument")
+            "given path; check the SRC argument"
+        )
     if not src.is_dir():
         raise PreprocessInputError("source is a file: expected a folder of DICOM files; pass its parent folder")
     try:
@@ -50,7 +51,8 @@ def check_source(src: Path) -> list[Path | FileProblem]:
     except OSError as exc:
         raise PreprocessInputError(
             f"source folder could not be listed ({type(exc).__name__}): expected a folder this user may read; "
-            "check its permissions") from None
+            "check its permissions"
+        ) from None
     if not entries:
         raise PreprocessInputError("source folder is empty: expected DICOM files (any depth), found 0 files")
     return entries
@@ -63,14 +65,16 @@ def index_source(src: Path, claim: Iterable[str] = (), label: str = "", progress
         PreprocessInputError: see :func:`check_source`, or no DICOM file at all.
     """
     entries = check_source(src)
-    with tqdm(total=len(entries), desc=f"{label}: index" if label else "index", unit="file",
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(entries), desc=f"{label}: index" if label else "index", unit="file", disable=not progress
+    ) as bar:
         index = scan(src, claim=claim, progress=bar, entries=entries)
     if not index.headers:
         reasons = Counter(p.reason.value for p in index.problems)
         found = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "only non-DICOM label files"
         raise PreprocessInputError(
-            f"no DICOM files in source: expected DICOM files (any depth), found {len(entries)} file(s): {found}")
+            f"no DICOM files in source: expected DICOM files (any depth), found {len(entries)} file(s): {found}"
+        )
     rows: dict[str, ManifestRow] = {}
     own = read_marker(src) is not None  # a folder fedimg made, e.g. a pull: its records are not images
     for p in index.problems:
@@ -81,8 +85,9 @@ def index_source(src: Path, claim: Iterable[str] = (), label: str = "", progress
     image_headers: list[DicomHeader] = []
     for h in index.headers:
         if h.is_non_image:
-            rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.NON_IMAGE_OBJECT.value,
-                                      f"modality {h.modality or '?'}, not an image volume")
+            rows[h.rel] = ManifestRow(
+                h.rel, SKIPPED, Reason.NON_IMAGE_OBJECT.value, f"modality {h.modality or '?'}, not an image volume"
+            )
         elif h.is_localizer:
             rows[h.rel] = ManifestRow(h.rel, SKIPPED, Reason.LOCALIZER.value, "(0008,0008) Image Type LOCALIZER")
         else:

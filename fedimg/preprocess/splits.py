@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from fedimg.errors import UserError
 
@@ -81,10 +81,16 @@ def _rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
-def assign(cases: Mapping[str, CaseKey], val_fraction: float, seed: int, test_fraction: float = 0.0,
-           folds: int = 0, previous_cases: Mapping[str, str] | None = None,
-           previous_patients: Mapping[str, str] | None = None,
-           previous_folds: Mapping[str, int] | None = None) -> Assignment:
+def assign(
+    cases: Mapping[str, CaseKey],
+    val_fraction: float,
+    seed: int,
+    test_fraction: float = 0.0,
+    folds: int = 0,
+    previous_cases: Mapping[str, str] | None = None,
+    previous_patients: Mapping[str, str] | None = None,
+    previous_folds: Mapping[str, int] | None = None,
+) -> Assignment:
     """Split ``cases`` by patient, keeping every earlier decision.
 
     Args:
@@ -121,7 +127,8 @@ def assign(cases: Mapping[str, CaseKey], val_fraction: float, seed: int, test_fr
             f"earlier runs put the studies of {straddling} patient(s) into different splits (a DST made before "
             "fedimg split by patient): carrying that split on would leave patients on both sides of the "
             "evaluation; preprocess into a new DST (its split is drawn by patient), and do not resume a model "
-            "trained on the old split")
+            "trained on the old split"
+        )
 
     out = Assignment()
     n = len(cases)
@@ -131,11 +138,15 @@ def assign(cases: Mapping[str, CaseKey], val_fraction: float, seed: int, test_fr
     for p, s in patient_split.items():
         if p in size:
             have[s] += size[p]
-    target = {TEST: int(round(n * test_fraction)) if test_fraction > 0 else 0,
-              # With folds, validation is fold 0 (dealt below), not a share of its own.
-              VALIDATION: max(1, int(round(n * val_fraction))) if n_patients >= 2 and folds < 2 else 0}
-    new = sorted((p for p in by_patient if p not in patient_split),
-                 key=lambda p: _rank(seed, min(cases[c].order for c in by_patient[p])))
+    target = {
+        TEST: int(round(n * test_fraction)) if test_fraction > 0 else 0,
+        # With folds, validation is fold 0 (dealt below), not a share of its own.
+        VALIDATION: max(1, int(round(n * val_fraction))) if n_patients >= 2 and folds < 2 else 0,
+    }
+    new = sorted(
+        (p for p in by_patient if p not in patient_split),
+        key=lambda p: _rank(seed, min(cases[c].order for c in by_patient[p])),
+    )
     trains = sum(1 for p in by_patient if patient_split.get(p) == TRAINING)
     for split in (TEST, VALIDATION):
         if target[split] <= 0:
@@ -171,8 +182,10 @@ def assign(cases: Mapping[str, CaseKey], val_fraction: float, seed: int, test_fr
             if p in size and out.patient_splits.get(p) != TEST:
                 load[f] += size[p]
         pool = [p for p in by_patient if out.patient_splits[p] != TEST]
-        for p in sorted((p for p in pool if p not in fold_of), key=lambda p: _rank(seed + 1, min(
-                cases[c].order for c in by_patient[p]))):
+        for p in sorted(
+            (p for p in pool if p not in fold_of),
+            key=lambda p: _rank(seed + 1, min(cases[c].order for c in by_patient[p])),
+        ):
             f = min(range(folds), key=lambda k: (load[k], k))
             fold_of[p] = f
             load[f] += size[p]

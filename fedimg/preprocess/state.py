@@ -25,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fedimg import config as cfgmod
 from fedimg.config import PreprocessSpec
@@ -84,8 +85,15 @@ class PreprocessState:
 
     def to_json(self) -> dict[str, Any]:
         """As written to the state file."""
-        return {"version": STATE_VERSION, "spec_sha256": self.spec_sha256, "deid_key": self.deid_key,
-                "cases": self.cases, "splits": self.splits, "patients": self.patients, "folds": self.folds}
+        return {
+            "version": STATE_VERSION,
+            "spec_sha256": self.spec_sha256,
+            "deid_key": self.deid_key,
+            "cases": self.cases,
+            "splits": self.splits,
+            "patients": self.patients,
+            "folds": self.folds,
+        }
 
 
 def _differing_keys(dst: Path, spec: PreprocessSpec) -> list[str]:
@@ -113,15 +121,18 @@ def load_previous(dst: Path, spec: PreprocessSpec, pseudonymizer: Any | None) ->
     """
     fresh = PreprocessState(spec_sha256=spec_digest(spec), deid_key=deid_key(pseudonymizer))
     state_path = dst / STATE_FILE
-    fix = ("choose a new DST folder, or empty this one to start over (its training/validation split is "
-           "then drawn again: do not resume a federated model trained on the old split)")
+    fix = (
+        "choose a new DST folder, or empty this one to start over (its training/validation split is "
+        "then drawn again: do not resume a federated model trained on the old split)"
+    )
     if (dst / "spec.yaml").is_file():
         differing = _differing_keys(dst, spec)
         if differing:
             raise IncompatibleOutputError(
                 f"DST already holds the outputs of another preprocessing spec (spec.yaml differs in: "
                 f"{', '.join(differing)}); expected the same spec as its earlier runs, so that outputs of two "
-                f"specs are never mixed; {fix}")
+                f"specs are never mixed; {fix}"
+            )
     if not state_path.is_file():
         datalist = dst / "datalist.json"
         if datalist.is_file():
@@ -137,25 +148,32 @@ def load_previous(dst: Path, spec: PreprocessSpec, pseudonymizer: Any | None) ->
         raw = json.loads(state_path.read_text(encoding="utf-8"))
         if raw.get("version") != STATE_VERSION:
             raise ValueError("version")
-        old = PreprocessState(spec_sha256=str(raw["spec_sha256"]), deid_key=str(raw["deid_key"]),
-                              cases=dict(raw.get("cases", {})), splits=dict(raw.get("splits", {})),
-                              patients=dict(raw.get("patients", {})),
-                              folds={str(k): int(v) for k, v in dict(raw.get("folds", {})).items()})
+        old = PreprocessState(
+            spec_sha256=str(raw["spec_sha256"]),
+            deid_key=str(raw["deid_key"]),
+            cases=dict(raw.get("cases", {})),
+            splits=dict(raw.get("splits", {})),
+            patients=dict(raw.get("patients", {})),
+            folds={str(k): int(v) for k, v in dict(raw.get("folds", {})).items()},
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
         raise IncompatibleOutputError(
             f"DST holds an unreadable {STATE_FILE} (expected version {STATE_VERSION} written by fedimg "
-            f"preprocess); {fix}") from None
+            f"preprocess); {fix}"
+        ) from None
     # spec.yaml, compared above key by key (with today's defaults for keys added since), is the judge when it
     # exists; the digest only when it does not.
     if old.spec_sha256 != fresh.spec_sha256 and not (dst / "spec.yaml").is_file():
         raise IncompatibleOutputError(
             f"DST already holds the outputs of another preprocessing spec; expected the same spec as its "
-            f"earlier runs; {fix}")
+            f"earlier runs; {fix}"
+        )
     if old.deid_key != fresh.deid_key:
         raise IncompatibleOutputError(
             "DST was preprocessed with another site secret (or with/without --no-deid): its case ids are "
             f"different pseudonyms, so outputs and splits cannot be carried over; expected the same "
-            f"--secret-file as its earlier runs; {fix}")
+            f"--secret-file as its earlier runs; {fix}"
+        )
     fresh.cases = old.cases
     fresh.splits = {k: v for k, v in old.splits.items() if v in SPLITS}
     fresh.patients = {k: v for k, v in old.patients.items() if v in SPLITS}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from scipy import ndimage
 from monai.transforms import (
     ClipIntensityPercentilesd,
     Compose,
@@ -37,11 +36,11 @@ from monai.transforms import (
     Spacing,
     Spacingd,
 )
+from scipy import ndimage
 
 from fedimg.config import PreprocessSpec
 from fedimg.dicom.geometry import LPS_TO_RAS
 from fedimg.dicom.planar import PlanarGeometry
-
 
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -57,11 +56,16 @@ def build_transforms(spec: PreprocessSpec, with_label: bool, spatial: bool = Tru
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
-    chain = [
-        Orientationd(keys=keys, axcodes=spec.orientation, labels=AXIS_LABELS),
-        Spacingd(keys=keys, pixdim=spec.target_spacing, mode=modes, padding_mode="border",
-                 dtype=[np.float32] * len(keys)),
-    ] if spatial else []
+    chain = (
+        [
+            Orientationd(keys=keys, axcodes=spec.orientation, labels=AXIS_LABELS),
+            Spacingd(
+                keys=keys, pixdim=spec.target_spacing, mode=modes, padding_mode="border", dtype=[np.float32] * len(keys)
+            ),
+        ]
+        if spatial
+        else []
+    )
     if spec.modality == "CT":
         lo, hi = spec.intensity.ct_window
         chain.append(ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
@@ -86,21 +90,34 @@ def output_grid(spec: PreprocessSpec, shape: tuple[int, ...], affine: np.ndarray
     return out_shape, np.asarray(mt.peek_pending_affine(), dtype=np.float64)
 
 
-def _resample(data: np.ndarray, to_source: np.ndarray, shape: tuple[int, ...], order: int,
-              out_dtype: np.dtype) -> np.ndarray:
+def _resample(
+    data: np.ndarray, to_source: np.ndarray, shape: tuple[int, ...], order: int, out_dtype: np.dtype
+) -> np.ndarray:
     """Sample ``data`` at ``to_source @ (i, j, k, 1)`` for every output voxel; beyond the edges, the edge value.
 
     Order 1 is MONAI's ``bilinear`` with ``padding_mode="border"`` (the sample
     position is clamped into the volume), order 0 its ``nearest``. The input is
     read in place, whatever its type and strides: no copy of it is made.
     """
-    return ndimage.affine_transform(data, to_source[:3, :3], offset=to_source[:3, 3], output_shape=shape,
-                                    output=out_dtype, order=order, mode="nearest", prefilter=False)
+    return ndimage.affine_transform(
+        data,
+        to_source[:3, :3],
+        offset=to_source[:3, 3],
+        output_shape=shape,
+        output=out_dtype,
+        order=order,
+        mode="nearest",
+        prefilter=False,
+    )
 
 
-def apply_spec(spec: PreprocessSpec, image: np.ndarray, affine: np.ndarray,
-               label: np.ndarray | None = None,
-               scale: tuple[float, float] = (1.0, 0.0)) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def apply_spec(
+    spec: PreprocessSpec,
+    image: np.ndarray,
+    affine: np.ndarray,
+    label: np.ndarray | None = None,
+    scale: tuple[float, float] = (1.0, 0.0),
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Run the chain on one volume (and its label on the same grid).
 
     The result is :func:`build_transforms`' (up to float32 rounding) at a
@@ -129,8 +146,9 @@ def apply_spec(spec: PreprocessSpec, image: np.ndarray, affine: np.ndarray,
         img += np.float32(intercept)
     lbl_arr = None if label is None else _resample(label, to_source, shape, 0, label.dtype)
     aff = torch.as_tensor(out_affine, dtype=torch.float64)
-    out = build_transforms(spec, with_label=False, spatial=False)({"image": MetaTensor(torch.from_numpy(img[None]),
-                                                                                        affine=aff)})
+    out = build_transforms(spec, with_label=False, spatial=False)(
+        {"image": MetaTensor(torch.from_numpy(img[None]), affine=aff)}
+    )
     img_arr = np.asarray(out["image"].detach().cpu().numpy()[0], dtype=np.float32)
     return img_arr, lbl_arr, out_affine
 
@@ -148,8 +166,7 @@ def fit_size(geometry: PlanarGeometry, target: tuple[int, int]) -> tuple[tuple[i
     return (h, w), spacing
 
 
-def apply_spec_2d(spec: PreprocessSpec, image: np.ndarray,
-                  geometry: PlanarGeometry) -> tuple[np.ndarray, np.ndarray]:
+def apply_spec_2d(spec: PreprocessSpec, image: np.ndarray, geometry: PlanarGeometry) -> tuple[np.ndarray, np.ndarray]:
     """The 2D chain for one image: normalize, resize to fit, pad.
 
     1. Clip to the ``intensity.percentiles_2d`` of the image and scale that
@@ -184,8 +201,9 @@ def apply_spec_2d(spec: PreprocessSpec, image: np.ndarray,
     else:
         arr = torch.zeros_like(arr)  # a constant image carries nothing: all 0
     (h, w), _ = fit_size(geometry, target)  # type: ignore[arg-type]
-    resized = torch.nn.functional.interpolate(torch.as_tensor(arr), size=(h, w), mode="bilinear",
-                                              align_corners=False, antialias=True)
+    resized = torch.nn.functional.interpolate(
+        torch.as_tensor(arr), size=(h, w), mode="bilinear", align_corners=False, antialias=True
+    )
     small = np.clip(resized.detach().cpu().numpy()[0, 0], 0.0, 1.0)
     before = ((target[0] - h) // 2, (target[1] - w) // 2)
     out = np.pad(small, ((before[0], target[0] - h - before[0]), (before[1], target[1] - w - before[1])))
@@ -201,8 +219,11 @@ def apply_spec_2d(spec: PreprocessSpec, image: np.ndarray,
         lps[:3, 0] = col_dir * step_mm[0]
         lps[:3, 1] = row_dir * step_mm[1]
         lps[:3, 2] = np.cross(row_dir, col_dir)
-        lps[:3, 3] = (np.asarray(geometry.ipp, dtype=float) + col_dir * geometry.row_spacing * first[0]
-                      + row_dir * geometry.column_spacing * first[1])
+        lps[:3, 3] = (
+            np.asarray(geometry.ipp, dtype=float)
+            + col_dir * geometry.row_spacing * first[0]
+            + row_dir * geometry.column_spacing * first[1]
+        )
         affine = LPS_TO_RAS @ lps
     else:
         affine[0, 0], affine[1, 1] = step_mm

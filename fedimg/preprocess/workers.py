@@ -24,8 +24,8 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterator
 
 _PR_SET_PDEATHSIG = 1
 
@@ -69,8 +69,9 @@ def worker_pool(workers: int, start_method: str | None = None) -> Iterator[Proce
             None for the platform default.
     """
     ctx = multiprocessing.get_context(start_method)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent,
-                               initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+    )
     try:
         yield pool
     except BaseException:

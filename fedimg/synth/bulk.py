@@ -25,8 +25,9 @@ from fedimg.synth.writer import CT_IMAGE_STORAGE
 _IOP = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
-def phantom_slice(k: int, n: int, rows: int, cols: int, intercept: float = -1024.0,
-                  slope: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def phantom_slice(
+    k: int, n: int, rows: int, cols: int, intercept: float = -1024.0, slope: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Stored values (uint16, 12 bits) and label (uint8) of slice ``k`` of ``n`` of an abdomen-like phantom.
 
     Body 40 HU, organ 90 HU (label 1), lesion 20 HU (label 2), air -1000 HU,
@@ -36,7 +37,7 @@ def phantom_slice(k: int, n: int, rows: int, cols: int, intercept: float = -1024
     cy, cx = rows / 2, cols / 2
     body = ((y - cy) / (0.38 * rows)) ** 2 + ((x - cx) / (0.45 * cols)) ** 2 <= 1
     z = (k - n / 2) / (0.3 * n)
-    organ = ((y - cy) / (0.15 * rows)) ** 2 + ((x - 0.6 * cols) / (0.12 * cols)) ** 2 + z ** 2 <= 1
+    organ = ((y - cy) / (0.15 * rows)) ** 2 + ((x - 0.6 * cols) / (0.12 * cols)) ** 2 + z**2 <= 1
     lesion = ((y - cy) / (0.04 * rows)) ** 2 + ((x - 0.62 * cols) / (0.04 * cols)) ** 2 + (z / 0.15) ** 2 <= 1
     hu = np.full((rows, cols), -1000.0)
     hu[body] = 40.0
@@ -50,9 +51,17 @@ def phantom_slice(k: int, n: int, rows: int, cols: int, intercept: float = -1024
     return stored, label
 
 
-def write_bulk_ct(study: Path, n: int, rows: int, cols: int,
-                  spacing: tuple[float, float, float] = (0.7, 0.7, 1.0), *, intercept: float = -1024.0,
-                  slopes: Sequence[float] | None = None, label: bool = True) -> Path:
+def write_bulk_ct(
+    study: Path,
+    n: int,
+    rows: int,
+    cols: int,
+    spacing: tuple[float, float, float] = (0.7, 0.7, 1.0),
+    *,
+    intercept: float = -1024.0,
+    slopes: Sequence[float] | None = None,
+    label: bool = True,
+) -> Path:
     """Write an axial CT series of ``n`` slices into ``study/ct/`` and its label as ``study/segmentation.nii``.
 
     Args:

@@ -207,9 +207,7 @@ def generate(
 def _generate_site(
     out: Path, profile: SiteProfile | DXProfile, site_index: int, n_cases: int, seed: int, bar: tqdm
 ) -> list[CaseTruth]:
-    site_identity = sample_site_identity(
-        np.random.default_rng([seed, site_index, 0, _STREAM_SITE]), site_index
-    )
+    site_identity = sample_site_identity(np.random.default_rng([seed, site_index, 0, _STREAM_SITE]), site_index)
     cases: list[CaseTruth] = []
     used_patient_ids: set[str] = set()
     previous: tuple[PatientIdentity, StudyIdentity, str] | None = None
@@ -228,7 +226,14 @@ def _generate_site(
         used_patient_ids.add(patient.patient_id)
         make = _generate_dx_case if isinstance(profile, DXProfile) else _generate_case
         truth = make(
-            out, profile, site_identity, study, site_index, case_index, seed, follow_up_of  # type: ignore[arg-type]
+            out,
+            profile,
+            site_identity,
+            study,
+            site_index,
+            case_index,
+            seed,
+            follow_up_of,  # type: ignore[arg-type]
         )
         cases.append(truth)
         previous = (patient, study, truth.case_id)
@@ -349,8 +354,12 @@ def _generate_dx_case(
     case_id = f"{profile.name}-case-{case_index:03d}"
     phantom = Phantom.random(np.random.default_rng([seed, site_index, case_index, _STREAM_PHANTOM]))
     integral, crossed = render_projection(
-        phantom, profile.rows, profile.columns, profile.pixel_spacing_mm,
-        np.random.default_rng([seed, site_index, case_index, _STREAM_NOISE]), profile.noise_sigma,
+        phantom,
+        profile.rows,
+        profile.columns,
+        profile.pixel_spacing_mm,
+        np.random.default_rng([seed, site_index, case_index, _STREAM_NOISE]),
+        profile.noise_sigma,
     )
     stored = integral_to_stored(integral, profile.bits_stored, profile.photometric_interpretation)
 
@@ -360,8 +369,9 @@ def _generate_dx_case(
     study_uid, series_uid = uid("study"), uid("dx-series")
     study_folder = study_dir(out, profile.name, study)
     image_folder = series_dir(study_folder, profile.series_number, profile.series_description)
-    write_dx_image(image_folder, profile, site_identity, study, UID(study_uid), UID(series_uid),
-                   UID(uid("dx-instance", 0)), stored)
+    write_dx_image(
+        image_folder, profile, site_identity, study, UID(study_uid), UID(series_uid), UID(uid("dx-instance", 0)), stored
+    )
     ps = profile.pixel_spacing_mm
     # Detector plane through the isocentre: i = column (towards L), j = row (towards F), k = ray direction.
     lps = np.eye(4)

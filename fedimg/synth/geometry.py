@@ -60,9 +60,7 @@ def image_orientation(orientation: str, patient_position: str) -> tuple[np.ndarr
         ValueError: for an unknown plane or patient position.
     """
     if orientation not in _HFS_ORIENTATION:
-        raise ValueError(
-            f"orientation must be one of {tuple(_HFS_ORIENTATION)}, got {orientation!r}"
-        )
+        raise ValueError(f"orientation must be one of {tuple(_HFS_ORIENTATION)}, got {orientation!r}")
     if patient_position not in ("HFS", "FFS"):
         raise ValueError(f"patient_position must be 'HFS' or 'FFS', got {patient_position!r}")
     row, col = (np.asarray(v, dtype=np.float64) for v in _HFS_ORIENTATION[orientation])
@@ -126,9 +124,7 @@ class SeriesGeometry:
         ps = profile.pixel_spacing_mm
         dz = profile.slice_spacing_mm
         centre_offset = (
-            (matrix - 1) / 2.0 * ps * row
-            + (matrix - 1) / 2.0 * ps * col
-            + (n_slices - 1) / 2.0 * dz * slice_dir
+            (matrix - 1) / 2.0 * ps * row + (matrix - 1) / 2.0 * ps * col + (n_slices - 1) / 2.0 * dz * slice_dir
         )
         return cls(
             row_dir=_vec(row),

@@ -246,9 +246,7 @@ def _surface_directions(n: int = 400) -> np.ndarray:
     i = np.arange(n) + 0.5
     polar = np.arccos(1.0 - 2.0 * i / n)
     azimuth = math.pi * (1.0 + 5.0**0.5) * i
-    return np.stack(
-        [np.cos(azimuth) * np.sin(polar), np.sin(azimuth) * np.sin(polar), np.cos(polar)], axis=1
-    )
+    return np.stack([np.cos(azimuth) * np.sin(polar), np.sin(azimuth) * np.sin(polar), np.cos(polar)], axis=1)
 
 
 _DIRECTIONS = _surface_directions()

@@ -92,14 +92,10 @@ class SiteProfile:
             value = getattr(self, field_name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(
-                    f"SiteProfile {self.name!r}: {field_name} must be a positive finite number, "
-                    f"got {value!r}"
+                    f"SiteProfile {self.name!r}: {field_name} must be a positive finite number, got {value!r}"
                 )
         if self.noise_sigma_hu < 0:
-            raise ValueError(
-                f"SiteProfile {self.name!r}: noise_sigma_hu must be >= 0, "
-                f"got {self.noise_sigma_hu!r}"
-            )
+            raise ValueError(f"SiteProfile {self.name!r}: noise_sigma_hu must be >= 0, got {self.noise_sigma_hu!r}")
 
     @property
     def bits_stored(self) -> int:
@@ -251,15 +247,9 @@ def site_profiles(n_sites: int) -> list[SiteProfile]:
                 base,
                 name=f"site-{index + 1}",
                 model_name=_MODELS[base.manufacturer][cycle % 3],
-                pixel_spacing_mm=round(
-                    base.pixel_spacing_mm * _PIXEL_SPACING_FACTORS[cycle % 5], 3
-                ),
-                slice_spacing_mm=round(
-                    base.slice_spacing_mm * _SLICE_SPACING_FACTORS[cycle % 5], 3
-                ),
-                patient_position=(
-                    flip[base.patient_position] if cycle % 2 else base.patient_position
-                ),
+                pixel_spacing_mm=round(base.pixel_spacing_mm * _PIXEL_SPACING_FACTORS[cycle % 5], 3),
+                slice_spacing_mm=round(base.slice_spacing_mm * _SLICE_SPACING_FACTORS[cycle % 5], 3),
+                patient_position=(flip[base.patient_position] if cycle % 2 else base.patient_position),
                 noise_sigma_hu=base.noise_sigma_hu + 3.0 * (cycle % 4),
             )
         )
@@ -327,11 +317,13 @@ class DXProfile:
         if not (8 <= self.bits_stored <= 16):
             raise ValueError(f"DXProfile {self.name!r}: bits_stored must be 8..16, got {self.bits_stored!r}")
         if not (math.isfinite(self.pixel_spacing_mm) and self.pixel_spacing_mm > 0):
-            raise ValueError(f"DXProfile {self.name!r}: pixel_spacing_mm must be positive, got "
-                             f"{self.pixel_spacing_mm!r}")
+            raise ValueError(
+                f"DXProfile {self.name!r}: pixel_spacing_mm must be positive, got {self.pixel_spacing_mm!r}"
+            )
         if self.rows < 16 or self.columns < 16:
-            raise ValueError(f"DXProfile {self.name!r}: rows and columns must be >= 16, got "
-                             f"{self.rows} x {self.columns}")
+            raise ValueError(
+                f"DXProfile {self.name!r}: rows and columns must be >= 16, got {self.rows} x {self.columns}"
+            )
 
     @property
     def stored_max(self) -> int:
@@ -349,20 +341,50 @@ class DXProfile:
 
 _DX_BASE: tuple[dict[str, Any], ...] = (
     # Siemens: MONOCHROME2, calibrated Pixel Spacing, landscape matrix.
-    {"model_name": "YSIO Max", "pixel_spacing_mm": 1.0, "rows": 240, "columns": 256,
-     "photometric_interpretation": "MONOCHROME2", "bits_stored": 12, "write_pixel_spacing": True,
-     "write_rescale": False, "noise_sigma": 0.012, "series_description": "Thorax ap", "series_number": 1,
-     "kvp": 110.0},
+    {
+        "model_name": "YSIO Max",
+        "pixel_spacing_mm": 1.0,
+        "rows": 240,
+        "columns": 256,
+        "photometric_interpretation": "MONOCHROME2",
+        "bits_stored": 12,
+        "write_pixel_spacing": True,
+        "write_rescale": False,
+        "noise_sigma": 0.012,
+        "series_description": "Thorax ap",
+        "series_number": 1,
+        "kvp": 110.0,
+    },
     # GE: MONOCHROME1, only Imager Pixel Spacing, portrait matrix.
-    {"model_name": "Discovery XR656", "pixel_spacing_mm": 1.2, "rows": 200, "columns": 180,
-     "photometric_interpretation": "MONOCHROME1", "bits_stored": 14, "write_pixel_spacing": False,
-     "write_rescale": True, "noise_sigma": 0.018, "series_description": "CHEST AP", "series_number": 2,
-     "kvp": 120.0},
+    {
+        "model_name": "Discovery XR656",
+        "pixel_spacing_mm": 1.2,
+        "rows": 200,
+        "columns": 180,
+        "photometric_interpretation": "MONOCHROME1",
+        "bits_stored": 14,
+        "write_pixel_spacing": False,
+        "write_rescale": True,
+        "noise_sigma": 0.018,
+        "series_description": "CHEST AP",
+        "series_number": 2,
+        "kvp": 120.0,
+    },
     # Philips: MONOCHROME1, both spacings, finer pixels.
-    {"model_name": "DigitalDiagnost C90", "pixel_spacing_mm": 0.8, "rows": 300, "columns": 280,
-     "photometric_interpretation": "MONOCHROME1", "bits_stored": 12, "write_pixel_spacing": True,
-     "write_rescale": False, "noise_sigma": 0.008, "series_description": "Chest AP", "series_number": 101,
-     "kvp": 125.0},
+    {
+        "model_name": "DigitalDiagnost C90",
+        "pixel_spacing_mm": 0.8,
+        "rows": 300,
+        "columns": 280,
+        "photometric_interpretation": "MONOCHROME1",
+        "bits_stored": 12,
+        "write_pixel_spacing": True,
+        "write_rescale": False,
+        "noise_sigma": 0.008,
+        "series_description": "Chest AP",
+        "series_number": 101,
+        "kvp": 125.0,
+    },
 )
 _DX_SPACING_FACTORS = (1.0, 1.15, 0.9, 1.3, 0.85)
 
@@ -390,9 +412,17 @@ def dx_site_profiles(n_sites: int) -> list[DXProfile]:
             base["rows"] = int(round(fov_rows / base["pixel_spacing_mm"]))
             base["columns"] = int(round(fov_cols / base["pixel_spacing_mm"]))
             if cycle % 2:
-                base["photometric_interpretation"] = ("MONOCHROME1" if base["photometric_interpretation"] ==
-                                                      "MONOCHROME2" else "MONOCHROME2")
+                base["photometric_interpretation"] = (
+                    "MONOCHROME1" if base["photometric_interpretation"] == "MONOCHROME2" else "MONOCHROME2"
+                )
             base["noise_sigma"] = round(base["noise_sigma"] + 0.003 * (cycle % 3), 4)
-        out.append(DXProfile(name=ct.name, manufacturer=ct.manufacturer, case_factor=ct.case_factor,
-                             file_extension=ct.file_extension, **base))
+        out.append(
+            DXProfile(
+                name=ct.name,
+                manufacturer=ct.manufacturer,
+                case_factor=ct.case_factor,
+                file_extension=ct.file_extension,
+                **base,
+            )
+        )
     return out

@@ -146,18 +146,20 @@ def write_ground_truth(
     if modality != "CT":
         document["modality"] = modality
         document["classification_classes"] = list(CLASSIFICATION_CLASSES)
-    document.update({
-        "class_names": list(CLASS_NAMES),
-        "label_values": {"0": "background", **{str(i + 1): n for i, n in enumerate(CLASS_NAMES)}},
-        "conventions": CONVENTIONS,
-        "sites": {
-            profile.name: {
-                "profile": profile.to_dict(),
-                "cases": [case.to_dict() for case in sites[profile.name]],
-            }
-            for profile in profiles
-        },
-    })
+    document.update(
+        {
+            "class_names": list(CLASS_NAMES),
+            "label_values": {"0": "background", **{str(i + 1): n for i, n in enumerate(CLASS_NAMES)}},
+            "conventions": CONVENTIONS,
+            "sites": {
+                profile.name: {
+                    "profile": profile.to_dict(),
+                    "cases": [case.to_dict() for case in sites[profile.name]],
+                }
+                for profile in profiles
+            },
+        }
+    )
     Path(path).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
@@ -172,8 +174,13 @@ def write_labels_csv(path: Path, cases: list[CaseTruth]) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(LABELS_CSV_COLUMNS)
     for case in cases:
-        writer.writerow([case.identifiers["accession_number"], case.study_instance_uid,
-                         CLASSIFICATION_CLASSES[int(case.has_lesion)]])
+        writer.writerow(
+            [
+                case.identifiers["accession_number"],
+                case.study_instance_uid,
+                CLASSIFICATION_CLASSES[int(case.has_lesion)],
+            ]
+        )
     Path(path).write_text(buffer.getvalue(), encoding="utf-8")
 
 
@@ -195,9 +202,7 @@ def load_ground_truth(path: Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / GROUND_TRUTH_FILE_NAME
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no {GROUND_TRUTH_FILE_NAME} at {path}; generate one with `fedimg synth OUT`"
-        )
+        raise FileNotFoundError(f"no {GROUND_TRUTH_FILE_NAME} at {path}; generate one with `fedimg synth OUT`")
     document = json.loads(path.read_text(encoding="utf-8"))
     generator = document.get("generator")
     if generator != "fedimg.synth" or document.get("format_version") != FORMAT_VERSION:

@@ -76,9 +76,7 @@ class SeriesSpec:
     minutes_after_study: int
 
 
-def write_ct_series(
-    folder: Path, context: StudyContext, spec: SeriesSpec, stored: np.ndarray
-) -> list[Path]:
+def write_ct_series(folder: Path, context: StudyContext, spec: SeriesSpec, stored: np.ndarray) -> list[Path]:
     """Write a CT Image Storage series, one file per slice.
 
     Args:
@@ -297,8 +295,7 @@ def _write_slices(
     geometry = context.geometry
     if len(spec.sop_instance_uids) != geometry.n_slices:
         raise ValueError(
-            f"need one SOP Instance UID per slice: {geometry.n_slices} slices, "
-            f"got {len(spec.sop_instance_uids)} UIDs"
+            f"need one SOP Instance UID per slice: {geometry.n_slices} slices, got {len(spec.sop_instance_uids)} UIDs"
         )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -400,8 +397,10 @@ def write_dx_image(
         ValueError: if ``stored`` does not match the profile's matrix.
     """
     if stored.shape != (profile.rows, profile.columns) or stored.dtype != np.uint16:
-        raise ValueError(f"DX pixels must be uint16 of shape {(profile.rows, profile.columns)}, got "
-                         f"{stored.dtype} {stored.shape}; render them with fedimg.synth.render")
+        raise ValueError(
+            f"DX pixels must be uint16 of shape {(profile.rows, profile.columns)}, got "
+            f"{stored.dtype} {stored.shape}; render them with fedimg.synth.render"
+        )
     patient = study.patient
     series_time = _add_minutes(study.study_date, study.study_time, 1)
     spacing = [_ds(profile.pixel_spacing_mm), _ds(profile.pixel_spacing_mm)]

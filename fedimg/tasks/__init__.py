@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Union
-
 from fedimg.config import ExperimentConfig
 from fedimg.tasks.classification import ClassificationTask
 from fedimg.tasks.segmentation import SegmentationTask
 
-Task = Union[SegmentationTask, ClassificationTask]
+Task = SegmentationTask | ClassificationTask
 
 
 def build_task(exp: ExperimentConfig) -> Task:
@@ -28,7 +26,7 @@ def metric_names(metrics: dict[str, float], prefix: str = "val_") -> dict[str, f
     """
     out = {}
     for key, value in metrics.items():
-        name = key[:-len("_mean")] if key.endswith("_mean") else key
+        name = key[: -len("_mean")] if key.endswith("_mean") else key
         out[prefix + name.replace("/", "_")] = float(value)
     return out
 

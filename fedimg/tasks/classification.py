@@ -9,7 +9,8 @@ which does not reward a model for always predicting the majority class.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,12 +30,14 @@ def build_loss(per_sample: bool = False) -> torch.nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=not per_sample)
 
 
-def predict(model: torch.nn.Module, image: torch.Tensor, roi_size: Sequence[int], sw_batch_size: int,
-            autocast: object) -> torch.Tensor:
+def predict(
+    model: torch.nn.Module, image: torch.Tensor, roi_size: Sequence[int], sw_batch_size: int, autocast: object
+) -> torch.Tensor:
     """Class-index prediction (B, 1, ...) of a full volume by sliding-window inference."""
     with autocast:  # type: ignore[attr-defined]
-        logits = sliding_window_inference(image, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size,
-                                          predictor=model, overlap=0.25, mode="gaussian")
+        logits = sliding_window_inference(
+            image, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, predictor=model, overlap=0.25, mode="gaussian"
+        )
     return torch.argmax(logits.float(), dim=1, keepdim=True)
 
 
@@ -104,8 +107,13 @@ class DiceAccumulator:
                     continue
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    hd = compute_hausdorff_distance(p1[b:b + 1, c:c + 1].float(), l1[b:b + 1, c:c + 1].float(),
-                                                    include_background=True, percentile=95, spacing=sp)
+                    hd = compute_hausdorff_distance(
+                        p1[b : b + 1, c : c + 1].float(),
+                        l1[b : b + 1, c : c + 1].float(),
+                        include_background=True,
+                        percentile=95,
+                        spacing=sp,
+                    )
                 value = float(hd.reshape(-1)[0])
                 if math.isfinite(value):
                     self._hd[c - 1].append(value)
@@ -196,7 +204,9 @@ class SegmentationTask:
             lab = label[0, 0].numpy()
             # The slice with most reference foreground shows the structures best.
             k = int(np.argmax((lab > 0).sum(axis=(0, 1)))) if lab.any() else lab.shape[2] // 2
-            pictures.append(overlay(image[0, 0, :, :, k].float().cpu().numpy(), lab[:, :, k], pred[0, 0, :, :, k].numpy()))
+            pictures.append(
+                overlay(image[0, 0, :, :, k].float().cpu().numpy(), lab[:, :, k], pred[0, 0, :, :, k].numpy())
+            )
             if len(pictures) >= limit:
                 break
         return pictures

@@ -67,10 +67,19 @@ def federated_epochs(exp: ExperimentConfig) -> int:
     return exp.fed.num_rounds * exp.train.local_epochs
 
 
-def _train(exp: ExperimentConfig, name: str, train_items: list[dict[str, Any]],
-           eval_sets: dict[str, list[dict[str, Any]]], trained_on: list[str], rt: Runtime, out_dir: Path,
-           epochs: int, progress: bool, test_sets: dict[str, list[dict[str, Any]]] | None = None,
-           datalists: dict[str, str] | None = None) -> BaselineResult:
+def _train(
+    exp: ExperimentConfig,
+    name: str,
+    train_items: list[dict[str, Any]],
+    eval_sets: dict[str, list[dict[str, Any]]],
+    trained_on: list[str],
+    rt: Runtime,
+    out_dir: Path,
+    epochs: int,
+    progress: bool,
+    test_sets: dict[str, list[dict[str, Any]]] | None = None,
+    datalists: dict[str, str] | None = None,
+) -> BaselineResult:
     t0 = time.perf_counter()
     # Scored once at the end, on every site's cases: no per-epoch validation loader is needed.
     trainer = SiteTrainer(exp, train_items, [], rt)
@@ -97,22 +106,40 @@ def _train(exp: ExperimentConfig, name: str, train_items: list[dict[str, Any]],
         if metric in per_site[site]:
             writer.add_scalar(f"val_on/{site}/{metric}", per_site[site][metric], epochs)
     # Held-out test cases: scored once, reported apart, never used to choose anything.
-    per_site_test = {site: trainer.evaluate(trainer.eval_loader(items))
-                     for site, items in (test_sets or {}).items() if items}
+    per_site_test = {
+        site: trainer.evaluate(trainer.eval_loader(items)) for site, items in (test_sets or {}).items() if items
+    }
     writer.close()
     model_path = out_dir / "final_model.pt"
     save_checkpoint(model_path, trainer.model, {"baseline": name, "epochs": epochs})
-    package = _package(exp, name, trainer, per_site, out_dir, epochs,
-                       {s: datalists[s] for s in trained_on} if datalists else {})
-    res = BaselineResult(name=name, trained_on=trained_on, epochs=epochs, per_site=per_site,
-                         model_path=str(model_path), seconds=time.perf_counter() - t0, history=history,
-                         privacy=trainer.privacy_spent(), per_site_test=per_site_test, package=package)
+    package = _package(
+        exp, name, trainer, per_site, out_dir, epochs, {s: datalists[s] for s in trained_on} if datalists else {}
+    )
+    res = BaselineResult(
+        name=name,
+        trained_on=trained_on,
+        epochs=epochs,
+        per_site=per_site,
+        model_path=str(model_path),
+        seconds=time.perf_counter() - t0,
+        history=history,
+        privacy=trainer.privacy_spent(),
+        per_site_test=per_site_test,
+        package=package,
+    )
     (out_dir / "result.json").write_text(json.dumps(res.__dict__, indent=1))
     return res
 
 
-def _package(exp: ExperimentConfig, name: str, trainer: SiteTrainer, per_site: dict[str, dict[str, float]],
-             out_dir: Path, epochs: int, datalists: dict[str, str]) -> str | None:
+def _package(
+    exp: ExperimentConfig,
+    name: str,
+    trainer: SiteTrainer,
+    per_site: dict[str, dict[str, float]],
+    out_dir: Path,
+    epochs: int,
+    datalists: dict[str, str],
+) -> str | None:
     """The final model as a model package; chosen on its case-weighted validation metrics over every site."""
     from fedimg.models.package import package_run_model
 
@@ -120,15 +147,27 @@ def _package(exp: ExperimentConfig, name: str, trainer: SiteTrainer, per_site: d
     cases = {s: float(m.get("cases", 0)) for s, m in per_site.items() if metric in m}
     total = sum(cases.values())
     value = sum(per_site[s][metric] * n for s, n in cases.items()) / total if total else None
-    chosen = {"metric": metric, "value": value, "cases": int(total), "metrics": per_site,
-              "on": "the final model on every site's validation cases (case-weighted mean)"}
-    path = package_run_model(out_dir / "package", trainer.state_dict(), exp, datalists, chosen,
-                             {"run": name, "model": "final", "epochs": epochs, "trained_on": sorted(datalists)})
+    chosen = {
+        "metric": metric,
+        "value": value,
+        "cases": int(total),
+        "metrics": per_site,
+        "on": "the final model on every site's validation cases (case-weighted mean)",
+    }
+    path = package_run_model(
+        out_dir / "package",
+        trainer.state_dict(),
+        exp,
+        datalists,
+        chosen,
+        {"run": name, "model": "final", "epochs": epochs, "trained_on": sorted(datalists)},
+    )
     return None if path is None else str(path)
 
 
-def score_model(exp: ExperimentConfig, checkpoint: str | Path, eval_sets: dict[str, list[dict[str, Any]]],
-                rt: Runtime) -> dict[str, dict[str, float]]:
+def score_model(
+    exp: ExperimentConfig, checkpoint: str | Path, eval_sets: dict[str, list[dict[str, Any]]], rt: Runtime
+) -> dict[str, dict[str, float]]:
     """Score a saved model (``{"model": state_dict}``, loaded with ``weights_only``) on each site's items.
 
     Used for the held-out test cases of a federated run in ``fedimg compare``: the same evaluation code as the
@@ -156,8 +195,14 @@ def _read(exp: ExperimentConfig, datalists: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def local_only(exp: ExperimentConfig, datalists: dict[str, str], rt: Runtime, out_dir: str | Path,
-               epochs: int | None = None, progress: bool = False) -> dict[str, BaselineResult]:
+def local_only(
+    exp: ExperimentConfig,
+    datalists: dict[str, str],
+    rt: Runtime,
+    out_dir: str | Path,
+    epochs: int | None = None,
+    progress: bool = False,
+) -> dict[str, BaselineResult]:
     """Train one model per site on that site alone; score each on every site's validation cases.
 
     Args:
@@ -170,19 +215,46 @@ def local_only(exp: ExperimentConfig, datalists: dict[str, str], rt: Runtime, ou
     test_sets = {s: dl.test for s, dl in dls.items()}
     results = {}
     for site, dl in dls.items():
-        results[site] = _train(exp, f"local-{site}", dl.training, eval_sets, [site], rt,
-                               Path(out_dir) / f"local-{site}", epochs, progress, test_sets=test_sets,
-                               datalists=datalists)
+        results[site] = _train(
+            exp,
+            f"local-{site}",
+            dl.training,
+            eval_sets,
+            [site],
+            rt,
+            Path(out_dir) / f"local-{site}",
+            epochs,
+            progress,
+            test_sets=test_sets,
+            datalists=datalists,
+        )
         logger.info("local-only %s: trained %d epochs in %.0f s", site, epochs, results[site].seconds)
     return results
 
 
-def centralized(exp: ExperimentConfig, datalists: dict[str, str], rt: Runtime, out_dir: str | Path,
-                epochs: int | None = None, progress: bool = False) -> BaselineResult:
+def centralized(
+    exp: ExperimentConfig,
+    datalists: dict[str, str],
+    rt: Runtime,
+    out_dir: str | Path,
+    epochs: int | None = None,
+    progress: bool = False,
+) -> BaselineResult:
     """Train one model on the pooled training cases of every site; score it on each site's validation cases."""
     epochs = epochs or federated_epochs(exp)
     dls = _read(exp, datalists)
     pooled = [item for dl in dls.values() for item in dl.training]
     eval_sets = {s: dl.validation for s, dl in dls.items()}
-    return _train(exp, "centralized", pooled, eval_sets, list(dls), rt, Path(out_dir) / "centralized",
-                  epochs, progress, test_sets={s: dl.test for s, dl in dls.items()}, datalists=datalists)
+    return _train(
+        exp,
+        "centralized",
+        pooled,
+        eval_sets,
+        list(dls),
+        rt,
+        Path(out_dir) / "centralized",
+        epochs,
+        progress,
+        test_sets={s: dl.test for s, dl in dls.items()},
+        datalists=datalists,
+    )

@@ -18,8 +18,9 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,12 +60,16 @@ def load_checkpoint(path: str | Path) -> Any:
         # PyTorch names the offending global (a class or function path), never data of the file.
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f"it references {found.group(1)[:120]}" if found else "it is not a plain weights file"
-        raise ValueError(f"checkpoint {p} refused: {what}; a checkpoint may hold only tensors, containers, numbers, "
-                         "strings and bytes (anything else could run code when loaded). Load only checkpoints "
-                         "written by fedimg or NVFlare's PyTorch persistor") from None
+        raise ValueError(
+            f"checkpoint {p} refused: {what}; a checkpoint may hold only tensors, containers, numbers, "
+            "strings and bytes (anything else could run code when loaded). Load only checkpoints "
+            "written by fedimg or NVFlare's PyTorch persistor"
+        ) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"checkpoint {p} is not a readable PyTorch file ({type(exc).__name__}); expected a "
-                         "checkpoint written by torch.save") from None
+        raise ValueError(
+            f"checkpoint {p} is not a readable PyTorch file ({type(exc).__name__}); expected a "
+            "checkpoint written by torch.save"
+        ) from None
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -92,8 +97,14 @@ def _array(value: Any) -> np.ndarray | None:
     return None
 
 
-def state_problem(state: Any, reference: Mapping[str, Any], *, optional: Collection[str] = (),
-                  float_dtypes: Collection[str] = FLOAT_DTYPES, flat_ok: bool = False) -> str | None:
+def state_problem(
+    state: Any,
+    reference: Mapping[str, Any],
+    *,
+    optional: Collection[str] = (),
+    float_dtypes: Collection[str] = FLOAT_DTYPES,
+    flat_ok: bool = False,
+) -> str | None:
     """Why ``state`` does not fit ``reference`` exactly (None: it fits).
 
     Checked: a mapping of names to arrays (torch tensors or NumPy arrays);

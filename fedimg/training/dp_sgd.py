@@ -46,7 +46,8 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -107,20 +108,27 @@ def check_network(model: torch.nn.Module, exp: ExperimentConfig) -> None:
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     reasons = "; ".join(sorted({r for _, _, r in bad}))
     if exp.model.name == "resnet":
-        hint = ("MONAI's ResNet builds its residual blocks with BatchNorm whatever model.norm says "
-                f"(model.norm {exp.model.norm} only reaches its first layer): use model.name densenet121 "
-                "with model.norm instance or group for DP-SGD, or set privacy.dp_sgd.enabled: false")
+        hint = (
+            "MONAI's ResNet builds its residual blocks with BatchNorm whatever model.norm says "
+            f"(model.norm {exp.model.norm} only reaches its first layer): use model.name densenet121 "
+            "with model.norm instance or group for DP-SGD, or set privacy.dp_sgd.enabled: false"
+        )
     else:
         hint = "set model.norm: instance or group, or set privacy.dp_sgd.enabled: false"
-    raise ConfigError(f"privacy.dp_sgd: Opacus cannot train this {exp.model.name}: {len(bad)} "
-                      f"{'/'.join(kinds)} layer(s) ({shown}) are not supported ({reasons}); {hint}")
+    raise ConfigError(
+        f"privacy.dp_sgd: Opacus cannot train this {exp.model.name}: {len(bad)} "
+        f"{'/'.join(kinds)} layer(s) ({shown}) are not supported ({reasons}); {hint}"
+    )
 
 
 def _copy_hooked_output(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
     # The output of a layer with Opacus' backward hook must not be changed in place (autograd raises);
     # a container that hands it on (MONAI's Convolution) returns a copy instead, which its caller may change.
-    if isinstance(output, torch.Tensor) and output.grad_fn is not None \
-            and type(output.grad_fn).__name__ == "BackwardHookFunctionBackward":
+    if (
+        isinstance(output, torch.Tensor)
+        and output.grad_fn is not None
+        and type(output.grad_fn).__name__ == "BackwardHookFunctionBackward"
+    ):
         return output.clone()
     return None
 
@@ -153,10 +161,16 @@ def poisson_loader(loader: Any, seed: int) -> Any:
     gen = torch.Generator()
     gen.manual_seed(seed)
     # steps= fixes the epoch length: int(1 / (1 / steps)) is steps - 1 for some steps (93, 99, ...).
-    sampler = UniformWithReplacementSampler(num_samples=len(loader.dataset), sample_rate=1.0 / steps,
-                                            generator=gen, steps=steps)
-    return DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=_EmptyAsNone(loader.collate_fn),
-                      num_workers=loader.num_workers, generator=gen)
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(loader.dataset), sample_rate=1.0 / steps, generator=gen, steps=steps
+    )
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=sampler,
+        collate_fn=_EmptyAsNone(loader.collate_fn),
+        num_workers=loader.num_workers,
+        generator=gen,
+    )
 
 
 class DPSGD:
@@ -173,8 +187,9 @@ class DPSGD:
         ConfigError: a network DP-SGD cannot train (named layers, what to do).
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
-                 exp: ExperimentConfig, rt: Runtime) -> None:
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any, exp: ExperimentConfig, rt: Runtime
+    ) -> None:
         from opacus import PrivacyEngine
 
         self.cfg = exp.privacy.dp_sgd
@@ -188,8 +203,11 @@ class DPSGD:
         warnings.filterwarnings("ignore", message=_INPUT_HOOK_WARNING)
         self.engine = PrivacyEngine(accountant="rdp")
         self.module, self.optimizer, self.loader = self.engine.make_private(
-            module=model, optimizer=optimizer, data_loader=poisson_loader(loader, exp.train.seed),
-            noise_multiplier=self.cfg.noise_multiplier, max_grad_norm=self.cfg.max_grad_norm,
+            module=model,
+            optimizer=optimizer,
+            data_loader=poisson_loader(loader, exp.train.seed),
+            noise_multiplier=self.cfg.noise_multiplier,
+            max_grad_norm=self.cfg.max_grad_norm,
             poisson_sampling=False,  # the loader already draws Poisson batches (module docstring)
         )
         self.sample_rate = 1.0 / len(self.loader)
@@ -208,21 +226,28 @@ class DPSGD:
         self.module.train()
         try:
             self.module(x).float().mean().backward()
-            missing = [n for n, p in self.model.named_parameters()
-                       if p.requires_grad and getattr(p, "grad_sample", None) is None]
+            missing = [
+                n
+                for n, p in self.model.named_parameters()
+                if p.requires_grad and getattr(p, "grad_sample", None) is None
+            ]
         except (RuntimeError, NotImplementedError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"privacy.dp_sgd: Opacus could not compute per-sample gradients of model.name "
-                              f"{exp.model.name} (model.norm {exp.model.norm}, data.roi_size "
-                              f"{list(exp.data.roi_size)}): {first}. Use another network (unet or segresnet for "
-                              "segmentation, densenet121 for classification) or set privacy.dp_sgd.enabled: "
-                              "false") from exc
+            raise ConfigError(
+                f"privacy.dp_sgd: Opacus could not compute per-sample gradients of model.name "
+                f"{exp.model.name} (model.norm {exp.model.norm}, data.roi_size "
+                f"{list(exp.data.roi_size)}): {first}. Use another network (unet or segresnet for "
+                "segmentation, densenet121 for classification) or set privacy.dp_sgd.enabled: "
+                "false"
+            ) from exc
         finally:
             self.optimizer.zero_grad(set_to_none=True)
         if missing:
-            raise ConfigError(f"privacy.dp_sgd: no per-sample gradient for {len(missing)} parameter(s) of "
-                              f"model.name {exp.model.name} ({', '.join(missing[:3])}); their updates could not be "
-                              "clipped. Use another network or set privacy.dp_sgd.enabled: false")
+            raise ConfigError(
+                f"privacy.dp_sgd: no per-sample gradient for {len(missing)} parameter(s) of "
+                f"model.name {exp.model.name} ({', '.join(missing[:3])}); their updates could not be "
+                "clipped. Use another network or set privacy.dp_sgd.enabled: false"
+            )
 
     @property
     def steps(self) -> int:
@@ -237,10 +262,17 @@ class DPSGD:
 
     def spent(self) -> dict[str, Any]:
         """What DP-SGD released so far: the mechanism, its parameters and epsilon at delta."""
-        return {"mechanism": MECHANISM, "epsilon": self.epsilon(), "delta": self.cfg.delta,
-                "noise_multiplier": self.cfg.noise_multiplier, "max_grad_norm": self.cfg.max_grad_norm,
-                "steps": self.steps, "sample_rate": self.sample_rate,
-                "expected_batch_size": self.expected_batch_size, "poisson_sampling": True}
+        return {
+            "mechanism": MECHANISM,
+            "epsilon": self.epsilon(),
+            "delta": self.cfg.delta,
+            "noise_multiplier": self.cfg.noise_multiplier,
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "steps": self.steps,
+            "sample_rate": self.sample_rate,
+            "expected_batch_size": self.expected_batch_size,
+            "poisson_sampling": True,
+        }
 
     def _noise_only_step(self) -> None:
         # An empty Poisson batch is a step like any other: the noise alone is released and accounted.
@@ -248,8 +280,9 @@ class DPSGD:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         self.optimizer.step()
 
-    def train_epoch(self, loss_fn: torch.nn.Module, rt: Runtime,
-                    on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+    def train_epoch(
+        self, loss_fn: torch.nn.Module, rt: Runtime, on_step: Callable[[int, float], None] | None = None
+    ) -> dict[str, float]:
         """One pass of Poisson batches with per-sample clipping and noise.
 
         In fp32 without a gradient scaler: a scaled loss would scale every
@@ -293,8 +326,12 @@ class DPSGD:
                 on_step(steps - 1, value)
         self.optimizer.zero_grad(set_to_none=True)  # drop per-sample gradients between epochs (memory)
         self.empty_batches += empty
-        return {"loss": total / losses if losses else float("nan"), "steps": float(steps), "empty": float(empty),
-                "seconds": time.perf_counter() - t0}
+        return {
+            "loss": total / losses if losses else float("nan"),
+            "steps": float(steps),
+            "empty": float(empty),
+            "seconds": time.perf_counter() - t0,
+        }
 
 
 __all__ = ["DPSGD", "MECHANISM", "check_network", "make_hook_safe", "poisson_loader", "unsupported_layers"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,30 +87,63 @@ def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, pr
     save_checkpoint(out / "last_model.pt", trainer.model, {"epoch": exp.train.epochs})
     writer.close()
     packages = _write_packages(exp, site, out, trainer, best_val, best_epoch, last_val)
-    return LocalResult(site=site.name, epochs=exp.train.epochs, best_score=best, metric=trainer.task.main_metric, best_epoch=best_epoch,
-                       final=last_val, best_model=str(out / "best_model.pt"), last_model=str(out / "last_model.pt"),
-                       logdir=str(out / "tb"), seconds=time.perf_counter() - t0, privacy=trainer.privacy_spent(),
-                       packages=packages)
+    return LocalResult(
+        site=site.name,
+        epochs=exp.train.epochs,
+        best_score=best,
+        metric=trainer.task.main_metric,
+        best_epoch=best_epoch,
+        final=last_val,
+        best_model=str(out / "best_model.pt"),
+        last_model=str(out / "last_model.pt"),
+        logdir=str(out / "tb"),
+        seconds=time.perf_counter() - t0,
+        privacy=trainer.privacy_spent(),
+        packages=packages,
+    )
 
 
-def _write_packages(exp: ExperimentConfig, site: SiteConfig, out: Path, trainer: SiteTrainer,
-                    best_val: dict[str, float], best_epoch: int, last_val: dict[str, float]) -> dict[str, str]:
+def _write_packages(
+    exp: ExperimentConfig,
+    site: SiteConfig,
+    out: Path,
+    trainer: SiteTrainer,
+    best_val: dict[str, float],
+    best_epoch: int,
+    last_val: dict[str, float],
+) -> dict[str, str]:
     """The best and the last model as model packages, with the validation metrics each was chosen on."""
     from fedimg.models.package import package_run_model
     from fedimg.training.checkpoint import load_state_dict
 
     metric = trainer.task.main_metric
     written = {}
-    models = {"best": (load_state_dict(out / "best_model.pt") if (out / "best_model.pt").is_file() else None,
-                       best_val, best_epoch),
-              "final": (trainer.state_dict(), last_val, exp.train.epochs)}
+    models = {
+        "best": (
+            load_state_dict(out / "best_model.pt") if (out / "best_model.pt").is_file() else None,
+            best_val,
+            best_epoch,
+        ),
+        "final": (trainer.state_dict(), last_val, exp.train.epochs),
+    }
     for name, (state, val, epoch) in models.items():
         if state is None:
             continue
-        chosen = {"metric": metric, "value": val.get(metric), "cases": int(val.get("cases", 0)), "metrics": val,
-                  "on": f"validation cases of {site.name}"}
-        path = package_run_model(out / "packages" / name, state, exp, {site.name: site.datalist}, chosen,
-                                 {"run": "local", "site": site.name, "model": name, "epoch": epoch})
+        chosen = {
+            "metric": metric,
+            "value": val.get(metric),
+            "cases": int(val.get("cases", 0)),
+            "metrics": val,
+            "on": f"validation cases of {site.name}",
+        }
+        path = package_run_model(
+            out / "packages" / name,
+            state,
+            exp,
+            {site.name: site.datalist},
+            chosen,
+            {"run": "local", "site": site.name, "model": name, "epoch": epoch},
+        )
         if path is not None:
             written[name] = str(path)
     return written

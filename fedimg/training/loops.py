@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
@@ -92,8 +92,9 @@ def train_epoch(
     return {"loss": total / steps, "steps": float(steps), "seconds": time.perf_counter() - t0}
 
 
-def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float,
-                    momentum: float = 0.9) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9
+) -> torch.optim.Optimizer:
     """Optimizer by name (``adam``, ``adamw``, ``sgd``)."""
     params = model.parameters()
     if name == "adam":

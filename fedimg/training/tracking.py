@@ -8,9 +8,9 @@ fixed, neutral name instead.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from torch.utils.tensorboard import SummaryWriter
 

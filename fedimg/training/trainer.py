@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -51,8 +52,15 @@ class SiteTrainer:
             Opacus cannot train (named, with what to do).
     """
 
-    def __init__(self, exp: ExperimentConfig, train_items: list[dict[str, Any]], val_items: list[dict[str, Any]],
-                 rt: Runtime, progress: bool = False, test_items: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        exp: ExperimentConfig,
+        train_items: list[dict[str, Any]],
+        val_items: list[dict[str, Any]],
+        rt: Runtime,
+        progress: bool = False,
+        test_items: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.exp = exp
         self.rt = rt
         self.task = build_task(exp)
@@ -62,11 +70,13 @@ class SiteTrainer:
         self.n_test = len(self.test_items)
         self._test_loader: Any = None
         self.progress = progress
-        self.train_loader, self.val_loader = make_loaders(train_items, val_items, exp.data, exp.task, rt.device,
-                                                          progress=progress, seed=exp.train.seed)
+        self.train_loader, self.val_loader = make_loaders(
+            train_items, val_items, exp.data, exp.task, rt.device, progress=progress, seed=exp.train.seed
+        )
         self.model = build_model(exp.model, exp.task).to(rt.device)
-        self.optimizer = build_optimizer(self.model, exp.optim.name, exp.optim.lr, exp.optim.weight_decay,
-                                         exp.optim.momentum)
+        self.optimizer = build_optimizer(
+            self.model, exp.optim.name, exp.optim.lr, exp.optim.weight_decay, exp.optim.momentum
+        )
         self.steps_done = 0
         self.norm_keys = frozenset(normalization_keys(self.model))
         self.dp: Any = None
@@ -79,15 +89,18 @@ class SiteTrainer:
             self.train_loader = self.dp.loader
             self.scaler = None
             if rt.amp:
-                logger.info("privacy.dp_sgd: training in fp32 (no AMP): a gradient scaler would scale the "
-                            "per-sample gradients before they are clipped")
+                logger.info(
+                    "privacy.dp_sgd: training in fp32 (no AMP): a gradient scaler would scale the "
+                    "per-sample gradients before they are clipped"
+                )
         else:
             self.loss_fn = self.task.loss()
             self.scaler = rt.grad_scaler()
 
     @classmethod
-    def from_datalist(cls, exp: ExperimentConfig, datalist: str | Path, rt: Runtime,
-                      progress: bool = False) -> "SiteTrainer":
+    def from_datalist(
+        cls, exp: ExperimentConfig, datalist: str | Path, rt: Runtime, progress: bool = False
+    ) -> SiteTrainer:
         """A trainer on one site's ``datalist.json`` (checked against the experiment's task; ``data.fold`` applied)."""
         dl = read_datalist(datalist, fold=exp.data.fold)
         check_matches_task(dl, exp.task, f"datalist {datalist}")
@@ -111,9 +124,11 @@ class SiteTrainer:
         current = self.model.state_dict()
         why = state_problem(state, current, optional=keep, flat_ok=self.exp.privacy.encryption == "he")
         if why:
-            raise ValueError(f"received weights refused ({why}); they do not fit the configured "
-                             f"{self.exp.model.name} or are broken: server and site must use the same experiment "
-                             "config, and a model with NaN or infinite values is never loaded")
+            raise ValueError(
+                f"received weights refused ({why}); they do not fit the configured "
+                f"{self.exp.model.name} or are broken: server and site must use the same experiment "
+                "config, and a model with NaN or infinite values is never loaded"
+            )
         new = {}
         for k, v in current.items():
             if k in keep or k not in state:
@@ -127,8 +142,9 @@ class SiteTrainer:
         """CPU copy of the current weights."""
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def fit(self, epochs: int, on_step: Callable[[int, float], None] | None = None,
-            hooks: StepHooks | None = None) -> dict[str, float]:
+    def fit(
+        self, epochs: int, on_step: Callable[[int, float], None] | None = None, hooks: StepHooks | None = None
+    ) -> dict[str, float]:
         """Train ``epochs`` epochs; returns the mean loss and the number of optimizer steps.
 
         Raises:
@@ -136,8 +152,9 @@ class SiteTrainer:
                 SCAFFOLD): their terms are outside DP-SGD's clipping.
         """
         if self.train_loader is None:
-            raise ValueError("this trainer has no training cases (it only evaluates); the datalist's training "
-                             "split is empty")
+            raise ValueError(
+                "this trainer has no training cases (it only evaluates); the datalist's training split is empty"
+            )
         losses, steps = [], 0
 
         def hook(i: int, loss: float) -> None:
@@ -146,14 +163,24 @@ class SiteTrainer:
                 on_step(self.steps_done, loss)
 
         if self.dp is not None and hooks is not None and (hooks.extra_loss or hooks.after_step):
-            raise ValueError("privacy.dp_sgd clips per-sample gradients of the task loss only; the algorithm's "
-                             "step additions (FedProx, SCAFFOLD) are not allowed with it: use fedavg or fedopt")
+            raise ValueError(
+                "privacy.dp_sgd clips per-sample gradients of the task loss only; the algorithm's "
+                "step additions (FedProx, SCAFFOLD) are not allowed with it: use fedavg or fedopt"
+            )
         for _ in range(epochs):
             if self.dp is not None:
                 res = self.dp.train_epoch(self.loss_fn, self.rt, on_step=hook)
             else:
-                res = train_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, self.rt, self.scaler,
-                                  on_step=hook, hooks=hooks)
+                res = train_epoch(
+                    self.model,
+                    self.train_loader,
+                    self.optimizer,
+                    self.loss_fn,
+                    self.rt,
+                    self.scaler,
+                    on_step=hook,
+                    hooks=hooks,
+                )
             if math.isfinite(res["loss"]):  # NaN: a DP-SGD epoch of empty Poisson batches only
                 losses.append(res["loss"])
             steps += int(res["steps"])

@@ -26,12 +26,12 @@ def main(argv: list[str]) -> int:
     export_dir = None
     if "--export-dir" in argv:  # NVFlare's own spelling: --export --export-dir DIR
         i = argv.index("--export-dir")
-        export_dir, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+        export_dir, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
     if "--export" in argv:
         i = argv.index("--export")
         has_dir = i + 1 < len(argv) and not argv[i + 1].startswith("-")
         export_dir = argv[i + 1] if has_dir else (export_dir or "fl_job")
-        argv = argv[:i] + argv[i + (2 if has_dir else 1):]
+        argv = argv[:i] + argv[i + (2 if has_dir else 1) :]
     sys.argv = sys.argv[:1]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML (configs/experiments/)")
@@ -56,8 +56,14 @@ def main(argv: list[str]) -> int:
             job = launch.export(exp, list(sites), export_dir)
             print(f"job exported to {job}; submit with `nvflare job submit -j {job}`")
             return 0
-        target = launch.Target(env=args.env, sites=sites, workspace=Path(args.workspace), timeout=args.timeout,
-                               startup_kit=args.startup_kit, admin=args.admin)
+        target = launch.Target(
+            env=args.env,
+            sites=sites,
+            workspace=Path(args.workspace),
+            timeout=args.timeout,
+            startup_kit=args.startup_kit,
+            admin=args.admin,
+        )
         launched = launch.run(exp, target, resume_from=args.resume_from)
     except (UserError, ValueError) as exc:
         print(f"job.py: error: {exc}", file=sys.stderr)

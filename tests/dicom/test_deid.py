@@ -177,9 +177,7 @@ def test_pseudonyms_depend_on_secret(p: Pseudonymizer) -> None:
 def test_date_shift_preserves_intervals(p: Pseudonymizer) -> None:
     pid = "MRN-1"
     off = p.date_offset_days(pid)
-    assert p.shift_date("20200101", pid) == (dt.date(2020, 1, 1) + dt.timedelta(days=off)).strftime(
-        "%Y%m%d"
-    )
+    assert p.shift_date("20200101", pid) == (dt.date(2020, 1, 1) + dt.timedelta(days=off)).strftime("%Y%m%d")
     d1, d2 = p.shift_date("20200101", pid), p.shift_date("20210315", pid)
     gap = dt.datetime.strptime(d2, "%Y%m%d") - dt.datetime.strptime(d1, "%Y%m%d")
     assert gap.days == (dt.date(2021, 3, 15) - dt.date(2020, 1, 1)).days
@@ -189,8 +187,9 @@ def test_date_shift_preserves_intervals(p: Pseudonymizer) -> None:
     # TM values shift by the same per-patient seconds (modulo a day); differences within a day are kept
     t1, t2 = p.shift_time("081500", pid), p.shift_time("093000.5", pid)
     assert t2.endswith(".5") and t1 != "081500"
-    gap_s = (int(t2[:2]) * 3600 + int(t2[2:4]) * 60 + int(t2[4:6]) - int(t1[:2]) * 3600 - int(t1[2:4]) * 60
-             - int(t1[4:6])) % 86400
+    gap_s = (
+        int(t2[:2]) * 3600 + int(t2[2:4]) * 60 + int(t2[4:6]) - int(t1[:2]) * 3600 - int(t1[2:4]) * 60 - int(t1[4:6])
+    ) % 86400
     assert gap_s == 4500
     assert len(p.shift_date("202001", pid)) == 6 and len(p.shift_date("2020", pid)) == 4
     with pytest.raises(DeidError) as exc:
@@ -238,9 +237,7 @@ def test_options_recorded_and_applied(p: Pseudonymizer) -> None:
     )
     assert out.PatientIdentityRemoved == "YES"
     assert out.DeidentificationMethod[0] == TABLE_EDITION == "DICOM PS3.15 2024b Table E.1-1"
-    codes = [
-        (i.CodeValue, i.CodingSchemeDesignator) for i in out.DeidentificationMethodCodeSequence
-    ]
+    codes = [(i.CodeValue, i.CodingSchemeDesignator) for i in out.DeidentificationMethodCodeSequence]
     assert codes == [("113100", "DCM"), ("113107", "DCM"), ("113105", "DCM"), ("113108", "DCM")]
     assert out.LongitudinalTemporalInformationModified == "MODIFIED"
     assert (out.PatientAge, out.PatientSex) == ("045Y", "F")
@@ -299,12 +296,7 @@ _BIRTH = (0x00100030, 0x00100032)
 
 
 def _empty(v: object) -> bool:
-    return (
-        v is None
-        or v == ""
-        or v == b""
-        or (isinstance(v, (list, Sequence, MultiValue)) and len(v) == 0)
-    )
+    return v is None or v == "" or v == b"" or (isinstance(v, (list, Sequence, MultiValue)) and len(v) == 0)
 
 
 class Tally:
@@ -386,9 +378,7 @@ def _check(
             olds = list(ov) if isinstance(ov, MultiValue) else [ov]
             news = list(nv) if isinstance(nv, MultiValue) else [nv]
             ok = present and len(olds) == len(news)
-            ok = ok and all(
-                str(n) == shift(str(o), pid) and str(n) != str(o) for o, n in zip(olds, news)
-            )
+            ok = ok and all(str(n) == shift(str(o), pid) and str(n) != str(o) for o, n in zip(olds, news))
             tally.add("C date shifted", ok, what)
             continue
         if elem.VR == "TM" and t not in _BIRTH and not _empty(ov):
@@ -447,8 +437,7 @@ def _text_values(ds: Dataset) -> list[str]:
     return [
         str(e.value)
         for e in ds.iterall()
-        if e.VR not in ("UI", "SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN")
-        and e.value is not None
+        if e.VR not in ("UI", "SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN") and e.value is not None
     ]
 
 
@@ -460,9 +449,7 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     return out, generate(out, n_sites=3, n_cases=2, seed=0, progress=False)
 
 
-def test_conformance_counts(
-    synth_root: tuple[Path, object], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_conformance_counts(synth_root: tuple[Path, object], capsys: pytest.CaptureFixture[str]) -> None:
     root, truth = synth_root
     p = Pseudonymizer(SiteSecret(SECRET))
     covariate_names = ["PatientAge", "PatientSex"]
@@ -479,9 +466,7 @@ def test_conformance_counts(
         orig = pydicom.dcmread(path, force=True)
         snapshot = copy.deepcopy(orig)
         new = deidentify(orig, p, covariate_names, {"SeriesDescription": series_ok})
-        tally.add(
-            "input unchanged", orig == snapshot and orig.file_meta == snapshot.file_meta, str(path)
-        )
+        tally.add("input unchanged", orig == snapshot and orig.file_meta == snapshot.file_meta, str(path))
         pid = str(orig.get("PatientID", "") or "").strip()
         _check(orig, new, p, pid, tally, covariates, allow, path.name)
         meta = getattr(new, "file_meta", None)
@@ -492,16 +477,12 @@ def test_conformance_counts(
                 path.name,
             )
             orig_meta_uid = orig.file_meta.get("MediaStorageSOPInstanceUID")
-            if orig_meta_uid and orig_meta_uid == orig.get(
-                "SOPInstanceUID"
-            ):  # some test files disagree
+            if orig_meta_uid and orig_meta_uid == orig.get("SOPInstanceUID"):  # some test files disagree
                 tally.uid_map[str(orig_meta_uid)].add(str(meta.MediaStorageSOPInstanceUID))
         tally.add("class/TS UID unchanged", _class_ts(orig) == _class_ts(new), path.name)
         if is_testfile or k % 50 == 0:
             buf = io.BytesIO()
-            has_meta = meta is not None and all(
-                meta.get(k) for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID")
-            )
+            has_meta = meta is not None and all(meta.get(k) for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID"))
             new.save_as(
                 buf,
                 enforce_file_format=has_meta,
@@ -509,9 +490,9 @@ def test_conformance_counts(
                 little_endian=None if has_meta else True,
             )
             back = pydicom.dcmread(io.BytesIO(buf.getvalue()), force=True)
-            ok = back.get("SOPInstanceUID") == new.get("SOPInstanceUID") and (
-                back.get("PatientID") or ""
-            ) == (new.get("PatientID") or "")
+            ok = back.get("SOPInstanceUID") == new.get("SOPInstanceUID") and (back.get("PatientID") or "") == (
+                new.get("PatientID") or ""
+            )
             ok = ok and back.PatientIdentityRemoved == "YES"
             if "PixelData" in new:
                 ok = ok and back.PixelData == new.PixelData
@@ -520,15 +501,13 @@ def test_conformance_counts(
             results[path] = (orig, new)
 
     # one original UID -> one new UID everywhere; one new UID <- one original
-    for old, news in tally.uid_map.items():
+    for news in tally.uid_map.values():
         tally.add("UID consistent", len(news) == 1, "uid")
     reverse: dict[str, set[str]] = defaultdict(set)
     for old, news in tally.uid_map.items():
         for n in news:
             reverse[n].add(old)
-    assert all(len(v) == 1 for v in reverse.values()), [
-        sorted(v) for v in reverse.values() if len(v) > 1
-    ][:3]
+    assert all(len(v) == 1 for v in reverse.values()), [sorted(v) for v in reverse.values() if len(v) > 1][:3]
 
     # references still resolve: masks -> de-identified CT slices, series, frame of reference
     ct_sop = {n.SOPInstanceUID: n for o, n in results.values() if o.SOPClassUID != SC_CLASS}
@@ -553,10 +532,7 @@ def test_conformance_counts(
             needles = [ids[k] for k in ("patient_id", "last_name", "first_name", "accession_number", "birth_date",
                                         "study_date", "institution_name", "institution_address", "department",
                                         "station_name", "device_serial_number")]  # fmt: skip
-            needles += [
-                ids[k].split("^")[0]
-                for k in ("referring_physician", "performing_physician", "operator")
-            ]
+            needles += [ids[k].split("^")[0] for k in ("referring_physician", "performing_physician", "operator")]
             for orig, new in results.values():
                 if str(orig.PatientID) != ids["patient_id"]:
                     continue
@@ -580,13 +556,9 @@ def test_uid_remap_across_nested_references(p: Pseudonymizer) -> None:
     out = deidentify(ds, p)
     orig_for = ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
     new_for = out.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
-    assert (
-        new_for == p.uid(orig_for) == out.StructureSetROISequence[0].ReferencedFrameOfReferenceUID
-    )
+    assert new_for == p.uid(orig_for) == out.StructureSetROISequence[0].ReferencedFrameOfReferenceUID
     nested = [e for e in out.iterall() if e.VR == "UI" and not e.keyword.endswith("ClassUID")]
-    assert nested and all(
-        UID_RE.match(str(e.value)) for e in nested if e.keyword != "CodingSchemeUID"
-    )
+    assert nested and all(UID_RE.match(str(e.value)) for e in nested if e.keyword != "CodingSchemeUID")
 
 
 # --------------------------------------------------------------------------

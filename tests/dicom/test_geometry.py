@@ -15,13 +15,29 @@ from fedimg.dicom.reasons import Reason, RefusedError
 def _headers(positions, iop=(1, 0, 0, 0, 1, 0), spacing=(0.8, 0.7), shuffle=True, rows=4, cols=5):
     hs = []
     for n, pos in enumerate(positions):
-        hs.append(DicomHeader(path=Path(f"/x/{n}"), rel=f"{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                              sop_instance_uid=str(n), study_uid="1", series_uid="2", modality="CT",
-                              series_description="", image_type=("ORIGINAL",), frame_of_reference_uid="3",
-                              rows=rows, columns=cols, iop=tuple(float(v) for v in iop),
-                              ipp=tuple(float(v) for v in pos), pixel_spacing=spacing,
-                              instance_number=len(positions) - n, echo_number=None, number_of_frames=1,
-                              has_pixels=True))
+        hs.append(
+            DicomHeader(
+                path=Path(f"/x/{n}"),
+                rel=f"{n}",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                sop_instance_uid=str(n),
+                study_uid="1",
+                series_uid="2",
+                modality="CT",
+                series_description="",
+                image_type=("ORIGINAL",),
+                frame_of_reference_uid="3",
+                rows=rows,
+                columns=cols,
+                iop=tuple(float(v) for v in iop),
+                ipp=tuple(float(v) for v in pos),
+                pixel_spacing=spacing,
+                instance_number=len(positions) - n,
+                echo_number=None,
+                number_of_frames=1,
+                has_pixels=True,
+            )
+        )
     if shuffle:
         rng = np.random.default_rng(0)
         hs = [hs[i] for i in rng.permutation(len(hs))]

@@ -122,8 +122,12 @@ class OracleFile:
 def run_dcm2niix(src: Path, out: Path, *extra: str) -> list[OracleFile]:
     exe = _require_dcm2niix()
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([exe, "-b", "n", "-z", "n", *extra, "-f", "%s_%j", "-o", str(out), str(src)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [exe, "-b", "n", "-z", "n", *extra, "-f", "%s_%j", "-o", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode not in (0, 2):  # 2: no DICOM found in a sub-folder
         raise RuntimeError(f"dcm2niix failed ({proc.returncode}): {proc.stderr[-500:]}")
     files = []
@@ -170,7 +174,8 @@ def oracle_arrays(f: OracleFile) -> list[tuple[np.ndarray, np.ndarray]]:
 EXPECTED_REFUSALS: dict[tuple[str, int], tuple[Reason, str]] = {
     ("dicom2nifti/generic/rgb/001", 747197466): (
         Reason.UNSUPPORTED_PIXELS,
-        "RGB secondary capture ((0028,0002) Samples per Pixel 3); fedimg converts greyscale volumes only"),
+        "RGB secondary capture ((0028,0002) Samples per Pixel 3); fedimg converts greyscale volumes only",
+    ),
 }
 # Reasons that must stand for a series dcm2niix had to correct (_Tilt_ / _Eq_ output).
 CORRECTION_REASONS = {Reason.GANTRY_TILT, Reason.NONUNIFORM_SPACING, Reason.SLICE_GAP}
@@ -205,8 +210,11 @@ def compare_with_dcm2niix(name: str, src: Path, tmp: Path, *extra: str) -> Repor
             for o in cands:
                 assert o.reason in CORRECTION_REASONS, (
                     f"{name} {f.series}: dcm2niix corrected this series; fedimg must refuse it "
-                    f"(got {o.reason}: {o.detail})")
-                report.refused.append(f"{name} #{f.series[1]}: {o.reason.value} (dcm2niix wrote {f.suffix or 'raw'} + corrected)")
+                    f"(got {o.reason}: {o.detail})"
+                )
+                report.refused.append(
+                    f"{name} #{f.series[1]}: {o.reason.value} (dcm2niix wrote {f.suffix or 'raw'} + corrected)"
+                )
             continue
         converted = [o for o in cands if o.volume is not None]
         refused = [o for o in cands if o.volume is None]
@@ -225,12 +233,14 @@ def compare_with_dcm2niix(name: str, src: Path, tmp: Path, *extra: str) -> Repor
             continue
         vols = oracle_arrays(f)
         # A 4D oracle (mosaic time series) holds one time point per fedimg volume, in acquisition order.
-        converted.sort(key=lambda o: (o.group.first.acquisition_number or 0, o.group.first.instance_number or 0,
-                                      o.group.first.rel))
+        converted.sort(
+            key=lambda o: (o.group.first.acquisition_number or 0, o.group.first.instance_number or 0, o.group.first.rel)
+        )
         if refused:
             continue  # a time point fedimg could not decode: the remaining ones cannot be aligned safely
         assert len(vols) == len(converted), (
-            f"{name} {f.series}: dcm2niix holds {len(vols)} volume(s), fedimg converted {len(converted)}")
+            f"{name} {f.series}: dcm2niix holds {len(vols)} volume(s), fedimg converted {len(converted)}"
+        )
         for t, (o, (data, affine)) in enumerate(zip(converted, vols)):
             assert_same_image(o.volume, data, affine, f"{name} #{f.series[1]} t={t}")  # type: ignore[arg-type]
             report.matched.append(f"{name} #{f.series[1]} t={t}")
@@ -281,8 +291,12 @@ def test_dicom2nifti_matches_dcm2niix_and_ground_truth(series: str, tmp_path: Pa
             return
         assert len(ours) == 1
         img = nib.load(str(truth))
-        assert_same_image(ours[0].volume, img.get_fdata(dtype=np.float64), img.affine,  # type: ignore[arg-type]
-                          f"{name} vs dicom2nifti ground truth")
+        assert_same_image(
+            ours[0].volume,
+            img.get_fdata(dtype=np.float64),
+            img.affine,  # type: ignore[arg-type]
+            f"{name} vs dicom2nifti ground truth",
+        )
 
 
 # dicom2nifti's deliberately broken series: what fedimg must do with each (manifest reason).
@@ -292,8 +306,11 @@ FAILING = {
     "slicecount/001": ("refused", Reason.TOO_FEW_SLICES, "two slices only"),
     "sliceincrement/001": ("refused", Reason.SLICE_GAP, "one slice missing from a 5 mm stack"),
     "sliceincrement/002": ("refused", Reason.SLICE_GAP, "one slice missing from a 0.75 mm stack"),
-    "sliceorientation/001": ("refused", Reason.TOO_FEW_SLICES,
-                             "two series (202, 501) share a Series Instance UID; two slices each"),
+    "sliceorientation/001": (
+        "refused",
+        Reason.TOO_FEW_SLICES,
+        "two series (202, 501) share a Series Instance UID; two slices each",
+    ),
 }
 
 

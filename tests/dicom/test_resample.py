@@ -92,8 +92,9 @@ def test_tilted_ct_agrees_with_dcm2niix_correction(tmp_path):
     assert fixed and all("gantry tilt 18.5 degrees removed" in r["correction"] for r in fixed)
     ours = nib.as_closest_canonical(nib.load(tmp_path / "fix" / fixed[0]["output"]))
     (tmp_path / "d2n").mkdir()
-    subprocess.run([exe, "-b", "n", "-z", "n", "-f", "%s", "-o", str(tmp_path / "d2n"), str(src)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [exe, "-b", "n", "-z", "n", "-f", "%s", "-o", str(tmp_path / "d2n"), str(src)], check=True, capture_output=True
+    )
     (ref_path,) = list((tmp_path / "d2n").glob("*Tilt_Eq*.nii"))
     ref = nib.as_closest_canonical(nib.load(ref_path))
     rd = ref.get_fdata()

@@ -44,8 +44,9 @@ def _base(sop_class: str, rows: int, cols: int, series_uid: str, sop_uid: str | 
     return ds
 
 
-def _ct_slice(z: float, pixels: np.ndarray, series_uid: str = "1.2.3.4", sop_uid: str | None = None,
-              intercept: float = -1024.0) -> Dataset:
+def _ct_slice(
+    z: float, pixels: np.ndarray, series_uid: str = "1.2.3.4", sop_uid: str | None = None, intercept: float = -1024.0
+) -> Dataset:
     ds = _base(CT, *pixels.shape, series_uid=series_uid, sop_uid=sop_uid)
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.ImagePositionPatient = [0, 0, z]
@@ -148,7 +149,7 @@ def test_series_number_splits_a_reused_series_uid(tmp_path: Path) -> None:
 
 def _enhanced(path: Path, zs: list[float], slopes: list[float]) -> np.ndarray:
     n, rows, cols = len(zs), 4, 5
-    frames = (np.arange(n * rows * cols, dtype=np.int16).reshape(n, rows, cols))
+    frames = np.arange(n * rows * cols, dtype=np.int16).reshape(n, rows, cols)
     ds = _base(ENHANCED_CT, rows, cols, series_uid="1.2.3.9")
     ds.NumberOfFrames = n
     shared = Dataset()
@@ -224,8 +225,7 @@ def test_mosaic_tiles_and_centred_first_position() -> None:
     np.testing.assert_allclose(pos[2], [1.5, 2.0, 10.0])
 
 
-@pytest.mark.parametrize(("slope", "intercept"), [(b"abc", b"-1024"), (b"NaN", b"0"), (b"1", b"-inf"),
-                                                   (b"inf", b"0")])
+@pytest.mark.parametrize(("slope", "intercept"), [(b"abc", b"-1024"), (b"NaN", b"0"), (b"1", b"-inf"), (b"inf", b"0")])
 def test_unusable_rescale_refuses_the_series(tmp_path: Path, slope: bytes, intercept: bytes) -> None:
     # pydicom refuses to set 'abc' as DS: write sentinels, then overwrite their bytes.
     for k in range(3):

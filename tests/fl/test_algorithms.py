@@ -59,8 +59,13 @@ def _experiment(task: str, algorithm: str, model: str) -> cfg.ExperimentConfig:
         over["model.norm"] = "batch"
     if task == "seg3d":
         if model == "segresnet":
-            over.update({"model.init_filters": 8, "model.blocks_down": "[1, 1, 1]", "model.norm": "group"
-                         if algorithm != "fedbn" else "batch"})
+            over.update(
+                {
+                    "model.init_filters": 8,
+                    "model.blocks_down": "[1, 1, 1]",
+                    "model.norm": "group" if algorithm != "fedbn" else "batch",
+                }
+            )
         return tiny_experiment(name=f"{task}_{algorithm}", **over)
     return tiny_classification(int(task[-2]), name=f"{task}_{algorithm}", **over)
 
@@ -131,11 +136,13 @@ def test_task_algorithm_combination(task, algorithm, model, small_preprocessed, 
     if algorithm == "fedprox":
         # The term is 0 at a round's first step (weights = global) and grows after it.
         assert all(s[site]["mu"] == exp.fed.mu for s in stats for site in sites)
-        assert all(s[site]["prox_term"] > 0 for r, s in zip(train_rounds, stats) for site in sites
-                   if r["weights"][site] >= 2)
+        assert all(
+            s[site]["prox_term"] > 0 for r, s in zip(train_rounds, stats) for site in sites if r["weights"][site] >= 2
+        )
     if algorithm == "scaffold":
-        assert all(s[site]["control_delta_norm"] > 0 and s[site]["corrected_steps"] >= 1
-                   for s in stats for site in sites)
+        assert all(
+            s[site]["control_delta_norm"] > 0 and s[site]["corrected_steps"] >= 1 for s in stats for site in sites
+        )
     if algorithm == "fedbn":
         # The sites never sent their normalization layers: the global copies are the initialization.
         init = build_model(exp.model, exp.task).state_dict()

@@ -20,8 +20,10 @@ def _state():
 
 def test_diff_fp16_halves_the_float_bytes_and_round_trips():
     glob = _state()
-    local = {"w": glob["w"] + 0.01 * torch.randn(64, 32, generator=torch.Generator().manual_seed(1)),
-             "bn.num_batches_tracked": torch.tensor(9)}
+    local = {
+        "w": glob["w"] + 0.01 * torch.randn(64, 32, generator=torch.Generator().manual_seed(1)),
+        "bn.num_batches_tracked": torch.tensor(9),
+    }
     full32, kind = make_update(local, glob, "weights", "fp32")
     assert kind == FULL and torch.equal(full32["w"], local["w"])
     diff16, kind = make_update(local, glob, "diff", "fp16")
@@ -34,7 +36,7 @@ def test_diff_fp16_halves_the_float_bytes_and_round_trips():
     # fp16 keeps 11 significant bits: the error is relative to the small difference, not to the weights.
     diff = (local["w"] - glob["w"]).numpy()
     err = np.abs(glob["w"].numpy() + back["w"] - local["w"].numpy())
-    assert (err <= np.abs(diff) * 2.0 ** -10 + 1e-7).all()
+    assert (err <= np.abs(diff) * 2.0**-10 + 1e-7).all()
     weights16, _ = make_update(local, glob, "weights", "fp16")
     err_w = np.abs(to_float32(weights16)["w"] - local["w"].numpy()).max()
     assert err_w > 10 * err.max()  # full weights in fp16 lose far more
@@ -49,9 +51,11 @@ def test_excluded_keys_stay_at_the_site():
 
 
 def test_weighted_mean_median_and_trimmed_mean():
-    ups = [Update("a", {"x": np.array([1.0, 10.0], dtype=np.float32)}, 1.0),
-           Update("b", {"x": np.array([3.0, 20.0], dtype=np.float32)}, 3.0),
-           Update("c", {"x": np.array([1000.0, -500.0], dtype=np.float32)}, 0.0)]
+    ups = [
+        Update("a", {"x": np.array([1.0, 10.0], dtype=np.float32)}, 1.0),
+        Update("b", {"x": np.array([3.0, 20.0], dtype=np.float32)}, 3.0),
+        Update("c", {"x": np.array([1000.0, -500.0], dtype=np.float32)}, 0.0),
+    ]
     mean = aggregate(ups[:2], "mean")["x"]
     assert np.allclose(mean, [2.5, 17.5])  # weights 1:3
     med = aggregate(ups, "median")["x"]
@@ -64,8 +68,10 @@ def test_weighted_mean_median_and_trimmed_mean():
 
 
 def test_entries_sent_by_some_sites_only_and_integer_buffers():
-    ups = [Update("a", {"conv": np.ones(2, np.float32), "n": np.array(4)}, 1.0),
-           Update("b", {"conv": 3 * np.ones(2, np.float32)}, 1.0)]
+    ups = [
+        Update("a", {"conv": np.ones(2, np.float32), "n": np.array(4)}, 1.0),
+        Update("b", {"conv": 3 * np.ones(2, np.float32)}, 1.0),
+    ]
     out = aggregate(ups)
     assert np.allclose(out["conv"], 2.0) and out["n"] == 4 and out["n"].dtype == np.array(4).dtype
     with pytest.raises(ValueError, match="different shapes"):
@@ -78,8 +84,10 @@ def test_weighted_metrics_skip_missing_and_non_finite():
 
 
 def _controller(algorithm: str, server_optimizer: dict | None = None):
-    so = {f"server_optimizer.{k}": (json.dumps(v) if isinstance(v, list) else v)
-          for k, v in (server_optimizer or {}).items()}
+    so = {
+        f"server_optimizer.{k}": (json.dumps(v) if isinstance(v, list) else v)
+        for k, v in (server_optimizer or {}).items()
+    }
     return controller_for(algorithm, num_clients=2, exchange="diff", **so)
 
 
@@ -129,9 +137,16 @@ def test_scaffold_updates_its_global_controls():
 
     ctl = _controller("scaffold")
     ups = _diff_updates(ctl)
-    results = [FLModel(params=u.params, meta={"client_name": u.site, AlgorithmConstants.SCAFFOLD_CTRL_DIFF:
-                                              {k: np.full_like(v, c) for k, v in ctl._global.items()}})
-               for u, c in zip(ups, (1.0, 3.0))]
+    results = [
+        FLModel(
+            params=u.params,
+            meta={
+                "client_name": u.site,
+                AlgorithmConstants.SCAFFOLD_CTRL_DIFF: {k: np.full_like(v, c) for k, v in ctl._global.items()},
+            },
+        )
+        for u, c in zip(ups, (1.0, 3.0))
+    ]
     apply_round(ctl, ups, "DIFF", results)
     assert all(np.allclose(v, 2.0) for v in ctl.strategy.controls.values())
     assert ctl.strategy.check_result({"client_name": "a"}).startswith("MISSING_CONTROLS")
@@ -139,12 +154,12 @@ def test_scaffold_updates_its_global_controls():
 
 def _honest(rng, n=3):
     base = rng.normal(0, 1, 50).astype(np.float32)
-    return [Update(f"site-{i + 1}", {"w": base + 0.1 * rng.normal(0, 1, 50).astype(np.float32)}, 1.0)
-            for i in range(n)]
+    return [Update(f"site-{i + 1}", {"w": base + 0.1 * rng.normal(0, 1, 50).astype(np.float32)}, 1.0) for i in range(n)]
 
 
-@pytest.mark.parametrize("attack,reason", [("nan", "NON_FINITE"), ("scale", "NORM_OUTLIER"),
-                                           ("flip", "DIRECTION_OUTLIER")])
+@pytest.mark.parametrize(
+    "attack,reason", [("nan", "NON_FINITE"), ("scale", "NORM_OUTLIER"), ("flip", "DIRECTION_OUTLIER")]
+)
 def test_screening_names_the_poisoned_site(attack, reason):
     from fedimg.fl.aggregation import screen_updates
 
@@ -152,8 +167,9 @@ def test_screening_names_the_poisoned_site(attack, reason):
     w = ups[2].params["w"].copy()
     w = {"nan": np.where(np.arange(50) == 7, np.nan, w), "scale": 100 * w, "flip": -w}[attack].astype(np.float32)
     ups[2] = Update("site-3", {"w": w}, 1.0)
-    kept, rejected = screen_updates(ups, {"w": np.zeros(50, np.float32)}, is_diff=True,
-                                    norm_outlier_factor=5.0, min_cosine=0.0)
+    kept, rejected = screen_updates(
+        ups, {"w": np.zeros(50, np.float32)}, is_diff=True, norm_outlier_factor=5.0, min_cosine=0.0
+    )
     assert [u.site for u in kept] == ["site-1", "site-2"]
     assert list(rejected) == ["site-3"] and rejected["site-3"].startswith(reason)
 

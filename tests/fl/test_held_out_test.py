@@ -28,8 +28,10 @@ def test_test_cases_are_scored_apart_in_the_final_and_cross_site_evaluation(cls_
         held.test = held.validation[1:5]
         held.validation = held.validation[:1] + held.validation[5:]
         held.write(copy / "datalist.json")
-        cfg.save(cfg.SiteConfig(name=site, datalist=str(copy / "datalist.json"), device="cpu", num_threads=1),
-                 tmp_path / f"{site}.yaml")
+        cfg.save(
+            cfg.SiteConfig(name=site, datalist=str(copy / "datalist.json"), device="cpu", num_threads=1),
+            tmp_path / f"{site}.yaml",
+        )
         sites[site] = str(tmp_path / f"{site}.yaml")
     exp = tiny_classification(2, name="heldout", **{"fed.num_rounds": 1, "privacy.min_cohort": 1})
     res = run_simulation(exp, REPO / "jobs" / "train", sites, tmp_path / "ws")

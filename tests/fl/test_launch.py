@@ -29,8 +29,20 @@ def test_a_model_trained_at_one_site_is_evaluated_at_every_site_without_training
     cfg.save(exp, tmp_path / "exp.yaml")
     sites = _sites(cls_sites[2], tmp_path)
     # Trained elsewhere: site-1 alone, outside any federation.
-    assert main(["train-local", str(tmp_path / "local"), "--config", str(tmp_path / "exp.yaml"),
-                 "--site-config", str(tmp_path / "site-1.yaml"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train-local",
+                str(tmp_path / "local"),
+                "--config",
+                str(tmp_path / "exp.yaml"),
+                "--site-config",
+                str(tmp_path / "site-1.yaml"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     package = tmp_path / "local" / "packages" / "best"
     weights = load_package(package).state_dict
 
@@ -39,15 +51,16 @@ def test_a_model_trained_at_one_site_is_evaluated_at_every_site_without_training
     assert rc == 0, out
     ev = json.loads(next((tmp_path / "ws").rglob("fedimg/evaluation.json")).read_text())
     assert set(ev["sites"]) == {"site-1", "site-2"}
-    for site, metrics in ev["sites"].items():
+    for _site, metrics in ev["sites"].items():
         assert 0.0 <= metrics["val_auc"] <= 1.0 and metrics["val_cases"] == 6
     md = next((tmp_path / "ws").rglob("fedimg/evaluation.md")).read_text()
     assert "| site-2 | validation |" in md and "n=6" in md and "n=12" in md  # cases behind every number
     assert "The given model at every site" in out
     # Nothing was trained: no round, and the server's model is the package's, unchanged.
     assert not list((tmp_path / "ws").rglob("fedimg/rounds.jsonl"))
-    served = torch.load(next((tmp_path / "ws").rglob("app_server/FL_global_model.pt")), map_location="cpu",
-                        weights_only=True)["model"]
+    served = torch.load(
+        next((tmp_path / "ws").rglob("app_server/FL_global_model.pt")), map_location="cpu", weights_only=True
+    )["model"]
     assert all(torch.equal(torch.as_tensor(served[k]).to(v.dtype), v) for k, v in weights.items())
 
 
@@ -55,11 +68,27 @@ def test_fl_run_and_export_from_the_fedimg_command(cls_sites, tmp_path, capsys):
     exp = tiny_classification(2, name="flrun", **{"fed.num_rounds": 1, "fed.cross_site_eval": "false"})
     cfg.save(exp, tmp_path / "exp.yaml")
     sites = _sites(cls_sites[2], tmp_path)
-    assert main(["fl", "run", "--out", str(tmp_path / "ws"), "--config", str(tmp_path / "exp.yaml"), *sites,
-                 "--quiet"]) == 0
+    assert (
+        main(["fl", "run", "--out", str(tmp_path / "ws"), "--config", str(tmp_path / "exp.yaml"), *sites, "--quiet"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "site-1: final global model val_auc" in out and "model packages: best" in out
-    assert main(["fl", "export", str(tmp_path / "jobs"), "--config", str(tmp_path / "exp.yaml"), "--site", "site-1",
-                 "--site", "site-2"]) == 0
+    assert (
+        main(
+            [
+                "fl",
+                "export",
+                str(tmp_path / "jobs"),
+                "--config",
+                str(tmp_path / "exp.yaml"),
+                "--site",
+                "site-1",
+                "--site",
+                "site-2",
+            ]
+        )
+        == 0
+    )
     job = tmp_path / "jobs" / "flrun"
     assert (job / "meta.json").is_file() and str(tmp_path) not in next(job.rglob("config_fed_client.json")).read_text()

@@ -38,17 +38,28 @@ def test_he_training_in_poc_keeps_updates_and_global_model_encrypted(cls_sites, 
     for site, dl in cls_sites[2].items():
         cfg.save(cfg.SiteConfig(name=site, datalist=str(dl), device="cpu", num_threads=1), tmp_path / f"{site}.yaml")
         sites[site] = str(tmp_path / f"{site}.yaml")
-    exp = tiny_classification(2, name="poc_he", **{"privacy.encryption": "he", "fed.cross_site_eval": "false",
-                                                   "fed.final_eval": "false", "model.norm": "instance"})
-    recipe = build_recipe(exp, REPO / "jobs" / "train", {s: None for s in sites}, tmp_path / "staging",
-                          fast_polling=True)
+    exp = tiny_classification(
+        2,
+        name="poc_he",
+        **{
+            "privacy.encryption": "he",
+            "fed.cross_site_eval": "false",
+            "fed.final_eval": "false",
+            "model.norm": "instance",
+        },
+    )
+    recipe = build_recipe(
+        exp, REPO / "jobs" / "train", {s: None for s in sites}, tmp_path / "staging", fast_polling=True
+    )
     job = export_job(recipe, tmp_path / "staging", tmp_path / "jobs")
 
-    fed = PocFederation(tmp_path / "poc", sites, privacy=FED / "privacy.json",
-                        authorization=FED / "authorization.json", use_he=True)
+    fed = PocFederation(
+        tmp_path / "poc", sites, privacy=FED / "privacy.json", authorization=FED / "authorization.json", use_he=True
+    )
     fed.prepare()
-    assert (fed.kit("server") / "local" / "server_context.tenseal").is_file() or \
-        (fed.kit("server") / "startup" / "server_context.tenseal").is_file()
+    assert (fed.kit("server") / "local" / "server_context.tenseal").is_file() or (
+        fed.kit("server") / "startup" / "server_context.tenseal"
+    ).is_file()
     try:
         fed.start()
         outcome = fed.run(job, timeout=600, download_to=tmp_path / "results")

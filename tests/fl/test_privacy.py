@@ -24,13 +24,16 @@ def _diff(scale=1.0, n=20000):
     return {"w": (scale * rng.normal(0, 1, n)).astype(np.float32), "n": np.array(3)}
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"clip_norm": 0}, "clip_norm must be a finite number > 0, got 0"),
-    ({"clip_norm": float("nan")}, "clip_norm must be a finite number > 0"),
-    ({"noise_multiplier": -1}, "noise_multiplier must be a finite number > 0, got -1"),
-    ({"delta": 1.5}, "delta must be in (0.0, 1.0), got 1.5"),
-    ({"seed": -3}, "seed must be a non-negative int or null"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"clip_norm": 0}, "clip_norm must be a finite number > 0, got 0"),
+        ({"clip_norm": float("nan")}, "clip_norm must be a finite number > 0"),
+        ({"noise_multiplier": -1}, "noise_multiplier must be a finite number > 0, got -1"),
+        ({"delta": 1.5}, "delta must be in (0.0, 1.0), got 1.5"),
+        ({"seed": -3}, "seed must be a non-negative int or null"),
+    ],
+)
 def test_gaussian_parameters_are_validated(kwargs, message):
     with pytest.raises(ValueError) as exc:
         GaussianUpdateDP(**kwargs)
@@ -86,18 +89,24 @@ def test_epsilon_grows_with_rounds_and_falls_with_noise():
 
 def test_scalar_only_guard_drops_unknown_meta_and_blocks_non_scalars():
     g = ScalarOnlyResultGuard()
-    meta = {"NUM_STEPS_CURRENT_ROUND": 4, "initial_metrics": {"val_dice": 0.5}, "fedimg_val": {"dice_mean": 0.5},
-            "leak": "a" * 10}
-    out = g.process(DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3, np.float32)}, meta=meta).to_shareable(),
-                    FLContext())
+    meta = {
+        "NUM_STEPS_CURRENT_ROUND": 4,
+        "initial_metrics": {"val_dice": 0.5},
+        "fedimg_val": {"dice_mean": 0.5},
+        "leak": "a" * 10,
+    }
+    out = g.process(
+        DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3, np.float32)}, meta=meta).to_shareable(), FLContext()
+    )
     dxo = from_shareable(out)
     assert set(dxo.data) == {"w"} and dxo.meta["initial_metrics"] == {"val_dice": 0.5} and dxo.meta["fedimg_val"]
     assert "leak" not in dxo.meta and dxo.get_meta_prop("fedimg_guard")["dropped"] == 1
     # Non-scalar data, a non-scalar metric, a non-scalar meta value: the whole result is blocked.
-    for bad in (DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3, np.float32), "note": "text"}),
-                DXO(DataKind.METRICS, data={"val_auc": 0.9, "image": np.zeros((4, 4))}),
-                DXO(DataKind.WEIGHTS, data={"w": np.ones(3, np.float32)},
-                    meta={"fedimg_seconds": {"t": np.arange(3)}})):
+    for bad in (
+        DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3, np.float32), "note": "text"}),
+        DXO(DataKind.METRICS, data={"val_auc": 0.9, "image": np.zeros((4, 4))}),
+        DXO(DataKind.WEIGHTS, data={"w": np.ones(3, np.float32)}, meta={"fedimg_seconds": {"t": np.arange(3)}}),
+    ):
         blocked = g.process(bad.to_shareable(), FLContext())
         assert blocked.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR and "DXO" not in blocked
 

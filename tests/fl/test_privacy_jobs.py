@@ -26,8 +26,7 @@ from tests.conftest import REPO, synthetic_ct_sites, tiny_experiment
 pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration]
 
 SITES = ("site-1", "site-2", "site-3")
-BASE = {"fed.exchange": "diff", "fed.cross_site_eval": "false", "fed.num_rounds": 2,
-        "task.min_component_voxels": 1}
+BASE = {"fed.exchange": "diff", "fed.cross_site_eval": "false", "fed.num_rounds": 2, "task.min_component_voxels": 1}
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +54,17 @@ def test_gaussian_update_filter_reports_clipping_noise_and_growing_epsilon(three
     from fedimg.fl.privacy import gaussian_epsilon
 
     clip, sigma = 0.5, 0.05
-    _, train = _run(three_sites, tmp_path, "gaussian", **{
-        "privacy.update_filter": "gaussian", "privacy.gaussian.clip_norm": clip,
-        "privacy.gaussian.noise_multiplier": sigma, "privacy.gaussian.seed": 1})
+    _, train = _run(
+        three_sites,
+        tmp_path,
+        "gaussian",
+        **{
+            "privacy.update_filter": "gaussian",
+            "privacy.gaussian.clip_norm": clip,
+            "privacy.gaussian.noise_multiplier": sigma,
+            "privacy.gaussian.seed": 1,
+        },
+    )
     for i, r in enumerate(train, start=1):
         assert set(r["privacy"]) == set(SITES)
         for rec in r["privacy"].values():
@@ -71,9 +78,16 @@ def test_gaussian_update_filter_reports_clipping_noise_and_growing_epsilon(three
 
 
 def test_percentile_update_filter_runs_and_the_final_model_is_scored(three_sites, tmp_path):
-    res, train = _run(three_sites, tmp_path, "percentile", **{
-        "privacy.update_filter": "percentile", "privacy.percentile.percentile": 50,
-        "privacy.percentile.gamma": 0.05})
+    res, train = _run(
+        three_sites,
+        tmp_path,
+        "percentile",
+        **{
+            "privacy.update_filter": "percentile",
+            "privacy.percentile.percentile": 50,
+            "privacy.percentile.gamma": 0.05,
+        },
+    )
     assert all(not r.get("privacy") for r in train)  # a sparsifier: no DP record, no epsilon
     final = res.final_eval()
     assert all(math.isfinite(final["sites"][s]["val_dice"]) for s in SITES)
@@ -92,9 +106,16 @@ def test_dp_sgd_sites_report_their_epsilon_by_round(three_sites, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sigma, clip = 1.5, 1.0
-    res, train = _run(three_sites, tmp_path, "dpsgd", **{
-        "privacy.dp_sgd.enabled": "true", "privacy.dp_sgd.noise_multiplier": sigma,
-        "privacy.dp_sgd.max_grad_norm": clip})
+    res, train = _run(
+        three_sites,
+        tmp_path,
+        "dpsgd",
+        **{
+            "privacy.dp_sgd.enabled": "true",
+            "privacy.dp_sgd.noise_multiplier": sigma,
+            "privacy.dp_sgd.max_grad_norm": clip,
+        },
+    )
     recs = _dp_sgd_records(train)
     for site in SITES:
         first, second = recs[0][site], recs[1][site]
@@ -113,10 +134,18 @@ def test_dp_sgd_sites_report_their_epsilon_by_round(three_sites, tmp_path):
 
 
 def test_dp_sgd_with_the_gaussian_filter_keeps_both_records(three_sites, tmp_path):
-    _, train = _run(three_sites, tmp_path, "dpsgd_gaussian", **{
-        "privacy.dp_sgd.enabled": "true", "privacy.update_filter": "gaussian",
-        "privacy.gaussian.clip_norm": 1.0, "privacy.gaussian.noise_multiplier": 0.05,
-        "privacy.gaussian.seed": 2})
+    _, train = _run(
+        three_sites,
+        tmp_path,
+        "dpsgd_gaussian",
+        **{
+            "privacy.dp_sgd.enabled": "true",
+            "privacy.update_filter": "gaussian",
+            "privacy.gaussian.clip_norm": 1.0,
+            "privacy.gaussian.noise_multiplier": 0.05,
+            "privacy.gaussian.seed": 2,
+        },
+    )
     for i, r in enumerate(train, start=1):
         for rec in r["privacy"].values():
             assert rec["mechanism"] == "gaussian" and rec["releases"] == i and rec["epsilon"] > 0

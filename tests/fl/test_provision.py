@@ -19,8 +19,13 @@ FED = REPO / "configs" / "federation"
 
 def _provision(tmp_path: Path, project: Path) -> subprocess.CompletedProcess:
     nvflare = Path(sys.executable).with_name("nvflare")
-    return subprocess.run([str(nvflare), "provision", "-p", str(project), "-w", str(tmp_path / "ws")], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(nvflare), "provision", "-p", str(project), "-w", str(tmp_path / "ws")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +45,11 @@ def test_every_kit_has_mtls_material(kits):
         cfg = json.loads((kits / site / "startup" / "fed_client.json").read_text())
         client = cfg["client"]
         assert client["connection_security"] == "mtls" and client["fqsn"] == site
-        assert (client["ssl_cert"], client["ssl_private_key"], client["ssl_root_cert"]) == \
-            ("client.crt", "client.key", "rootCA.pem")
+        assert (client["ssl_cert"], client["ssl_private_key"], client["ssl_root_cert"]) == (
+            "client.crt",
+            "client.key",
+            "rootCA.pem",
+        )
         assert "BEGIN CERTIFICATE" in (kits / site / "startup" / "client.crt").read_text()
         assert "PRIVATE KEY" in (kits / site / "startup" / "client.key").read_text()
     assert (kits / "researcher@coordinating.example.org" / "startup" / "client.crt").is_file()
@@ -68,7 +76,9 @@ def test_sites_hold_fedimg_privacy_and_authorization_policies(kits):
 
 def test_server_storage_is_outside_tmp(kits):
     text = (kits / "server.example.org" / "local" / "resources.json.default").read_text()
-    assert "/tmp" not in text and "/var/lib/nvflare/jobs-storage" in text and "/var/lib/nvflare/snapshot-storage" in text
+    assert (
+        "/tmp" not in text and "/var/lib/nvflare/jobs-storage" in text and "/var/lib/nvflare/snapshot-storage" in text
+    )
 
 
 def test_a_policy_with_an_undefined_default_scope_is_refused(tmp_path):

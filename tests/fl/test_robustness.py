@@ -16,7 +16,11 @@ import pytest
 
 from tests.conftest import REPO, synthetic_ct_sites, tiny_experiment
 
-pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration]  # make test: --dist loadfile keeps this file on one worker, so the clean run is shared
+pytestmark = [
+    pytest.mark.nvflare,
+    pytest.mark.slow,
+    pytest.mark.integration,
+]  # make test: --dist loadfile keeps this file on one worker, so the clean run is shared
 
 BAD = "site-3"
 
@@ -29,9 +33,16 @@ def three_sites(tmp_path_factory):
 
 # Enough rounds, at a decaying learning rate, that the clean run reaches its plateau (Dice ~0.95 here):
 # "within 1 Dice point" then compares end points, not two points on a steep curve.
-SETTINGS = {"fed.num_rounds": 8, "fed.exchange": "diff", "fed.cross_site_eval": "false", "fed.min_clients": 2,
-            "train.local_epochs": 4, "optim.lr": 0.01, "optim.schedule": "cosine",
-            "task.min_component_voxels": 1}  # at 6 mm a lesion is a handful of voxels
+SETTINGS = {
+    "fed.num_rounds": 8,
+    "fed.exchange": "diff",
+    "fed.cross_site_eval": "false",
+    "fed.min_clients": 2,
+    "train.local_epochs": 4,
+    "optim.lr": 0.01,
+    "optim.schedule": "cosine",
+    "task.min_component_voxels": 1,
+}  # at 6 mm a lesion is a handful of voxels
 
 
 def _run(data, work, name, poison=None, **over):
@@ -52,8 +63,7 @@ def _run(data, work, name, poison=None, **over):
         if poison is not None:
             recipe.add_client_output_filter(PoisonUpdate(**poison), tasks=["train"], clients=[BAD])
 
-    res = run_simulation(exp, REPO / "jobs" / "train", sites, work / name, initial_ckpt=str(init),
-                         customize=add_fault)
+    res = run_simulation(exp, REPO / "jobs" / "train", sites, work / name, initial_ckpt=str(init), customize=add_fault)
     final = res.global_metrics[-1]
     assert final["final_eval"] and set(final["sites"]) == set(sites)
     return res, float(final["global"]["val_dice"])
@@ -76,8 +86,9 @@ def test_boosted_update_wrecks_fedavg_and_is_rejected_by_screening(three_sites, 
     _, dice_fedavg = _run(three_sites, tmp_path, "fedavg_poisoned", poison)
     assert not math.isfinite(dice_fedavg) or dice_fedavg < dice_clean - 0.1, (dice_fedavg, dice_clean)
 
-    res, dice_robust = _run(three_sites, tmp_path, "screened_poisoned", poison,
-                            **{"fed.robust.norm_outlier_factor": 5.0})
+    res, dice_robust = _run(
+        three_sites, tmp_path, "screened_poisoned", poison, **{"fed.robust.norm_outlier_factor": 5.0}
+    )
     assert abs(dice_robust - dice_clean) <= 0.01, (dice_robust, dice_clean)
     train = [r for r in res.rounds if not r.get("final_eval")]
     assert BAD not in train[0]["rejected"]  # honest before from_round

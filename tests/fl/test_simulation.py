@@ -32,8 +32,13 @@ def sim_run(small_preprocessed, tmp_path_factory):
     work = tmp_path_factory.mktemp("fl")
     site_cfgs = {}
     for site in SITES:
-        sc = cfg.SiteConfig(name=site, datalist=str(base / site / "datalist.json"), device="cpu", num_threads=1,
-                            local_logdir=str(work / f"{site}_local_tb"))
+        sc = cfg.SiteConfig(
+            name=site,
+            datalist=str(base / site / "datalist.json"),
+            device="cpu",
+            num_threads=1,
+            local_logdir=str(work / f"{site}_local_tb"),
+        )
         cfg.save(sc, work / f"{site}.yaml")
         site_cfgs[site] = str(work / f"{site}.yaml")
     exp = tiny_experiment()
@@ -112,7 +117,9 @@ def test_cross_site_matrix_is_complete_and_reported(sim_run):
         assert res.final_eval()["sites"][evaluator]["val_dice"] == pytest.approx(res.final_dice(evaluator), abs=1e-6)
     matrix = json.loads((res.cross_site.parent / "cross_site_matrix.json").read_text())["matrices"][0]
     assert matrix["metric"] == "val_dice" and matrix["sites"] == list(SITES)
-    assert matrix["values"]["SRV_FL_global_model.pt"]["site-1"] == pytest.approx(data["site-1"]["SRV_FL_global_model.pt"]["val_dice"])
+    assert matrix["values"]["SRV_FL_global_model.pt"]["site-1"] == pytest.approx(
+        data["site-1"]["SRV_FL_global_model.pt"]["val_dice"]
+    )
     md = (res.cross_site.parent / "cross_site_matrix.md").read_text()
     assert "| final global model |" in md and "| site-2's own model |" in md and "site-1 cases" in md
 
@@ -172,9 +179,24 @@ def test_site_pictures_stay_in_the_site_logdir(sim_run):
 def test_job_export_has_no_site_paths(tmp_path):
     out = tmp_path / "jobs"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "train" / "job.py"), "--config", str(DEMO_EXPERIMENT),
-         "--site", "site-1", "--site", "site-2", "--export", str(out), "--set", "fed.algorithm=fedprox"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(REPO / "jobs" / "train" / "job.py"),
+            "--config",
+            str(DEMO_EXPERIMENT),
+            "--site",
+            "site-1",
+            "--site",
+            "site-2",
+            "--export",
+            str(out),
+            "--set",
+            "fed.algorithm=fedprox",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     job = out / "seg_demo"
     meta = json.loads((job / "meta.json").read_text())
@@ -191,8 +213,14 @@ def test_job_export_has_no_site_paths(tmp_path):
     # The server reads the same experiment the sites read: one JSON argument, not copies of its settings.
     shipped = cfg.from_dict(cfg.ExperimentConfig, json.loads(ctl[0]["args"]["experiment"])) if ctl else None
     assert shipped is not None and shipped.fed.algorithm == "fedprox" and shipped.fed.mu == 0.01
-    assert set(ctl[0]["args"]) <= {"num_clients", "num_rounds", "experiment", "start_round", "persistor_id",
-                                   "task_check_period"}
+    assert set(ctl[0]["args"]) <= {
+        "num_clients",
+        "num_rounds",
+        "experiment",
+        "start_round",
+        "persistor_id",
+        "task_check_period",
+    }
     assert not list(job.rglob("custom/fedimg"))
 
 

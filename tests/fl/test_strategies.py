@@ -14,25 +14,29 @@ from tests.conftest import controller_for
 
 
 def test_the_registry_and_the_config_name_the_same_algorithms():
-    from fedimg.fl.algorithms import REGISTRY
-
     from typing import get_type_hints
+
+    from fedimg.fl.algorithms import REGISTRY
 
     names = get_args(get_type_hints(FedConfig)["algorithm"])
     assert set(REGISTRY) == set(names) == {"fedavg", "fedprox", "fedopt", "scaffold", "fedbn"}
 
 
 def test_server_strategies_import_without_nvflare():
-    code = ("import sys; import fedimg.fl.algorithms.base, fedimg.fl.algorithms.fedavg, fedimg.fl.algorithms.fedprox,"
-            " fedimg.fl.algorithms.fedopt, fedimg.fl.algorithms.scaffold, fedimg.fl.algorithms.fedbn; "
-            "print('nvflare' in sys.modules)")
+    code = (
+        "import sys; import fedimg.fl.algorithms.base, fedimg.fl.algorithms.fedavg, fedimg.fl.algorithms.fedprox,"
+        " fedimg.fl.algorithms.fedopt, fedimg.fl.algorithms.scaffold, fedimg.fl.algorithms.fedbn; "
+        "print('nvflare' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def _updates(ctl, values, weights):
-    return [Update(f"site-{i}", {k: np.full_like(v, x) for k, v in ctl._global.items()}, w)
-            for i, (x, w) in enumerate(zip(values, weights))]
+    return [
+        Update(f"site-{i}", {k: np.full_like(v, x) for k, v in ctl._global.items()}, w)
+        for i, (x, w) in enumerate(zip(values, weights))
+    ]
 
 
 def test_fedavg_is_the_step_weighted_mean_and_fedprox_sends_mu():

@@ -9,14 +9,32 @@ from fedimg import config as cfg
 from fedimg.models.registry import build_from_spec, build_model, model_spec, normalization_keys
 
 
-@pytest.mark.parametrize("name,dims,task", [("unet", 3, "segmentation"), ("segresnet", 3, "segmentation"),
-                                            ("densenet121", 2, "classification"), ("densenet121", 3, "classification"),
-                                            ("resnet", 2, "classification"), ("resnet", 3, "classification")])
+@pytest.mark.parametrize(
+    "name,dims,task",
+    [
+        ("unet", 3, "segmentation"),
+        ("segresnet", 3, "segmentation"),
+        ("densenet121", 2, "classification"),
+        ("densenet121", 3, "classification"),
+        ("resnet", 2, "classification"),
+        ("resnet", 3, "classification"),
+    ],
+)
 def test_networks_build_and_run(name, dims, task):
     classes = ["organ", "lesion"] if task == "segmentation" else ["normal", "pneumonia", "other"]
     t = cfg.TaskConfig(type=task, spatial_dims=dims, class_names=classes)
-    m = cfg.ModelConfig(name=name, norm="batch", channels=[8, 16, 32], strides=[2, 2], init_filters=8,
-                        blocks_down=[1, 1, 1], growth_rate=4, init_features=8, width=0.125, resnet_depth=10)
+    m = cfg.ModelConfig(
+        name=name,
+        norm="batch",
+        channels=[8, 16, 32],
+        strides=[2, 2],
+        init_filters=8,
+        blocks_down=[1, 1, 1],
+        growth_rate=4,
+        init_features=8,
+        width=0.125,
+        resnet_depth=10,
+    )
     net = build_model(m, t)
     out = net(torch.zeros(2, 1, *([32] * dims)))
     expected = (2, 3, *([32] * dims)) if task == "segmentation" else (2, 3)
@@ -35,7 +53,9 @@ def test_instance_norm_has_no_site_local_state():
 
 
 def test_unknown_model_name_is_refused():
-    with pytest.raises(cfg.ConfigError, match="model.name: expected one of 'unet', 'segresnet', 'densenet121', 'resnet'"):
+    with pytest.raises(
+        cfg.ConfigError, match="model.name: expected one of 'unet', 'segresnet', 'densenet121', 'resnet'"
+    ):
         cfg.from_dict(cfg.ExperimentConfig, {"name": "x", "model": {"name": "vit"}})
 
 

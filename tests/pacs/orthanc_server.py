@@ -52,8 +52,10 @@ def require_orthanc() -> tuple[str, str]:
     binary, plugin = orthanc_binary(), dicomweb_plugin()
     if binary is None or plugin is None:
         missing = " and ".join(n for n, v in (("Orthanc", binary), ("its DICOMweb plugin", plugin)) if v is None)
-        pytest.skip(f"{missing} not installed: expected the Debian packages orthanc and orthanc-dicomweb "
-                    "(.ci/run installs them: apt-get install orthanc orthanc-dicomweb)")
+        pytest.skip(
+            f"{missing} not installed: expected the Debian packages orthanc and orthanc-dicomweb "
+            "(.ci/run installs them: apt-get install orthanc orthanc-dicomweb)"
+        )
     return binary, plugin
 
 
@@ -146,9 +148,18 @@ def orthanc_config(workdir: Path, plugin: str, http_port: int, dicom_port: int, 
         "DicomAlwaysAllowMove": False,
         "UnknownSopClassAccepted": False,
         # C-GET answers on our own association: the port is never dialled.
-        "DicomModalities": {"fedimg": {"AET": CALLING_AET, "Host": "127.0.0.1", "Port": 104, "AllowEcho": True,
-                                       "AllowFind": True, "AllowGet": True, "AllowMove": False,
-                                       "AllowStore": False}},
+        "DicomModalities": {
+            "fedimg": {
+                "AET": CALLING_AET,
+                "Host": "127.0.0.1",
+                "Port": 104,
+                "AllowEcho": True,
+                "AllowFind": True,
+                "AllowGet": True,
+                "AllowMove": False,
+                "AllowStore": False,
+            }
+        },
         "DicomModalitiesInDatabase": False,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
     }
@@ -171,24 +182,35 @@ def make_tls_files(workdir: Path) -> tuple[Path, Path, Path]:
     now = dt.datetime.now(dt.timezone.utc)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedimg test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     paths = workdir / "ca.pem", workdir / "server.pem", workdir / "server.key"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     paths[2].chmod(0o600)
     return paths
 
@@ -264,16 +286,19 @@ def start_orthanc(workdir: Path, attempts: int = 3, timeout_s: float = 30.0) -> 
         cfg_path = workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(config, indent=1))
         log = open(workdir / "orthanc.log", "wb")  # noqa: SIM115 - the process owns it
-        proc = subprocess.Popen([binary, str(cfg_path)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=workdir)
+        proc = subprocess.Popen(
+            [binary, str(cfg_path)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir
+        )
         log.close()
         server = Orthanc(proc, http_port, dicom_port, password, workdir, config)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 with server.session() as s:
-                    ok = s.get(f"{server.url}/system", timeout=2).ok and \
-                        s.get(f"{server.dicomweb}/studies?limit=1", timeout=2).ok
+                    ok = (
+                        s.get(f"{server.url}/system", timeout=2).ok
+                        and s.get(f"{server.dicomweb}/studies?limit=1", timeout=2).ok
+                    )
                 with socket.create_connection(("127.0.0.1", dicom_port), timeout=2):
                     pass
                 if ok:

@@ -170,7 +170,8 @@ def _assert_no_phi(text: str, studies: dict[str, Study], typed: set[str]) -> Non
 
 @pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
 def test_pull_by_accession_preprocesses_exactly_like_the_folder_export(
-        protocol, pacs, credentials, tcia, folder_export_volumes, tmp_path, capsys):
+    protocol, pacs, credentials, tcia, folder_export_volumes, tmp_path, capsys
+):
     root, studies = tcia
     export = _export_studies(root, studies)
     assert len(export) == 2
@@ -186,8 +187,14 @@ def test_pull_by_accession_preprocesses_exactly_like_the_folder_export(
     for st in export:
         row = rows[st.accession]
         assert row["status"] == "retrieved", row
-        assert (row["studies"], row["series"], row["instances"], row["fetched"], row["already_present"],
-                row["failed"]) == (1, len(st.series), len(st.sops), len(st.sops), 0, 0)
+        assert (
+            row["studies"],
+            row["series"],
+            row["instances"],
+            row["fetched"],
+            row["already_present"],
+            row["failed"],
+        ) == (1, len(st.series), len(st.sops), len(st.sops), 0, 0)
         assert "PatientName" not in json.dumps(row) and not (st.phi & set(map(str, row.values())))
 
     pulled = _pulled(dst)
@@ -208,8 +215,10 @@ def test_pull_by_accession_preprocesses_exactly_like_the_folder_export(
     # The pull's own records are accounted as fedimg's, not refused as NOT_DICOM.
     pre_rows = [json.loads(line) for line in (tmp_path / "pre" / "manifest.jsonl").read_text().splitlines()]
     own = {r["input"]: (r["status"], r["reason"]) for r in pre_rows if not r["input"].startswith("study-")}
-    assert own == {".fedimg-output.json": ("skipped", "FEDIMG_RECORD"),
-                   "pull_manifest.jsonl": ("skipped", "FEDIMG_RECORD")}
+    assert own == {
+        ".fedimg-output.json": ("skipped", "FEDIMG_RECORD"),
+        "pull_manifest.jsonl": ("skipped", "FEDIMG_RECORD"),
+    }
     for name, data in folder_export_volumes.items():
         assert vols[name] == data, f"{name} differs from the folder export's"
 
@@ -242,13 +251,14 @@ def test_pull_by_study_uid_over_both_protocols_gives_the_same_files(pacs, creden
 
 
 def _snapshot(dst: Path) -> dict[str, tuple[int, int, str]]:
-    return {str(p.relative_to(dst)): (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in dst.glob("study-*/series-*/*.dcm")}
+    return {
+        str(p.relative_to(dst)): (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in dst.glob("study-*/series-*/*.dcm")
+    }
 
 
 @pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
-def test_resume_fetches_only_missing_instances_and_never_rewrites(protocol, pacs, credentials, tcia, tmp_path,
-                                                                   capsys):
+def test_resume_fetches_only_missing_instances_and_never_rewrites(protocol, pacs, credentials, tcia, tmp_path, capsys):
     _, studies = tcia
     st = min(studies.values(), key=lambda s: len(s.sops))
     keys = _keys_csv(tmp_path / "keys.csv", "accession", [st.accession])
@@ -309,12 +319,16 @@ def test_wrong_or_missing_credentials_are_refused_before_anything_is_written(pac
         assert not dst.exists()
 
 
-@pytest.mark.parametrize("calling, called, expected", [
-    ("STRANGER", AET, "calling AET STRANGER"),
-    (CALLING_AET, "NOT-ORTHANC", "called AET NOT-ORTHANC"),
-])
-def test_dimse_association_refusals_are_one_line_and_write_nothing(calling, called, expected, pacs, tcia, tmp_path,
-                                                                    capsys):
+@pytest.mark.parametrize(
+    "calling, called, expected",
+    [
+        ("STRANGER", AET, "calling AET STRANGER"),
+        (CALLING_AET, "NOT-ORTHANC", "called AET NOT-ORTHANC"),
+    ],
+)
+def test_dimse_association_refusals_are_one_line_and_write_nothing(
+    calling, called, expected, pacs, tcia, tmp_path, capsys
+):
     _, studies = tcia
     keys = _keys_csv(tmp_path / "keys.csv", "AccessionNumber", [next(iter(studies.values())).accession])
     dst = tmp_path / "raw"
@@ -343,14 +357,24 @@ def test_pull_imports_no_torch_and_verbose_logs_show_no_uid(pacs, credentials, t
     _, studies = tcia
     st = min(studies.values(), key=lambda s: len(s.sops))
     keys = _keys_csv(tmp_path / "keys.csv", "AccessionNumber", [st.accession])
-    runs = [["-v", "pull", str(tmp_path / protocol), *source, "--keys", str(keys), "--quiet"]
-            for protocol, source in (("dicomweb", _dicomweb(pacs, credentials)), ("dimse", _dimse(pacs)))]
-    script = ("import json, sys\nfrom fedimg.cli import main\n"
-              "for argv in json.loads(sys.argv[1]):\n"
-              "    rc = main(argv)\n"
-              "    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc, flush=True)\n")
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    runs = [
+        ["-v", "pull", str(tmp_path / protocol), *source, "--keys", str(keys), "--quiet"]
+        for protocol, source in (("dicomweb", _dicomweb(pacs, credentials)), ("dimse", _dimse(pacs)))
+    ]
+    script = (
+        "import json, sys\nfrom fedimg.cli import main\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    rc = main(argv)\n"
+        "    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc, flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(runs)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     text = proc.stdout + proc.stderr
     assert proc.stdout.count("NO-TORCH 0") == 2, text
     assert "DEBUG" in text  # -v was in effect
@@ -367,8 +391,17 @@ def test_dicomweb_over_https_verifies_the_server_with_the_given_ca(pacs, tcia, t
         cred.write_text(f"{USER}:{pacs.password}")
         cred.chmod(0o600)
         keys = _keys_csv(tmp_path / "keys.csv", "AccessionNumber", [st.accession])
-        base = ["--from", "dicomweb", f"https://127.0.0.1:{proxy.port}/dicom-web", "--auth", "basic",
-                "--credentials-file", str(cred), "--keys", str(keys)]
+        base = [
+            "--from",
+            "dicomweb",
+            f"https://127.0.0.1:{proxy.port}/dicom-web",
+            "--auth",
+            "basic",
+            "--credentials-file",
+            str(cred),
+            "--keys",
+            str(keys),
+        ]
         rc, text = _pull([str(tmp_path / "untrusted"), *base], capsys)
         assert rc == 2 and "TLS certificate could not be verified" in text and "--ca-bundle" in text
         assert not (tmp_path / "untrusted").exists()

@@ -28,8 +28,23 @@ SERIES = "1.2.826.0.1.3680043.10.543.1.1"
 # ---------------------------------------------------------------------------------------------- UIDs and storage
 
 
-@pytest.mark.parametrize("sop", ["../../etc/passwd", "1.2/3", "1.2.3\x00", "1..2", ".1.2", "1.2.", "1.2.*", "",
-                                 "1.2.3\\4", "1" * 65, "1.2.3 ", "１.２"])
+@pytest.mark.parametrize(
+    "sop",
+    [
+        "../../etc/passwd",
+        "1.2/3",
+        "1.2.3\x00",
+        "1..2",
+        ".1.2",
+        "1.2.",
+        "1.2.*",
+        "",
+        "1.2.3\\4",
+        "1" * 65,
+        "1.2.3 ",
+        "１.２",
+    ],
+)
 def test_a_crafted_sop_uid_never_becomes_a_file_name(sop, tmp_path):
     store = InstanceStore(tmp_path / "out")
     with pytest.raises(PacsRequestError) as info:
@@ -87,16 +102,21 @@ def _csv(path: Path, text: str) -> Path:
 
 
 def test_keys_from_a_synth_label_sheet_need_a_choice_between_its_two_key_columns(tmp_path):
-    sheet = _csv(tmp_path / "labels.csv", "AccessionNumber,StudyInstanceUID,label\nA1,1.2.3,lesion\n"
-                                          "A2,1.2.4,no_lesion\n\nA1,1.2.3,lesion\n,1.2.5,x\n")
+    sheet = _csv(
+        tmp_path / "labels.csv",
+        "AccessionNumber,StudyInstanceUID,label\nA1,1.2.3,lesion\nA2,1.2.4,no_lesion\n\nA1,1.2.3,lesion\n,1.2.5,x\n",
+    )
     with pytest.raises(PacsError, match="several key columns .*--key-column"):
         read_keys(sheet)
     keys = read_keys(sheet, key_type="accession")
     assert [k.value for k in keys.keys] == ["A1", "A2"] and keys.column == "AccessionNumber"
     assert (keys.rows, keys.duplicates, keys.rows_without_key) == (4, 1, 1)
     uids = read_keys(sheet, key_type="study_uid")
-    assert [(k.value, k.type, k.line) for k in uids.keys] == [("1.2.3", "study_uid", 2), ("1.2.4", "study_uid", 3),
-                                                              ("1.2.5", "study_uid", 6)]
+    assert [(k.value, k.type, k.line) for k in uids.keys] == [
+        ("1.2.3", "study_uid", 2),
+        ("1.2.4", "study_uid", 3),
+        ("1.2.5", "study_uid", 6),
+    ]
 
 
 def test_keys_column_errors_name_the_columns_found(tmp_path):
@@ -113,10 +133,17 @@ def test_keys_column_errors_name_the_columns_found(tmp_path):
         read_keys(tmp_path / "missing.csv")
 
 
-@pytest.mark.parametrize("value, problem", [
-    ("A*", "wildcard"), ("A?1", "wildcard"), ("A\\B", "wildcard"), ("A" * 17, "more than 16"),
-    ("ÄB", "printable ASCII"), ("A\tB", "printable ASCII"),
-])
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("A*", "wildcard"),
+        ("A?1", "wildcard"),
+        ("A\\B", "wildcard"),
+        ("A" * 17, "more than 16"),
+        ("ÄB", "printable ASCII"),
+        ("A\tB", "printable ASCII"),
+    ],
+)
 def test_accession_keys_that_would_widen_a_query_are_refused(value, problem):
     assert problem in (Key(value, "accession", 2).problem or "")
 
@@ -228,15 +255,24 @@ class HostilePacs:
 
 def test_instances_nobody_asked_for_are_never_stored(tmp_path):
     listing = StudyListing(STUDY, [InstanceRef(SERIES, f"{SERIES}.{i}") for i in range(1, 4)])
-    extra = [(STUDY, SERIES, "../../../evil"), (STUDY, SERIES, f"{SERIES}.99"), ("1.2.3", SERIES, f"{SERIES}.1"),
-             (STUDY, "1.2.3", f"{SERIES}.2")]
+    extra = [
+        (STUDY, SERIES, "../../../evil"),
+        (STUDY, SERIES, f"{SERIES}.99"),
+        ("1.2.3", SERIES, f"{SERIES}.1"),
+        (STUDY, "1.2.3", f"{SERIES}.2"),
+    ]
     client = HostilePacs(listing, extra)
     keys = read_keys(_csv(tmp_path / "k.csv", "accession\nA1\nA2\n"))
     result = pull(client, keys, tmp_path / "raw", progress=False)
     assert client.opened and client.closed
     files = sorted(p.name for p in (tmp_path / "raw").rglob("*") if p.is_file())
-    assert files == [".fedimg-output.json", f"{SERIES}.1.dcm", f"{SERIES}.2.dcm", f"{SERIES}.3.dcm",
-                     "pull_manifest.jsonl"]
+    assert files == [
+        ".fedimg-output.json",
+        f"{SERIES}.1.dcm",
+        f"{SERIES}.2.dcm",
+        f"{SERIES}.3.dcm",
+        "pull_manifest.jsonl",
+    ]
     assert not (tmp_path / "evil").exists()
     rows = [json.loads(line) for line in (tmp_path / "raw" / "pull_manifest.jsonl").read_text().splitlines()]
     assert rows[0]["status"] == "retrieved" and rows[0]["fetched"] == 3 and rows[0]["unexpected"] == 4
@@ -249,11 +285,21 @@ def test_a_listing_with_malformed_uids_is_not_trusted(tmp_path):
     from fedimg.pacs.dicomweb import DicomWebClient
 
     def item(series: str, sop: str, study: str = STUDY) -> dict:
-        return {"0020000D": {"vr": "UI", "Value": [study]}, "0020000E": {"vr": "UI", "Value": [series]},
-                "00080018": {"vr": "UI", "Value": [sop]}}
+        return {
+            "0020000D": {"vr": "UI", "Value": [study]},
+            "0020000E": {"vr": "UI", "Value": [series]},
+            "00080018": {"vr": "UI", "Value": [sop]},
+        }
 
-    answers = [item(SERIES, f"{SERIES}.1"), item(SERIES, "../../x"), item("1.2/3", f"{SERIES}.2"),
-               item(SERIES, f"{SERIES}.3", study="1.2.3"), item(SERIES, f"{SERIES}.1"), {"bogus": 1}, "text"]
+    answers = [
+        item(SERIES, f"{SERIES}.1"),
+        item(SERIES, "../../x"),
+        item("1.2/3", f"{SERIES}.2"),
+        item(SERIES, f"{SERIES}.3", study="1.2.3"),
+        item(SERIES, f"{SERIES}.1"),
+        {"bogus": 1},
+        "text",
+    ]
     listing = DicomWebClient._listing(STUDY, answers)
     assert [r.sop_uid for r in listing.instances] == [f"{SERIES}.1"]
     assert listing.refused == 5
@@ -287,8 +333,11 @@ def test_a_pacs_that_stops_answering_ends_the_pull_instead_of_timing_out_key_by_
     keys = read_keys(_csv(tmp_path / "k.csv", "accession\nA1\nA2\nA3\n"))
     result = pull(client, keys, tmp_path / "raw", progress=False)
     assert (client.queries, client.pings) == (1, 1)
-    assert [(o.status, o.reason) for o in result.outcomes] == [("failed", "connection"), ("failed", "unreachable"),
-                                                               ("failed", "unreachable")]
+    assert [(o.status, o.reason) for o in result.outcomes] == [
+        ("failed", "connection"),
+        ("failed", "unreachable"),
+        ("failed", "unreachable"),
+    ]
     assert "run the same command again" in result.outcomes[1].detail
     rows = (tmp_path / "raw" / "pull_manifest.jsonl").read_text().splitlines()
     assert len(rows) == 3

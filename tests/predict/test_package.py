@@ -31,14 +31,22 @@ def _model_and_spec(ct_spec):
 
     exp = tiny_experiment()
     torch.manual_seed(0)
-    return exp, build_model(exp.model, exp.task).state_dict(), dataclasses.replace(ct_spec,
-                                                                                 target_spacing=(6.0, 6.0, 6.0))
+    return (
+        exp,
+        build_model(exp.model, exp.task).state_dict(),
+        dataclasses.replace(ct_spec, target_spacing=(6.0, 6.0, 6.0)),
+    )
 
 
 def test_package_round_trip_and_model_info(ct_spec, tmp_path, capsys):
     exp, state, spec = _model_and_spec(ct_spec)
-    chosen = {"metric": "dice_mean", "value": 0.8125, "cases": 3, "metrics": {"dice/organ": 0.9, "dice/lesion": 0.725},
-              "on": "validation cases of site-1"}
+    chosen = {
+        "metric": "dice_mean",
+        "value": 0.8125,
+        "cases": 3,
+        "metrics": {"dice/organ": 0.9, "dice/lesion": 0.725},
+        "on": "validation cases of site-1",
+    }
     write_package(tmp_path / "pkg", state, exp, spec, chosen, {"run": "local", "model": "best", "epoch": 4})
 
     # The weights are a plain tensor dict: loadable without unpickling any code.
@@ -54,9 +62,18 @@ def test_package_round_trip_and_model_info(ct_spec, tmp_path, capsys):
 
     assert main(["model", "info", str(tmp_path / "pkg")]) == 0
     out = capsys.readouterr().out
-    for text in ("segmentation (3D)", "organ (1)", "lesion (2)", "monai.networks.nets.UNet", "ct_phantom",
-                 "[6.0, 6.0, 6.0] mm", "dice_mean = 0.8125 over 3 validation case(s)", "dice/lesion",
-                 "fedimg:       " + pkg.meta["fedimg_version"], "epoch 4"):
+    for text in (
+        "segmentation (3D)",
+        "organ (1)",
+        "lesion (2)",
+        "monai.networks.nets.UNet",
+        "ct_phantom",
+        "[6.0, 6.0, 6.0] mm",
+        "dice_mean = 0.8125 over 3 validation case(s)",
+        "dice/lesion",
+        "fedimg:       " + pkg.meta["fedimg_version"],
+        "epoch 4",
+    ):
         assert text in out, text
     assert main(["model", "info", str(tmp_path / "pkg"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["spec"]["name"] == "ct_phantom"
@@ -177,7 +194,8 @@ def test_baselines_and_federated_runs_write_packages(small_preprocessed, tmp_pat
     cases = {s: m["cases"] for s, m in res.per_site.items()}
     assert pkg.chosen_on["cases"] == int(sum(cases.values()))
     assert pkg.chosen_on["value"] == pytest.approx(
-        sum(res.per_site[s]["dice_mean"] * n for s, n in cases.items()) / sum(cases.values()))
+        sum(res.per_site[s]["dice_mean"] * n for s, n in cases.items()) / sum(cases.values())
+    )
     assert pkg.meta["origin"]["run"] == "centralized" and pkg.spec is not None
     assert json.loads((tmp_path / "baselines" / "centralized" / "result.json").read_text())["package"] == res.package
 
@@ -190,16 +208,34 @@ def test_baselines_and_federated_runs_write_packages(small_preprocessed, tmp_pat
     for s, dl in datalists.items():
         cfg.save(cfg.SiteConfig(name=s, datalist=dl), tmp_path / f"{s}.yaml")
         site_cfgs[s] = str(tmp_path / f"{s}.yaml")
-    rows = [{"step": 1, "final_eval": False, "global": {"val_dice": 0.5}, "sites": {}, "weights": {"site-1": 1.0}},
-            {"step": 2, "final_eval": False, "global": {"val_dice": 0.7, "val_dice_organ": 0.8},
-             "sites": {"site-1": {"val_dice": 0.6}, "site-2": {"val_dice": 0.8}},
-             "weights": {"site-1": 1.0, "site-2": 1.0}},
-            {"step": 3, "final_eval": True, "global": {"val_dice": 0.65}, "sites": {},
-             "weights": {"site-1": 1.0, "site-2": 2.0}}]
-    sim = SimulationResult(job_dir=job, run_dir=job / "server", global_model=job / "final.pt",
-                           best_model=job / "best.pt",
-                           cross_site=job / "x.json", tb_logdir=job / "tb", cross_site_results={}, global_metrics=rows,
-                           summary={"best": {"value": 0.7, "round": 2}, "end_round": 3})
+    rows = [
+        {"step": 1, "final_eval": False, "global": {"val_dice": 0.5}, "sites": {}, "weights": {"site-1": 1.0}},
+        {
+            "step": 2,
+            "final_eval": False,
+            "global": {"val_dice": 0.7, "val_dice_organ": 0.8},
+            "sites": {"site-1": {"val_dice": 0.6}, "site-2": {"val_dice": 0.8}},
+            "weights": {"site-1": 1.0, "site-2": 1.0},
+        },
+        {
+            "step": 3,
+            "final_eval": True,
+            "global": {"val_dice": 0.65},
+            "sites": {},
+            "weights": {"site-1": 1.0, "site-2": 2.0},
+        },
+    ]
+    sim = SimulationResult(
+        job_dir=job,
+        run_dir=job / "server",
+        global_model=job / "final.pt",
+        best_model=job / "best.pt",
+        cross_site=job / "x.json",
+        tb_logdir=job / "tb",
+        cross_site_results={},
+        global_metrics=rows,
+        summary={"best": {"value": 0.7, "round": 2}, "end_round": 3},
+    )
     written = write_packages(sim, exp, site_cfgs)
     best, final = load_package(written["best"]), load_package(written["final"])
     assert Path(written["best"]) == job / "packages" / "best"

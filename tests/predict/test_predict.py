@@ -92,8 +92,12 @@ def _truth_on(case: dict, raw: Path, nifti: nib.Nifti1Image) -> np.ndarray:
 def _seg_by_source(seg_path: Path, source_uids: list[str]) -> np.ndarray:
     """The SEG's label map on the source slices it references, as (i, j, k) like the NIfTI."""
     seg = hd.seg.segread(str(seg_path))
-    arr = seg.get_pixels_by_source_instance(source_sop_instance_uids=source_uids, combine_segments=True,
-                                            relabel=False, assert_missing_frames_are_empty=False)
+    arr = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=source_uids,
+        combine_segments=True,
+        relabel=False,
+        assert_missing_frames_are_empty=False,
+    )
     return np.transpose(arr, (2, 1, 0))
 
 
@@ -201,18 +205,30 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     res = train_local(exp, site, base / "train", progress=False)
     rows = [json.loads(x) for x in (base / "train" / "metrics.jsonl").read_text().splitlines()]
     secret_path, ps = _secret(base)
-    return SimpleNamespace(base=base, raw=synth.out_dir, package=Path(res.packages["best"]),
-                           best=rows[res.best_epoch - 1], secret=secret_path, ps=ps,
-                           truth=json.loads(synth.ground_truth_path.read_text()),
-                           datalist=json.loads((base / "pre" / "datalist.json").read_text()))
+    return SimpleNamespace(
+        base=base,
+        raw=synth.out_dir,
+        package=Path(res.packages["best"]),
+        best=rows[res.best_epoch - 1],
+        secret=secret_path,
+        ps=ps,
+        truth=json.loads(synth.ground_truth_path.read_text()),
+        datalist=json.loads((base / "pre" / "datalist.json").read_text()),
+    )
 
 
 @pytest.fixture()
 def untrained_ct(ct_spec, tmp_path) -> Path:
     exp = tiny_experiment()
     torch.manual_seed(0)
-    return write_package(tmp_path / "pkg", build_model(exp.model, exp.task).state_dict(), exp,
-                         dataclasses.replace(ct_spec, target_spacing=(6.0, 6.0, 6.0)), {}, {})
+    return write_package(
+        tmp_path / "pkg",
+        build_model(exp.model, exp.task).state_dict(),
+        exp,
+        dataclasses.replace(ct_spec, target_spacing=(6.0, 6.0, 6.0)),
+        {},
+        {},
+    )
 
 
 # --------------------------------------------------------------------------- geometry
@@ -253,8 +269,7 @@ def test_label_map_survives_the_round_trip_to_the_spec_grid_and_back(ct_spec):
 def test_predict_segmentation_deidentified(trained, capsys, caplog):
     t = trained
     dst = t.base / "out"
-    rc = main(["predict", str(t.package), str(t.raw / "site-1"), str(dst), "--secret-file", str(t.secret),
-               "--quiet"])
+    rc = main(["predict", str(t.package), str(t.raw / "site-1"), str(dst), "--secret-file", str(t.secret), "--quiet"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     cases = t.truth["sites"]["site-1"]["cases"]
@@ -266,8 +281,12 @@ def test_predict_segmentation_deidentified(trained, capsys, caplog):
     for case in cases:
         sid = t.ps.case(case["study_instance_uid"], case["series_instance_uid"])
         folder = dst / sid
-        assert sorted(p.name for p in folder.iterdir()) == ["overlay.png", "prediction.nii.gz",
-                                                            "prediction_seg.dcm", "predictions.csv"]
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "overlay.png",
+            "prediction.nii.gz",
+            "prediction_seg.dcm",
+            "predictions.csv",
+        ]
         nifti = nib.load(folder / "prediction.nii.gz")
         pred = np.asarray(nifti.dataobj)
         # The label map lies on the acquisition grid of the source series (fedimg orders slices along the
@@ -275,8 +294,9 @@ def test_predict_segmentation_deidentified(trained, capsys, caplog):
         g, geo = _series(t.raw / case["image_series_dir"])
         assert pred.shape == tuple(case["shape"]) == geo.shape and pred.dtype == np.uint8
         assert np.allclose(nifti.affine, geo.affine_ras, atol=1e-4)
-        truth_grid = nib.as_closest_canonical(nib.Nifti1Image(np.zeros(case["shape"], np.uint8),
-                                                              np.array(case["affine_ras"])))
+        truth_grid = nib.as_closest_canonical(
+            nib.Nifti1Image(np.zeros(case["shape"], np.uint8), np.array(case["affine_ras"]))
+        )
         assert np.allclose(nib.as_closest_canonical(nifti).affine, truth_grid.affine, atol=1e-4)
 
         # The SEG, read back through the (de-identified) source instances it references, is the NIfTI.
@@ -305,10 +325,12 @@ def test_predict_segmentation_deidentified(trained, capsys, caplog):
             if case_id_for(case["study_instance_uid"], case["series_instance_uid"]) in val_ids:
                 source_dice[name].append(_dice(pred, truth, c))
     measured = {name: float(np.mean(v)) for name, v in source_dice.items()}
-    print(f"\nvalidation Dice (spec grid, training): organ {t.best['val_dice/organ']:.3f}, lesion "
-          f"{t.best['val_dice/lesion']:.3f}; predict vs phantom truth on the source grid, same validation cases: "
-          f"organ {measured['organ']:.3f}, lesion {measured['lesion']:.3f}; all 8 studies: organ "
-          f"{np.mean(all_dice['organ']):.3f}, lesion {np.mean(all_dice['lesion']):.3f}")
+    print(
+        f"\nvalidation Dice (spec grid, training): organ {t.best['val_dice/organ']:.3f}, lesion "
+        f"{t.best['val_dice/lesion']:.3f}; predict vs phantom truth on the source grid, same validation cases: "
+        f"organ {measured['organ']:.3f}, lesion {measured['lesion']:.3f}; all 8 studies: organ "
+        f"{np.mean(all_dice['organ']):.3f}, lesion {np.mean(all_dice['lesion']):.3f}"
+    )
     assert t.best["val_dice/organ"] > 0.6  # a model worth comparing
     for name in CLASSES:
         assert abs(measured[name] - t.best[f"val_dice/{name}"]) <= SOURCE_DICE_TOLERANCE, name
@@ -329,8 +351,9 @@ def test_predict_reproduces_validation_on_the_spec_grid(trained):
     pkg = load_package(t.package)
     rt = runtime.setup("cpu", False, 2)
     model = pkg.build_model()
-    by_id = {case_id_for(c["study_instance_uid"], c["series_instance_uid"]): c
-             for c in t.truth["sites"]["site-1"]["cases"]}
+    by_id = {
+        case_id_for(c["study_instance_uid"], c["series_instance_uid"]): c for c in t.truth["sites"]["site-1"]["cases"]
+    }
     dice: dict[str, list[float]] = {c: [] for c in CLASSES}
     for item in t.datalist["validation"]:
         g, geo = _series(t.raw / by_id[item["case_id"]]["image_series_dir"])
@@ -350,8 +373,9 @@ def test_seg_references_write_dicom_copies_keep_identifiers_and_nifti_input(trai
     src = tmp_path / "src"
     shutil.copytree(t.raw / case["study_dir"], src / Path(case["study_dir"]).name)
     spec = load_package(t.package).spec
-    pre = preprocess(src, tmp_path / "pre", spec, site="site-1", progress=False, pseudonymizer=t.ps,
-                     write_dicom=tmp_path / "copies")
+    pre = preprocess(
+        src, tmp_path / "pre", spec, site="site-1", progress=False, pseudonymizer=t.ps, write_dicom=tmp_path / "copies"
+    )
     (case_id,) = [c.case_id for c in pre.cases]
 
     crosswalk = tmp_path / "private" / "crosswalk.jsonl"
@@ -364,7 +388,11 @@ def test_seg_references_write_dicom_copies_keep_identifiers_and_nifti_input(trai
     assert ref.SeriesInstanceUID == copies[0].SeriesInstanceUID
     assert {r.ReferencedSOPInstanceUID for r in ref.ReferencedInstanceSequence} == {d.SOPInstanceUID for d in copies}
     assert (seg.StudyInstanceUID, seg.FrameOfReferenceUID, seg.PatientID, seg.PatientName) == (
-        copies[0].StudyInstanceUID, copies[0].FrameOfReferenceUID, copies[0].PatientID, copies[0].PatientName)
+        copies[0].StudyInstanceUID,
+        copies[0].FrameOfReferenceUID,
+        copies[0].PatientID,
+        copies[0].PatientName,
+    )
     assert oct(crosswalk.stat().st_mode & 0o777) == "0o600"
     row = json.loads(crosswalk.read_text().splitlines()[0])
     assert row["study_id"] == case_id and row["study_instance_uid"] == case["study_instance_uid"]
@@ -461,8 +489,16 @@ def test_pgbm008_seg_lands_on_the_source_grid(tmp_path):
     pre = preprocess(study, tmp_path / "pre", spec, site="s", progress=False)
     items = [{"image": str(tmp_path / "pre" / c.image), "label": str(tmp_path / "pre" / c.label)} for c in pre.cases]
     # A few steps on the tumour mask: enough for a label map that is neither empty nor everywhere.
-    exp = tiny_experiment(**{"name": "mr_geometry", "task.class_names": "[tumor]", "task.min_component_voxels": 0,
-                             "optim.lr": 0.01, "data.batch_size": 4, "data.samples_per_volume": 4})
+    exp = tiny_experiment(
+        **{
+            "name": "mr_geometry",
+            "task.class_names": "[tumor]",
+            "task.min_component_voxels": 0,
+            "optim.lr": 0.01,
+            "data.batch_size": 4,
+            "data.samples_per_volume": 4,
+        }
+    )
     trainer = SiteTrainer(exp, items, [], runtime.setup("cpu", False, 2, seed=0))
     trainer.fit(10)
     package = write_package(tmp_path / "pkg", trainer.state_dict(), exp, spec, {}, {"run": "test"})
@@ -486,8 +522,11 @@ def test_pgbm008_seg_lands_on_the_source_grid(tmp_path):
     if not exe.is_file():
         pytest.skip("dcm2niix not installed (pip install dcm2niix): the oracle grid cannot be checked")
     series_dir = g.first.path.parent
-    subprocess.run([str(exe), "-z", "n", "-b", "n", "-f", "t1post", "-o", str(tmp_path), str(series_dir)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [str(exe), "-z", "n", "-b", "n", "-f", "t1post", "-o", str(tmp_path), str(series_dir)],
+        check=True,
+        capture_output=True,
+    )
     oracle = nib.as_closest_canonical(nib.load(tmp_path / "t1post.nii"))
     ours = nib.as_closest_canonical(nifti)
     assert oracle.shape[:3] == ours.shape and np.allclose(oracle.affine, ours.affine, atol=1e-3)
@@ -506,15 +545,15 @@ def test_classification_predict_dx(tmp_path, capsys, caplog):
     site = synth.out_dir / "site-1"
     spec = cfg.load(cfg.PreprocessSpec, REPO / "configs" / "preprocessing" / "dx_chest_cls.yaml")
     secret_path, ps = _secret(tmp_path)
-    preprocess(site, tmp_path / "pre", spec, site="site-1", progress=False, labels_csv=site / "labels.csv",
-               pseudonymizer=ps)
+    preprocess(
+        site, tmp_path / "pre", spec, site="site-1", progress=False, labels_csv=site / "labels.csv", pseudonymizer=ps
+    )
     exp = cfg.load(cfg.ExperimentConfig, REPO / "configs" / "experiments" / "cls_dx_lesion.yaml")
     torch.manual_seed(0)
     model = build_model(exp.model, exp.task)
     package = write_package(tmp_path / "pkg", model.state_dict(), exp, spec, {}, {})
 
-    rc = main(["predict", str(package), str(site), str(tmp_path / "out"), "--secret-file", str(secret_path),
-               "--quiet"])
+    rc = main(["predict", str(package), str(site), str(tmp_path / "out"), "--secret-file", str(secret_path), "--quiet"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     rows = {r["study_id"]: r for r in csv.DictReader((tmp_path / "out" / "predictions.csv").open())}
@@ -531,5 +570,6 @@ def test_classification_predict_dx(tmp_path, capsys, caplog):
         assert probs == pytest.approx(list(s), abs=1e-5) and sum(probs) == pytest.approx(1.0, abs=1e-5)
         assert row["predicted_class"] == exp.task.class_names[int(np.argmax(probs))]
     truth = json.loads(synth.ground_truth_path.read_text())
-    _assert_no_phi(tmp_path / "out", [captured.out, captured.err, caplog.text],
-                   _identifiers(truth, "site-1", synth.out_dir))
+    _assert_no_phi(
+        tmp_path / "out", [captured.out, captured.err, caplog.text], _identifiers(truth, "site-1", synth.out_dir)
+    )

@@ -80,9 +80,13 @@ def test_labels_follow_the_pseudonymized_cases_and_nothing_leaks(small_synth, cl
     summary = json.loads((dst / "summary.json").read_text())
     assert summary["labels_csv"]["rows_matched"] == len(truth) and summary["labels_csv"]["rows_unmatched"] == 0
     assert summary["task"] == "classification" and summary["cases_reused"] == 0
-    needles = {c["identifiers"]["accession_number"] for c in truth} | {c["study_instance_uid"] for c in truth} \
-        | {c["series_instance_uid"] for c in truth} | {c["identifiers"]["patient_id"] for c in truth} \
+    needles = (
+        {c["identifiers"]["accession_number"] for c in truth}
+        | {c["study_instance_uid"] for c in truth}
+        | {c["series_instance_uid"] for c in truth}
+        | {c["identifiers"]["patient_id"] for c in truth}
         | {c["identifiers"]["last_name"] for c in truth}
+    )
     assert not _scan(dst, needles)
     # Positive control: the raw export (folders and the label sheet) does hold them.
     assert _scan(src, {truth[0]["identifiers"]["accession_number"], truth[0]["study_instance_uid"]})
@@ -94,12 +98,15 @@ def test_missing_row_and_bad_value_are_refused_without_quoting_the_key(small_syn
     truth = _truth(small_synth, site)
     assert len(truth) == 3
     acc = [c["identifiers"]["accession_number"] for c in truth]
-    sheet = _write_csv(tmp_path / "labels.csv", [
-        [f"  {acc[0]} ", "", "lesion" if truth[0]["has_lesion"] else "0"],  # whitespace stripped; index accepted
-        [acc[1], "", "maybe"],  # not a class
-        ["A000000000", "", "lesion"],  # no such study: counted, never named
-        ["", "", "lesion"],  # no key
-    ])  # acc[2]: no row at all
+    sheet = _write_csv(
+        tmp_path / "labels.csv",
+        [
+            [f"  {acc[0]} ", "", "lesion" if truth[0]["has_lesion"] else "0"],  # whitespace stripped; index accepted
+            [acc[1], "", "maybe"],  # not a class
+            ["A000000000", "", "lesion"],  # no such study: counted, never named
+            ["", "", "lesion"],  # no key
+        ],
+    )  # acc[2]: no row at all
     res = preprocess(src, tmp_path / "out", cls_spec, site=site, progress=False, labels_csv=sheet)
     assert len(res.cases) == 1 and res.cases[0].label == int(truth[0]["has_lesion"])
     assert res.cases[0].case_id == case_id_for(truth[0]["study_instance_uid"], truth[0]["series_instance_uid"])
@@ -116,9 +123,15 @@ def test_missing_row_and_bad_value_are_refused_without_quoting_the_key(small_syn
     assert "(0008,0050) Accession Number" in missing[0]["detail"]
     for r in bad + missing:
         assert not any(a in r["detail"] for a in acc)
-    assert res.labels_csv == {"key": "(0008,0050) Accession Number", "key_column": "AccessionNumber",
-                              "label_column": "label", "rows": 4, "rows_matched": 2, "rows_unmatched": 1,
-                              "rows_without_key": 1}
+    assert res.labels_csv == {
+        "key": "(0008,0050) Accession Number",
+        "key_column": "AccessionNumber",
+        "label_column": "label",
+        "rows": 4,
+        "rows_matched": 2,
+        "rows_unmatched": 1,
+        "rows_without_key": 1,
+    }
     assert "A000000000" not in (tmp_path / "out" / "summary.json").read_text()
     assert "1 matched none" in res.table()
 
@@ -126,16 +139,21 @@ def test_missing_row_and_bad_value_are_refused_without_quoting_the_key(small_syn
 def test_study_uid_key_and_custom_columns(small_synth, cls_spec, tmp_path):
     site = "site-1"
     truth = _truth(small_synth, site)
-    spec = dataclasses.replace(cls_spec, labels=dataclasses.replace(
-        cls_spec.labels, csv_key="study_uid", csv_key_column=None, csv_label_column="Diagnosis"))
+    spec = dataclasses.replace(
+        cls_spec,
+        labels=dataclasses.replace(
+            cls_spec.labels, csv_key="study_uid", csv_key_column=None, csv_label_column="Diagnosis"
+        ),
+    )
     sheet = tmp_path / "uid.csv"
     # Excel writes a byte-order mark; the key column is the default for study_uid.
-    sheet.write_text("StudyInstanceUID,Diagnosis\n" + "".join(
-        f"{c['study_instance_uid']},{int(c['has_lesion'])}\n" for c in truth), encoding="utf-8-sig")
+    sheet.write_text(
+        "StudyInstanceUID,Diagnosis\n" + "".join(f"{c['study_instance_uid']},{int(c['has_lesion'])}\n" for c in truth),
+        encoding="utf-8-sig",
+    )
     res = preprocess(small_synth.out_dir / site, tmp_path / "out", spec, site=site, progress=False, labels_csv=sheet)
     got = {c.case_id: c.label for c in res.cases}
-    assert got == {case_id_for(c["study_instance_uid"], c["series_instance_uid"]): int(c["has_lesion"])
-                   for c in truth}
+    assert got == {case_id_for(c["study_instance_uid"], c["series_instance_uid"]): int(c["has_lesion"]) for c in truth}
 
 
 def test_labels_csv_reader_errors_name_columns_not_values(tmp_path):
@@ -146,8 +164,11 @@ def test_labels_csv_reader_errors_name_columns_not_values(tmp_path):
     with pytest.raises(LabelsCsvError, match="is empty"):
         read_labels_csv(tmp_path / "empty.csv", labels)
     _write_csv(tmp_path / "cols.csv", [["A123", "x"]], header=("Accession", "Class"))
-    with pytest.raises(LabelsCsvError, match=r"lacks the column\(s\) 'AccessionNumber' and 'label'.*found "
-                                             r"columns: 'Accession', 'Class'"):
+    with pytest.raises(
+        LabelsCsvError,
+        match=r"lacks the column\(s\) 'AccessionNumber' and 'label'.*found "
+        r"columns: 'Accession', 'Class'",
+    ):
         read_labels_csv(tmp_path / "cols.csv", labels)
     (tmp_path / "semi.csv").write_text("AccessionNumber;label\nA1;lesion\n")
     with pytest.raises(LabelsCsvError, match="another separator"):
@@ -159,8 +180,15 @@ def test_labels_csv_reader_errors_name_columns_not_values(tmp_path):
     (tmp_path / "latin.csv").write_bytes(b"AccessionNumber,label\nA1,l\xe9sion\n")
     with pytest.raises(LabelsCsvError, match="UnicodeDecodeError"):
         read_labels_csv(tmp_path / "latin.csv", labels)
-    assert [class_index(v, labels.classes) for v in ("lesion", " LESION ", "0", "1", "2", "", "x")] == \
-        [1, 1, 0, 1, None, None, None]
+    assert [class_index(v, labels.classes) for v in ("lesion", " LESION ", "0", "1", "2", "", "x")] == [
+        1,
+        1,
+        0,
+        1,
+        None,
+        None,
+        None,
+    ]
 
 
 def test_usage_errors_exit_2_before_any_work(small_synth, tmp_path, capsys):
@@ -174,8 +202,9 @@ def test_usage_errors_exit_2_before_any_work(small_synth, tmp_path, capsys):
         return lines[0]
 
     assert "expected --labels-csv FILE" in run("--spec", str(CT_CLS))
-    assert "drop --labels-csv" in run("--spec", str(REPO / "configs/preprocessing/ct_phantom.yaml"),
-                                      "--labels-csv", f"{src}/labels.csv")
+    assert "drop --labels-csv" in run(
+        "--spec", str(REPO / "configs/preprocessing/ct_phantom.yaml"), "--labels-csv", f"{src}/labels.csv"
+    )
     assert "does not exist" in run("--spec", str(CT_CLS), "--labels-csv", str(tmp_path / "missing.csv"))
     _write_csv(tmp_path / "cols.csv", [["x", "y"]], header=("acc", "class"))
     line = run("--spec", str(CT_CLS), "--labels-csv", str(tmp_path / "cols.csv"))
@@ -188,8 +217,13 @@ def test_usage_errors_exit_2_before_any_work(small_synth, tmp_path, capsys):
 
 
 def test_classification_spec_validation(tmp_path):
-    base = {"name": "c", "modality": "CT", "target_spacing": [3, 3, 3], "task": "classification",
-            "labels": {"classes": ["no_lesion", "lesion"]}}
+    base = {
+        "name": "c",
+        "modality": "CT",
+        "target_spacing": [3, 3, 3],
+        "task": "classification",
+        "labels": {"classes": ["no_lesion", "lesion"]},
+    }
     spec = cfg.from_dict(cfg.PreprocessSpec, base)
     assert spec.labels.key_column == "AccessionNumber" and spec.labels.key_tag.startswith("(0008,0050)")
     for bad, message in (

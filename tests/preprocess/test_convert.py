@@ -17,8 +17,11 @@ from fedimg.preprocess.manifest import read_manifest
 
 
 def _hash_tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _same_grid(a: np.ndarray, b: np.ndarray, shape) -> bool:
@@ -37,8 +40,10 @@ def test_convert_raw_volumes_match_ground_truth(small_synth, tmp_path):
     rows = read_manifest(tmp_path / "out")
     n_files = sum(1 for p in src.rglob("*") if p.is_file())
     assert len(rows) == n_files == res.src_files
-    truth = {c["series_instance_uid"]: c for c in json.loads(small_synth.ground_truth_path.read_text())
-             ["sites"]["site-1"]["cases"]}
+    truth = {
+        c["series_instance_uid"]: c
+        for c in json.loads(small_synth.ground_truth_path.read_text())["sites"]["site-1"]["cases"]
+    }
     converted = [r for r in rows if r["status"] == "converted"]
     assert {r["series_uid"] for r in converted} == set(truth)
     # NIfTI labels are not DICOM: convert refuses them as such (preprocess uses them).
@@ -101,5 +106,6 @@ def test_parallel_and_serial_give_identical_outputs(small_synth, tmp_path, worke
     ref = tmp_path.parent / "ref_convert_site1"
     if not ref.exists():
         convert(src, ref, workers=1, progress=False)
-    assert {k: v for k, v in _hash_tree(tmp_path / "w").items() if k.startswith("series/")} == \
-        {k: v for k, v in _hash_tree(ref).items() if k.startswith("series/")}
+    assert {k: v for k, v in _hash_tree(tmp_path / "w").items() if k.startswith("series/")} == {
+        k: v for k, v in _hash_tree(ref).items() if k.startswith("series/")
+    }

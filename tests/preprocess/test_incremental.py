@@ -116,8 +116,9 @@ def test_new_studies_convert_alone_and_old_splits_stay(dx_export, tmp_path):
     again = _datalist(dst)
     assert {c: v["split"] for c, v in again.items()} == {c: v["split"] for c, v in after.items()}
     assert (dst / again[changed_id]["image"]).read_bytes() != old_image
-    assert {c: s for c, s in _stamp(dst, again).items() if c != changed_id} == \
-        {c: s for c, s in _stamp(dst, after).items() if c != changed_id}
+    assert {c: s for c, s in _stamp(dst, again).items() if c != changed_id} == {
+        c: s for c, s in _stamp(dst, after).items() if c != changed_id
+    }
 
     # A study that disappears leaves the datalist and DST; when it comes back, it gets its old split back.
     gone = next(c for c, v in again.items() if v["split"] == "validation")
@@ -150,8 +151,10 @@ def test_other_spec_or_secret_is_refused_not_mixed(dx_export, tmp_path):
         preprocess(small, dst, spec, site="s", progress=False, labels_csv=small / "labels.csv")
     assert {f.name: f.stat().st_mtime_ns for f in dst.rglob("*") if f.is_file()} == before  # nothing touched
     state = (dst / STATE_FILE).read_text()
-    assert all(c["identifiers"]["accession_number"] not in state for c in
-               json.loads((small.parent / "ground_truth.json").read_text())["sites"]["site-1"]["cases"])
+    assert all(
+        c["identifiers"]["accession_number"] not in state
+        for c in json.loads((small.parent / "ground_truth.json").read_text())["sites"]["site-1"]["cases"]
+    )
 
 
 def test_segmentation_rerun_reuses_and_a_changed_label_reconverts(small_synth, ct_spec, tmp_path):
@@ -165,8 +168,9 @@ def test_segmentation_rerun_reuses_and_a_changed_label_reconverts(small_synth, c
     second = preprocess(src, dst, spec, site="s", progress=False)
     assert (second.cases_reused, second.cases_converted) == (len(first.cases), 0)
     assert _manifest(dst) == first_manifest and len(first_manifest) == _n_files(src)  # same account
-    assert [(c.case_id, c.split, c.label_counts) for c in second.cases] == \
-        [(c.case_id, c.split, c.label_counts) for c in first.cases]
+    assert [(c.case_id, c.split, c.label_counts) for c in second.cases] == [
+        (c.case_id, c.split, c.label_counts) for c in first.cases
+    ]
     # The label of one study is re-exported (new modification time): that case alone is converted again.
     mask_file = sorted(d for d in src.rglob("*") if d.is_dir() and "Mask" in d.name)[0] / "IM0001"
     st = mask_file.stat()

@@ -57,8 +57,7 @@ def multi_study_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, di
 
 def _spec(**split: object) -> cfg.PreprocessSpec:
     spec = cfg.load(cfg.PreprocessSpec, CT_SPEC)
-    return dataclasses.replace(spec, target_spacing=(6.0, 6.0, 6.0),
-                               split=dataclasses.replace(spec.split, **split))
+    return dataclasses.replace(spec, target_spacing=(6.0, 6.0, 6.0), split=dataclasses.replace(spec.split, **split))
 
 
 def test_no_patient_straddles_training_and_evaluation(multi_study_site, tmp_path: Path) -> None:
@@ -111,8 +110,9 @@ def test_folds_hold_whole_patients_and_data_fold_picks_one(multi_study_site, tmp
     assert {i.fold for i in dl.validation} == {0}  # fold 0 is the datalist's own validation split
     for k in range(3):
         data = read_datalist(tmp_path / "dst" / "datalist.json", fold=k)
-        assert {i["case_id"] for i in data.validation} == {i.case_id for i in dl.training + dl.validation
-                                                            if i.fold == k}
+        assert {i["case_id"] for i in data.validation} == {
+            i.case_id for i in dl.training + dl.validation if i.fold == k
+        }
         assert not {i["case_id"] for i in data.validation} & {i["case_id"] for i in data.training}
 
 
@@ -121,8 +121,13 @@ def test_tcia_patient_with_two_studies_stays_on_one_side(tmp_path: Path) -> None
     spec = cfg.load(cfg.PreprocessSpec, MR_SPEC)
     for seed in range(4):  # whatever the draw, PGBM-001's two studies go together
         dst = tmp_path / f"out{seed}"
-        res = preprocess(src, dst, dataclasses.replace(spec, split=dataclasses.replace(spec.split, seed=seed)),
-                         site="tcia", progress=False)
+        res = preprocess(
+            src,
+            dst,
+            dataclasses.replace(spec, split=dataclasses.replace(spec.split, seed=seed)),
+            site="tcia",
+            progress=False,
+        )
         assert len(res.cases) == 3 and res.patients == 2
         rows = [json.loads(line) for line in (dst / "manifest.jsonl").read_text().splitlines()]
         patient_of = {r["case_id"]: r["input"].split("/")[0] for r in rows if r.get("role") == "image"}

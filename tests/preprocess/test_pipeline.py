@@ -62,7 +62,7 @@ def test_synthetic_sites_geometry_labels_and_manifest(small_synth, small_preproc
             np.testing.assert_allclose(img.affine, lbl.affine)
             assert img.shape == lbl.shape
             data = np.asarray(img.dataobj)
-            assert 0.0 <= data.min() and data.max() <= 1.0  # CT window scaled to [0, 1]
+            assert data.min() >= 0.0 and data.max() <= 1.0  # CT window scaled to [0, 1]
             assert set(np.unique(np.asarray(lbl.dataobj)).tolist()) <= {0, 1, 2}
         # Label alignment against the analytic phantom: organ centroid in world space.
         for c in res.cases:
@@ -194,8 +194,9 @@ def test_parallel_preprocess_matches_serial(small_synth, ct_spec, tmp_path):
     a = preprocess(src, tmp_path / "serial", ct_spec, site="site-2", progress=False, workers=1)
     b = preprocess(src, tmp_path / "parallel", ct_spec, site="site-2", progress=False, workers=2)
     assert _manifest(tmp_path / "serial") == _manifest(tmp_path / "parallel")
-    assert [(c.case_id, c.split, c.label_counts) for c in a.cases] == [(c.case_id, c.split, c.label_counts)
-                                                                       for c in b.cases]
+    assert [(c.case_id, c.split, c.label_counts) for c in a.cases] == [
+        (c.case_id, c.split, c.label_counts) for c in b.cases
+    ]
     for c in a.cases:
         x = np.asarray(nib.load(tmp_path / "serial" / c.image).dataobj)
         y = np.asarray(nib.load(tmp_path / "parallel" / c.image).dataobj)
@@ -241,10 +242,23 @@ def test_keyed_pseudonyms_replace_identifiers_in_names_and_manifest(small_synth,
     src = small_synth.out_dir / "site-1"
     s1 = SiteSecret.generate(tmp_path / "a.secret")
     s2 = SiteSecret.generate(tmp_path / "b.secret")
-    r1 = preprocess(src, tmp_path / "one", ct_spec, site="site-1", progress=False, pseudonymizer=Pseudonymizer(s1),
-                    crosswalk=tmp_path / "site_private" / "crosswalk.jsonl")
-    r1b = preprocess(src, tmp_path / "one_again", ct_spec, site="site-1", progress=False,
-                     pseudonymizer=Pseudonymizer(SiteSecret.load(tmp_path / "a.secret")))
+    r1 = preprocess(
+        src,
+        tmp_path / "one",
+        ct_spec,
+        site="site-1",
+        progress=False,
+        pseudonymizer=Pseudonymizer(s1),
+        crosswalk=tmp_path / "site_private" / "crosswalk.jsonl",
+    )
+    r1b = preprocess(
+        src,
+        tmp_path / "one_again",
+        ct_spec,
+        site="site-1",
+        progress=False,
+        pseudonymizer=Pseudonymizer(SiteSecret.load(tmp_path / "a.secret")),
+    )
     r2 = preprocess(src, tmp_path / "two", ct_spec, site="site-1", progress=False, pseudonymizer=Pseudonymizer(s2))
     ids1, ids1b, ids2 = ([c.case_id for c in r.cases] for r in (r1, r1b, r2))
     assert ids1 == ids1b  # same secret, same pseudonyms
@@ -281,10 +295,22 @@ def test_split_does_not_depend_on_the_secret(small_synth, ct_spec, tmp_path):
 
     src = small_synth.out_dir / "site-2"
     plain = preprocess(src, tmp_path / "plain", ct_spec, site="s", progress=False)
-    a = preprocess(src, tmp_path / "a", ct_spec, site="s", progress=False,
-                   pseudonymizer=Pseudonymizer(SiteSecret.generate(tmp_path / "a.secret")))
-    b = preprocess(src, tmp_path / "b", ct_spec, site="s", progress=False,
-                   pseudonymizer=Pseudonymizer(SiteSecret.generate(tmp_path / "b.secret")))
+    a = preprocess(
+        src,
+        tmp_path / "a",
+        ct_spec,
+        site="s",
+        progress=False,
+        pseudonymizer=Pseudonymizer(SiteSecret.generate(tmp_path / "a.secret")),
+    )
+    b = preprocess(
+        src,
+        tmp_path / "b",
+        ct_spec,
+        site="s",
+        progress=False,
+        pseudonymizer=Pseudonymizer(SiteSecret.generate(tmp_path / "b.secret")),
+    )
 
     def by_counts(res):
         return sorted((json.dumps(c.label_counts, sort_keys=True), c.split) for c in res.cases)

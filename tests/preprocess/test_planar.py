@@ -29,8 +29,7 @@ DX_SPEC = REPO / "configs" / "preprocessing" / "dx_chest_cls.yaml"
 @pytest.fixture(scope="module")
 def dx_synth(tmp_path_factory):
     """Three DX sites (MONOCHROME2, MONOCHROME1 with only Imager Pixel Spacing, MONOCHROME1): 4, 5, 3 studies."""
-    return generate(tmp_path_factory.mktemp("dx") / "raw", n_sites=3, n_cases=4, seed=5, progress=False,
-                    modality="DX")
+    return generate(tmp_path_factory.mktemp("dx") / "raw", n_sites=3, n_cases=4, seed=5, progress=False, modality="DX")
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +82,10 @@ def test_dx_sites_end_to_end(dx_synth, dx_spec, tmp_path):
             img = nib.load(dst / it["image"])
             data = np.asarray(img.dataobj)
             assert data.shape == tuple(dx_spec.target_size) and data.dtype == np.float32
-            assert 0.0 <= data.min() and data.max() <= 1.0 and data.max() > 0.9
+            assert data.min() >= 0.0 and data.max() <= 1.0 and data.max() > 0.9
             # Higher = brighter whatever the photometric interpretation: the body is bright, air dark.
             h, w = data.shape
-            assert data[h // 2 - 8:h // 2 + 8, w // 2 - 8:w // 2 + 8].mean() > 0.7
+            assert data[h // 2 - 8 : h // 2 + 8, w // 2 - 8 : w // 2 + 8].mean() > 0.7
             assert data[:4, :4].mean() < 0.05 and data[-4:, -4:].mean() < 0.05
             # Square output pixels: the image's extent fitted into 128 x 128.
             fov = max(profile.rows * profile.pixel_spacing_mm, profile.columns * profile.pixel_spacing_mm)
@@ -146,8 +145,9 @@ def test_2d_spec_refuses_what_is_not_one_image(dx_synth, small_synth, dx_spec, t
     # The good one, labelled.
     _save(_fresh(ds, "ACC-OK"), src / "good" / "IM0001.dcm")
     sheet = tmp_path / "labels.csv"
-    sheet.write_text("AccessionNumber,label\n" + "".join(
-        f"{a},lesion\n" for a in ("ACC-MF", "ACC-2I", "ACC-2S", "ACC-NS", "ACC-OK")))
+    sheet.write_text(
+        "AccessionNumber,label\n" + "".join(f"{a},lesion\n" for a in ("ACC-MF", "ACC-2I", "ACC-2S", "ACC-NS", "ACC-OK"))
+    )
     res = preprocess(src, tmp_path / "out", dx_spec, site="s", progress=False, labels_csv=sheet)
     rows = {r["input"]: r for r in _manifest(tmp_path / "out")}
     assert len(rows) == 7 == res.src_files
@@ -176,8 +176,9 @@ def test_single_ct_slice_is_a_2d_image_and_a_stack_is_refused(small_synth, dx_sp
     _save(_fresh(ds, "ACC-SLICE"), src / "slice" / "IM0001.dcm")
     sheet = tmp_path / "labels.csv"
     with sheet.open("w", newline="") as fh:
-        csv.writer(fh).writerows([["AccessionNumber", "label"], ["ACC-SLICE", "no_lesion"],
-                                  [str(ds.AccessionNumber), "lesion"]])
+        csv.writer(fh).writerows(
+            [["AccessionNumber", "label"], ["ACC-SLICE", "no_lesion"], [str(ds.AccessionNumber), "lesion"]]
+        )
     res = preprocess(src, tmp_path / "out", spec, site="s", progress=False, labels_csv=sheet)
     rows = _manifest(tmp_path / "out")
     stack = [r for r in rows if r["input"].startswith("stack/")]
@@ -189,8 +190,11 @@ def test_single_ct_slice_is_a_2d_image_and_a_stack_is_refused(small_synth, dx_sp
     # The output centre lands on the slice centre (IPP + half the extent along IOP), in RAS.
     iop = np.array(ds.ImageOrientationPatient, float)
     dr, dc = (float(v) for v in ds.PixelSpacing)
-    centre_lps = (np.array(ds.ImagePositionPatient, float) + iop[:3] * dc * (ds.Columns - 1) / 2
-                  + iop[3:] * dr * (ds.Rows - 1) / 2)
+    centre_lps = (
+        np.array(ds.ImagePositionPatient, float)
+        + iop[:3] * dc * (ds.Columns - 1) / 2
+        + iop[3:] * dr * (ds.Rows - 1) / 2
+    )
     got = img.affine @ [63.5, 63.5, 0, 1]
     np.testing.assert_allclose(got[:3], centre_lps * [-1, -1, 1], atol=dr)
     np.testing.assert_allclose(img.header.get_zooms()[:2], dr * ds.Rows / 128, rtol=1e-3)

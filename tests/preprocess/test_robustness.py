@@ -90,9 +90,7 @@ class Expect:
 @dataclass
 class Corpus:
     root: Path
-    expect: dict[str, dict[str, Expect]] = field(
-        default_factory=dict
-    )  # mutant name -> rel -> Expect
+    expect: dict[str, dict[str, Expect]] = field(default_factory=dict)  # mutant name -> rel -> Expect
     series: dict[str, list[str]] = field(default_factory=dict)  # mutant name -> its files
     hashes: dict[str, str] = field(default_factory=dict)
     has_d2n: bool = False
@@ -179,9 +177,7 @@ def m_control(d, base):
 
 def m_names_with_spaces(d, base):
     sub = "a folder with spaces"
-    return _ok(
-        f"{sub}/{r}" for r in _series(d / sub, base, names=lambda i: f"slice {i + 1} of CT.dcm")
-    )
+    return _ok(f"{sub}/{r}" for r in _series(d / sub, base, names=lambda i: f"slice {i + 1} of CT.dcm"))
 
 
 def m_no_extension(d, base):
@@ -198,11 +194,7 @@ def m_scrambled_instance_number(d, base):
         return f"IM{N_BASE - i:04d}.dcm"
 
     counter = iter(range(N_BASE, 0, -1))
-    return _ok(
-        _series(
-            d, base, mutate=lambda ds: setattr(ds, "InstanceNumber", next(counter)), names=names
-        )
-    )
+    return _ok(_series(d, base, mutate=lambda ds: setattr(ds, "InstanceNumber", next(counter)), names=names))
 
 
 def m_garbage_instance_number(d, base):
@@ -273,9 +265,7 @@ def m_no_orientation_one_slice(d, base):
 
 
 def m_no_spacing(d, base):
-    return _all(
-        _series(d, base, mutate=lambda ds: delattr(ds, "PixelSpacing")), REFUSED, "NO_GEOMETRY"
-    )
+    return _all(_series(d, base, mutate=lambda ds: delattr(ds, "PixelSpacing")), REFUSED, "NO_GEOMETRY")
 
 
 def m_no_spacing_one_slice(d, base):
@@ -376,9 +366,7 @@ def _cut(d: Path, ds: Dataset, name: str, where: Callable[[bytes, int], int]) ->
     """Write ``ds`` (its own series) and truncate it at ``where(data, pixel_value_offset)``."""
     _save(ds, d / name)
     data = (d / name).read_bytes()
-    pix = (
-        pydicom.dcmread(d / name, defer_size=1).get_item(0x7FE00010, keep_deferred=True).value_tell
-    )
+    pix = pydicom.dcmread(d / name, defer_size=1).get_item(0x7FE00010, keep_deferred=True).value_tell
     (d / name).write_bytes(data[: where(data, pix)])
     return name
 
@@ -443,9 +431,7 @@ def m_junk_beside_good_series(d, base):
     return exp
 
 
-MUTANTS: dict[str, Builder] = {
-    name[2:]: fn for name, fn in globals().items() if name.startswith("m_")
-}
+MUTANTS: dict[str, Builder] = {name[2:]: fn for name, fn in globals().items() if name.startswith("m_")}
 
 
 # Defects fedimg used to mishandle without crashing (see the regression tests at the end),
@@ -532,9 +518,7 @@ def k_nan_rescale_slope(d, base):
     )
 
 
-KNOWN_BUGS: dict[str, Builder] = {
-    name[2:]: fn for name, fn in globals().items() if name.startswith("k_")
-}
+KNOWN_BUGS: dict[str, Builder] = {name[2:]: fn for name, fn in globals().items() if name.startswith("k_")}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -595,17 +579,13 @@ class Run:
 def converted(corpus, tmp_path_factory) -> Run:
     dst = tmp_path_factory.mktemp("robust_out") / "dst"
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # pydicom warns a lot on this corpus; warnings are not failures here
+        warnings.simplefilter("ignore")  # pydicom warns a lot on this corpus; warnings are not failures here
         res = convert(corpus.root, dst, workers=2, progress=False)
     raw = read_manifest(dst)
     return Run(dst, res, {r["input"]: r for r in raw}, raw)
 
 
-def _check_contract(
-    src: Path, dst: Path, raw_rows: list[dict], before: dict[str, str], reported_inputs: int
-) -> None:
+def _check_contract(src: Path, dst: Path, raw_rows: list[dict], before: dict[str, str], reported_inputs: int) -> None:
     """Accounting, one row per file, raw input unchanged, no temp files."""
     on_disk = _disk_files(src)
     inputs = [r["input"] for r in raw_rows]
@@ -677,11 +657,7 @@ def test_good_series_still_convert_beside_broken_ones(corpus, converted):
 
     # Every mutant that should convert gives exactly the control volume (voxels and affine).
     def volume(name):
-        outs = {
-            converted.rows[r]["output"]
-            for r in corpus.series[name]
-            if converted.rows[r]["status"] == CONVERTED
-        }
+        outs = {converted.rows[r]["output"] for r in corpus.series[name] if converted.rows[r]["status"] == CONVERTED}
         assert len(outs) == 1, (name, outs)
         img = nib.load(converted.dst / outs.pop())
         return img.affine, np.asarray(img.dataobj)
@@ -813,20 +789,16 @@ _REGRESSIONS = {
         "as NON_IMAGE_OBJECT instead of refused"
     ),
     "dicm_then_garbage": (
-        "128 zero bytes + 'DICM' (+ garbage) is SKIPPED as NON_IMAGE_OBJECT instead of "
-        "refused NOT_DICOM"
+        "128 zero bytes + 'DICM' (+ garbage) is SKIPPED as NON_IMAGE_OBJECT instead of refused NOT_DICOM"
     ),
     "negative_pixel_spacing": (
-        "(0028,0030) -1.6\\-1.6 on every slice is refused as MIXED_SERIES ('slices disagree')"
-        " instead of NO_GEOMETRY"
+        "(0028,0030) -1.6\\-1.6 on every slice is refused as MIXED_SERIES ('slices disagree') instead of NO_GEOMETRY"
     ),
     "columns_mismatch": (
         "Columns reduced so Pixel Data is longer than Rows*Columns*2: pydicom only warns, "
         "fedimg CONVERTS a re-strided (scrambled) volume"
     ),
-    "rows_mismatch": (
-        "Rows reduced so Pixel Data is longer than expected: CONVERTED (silently cropped)"
-    ),
+    "rows_mismatch": ("Rows reduced so Pixel Data is longer than expected: CONVERTED (silently cropped)"),
     "nan_rescale_slope": ("(0028,1053) 'NaN': CONVERTED to an all-NaN volume"),
     "inf_rescale_intercept": ("(0028,1052) '-inf': CONVERTED to an all-inf volume"),
 }
@@ -839,8 +811,7 @@ def test_known_bug_expected_outcome(corpus, converted, name):
         row = converted.rows[rel]
         if row["status"] not in exp.statuses or row["reason"] not in exp.reasons:
             wrong.append(
-                f"{rel}: got {row['status']}/{row['reason']}, expected {sorted(exp.statuses)}/"
-                f"{sorted(exp.reasons)}"
+                f"{rel}: got {row['status']}/{row['reason']}, expected {sorted(exp.statuses)}/{sorted(exp.reasons)}"
             )
     assert not wrong, f"regression ({_REGRESSIONS[name]}):\n" + "\n".join(wrong)
 
@@ -930,16 +901,11 @@ _CRASHERS: dict[str, tuple[Callable[[Path, list[Dataset]], list[str]], set[str],
         lambda d, base: _series(
             d,
             base,
-            mutate=lambda ds: setattr(
-                ds, "ImageOrientationPatient", [DS_SENTINEL.decode(), 0, 0, 0, 1, 0]
-            ),
+            mutate=lambda ds: setattr(ds, "ImageOrientationPatient", [DS_SENTINEL.decode(), 0, 0, 0, 1, 0]),
             patch=(DS_SENTINEL, b"NaN    "),
         ),
         {"NO_GEOMETRY"},
-        (
-            "IOP 'NaN': index._round_iop does round(nan) -> ValueError in group_series (convert "
-            "and preprocess)"
-        ),
+        ("IOP 'NaN': index._round_iop does round(nan) -> ValueError in group_series (convert and preprocess)"),
     ),
 }
 
@@ -984,6 +950,4 @@ def test_crashing_defect_is_refused(synth_site, tmp_path, name, entry):
     assert all(rows[f"good/{r}"]["status"] == CONVERTED for r in good_dicom)
     for r in bad:
         allowed = reasons | ({"IMAGE_REFUSED"} if r.endswith(".nii.gz") else set())
-        assert rows[f"bad/{r}"]["status"] == REFUSED and rows[f"bad/{r}"]["reason"] in allowed, (
-            rows[f"bad/{r}"]
-        )
+        assert rows[f"bad/{r}"]["status"] == REFUSED and rows[f"bad/{r}"]["reason"] in allowed, rows[f"bad/{r}"]

@@ -19,8 +19,10 @@ from fedimg.preprocess.pipeline import preprocess
 def _make_seg(series_dir: Path, label_nifti: Path, out: Path) -> None:
     """Write a multi-segment DICOM SEG equivalent to the NIfTI label, referencing the CT slices."""
     datasets = [pydicom.dcmread(p) for p in sorted(series_dir.iterdir())]
-    normal = np.cross(np.array(datasets[0].ImageOrientationPatient[:3], float),
-                      np.array(datasets[0].ImageOrientationPatient[3:], float))
+    normal = np.cross(
+        np.array(datasets[0].ImageOrientationPatient[:3], float),
+        np.array(datasets[0].ImageOrientationPatient[3:], float),
+    )
     datasets.sort(key=lambda d: float(np.dot(np.array(d.ImagePositionPatient, float), normal)))
     lbl = nib.load(label_nifti)
     # Sample the NIfTI label at each slice's pixel centres (world RAS) to build frames.
@@ -40,18 +42,30 @@ def _make_seg(series_dir: Path, label_nifti: Path, out: Path) -> None:
     pixel_array = np.stack(frames).astype(np.uint8)
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=i, segment_label=name,
-            segmented_property_category=codes.SCT.Organ if name == "organ" else codes.SCT.MorphologicallyAbnormalStructure,
+            segment_number=i,
+            segment_label=name,
+            segmented_property_category=codes.SCT.Organ
+            if name == "organ"
+            else codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=codes.SCT.Organ if name == "organ" else codes.SCT.Neoplasm,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
         for i, name in ((1, "organ"), (2, "lesion"))
     ]
     seg = hd.seg.Segmentation(
-        source_images=datasets, pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="fedimg-test", manufacturer_model_name="test", software_versions="0",
-        device_serial_number="0")
+        source_images=datasets,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=900,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="fedimg-test",
+        manufacturer_model_name="test",
+        software_versions="0",
+        device_serial_number="0",
+    )
     seg.save_as(out)
 
 
@@ -100,7 +114,9 @@ def test_seg_that_references_other_slices_is_refused(small_synth, ct_spec, tmp_p
     ds.FrameOfReferenceUID = c1["frame_of_reference_uid"]
     ds.save_as(seg_path)
     res = preprocess(src, tmp_path / "out", ct_spec, site="site-1", progress=False)
-    rows = {json.loads(x)["input"]: json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()}
+    rows = {
+        json.loads(x)["input"]: json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    }
     row = rows[seg_path.relative_to(src).as_posix()]
     assert row["status"] == "refused" and row["reason"] in ("LABEL_UNMATCHED", "IMAGE_REFUSED")
     # Study 1 falls back to its own NIfTI label or is refused with the SEG; never mislabelled.

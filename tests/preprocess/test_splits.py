@@ -54,8 +54,9 @@ def test_nothing_moves_across_runs_and_a_new_study_follows_its_patient() -> None
     grown["case-new-of-val-patient"] = CaseKey(patient=val_patient, order="zzz")
     for p in range(20, 30):
         grown[f"case-{p}-0"] = CaseKey(patient=f"pat-{p}", order=f"order-{p}")
-    second = assign(grown, 0.25, 0, test_fraction=0.1, previous_cases=first.splits,
-                    previous_patients=first.patient_splits)
+    second = assign(
+        grown, 0.25, 0, test_fraction=0.1, previous_cases=first.splits, previous_patients=first.patient_splits
+    )
     assert {c: second.splits[c] for c in cases} == first.splits
     assert second.splits["case-new-of-val-patient"] == VALIDATION
     assert all(len(s) == 1 for s in _sides(grown, second.splits).values())
@@ -88,8 +89,16 @@ def test_folds_deal_whole_patients_and_fold_zero_validates() -> None:
     assert all(len(f) == 1 for f in by_patient.values())
     sizes = [sum(1 for c in non_test if a.folds[c] == k) for k in range(5)]
     assert max(sizes) - min(sizes) <= 4  # balanced within one patient's studies
-    again = assign(cases, 0.25, 0, test_fraction=0.1, folds=5, previous_cases=a.splits,
-                   previous_patients=a.patient_splits, previous_folds=a.patient_folds)
+    again = assign(
+        cases,
+        0.25,
+        0,
+        test_fraction=0.1,
+        folds=5,
+        previous_cases=a.splits,
+        previous_patients=a.patient_splits,
+        previous_folds=a.patient_folds,
+    )
     assert again.folds == a.folds and again.splits == a.splits
 
 

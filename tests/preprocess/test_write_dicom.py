@@ -23,11 +23,16 @@ def test_copies_are_deidentified_and_references_resolve(small_synth, ct_spec, tm
         del ds.BurnedInAnnotation
         ds.save_as(f)
     p = Pseudonymizer(SiteSecret.generate(tmp_path / "site.secret"))
-    res = preprocess(src, tmp_path / "out", ct_spec, site="site-2", progress=False, pseudonymizer=p,
-                     write_dicom=tmp_path / "dicom")
+    res = preprocess(
+        src, tmp_path / "out", ct_spec, site="site-2", progress=False, pseudonymizer=p, write_dicom=tmp_path / "dicom"
+    )
     truth = json.loads(small_synth.ground_truth_path.read_text())
-    identifiers = {v for c in truth["sites"]["site-2"]["cases"] for v in c["identifiers"].values()
-                   if isinstance(v, str) and len(v) >= 5}
+    identifiers = {
+        v
+        for c in truth["sites"]["site-2"]["cases"]
+        for v in c["identifiers"].values()
+        if isinstance(v, str) and len(v) >= 5
+    }
     written = sorted((tmp_path / "dicom").rglob("*.dcm"))
     assert written
     sop_uids, refs = set(), set()
@@ -37,8 +42,13 @@ def test_copies_are_deidentified_and_references_resolve(small_synth, ct_spec, tm
         blob = f.read_bytes()
         assert not [v for v in words if v.encode() in blob], f
         ds = pydicom.dcmread(f)
-        texts = []
-        ds.walk(lambda _d, e: texts.append(str(e.value)) if e.VR not in ("UI", "OB", "OW", "SQ") else None)
+        texts: list[str] = []
+
+        def collect(_d, e, texts=texts):
+            if e.VR not in ("UI", "OB", "OW", "SQ"):
+                texts.append(str(e.value))
+
+        ds.walk(collect)
         assert not [v for v in numbers if any(v in t for t in texts)], f
         assert ds.PatientIdentityRemoved == "YES"
         assert ds.SOPInstanceUID.startswith("2.25.") and ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
@@ -65,8 +75,9 @@ def test_conformance_counts_over_written_copies(small_synth, ct_spec, tmp_path, 
     originals = {}
     for site in ("site-1", "site-2"):
         src = small_synth.out_dir / site
-        preprocess(src, tmp_path / site, ct_spec, site=site, progress=False, pseudonymizer=p,
-                   write_dicom=tmp_path / "dicom")
+        preprocess(
+            src, tmp_path / site, ct_spec, site=site, progress=False, pseudonymizer=p, write_dicom=tmp_path / "dicom"
+        )
         for f in src.rglob("IM*"):
             ds = pydicom.dcmread(f)
             originals[p.uid(ds.SOPInstanceUID)] = ds
@@ -91,15 +102,22 @@ def test_spec_covariates_and_descriptor_allowlist_are_kept(small_synth, ct_spec,
 
     src = small_synth.out_dir / "site-1"
     first = pydicom.dcmread(next(src.rglob("IM*")))
-    spec = dataclasses.replace(ct_spec, deid=DeidSpec(covariates=["PatientAge", "PatientSex"],
-                                                      keep_descriptors={"SeriesDescription": [first.SeriesDescription]}))
+    spec = dataclasses.replace(
+        ct_spec,
+        deid=DeidSpec(
+            covariates=["PatientAge", "PatientSex"], keep_descriptors={"SeriesDescription": [first.SeriesDescription]}
+        ),
+    )
     p = Pseudonymizer(SiteSecret.generate(tmp_path / "site.secret"))
-    preprocess(src, tmp_path / "out", spec, site="site-1", progress=False, pseudonymizer=p,
-               write_dicom=tmp_path / "dicom")
+    preprocess(
+        src, tmp_path / "out", spec, site="site-1", progress=False, pseudonymizer=p, write_dicom=tmp_path / "dicom"
+    )
     copy = pydicom.dcmread(next((tmp_path / "dicom").rglob("*.dcm")))
     assert copy.PatientAge and copy.PatientSex in ("M", "F", "O")
     assert copy.SeriesDescription == first.SeriesDescription
     assert "PatientWeight" not in copy and "InstitutionName" not in copy
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert "2024b" in summary["pseudonyms"]["profile"] and summary["pseudonyms"]["covariates"] == ["PatientAge",
-                                                                                                  "PatientSex"]
+    assert "2024b" in summary["pseudonyms"]["profile"] and summary["pseudonyms"]["covariates"] == [
+        "PatientAge",
+        "PatientSex",
+    ]

@@ -41,39 +41,55 @@ def _write(tmp_path: Path, base: Path, dotted: str, value: Any) -> Path:
 
 
 SPEC_CASES = [
-    ("series.label_description_regex", "(unclosed", ["series.label_description_regex", "not a valid regular",
-                                                     "'(unclosed'"]),
+    (
+        "series.label_description_regex",
+        "(unclosed",
+        ["series.label_description_regex", "not a valid regular", "'(unclosed'"],
+    ),
     ("series.image_description_regex", "[a-", ["series.image_description_regex", "not a valid regular", "'[a-'"]),
-    ("series.label_nifti_name_regex", "*.nii", ["series.label_nifti_name_regex", "not a valid regular",
-                                                "'*.nii'"]),
+    ("series.label_nifti_name_regex", "*.nii", ["series.label_nifti_name_regex", "not a valid regular", "'*.nii'"]),
     ("series.label_description_regex", "", ["series.label_description_regex is empty", "matches every"]),
     ("orientation", "XYZ", ["orientation must be three axis codes", "L/R, A/P and S/I", "'XYZ'"]),
     ("orientation", "RRS", ["orientation must be three axis codes, one of L/R", "'RRS'"]),
     ("orientation", "RASL", ["orientation must be three axis codes, one of L/R", "'RASL'"]),
-    ("target_spacing", [0.01, 1.0, 1.0], ["target_spacing must be three mm values in (0.01, 50.0]",
-                                          "[0.01, 1.0, 1.0]"]),
+    (
+        "target_spacing",
+        [0.01, 1.0, 1.0],
+        ["target_spacing must be three mm values in (0.01, 50.0]", "[0.01, 1.0, 1.0]"],
+    ),
     ("target_spacing", [3.0, 3.0, 51.0], ["target_spacing must be three mm values in (0.01, 50.0]", "51.0"]),
     ("target_spacing", [3.0, float("nan"), 3.0], ["target_spacing[1]: expected a finite float", "nan"]),
     ("intensity.ct_window", [float("-inf"), 240.0], ["intensity.ct_window[0]: expected a finite float", "-inf"]),
-    ("labels.values", {"organ": -1, "lesion": 2}, ["labels.values.organ must be a stored voxel value >= 1",
-                                                   "got -1"]),
+    ("labels.values", {"organ": -1, "lesion": 2}, ["labels.values.organ must be a stored voxel value >= 1", "got -1"]),
     ("labels.values", {"organ": 0, "lesion": 2}, ["labels.values.organ", "0 is background", "got 0"]),
     ("labels.values", {"organ": 2, "lesion": 2}, ["labels.values", "[2, 2]", "each class needs its own value"]),
     ("labels.values", {"lesion": 1}, ["labels.values", "[1, 1]", "each class needs its own value"]),
     ("geometry.orientation_tolerance", 0.5, ["geometry.orientation_tolerance must be in (0, 0.1)", "0.5"]),
     ("deid.covariates", ["PatientName"], ["deid.covariates[0] 'PatientName'", "PatientAge"]),
-    ("deid.keep_descriptors", {"PatientName": ["x"]}, ["deid.keep_descriptors names 'PatientName'",
-                                                       "SeriesDescription"]),
+    (
+        "deid.keep_descriptors",
+        {"PatientName": ["x"]},
+        ["deid.keep_descriptors names 'PatientName'", "SeriesDescription"],
+    ),
     ("deid.private_allowlist", [["ACME 1.0", -1]], ["deid.private_allowlist[0]", "-1"]),
 ]
 
 EXPERIMENT_CASES = [
-    ("fed.key_metric", "val_dsc", ["fed.key_metric 'val_dsc' is not a metric the segmentation task reports",
-                                   "val_dice, val_dice_organ, val_dice_lesion"]),
+    (
+        "fed.key_metric",
+        "val_dsc",
+        [
+            "fed.key_metric 'val_dsc' is not a metric the segmentation task reports",
+            "val_dice, val_dice_organ, val_dice_lesion",
+        ],
+    ),
     ("fed.key_metric", "val_hd95", ["fed.key_metric 'val_hd95'", "higher is better"]),
     ("fed.key_metric", "val_auc", ["fed.key_metric 'val_auc'", "auto or one of val_dice"]),
-    ("model.channels", [16, -32, 64, 128], ["model.channels must list >= 2 positive feature counts",
-                                            "[16, -32, 64, 128]"]),
+    (
+        "model.channels",
+        [16, -32, 64, 128],
+        ["model.channels must list >= 2 positive feature counts", "[16, -32, 64, 128]"],
+    ),
     ("model.strides", [2, 0, 2], ["model.strides must be positive", "[2, 0, 2]"]),
     ("model.num_res_units", -1, ["model.num_res_units must be >= 0", "-1"]),
     ("optim.lr", float("inf"), ["optim.lr: expected a finite float", "inf"]),
@@ -105,8 +121,9 @@ def test_bad_spec_via_cli_exits_2_with_one_line(tmp_path, capsys, key, value, ex
     src = tmp_path / "src"
     src.mkdir()
     (src / "notes.txt").write_text("not DICOM")  # the source check passes: only the spec can stop the run
-    rc = main(["preprocess", str(src), str(tmp_path / "out"), "--spec", str(path), "--site", "s",
-               "--no-deid", "--quiet"])
+    rc = main(
+        ["preprocess", str(src), str(tmp_path / "out"), "--spec", str(path), "--site", "s", "--no-deid", "--quiet"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("fedimg preprocess: error: "), err
@@ -155,8 +172,9 @@ def test_classification_key_metrics_are_the_task_metrics(tmp_path):
         p = _write(tmp_path, REPO / "configs" / "experiments" / "cls_pneumonia.yaml", "fed.key_metric", name)
         assert cfg.load(cfg.ExperimentConfig, p).key_metric == name
     with pytest.raises(cfg.ConfigError, match="fed.key_metric 'val_dice' is not a metric the classification task"):
-        cfg.load(cfg.ExperimentConfig, REPO / "configs" / "experiments" / "cls_pneumonia.yaml",
-                 ["fed.key_metric=val_dice"])
+        cfg.load(
+            cfg.ExperimentConfig, REPO / "configs" / "experiments" / "cls_pneumonia.yaml", ["fed.key_metric=val_dice"]
+        )
 
 
 def test_segmentation_key_metrics_are_the_task_metrics():
@@ -174,14 +192,23 @@ def test_segmentation_key_metrics_are_the_task_metrics():
     reported = metric_names(acc.result())
     assert set(exp.task.rankable_metrics) <= set(reported)
     assert not any(n.startswith("val_hd95") for n in exp.task.rankable_metrics)
-    assert cfg.load(cfg.ExperimentConfig, DEMO_EXPERIMENT, ["fed.key_metric=val_dice_lesion"]).key_metric \
+    assert (
+        cfg.load(cfg.ExperimentConfig, DEMO_EXPERIMENT, ["fed.key_metric=val_dice_lesion"]).key_metric
         == "val_dice_lesion"
+    )
 
 
 def test_valid_variants_still_load():
-    spec = cfg.load(cfg.PreprocessSpec, CT_SPEC, ["orientation=lps", "target_spacing=[0.5, 0.5, 50]",
-                                                  "deid.covariates=[PatientAge]",
-                                                  "deid.keep_descriptors={SeriesDescription: [Abdomen]}"])
+    spec = cfg.load(
+        cfg.PreprocessSpec,
+        CT_SPEC,
+        [
+            "orientation=lps",
+            "target_spacing=[0.5, 0.5, 50]",
+            "deid.covariates=[PatientAge]",
+            "deid.keep_descriptors={SeriesDescription: [Abdomen]}",
+        ],
+    )
     assert spec.orientation == "LPS"  # normalized: MONAI reads upper-case codes only
     assert spec.target_spacing == (0.5, 0.5, 50.0)
     for p in sorted((REPO / "configs" / "preprocessing").glob("*.yaml")):
@@ -196,9 +223,26 @@ def test_bad_regex_via_console_script_has_no_traceback(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "notes.txt").write_text("not DICOM")
-    proc = subprocess.run([sys.executable, "-m", "fedimg.cli", "preprocess", str(src), str(tmp_path / "out"),
-                           "--spec", str(path), "--site", "s", "--no-deid", "--quiet"],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedimg.cli",
+            "preprocess",
+            str(src),
+            str(tmp_path / "out"),
+            "--spec",
+            str(path),
+            "--site",
+            "s",
+            "--no-deid",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

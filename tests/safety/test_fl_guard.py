@@ -35,11 +35,16 @@ def _assert_blocked(out: Shareable) -> None:
 
 
 def test_model_entries_scalar_metrics_and_allowed_meta_pass():
-    meta = {"NUM_STEPS_CURRENT_ROUND": 12, "initial_metrics": {"val_auc": 0.7, "val_cases": 6.0},
-            "fedimg_val": {"auc_mean": 0.7}, "fedimg_seconds": {"train": 1.5}, "fedimg_update_bytes": 100,
-            "fedimg_algorithm_stats": {"mu": 0.01},
-            "fedimg_dp": {"mechanism": "gaussian", "epsilon": 2.0, "dp_sgd": {"epsilon": 1.0, "steps": 4}},
-            "scaffold_c_diff": {"conv.weight": np.zeros((2, 3), np.float16)}}
+    meta = {
+        "NUM_STEPS_CURRENT_ROUND": 12,
+        "initial_metrics": {"val_auc": 0.7, "val_cases": 6.0},
+        "fedimg_val": {"auc_mean": 0.7},
+        "fedimg_seconds": {"train": 1.5},
+        "fedimg_update_bytes": 100,
+        "fedimg_algorithm_stats": {"mu": 0.01},
+        "fedimg_dp": {"mechanism": "gaussian", "epsilon": 2.0, "dp_sgd": {"epsilon": 1.0, "steps": 4}},
+        "scaffold_c_diff": {"conv.weight": np.zeros((2, 3), np.float16)},
+    }
     out = _run(DXO(DataKind.WEIGHT_DIFF, data=_weights(), meta=meta).to_shareable())
     assert out.get_return_code() == ReturnCode.OK
     dxo = from_shareable(out)
@@ -49,35 +54,70 @@ def test_model_entries_scalar_metrics_and_allowed_meta_pass():
     assert from_shareable(metrics).data["val_auc"] == 0.7
 
 
-@pytest.mark.parametrize("name,shareable", [
-    ("app-defined result", DXO(DataKind.APP_DEFINED, data={"note": SECRET}).to_shareable()),
-    ("collection", DXO(DataKind.COLLECTION, data={"a": DXO(DataKind.APP_DEFINED, data={"x": SECRET})}).to_shareable()),
-    ("statistics", DXO(DataKind.STATISTICS, data={"ids": SECRET}).to_shareable()),
-    ("not a DXO", Shareable({"payload": SECRET})),
-    ("string array with a shape", DXO(DataKind.WEIGHTS, data=_weights(ids=np.array([SECRET]))).to_shareable()),
-    ("bytes as uint8", DXO(DataKind.WEIGHTS, data=_weights(
-        raw=np.frombuffer(SECRET.encode(), dtype=np.uint8))).to_shareable()),
-    ("identifier tensor", DXO(DataKind.WEIGHT_DIFF, data=_weights(case_ids=torch.arange(40))).to_shareable()),
-    ("boolean mask", DXO(DataKind.WEIGHT_DIFF, data=_weights(mask=torch.ones(4, 4, dtype=torch.bool))).to_shareable()),
-    ("a string entry", DXO(DataKind.WEIGHTS, data=_weights(note=SECRET)).to_shareable()),
-    ("an entry name with spaces", DXO(DataKind.WEIGHTS, data=_weights(**{SECRET: torch.zeros(1)})).to_shareable()),
-    ("500 strings under an allowed meta key", DXO(DataKind.WEIGHT_DIFF, data=_weights(), meta={
-        "fedimg_val": {f"k{i}": SECRET for i in range(500)}}).to_shareable()),
-    ("a long string under an allowed meta key", DXO(DataKind.WEIGHT_DIFF, data=_weights(), meta={
-        "fedimg_algorithm_stats": {"note": SECRET * 10}}).to_shareable()),
-    ("deep nesting", DXO(DataKind.WEIGHT_DIFF, data=_weights(), meta={
-        "fedimg_dp": {"a": {"b": {"c": 1}}}}).to_shareable()),
-    ("a list in meta", DXO(DataKind.WEIGHT_DIFF, data=_weights(), meta={
-        "fedimg_seconds": {"train": [SECRET]}}).to_shareable()),
-    ("a string in the scaffold control change", DXO(DataKind.WEIGHT_DIFF, data=_weights(), meta={
-        "scaffold_c_diff": {"conv.weight": SECRET}}).to_shareable()),
-    ("identifiers in the scaffold control change", DXO(DataKind.WEIGHT_DIFF, data=_weights(), meta={
-        "scaffold_c_diff": {"conv.weight": np.arange(30, dtype=np.int64)}}).to_shareable()),
-    ("a string metric", DXO(DataKind.METRICS, data={"val_auc": 0.7, "note": SECRET}).to_shareable()),
-    ("an image metric", DXO(DataKind.METRICS, data={"val_auc": 0.7, "overlay": np.zeros((8, 8))}).to_shareable()),
-    ("a string in initial_metrics", DXO(DataKind.WEIGHTS, data=_weights(), meta={
-        "initial_metrics": {"val_auc": SECRET}}).to_shareable()),
-])
+@pytest.mark.parametrize(
+    "name,shareable",
+    [
+        ("app-defined result", DXO(DataKind.APP_DEFINED, data={"note": SECRET}).to_shareable()),
+        (
+            "collection",
+            DXO(DataKind.COLLECTION, data={"a": DXO(DataKind.APP_DEFINED, data={"x": SECRET})}).to_shareable(),
+        ),
+        ("statistics", DXO(DataKind.STATISTICS, data={"ids": SECRET}).to_shareable()),
+        ("not a DXO", Shareable({"payload": SECRET})),
+        ("string array with a shape", DXO(DataKind.WEIGHTS, data=_weights(ids=np.array([SECRET]))).to_shareable()),
+        (
+            "bytes as uint8",
+            DXO(DataKind.WEIGHTS, data=_weights(raw=np.frombuffer(SECRET.encode(), dtype=np.uint8))).to_shareable(),
+        ),
+        ("identifier tensor", DXO(DataKind.WEIGHT_DIFF, data=_weights(case_ids=torch.arange(40))).to_shareable()),
+        (
+            "boolean mask",
+            DXO(DataKind.WEIGHT_DIFF, data=_weights(mask=torch.ones(4, 4, dtype=torch.bool))).to_shareable(),
+        ),
+        ("a string entry", DXO(DataKind.WEIGHTS, data=_weights(note=SECRET)).to_shareable()),
+        ("an entry name with spaces", DXO(DataKind.WEIGHTS, data=_weights(**{SECRET: torch.zeros(1)})).to_shareable()),
+        (
+            "500 strings under an allowed meta key",
+            DXO(
+                DataKind.WEIGHT_DIFF, data=_weights(), meta={"fedimg_val": {f"k{i}": SECRET for i in range(500)}}
+            ).to_shareable(),
+        ),
+        (
+            "a long string under an allowed meta key",
+            DXO(
+                DataKind.WEIGHT_DIFF, data=_weights(), meta={"fedimg_algorithm_stats": {"note": SECRET * 10}}
+            ).to_shareable(),
+        ),
+        (
+            "deep nesting",
+            DXO(DataKind.WEIGHT_DIFF, data=_weights(), meta={"fedimg_dp": {"a": {"b": {"c": 1}}}}).to_shareable(),
+        ),
+        (
+            "a list in meta",
+            DXO(DataKind.WEIGHT_DIFF, data=_weights(), meta={"fedimg_seconds": {"train": [SECRET]}}).to_shareable(),
+        ),
+        (
+            "a string in the scaffold control change",
+            DXO(
+                DataKind.WEIGHT_DIFF, data=_weights(), meta={"scaffold_c_diff": {"conv.weight": SECRET}}
+            ).to_shareable(),
+        ),
+        (
+            "identifiers in the scaffold control change",
+            DXO(
+                DataKind.WEIGHT_DIFF,
+                data=_weights(),
+                meta={"scaffold_c_diff": {"conv.weight": np.arange(30, dtype=np.int64)}},
+            ).to_shareable(),
+        ),
+        ("a string metric", DXO(DataKind.METRICS, data={"val_auc": 0.7, "note": SECRET}).to_shareable()),
+        ("an image metric", DXO(DataKind.METRICS, data={"val_auc": 0.7, "overlay": np.zeros((8, 8))}).to_shareable()),
+        (
+            "a string in initial_metrics",
+            DXO(DataKind.WEIGHTS, data=_weights(), meta={"initial_metrics": {"val_auc": SECRET}}).to_shareable(),
+        ),
+    ],
+)
 def test_anything_outside_the_allow_list_blocks_the_whole_result(name, shareable):
     _assert_blocked(_run(shareable))
 

@@ -43,8 +43,11 @@ def unsafe_loads(source: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module in _PICKLERS:
-            found += [f"{node.lineno}: from {node.module} import {a.name}" for a in node.names
-                      if a.name in ("load", "loads", "Unpickler", "open", "*")]
+            found += [
+                f"{node.lineno}: from {node.module} import {a.name}"
+                for a in node.names
+                if a.name in ("load", "loads", "Unpickler", "open", "*")
+            ]
         if isinstance(node, ast.Import) and any(a.name == "shelve" for a in node.names):
             found.append(f"{node.lineno}: import shelve")
         if not isinstance(node, ast.Call):
@@ -53,12 +56,19 @@ def unsafe_loads(source: str) -> list[str]:
         leaf = name.rsplit(".", 1)[-1]
         if name in ("torch.load", "torch.serialization.load") and not _is_true(_keyword(node, "weights_only")):
             found.append(f"{node.lineno}: {name} without weights_only=True")
-        elif leaf in ("load", "loads") and name.split(".")[0] in _PICKLERS:
+        elif (
+            leaf in ("load", "loads")
+            and name.split(".")[0] in _PICKLERS
+            or leaf in ("read_pickle", "Unpickler", "unsafe_load", "full_load")
+            or name == "torch.jit.load"
+        ):
             found.append(f"{node.lineno}: {name}")
-        elif leaf in ("read_pickle", "Unpickler", "unsafe_load", "full_load") or name == "torch.jit.load":
-            found.append(f"{node.lineno}: {name}")
-        elif name in ("yaml.load", "yaml.load_all") and _dotted(_keyword(node, "Loader") or ast.Name("x")) \
-                not in ("yaml.SafeLoader", "yaml.CSafeLoader", "SafeLoader", "CSafeLoader"):
+        elif name in ("yaml.load", "yaml.load_all") and _dotted(_keyword(node, "Loader") or ast.Name("x")) not in (
+            "yaml.SafeLoader",
+            "yaml.CSafeLoader",
+            "SafeLoader",
+            "CSafeLoader",
+        ):
             found.append(f"{node.lineno}: {name} without a safe loader")
         elif leaf == "load" and _is_true(_keyword(node, "allow_pickle")):
             found.append(f"{node.lineno}: {name} with allow_pickle=True")
@@ -66,12 +76,16 @@ def unsafe_loads(source: str) -> list[str]:
 
 
 def test_the_scanner_finds_each_kind_of_unsafe_load():
-    bad = ("import shelve\nfrom dill import loads\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
-           "x = pickle.loads(b)\nnp.load(p, allow_pickle=True)\nyaml.load(s, Loader=yaml.Loader)\n"
-           "pd.read_pickle(p)\ntorch.jit.load(p)\n")
+    bad = (
+        "import shelve\nfrom dill import loads\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
+        "x = pickle.loads(b)\nnp.load(p, allow_pickle=True)\nyaml.load(s, Loader=yaml.Loader)\n"
+        "pd.read_pickle(p)\ntorch.jit.load(p)\n"
+    )
     assert len(unsafe_loads(bad)) == 9
-    good = ("import pickle\ntorch.load(p, map_location='cpu', weights_only=True)\nnp.load(p)\nyaml.safe_load(s)\n"
-            "err = pickle.UnpicklingError\n")
+    good = (
+        "import pickle\ntorch.load(p, map_location='cpu', weights_only=True)\nnp.load(p)\nyaml.safe_load(s)\n"
+        "err = pickle.UnpicklingError\n"
+    )
     assert unsafe_loads(good) == []
 
 
@@ -115,7 +129,7 @@ def test_a_crafted_checkpoint_is_refused_by_the_checkpoint_loaders(crafted):
 def _he_site_kit(tmp_path: Path) -> Path:
     ts = pytest.importorskip("tenseal", reason="HE needs TenSEAL: pip install 'nvflare[HE]' (a dev dependency)")
     ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 40, 60])
-    ctx.global_scale = 2 ** 40
+    ctx.global_scale = 2**40
     kit = tmp_path / "site-1"
     (kit / "startup").mkdir(parents=True)
     (kit / "startup" / "client_context.tenseal").write_bytes(ctx.serialize(save_secret_key=True))
@@ -144,11 +158,16 @@ def test_decrypt_global_model_reads_an_nvflare_he_checkpoint_with_the_restricted
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
     state = net.state_dict()
-    model = collections.OrderedDict((k, ts.ckks_vector(ctx, v.reshape(-1).tolist()).serialize())
-                                    for k, v in state.items())
+    model = collections.OrderedDict(
+        (k, ts.ckks_vector(ctx, v.reshape(-1).tolist()).serialize()) for k, v in state.items()
+    )
     ckpt = tmp_path / "FL_global_model.pt"
-    torch.save(collections.OrderedDict(model=model, meta_props={"PROCESSED_ALGORITHM": "CKKS",
-                                                                "PROCESSED_KEYS": {k: True for k in state}}), ckpt)
+    torch.save(
+        collections.OrderedDict(
+            model=model, meta_props={"PROCESSED_ALGORITHM": "CKKS", "PROCESSED_KEYS": {k: True for k in state}}
+        ),
+        ckpt,
+    )
     out = decrypt_global_model(ckpt, kit, torch.nn.Linear(3, 2))
     assert set(out) == set(state)
     assert all(torch.allclose(out[k], state[k], atol=1e-4) for k in state)

@@ -16,15 +16,14 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import make_reply
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.app_constant import AlgorithmConstants
 
-from fedimg.fl.exchange import to_float32
 from tests.conftest import apply_round, controller_for
+
 
 def _controller(algorithm="fedavg", net=None, **fed):
     return controller_for(algorithm, net=net, **fed)
@@ -32,13 +31,23 @@ def _controller(algorithm="fedavg", net=None, **fed):
 
 def _result(ctl, site, steps=10, change=0.1, params=None, kind=ParamsType.DIFF, **meta):
     params = params if params is not None else {k: np.full_like(v, change) for k, v in ctl._global.items()}
-    return FLModel(params=params, params_type=kind, meta={"client_name": site, "NUM_STEPS_CURRENT_ROUND": steps,
-                                                         **meta})
+    return FLModel(
+        params=params, params_type=kind, meta={"client_name": site, "NUM_STEPS_CURRENT_ROUND": steps, **meta}
+    )
 
 
-@pytest.mark.parametrize("steps,code", [(float("nan"), "BAD_WEIGHT"), (float("inf"), "BAD_WEIGHT"),
-                                        (-5, "BAD_WEIGHT"), (0, "BAD_WEIGHT"), ("10", "BAD_WEIGHT"),
-                                        (None, "BAD_WEIGHT"), (1e12, "WEIGHT_TOO_LARGE")])
+@pytest.mark.parametrize(
+    "steps,code",
+    [
+        (float("nan"), "BAD_WEIGHT"),
+        (float("inf"), "BAD_WEIGHT"),
+        (-5, "BAD_WEIGHT"),
+        (0, "BAD_WEIGHT"),
+        ("10", "BAD_WEIGHT"),
+        (None, "BAD_WEIGHT"),
+        (1e12, "WEIGHT_TOO_LARGE"),
+    ],
+)
 def test_a_site_reporting_an_impossible_weight_is_rejected_and_does_not_move_the_model(steps, code):
     ctl = _controller()
     start = {k: v.copy() for k, v in ctl._global.items()}
@@ -68,8 +77,7 @@ def test_the_weight_bound_is_the_configured_cap_and_a_multiple_of_the_sites_firs
 
 def test_the_default_weight_bound_is_derived_from_the_experiment():
     from fedimg import config as cfg
-    from fedimg.fl.aggregation import MAX_CASES_PER_SITE
-    from fedimg.fl.aggregation import max_steps_per_round
+    from fedimg.fl.aggregation import MAX_CASES_PER_SITE, max_steps_per_round
     from tests.conftest import tiny_classification
 
     exp = tiny_classification(2, **{"train.local_epochs": 3})
@@ -100,21 +108,32 @@ def _tampered(ctl, how):
     return params
 
 
-@pytest.mark.parametrize("how,code", [("shape", "SHAPE_MISMATCH: weight has shape (3, 2), the model has (2, 3)"),
-                                      ("broadcast", "SHAPE_MISMATCH: weight has shape (1,)"),
-                                      ("extra", "UNKNOWN_KEY: 1 entr(ies) the model does not have"),
-                                      ("missing", "MISSING_KEY: 1 model entr(ies) absent, e.g. bias"),
-                                      ("dtype_int", "DTYPE: weight is int64"),
-                                      ("dtype_fp16", "DTYPE: weight is float16"),
-                                      ("strings", "DTYPE: weight is str"),
-                                      ("nan", "NON_FINITE: 1 NaN/infinite value(s) in bias")])
+@pytest.mark.parametrize(
+    "how,code",
+    [
+        ("shape", "SHAPE_MISMATCH: weight has shape (3, 2), the model has (2, 3)"),
+        ("broadcast", "SHAPE_MISMATCH: weight has shape (1,)"),
+        ("extra", "UNKNOWN_KEY: 1 entr(ies) the model does not have"),
+        ("missing", "MISSING_KEY: 1 model entr(ies) absent, e.g. bias"),
+        ("dtype_int", "DTYPE: weight is int64"),
+        ("dtype_fp16", "DTYPE: weight is float16"),
+        ("strings", "DTYPE: weight is str"),
+        ("nan", "NON_FINITE: 1 NaN/infinite value(s) in bias"),
+    ],
+)
 @pytest.mark.parametrize("kind", [ParamsType.DIFF, ParamsType.FULL])
 def test_an_update_that_does_not_fit_the_global_model_is_rejected_never_aggregated(how, code, kind):
     ctl = _controller()
     start = {k: v.copy() for k, v in ctl._global.items()}
-    results = [_result(ctl, "site-1", kind=kind, params={k: v + 0.1 if kind == ParamsType.FULL else np.full_like(v, 0.1)
-                                                          for k, v in start.items()}),
-               _result(ctl, "site-2", kind=kind, params=_tampered(ctl, how))]
+    results = [
+        _result(
+            ctl,
+            "site-1",
+            kind=kind,
+            params={k: v + 0.1 if kind == ParamsType.FULL else np.full_like(v, 0.1) for k, v in start.items()},
+        ),
+        _result(ctl, "site-2", kind=kind, params=_tampered(ctl, how)),
+    ]
     updates, rejected, ptype = ctl._updates(results)  # never raises
     assert [u.site for u in updates] == ["site-1"]
     assert rejected["site-2"].startswith(code), rejected
@@ -133,8 +152,9 @@ def test_fp16_updates_pass_only_when_the_federation_sends_fp16():
 def test_fedbn_sites_may_omit_exactly_their_normalization_layers():
     from monai.networks.nets import DenseNet121
 
-    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2, init_features=4, growth_rate=4,
-                      block_config=(1, 1, 1, 1))
+    net = DenseNet121(
+        spatial_dims=2, in_channels=1, out_channels=2, init_features=4, growth_rate=4, block_config=(1, 1, 1, 1)
+    )
     ctl = controller_for("fedbn", net=net, overrides={"model.norm": "batch"})
     local = ctl.strategy.local_keys
     assert local and all(("norm" in k) for k in local)
@@ -149,19 +169,32 @@ def test_fedbn_sites_may_omit_exactly_their_normalization_layers():
 
 def _scaffold_results(ctl, ctrl_2):
     good = {k: np.full_like(v, 1.0) for k, v in ctl._global.items()}
-    return [_result(ctl, "site-1", **{AlgorithmConstants.SCAFFOLD_CTRL_DIFF: dict(good)}),
-            _result(ctl, "site-2", **({} if ctrl_2 is None else {AlgorithmConstants.SCAFFOLD_CTRL_DIFF: ctrl_2}))]
+    return [
+        _result(ctl, "site-1", **{AlgorithmConstants.SCAFFOLD_CTRL_DIFF: dict(good)}),
+        _result(ctl, "site-2", **({} if ctrl_2 is None else {AlgorithmConstants.SCAFFOLD_CTRL_DIFF: ctrl_2})),
+    ]
 
 
-@pytest.mark.parametrize("how,code", [("missing", "MISSING_CONTROLS"), ("shape", "SHAPE_MISMATCH"),
-                                      ("extra", "UNKNOWN_KEY"), ("nan", "NON_FINITE"), ("text", "NOT_A_STATE")])
+@pytest.mark.parametrize(
+    "how,code",
+    [
+        ("missing", "MISSING_CONTROLS"),
+        ("shape", "SHAPE_MISMATCH"),
+        ("extra", "UNKNOWN_KEY"),
+        ("nan", "NON_FINITE"),
+        ("text", "NOT_A_STATE"),
+    ],
+)
 def test_a_scaffold_control_change_is_checked_like_an_update(how, code):
     ctl = _controller("scaffold")
     ctrl = {k: np.full_like(v, 3.0) for k, v in ctl._global.items()}
-    ctrl = {"missing": None, "shape": {**ctrl, "bias": np.ones(1, np.float32)},
-            "extra": {**ctrl, "secret": np.ones(2, np.float32)},
-            "nan": {**ctrl, "bias": np.array([np.nan, 0], np.float32)},
-            "text": "a string"}[how]
+    ctrl = {
+        "missing": None,
+        "shape": {**ctrl, "bias": np.ones(1, np.float32)},
+        "extra": {**ctrl, "secret": np.ones(2, np.float32)},
+        "nan": {**ctrl, "bias": np.array([np.nan, 0], np.float32)},
+        "text": "a string",
+    }[how]
     results = _scaffold_results(ctl, ctrl)
     updates, rejected, ptype = ctl._updates(results)
     assert [u.site for u in updates] == ["site-1"] and rejected["site-2"].startswith(code)
@@ -192,10 +225,19 @@ def _val(site, **metrics):
     return FLModel(metrics=metrics, meta={"client_name": site, "fedimg_val": {"dice_mean": metrics.get("val_dice")}})
 
 
-@pytest.mark.parametrize("bad", [{"val_dice": 1e6}, {"val_dice": -0.5}, {"val_dice": float("inf")},
-                                 {"val_dice": 0.7, "val_hd95": -3.0}, {"val_dice": 0.7, "val_cases": 2.5},
-                                 {"val_dice": 0.7, "val_cases": 1e9}, {"val_dice": "0.9"},
-                                 {"val_dice": 0.7, "val_sensitivity_blob": 1.5}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"val_dice": 1e6},
+        {"val_dice": -0.5},
+        {"val_dice": float("inf")},
+        {"val_dice": 0.7, "val_hd95": -3.0},
+        {"val_dice": 0.7, "val_cases": 2.5},
+        {"val_dice": 0.7, "val_cases": 1e9},
+        {"val_dice": "0.9"},
+        {"val_dice": 0.7, "val_sensitivity_blob": 1.5},
+    ],
+)
 def test_impossible_metrics_are_dropped_and_never_choose_the_best_model(tmp_path, monkeypatch, bad):
     ctl, saved = _validation_controller(tmp_path, monkeypatch)
     flat = ctl._record_validation(1, [_val("site-1", val_dice=0.6, val_cases=10.0), _val("site-2", **bad)])
@@ -217,8 +259,19 @@ def test_a_withheld_case_count_weighs_as_one_case(tmp_path, monkeypatch):
 def test_undefined_metrics_stay_allowed_and_unnamed_families_need_only_be_finite():
     from fedimg.fl.aggregation import check_metrics
 
-    assert check_metrics({"val_dice": 0.8, "val_dice_lesion": float("nan"), "val_hd95_undefined_lesion": 2.0,
-                          "val_cases": 6.0, "val_loss_like": 12.5, "dice/organ": 1.0}) is None
+    assert (
+        check_metrics(
+            {
+                "val_dice": 0.8,
+                "val_dice_lesion": float("nan"),
+                "val_hd95_undefined_lesion": 2.0,
+                "val_cases": 6.0,
+                "val_loss_like": 12.5,
+                "dice/organ": 1.0,
+            }
+        )
+        is None
+    )
     assert check_metrics({"val_loss_like": float("-inf")}).startswith("NON_FINITE: a metric is -inf")
     assert check_metrics({"val_hd95_undefined_lesion": 1.5}).startswith("OUT_OF_RANGE: a hd95_undefined metric")
     assert check_metrics(["val_dice"]).startswith("NOT_METRICS")

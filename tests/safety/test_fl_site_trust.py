@@ -70,12 +70,15 @@ def test_a_global_model_with_nan_is_refused_before_anything_is_loaded(site):
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing loaded
 
 
-@pytest.mark.parametrize("how,message", [
-    ("extra", r"UNKNOWN_KEY: 1 entr\(ies\) the model does not have"),
-    ("shape", r"SHAPE_MISMATCH: .* has shape \(1,\)"),
-    ("text", r"DTYPE: .* is str"),
-    ("inf", r"NON_FINITE"),
-])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("extra", r"UNKNOWN_KEY: 1 entr\(ies\) the model does not have"),
+        ("shape", r"SHAPE_MISMATCH: .* has shape \(1,\)"),
+        ("text", r"DTYPE: .* is str"),
+        ("inf", r"NON_FINITE"),
+    ],
+)
 def test_a_global_model_that_does_not_fit_the_network_is_refused(site, how, message):
     runner = site()
     state = _global(runner)
@@ -99,8 +102,9 @@ def test_a_flat_entry_is_accepted_only_under_homomorphic_encryption(site):
     state[key] = state[key].reshape(-1)
     with pytest.raises(ValueError, match="SHAPE_MISMATCH"):
         runner.trainer.load_weights(state)
-    runner.trainer.exp = tiny_classification(2, **{"privacy.encryption": "he", "fed.cross_site_eval": "false",
-                                                   "fed.final_eval": "false"})
+    runner.trainer.exp = tiny_classification(
+        2, **{"privacy.encryption": "he", "fed.cross_site_eval": "false", "fed.final_eval": "false"}
+    )
     runner.trainer.load_weights(state)  # CKKS decrypts every tensor flat
 
 

@@ -31,12 +31,19 @@ def test_a_lying_site_is_rejected_each_round_and_the_run_completes(cls_sites, tm
     for site, dl in cls_sites[2].items():
         cfg.save(cfg.SiteConfig(name=site, datalist=str(dl), device="cpu", num_threads=1), tmp_path / f"{site}.yaml")
         sites[site] = str(tmp_path / f"{site}.yaml")
-    exp = tiny_classification(2, name="tamper", **{"fed.num_rounds": 3, "fed.min_clients": 1,
-                                                   "fed.cross_site_eval": "false", "fed.key_metric": "val_auc"})
+    exp = tiny_classification(
+        2,
+        name="tamper",
+        **{"fed.num_rounds": 3, "fed.min_clients": 1, "fed.cross_site_eval": "false", "fed.key_metric": "val_auc"},
+    )
 
     def tamper(recipe):
-        for flt in (TamperResult("steps", value=1e12, rounds=[0]), TamperResult("shape", rounds=[1]),
-                    TamperResult("extra_entry", rounds=[2]), TamperResult("metric", value=1e6, metric="val_auc")):
+        for flt in (
+            TamperResult("steps", value=1e12, rounds=[0]),
+            TamperResult("shape", rounds=[1]),
+            TamperResult("extra_entry", rounds=[2]),
+            TamperResult("metric", value=1e6, metric="val_auc"),
+        ):
             recipe.add_client_output_filter(flt, tasks=["train", "validate"], clients=["site-2"])
 
     res = run_simulation(exp, REPO / "jobs" / "train", sites, tmp_path / "ws", customize=tamper)

@@ -37,8 +37,13 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _start(args: list[str]) -> subprocess.Popen:
     # A session of its own: a signal to its group reaches the workers too, as Ctrl-C in a terminal does.
-    return subprocess.Popen([sys.executable, "-m", "fedimg.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedimg.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_workers(proc: subprocess.Popen, dst: Path, n: int = 2, timeout: float = 240) -> list[psutil.Process]:
@@ -73,8 +78,11 @@ def _gone(procs: list[psutil.Process], timeout: float = 15) -> list[int]:
 
 
 def _snapshot(dst: Path) -> dict[str, str]:
-    return {p.relative_to(dst).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(dst.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(dst).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(dst.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _temp_files(dst: Path) -> list[Path]:
@@ -93,8 +101,12 @@ def test_sigkill_of_convert_takes_its_workers_along(export: Path, tmp_path: Path
     assert _snapshot(dst) == settled, "something still writes into DST after the run was killed"
 
     # The next run finishes the job and leaves no temporary file behind.
-    rerun = subprocess.run([sys.executable, "-m", "fedimg.cli", "convert", str(export), str(dst), "--workers", "2",
-                            "--quiet"], capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "fedimg.cli", "convert", str(export), str(dst), "--workers", "2", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert _temp_files(dst) == []
     assert len(list((dst / "series").glob("*.nii.gz"))) == 12
@@ -116,8 +128,21 @@ def test_sigterm_of_convert_is_one_line_and_leaves_no_temp_file(export: Path, tm
 
 def test_ctrl_c_of_preprocess_stops_the_spawned_workers(export: Path, tmp_path: Path) -> None:
     dst = tmp_path / "pre"
-    proc = _start(["preprocess", str(export), str(dst), "--spec", str(CT_SPEC), "--site", "site-1", "--no-deid",
-                   "--workers", "2", "--quiet"])
+    proc = _start(
+        [
+            "preprocess",
+            str(export),
+            str(dst),
+            "--spec",
+            str(CT_SPEC),
+            "--site",
+            "site-1",
+            "--no-deid",
+            "--workers",
+            "2",
+            "--quiet",
+        ]
+    )
     workers = _wait_for_workers(proc, dst)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets SIGINT
     _, err = proc.communicate(timeout=60)
@@ -132,8 +157,9 @@ def test_ctrl_c_of_preprocess_stops_the_spawned_workers(export: Path, tmp_path: 
 @pytest.mark.nvflare
 def test_stopping_the_demo_stops_the_simulator_it_started(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    proc = _start(["demo", "--out", str(out), "--sites", "2", "--cases", "3", "--rounds", "20", "--device", "cpu",
-                   "--quiet"])
+    proc = _start(
+        ["demo", "--out", str(out), "--sites", "2", "--cases", "3", "--rounds", "20", "--device", "cpu", "--quiet"]
+    )
     main = psutil.Process(proc.pid)
     deadline = time.monotonic() + 400
     sites: list[psutil.Process] = []

@@ -93,8 +93,12 @@ def test_convert_writes_stored_integers_with_scl_slope_where_exact(tmp_path):
     convert(src, tmp_path / "out", workers=1, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     output = {r["input"].split("/")[0]: r["output"] for r in rows}
-    expected = {"a": (np.int16, 1.0, -1024.0), "b": (np.int16, 0.5, -1024.0), "c": (np.float32, None, None),
-                "d": (np.float32, None, None)}
+    expected = {
+        "a": (np.int16, 1.0, -1024.0),
+        "b": (np.int16, 0.5, -1024.0),
+        "c": (np.float32, None, None),
+        "d": (np.float32, None, None),
+    }
     for name, (dtype, slope, inter) in expected.items():
         img = nib.load(tmp_path / "out" / output[name])
         assert img.get_data_dtype() == dtype, name
@@ -133,9 +137,12 @@ def test_apply_spec_on_stored_integers_matches_the_monai_chain(spec_path):
     hu = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
     mapped = map_label_values(raw_label, [3, 7])
     aff = torch.as_tensor(affine, dtype=torch.float64)
-    ref = build_transforms(spec, with_label=True)({
-        "image": MetaTensor(torch.as_tensor(hu[None]), affine=aff.clone()),
-        "label": MetaTensor(torch.as_tensor(mapped[None].astype(np.float32)), affine=aff.clone())})
+    ref = build_transforms(spec, with_label=True)(
+        {
+            "image": MetaTensor(torch.as_tensor(hu[None]), affine=aff.clone()),
+            "label": MetaTensor(torch.as_tensor(mapped[None].astype(np.float32)), affine=aff.clone()),
+        }
+    )
     ref_img = ref["image"].numpy()[0]
     ref_lbl = np.rint(ref["label"].numpy()[0]).astype(np.uint8)
 
@@ -209,8 +216,13 @@ def test_peak_memory_is_bounded_by_the_pixel_bytes(large_series, command, bound)
     its uint8 label); before it: 2.1x and 10.5x.
     """
     tmp, pixel_bytes = large_series
-    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(CT_SPEC), str(tmp), command],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(CT_SPEC), str(tmp), command],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     increase = json.loads(proc.stdout.strip().splitlines()[-1])["increase"]
     assert increase <= bound * pixel_bytes, f"{command}: peak grew by {increase / pixel_bytes:.2f}x the pixel bytes"

@@ -27,13 +27,17 @@ CT_SPEC = REPO / "configs" / "preprocessing" / "ct_phantom.yaml"
 
 def _tree_digest(root: Path) -> dict[str, str]:
     """Relative path -> SHA-256 of every file under ``root`` (what a user owns, byte for byte)."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedimg.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fedimg.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +81,9 @@ def test_convert_refuses_a_folder_it_did_not_make_from_the_cli(site: Path, tmp_p
     assert _tree_digest(dst) == before
 
 
-def test_convert_refuses_a_preprocess_output_and_leaves_its_manifest(small_preprocessed, tmp_path: Path,
-                                                                      small_synth) -> None:
+def test_convert_refuses_a_preprocess_output_and_leaves_its_manifest(
+    small_preprocessed, tmp_path: Path, small_synth
+) -> None:
     base, _ = small_preprocessed
     dst = tmp_path / "pre"
     shutil.copytree(base / next(iter(small_synth.sites)), dst)
@@ -132,8 +137,9 @@ def test_output_and_input_never_overlap(site: Path, tmp_path: Path, layout: str)
         extra = ["--spec", str(CT_SPEC), "--site", "s", "--no-deid"] if command == "preprocess" else []
         proc = _cli(command, str(src), str(dst), "--quiet", *extra)
         assert proc.returncode == 2, proc.stderr
-        assert {"same": "is the same folder as SRC", "inside": "lies inside SRC",
-                "contains": "contains SRC"}[layout] in proc.stderr
+        assert {"same": "is the same folder as SRC", "inside": "lies inside SRC", "contains": "contains SRC"}[
+            layout
+        ] in proc.stderr
         assert _tree_digest(src) == before  # refused before any work: nothing written anywhere
         assert not (tmp_path / MARKER).exists() and not (src / "out").exists()
 
@@ -211,8 +217,18 @@ def test_crosswalk_never_overwrites_a_foreign_file_nor_lands_in_dst(site: Path, 
     SiteSecret.generate(secret)
     foreign = tmp_path / "ledger.csv"
     foreign.write_text("patient,id\n")
-    base = ["preprocess", str(site), str(tmp_path / "dst"), "--spec", str(CT_SPEC), "--site", "s", "--secret-file",
-            str(secret), "--quiet"]
+    base = [
+        "preprocess",
+        str(site),
+        str(tmp_path / "dst"),
+        "--spec",
+        str(CT_SPEC),
+        "--site",
+        "s",
+        "--secret-file",
+        str(secret),
+        "--quiet",
+    ]
     proc = _cli(*base, "--crosswalk", str(foreign))
     assert proc.returncode == 2 and "not a fedimg crosswalk" in proc.stderr
     assert foreign.read_text() == "patient,id\n"
@@ -225,8 +241,17 @@ def test_no_case_exits_3_with_the_summary_written(tmp_path: Path) -> None:
 
     dx = generate(tmp_path / "dx", n_sites=1, n_cases=2, seed=1, progress=False, modality="DX")
     dst = tmp_path / "dst"
-    proc = _cli("preprocess", str(dx.out_dir / next(iter(dx.sites))), str(dst), "--spec", str(CT_SPEC), "--site", "s",
-                "--no-deid", "--quiet")
+    proc = _cli(
+        "preprocess",
+        str(dx.out_dir / next(iter(dx.sites))),
+        str(dst),
+        "--spec",
+        str(CT_SPEC),
+        "--site",
+        "s",
+        "--no-deid",
+        "--quiet",
+    )
     assert proc.returncode == 3, proc.stderr
     assert "nothing usable" in proc.stderr and "no case was converted" in proc.stderr
     summary = json.loads((dst / "summary.json").read_text())

@@ -49,8 +49,16 @@ def _entries_on_disk(src: Path, unlistable: tuple[Path, ...] = ()) -> set[str]:
 
 
 def test_every_new_reason_has_advice():
-    new = {"UNREADABLE", "NOT_REGULAR_FILE", "BROKEN_LINK", "SYMLINK_LOOP", "SYMLINK_OUTSIDE_SOURCE",
-           "SYMLINK_INSIDE_SOURCE", "LABEL_UNREADABLE", "UNSAFE_NAME"}
+    new = {
+        "UNREADABLE",
+        "NOT_REGULAR_FILE",
+        "BROKEN_LINK",
+        "SYMLINK_LOOP",
+        "SYMLINK_OUTSIDE_SOURCE",
+        "SYMLINK_INSIDE_SOURCE",
+        "LABEL_UNREADABLE",
+        "UNSAFE_NAME",
+    }
     assert new <= {r.value for r in Reason}
     assert all(Reason(r).advice and len(Reason(r).advice) <= 100 for r in new)
 
@@ -151,8 +159,10 @@ def test_unreadable_entries_are_reported_and_hold_their_images(site, tmp_path, m
 
     res = preprocess(src, tmp_path / "dst", fast_spec(), site="site-1", progress=False, pseudonymizer=p)
     rows = {r["input"]: r for r in manifest_rows(tmp_path / "dst")}
-    rel = {k: v.relative_to(src).as_posix() for k, v in
-           {"label_dir_a": label_dir_a, "label_file_b": label_file_b, "slice_c": slice_c}.items()}
+    rel = {
+        k: v.relative_to(src).as_posix()
+        for k, v in {"label_dir_a": label_dir_a, "label_file_b": label_file_b, "slice_c": slice_c}.items()
+    }
     for name, r in rel.items():
         row = rows[p.path_hash(r)]
         assert (row["status"], row["reason"]) == ("refused", "UNREADABLE"), name
@@ -161,8 +171,10 @@ def test_unreadable_entries_are_reported_and_hold_their_images(site, tmp_path, m
     assert all(r["reason"] not in ("NO_LABEL", "TRUNCATED") for r in rows.values())
     # Images of a and b are held, pointing at the UNREADABLE row (by its keyed hash: no raw path).
     for study, unreadable in ((a, rel["label_dir_a"]), (b, rel["label_file_b"])):
-        image_rows = [rows[p.path_hash(f.relative_to(src).as_posix())]
-                      for f in (src / rel_in_site(study.image_series_dir)).iterdir()]
+        image_rows = [
+            rows[p.path_hash(f.relative_to(src).as_posix())]
+            for f in (src / rel_in_site(study.image_series_dir)).iterdir()
+        ]
         assert {(r["status"], r["reason"]) for r in image_rows} == {("refused", "LABEL_UNREADABLE")}
         detail = image_rows[0]["detail"]
         assert p.path_hash(unreadable) in detail and "make it readable" in detail
@@ -190,8 +202,13 @@ def test_an_unreadable_label_folder_without_deid_names_the_folder_row(site, tmp_
 def test_read_header_tells_an_os_refusal_from_a_truncated_file(site, monkeypatch):
     folder, truth = site
     f = next((folder / rel_in_site(truth[0].image_series_dir)).iterdir())
-    calls = iter([PermissionError(errno.EACCES, "Permission denied", str(f)), OSError(errno.EIO, "I/O error"),
-                  OSError("No tag to read at file position 84")])
+    calls = iter(
+        [
+            PermissionError(errno.EACCES, "Permission denied", str(f)),
+            OSError(errno.EIO, "I/O error"),
+            OSError("No tag to read at file position 84"),
+        ]
+    )
 
     def dcmread(*_a, **_k):
         raise next(calls)

@@ -16,8 +16,21 @@ from fedimg.safepath import UnsafePathError, child_path, is_uid, printable_path,
 REPO = Path(__file__).resolve().parents[2]
 CT_SPEC = REPO / "configs" / "preprocessing" / "ct_phantom.yaml"
 DEMO_EXPERIMENT = REPO / "configs" / "experiments" / "seg_demo.yaml"
-BAD_SITES = ["../evil", "a/b", "..", ".hidden", "-rf", "a..b", "x" * 65, "", "two words", "tab\tname", "caf\u00e9",
-             "back\\slash", "new\nline"]
+BAD_SITES = [
+    "../evil",
+    "a/b",
+    "..",
+    ".hidden",
+    "-rf",
+    "a..b",
+    "x" * 65,
+    "",
+    "two words",
+    "tab\tname",
+    "caf\u00e9",
+    "back\\slash",
+    "new\nline",
+]
 GOOD_SITES = ["site-1", "Site_A.2", "_x", "h" * 64]
 
 
@@ -53,8 +66,19 @@ def test_cli_preprocess_bad_site_is_one_line_and_exit_2(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("not dicom")
-    code = main(["preprocess", str(src), str(tmp_path / "dst"), "--spec", str(CT_SPEC), "--site", "../../evil",
-                 "--no-deid", "--quiet"])
+    code = main(
+        [
+            "preprocess",
+            str(src),
+            str(tmp_path / "dst"),
+            "--spec",
+            str(CT_SPEC),
+            "--site",
+            "../../evil",
+            "--no-deid",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0
@@ -64,8 +88,17 @@ def test_cli_preprocess_bad_site_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_cli_compare_bad_site_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text("name: site-1\ndatalist: d.json\n")
-    code = main(["compare", "--config", str(DEMO_EXPERIMENT), "--site", f"a/../b={tmp_path / 's.yaml'}",
-                 "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "compare",
+            "--config",
+            str(DEMO_EXPERIMENT),
+            "--site",
+            f"a/../b={tmp_path / 's.yaml'}",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
     assert err.startswith("fedimg compare: error: --site NAME=SITE_YAML: expected a site name") and "a/../b" in err
@@ -75,9 +108,25 @@ def test_cli_compare_bad_site_is_one_line_and_exit_2(tmp_path, capsys):
 def test_job_py_refuses_a_bad_site_name(tmp_path):
     """Even exporting (no site YAML read) refuses: the name becomes an NVFlare client and folders."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train" / "job.py"), "--config", str(DEMO_EXPERIMENT),
-                           "--site", "site-1", "--site", "../evil", "--export", str(tmp_path / "jobs")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "train" / "job.py"),
+            "--config",
+            str(DEMO_EXPERIMENT),
+            "--site",
+            "site-1",
+            "--site",
+            "../evil",
+            "--export",
+            str(tmp_path / "jobs"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "--site NAME[=SITE_YAML]: expected a site name" in proc.stderr and "'../evil'" in proc.stderr
     assert not (tmp_path / "jobs").exists()

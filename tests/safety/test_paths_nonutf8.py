@@ -62,8 +62,7 @@ def test_deidentified_run_hashes_the_name_bytes(site, tmp_path):
     p = Pseudonymizer(SiteSecret.generate(tmp_path / "site.secret"))
     cw = tmp_path / "private" / "crosswalk.jsonl"
     cw.parent.mkdir()
-    res = preprocess(src, tmp_path / "dst", fast_spec(), site="site-1", progress=False, pseudonymizer=p,
-                     crosswalk=cw)
+    res = preprocess(src, tmp_path / "dst", fast_spec(), site="site-1", progress=False, pseudonymizer=p, crosswalk=cw)
     assert len(res.cases) == len(truth)  # the study with Latin-1 names converted too
     manifest = _strict_lines(tmp_path / "dst" / "manifest.jsonl")
     crosswalk = {r["input"]: r["input_hash"] for r in _strict_lines(cw)}

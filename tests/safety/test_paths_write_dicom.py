@@ -52,8 +52,9 @@ def test_crafted_uid_and_planted_link_never_write_outside(site, tmp_path):
     case_b = p.case(b.study_instance_uid, b.series_instance_uid)
     (out / case_b).symlink_to(planted, target_is_directory=True)  # e.g. left by someone else in a shared folder
 
-    res = preprocess(src, tmp_path / "dst", fast_spec(), site="site-1", progress=False, pseudonymizer=p,
-                     write_dicom=out)
+    res = preprocess(
+        src, tmp_path / "dst", fast_spec(), site="site-1", progress=False, pseudonymizer=p, write_dicom=out
+    )
 
     assert not list(tmp_path.rglob("escaped_q9*")) and not list(planted.iterdir())
     assert all(f.resolve().is_relative_to(out.resolve()) for f in out.rglob("*.dcm"))
@@ -61,8 +62,12 @@ def test_crafted_uid_and_planted_link_never_write_outside(site, tmp_path):
     text = (tmp_path / "dst" / "manifest.jsonl").read_text(encoding="utf-8")
     assert "escaped_q9" not in text and "10008.1/" not in text  # the crafted value is never quoted
     # Study a: refused whole, with the reason, and not converted.
-    image_a = [r for r in rows if r["input"] in {p.path_hash(f.relative_to(src).as_posix())
-                                                 for f in (src / rel_in_site(a.image_series_dir)).iterdir()}]
+    image_a = [
+        r
+        for r in rows
+        if r["input"]
+        in {p.path_hash(f.relative_to(src).as_posix()) for f in (src / rel_in_site(a.image_series_dir)).iterdir()}
+    ]
     assert len(image_a) == a.n_image_files
     assert {(r["status"], r["reason"]) for r in image_a} == {("refused", "UNSAFE_NAME")}
     assert "1 of 60 file(s) have a (0008,0018) SOP Instance UID that is not a UID" in image_a[0]["detail"]

@@ -62,9 +62,7 @@ def _sorted_geometry(datasets: list[pydicom.Dataset]) -> tuple[np.ndarray, list[
     normal = np.cross(row, col)
     for ds in datasets:
         np.testing.assert_allclose(np.array(ds.ImageOrientationPatient, float), iop)
-    by_position = sorted(
-        datasets, key=lambda ds: float(np.dot(np.array(ds.ImagePositionPatient, float), normal))
-    )
+    by_position = sorted(datasets, key=lambda ds: float(np.dot(np.array(ds.ImagePositionPatient, float), normal)))
     instances = [int(ds.InstanceNumber) for ds in by_position]
     if instances == sorted(instances):
         ordered = by_position
@@ -184,8 +182,7 @@ def test_files_are_part10_with_expected_names(synth: SynthResult) -> None:
             assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
             ids = case["identifiers"]
             assert case["study_dir"] == (
-                f"{site_name}/{ids['patient_id']}_{ids['last_name']}/"
-                f"{ids['study_date']}_{ids['accession_number']}"
+                f"{site_name}/{ids['patient_id']}_{ids['last_name']}/{ids['study_date']}_{ids['accession_number']}"
             )
             assert ds.PatientName == ids["patient_name"]
             assert ds.PatientID == ids["patient_id"]
@@ -240,16 +237,12 @@ def test_phantom_structure_and_sampling() -> None:
         # Organ inside body, lesion inside organ: test dense surface points.
         directions = np.random.default_rng(99).normal(size=(2000, 3))
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-        organ_surface = np.array(phantom.organ.centre) + directions * np.array(
-            phantom.organ.semi_axes
-        )
+        organ_surface = np.array(phantom.organ.centre) + directions * np.array(phantom.organ.semi_axes)
         assert phantom.body.contains(organ_surface).all()
         _, label = phantom.sample(np.array([phantom.organ.centre]))
         assert label[0] in (1, 2)
         if phantom.lesion is not None:
-            lesion_surface = np.array(phantom.lesion.centre) + directions * np.array(
-                phantom.lesion.semi_axes
-            )
+            lesion_surface = np.array(phantom.lesion.centre) + directions * np.array(phantom.lesion.semi_axes)
             assert phantom.organ.contains(lesion_surface).all()
             hu, label = phantom.sample(np.array([phantom.lesion.centre]))
             assert label[0] == 2 and hu[0] == np.float32(phantom.lesion_hu)
@@ -292,9 +285,7 @@ def test_sites_are_heterogeneous(synth: SynthResult) -> None:
         ("coronal", "FFS", [-1, 0, 0, 0, 0, -1]),
     ],
 )
-def test_orientation_table_and_slice_order(
-    orientation: str, position: str, expected_iop: list[int]
-) -> None:
+def test_orientation_table_and_slice_order(orientation: str, position: str, expected_iop: list[int]) -> None:
     base = site_profiles(1)[0]
     profile = dataclasses.replace(base, orientation=orientation, patient_position=position)
     geometry = SeriesGeometry.from_profile(profile)
@@ -332,9 +323,7 @@ def test_follow_up_study_shares_the_patient(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_same_seed_same_bytes_different_seed_different(
-    synth: SynthResult, tmp_path: Path
-) -> None:
+def test_same_seed_same_bytes_different_seed_different(synth: SynthResult, tmp_path: Path) -> None:
     again = generate(tmp_path / "again", n_sites=3, n_cases=2, seed=7, progress=False)
     first = _tree_digest(synth.out_dir)
     assert len(first) > 100
@@ -375,9 +364,7 @@ def test_dcm2niix_agrees_on_affine_shape_and_values(synth: SynthResult, tmp_path
         theirs = nib.as_closest_canonical(nib.load(produced[0]))
 
         _, ordered = _sorted_geometry(_read_series(series))
-        ours = nib.as_closest_canonical(
-            nib.Nifti1Image(_volume(ordered, rescale=True), np.array(case["affine_ras"]))
-        )
+        ours = nib.as_closest_canonical(nib.Nifti1Image(_volume(ordered, rescale=True), np.array(case["affine_ras"])))
         assert theirs.shape == ours.shape, case["case_id"]
         np.testing.assert_allclose(theirs.affine, ours.affine, atol=1e-3, err_msg=case["case_id"])
         np.testing.assert_allclose(theirs.get_fdata(), ours.get_fdata(), atol=1e-3)
@@ -439,9 +426,7 @@ def test_other_argument_errors() -> None:
 
 
 def test_import_prints_nothing() -> None:
-    run = subprocess.run(
-        [sys.executable, "-c", "import fedimg.synth"], capture_output=True, text=True, check=True
-    )
+    run = subprocess.run([sys.executable, "-c", "import fedimg.synth"], capture_output=True, text=True, check=True)
     assert run.stdout == "" and run.stderr == ""
 
 

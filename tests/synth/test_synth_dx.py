@@ -18,14 +18,16 @@ from fedimg.synth.render import render_projection
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def dx(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("dx") / "out", n_sites=4, n_cases=3, seed=7, progress=False,
-                    modality="DX")
+    return generate(tmp_path_factory.mktemp("dx") / "out", n_sites=4, n_cases=3, seed=7, progress=False, modality="DX")
 
 
 def _sheet(site_dir: Path) -> list[dict[str, str]]:
@@ -39,7 +41,8 @@ def test_ct_sites_have_a_label_sheet_matching_the_ground_truth(small_synth):
         assert list(rows[0]) == ["AccessionNumber", "StudyInstanceUID", "label"]
         assert [(r["AccessionNumber"], r["StudyInstanceUID"], r["label"]) for r in rows] == [
             (c.identifiers["accession_number"], c.study_instance_uid, CLASSIFICATION_CLASSES[c.has_lesion])
-            for c in cases]
+            for c in cases
+        ]
 
 
 def test_dx_files_are_single_frame_radiographs_that_differ_by_site(dx):
@@ -59,8 +62,9 @@ def test_dx_files_are_single_frame_radiographs_that_differ_by_site(dx):
             assert "NumberOfFrames" not in ds and ds.pixel_array.shape == (profile.rows, profile.columns)
             assert ds.BurnedInAnnotation == "NO"
             assert ds.PhotometricInterpretation == profile.photometric_interpretation
-            assert ds.PresentationLUTShape == ("INVERSE" if ds.PhotometricInterpretation == "MONOCHROME1"
-                                               else "IDENTITY")
+            assert ds.PresentationLUTShape == (
+                "INVERSE" if ds.PhotometricInterpretation == "MONOCHROME1" else "IDENTITY"
+            )
             assert [float(v) for v in ds.ImagerPixelSpacing] == [profile.pixel_spacing_mm] * 2
             assert ("PixelSpacing" in ds) == profile.write_pixel_spacing
             assert "ImagePositionPatient" not in ds and "ImageOrientationPatient" not in ds
@@ -69,8 +73,13 @@ def test_dx_files_are_single_frame_radiographs_that_differ_by_site(dx):
             # Air is dark on display: stored low for MONOCHROME2, high for MONOCHROME1.
             corner, centre = arr[:4, :4].mean(), arr[profile.rows // 2, profile.columns // 2]
             assert (centre > corner) == (profile.photometric_interpretation == "MONOCHROME2")
-        seen[site] = (profile.rows, profile.columns, profile.pixel_spacing_mm, profile.photometric_interpretation,
-                      profile.manufacturer)
+        seen[site] = (
+            profile.rows,
+            profile.columns,
+            profile.pixel_spacing_mm,
+            profile.photometric_interpretation,
+            profile.manufacturer,
+        )
     assert len(set(seen.values())) == len(seen)  # every site is its own detector
     assert {v[3] for v in seen.values()} == {"MONOCHROME1", "MONOCHROME2"}
 
@@ -79,8 +88,9 @@ def test_dx_is_the_same_patients_as_ct_and_deterministic(dx, tmp_path):
     # Every draw is seeded per (seed, site, case): one CT site is enough to compare with.
     ct = generate(tmp_path / "ct", n_sites=1, n_cases=3, seed=7, progress=False)
     for site in ct.sites:
-        assert [(c.identifiers, c.has_lesion, c.study_instance_uid) for c in dx.sites[site]] == \
-            [(c.identifiers, c.has_lesion, c.study_instance_uid) for c in ct.sites[site]]
+        assert [(c.identifiers, c.has_lesion, c.study_instance_uid) for c in dx.sites[site]] == [
+            (c.identifiers, c.has_lesion, c.study_instance_uid) for c in ct.sites[site]
+        ]
     again = generate(tmp_path / "again", n_sites=4, n_cases=3, seed=7, progress=False, modality="DX")
     assert _digest(again.out_dir) == _digest(dx.out_dir)
     other = generate(tmp_path / "other", n_sites=4, n_cases=3, seed=8, progress=False, modality="DX")
@@ -94,8 +104,9 @@ def test_the_lesion_stands_out_of_the_noise_in_the_projection():
             continue
         rng = np.random.default_rng(0)
         with_lesion, counts = render_projection(phantom, 200, 200, 1.0, rng, 0.0)
-        without, _ = render_projection(dataclasses.replace(phantom, lesion=None, lesion_hu=None), 200, 200, 1.0,
-                                       rng, 0.0)
+        without, _ = render_projection(
+            dataclasses.replace(phantom, lesion=None, lesion_hu=None), 200, 200, 1.0, rng, 0.0
+        )
         contrast = with_lesion - without
         # At least ~8x the noisiest site's noise at the lesion's centre, over a disc of hundreds of pixels.
         assert contrast.max() > 8 * max(p.noise_sigma for p in dx_site_profiles(3))

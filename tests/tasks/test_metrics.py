@@ -68,4 +68,7 @@ def test_auc_left_out_when_a_site_has_one_class_only():
 
 def test_metric_names_are_flat_fl_names():
     assert metric_names({"dice_mean": 0.5, "dice/organ": 0.4, "cases": 2.0}) == {
-        "val_dice": 0.5, "val_dice_organ": 0.4, "val_cases": 2.0}
+        "val_dice": 0.5,
+        "val_dice_organ": 0.4,
+        "val_cases": 2.0,
+    }

@@ -39,12 +39,18 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a if a[k].is_floating_point()))
 
 
-@pytest.mark.parametrize("over,message", [
-    ({"model.norm": "batch"}, "BatchNorm mixes across the batch: set model.norm: instance or group"),
-    ({"fed.algorithm": "fedprox"}, "fed.algorithm fedprox adds terms outside that accounting: use fedavg or fedopt"),
-    ({"fed.algorithm": "scaffold"}, "fed.algorithm scaffold adds terms"),
-    ({"data.samples_per_volume": 2}, "set data.samples_per_volume: 1 so a sample is one case (got 2)"),
-])
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        ({"model.norm": "batch"}, "BatchNorm mixes across the batch: set model.norm: instance or group"),
+        (
+            {"fed.algorithm": "fedprox"},
+            "fed.algorithm fedprox adds terms outside that accounting: use fedavg or fedopt",
+        ),
+        ({"fed.algorithm": "scaffold"}, "fed.algorithm scaffold adds terms"),
+        ({"data.samples_per_volume": 2}, "set data.samples_per_volume: 1 so a sample is one case (got 2)"),
+    ],
+)
 def test_config_refuses_what_dp_sgd_cannot_account_for(over, message):
     with pytest.raises(cfg.ConfigError) as exc:
         tiny_experiment(**{**DP, **over})
@@ -77,8 +83,16 @@ def test_resnet_is_refused_naming_its_batchnorm_layers(cls_sites):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["unet", "segresnet"])
 def test_segmentation_fit_with_dp_sgd(small_preprocessed, model):
-    over = {} if model == "unet" else {"model.name": "segresnet", "model.init_filters": 8,
-                                       "model.blocks_down": "[1, 1, 1]", "model.norm": "instance"}
+    over = (
+        {}
+        if model == "unet"
+        else {
+            "model.name": "segresnet",
+            "model.init_filters": 8,
+            "model.blocks_down": "[1, 1, 1]",
+            "model.norm": "instance",
+        }
+    )
     trainer = _seg_trainer(small_preprocessed, "site-2", **over)
     plain = build_model(trainer.exp.model, trainer.exp.task).state_dict()
     # The plain module is kept: the same keys (no "_module." prefix) and shapes as without DP-SGD.
@@ -139,7 +153,7 @@ def test_each_case_gradient_is_clipped_before_summing(small_preprocessed):
     assert bool((norms > 100 * clip).all())  # every case's gradient is far above the bound
     expected = [torch.einsum("i,i...", (clip / (norms + 1e-6)).clamp(max=1.0), p.grad_sample) for p in params]
     dp.optimizer.clip_and_accumulate()
-    summed = math.sqrt(sum(float((p.summed_grad ** 2).sum()) for p in params))
+    summed = math.sqrt(sum(float((p.summed_grad**2).sum()) for p in params))
     assert summed <= n * clip * (1 + 1e-4)  # n clipped gradients, not one clipped batch gradient
     assert all(torch.allclose(p.summed_grad, e, rtol=1e-4, atol=1e-12) for p, e in zip(params, expected))
     dp.optimizer.zero_grad(set_to_none=True)
@@ -150,8 +164,12 @@ def test_a_dp_sgd_epoch_moves_the_weights_no_further_than_the_clipped_bound(smal
     # Plain SGD at lr 1, almost no noise: a step moves the weights by at most |batch| * C / expected batch.
     over = {"optim.name": "sgd", "optim.lr": "1.0", "optim.momentum": "0.0", "optim.weight_decay": "0.0"}
     clip = 1e-3
-    dp = _seg_trainer(small_preprocessed, "site-1", **over, **{"privacy.dp_sgd.max_grad_norm": clip,
-                                                              "privacy.dp_sgd.noise_multiplier": 1e-6})
+    dp = _seg_trainer(
+        small_preprocessed,
+        "site-1",
+        **over,
+        **{"privacy.dp_sgd.max_grad_norm": clip, "privacy.dp_sgd.noise_multiplier": 1e-6},
+    )
     base, _ = small_preprocessed
     plain = SiteTrainer.from_datalist(tiny_experiment(**over), base / "site-1" / "datalist.json", _rt())
     plain.load_weights(dp.state_dict())
@@ -185,7 +203,7 @@ def test_local_only_and_centralized_baselines_run_with_dp_sgd(small_preprocessed
     exp = tiny_experiment(**DP)
     datalists = {s: str(base / s / "datalist.json") for s in ("site-1", "site-2")}
     local = local_only(exp, datalists, _rt(), tmp_path / "local", epochs=2)
-    for site, res in local.items():
+    for _site, res in local.items():
         eps = [row["privacy_epsilon"] for row in res.history]
         assert len(eps) == 2 and 0 < eps[0] < eps[1] == res.privacy["epsilon"]
         assert all(0.0 <= m["dice_mean"] <= 1.0 for m in res.per_site.values())

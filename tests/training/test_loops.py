@@ -63,8 +63,13 @@ def test_divergence_is_reported():
     batch = {"image": torch.full((1, 1, 2, 2, 2), float("nan")), "label": torch.zeros(1, 1, 2, 2, 2)}
     loss = torch.nn.MSELoss()
     with pytest.raises(TrainingError, match="lower optim.lr"):
-        train_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1),
-                    lambda out, lab: loss(out, out.detach() * 0), rt)
+        train_epoch(
+            model,
+            [batch],
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            lambda out, lab: loss(out, out.detach() * 0),
+            rt,
+        )
 
 
 def test_class_names_must_match_datalist(small_preprocessed):
@@ -81,8 +86,7 @@ def test_train_local_writes_checkpoints_metrics_and_tensorboard(small_preprocess
 
     base, _ = small_preprocessed
     exp = tiny_experiment(**{"train.epochs": 3})
-    site = cfg.SiteConfig(name="site-1", datalist=str(base / "site-1" / "datalist.json"), device="cpu",
-                          num_threads=2)
+    site = cfg.SiteConfig(name="site-1", datalist=str(base / "site-1" / "datalist.json"), device="cpu", num_threads=2)
     res = train_local(exp, site, tmp_path / "run", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]

@@ -41,13 +41,16 @@ class Algorithm:
     client: type[ClientAlgorithm]
 
 
-REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
-    Algorithm("fedavg", FedAvgServer, FedAvgClient),
-    Algorithm("fedprox", FedProxServer, FedProxClient),
-    Algorithm("fedopt", FedOptServer, FedOptClient),
-    Algorithm("scaffold", ScaffoldServer, ScaffoldClient),
-    Algorithm("fedbn", FedBNServer, FedBNClient),
-)}
+REGISTRY: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm("fedavg", FedAvgServer, FedAvgClient),
+        Algorithm("fedprox", FedProxServer, FedProxClient),
+        Algorithm("fedopt", FedOptServer, FedOptClient),
+        Algorithm("scaffold", ScaffoldServer, ScaffoldClient),
+        Algorithm("fedbn", FedBNServer, FedBNClient),
+    )
+}
 
 
 def _get(name: str) -> Algorithm:
@@ -69,8 +72,10 @@ def client_algorithm(name: str, trainer: SiteTrainer) -> ClientAlgorithm:
     """
     algo = _get(name).client(trainer)
     if name == "fedbn" and not algo.local_keys:
-        raise ValueError("fed.algorithm fedbn: the model has no normalization layers with parameters or "
-                         "statistics; set model.norm: batch")
+        raise ValueError(
+            "fed.algorithm fedbn: the model has no normalization layers with parameters or "
+            "statistics; set model.norm: batch"
+        )
     return algo
 
 

@@ -23,7 +23,8 @@ this package.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -67,8 +68,13 @@ class ServerStrategy:
         """The round's aggregate of the updates' entries (weights or differences)."""
         return aggregate(updates, self.aggregation, self.trim)
 
-    def apply(self, global_params: Mapping[str, np.ndarray], updates: Sequence[Update], is_diff: bool,
-              results_meta: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    def apply(
+        self,
+        global_params: Mapping[str, np.ndarray],
+        updates: Sequence[Update],
+        is_diff: bool,
+        results_meta: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, np.ndarray]:
         """The next global model from the round's accepted, checked updates.
 
         Args:

@@ -8,7 +8,8 @@ parameters (BatchNorm statistics) are averaged plainly.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,13 +29,19 @@ class FedOptServer(ServerStrategy):
         so = exp.fed.server_optimizer
         params = self.model.parameters()
         if so.name == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=so.lr, betas=tuple(so.betas),
-                                                                     eps=so.eps)
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                params, lr=so.lr, betas=tuple(so.betas), eps=so.eps
+            )
         else:
             self.optimizer = torch.optim.SGD(params, lr=so.lr, momentum=so.momentum)
 
-    def apply(self, global_params: Mapping[str, np.ndarray], updates: Sequence[Update], is_diff: bool,
-              results_meta: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    def apply(
+        self,
+        global_params: Mapping[str, np.ndarray],
+        updates: Sequence[Update],
+        is_diff: bool,
+        results_meta: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, np.ndarray]:
         if not is_diff:
             raise ValueError("fedopt needs differences: set fed.exchange: diff")
         diff = self.combine(updates)

@@ -11,7 +11,8 @@ the network's parameters, has its whole update rejected.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +36,10 @@ class ScaffoldServer(ServerStrategy):
         # One control per floating entry (NVFlare's helper loads them like a state dict); a site's change covers
         # the parameters only.
         self.controls: dict[str, np.ndarray] = {
-            k: np.zeros_like(np.asarray(v), dtype=np.float32) for k, v in global_params.items()
-            if np.issubdtype(np.asarray(v).dtype, np.floating)}
+            k: np.zeros_like(np.asarray(v), dtype=np.float32)
+            for k, v in global_params.items()
+            if np.issubdtype(np.asarray(v).dtype, np.floating)
+        }
 
     def task_meta(self) -> dict[str, Any]:
         return {SCAFFOLD_CTRL_GLOBAL: self.controls}
@@ -44,8 +47,10 @@ class ScaffoldServer(ServerStrategy):
     def check_result(self, meta: Mapping[str, Any]) -> str | None:
         ctrl = meta.get(SCAFFOLD_CTRL_DIFF)
         if ctrl is None:
-            return (f"MISSING_CONTROLS: no control-variate change (meta {SCAFFOLD_CTRL_DIFF!r}); every site must run "
-                    "scaffold")
+            return (
+                f"MISSING_CONTROLS: no control-variate change (meta {SCAFFOLD_CTRL_DIFF!r}); every site must run "
+                "scaffold"
+            )
         reference = {k: v for k, v in self.controls.items() if k in self.param_keys}
         why = check_update(ctrl, reference, fp16=self.exp.fed.update_precision == "fp16")
         if why is None:
@@ -53,11 +58,20 @@ class ScaffoldServer(ServerStrategy):
         code, _, rest = why.partition(": ")
         return f"{code}: in the SCAFFOLD control change, {rest}"
 
-    def apply(self, global_params: Mapping[str, np.ndarray], updates: Sequence[Update], is_diff: bool,
-              results_meta: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    def apply(
+        self,
+        global_params: Mapping[str, np.ndarray],
+        updates: Sequence[Update],
+        is_diff: bool,
+        results_meta: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, np.ndarray]:
         new = super().apply(global_params, updates, is_diff, results_meta)
-        changes = [Update(site=u.site, params=to_float32(results_meta[u.site][SCAFFOLD_CTRL_DIFF], self.controls),
-                          weight=u.weight) for u in updates]
+        changes = [
+            Update(
+                site=u.site, params=to_float32(results_meta[u.site][SCAFFOLD_CTRL_DIFF], self.controls), weight=u.weight
+            )
+            for u in updates
+        ]
         for key, delta in aggregate(changes, "mean").items():
             if key in self.controls:
                 self.controls[key] = (self.controls[key] + delta).astype(np.float32)
@@ -81,8 +95,10 @@ class ScaffoldClient(ClientAlgorithm):
     def start_round(self, model: Any) -> StepHooks:
         controls = (model.meta or {}).get(SCAFFOLD_CTRL_GLOBAL)
         if not controls:
-            raise ValueError("SCAFFOLD: the training task carries no global control variates "
-                             f"(meta {SCAFFOLD_CTRL_GLOBAL!r}); the server must run fed.algorithm scaffold as well")
+            raise ValueError(
+                "SCAFFOLD: the training task carries no global control variates "
+                f"(meta {SCAFFOLD_CTRL_GLOBAL!r}); the server must run fed.algorithm scaffold as well"
+            )
         # The server's controls are checked like a model: the network's parameters (buffers may come too),
         # their shapes, finite values. NaN controls would silently corrupt every local step.
         state = self.trainer.model.state_dict()
@@ -90,8 +106,10 @@ class ScaffoldClient(ClientAlgorithm):
         reference = {k: v for k, v in state.items() if v.is_floating_point()}
         why = state_problem(controls, reference, optional=set(reference) - params)
         if why:
-            raise ValueError(f"SCAFFOLD: the global control variates received are refused ({why}); server and site "
-                             "must run the same experiment config")
+            raise ValueError(
+                f"SCAFFOLD: the global control variates received are refused ({why}); server and site "
+                "must run the same experiment config"
+            )
         self.helper.load_global_controls(controls)
         self._c_global, self._c_local = self.helper.get_params()
         self._global_model = copy.deepcopy(self.trainer.model)
@@ -105,9 +123,10 @@ class ScaffoldClient(ClientAlgorithm):
     def end_round(self) -> dict[str, Any]:
         self.helper.terms_update(self.trainer.model, self._lr, self._c_global, self._c_local, self._global_model)
         delta = {k: np.asarray(v, dtype=np.float32) for k, v in self.helper.get_delta_controls().items()}
-        self.stats = {"control_delta_norm": float(np.sqrt(sum(float((d.astype(np.float64) ** 2).sum())
-                                                            for d in delta.values()))),
-                      "corrected_steps": float(self.helper.cnt)}
+        self.stats = {
+            "control_delta_norm": float(np.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in delta.values()))),
+            "corrected_steps": float(self.helper.cnt),
+        }
         return {SCAFFOLD_CTRL_DIFF: delta}
 
 
