@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
-import re
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,20 +58,22 @@ field ([dicom.md](dicom.md#irregular-stacks-refused-or-resampled)). The
 
 
 def _reason_source() -> tuple[list[tuple[str, str]], type]:
-    """(code, group) per member of ``Reason`` in source order; the group is the comment line above it."""
+    """(code, group) per member of ``Reason`` in source order; the group is the nearest comment line above it."""
     from fedimg.dicom.reasons import Reason
 
-    lines, _ = inspect.getsourcelines(Reason)
+    lines, first = inspect.getsourcelines(Reason)
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef))
     out: list[tuple[str, str]] = []
-    group = ""
-    for line in lines:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            group = stripped.lstrip("#").strip()
-            continue
-        m = re.match(r"([A-Z][A-Z0-9_]*)\s*=\s*\(?\"[A-Z0-9_]+\"", stripped)
-        if m:
-            out.append((m.group(1), group))
+    for node in cls.body:
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id.isupper()
+        ):
+            above = [ln.strip() for ln in lines[: node.lineno - 1] if ln.strip().startswith("#")]
+            out.append((node.targets[0].id, above[-1].lstrip("#").strip() if above else ""))
     return out, Reason
 
 

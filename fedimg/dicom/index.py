@@ -394,7 +394,7 @@ def _truncation(ds: pydicom.Dataset, size: int, prefixed: bool) -> str:
             f"{max(size - _META_START, 0)} bytes present)"
         )
     deflated = str(meta.get("TransferSyntaxUID", "")) == _DEFLATED_TS if meta is not None else False
-    for tag in ds:
+    for tag in ds.keys():  # noqa: SIM118 - tags; iterating a Dataset yields its elements
         raw = ds.get_item(tag, keep_deferred=True)
         length = getattr(raw, "length", None)
         if not isinstance(length, int) or length == _UNDEFINED_LENGTH:
