@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench venv clean
+.PHONY: demo test test-fast test-all lint bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,19 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedimg demo --out demo_out
 
-# Fast, CI-sized suite (everything but the long demo-quality run).
+# The whole suite CI runs (GPU tests skip without CUDA). Four workers: the NVFlare runs mostly wait on each other.
 test: $(STAMP)
 	$(PY) -m pytest -m "not gpu" -q -n 4 --dist loadfile
+
+# The edit loop: no NVFlare, no POC, no slow or end-to-end tests (about 2 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not (slow or nvflare or poc or integration or gpu)" -q -n 2
+
+# Style, common bugs and types: ruff (rules in pyproject.toml) and mypy on fedimg/.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
