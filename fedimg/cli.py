@@ -78,6 +78,15 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from fedimg.preprocess.scan import check_source
 
     # The checks of the arguments themselves live in preprocess(): one place, raised before anything is written.
+    reviews: list = []
+    if args.site_config:
+        site_cfg = cfg.load(cfg.SiteConfig, args.site_config)
+        if args.site and args.site != site_cfg.name:
+            raise ValueError(f"--site {args.site!r} differs from the --site-config's name {site_cfg.name!r}; give one")
+        args.site = site_cfg.name
+        reviews = list(site_cfg.deid.burned_in_reviewed)
+    if not args.site:
+        raise ValueError("name this site: --site NAME (or --site-config SITE_YAML)")
     cfg.validate_site_name(args.site, "--site")  # named as the user typed it
     spec = cfg.load(cfg.PreprocessSpec, args.spec, args.set)
     check_source(Path(args.src))  # a missing or empty source is reported before the secret is asked for
@@ -97,6 +106,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         crosswalk=args.crosswalk,
         write_dicom=args.write_dicom,
         labels_csv=args.labels_csv,
+        reviews=reviews,
     )
     print(result.table())
     if pseudonymizer is None:
@@ -473,7 +483,13 @@ def _data_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("src", help="the site's DICOM export (read only)")
     _add_out(s, "output folder (new, empty, or an earlier preprocess output)")
     s.add_argument("--spec", required=True, help="configs/preprocessing/<name>.yaml")
-    s.add_argument("--site", required=True, help="this site's name, e.g. site-1")
+    s.add_argument("--site", default=None, help="this site's name, e.g. site-1 (default: the --site-config's name)")
+    s.add_argument(
+        "--site-config",
+        default=None,
+        metavar="SITE_YAML",
+        help="the site's config: its name and its reviewed exceptions (deid.burned_in_reviewed)",
+    )
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (repeatable)")
     s.add_argument("--workers", type=int, default=None, help="parallel studies (default: CPU count)")
     s.add_argument(

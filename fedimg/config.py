@@ -16,6 +16,7 @@ type, e.g. ``optim.lr: expected float, got str ('fast')``.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import re
 import types
@@ -137,6 +138,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a finite float, got {_describe(value)}")
         return number
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads 2026-12-01 as a date: keep it as written
+            return value.isoformat()
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected str, got {_describe(value)}")
         return value
@@ -1300,6 +1303,62 @@ def validate_site_name(name: Any, what: str = "site name") -> str:
 
 
 @dataclass(frozen=True)
+class BurnedInReview:
+    """A person's review: objects of this kind carry no burned-in text at this site, so they may be converted.
+
+    Objects that may carry burned-in text ((0028,0301) absent on DX/US/SC...)
+    are refused under de-identification. A site whose export holds such
+    objects that a person has looked at (e.g. TCIA's binary tumour masks,
+    stored as Secondary Capture) lists them here; every use is recorded in
+    the manifest row and the summary as that person's decision.
+
+    Attributes:
+        series_description: regular expression on (0008,103E) Series Description (matched at the site only).
+        sop_class_uid: (0008,0016) SOP Class UID. When both are given, both must match.
+        reviewed_by: who looked at the pixels (required).
+        date: when (required, e.g. 2026-12-01).
+        note: what was checked.
+    """
+
+    reviewed_by: str
+    date: str
+    series_description: str | None = None
+    sop_class_uid: str | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        where = "deid.burned_in_reviewed"
+        _check(
+            bool(self.reviewed_by.strip()) and bool(str(self.date).strip()),
+            f"{where}: every entry needs reviewed_by and date (the person's decision is recorded), got "
+            f"reviewed_by {self.reviewed_by!r}, date {self.date!r}",
+        )
+        _check(
+            self.series_description is not None or self.sop_class_uid is not None,
+            f"{where}: an entry needs series_description (a regular expression) or sop_class_uid, got neither",
+        )
+        if self.series_description is not None:
+            _check_regex(self.series_description, f"{where}[].series_description")
+
+    def matches(self, description: str, sop_class_uid: str) -> bool:
+        """Whether a series is covered by this review."""
+        if self.series_description is not None and not re.search(self.series_description, description):
+            return False
+        return self.sop_class_uid is None or self.sop_class_uid == sop_class_uid
+
+    def record(self, index: int) -> str:
+        """How a use of the review is written into the manifest (no header value is quoted)."""
+        return f"burned-in text risk accepted by review {index} (reviewed by {self.reviewed_by}, {self.date})"
+
+
+@dataclass(frozen=True)
+class SiteDeidConfig:
+    """A site's own de-identification decisions (see :class:`BurnedInReview`)."""
+
+    burned_in_reviewed: list[BurnedInReview] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """Site-local settings; stays at the site.
 
@@ -1310,6 +1369,8 @@ class SiteConfig:
         device: ``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``.
         num_threads: CPU threads for PyTorch; 0 means let fedimg decide.
         local_logdir: where site-local TensorBoard logs (never sent) go.
+        deid: the site's reviewed exceptions to de-identification refusals
+            (``fedimg preprocess --site-config``).
     """
 
     name: str
@@ -1317,6 +1378,7 @@ class SiteConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = 0
     local_logdir: str | None = None
+    deid: SiteDeidConfig = field(default_factory=SiteDeidConfig)
 
     def __post_init__(self) -> None:
         validate_site_name(self.name, "name")
@@ -1338,6 +1400,7 @@ def load_site_config(path: str | Path, overrides: list[str] | None = None) -> Si
 
 
 __all__ = [
+    "BurnedInReview",
     "ConfigError",
     "DataConfig",
     "DeidSpec",

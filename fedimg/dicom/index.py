@@ -76,6 +76,7 @@ class DicomHeader:
             read (the series is refused on it).
         accession_number: (0008,0050) Accession Number (an identifier: used
             in memory only, to find a study's row in a site's labels CSV).
+        identity_removed: (0012,0062) Patient Identity Removed is YES (the file says it was de-identified).
         patient_id: (0010,0020) Patient ID, as ``issuer|id`` when (0010,0021)
             Issuer of Patient ID is set (an identifier: used in memory only, to
             keep each patient's studies on one side of the split; empty when absent).
@@ -115,6 +116,7 @@ class DicomHeader:
     layout_error: str = ""
     accession_number: str = ""
     patient_id: str = ""
+    identity_removed: bool = False
     imager_pixel_spacing: tuple[float, float] | None = None
     photometric_interpretation: str = ""
 
@@ -536,6 +538,7 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         layout_error=layout_error,
         accession_number=str(ds.get("AccessionNumber", "") or ""),
         patient_id=_patient_key(ds),
+        identity_removed=str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES",
         imager_pixel_spacing=(imager_spacing[0], imager_spacing[1]) if imager_spacing else None,
         photometric_interpretation=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
     )

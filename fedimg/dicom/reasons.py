@@ -87,6 +87,7 @@ class Reason(str, Enum):
         "label values outside the spec's classes; fix labels.values or the CSV",
     )
     IMAGE_REFUSED = "IMAGE_REFUSED", "its image was refused; see the image's row"
+    PARTNER_REFUSED = "PARTNER_REFUSED", "its label was refused (the detail names why); see the label's row"
     NOT_A_LABEL = "NOT_A_LABEL", "unreadable label file"
     LABEL_NOT_USED = "LABEL_NOT_USED", "segmentation label; a classification spec reads classes from the labels CSV"
     LABEL_SHEET = "LABEL_SHEET", "a CSV file, not an image; labels are read only through --labels-csv"

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedimg.config import PreprocessSpec
+from fedimg.config import BurnedInReview, PreprocessSpec
 from fedimg.dicom.deid import series_burned_in_risk
 from fedimg.dicom.labels import check_label_values, map_label_values
 from fedimg.dicom.planar import PlanarGeometry, load_planar
@@ -109,6 +109,7 @@ class CaseContext:
     pseudonymizer: Any | None
     previous: dict[str, dict[str, Any]]  # case id -> the previous run's state entry
     geo_kwargs: dict[str, Any]
+    reviews: tuple[BurnedInReview, ...] = ()  # the site's reviewed burned-in exceptions
 
     @property
     def class_values(self) -> list[int]:
@@ -140,6 +141,19 @@ def convert_study(args: tuple[StudyPlan, CaseContext]) -> tuple[dict[str, Manife
     return rows, rec
 
 
+#: Refusals caused by the label: the label's rows carry the reason, the image's rows PARTNER_REFUSED.
+LABEL_REASONS = frozenset({Reason.LABEL_GEOMETRY_MISMATCH, Reason.LABEL_VALUES_UNEXPECTED, Reason.NOT_A_LABEL})
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a study cannot become a case, and which of its files caused it (``image`` or ``label``)."""
+
+    reason: Reason
+    detail: str
+    culprit: str = "image"
+
+
 def convert_case(study: StudyPlan, ctx: CaseContext, rows: dict[str, ManifestRow]) -> CaseRecord | None:
     """The study's case (reused or converted), or None when it is refused (rows say why)."""
     if len(study.images) > 1:
@@ -162,22 +176,12 @@ def convert_case(study: StudyPlan, ctx: CaseContext, rows: dict[str, ManifestRow
         else case_id_for(study.uid, group.series_uid)
     )
     label = None if spec.is_classification else choose_label(study, image, rows, ctx.geo_kwargs)
-    label_files = label.files if label is not None else []
-
-    def refuse_all(reason: Reason, detail: str) -> None:
-        mark(rows, group.rels, REFUSED, reason, detail, case_id=case_id)
-        label_reason = (
-            reason
-            if reason in (Reason.LABEL_GEOMETRY_MISMATCH, Reason.LABEL_VALUES_UNEXPECTED, Reason.BURNED_IN_ANNOTATION)
-            else Reason.IMAGE_REFUSED
-        )
-        mark(rows, [rel for rel, _ in label_files], REFUSED, label_reason, detail, case_id=case_id)
-
-    refusal = _refusal(study, image, label, ctx)
+    label_rels = [rel for rel, _ in label.files] if label is not None else []
+    reviews: dict[str, str] = {}  # "image" / "label" -> the review that let it through
+    refusal = _refusal(study, image, label, ctx, reviews)
     if refusal is not None:
-        refuse_all(*refusal)
+        _refuse(rows, refusal, group.rels, label_rels, case_id)
         return None
-    class_label = study.cls.index if spec.is_classification and study.cls is not None else None
     rec = CaseRecord(
         case_id=case_id,
         image="",
@@ -186,21 +190,31 @@ def convert_case(study: StudyPlan, ctx: CaseContext, rows: dict[str, ManifestRow
         spacing=(),
         patient_key=patient_key(group.first.patient_id, case_id, ctx.pseudonymizer),
         order_key=case_id_for(study.uid, group.series_uid),
-        inputs=inputs_fingerprint(image.files + label_files, ctx.pseudonymizer),
+        inputs=inputs_fingerprint(image.files + (label.files if label else []), ctx.pseudonymizer),
     )
     try:
         rec = reuse_case(rec, ctx, label is not None) or convert_new_case(rec, image, label, ctx)
     except RefusedError as exc:
-        refuse_all(exc.reason, exc.detail)
+        culprit = "label" if exc.reason in LABEL_REASONS else "image"
+        _refuse(rows, Refusal(exc.reason, exc.detail, culprit), group.rels, label_rels, case_id)
         return None
     if spec.is_classification:
-        rec.label = class_label
+        rec.label = study.cls.index if study.cls is not None else None
     mark(
-        rows, group.rels, CONVERTED, "", "", output=rec.image, case_id=case_id, role="image", correction=rec.correction
+        rows,
+        group.rels,
+        CONVERTED,
+        "",
+        "",
+        output=rec.image,
+        case_id=case_id,
+        role="image",
+        correction=rec.correction,
+        review=reviews.get("image"),
     )
     mark(
         rows,
-        [rel for rel, _ in label_files],
+        label_rels,
         CONVERTED,
         "",
         "",
@@ -208,31 +222,84 @@ def convert_case(study: StudyPlan, ctx: CaseContext, rows: dict[str, ManifestRow
         case_id=case_id,
         role="label",
         correction=rec.correction,
+        review=reviews.get("label"),
     )
     return rec
 
 
+def _refuse(
+    rows: dict[str, ManifestRow], refusal: Refusal, image_rels: list[str], label_rels: list[str], case_id: str
+) -> None:
+    """The culprit's rows carry the reason; its partner's rows say they were refused because of it."""
+    if refusal.culprit == "label":
+        mark(rows, label_rels, REFUSED, refusal.reason, refusal.detail, case_id=case_id)
+        mark(
+            rows,
+            image_rels,
+            REFUSED,
+            Reason.PARTNER_REFUSED,
+            f"its label was refused ({refusal.reason.value}); the image itself was not the cause",
+            case_id=case_id,
+        )
+    else:
+        mark(rows, image_rels, REFUSED, refusal.reason, refusal.detail, case_id=case_id)
+        mark(
+            rows,
+            label_rels,
+            REFUSED,
+            Reason.IMAGE_REFUSED,
+            f"its image was refused ({refusal.reason.value})",
+            case_id=case_id,
+        )
+
+
+def _burned_in(headers: list[Any], description: str, ctx: CaseContext) -> tuple[str | None, str | None]:
+    """(why the series is refused, or None; the review that let it through, or None) under de-identification."""
+    risk = series_burned_in_risk(headers)
+    if risk is None:
+        return None, None
+    sop_class = headers[0].sop_class_uid if headers else ""
+    for i, review in enumerate(ctx.reviews, start=1):
+        if review.matches(description, sop_class):
+            return None, f"{review.record(i)}: {risk}"
+    if headers and all(h.identity_removed for h in headers):
+        hint = (
+            "these files declare (0012,0062) Patient Identity Removed YES: if their publisher de-identified them "
+            "(e.g. TCIA), preprocess with --no-deid instead, or have a person review the pixels and list the "
+            "series in the site config's deid.burned_in_reviewed (--site-config)"
+        )
+    else:
+        hint = (
+            "have a person review the pixels, then re-export with (0028,0301) NO or list the series in the site "
+            "config's deid.burned_in_reviewed (--site-config)"
+        )
+    return f"{risk}; {hint}", None
+
+
 def _refusal(
-    study: StudyPlan, image: ImageCandidate, label: LabelSource | None, ctx: CaseContext
-) -> tuple[Reason, str] | None:
-    """Why the study cannot become a case before any pixel is read (None: it can)."""
+    study: StudyPlan, image: ImageCandidate, label: LabelSource | None, ctx: CaseContext, reviews: dict[str, str]
+) -> Refusal | None:
+    """Why the study cannot become a case before any pixel is read (None: it can); notes the reviews used."""
     spec = ctx.spec
     if ctx.pseudonymizer is not None:
-        # Pixels may carry burned-in names: such objects are refused, never converted.
-        risky = series_burned_in_risk(image.group.headers)
-        if risky is None and isinstance(label, DicomMask):
-            risky = series_burned_in_risk(label.group.headers)
-        if risky is not None:
-            return Reason.BURNED_IN_ANNOTATION, risky
+        # Pixels may carry burned-in names: such objects are refused, never converted, unless a person reviewed them.
+        for role, group in (("image", image.group), ("label", label.group if isinstance(label, DicomMask) else None)):
+            if group is None:
+                continue
+            risk, review = _burned_in(group.headers, group.description, ctx)
+            if risk is not None:
+                return Refusal(Reason.BURNED_IN_ANNOTATION, risk, role)
+            if review is not None:
+                reviews[role] = review
     if spec.is_classification:
         cls = study.cls
         if cls is None:
-            return Reason.NO_LABEL, "no labels CSV was read"
-        return cls.refusal
+            return Refusal(Reason.NO_LABEL, "no labels CSV was read")
+        return Refusal(*cls.refusal) if cls.refusal is not None else None
     if label is None and study.unreadable:
-        return Reason.LABEL_UNREADABLE, study.unreadable  # held, also when labels are optional
+        return Refusal(Reason.LABEL_UNREADABLE, study.unreadable)  # held, also when labels are optional
     if label is None and spec.labels.required:
-        return Reason.NO_LABEL, "no label series or NIfTI label matched this image; labels.required is true"
+        return Refusal(Reason.NO_LABEL, "no label series or NIfTI label matched this image; labels.required is true")
     return None
 
 

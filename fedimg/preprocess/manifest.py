@@ -33,6 +33,7 @@ class ManifestRow:
     role: str | None = None  # "image" or "label" for files that were used
     series_uid: str | None = None
     correction: str | None = None  # an explicit geometric correction applied (e.g. gantry tilt removed)
+    review: str | None = None  # a person's recorded decision that overrode a refusal (deid.burned_in_reviewed)
 
     def to_json(self) -> dict[str, Any]:
         """Row as written to manifest.jsonl (empty optional fields left out).

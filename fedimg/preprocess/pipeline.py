@@ -25,14 +25,16 @@ training/validation split, and outputs of cases that are gone are removed.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from fedimg import config as cfgmod
-from fedimg.config import PreprocessSpec
+from fedimg.config import BurnedInReview, PreprocessSpec
 from fedimg.dicom.quiet import quiet_dicom_call
 from fedimg.preprocess.cases import NO_PATIENT_ID, CaseContext, CaseRecord, case_id_for, convert_study
 from fedimg.preprocess.copies import write_deidentified
@@ -88,6 +90,7 @@ class PreprocessResult:
     cases_reused: int = 0
     cases_removed: int = 0  # cases of earlier runs whose inputs are gone (or now refused): outputs removed
     labels_csv: dict[str, Any] | None = None  # classification: counts of CSV rows (never keys)
+    reviews_used: dict[str, int] = field(default_factory=dict)  # a person's recorded decision -> files it let through
     patients: int = 0  # distinct patients among the cases (cases without a Patient ID count as their own)
     cases_without_patient_id: int = 0
 
@@ -129,6 +132,8 @@ class PreprocessResult:
                 f"{lc['rows_unmatched']} matched none"
                 + (f", {lc['rows_without_key']} without a key" if lc["rows_without_key"] else "")
             )
+        for review, n in self.reviews_used.items():
+            lines.append(f"  {n} file(s) converted by a person's decision: {review}")
         lines += [f"  datalist: {self.datalist}", f"  manifest: {self.manifest}"]
         return "\n".join(lines)
 
@@ -145,6 +150,7 @@ def preprocess(
     crosswalk: str | Path | None = None,
     write_dicom: str | Path | None = None,
     labels_csv: str | Path | None = None,
+    reviews: Sequence[BurnedInReview] = (),
 ) -> PreprocessResult:
     """Convert and normalize every case under ``src`` into ``dst``.
 
@@ -202,6 +208,9 @@ def preprocess(
             site's CSV of study key -> class (see
             :mod:`fedimg.preprocess.labels_csv`). A CSV file inside ``src``
             gets a manifest row, skipped as ``LABEL_SHEET``.
+        reviews: the site's reviewed exceptions to the burned-in text refusal
+            (:class:`fedimg.config.BurnedInReview`, from the site config);
+            every file they let through says so in its manifest row.
 
     Raises:
         PreprocessInputError: ``src`` is missing, empty, or holds no DICOM; a
@@ -242,7 +251,19 @@ def preprocess(
     )
     with claim(dst, "preprocess", src=src) as out:
         return _preprocess_into(
-            out, scanned, src, spec, site, progress, workers, pseudonymizer, crosswalk, write_dicom, labels_csv, sheet
+            out,
+            scanned,
+            src,
+            spec,
+            site,
+            progress,
+            workers,
+            pseudonymizer,
+            crosswalk,
+            write_dicom,
+            labels_csv,
+            sheet,
+            tuple(reviews),
         )
 
 
@@ -259,13 +280,19 @@ def _preprocess_into(
     write_dicom: str | Path | None,
     labels_csv: str | Path | None,
     sheet: LabelSheet | None,
+    reviews: tuple[BurnedInReview, ...] = (),
 ) -> PreprocessResult:
     """The stages of :func:`preprocess` after indexing, in a claimed and locked DST."""
     dst = out.path
     previous = load_previous(dst, spec, pseudonymizer)
     studies = _plan(scanned, spec, pseudonymizer, write_dicom is not None, labels_csv, sheet)
     ctx = CaseContext(
-        spec=spec, dst=dst, pseudonymizer=pseudonymizer, previous=previous.cases, geo_kwargs=geometry_kwargs(spec)
+        spec=spec,
+        dst=dst,
+        pseudonymizer=pseudonymizer,
+        previous=previous.cases,
+        geo_kwargs=geometry_kwargs(spec),
+        reviews=reviews,
     )
     cases = _convert_all(studies, ctx, scanned.rows, site, workers, progress)
     assignment = _split(cases, spec, previous)
@@ -397,6 +424,7 @@ def _result(
         cases_converted=sum(not c.reused for c in cases),
         cases_reused=sum(c.reused for c in cases),
         cases_removed=removed,
+        reviews_used=dict(Counter(r.review.split(": ", 1)[0] for r in ordered if r.review)),
         patients=len({c.patient_key for c in cases}),
         cases_without_patient_id=sum(c.patient_key.startswith(NO_PATIENT_ID) for c in cases),
         labels_csv=labels_account,
