@@ -92,21 +92,30 @@ def aggregate(updates: Sequence[Update], method: str = "mean", trim: int = 1) ->
         if len(shapes) != 1:
             raise ValueError(f"entry {key}: sites sent different shapes {sorted(shapes)}")
         dtype = arrays[0].dtype
-        stack = np.stack([a.astype(np.float64) for a in arrays])
         if method == "mean" or len(arrays) == 1:
-            w = np.asarray([max(u.weight, 0.0) for u in present], dtype=np.float64)
-            if w.sum() <= 0:
-                w = np.ones_like(w)
-            value = np.tensordot(w / w.sum(), stack, axes=1)
-        elif method == "median" or len(arrays) <= 2 * trim:
-            value = np.median(stack, axis=0)
+            value = _weighted_sum(arrays, [u.weight for u in present])
         else:
-            s = np.sort(stack, axis=0)
-            value = s[trim : len(arrays) - trim].mean(axis=0)
+            stack = np.stack([a.astype(np.float64) for a in arrays])
+            if method == "median" or len(arrays) <= 2 * trim:
+                value = np.median(stack, axis=0)
+            else:
+                value = np.sort(stack, axis=0)[trim : len(arrays) - trim].mean(axis=0)
         if np.issubdtype(dtype, np.integer):
             value = np.rint(value)
-        out[key] = value.astype(dtype if not np.issubdtype(dtype, np.floating) else np.float32)
+        out[key] = value.astype(dtype if not np.issubdtype(dtype, np.floating) else np.float32, copy=False)
     return out
+
+
+def _weighted_sum(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """FedAvg's weighted mean of one entry: float32 in place for floating entries (as fast as a plain sum)."""
+    w = np.asarray([max(x, 0.0) for x in weights], dtype=np.float64)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(arrays), 1.0 / len(arrays))
+    floating = all(np.issubdtype(a.dtype, np.floating) for a in arrays)
+    work = np.float32 if floating else np.float64  # integer counters: exact before rounding
+    acc = np.multiply(arrays[0], work(w[0]), dtype=work)
+    for a, wi in zip(arrays[1:], w[1:]):
+        acc += np.multiply(a, work(wi), dtype=work)
+    return acc
 
 
 def weighted_metrics(per_site: Mapping[str, Mapping[str, float]], weights: Mapping[str, float]) -> dict[str, float]:
@@ -130,6 +139,17 @@ def weighted_metrics(per_site: Mapping[str, Mapping[str, float]], weights: Mappi
 
 def _float_keys(params: Mapping[str, np.ndarray]) -> list[str]:
     return [k for k, v in params.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+
+
+def _change_vector(u: Update, global_params: Mapping[str, np.ndarray], is_diff: bool) -> np.ndarray:
+    """A site's proposed change over its floating entries, as one float64 vector."""
+    parts = []
+    for k in _float_keys(u.params):
+        a = np.asarray(u.params[k], dtype=np.float64).ravel()
+        if not is_diff and k in global_params:
+            a = a - np.asarray(global_params[k], dtype=np.float64).ravel()
+        parts.append(a)
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def screen_updates(
@@ -156,24 +176,23 @@ def screen_updates(
         numbers only, never values of the model.
     """
     rejected: dict[str, str] = {}
-    changes: dict[str, np.ndarray] = {}
+    norms: dict[str, float] = {}
     ok: list[Update] = []
     for u in updates:
-        keys = _float_keys(u.params)
-        parts = []
-        for k in keys:
-            a = np.asarray(u.params[k], dtype=np.float64).ravel()
-            if not is_diff and k in global_params:
-                a = a - np.asarray(global_params[k], dtype=np.float64).ravel()
-            parts.append(a)
-        vec = np.concatenate(parts) if parts else np.zeros(0)
-        bad = int((~np.isfinite(vec)).sum())
+        bad, squares = 0, 0.0
+        for k in _float_keys(u.params):
+            a = np.asarray(u.params[k])
+            if not np.isfinite(a).all():
+                bad += int((~np.isfinite(a)).sum())
+                continue
+            change = a if is_diff or k not in global_params else a - np.asarray(global_params[k], dtype=a.dtype)
+            flat = change.ravel()
+            squares += float(np.dot(flat, flat))  # entry by entry: no copy of the whole update
         if bad:
             rejected[u.site] = f"NON_FINITE: {bad} NaN/infinite value(s) in the update"
             continue
-        changes[u.site] = vec
+        norms[u.site] = math.sqrt(squares)
         ok.append(u)
-    norms = {s: float(np.linalg.norm(v)) for s, v in changes.items()}
     if max_update_norm > 0:
         for s, n in norms.items():
             if n > max_update_norm:
@@ -187,6 +206,8 @@ def screen_updates(
                     f"NORM_OUTLIER: update norm {norms[s]:.4g} is {norms[s] / med:.1f} x the round's "
                     f"median {med:.4g} (limit {norm_outlier_factor:g} x)"
                 )
+    # The direction check needs whole vectors: built only when it is configured.
+    changes = {u.site: _change_vector(u, global_params, is_diff) for u in ok} if min_cosine is not None else {}
     live = [s for s in norms if s not in rejected]
     if min_cosine is not None and len(live) >= 3 and len({changes[s].size for s in live}) == 1:
         center = np.median(np.stack([changes[s] for s in live]), axis=0)

@@ -142,7 +142,7 @@ class FedimgController(BaseFedAvg):
         experiment: str,
         start_round: int = 0,
         persistor_id: str = "persistor",
-        task_check_period: float = 0.2,
+        task_check_period: float = 0.05,
         mode: str = "train",
     ) -> None:
         # A site's error answer (a crash, or a result its own guard blocked) is recorded as that site's rejection;
@@ -174,6 +174,16 @@ class FedimgController(BaseFedAvg):
         self._best: dict[str, Any] = {"value": -math.inf, "round": None}
         self._first_steps: dict[str, float] = {}
         self._site_errors: dict[str, Any] = {}  # site -> return code of its non-result answer (this broadcast)
+
+    def set_communicator(self, communicator: Any) -> None:
+        """NVFlare 2.9 sets ``task_check_period`` on the communicator, whose loops read ``_task_check_period``.
+
+        Without this the controller's setting is silently ignored and every
+        wait for results polls at 0.2 s.
+        """
+        super().set_communicator(communicator)
+        if hasattr(communicator, "_task_check_period"):
+            communicator._task_check_period = self._task_check_period
 
     # ------------------------------------------------------------------ files
 

@@ -34,6 +34,9 @@ from fedimg.fl.report import report_metrics
 from fedimg.fl.tracking import GLOBAL_RUN, CrossSiteReport, ScalarTBReceiver
 from fedimg.models.registry import model_spec
 
+#: Task polling of the simulator and POC (every site on this machine), in seconds.
+FAST_POLL_S = 0.05
+
 
 @contextlib.contextmanager
 def _chdir(path: Path) -> Iterator[None]:
@@ -112,8 +115,8 @@ def build_recipe(
             each sizes its thread pool.
         initial_ckpt: absolute path of a checkpoint to start from (resume).
         start_round: first round number; -1 continues the checkpoint's rounds.
-        fast_polling: sites ask for their next task every 0.25 s instead of
-            NVFlare's 2 s (for the simulator and POC on one machine).
+        fast_polling: sites ask for their next task every :data:`FAST_POLL_S`
+            instead of NVFlare's 2 s (for the simulator and POC on one machine).
         mode: ``train``, or ``evaluate``: the sites score ``initial_ckpt`` once,
             nothing is trained (no cross-site evaluation: sites have no models of their own).
 
@@ -263,7 +266,10 @@ def _add_common(recipe: Any, exp: ExperimentConfig, fast_polling: bool) -> None:
 
         set_recipe_meta(recipe, JobMetaKey.SCOPE, exp.fed.scope)
     if fast_polling:
-        recipe.add_server_config({"server": {"task_request_interval": 0.25}})
+        # On one machine a poll costs nothing: sites ask for their next task every 50 ms (NVFlare: the server's
+        # 2 s), and retry as often when none is ready (NVFlare: 0.5 s).
+        recipe.add_server_config({"server": {"task_request_interval": FAST_POLL_S}})
+        recipe.add_client_config({"default_task_fetch_interval": FAST_POLL_S})
 
 
 def in_staging(staging_dir: str | Path) -> contextlib.AbstractContextManager[None]:
