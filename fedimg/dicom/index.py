@@ -394,7 +394,8 @@ def _truncation(ds: pydicom.Dataset, size: int, prefixed: bool) -> str:
             f"{max(size - _META_START, 0)} bytes present)"
         )
     deflated = str(meta.get("TransferSyntaxUID", "")) == _DEFLATED_TS if meta is not None else False
-    for tag in ds:
+    # keys(), not the Dataset itself: iterating a Dataset yields DataElements and reads every deferred value.
+    for tag in ds.keys():  # noqa: SIM118
         raw = ds.get_item(tag, keep_deferred=True)
         length = getattr(raw, "length", None)
         if not isinstance(length, int) or length == _UNDEFINED_LENGTH:
