@@ -471,8 +471,11 @@ def choose_label(
                 "(0020,0052) Frame of Reference UID differs from the image series",
             )
         elif image.irregular is not None:
-            # The mask must share the image's irregular slices; it is resampled identically.
-            if sorted(h.ipp for h in m.headers) != sorted(h.ipp for h in image.group.headers):
+            # The mask must share the image's irregular slices; it is resampled identically. A slice without
+            # (0020,0032) has no position to share (and None cannot be sorted among positions).
+            mask_ipps = [h.ipp for h in m.headers if h.ipp is not None]
+            image_ipps = [h.ipp for h in image.group.headers if h.ipp is not None]
+            if len(mask_ipps) != len(m.headers) or sorted(mask_ipps) != sorted(image_ipps):
                 mark(
                     rows,
                     m.rels,
