@@ -69,7 +69,8 @@ def _reason_source() -> tuple[list[tuple[str, str]], type]:
         if stripped.startswith("#"):
             group = stripped.lstrip("#").strip()
             continue
-        m = re.match(r"([A-Z][A-Z0-9_]*)\s*=\s*\(?\"[A-Z0-9_]+\"", stripped)
+        # A member: NAME = "CODE", "advice"; or NAME = ( with the value on the next lines (ruff format).
+        m = re.match(r"([A-Z][A-Z0-9_]*)\s*=\s*(\(\s*$|\(?\"[A-Z0-9_]+\")", stripped)
         if m:
             out.append((m.group(1), group))
     return out, Reason
