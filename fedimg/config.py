@@ -22,13 +22,16 @@ import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from fedimg.errors import UserError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(UserError, ValueError):
@@ -72,7 +75,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping ({tp.__name__}), got {_describe(value)}")
         return _build(tp, value, key)
@@ -148,13 +151,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown key {where}{unknown[0]!s}; {cls.__name__} accepts: {', '.join(sorted(names))}")
     kwargs = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         if f.name in data:
             kwargs[f.name] = _convert(data[f.name], hints[f.name], key)
@@ -283,6 +286,8 @@ ImageModality = Literal["CT", "MR", "DX", "CR", "MG"]
 TaskType = Literal["segmentation", "classification"]
 #: ``fed.robust.aggregation``: the rules of :func:`fedimg.fl.aggregation.aggregate`.
 AggregationMethod = Literal["mean", "median", "trimmed_mean"]
+#: Where a site trains: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
+DeviceName = Literal["auto", "cpu", "cuda"]
 #: Modalities of 3D volumes (the rest are projection radiographs: 2D only).
 VOLUME_MODALITIES = ("CT", "MR")
 
@@ -578,7 +583,7 @@ class PreprocessSpec:
                 "resamples every volume to it",
             )
             _check(
-                all(MIN_SPACING_MM < s <= MAX_SPACING_MM for s in self.target_spacing),  # type: ignore[union-attr]
+                all(MIN_SPACING_MM < s <= MAX_SPACING_MM for s in self.target_spacing or ()),
                 f"target_spacing must be three mm values in ({MIN_SPACING_MM}, {MAX_SPACING_MM}], "
                 f"got {list(self.target_spacing or ())}",
             )
@@ -597,7 +602,7 @@ class PreprocessSpec:
                 "and pads every image to it",
             )
             _check(
-                all(8 <= s <= MAX_SIZE_2D for s in self.target_size),  # type: ignore[union-attr]
+                all(8 <= s <= MAX_SIZE_2D for s in self.target_size or ()),
                 f"target_size must be two pixel counts in [8, {MAX_SIZE_2D}], got {list(self.target_size or ())}",
             )
             _check(
@@ -1381,7 +1386,7 @@ class SiteConfig:
 
     name: str
     datalist: str
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: DeviceName = "auto"
     num_threads: int = 0
     local_logdir: str | None = None
     deid: SiteDeidConfig = field(default_factory=SiteDeidConfig)

@@ -36,7 +36,7 @@ def run_demo(
     cases: int = 8,
     seed: int = 0,
     rounds: int | None = None,
-    device: str = "auto",
+    device: cfgmod.DeviceName = "auto",
     config: str | None = None,
     progress: bool = True,
     overrides: list[str] | None = None,
@@ -76,7 +76,7 @@ def _run_demo(
     sites: int,
     cases: int,
     seed: int,
-    device: str,
+    device: cfgmod.DeviceName,
     progress: bool,
 ) -> dict[str, Any]:
     from fedimg.dicom.deid import Pseudonymizer, SiteSecret

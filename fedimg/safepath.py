@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TypeGuard
 
 #: PS3.5 9.1: a UID is digits in dot-separated components, at most 64 characters.
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -62,7 +63,7 @@ def safe_component(name: str, what: str) -> str:
     return name
 
 
-def is_uid(value: str) -> bool:
+def is_uid(value: object) -> TypeGuard[str]:
     """Whether ``value`` follows the UID grammar: digits and dots, at most 64 characters (PS3.5 9.1)."""
     return isinstance(value, str) and len(value) <= UID_MAX_LEN and _UID_RE.fullmatch(value) is not None
 

@@ -24,6 +24,28 @@ def shared(rel: str) -> Path:
     return p
 
 
+def slice_gap_export(site_dir: Path, dst: Path) -> tuple[Path, Path]:
+    """Copy a synthetic site with DICOM masks to ``dst``; one study loses slice 10 of its image and mask.
+
+    Returns:
+        (image series folder, mask series folder) of that study, under ``dst``.
+    """
+    import shutil
+
+    import pydicom
+
+    shutil.copytree(site_dir, dst)
+    image_dir = sorted(d for d in dst.rglob("*") if d.is_dir() and "STND" in d.name)[0]
+    mask_dir = next(d for d in image_dir.parent.iterdir() if "Mask" in d.name)
+    victim = sorted(image_dir.iterdir())[10]
+    ipp = pydicom.dcmread(victim).ImagePositionPatient
+    victim.unlink()
+    for f in mask_dir.iterdir():  # the mask loses the same slice
+        if pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient == ipp:
+            f.unlink()
+    return image_dir, mask_dir
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
         import torch

@@ -28,6 +28,7 @@ from monai.transforms import (
     Resized,
     SpatialPadd,
 )
+from nibabel.spatialimages import SpatialImage
 
 from fedimg.config import DataConfig, TaskConfig
 from fedimg.datalist import Datalist, DatalistError, DatalistItem
@@ -59,7 +60,12 @@ class SiteData:
 
 def _voxel_spacing(path: str, dims: int) -> torch.Tensor:
     # Header only: nibabel reads the pixdims without the voxel data. A tensor collates to (B, dims).
-    zooms = nib.load(path).header.get_zooms()
+    img = nib.load(path)
+    if not isinstance(img, SpatialImage):
+        raise ValueError(
+            f"expected a NIfTI volume in the datalist, got a {type(img).__name__} file; re-run fedimg preprocess"
+        )
+    zooms = img.header.get_zooms()
     return torch.tensor([float(z) for z in zooms[:dims]], dtype=torch.float64)
 
 
@@ -257,7 +263,7 @@ def make_loaders(
         progress=progress,
         copy_cache=False,
     )
-    train_ds.transform.set_random_state(seed)  # type: ignore[union-attr]
+    train_ds.transform.set_random_state(seed)
     gen = torch.Generator()
     gen.manual_seed(seed)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, generator=gen)

@@ -786,7 +786,7 @@ def deidentify(
     if getattr(out, "preamble", None) is not None:
         out.preamble = b"\x00" * 128  # a preamble may hold application data
     if hasattr(out, "filename"):
-        out.filename = None  # type: ignore[assignment]  # source paths carry names
+        out.filename = None  # source paths carry names
     return out
 
 

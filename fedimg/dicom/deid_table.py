@@ -216,8 +216,14 @@ TABLE: ActionTable = load_table()
 #: Which library (and version, module) supplied :data:`TABLE`.
 ENGINE: str = TABLE.engine
 
-PATIENT_CHARACTERISTIC_TAGS: dict[str, int] = {
-    kw: int(tag_for_keyword(kw))
-    for kw in sorted(PATIENT_CHARACTERISTICS)  # type: ignore[arg-type]
-}
-DESCRIPTOR_TAGS: dict[str, int] = {kw: int(tag_for_keyword(kw)) for kw in sorted(DESCRIPTORS)}  # type: ignore[arg-type]
+
+def _tag(keyword: str) -> int:
+    """The tag of a keyword of the tables above (pydicom's dictionary names every one of them)."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise TableUnavailableError(f"pydicom's data dictionary has no {keyword}; install the pydicom fedimg pins")
+    return tag
+
+
+PATIENT_CHARACTERISTIC_TAGS: dict[str, int] = {kw: _tag(kw) for kw in sorted(PATIENT_CHARACTERISTICS)}
+DESCRIPTOR_TAGS: dict[str, int] = {kw: _tag(kw) for kw in sorted(DESCRIPTORS)}

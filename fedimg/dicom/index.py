@@ -23,6 +23,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -331,14 +332,17 @@ def iter_files(root: Path) -> Iterator[Path]:
 
 
 def _floats(value: object, n: int) -> tuple[float, ...] | None:
+    if not isinstance(value, Iterable):
+        return None
     try:
-        items = tuple(float(v) for v in value)  # type: ignore[union-attr]
+        items = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
     return items if len(items) == n else None
 
 
 def _int(value: object) -> int | None:
+    # Any header value is tried (the checker knows no int() of an object): what int() refuses is None.
     try:
         return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
     except (TypeError, ValueError):
@@ -346,6 +350,7 @@ def _int(value: object) -> int | None:
 
 
 def _float(value: object) -> float | None:
+    # As _int: any header value is tried, what float() refuses is None.
     try:
         return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -396,7 +401,8 @@ def _truncation(ds: pydicom.Dataset, size: int, prefixed: bool) -> str:
             f"{max(size - _META_START, 0)} bytes present)"
         )
     deflated = str(meta.get("TransferSyntaxUID", "")) == _DEFLATED_TS if meta is not None else False
-    for tag in ds.keys():  # noqa: SIM118 - tags; iterating a Dataset yields its elements
+    # keys(), not the Dataset itself: iterating a Dataset yields DataElements and reads every deferred value.
+    for tag in ds.keys():  # noqa: SIM118
         raw = ds.get_item(tag, keep_deferred=True)
         length = getattr(raw, "length", None)
         if not isinstance(length, int) or length == _UNDEFINED_LENGTH:
@@ -556,10 +562,16 @@ def _unreadable(path: Path, rel: str) -> FileProblem | None:
     return None
 
 
+class _Progress(Protocol):
+    """A tqdm-like progress bar: :func:`scan` only calls ``update``."""
+
+    def update(self, n: int = 1, /) -> object: ...
+
+
 def scan(
     root: Path,
     claim: Iterable[str] = (),
-    progress: object | None = None,
+    progress: _Progress | None = None,
     entries: Iterable[Path | FileProblem] | None = None,
 ) -> Index:
     """Index every entry under ``root``.
@@ -582,20 +594,23 @@ def scan(
     for path in walk_source(root) if entries is None else entries:
         # An entry that is not read (link, special file, unreadable folder) arrives as its problem; a file
         # the OS refuses to open is one too, also a claimed one (a label that cannot be read is reported).
-        problem = path if isinstance(path, FileProblem) else _unreadable(path, path.relative_to(root).as_posix())
-        if problem is not None:
-            problems.append(problem)
-            if progress is not None:
-                progress.update(1)  # type: ignore[attr-defined]
-            continue
-        rel = path.relative_to(root).as_posix()
-        if any(p.search(path.name) for p in patterns):
-            other.append((path, rel))
+        if isinstance(path, FileProblem):
+            problems.append(path)
         else:
-            result = read_header(path, rel)
-            (headers if isinstance(result, DicomHeader) else problems).append(result)  # type: ignore[arg-type]
+            rel = path.relative_to(root).as_posix()
+            problem = _unreadable(path, rel)
+            if problem is not None:
+                problems.append(problem)
+            elif any(p.search(path.name) for p in patterns):
+                other.append((path, rel))
+            else:
+                result = read_header(path, rel)
+                if isinstance(result, DicomHeader):
+                    headers.append(result)
+                else:
+                    problems.append(result)
         if progress is not None:
-            progress.update(1)  # type: ignore[attr-defined]
+            progress.update(1)
     return Index(root=root, headers=headers, problems=problems, other_files=other)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
+from nibabel.arrayproxy import ArrayProxy
+from nibabel.spatialimages import SpatialImage
 
 from fedimg.dicom.geometry import SeriesGeometry, same_grid
 from fedimg.dicom.pixels import apply_modality_lut
@@ -67,7 +69,11 @@ def load_nifti_on_grid(
     """
     try:
         img = nib.load(str(path))
+        if not isinstance(img, SpatialImage):  # e.g. CIFTI-2 or GIFTI: no voxel grid, no affine
+            raise TypeError(f"{type(img).__name__} is not a volume")
         proxy = img.dataobj
+        if not isinstance(proxy, ArrayProxy):  # only a file-backed proxy keeps the stored values and scaling
+            raise TypeError(f"{type(proxy).__name__} is not an array proxy")
         data = np.asarray(proxy.get_unscaled())
         slope, inter = (float(v) for v in (proxy.slope, proxy.inter))
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on bad files

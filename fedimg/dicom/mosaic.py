@@ -137,7 +137,8 @@ def tile_positions(
         np.asarray(ipp, dtype=float) + col_cos * pixel_spacing[0] * shift_rows + row_cos * pixel_spacing[1] * shift_cols
     )
     normal = np.asarray(info.slice_normal, dtype=float)
-    return [tuple(float(v) for v in first + k * slice_spacing * normal) for k in range(info.n_images)]  # type: ignore[misc]
+    centres = [first + k * slice_spacing * normal for k in range(info.n_images)]
+    return [(float(c[0]), float(c[1]), float(c[2])) for c in centres]
 
 
 def split_tiles(grid: np.ndarray, info: MosaicInfo) -> np.ndarray:

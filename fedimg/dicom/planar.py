@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class PlanarGeometry:
     ipp: tuple[float, ...] | None = None
 
 
-def _valid(spacing: tuple[float, float] | None) -> bool:
+def _valid(spacing: tuple[float, float] | None) -> TypeGuard[tuple[float, float]]:
     return spacing is not None and all(math.isfinite(v) and v > 0 for v in spacing)
 
 
@@ -110,9 +111,9 @@ def planar_geometry(group: SeriesGroup, instances_in_series: int | None = None) 
     return PlanarGeometry(
         rows=int(h.rows),
         columns=int(h.columns),
-        row_spacing=float(spacing[0]),  # type: ignore[index]
+        row_spacing=float(spacing[0]),
         column_spacing=float(spacing[1]),
-        spacing_source=source,  # type: ignore[index]
+        spacing_source=source,
         iop=iop if ipp is not None else None,
         ipp=ipp if iop is not None else None,
     )

@@ -13,9 +13,10 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @contextmanager
@@ -32,12 +33,12 @@ def quiet_dicom() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def quiet_dicom_call(fn: F) -> F:
+def quiet_dicom_call(fn: Callable[P, R]) -> Callable[P, R]:
     """Decorator: run ``fn`` inside :func:`quiet_dicom` (signature and docstring kept)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         with quiet_dicom():
             return fn(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper

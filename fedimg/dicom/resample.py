@@ -146,11 +146,16 @@ def load_regularized(group: SeriesGroup, reason: Reason, order: int = 1) -> Regu
             (multi-frame or mosaic files, missing geometry, a hole too wide).
     """
     hs = group.headers
-    if any(h.is_enhanced for h in hs) or any(h.iop is None or h.ipp is None or h.pixel_spacing is None for h in hs):
+    first_spacing = hs[0].pixel_spacing
+    if (
+        any(h.is_enhanced for h in hs)
+        or any(h.iop is None or h.ipp is None or h.pixel_spacing is None for h in hs)
+        or first_spacing is None
+    ):
         raise RefusedError(reason, "cannot resample: only complete single-frame series are corrected")
     iop = np.array(hs[0].iop, dtype=float)
     row_cos, col_cos = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
-    row_spacing, col_spacing = (float(v) for v in hs[0].pixel_spacing)  # type: ignore[misc]
+    row_spacing, col_spacing = float(first_spacing[0]), float(first_spacing[1])
     positions = np.array([h.ipp for h in hs], dtype=float)
     if not np.all(np.isfinite(positions)) or min(row_spacing, col_spacing) <= 0:
         raise RefusedError(reason, "cannot resample: invalid positions or spacing")

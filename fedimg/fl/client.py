@@ -208,7 +208,7 @@ class SiteRunner:
         metrics = withhold_small_cohort(
             metric_names(val), val.get("cases", self.trainer.n_val), self.exp.privacy.min_cohort
         )
-        meta = {RESULT_META_VAL: _scalars(val)}
+        meta: dict[str, Any] = {RESULT_META_VAL: _scalars(val)}
         if flare.is_evaluate():
             if self.trainer.n_test:
                 # Evaluation tasks (the final evaluation, cross-site evaluation) also score the held-out test

@@ -103,6 +103,14 @@ def _error_reason(rc: Any) -> str:
     return f"SITE_ERROR: the site answered with {code} instead of a result; see the site's log"
 
 
+def _site_of(result: FLModel) -> str:
+    """The site that sent ``result``: NVFlare's controller stamps ``meta["client_name"]`` ("?" if absent).
+
+    One name everywhere: an update, its metadata and its validation must be filed under the same key.
+    """
+    return str((result.meta or {}).get("client_name", "?"))
+
+
 def _reported(value: Any) -> Any:
     """A value a site reported, as the server records it: small scalar trees only."""
     why = scalar_tree_problem(value)
@@ -224,7 +232,7 @@ class FedimgController(BaseFedAvg):
         test_sites, test_structured, test_weights = {}, {}, {}
         rejected = {site: _error_reason(rc) for site, rc in self._site_errors.items()}
         for res in results:
-            site = (res.meta or {}).get("client_name", "?")
+            site = _site_of(res)
             if not res.metrics:
                 continue
             tree = (res.meta or {}).get(RESULT_META_VAL) or {}
@@ -269,15 +277,15 @@ class FedimgController(BaseFedAvg):
             record["test"] = {"global": test_flat, "sites": test_sites, "weights": test_weights}
         self._append("global_metrics.jsonl", record)
         self._last_record = record
-        value = flat.get(self.key_metric)
+        rated = flat.get(self.key_metric)
         what = "final global model" if final else f"global model after {step} round(s)"
-        shown = "n/a" if value is None else f"{value:.4f}"
+        shown = "n/a" if rated is None else f"{rated:.4f}"
         progress.info(
             "server: %s: %s %s (case-weighted mean of %d site(s))", what, self.key_metric, shown, len(per_site)
         )
-        if rate and value is not None and value > self._best["value"]:
-            self._save_best(step, value)
-            progress.info("server: new best global model (%s %.4f, after %d round(s))", self.key_metric, value, step)
+        if rate and rated is not None and rated > self._best["value"]:
+            self._save_best(step, rated)
+            progress.info("server: new best global model (%s %.4f, after %d round(s))", self.key_metric, rated, step)
         return flat
 
     def _meta(self, rounds_done: int) -> dict[str, Any]:
@@ -320,7 +328,7 @@ class FedimgController(BaseFedAvg):
         info: dict[str, Any] = {site: _error_reason(rc) for site, rc in self._site_errors.items()}
         for res in results:
             meta = res.meta or {}
-            site = meta.get("client_name", "?")
+            site = _site_of(res)
             if not res.params:
                 info[site] = "EMPTY: the result holds no model entries"
                 continue
@@ -470,7 +478,7 @@ class FedimgController(BaseFedAvg):
             return None
         t1 = time.time()
         if updates and ptype is not None:
-            metas = {(r.meta or {}).get("client_name"): (r.meta or {}) for r in results}
+            metas = {_site_of(r): (r.meta or {}) for r in results}
             self._global = self.strategy.apply(self._global, updates, ptype == "DIFF", metas)
         t_agg = time.time() - t1
         self.save_model(FLModel(params=self._global, meta=self._meta(rnd + 1)))
@@ -495,7 +503,7 @@ class FedimgController(BaseFedAvg):
 
         def per_site(key: str, only_present: bool = False) -> dict[str, Any]:
             return {
-                (r.meta or {}).get("client_name"): _reported((r.meta or {}).get(key))
+                _site_of(r): _reported((r.meta or {}).get(key))
                 for r in results
                 if not only_present or (r.meta or {}).get(key)
             }

@@ -181,7 +181,7 @@ def evaluate(package: str | Path, target: Target, overrides: list[str] | None = 
 
 def _deploy(exp: ExperimentConfig, target: Target, mode: str, weights: Any | None = None) -> Launched:
     """Run the job in POC or on a provisioned federation; download and check the results."""
-    from fedimg.fl.deploy import PocFederation, ProdFederation, export_job
+    from fedimg.fl.deploy import DeploymentError, PocFederation, ProdFederation, export_job
     from fedimg.fl.recipe import build_recipe
 
     ws = Path(target.workspace).resolve()
@@ -224,6 +224,8 @@ def _deploy(exp: ExperimentConfig, target: Target, mode: str, weights: Any | Non
     else:
         fed = ProdFederation(str(target.admin), str(target.startup_kit))
         outcome = fed.run(job, timeout=timeout, download_to=ws / "results")
+        if outcome.result_dir is None:
+            raise DeploymentError(f"job {outcome.job_id} was not downloaded")
         run_dir = outcome.result_dir / "workspace"
         res = collect(outcome.result_dir, list(target.sites), run_dir=run_dir, log_dirs={"server": run_dir}, **checks)
     return Launched(

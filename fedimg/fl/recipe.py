@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ class FedimgRecipe(FedAvgRecipe):
 def build_recipe(
     exp: ExperimentConfig,
     job_dir: str | Path,
-    site_configs: dict[str, str | None],
+    site_configs: Mapping[str, str | None],
     staging_dir: str | Path,
     sites_sharing_cpu: int = 1,
     initial_ckpt: str | None = None,
@@ -175,7 +175,7 @@ def build_recipe(
 def build_he_recipe(
     exp: ExperimentConfig,
     job_dir: str | Path,
-    site_configs: dict[str, str | None],
+    site_configs: Mapping[str, str | None],
     staging_dir: str | Path,
     sites_sharing_cpu: int = 1,
     initial_ckpt: str | None = None,

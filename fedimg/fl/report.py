@@ -61,7 +61,7 @@ def cross_site_matrix(results: Mapping[str, Mapping[str, Mapping[str, float]]], 
         ``{"metric", "sites", "models", "labels", "values": {model: {site: value|None}}, "all": results}``.
     """
     sites = sorted(results)
-    names = set()
+    names: set[str] = set()
     for per_model in results.values():
         names.update(per_model)
     models = [m for m in (FINAL_GLOBAL, BEST_GLOBAL) if m in names] + sorted(names - {FINAL_GLOBAL, BEST_GLOBAL})

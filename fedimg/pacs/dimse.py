@@ -37,6 +37,10 @@ MAX_STORAGE_CONTEXTS = 127
 _PENDING = (0xFF00, 0xFF01)
 _STORE_REFUSED = 0xC000  # "Cannot understand": the instance was not one we asked for
 _STORE_OUT_OF_RESOURCES = 0xA700
+# Study Root Query/Retrieve Information Model FIND and GET (PS3.4 C.6.2). pynetdicom creates its named SOP class
+# objects with globals() at import time, out of a type checker's sight; uid_to_sop_class returns the same objects.
+_STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+_STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 
 def _uid_of(ds: Any, keyword: str) -> str | None:
@@ -82,12 +86,9 @@ class DimseClient:
         )
 
     def open(self) -> None:
-        from pynetdicom.sop_class import (
-            StudyRootQueryRetrieveInformationModelFind as FindModel,
-        )
-        from pynetdicom.sop_class import (
-            StudyRootQueryRetrieveInformationModelGet as GetModel,
-        )
+        from pynetdicom.sop_class import uid_to_sop_class
+
+        find_model, get_model = uid_to_sop_class(_STUDY_ROOT_FIND), uid_to_sop_class(_STUDY_ROOT_GET)
 
         s = self.source
         try:
@@ -99,13 +100,13 @@ class DimseClient:
                 "listening there; check the host, the port and the network"
             ) from None
         ae = self._ae()
-        ae.add_requested_context(FindModel)
-        ae.add_requested_context(GetModel)
+        ae.add_requested_context(find_model)
+        ae.add_requested_context(get_model)
         assoc = self._associate(ae)
         if not assoc.is_established:
             raise PacsError(self._association_error(assoc))
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        missing = [name for name, uid in (("C-FIND", FindModel), ("C-GET", GetModel)) if str(uid) not in accepted]
+        missing = [name for name, uid in (("C-FIND", find_model), ("C-GET", get_model)) if str(uid) not in accepted]
         if missing:
             assoc.release()
             raise PacsError(
@@ -137,10 +138,10 @@ class DimseClient:
     def _query_assoc(self) -> Any:
         """The query association, opened again if the PACS dropped it."""
         if self._query is None or not self._query.is_established:
-            from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FindModel
+            from pynetdicom.sop_class import uid_to_sop_class
 
             ae = self._ae()
-            ae.add_requested_context(FindModel)
+            ae.add_requested_context(uid_to_sop_class(_STUDY_ROOT_FIND))
             assoc = self._associate(ae)
             if not assoc.is_established:
                 raise PacsRequestError("association", self._association_error(assoc))
@@ -150,12 +151,12 @@ class DimseClient:
     # ------------------------------------------------------------------ queries
 
     def _find(self, identifier: Any, what: str) -> list[Any]:
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FindModel
+        from pynetdicom.sop_class import uid_to_sop_class
 
         assoc = self._query_assoc()
         out = []
         try:
-            for status, answer in assoc.send_c_find(identifier, FindModel):
+            for status, answer in assoc.send_c_find(identifier, uid_to_sop_class(_STUDY_ROOT_FIND)):
                 code = getattr(status, "Status", None)
                 if code is None:
                     self._query = None
@@ -234,7 +235,7 @@ class DimseClient:
     ) -> None:
         from pydicom.dataset import Dataset
         from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_role, evt
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GetModel
+        from pynetdicom.sop_class import uid_to_sop_class
 
         classes = sorted({str(ref.sop_class_uid) for ref in wanted if ref.sop_class_uid})
         if any(ref.sop_class_uid is None for ref in wanted):
@@ -268,7 +269,8 @@ class DimseClient:
                 return _STORE_REFUSED
 
         ae = self._ae()
-        ae.add_requested_context(GetModel)
+        get_model = uid_to_sop_class(_STUDY_ROOT_GET)
+        ae.add_requested_context(get_model)
         for uid in classes:
             ae.add_requested_context(uid, ALL_TRANSFER_SYNTAXES)
         roles = [build_role(uid, scp_role=True) for uid in classes]
@@ -288,7 +290,7 @@ class DimseClient:
                 ident.SeriesInstanceUID = series_uid
                 if batch is not None:
                     ident.SOPInstanceUID = batch
-                self._get(assoc, ident, GetModel)
+                self._get(assoc, ident, get_model)
         finally:
             if assoc.is_established:
                 assoc.release()

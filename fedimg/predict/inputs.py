@@ -75,6 +75,16 @@ class StudyInput:
             return "nifti-" + pseudonymizer.path_hash(self.rel)
         return "nifti-" + hashlib.sha256(self.rel.encode()).hexdigest()[:16]
 
+    def series(self) -> SeriesGroup:
+        """The image series of a DICOM input.
+
+        Raises:
+            ValueError: the input is not a DICOM series (a NIfTI file has none).
+        """
+        if self.group is None:
+            raise ValueError(f"expected a DICOM input with its image series, got a {self.kind} input")
+        return self.group
+
 
 @dataclass
 class Inputs:

@@ -240,12 +240,15 @@ def _load_image(item: StudyInput) -> tuple[np.ndarray, np.ndarray]:
     if item.kind == "dicom":
         from fedimg.dicom.volume import load_volume
 
-        vol = load_volume(item.group, item.geometry)  # type: ignore[arg-type]
+        vol = load_volume(item.series(), item.geometry)
         return vol.data, vol.affine
     import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
 
     try:
         img = nib.load(str(item.path))
+        if not isinstance(img, SpatialImage):  # e.g. CIFTI-2 or GIFTI: no voxel grid, no affine
+            raise TypeError(f"{type(img).__name__} is not a volume")
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on bad files
         raise RefusedError(Reason.NOT_A_LABEL, f"unreadable NIfTI image ({type(exc).__name__})") from None
@@ -273,7 +276,7 @@ def _predict_study(
     if pseudonymizer is not None and item.kind == "dicom":
         from fedimg.dicom.deid import series_burned_in_risk
 
-        risky = series_burned_in_risk(item.group.headers)  # type: ignore[union-attr]
+        risky = series_burned_in_risk(item.series().headers)
         if risky is not None:
             return StudyResult(sid, "refused", Reason.BURNED_IN_ANNOTATION.value, risky)
     if pkg.task == "classification":
@@ -336,13 +339,13 @@ def _write_seg(
     from fedimg.dicom.quiet import quiet_dicom
     from fedimg.predict.seg import build_seg, can_reference, write_seg
 
-    why = can_reference(item.group, item.geometry)  # type: ignore[arg-type]
+    why = can_reference(item.series(), item.geometry)
     if why is not None:
         return f"not written: {why}"
     spec = pkg.require_spec()
     sha = str((pkg.meta.get("weights") or {}).get("sha256", ""))
     with quiet_dicom():
-        datasets = [pydicom.dcmread(h.path) for h in item.group.headers]  # type: ignore[union-attr]
+        datasets: list[pydicom.Dataset] = [pydicom.dcmread(h.path) for h in item.series().headers]
         if pseudonymizer is not None:
             from fedimg.dicom.deid import deidentify
 
@@ -352,7 +355,7 @@ def _write_seg(
                     pseudonymizer,
                     covariates=spec.deid.covariates,
                     descriptor_allowlist=spec.deid.keep_descriptors,
-                    private_allowlist=[tuple(x) for x in spec.deid.private_allowlist],
+                    private_allowlist=spec.deid.private_allowlist,
                 )
                 for ds in datasets
             ]
@@ -364,9 +367,9 @@ def _write_seg(
         try:
             obj = build_seg(
                 datasets,
-                item.group,
+                item.series(),
                 item.geometry,
-                labels,  # type: ignore[arg-type]
+                labels,
                 pkg.class_names,
                 series_uid,
                 sop_uid,
@@ -394,7 +397,7 @@ def _classify_study(item: StudyInput, sid: str, pkg: ModelPackage, model: Any, r
         if spec.spatial_dims == 2:
             from fedimg.dicom.planar import load_planar
 
-            prepared, _ = apply_spec_2d(spec, load_planar(item.group, item.geometry), item.geometry)  # type: ignore
+            prepared, _ = apply_spec_2d(spec, load_planar(item.series(), item.geometry), item.geometry)
         else:
             image, affine = _load_image(item)
             prepared, _, _ = apply_spec(spec, image, affine)

@@ -28,7 +28,7 @@ import numpy as np
 from fedimg.config import BurnedInReview, PreprocessSpec
 from fedimg.dicom.deid import series_burned_in_risk
 from fedimg.dicom.labels import check_label_values, map_label_values
-from fedimg.dicom.planar import PlanarGeometry, load_planar
+from fedimg.dicom.planar import load_planar
 from fedimg.dicom.quiet import quiet_dicom
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.resample import load_regularized
@@ -340,7 +340,7 @@ def convert_new_case(rec: CaseRecord, image: ImageCandidate, label: LabelSource 
     """
     spec = ctx.spec
     if spec.spatial_dims == 2:
-        planar: PlanarGeometry = image.geometry  # type: ignore[assignment]
+        planar = image.planar()
         image_arr, affine = apply_spec_2d(spec, load_planar(image.group, planar), planar)
         label_arr = None
     else:
@@ -368,7 +368,7 @@ def _volume_and_label(
         data, affine, correction = reg.data, reg.affine_ras, reg.correction
     else:
         # Stored integers plus their modality LUT: no float copy of the whole volume is made.
-        volume = load_volume(image.group, image.geometry)  # type: ignore[arg-type]
+        volume = load_volume(image.group, image.stack())
         data, affine, scale = volume.stored, volume.affine, (volume.slope, volume.intercept)
     raw, label_scale = None, (1.0, 0.0)
     if label is not None:

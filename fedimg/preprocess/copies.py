@@ -71,7 +71,7 @@ def _copy_case(
                 pseudonymizer,
                 covariates=spec.deid.covariates,
                 descriptor_allowlist=spec.deid.keep_descriptors,
-                private_allowlist=[tuple(x) for x in spec.deid.private_allowlist],
+                private_allowlist=spec.deid.private_allowlist,
             )
             name = uid_component(str(clean.SOPInstanceUID), "(0008,0018) SOP Instance UID of a copy") + ".dcm"
             cleaned.append(

@@ -73,6 +73,26 @@ class ImageCandidate:
         """The series' files."""
         return [(h.rel, h.path) for h in self.group.headers]
 
+    def stack(self) -> SeriesGeometry:
+        """The geometry of a regular 3D stack (labels are placed on it).
+
+        Raises:
+            ValueError: the image is a single frame or an irregular stack (it has no such grid).
+        """
+        if not isinstance(self.geometry, SeriesGeometry):
+            raise ValueError(f"expected a regular 3D stack, got {type(self.geometry).__name__} geometry")
+        return self.geometry
+
+    def planar(self) -> PlanarGeometry:
+        """The geometry of a single-frame (2D) image.
+
+        Raises:
+            ValueError: the image is a stack.
+        """
+        if not isinstance(self.geometry, PlanarGeometry):
+            raise ValueError(f"expected a single-frame image, got {type(self.geometry).__name__} geometry")
+        return self.geometry
+
 
 @dataclass
 class DicomMask:
@@ -95,7 +115,9 @@ class DicomMask:
             if reg.data.shape != image_data.shape or not np.allclose(reg.affine_ras, image_affine, atol=1e-3):
                 raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH, "resampled mask and image grids differ")
             return reg.data, (1.0, 0.0)
-        mask = load_volume(self.group, self.geometry)  # type: ignore[arg-type]
+        if self.geometry is None:
+            raise ValueError("a DICOM mask without its own geometry only follows an irregular (resampled) image")
+        mask = load_volume(self.group, self.geometry)
         return mask.stored, (mask.slope, mask.intercept)
 
 
@@ -114,7 +136,7 @@ class DicomSeg:
         self, image: ImageCandidate, image_data: np.ndarray, image_affine: np.ndarray
     ) -> tuple[np.ndarray, tuple[float, float]]:
         """Its segments on the image grid (through the referenced instances)."""
-        geo: SeriesGeometry = image.geometry  # type: ignore[assignment]
+        geo = image.stack()
         uids = [image.group.headers[i].sop_instance_uid for i in geo.order]
         return load_seg_on_grid(self.header.path, uids, geo), (1.0, 0.0)
 
@@ -135,7 +157,7 @@ class NiftiLabel:
         self, image: ImageCandidate, image_data: np.ndarray, image_affine: np.ndarray
     ) -> tuple[np.ndarray, tuple[float, float]]:
         """Its values on the image grid (axis permutation and flips only) and its ``(slope, intercept)``."""
-        return load_nifti_on_grid(self.path, image.geometry)  # type: ignore[arg-type]
+        return load_nifti_on_grid(self.path, image.stack())
 
 
 LabelSource = DicomMask | DicomSeg | NiftiLabel
@@ -471,8 +493,11 @@ def choose_label(
                 "(0020,0052) Frame of Reference UID differs from the image series",
             )
         elif image.irregular is not None:
-            # The mask must share the image's irregular slices; it is resampled identically.
-            if sorted(h.ipp for h in m.headers) != sorted(h.ipp for h in image.group.headers):
+            # The mask must share the image's irregular slices; it is resampled identically. A slice without
+            # (0020,0032) has no position to share (and None cannot be sorted among positions).
+            mask_ipps = [h.ipp for h in m.headers if h.ipp is not None]
+            image_ipps = [h.ipp for h in image.group.headers if h.ipp is not None]
+            if len(mask_ipps) != len(m.headers) or sorted(mask_ipps) != sorted(image_ipps):
                 mark(
                     rows,
                     m.rels,
@@ -487,7 +512,7 @@ def choose_label(
         else:
             try:
                 mgeo = series_geometry(m, **geo_kwargs)
-                check_mask_grid(image.geometry, mgeo)  # type: ignore[arg-type]
+                check_mask_grid(image.stack(), mgeo)
             except RefusedError as exc:
                 # Whatever is wrong with the mask's own stack, it cannot be placed on the image grid.
                 mark(rows, m.rels, REFUSED, Reason.LABEL_GEOMETRY_MISMATCH, exc.detail)

@@ -134,7 +134,7 @@ def assign(
     n = len(cases)
     n_patients = len(by_patient)
     size = {p: len(ids) for p, ids in by_patient.items()}
-    have = defaultdict(int)
+    have: defaultdict[str, int] = defaultdict(int)
     for p, s in patient_split.items():
         if p in size:
             have[s] += size[p]

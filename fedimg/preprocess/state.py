@@ -140,9 +140,10 @@ def load_previous(dst: Path, spec: PreprocessSpec, pseudonymizer: Any | None) ->
                 dl = Datalist.read(datalist)
             except DatalistError:
                 dl = None  # unreadable: nothing to keep
-            for split in SPLITS if dl is not None else ():
-                for item in dl.split_items(split):
-                    fresh.splits[item.case_id] = split
+            if dl is not None:
+                for split in SPLITS:
+                    for item in dl.split_items(split):
+                        fresh.splits[item.case_id] = split
         return fresh
     try:
         raw = json.loads(state_path.read_text(encoding="utf-8"))

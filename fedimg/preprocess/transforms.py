@@ -28,6 +28,7 @@ from monai.data import MetaTensor
 from monai.transforms import (
     ClipIntensityPercentilesd,
     Compose,
+    MapTransform,
     NormalizeIntensityd,
     Orientation,
     Orientationd,
@@ -45,6 +46,20 @@ from fedimg.dicom.planar import PlanarGeometry
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
+def _target_spacing(spec: PreprocessSpec) -> tuple[float, float, float]:
+    """The voxel size a 3D spec resamples to."""
+    if spec.target_spacing is None:
+        raise ValueError("expected a 3D spec (target_spacing set) to resample a volume; this spec has none")
+    return spec.target_spacing
+
+
+def _target_size(spec: PreprocessSpec) -> tuple[int, int]:
+    """The ``(H, W)`` a 2D spec resizes and pads to."""
+    if spec.target_size is None:
+        raise ValueError("expected a 2D spec (target_size set) to resize a radiograph; this spec has none")
+    return int(spec.target_size[0]), int(spec.target_size[1])
+
+
 def build_transforms(spec: PreprocessSpec, with_label: bool, spatial: bool = True) -> Compose:
     """Spatial + intensity chain for one case.
 
@@ -56,11 +71,15 @@ def build_transforms(spec: PreprocessSpec, with_label: bool, spatial: bool = Tru
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
-    chain = (
+    chain: list[MapTransform] = (
         [
             Orientationd(keys=keys, axcodes=spec.orientation, labels=AXIS_LABELS),
             Spacingd(
-                keys=keys, pixdim=spec.target_spacing, mode=modes, padding_mode="border", dtype=[np.float32] * len(keys)
+                keys=keys,
+                pixdim=_target_spacing(spec),
+                mode=modes,
+                padding_mode="border",
+                dtype=[np.float32] * len(keys),
             ),
         ]
         if spatial
@@ -84,10 +103,13 @@ def output_grid(spec: PreprocessSpec, shape: tuple[int, ...], affine: np.ndarray
     """
     stand_in = torch.zeros((1,) * (len(shape) + 1)).expand(1, *shape)
     mt = MetaTensor(stand_in, affine=torch.as_tensor(affine, dtype=torch.float64))
-    mt = Orientation(axcodes=spec.orientation, labels=AXIS_LABELS, lazy=True)(mt)
-    mt = Spacing(pixdim=spec.target_spacing, mode="bilinear", padding_mode="border", dtype=np.float32, lazy=True)(mt)
-    out_shape = tuple(int(v) for v in mt.peek_pending_shape())
-    return out_shape, np.asarray(mt.peek_pending_affine(), dtype=np.float64)
+    oriented = Orientation(axcodes=spec.orientation, labels=AXIS_LABELS, lazy=True)(mt)
+    spacing = Spacing(pixdim=_target_spacing(spec), mode="bilinear", padding_mode="border", dtype=np.float32, lazy=True)
+    pending = spacing(oriented)
+    if not isinstance(pending, MetaTensor):  # a lazy transform of a MetaTensor returns one, its operations pending
+        raise TypeError(f"expected MONAI's lazy Spacing to return a MetaTensor, got {type(pending).__name__}")
+    out_shape = tuple(int(v) for v in pending.peek_pending_shape())
+    return out_shape, np.asarray(pending.peek_pending_affine(), dtype=np.float64)
 
 
 def _resample(
@@ -191,16 +213,16 @@ def apply_spec_2d(spec: PreprocessSpec, image: np.ndarray, geometry: PlanarGeome
     Returns:
         (float32 ``(H, W)`` image in [0, 1], 4x4 affine).
     """
-    target = tuple(int(v) for v in spec.target_size)  # type: ignore[union-attr]
+    target = _target_size(spec)
     lo, hi = spec.intensity.percentiles_2d
     # numpy's percentile: torch.quantile (MONAI's percentile transforms) is ~30x slower on one image.
     p_lo, p_hi = (float(v) for v in np.percentile(image, [lo, hi]))
     arr = torch.as_tensor(image[None, None], dtype=torch.float32)
     if p_hi > p_lo:
-        arr = ScaleIntensityRange(a_min=p_lo, a_max=p_hi, b_min=0.0, b_max=1.0, clip=True)(arr)
+        arr = torch.as_tensor(ScaleIntensityRange(a_min=p_lo, a_max=p_hi, b_min=0.0, b_max=1.0, clip=True)(arr))
     else:
         arr = torch.zeros_like(arr)  # a constant image carries nothing: all 0
-    (h, w), _ = fit_size(geometry, target)  # type: ignore[arg-type]
+    (h, w), _ = fit_size(geometry, target)
     resized = torch.nn.functional.interpolate(
         torch.as_tensor(arr), size=(h, w), mode="bilinear", align_corners=False, antialias=True
     )

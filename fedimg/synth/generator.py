@@ -224,17 +224,10 @@ def _generate_site(
                 patient = sample_patient(rng, site_index)
             study = sample_study(rng, patient)
         used_patient_ids.add(patient.patient_id)
-        make = _generate_dx_case if isinstance(profile, DXProfile) else _generate_case
-        truth = make(
-            out,
-            profile,
-            site_identity,
-            study,
-            site_index,
-            case_index,
-            seed,
-            follow_up_of,  # type: ignore[arg-type]
-        )
+        if isinstance(profile, DXProfile):
+            truth = _generate_dx_case(out, profile, site_identity, study, site_index, case_index, seed, follow_up_of)
+        else:
+            truth = _generate_case(out, profile, site_identity, study, site_index, case_index, seed, follow_up_of)
         cases.append(truth)
         previous = (patient, study, truth.case_id)
         bar.update(1)
@@ -268,7 +261,7 @@ def _generate_case(
         signed=profile.pixel_representation == 1,
     )
 
-    def uid(*role: object) -> str:
+    def uid(*role: object) -> UID:
         return deterministic_uid(seed, site_index, case_index, *role)
 
     context = StudyContext(
@@ -363,7 +356,7 @@ def _generate_dx_case(
     )
     stored = integral_to_stored(integral, profile.bits_stored, profile.photometric_interpretation)
 
-    def uid(*role: object) -> str:
+    def uid(*role: object) -> UID:
         return deterministic_uid(seed, site_index, case_index, *role)
 
     study_uid, series_uid = uid("study"), uid("dx-series")

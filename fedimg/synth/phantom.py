@@ -268,7 +268,8 @@ def _place_inside(
     outer_centre = np.asarray(outer.centre)
     outer_axes = np.asarray(outer.semi_axes)
     inner = np.asarray(inner_axes)
-    shrunk = Ellipsoid(outer.centre, tuple(float(v) for v in outer_axes * margin))
+    shrunk_axes = outer_axes * margin
+    shrunk = Ellipsoid(outer.centre, (float(shrunk_axes[0]), float(shrunk_axes[1]), float(shrunk_axes[2])))
     max_offset = np.maximum(outer_axes * margin - inner, 0.0)
     for _ in range(500):
         centre = outer_centre + rng.uniform(-1.0, 1.0, size=3) * max_offset

@@ -10,7 +10,7 @@ which does not reward a model for always predicting the majority class.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,7 +42,9 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, class_names: 
         pos = labels == i
         n_pos, n_neg = int(pos.sum()), int((~pos).sum())
         if n_pos and n_neg:
-            auc = float(compute_roc_auc(torch.as_tensor(scores[:, i]), torch.as_tensor(pos.astype(np.float32))))
+            # One score column under the default macro average: a single number.
+            roc = compute_roc_auc(torch.as_tensor(scores[:, i]), torch.as_tensor(pos.astype(np.float32)))
+            auc = float(cast(float, roc))
             out[f"auc/{name}"] = auc
             aucs.append(auc)
         tp = int(((pred == i) & pos).sum())

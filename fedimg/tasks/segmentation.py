@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -31,13 +32,19 @@ def build_loss(per_sample: bool = False) -> torch.nn.Module:
 
 
 def predict(
-    model: torch.nn.Module, image: torch.Tensor, roi_size: Sequence[int], sw_batch_size: int, autocast: object
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    sw_batch_size: int,
+    autocast: AbstractContextManager[Any],
 ) -> torch.Tensor:
     """Class-index prediction (B, 1, ...) of a full volume by sliding-window inference."""
-    with autocast:  # type: ignore[attr-defined]
+    with autocast:
         logits = sliding_window_inference(
             image, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, predictor=model, overlap=0.25, mode="gaussian"
         )
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"expected the model to return one tensor of logits, got {type(logits).__name__}")
     return torch.argmax(logits.float(), dim=1, keepdim=True)
 
 
@@ -124,6 +131,8 @@ class DiceAccumulator:
         """``{"dice_mean", "dice/<class>", "hd95_mean", "hd95/<class>", "hd95_undefined/<class>"}``."""
         values = self.metric.aggregate()  # (cases, classes)
         self.metric.reset()
+        if not isinstance(values, torch.Tensor):  # a tuple only with get_not_nans=True, which is not set
+            raise TypeError(f"expected DiceMetric to aggregate into one tensor, got {type(values).__name__}")
         if values.numel() == 0:
             return {}
         per_class = torch.nanmean(values.float(), dim=0)

@@ -137,7 +137,7 @@ def make_hook_safe(model: torch.nn.Module) -> None:
     """Avoid in-place changes of hooked layer outputs; values and gradients stay the same."""
     for module in model.modules():
         if isinstance(getattr(module, "inplace", None), bool):
-            module.inplace = False  # type: ignore[assignment]
+            module.inplace = False  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors only
         if not _has_own_params(module):
             module.register_forward_hook(_copy_hooked_output)
 

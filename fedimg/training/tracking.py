@@ -19,11 +19,11 @@ from torch.utils.tensorboard import SummaryWriter
 def neutral_hostname(name: str) -> Iterator[None]:
     """Within this block, ``socket.gethostname()`` returns ``name`` (for event file names)."""
     original = socket.gethostname
-    socket.gethostname = lambda: name  # type: ignore[assignment]
+    socket.gethostname = lambda: name
     try:
         yield
     finally:
-        socket.gethostname = original  # type: ignore[assignment]
+        socket.gethostname = original
 
 
 def local_writer(logdir: str | Path, tag: str = "fedimg") -> SummaryWriter:

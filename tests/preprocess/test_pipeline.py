@@ -14,7 +14,7 @@ import pytest
 
 from fedimg import config as cfg
 from fedimg.preprocess.pipeline import PreprocessInputError, preprocess
-from tests.conftest import MR_SPEC, shared
+from tests.conftest import MR_SPEC, shared, slice_gap_export
 
 
 def _tree_hash(root: Path) -> str:
@@ -207,15 +207,7 @@ def test_slice_gap_is_refused_or_resampled_as_the_spec_says(small_synth, ct_spec
     import dataclasses
 
     src = tmp_path / "export"
-    shutil.copytree(small_synth.out_dir / "site-2", src)  # DICOM mask labels
-    image_dir = sorted(d for d in src.rglob("*") if d.is_dir() and "STND" in d.name)[0]
-    mask_dir = next(d for d in image_dir.parent.iterdir() if "Mask" in d.name)
-    victim = sorted(image_dir.iterdir())[10]
-    ipp = pydicom.dcmread(victim).ImagePositionPatient
-    victim.unlink()
-    for f in mask_dir.iterdir():  # the mask loses the same slice
-        if pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient == ipp:
-            f.unlink()
+    image_dir, mask_dir = slice_gap_export(small_synth.out_dir / "site-2", src)  # DICOM mask labels
     refused = preprocess(src, tmp_path / "refuse", ct_spec, site="s", progress=False)
     rows = {r["input"]: r for r in _manifest(tmp_path / "refuse")}
     img_rows = [r for k, r in rows.items() if k.startswith(image_dir.relative_to(src).as_posix() + "/")]

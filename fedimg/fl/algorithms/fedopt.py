@@ -30,7 +30,7 @@ class FedOptServer(ServerStrategy):
         params = self.model.parameters()
         if so.name == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
-                params, lr=so.lr, betas=tuple(so.betas), eps=so.eps
+                params, lr=so.lr, betas=(so.betas[0], so.betas[1]), eps=so.eps
             )
         else:
             self.optimizer = torch.optim.SGD(params, lr=so.lr, momentum=so.momentum)
