@@ -29,8 +29,22 @@ def secret(tmp_path: Path) -> Path:
 def test_tcia_export_is_refused_under_deid_with_a_clear_reason_and_partner_rows(tmp_path, secret, capsys):
     src = shared("dicom/tcia_brain_tumor_progression")
     dst = tmp_path / "refused"
-    rc = main(["preprocess", str(src), str(dst), "--spec", str(MR_SPEC), "--site", "tcia", "--secret-file",
-               str(secret), "--quiet", "--crosswalk", str(tmp_path / "cw.jsonl")])
+    rc = main(
+        [
+            "preprocess",
+            str(src),
+            str(dst),
+            "--spec",
+            str(MR_SPEC),
+            "--site",
+            "tcia",
+            "--secret-file",
+            str(secret),
+            "--quiet",
+            "--crosswalk",
+            str(tmp_path / "cw.jsonl"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 3 and "no case was converted" in err  # exits non-zero: nothing usable
     rows = _rows(dst)
@@ -53,11 +67,24 @@ def test_a_reviewed_override_in_the_site_config_converts_and_is_recorded(tmp_pat
         "name: tcia\ndatalist: out/datalist.json\ndeid:\n  burned_in_reviewed:\n"
         "    - series_description: '(?i)mask.?tumou?r'\n      sop_class_uid: 1.2.840.10008.5.1.4.1.1.7\n"
         "      reviewed_by: A. Reviewer (radiology)\n      date: 2026-12-01\n"
-        "      note: binary tumour masks made by the curators; no text in the pixels\n")
+        "      note: binary tumour masks made by the curators; no text in the pixels\n"
+    )
     assert cfg.load(cfg.SiteConfig, site).deid.burned_in_reviewed[0].date == "2026-12-01"
     dst = tmp_path / "out"
-    rc = main(["preprocess", str(src), str(dst), "--spec", str(MR_SPEC), "--site-config", str(site),
-               "--secret-file", str(secret), "--quiet"])
+    rc = main(
+        [
+            "preprocess",
+            str(src),
+            str(dst),
+            "--spec",
+            str(MR_SPEC),
+            "--site-config",
+            str(site),
+            "--secret-file",
+            str(secret),
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     summary = json.loads((dst / "summary.json").read_text())
@@ -65,17 +92,21 @@ def test_a_reviewed_override_in_the_site_config_converts_and_is_recorded(tmp_pat
     reviewed = [r for r in _rows(dst) if r.get("review")]
     labels = [r for r in _rows(dst) if r.get("role") == "label"]
     assert reviewed and {r["input"] for r in reviewed} == {r["input"] for r in labels}
-    assert all(r["review"].startswith("burned-in text risk accepted by review 1 (reviewed by A. Reviewer") for r in
-               reviewed)
-    assert summary["reviews_used"] == {"burned-in text risk accepted by review 1 (reviewed by A. Reviewer "
-                                       "(radiology), 2026-12-01)": len(reviewed)}
+    assert all(
+        r["review"].startswith("burned-in text risk accepted by review 1 (reviewed by A. Reviewer") for r in reviewed
+    )
+    assert summary["reviews_used"] == {
+        "burned-in text risk accepted by review 1 (reviewed by A. Reviewer (radiology), 2026-12-01)": len(reviewed)
+    }
     assert "converted by a person's decision" in out
 
 
 def test_a_review_entry_must_name_a_person_and_a_series(tmp_path):
-    for body, match in (("    - series_description: mask\n      date: 2026-12-01\n", "reviewed_by"),
-                        ("    - reviewed_by: A\n      date: 2026-12-01\n", "series_description"),
-                        ("    - reviewed_by: A\n      date: x\n      series_description: '(['\n", "regular expression")):
+    for body, match in (
+        ("    - series_description: mask\n      date: 2026-12-01\n", "reviewed_by"),
+        ("    - reviewed_by: A\n      date: 2026-12-01\n", "series_description"),
+        ("    - reviewed_by: A\n      date: x\n      series_description: '(['\n", "regular expression"),
+    ):
         path = tmp_path / "s.yaml"
         path.write_text("name: s\ndatalist: d.json\ndeid:\n  burned_in_reviewed:\n" + body)
         with pytest.raises(cfg.ConfigError, match=match):
