@@ -148,6 +148,44 @@ def fast_result_polling(ctx: Any, interval: float = RESULT_POLL_S) -> None:
         return
     if hasattr(in_process_backend, "_RESULT_POLL_INTERVAL"):
         in_process_backend._RESULT_POLL_INTERVAL = interval
+    _shorten_simulator_retry(interval)
+
+
+SIMULATOR_WORKER = "nvflare.private.fed.app.simulator.simulator_worker"
+
+
+class _ShortSleeps:
+    """The ``time`` module as the simulator's worker sees it, with its sleeps capped (everything else unchanged)."""
+
+    def __init__(self, cap: float) -> None:
+        self._cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self._cap))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def _shorten_simulator_retry(cap: float) -> None:
+    """In NVFlare's simulator, retry a task fetch after ``cap`` seconds instead of a hard-coded 0.5 s.
+
+    The simulator's site process (``simulator_worker``, run as ``__main__``)
+    asks for the next task right after sending a result; while the server
+    aggregates it answers "try again", and the worker then sleeps a fixed
+    0.5 s (``time.sleep(0.5)`` in ``ClientTaskWorker.do_one_task``, no setting),
+    about half a second of every round on one machine. The worker reads its
+    module's ``time`` at each call, and this script runs in that process
+    (in-process Client API), so its sleeps are capped here. Outside the
+    simulator (POC, production) nothing changes.
+    """
+    # The worker runs as a script: multiprocessing registers it as __mp_main__ (or __main__).
+    for name in (SIMULATOR_WORKER, "__mp_main__", "__main__"):
+        module = sys.modules.get(name)
+        attrs = vars(module) if module is not None else {}
+        if "ClientTaskWorker" in attrs and "FETCH_TASK_RUN_RETRY" in attrs and attrs.get("time") is time:
+            module.time = _ShortSleeps(cap)  # type: ignore[union-attr]
+            logger.info("simulator: task-fetch retries every %.2f s (NVFlare's worker: 0.5 s)", cap)
 
 
 class SiteRunner:
@@ -191,6 +229,7 @@ class SiteRunner:
 
     def handle(self, model: Any) -> Any:
         """One task: returns the FLModel to send."""
+        self._t_task = time.perf_counter()
         if flare.is_submit_model():
             # Cross-site evaluation asks for this site's own model: its last local weights (FedBN: with its
             # own normalization layers).
@@ -275,7 +314,9 @@ class SiteRunner:
                 "NUM_STEPS_CURRENT_ROUND": int(fit["steps"]),
                 RESULT_META_BYTES: nbytes,
                 RESULT_META_ALGO: dict(self.algorithm.stats),
-                RESULT_META_TIMES: {"validate": t_val, "train": t_fit},
+                # "task": the whole handling at the site (loading, validation, training, TensorBoard scalars,
+                # building the update), so the server can tell site-side time from transfer and waiting.
+                RESULT_META_TIMES: {"validate": t_val, "train": t_fit, "task": time.perf_counter() - self._t_task},
                 **extra,
             }
         )
