@@ -407,6 +407,16 @@ def _cmd_env(args: argparse.Namespace) -> int:
     from fedimg.runtime import environment_report
 
     print(json.dumps(environment_report(), indent=2))
+    if args.check_gpu:
+        from fedimg.gpucheck import self_test
+
+        report = self_test("cuda", seconds=args.seconds)
+        print(json.dumps(report, indent=2))
+        print(
+            f"GPU self-test: {report['device_name']}: {report['train_steps_per_s']:.1f} AMP training steps/s "
+            f"(2 x 64^3 patches), sliding window over 128^3 in {report['sliding_window_128_s']:.2f} s, peak "
+            f"{report.get('peak_memory_gb', 0):.2f} GB of {report.get('total_memory_gb', 0):.0f} GB"
+        )
     return 0
 
 
@@ -791,8 +801,18 @@ def build_parser() -> argparse.ArgumentParser:
     _fl_parsers(sub, common)
     _model_parsers(sub, common)
     s = sub.add_parser(
-        "env", parents=[common], formatter_class=_HelpFormatter, help="print versions, devices and threads"
+        "env",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="print versions, devices and threads; --check-gpu: a short GPU self-test",
     )
+    s.add_argument(
+        "--check-gpu",
+        action="store_true",
+        help="train steps with AMP, a cached dataset on the device, one sliding-window inference; prints "
+        "throughput and peak memory (needs CUDA)",
+    )
+    s.add_argument("--seconds", type=float, default=20.0, help="length of the self-test")
     s.set_defaults(func=_cmd_env)
     return p
 

@@ -1370,6 +1370,41 @@ class SiteDeidConfig:
 
 
 @dataclass(frozen=True)
+class SiteResources:
+    """This machine's resources, set by the site alone (the experiment's values otherwise).
+
+    The experiment is federation-wide; memory and speed are not. A site with a
+    small GPU lowers them here without changing the shared experiment.
+
+    Attributes:
+        cache_rate: share of the training data cached (on CUDA: in GPU memory); ``data.cache_rate``.
+        num_workers: DataLoader worker processes on the CPU; ``data.num_workers``.
+        amp: mixed precision on CUDA; ``train.amp``.
+        sw_batch_size: sliding-window patches per forward pass in validation and predict;
+            ``train.sw_batch_size``.
+    """
+
+    cache_rate: float | None = None
+    num_workers: int | None = None
+    amp: bool | None = None
+    sw_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.cache_rate is None or 0.0 <= self.cache_rate <= 1.0,
+            f"resources.cache_rate must be in [0, 1], got {self.cache_rate}",
+        )
+        _check(
+            self.num_workers is None or self.num_workers >= 0,
+            f"resources.num_workers must be >= 0, got {self.num_workers}",
+        )
+        _check(
+            self.sw_batch_size is None or self.sw_batch_size >= 1,
+            f"resources.sw_batch_size must be >= 1, got {self.sw_batch_size}",
+        )
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """Site-local settings; stays at the site.
 
@@ -1382,6 +1417,8 @@ class SiteConfig:
         local_logdir: where site-local TensorBoard logs (never sent) go.
         deid: the site's reviewed exceptions to de-identification refusals
             (``fedimg preprocess --site-config``).
+        resources: this machine's cache, workers, AMP and sliding-window batch
+            (:class:`SiteResources`), overriding the experiment's at this site only.
     """
 
     name: str
@@ -1390,11 +1427,31 @@ class SiteConfig:
     num_threads: int = 0
     local_logdir: str | None = None
     deid: SiteDeidConfig = field(default_factory=SiteDeidConfig)
+    resources: SiteResources = field(default_factory=SiteResources)
 
     def __post_init__(self) -> None:
         validate_site_name(self.name, "name")
         _check(bool(self.datalist.strip()), "datalist must be the path of a datalist.json")
         _check(self.num_threads >= 0, f"num_threads must be >= 0, got {self.num_threads}")
+
+
+def at_site(exp: ExperimentConfig, site: SiteConfig) -> ExperimentConfig:
+    """The experiment as this site runs it: the site's own resource settings replace the experiment's.
+
+    Only machine settings change (cache, workers, AMP, sliding-window batch); nothing that changes what is learned.
+    """
+    r = site.resources
+    data = dataclasses.replace(
+        exp.data,
+        cache_rate=exp.data.cache_rate if r.cache_rate is None else r.cache_rate,
+        num_workers=exp.data.num_workers if r.num_workers is None else r.num_workers,
+    )
+    train = dataclasses.replace(
+        exp.train,
+        amp=exp.train.amp if r.amp is None else r.amp,
+        sw_batch_size=exp.train.sw_batch_size if r.sw_batch_size is None else r.sw_batch_size,
+    )
+    return dataclasses.replace(exp, data=data, train=train)
 
 
 def load_site_config(path: str | Path, overrides: list[str] | None = None) -> SiteConfig:
@@ -1412,6 +1469,8 @@ def load_site_config(path: str | Path, overrides: list[str] | None = None) -> Si
 
 __all__ = [
     "BurnedInReview",
+    "SiteResources",
+    "at_site",
     "ConfigError",
     "DataConfig",
     "DeidSpec",

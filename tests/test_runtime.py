@@ -59,3 +59,26 @@ def test_cuda_runtime_uses_amp():
     with rt.autocast():
         y = torch.nn.Linear(4, 4).to(rt.device)(torch.randn(2, 4, device=rt.device))
     assert y.dtype == torch.float16
+
+
+def test_gpu_self_test_needs_cuda_and_runs_its_steps_where_it_is_given(capsys):
+    from fedimg.cli import main
+    from fedimg.gpucheck import self_test
+
+    if not __import__("torch").cuda.is_available():
+        assert main(["env", "--check-gpu", "--seconds", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cuda" in err[0].lower()
+    # The same measurements on the CPU (what CUDA runs, minus AMP): every step ran and the output is whole.
+    report = self_test("cpu", seconds=1.0)
+    assert report["train_steps"] >= 2 and report["train_loss_finite"] and report["cache_on_device"]
+    assert report["sliding_window_output_shape"] == [1, 3, 128, 128, 128]
+
+
+@pytest.mark.gpu
+def test_gpu_self_test_on_cuda():
+    from fedimg.gpucheck import self_test
+
+    report = self_test("cuda", seconds=5.0)
+    assert report["amp"] and report["cache_on_device"] and report["train_loss_finite"]
+    assert 0 < report["peak_memory_gb"] < report["total_memory_gb"]

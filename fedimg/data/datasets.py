@@ -16,6 +16,7 @@ import nibabel as nib
 import torch
 from monai.data import CacheDataset, DataLoader
 from monai.transforms import (
+    ClassesToIndicesd,
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
@@ -135,8 +136,21 @@ def check_matches_task(dl: SiteData, task: TaskConfig, where: str) -> None:
         )
 
 
+def _loader(device: torch.device) -> type:
+    """On CUDA, MONAI's ThreadDataLoader: the cache is on the GPU, so the random transforms of the next batch run
+    in a thread beside the current step instead of in worker processes (which cannot share GPU tensors)."""
+    if device.type == "cuda":
+        from monai.data import ThreadDataLoader
+
+        return ThreadDataLoader
+    return DataLoader
+
+
 def _to_device(device: torch.device, keys: list[str]) -> list[Any]:
     return [EnsureTyped(keys=keys, device=device, track_meta=False)] if device.type == "cuda" else []
+
+
+_INDICES_POSTFIX = "_cls_indices"
 
 
 def seg_train_transforms(cfg: DataConfig, device: torch.device, num_classes: int) -> Compose:
@@ -152,12 +166,15 @@ def seg_train_transforms(cfg: DataConfig, device: torch.device, num_classes: int
         EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=False),
         SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
         *_to_device(device, keys),
+        # Where each class lies is computed once and cached with the volume, not at every crop.
+        ClassesToIndicesd(keys="label", num_classes=num_classes, indices_postfix=_INDICES_POSTFIX),
         RandCropByLabelClassesd(
             keys=keys,
             label_key="label",
             spatial_size=cfg.roi_size,
             num_classes=num_classes,
             num_samples=cfg.samples_per_volume,
+            indices_key="label" + _INDICES_POSTFIX,
             warn=False,
         ),
     ]
@@ -231,7 +248,7 @@ def make_val_loader(
     ds = CacheDataset(
         items, transform=tf, cache_rate=cfg.cache_rate, num_workers=None, progress=progress, copy_cache=False
     )
-    return DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers)
+    return _loader(device)(ds, batch_size=batch, shuffle=False, num_workers=workers)
 
 
 def make_loaders(
@@ -266,5 +283,7 @@ def make_loaders(
     train_ds.transform.set_random_state(seed)
     gen = torch.Generator()
     gen.manual_seed(seed)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, generator=gen)
+    train_loader = _loader(device)(
+        train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, generator=gen
+    )
     return train_loader, make_val_loader(val_items, cfg, task, device, progress)

@@ -356,6 +356,7 @@ def run(argv: Sequence[str] | None = None, script_dir: str | Path | None = None)
             f"variable {SITE_CONFIG_ENV} naming this site's YAML (see configs/sites/site.yaml)"
         )
     site = cfgmod.load_site_config(site_cfg_path)
+    exp = cfgmod.at_site(exp, site)  # this machine's cache, workers, AMP and sliding-window batch
 
     ctx = flare.init()
     fast_result_polling(ctx)

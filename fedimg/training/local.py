@@ -55,6 +55,7 @@ def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, pr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfgmod.save(exp, out / "config.yaml")
+    exp = cfgmod.at_site(exp, site)  # this machine's own resource settings
     rt = runtime.setup(site.device, exp.train.amp, site.num_threads, seed=exp.train.seed)
     t0 = time.perf_counter()
     trainer = SiteTrainer.from_datalist(exp, site.datalist, rt, progress=progress)

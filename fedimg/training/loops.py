@@ -65,7 +65,8 @@ def train_epoch(
     model.train()
     scaler = scaler or rt.grad_scaler()
     hooks = hooks or StepHooks()
-    total, steps = 0.0, 0
+    total = torch.zeros((), dtype=torch.float32, device=rt.device)  # summed on the device: no sync per step
+    steps, checked = 0, 0
     t0 = time.perf_counter()
     for batch in loader:
         image = batch["image"].to(rt.device, non_blocking=True)
@@ -73,9 +74,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         with rt.autocast():
             loss = loss_fn(model(image), label)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingError(f"loss is {value} at step {steps}; lower optim.lr or check the inputs")
+        total += loss.detach().float()
         if hooks.extra_loss is not None:
             loss = loss + hooks.extra_loss(model)  # in fp32, outside autocast
         scaler.scale(loss).backward()
@@ -83,13 +82,30 @@ def train_epoch(
         scaler.update()
         if hooks.after_step is not None:
             hooks.after_step(model, float(optimizer.param_groups[0]["lr"]))
-        total += value
         steps += 1
         if on_step is not None:
-            on_step(steps - 1, value)
+            on_step(steps - 1, float(loss.detach()))
+        if steps - checked >= SYNC_EVERY:
+            # A host sync (reading the loss) every SYNC_EVERY steps, not every step: on CUDA each read waits for
+            # the device to finish, so the next batch could not overlap the current step.
+            _check_finite(total, checked, steps)
+            checked = steps
     if steps == 0:
         raise TrainingError("the training loader yielded no batch; the site has no training cases")
-    return {"loss": total / steps, "steps": float(steps), "seconds": time.perf_counter() - t0}
+    _check_finite(total, checked, steps)
+    return {"loss": float(total) / steps, "steps": float(steps), "seconds": time.perf_counter() - t0}
+
+
+#: Steps between two reads of the running loss (each read is a host-device sync on CUDA).
+SYNC_EVERY = 16
+
+
+def _check_finite(total: torch.Tensor, after: int, steps: int) -> None:
+    value = float(total)
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"loss became {value} between steps {after} and {steps}; lower optim.lr or check the inputs"
+        )
 
 
 def build_optimizer(

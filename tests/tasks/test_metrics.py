@@ -72,3 +72,23 @@ def test_metric_names_are_flat_fl_names():
         "val_dice_organ": 0.4,
         "val_cases": 2.0,
     }
+
+
+def test_gpu_component_labelling_matches_scipy_on_random_masks():
+    # The CUDA path of small-component removal, run on the CPU: the same components as SciPy's 26-connectivity.
+    import numpy as np
+    import torch
+    from scipy import ndimage
+
+    from fedimg.tasks.segmentation import _remove_small_torch, label_components_torch, remove_small_components
+
+    rng = np.random.default_rng(0)
+    for density in (0.05, 0.2, 0.4):
+        mask = rng.random((17, 13, 11)) < density
+        ours = label_components_torch(torch.as_tensor(mask)).numpy()
+        ref, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        assert len(np.unique(ours[ours > 0])) == n
+        for comp in range(1, n + 1):  # each SciPy component is exactly one of ours
+            assert len(np.unique(ours[ref == comp])) == 1
+        pred = torch.as_tensor(rng.integers(0, 3, size=(1, 1, 17, 13, 11)))
+        assert torch.equal(_remove_small_torch(pred, 3, 4), remove_small_components(pred, 3, 4))
