@@ -98,6 +98,24 @@ class Reason(str, Enum):
         "LABEL_UNREADABLE",
         "no label found, and an UNREADABLE entry nearby may hold it; make it readable, run again",
     )
+    # NIfTI data sets (preprocess --from-nifti)
+    DATASET_DESCRIPTION = (
+        "DATASET_DESCRIPTION",
+        "the data set's dataset.json: read (pairs, labels, modality), not converted; nothing to do",
+    )
+    NOT_IN_DATASET = (
+        "NOT_IN_DATASET",
+        "not an image or label of the data set (not listed in dataset.json, or outside images/ and labels/)",
+    )
+    DATASET_TEST_IMAGE = (
+        "DATASET_TEST_IMAGE",
+        "an image of the data set's test part, which has no labels; nothing to train on",
+    )
+    NIFTI_UNREADABLE = "NIFTI_UNREADABLE", "NIfTI image could not be read (truncated, or not NIfTI); re-export it"
+    MULTICHANNEL_IMAGE = (
+        "MULTICHANNEL_IMAGE",
+        "several channels in one case (4D image, or nnU-Net _0000/_0001 files); export one channel per case",
+    )
     # output names
     UNSAFE_NAME = (
         "UNSAFE_NAME",

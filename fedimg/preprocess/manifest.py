@@ -33,6 +33,7 @@ class ManifestRow:
     role: str | None = None  # "image" or "label" for files that were used
     series_uid: str | None = None
     correction: str | None = None  # an explicit geometric correction applied (e.g. gantry tilt removed)
+    others_to_background: int | None = None  # label voxels of values outside the classes set to 0 (labels.others)
 
     def to_json(self) -> dict[str, Any]:
         """Row as written to manifest.jsonl (empty optional fields left out).
