@@ -302,7 +302,8 @@ def _preprocess_nifti(
     stray = [o for o, v in (("--write-dicom", write_dicom), ("--labels-csv", labels_csv)) if v is not None]
     if stray:
         raise PreprocessInputError(
-            f"{' and '.join(stray)} apply to DICOM exports; a NIfTI data set (--from-nifti) has no DICOM to copy "
+            f"{' and '.join(stray)} appl{'y' if len(stray) > 1 else 'ies'} to DICOM exports; a NIfTI data set "
+            "(--from-nifti) has no DICOM to copy "
             "and its labels are volumes: drop them"
         )
     precheck(dst, "preprocess", src=src)
