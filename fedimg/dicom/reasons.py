@@ -84,7 +84,7 @@ class Reason(str, Enum):
     )
     LABEL_VALUES_UNEXPECTED = (
         "LABEL_VALUES_UNEXPECTED",
-        "label values outside the spec's classes; fix labels.values or the CSV",
+        "label values outside the spec's classes; fix labels.values or the CSV, or set labels.others: background",
     )
     IMAGE_REFUSED = "IMAGE_REFUSED", "its image was refused; see the image's row"
     NOT_A_LABEL = "NOT_A_LABEL", "unreadable label file"
