@@ -185,16 +185,8 @@ def convert_case(study: StudyPlan, ctx: CaseContext, rows: dict[str, ManifestRow
         refuse_all(*refusal)
         return None
     class_label = study.cls.index if spec.is_classification and study.cls is not None else None
-    rec = CaseRecord(
-        case_id=case_id,
-        image="",
-        label=None,
-        shape=(),
-        spacing=(),
-        patient_key=patient_key(group.first.patient_id, case_id, ctx.pseudonymizer),
-        order_key=case_id_for(study.uid, group.series_uid),
-        inputs=inputs_fingerprint(image.files + label_files, ctx.pseudonymizer),
-    )
+    order = case_id_for(study.uid, group.series_uid)
+    rec = new_record(case_id, group.first.patient_id, order, image.files + label_files, ctx.pseudonymizer)
     try:
         rec = reuse_case(rec, ctx, label is not None) or convert_new_case(rec, image, label, ctx)
     except RefusedError as exc:
@@ -202,31 +194,53 @@ def convert_case(study: StudyPlan, ctx: CaseContext, rows: dict[str, ManifestRow
         return None
     if spec.is_classification:
         rec.label = class_label
-    mark(
-        rows, group.rels, CONVERTED, "", "", output=rec.image, case_id=case_id, role="image", correction=rec.correction
-    )
-    mark(
-        rows,
-        [rel for rel, _ in label_files],
-        CONVERTED,
-        "",
-        others_detail(rec),
-        output=rec.label,
-        case_id=case_id,
-        role="label",
-        correction=rec.correction,
-        others_to_background=rec.others_to_background if rec.other_values else None,
-    )
+    mark_converted(rows, group.rels, [rel for rel, _ in label_files], rec)
     return rec
 
 
-def others_detail(rec: CaseRecord) -> str:
-    """The converted label row's account of what ``labels.others: background`` mapped (counts only)."""
-    if not rec.other_values:
-        return ""
-    return (
-        f"{rec.others_to_background} voxel(s) of {rec.other_values} label value(s) outside the spec's classes "
-        "mapped to background (labels.others: background)"
+def new_record(
+    case_id: str, patient_id: str, order_key: str, files: list[tuple[str, Path]], pseudonymizer: Any | None
+) -> CaseRecord:
+    """The record of a case about to be reused or converted: its keys for the split and its inputs' fingerprint.
+
+    Args:
+        patient_id: the patient's identifier (memory only: keyed here), "" when unknown.
+        order_key: an unkeyed, data-derived hash that orders new patients in the split.
+        files: ``(relative path, absolute path)`` of every input file of the case.
+    """
+    return CaseRecord(
+        case_id=case_id,
+        image="",
+        label=None,
+        shape=(),
+        spacing=(),
+        patient_key=patient_key(patient_id, case_id, pseudonymizer),
+        order_key=order_key,
+        inputs=inputs_fingerprint(files, pseudonymizer),
+    )
+
+
+def mark_converted(rows: dict[str, ManifestRow], image_rels: list[str], label_rels: list[str], rec: CaseRecord) -> None:
+    """The manifest rows of a converted case's image and label files (with what ``labels.others`` mapped)."""
+    mark(rows, image_rels, CONVERTED, "", "", output=rec.image, case_id=rec.case_id, role="image",
+         correction=rec.correction)  # fmt: skip
+    detail = ""
+    if rec.other_values:
+        detail = (
+            f"{rec.others_to_background} voxel(s) of {rec.other_values} label value(s) outside the spec's classes "
+            "mapped to background (labels.others: background)"
+        )
+    mark(
+        rows,
+        label_rels,
+        CONVERTED,
+        "",
+        detail,
+        output=rec.label,
+        case_id=rec.case_id,
+        role="label",
+        correction=rec.correction,
+        others_to_background=rec.others_to_background if rec.other_values else None,
     )
 
 
@@ -380,8 +394,9 @@ __all__ = [
     "convert_case",
     "convert_new_case",
     "convert_study",
+    "mark_converted",
+    "new_record",
     "normalize_case",
-    "others_detail",
     "patient_key",
     "reuse_case",
     "write_case",

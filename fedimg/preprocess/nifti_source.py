@@ -72,16 +72,15 @@ from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.preprocess.cases import (
     CaseContext,
     CaseRecord,
+    mark_converted,
+    new_record,
     normalize_case,
-    others_detail,
-    patient_key,
     reuse_case,
     write_case,
 )
-from fedimg.preprocess.manifest import CONVERTED, REFUSED, SKIPPED, ManifestRow, mark
+from fedimg.preprocess.manifest import REFUSED, SKIPPED, ManifestRow, mark
 from fedimg.preprocess.outdir import RECORD_FILES, read_marker
 from fedimg.preprocess.scan import PreprocessInputError, check_source
-from fedimg.preprocess.state import inputs_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -517,33 +516,13 @@ def _convert(case: NiftiCase, ctx: CaseContext, rows: dict[str, ManifestRow]) ->
     if case.label_rel is None and ctx.spec.labels.required:
         refuse_all(Reason.NO_LABEL, "no label for this image in the data set; labels.required is true")
         return None
-    rec = CaseRecord(
-        case_id=case_id,
-        image="",
-        label=None,
-        shape=(),
-        spacing=(),
-        patient_key=patient_key(case.patient, case_id, ctx.pseudonymizer),
-        order_key=order,
-        inputs=inputs_fingerprint(case.files, ctx.pseudonymizer),
-    )
+    rec = new_record(case_id, case.patient, order, case.files, ctx.pseudonymizer)
     try:
         rec = reuse_case(rec, ctx, case.label_rel is not None) or _convert_new(rec, case, ctx)
     except RefusedError as exc:
         refuse_all(exc.reason, exc.detail)
         return None
-    mark(rows, [case.image_rel], CONVERTED, "", "", output=rec.image, case_id=case_id, role="image")
-    mark(
-        rows,
-        label_rels,
-        CONVERTED,
-        "",
-        others_detail(rec),
-        output=rec.label,
-        case_id=case_id,
-        role="label",
-        others_to_background=rec.others_to_background if rec.other_values else None,
-    )
+    mark_converted(rows, [case.image_rel], label_rels, rec)
     return rec
 
 
@@ -557,7 +536,7 @@ def load_nifti_image(path: Path, min_slices: int) -> tuple[np.ndarray, np.ndarra
             non-finite affine), TOO_FEW_SLICES.
     """
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # a NIfTI image (nibabel types it as any file-based image)
         proxy = img.dataobj
         shape = tuple(int(s) for s in img.shape)
         affine = np.asarray(img.affine, dtype=np.float64)

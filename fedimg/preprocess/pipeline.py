@@ -241,17 +241,15 @@ def preprocess(
         raise PreprocessInputError(
             "--write-dicom and --crosswalk need de-identification: drop --no-deid and pass --secret-file PATH"
         )
+    sheet: LabelSheet | None = None
     if from_nifti:
-        return _preprocess_nifti(
-            src, dst, spec, site, progress, workers, pseudonymizer, crosswalk, write_dicom, labels_csv, patient_regex
-        )
-    if patient_regex is not None:
+        _check_nifti_arguments(spec, write_dicom, labels_csv)
+    elif patient_regex is not None:
         raise PreprocessInputError(
             "--patient-regex reads patients from NIfTI file names (--from-nifti); a DICOM export's patients "
             "come from (0010,0020) Patient ID: drop --patient-regex"
         )
-    sheet: LabelSheet | None = None
-    if spec.is_classification:
+    elif spec.is_classification:
         if labels_csv is None:
             raise PreprocessInputError(
                 f"spec {spec.name!r} is a classification spec (task: classification): expected --labels-csv FILE "
@@ -271,6 +269,10 @@ def preprocess(
     if crosswalk is not None:
         check_crosswalk(Path(crosswalk), src, dst)
     load_previous(dst, spec, pseudonymizer)  # refuses a DST of another spec or secret, before any work
+    if from_nifti:
+        dataset = read_dataset(src, spec, patient_regex)  # refuses a data set that disagrees with the spec
+        with claim(dst, "preprocess", src=src) as out:
+            return _nifti_into(out, dataset, spec, site, progress, workers, pseudonymizer, crosswalk)
     scanned = index_source(
         src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site, progress=progress
     )
@@ -280,20 +282,8 @@ def preprocess(
         )
 
 
-def _preprocess_nifti(
-    src: Path,
-    dst: Path,
-    spec: PreprocessSpec,
-    site: str,
-    progress: bool,
-    workers: int | None,
-    pseudonymizer: Any | None,
-    crosswalk: str | Path | None,
-    write_dicom: str | Path | None,
-    labels_csv: str | Path | None,
-    patient_regex: str | None,
-) -> PreprocessResult:
-    """:func:`preprocess` of a NIfTI data set: every check before DST is claimed, then the shared stages."""
+def _check_nifti_arguments(spec: PreprocessSpec, write_dicom: str | Path | None, labels_csv: str | Path | None) -> None:
+    """A NIfTI data set (``from_nifti``) takes segmentation specs, and no DICOM-only option."""
     if spec.is_classification:
         raise PreprocessInputError(
             f"--from-nifti reads segmentation data sets (images and label volumes), but spec {spec.name!r} is a "
@@ -303,16 +293,8 @@ def _preprocess_nifti(
     if stray:
         raise PreprocessInputError(
             f"{' and '.join(stray)} appl{'y' if len(stray) > 1 else 'ies'} to DICOM exports; a NIfTI data set "
-            "(--from-nifti) has no DICOM to copy "
-            "and its labels are volumes: drop them"
+            "(--from-nifti) has no DICOM to copy and its labels are volumes: drop them"
         )
-    precheck(dst, "preprocess", src=src)
-    if crosswalk is not None:
-        check_crosswalk(Path(crosswalk), src, dst)
-    load_previous(dst, spec, pseudonymizer)  # refuses a DST of another spec or secret, before any work
-    dataset = read_dataset(src, spec, patient_regex)
-    with claim(dst, "preprocess", src=src) as out:
-        return _nifti_into(out, dataset, spec, site, progress, workers, pseudonymizer, crosswalk)
 
 
 def _nifti_into(

@@ -24,6 +24,8 @@ ratio, pad to exactly ``target_size``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -71,8 +73,7 @@ class NonzeroZScored(MapTransform):
 
     def normalize(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """The normalized copy of ``image`` (tensor in, tensor out; MetaTensor metadata kept)."""
-        is_tensor = isinstance(image, torch.Tensor)
-        arr = image.detach().cpu().numpy() if is_tensor else np.asarray(image)
+        arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
         values = arr.astype(np.float32, copy=True)
         mask = values != 0
         fg = values[mask].astype(np.float64)
@@ -81,7 +82,7 @@ class NonzeroZScored(MapTransform):
             fg = np.clip(fg, lo, hi)
             std = fg.std()
             values[mask] = ((fg - fg.mean()) / std if std > 0 else np.zeros_like(fg)).astype(np.float32)
-        if not is_tensor:
+        if not isinstance(image, torch.Tensor):
             return values
         result = torch.as_tensor(values, device=image.device)
         if isinstance(image, MetaTensor):
@@ -100,7 +101,7 @@ def build_transforms(spec: PreprocessSpec, with_label: bool, spatial: bool = Tru
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
-    chain = (
+    chain: list[Any] = (
         [
             Orientationd(keys=keys, axcodes=spec.orientation, labels=AXIS_LABELS),
             Spacingd(
