@@ -259,6 +259,11 @@ class _Patients:
         return m.group(1) if m else ""
 
 
+def looks_like_dataset(src: Path) -> bool:
+    """SRC has the top-level shape of a NIfTI data set (a ``dataset.json``, or an images/labels folder pair)."""
+    return (src / DATASET_JSON).is_file() or any((src / i).is_dir() and (src / lbl).is_dir() for i, lbl in PAIR_LAYOUTS)
+
+
 def read_dataset(src: Path, spec: PreprocessSpec, patient_regex: str | None = None) -> NiftiDataset:
     """Read SRC's layout (nothing is decoded): its cases, and the rows of every file that is not one.
 
@@ -593,5 +598,6 @@ __all__ = [
     "check_modality",
     "convert_nifti_case",
     "load_nifti_image",
+    "looks_like_dataset",
     "read_dataset",
 ]

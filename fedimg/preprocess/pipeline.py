@@ -44,7 +44,7 @@ from fedimg.preprocess.cases import NO_PATIENT_ID, CaseContext, CaseRecord, case
 from fedimg.preprocess.copies import write_deidentified
 from fedimg.preprocess.labels_csv import LabelsCsvError, LabelSheet, read_labels_csv
 from fedimg.preprocess.manifest import ManifestRow, finalize, render_table, summarize
-from fedimg.preprocess.nifti_source import NiftiDataset, convert_nifti_case, read_dataset
+from fedimg.preprocess.nifti_source import NiftiDataset, convert_nifti_case, looks_like_dataset, read_dataset
 from fedimg.preprocess.outdir import OutputDir, check_separate, claim, precheck
 from fedimg.preprocess.outputs import (
     check_crosswalk,
@@ -273,9 +273,16 @@ def preprocess(
         dataset = read_dataset(src, spec, patient_regex)  # refuses a data set that disagrees with the spec
         with claim(dst, "preprocess", src=src) as out:
             return _nifti_into(out, dataset, spec, site, progress, workers, pseudonymizer, crosswalk)
-    scanned = index_source(
-        src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site, progress=progress
-    )
+    try:
+        scanned = index_source(
+            src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site, progress=progress
+        )
+    except PreprocessInputError as exc:
+        if looks_like_dataset(src):
+            raise PreprocessInputError(
+                f"{exc}; SRC looks like a NIfTI data set (dataset.json, or imagesTr/ and labelsTr/): add --from-nifti"
+            ) from None
+        raise
     with claim(dst, "preprocess", src=src) as out:
         return _preprocess_into(
             out, scanned, src, spec, site, progress, workers, pseudonymizer, crosswalk, write_dicom, labels_csv, sheet

@@ -312,3 +312,13 @@ def test_cli_from_nifti_writes_a_usable_site(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cases: 3 (2 training, 1 validation; 3 patient(s)" in out
     assert "labels.others: background:" in out and "mapped to background in 3 case(s)" in out
+
+
+def test_a_nifti_data_set_passed_without_the_flag_gets_the_hint(tmp_path, capsys):
+    src, _ = _decathlon(tmp_path)
+    spec_file = tmp_path / "spec.yaml"
+    cfg.save(spec(6.0), spec_file)
+    argv = ["preprocess", str(src), str(tmp_path / "out"), "--spec", str(spec_file), "--site", "site-1"]
+    assert main([*argv, "--no-deid", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedimg preprocess: error: no DICOM files in source") and err.endswith("add --from-nifti")
