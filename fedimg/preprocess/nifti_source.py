@@ -21,8 +21,8 @@ read:
    with the one without nnU-Net's channel suffix (``x_0000.nii.gz`` ->
    ``x.nii.gz``). ``imagesTs/`` images are skipped as test images.
 
-The data set must agree with the spec before anything is written: every
-class of the spec must be named by ``dataset.json`` at its value
+The data set must agree with the spec before anything is written: where
+``dataset.json`` names its labels, every class of the spec must be named there at its value
 (``labels.values``; names compared without case, ``-``/space as ``_``), and
 the dataset's modality must be the spec's (CT, or any MR contrast).
 Otherwise the run stops with a one-line error.
