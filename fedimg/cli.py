@@ -89,7 +89,12 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         raise ValueError("name this site: --site NAME (or --site-config SITE_YAML)")
     cfg.validate_site_name(args.site, "--site")  # named as the user typed it
     spec = cfg.load(cfg.PreprocessSpec, args.spec, args.set)
-    check_source(Path(args.src))  # a missing or empty source is reported before the secret is asked for
+    if args.from_nifti:
+        from fedimg.preprocess.nifti_source import WHAT
+
+        check_source(Path(args.src), WHAT)  # a missing or empty source is reported before the secret is asked for
+    else:
+        check_source(Path(args.src))
     pseudonymizer = None
     if not args.no_deid:
         pseudonymizer = _site_pseudonymizer(
@@ -107,6 +112,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         write_dicom=args.write_dicom,
         labels_csv=args.labels_csv,
         reviews=reviews,
+        from_nifti=args.from_nifti,
+        patient_regex=args.patient_regex,
     )
     print(result.table())
     if pseudonymizer is None:
@@ -488,9 +495,10 @@ def _data_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         "preprocess",
         parents=[common],
         formatter_class=_HelpFormatter,
-        help="DICOM tree -> normalized NIfTI volumes, datalist.json, manifest.jsonl",
+        help="DICOM tree (or, with --from-nifti, a NIfTI data set) -> normalized NIfTI volumes, datalist.json, "
+        "manifest.jsonl",
     )
-    s.add_argument("src", help="the site's DICOM export (read only)")
+    s.add_argument("src", help="the site's DICOM export, or with --from-nifti its NIfTI data set (read only)")
     _add_out(s, "output folder (new, empty, or an earlier preprocess output)")
     s.add_argument("--spec", required=True, help="configs/preprocessing/<name>.yaml")
     s.add_argument("--site", default=None, help="this site's name, e.g. site-1 (default: the --site-config's name)")
@@ -527,6 +535,20 @@ def _data_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="classification specs: the site's CSV of study key (labels.csv_key) and class; "
         "it holds identifiers: keep it at the site",
+    )
+    s.add_argument(
+        "--from-nifti",
+        action="store_true",
+        help="SRC is a NIfTI segmentation data set: a Decathlon dataset.json, or imagesTr/ + labelsTr/ "
+        "(images/ + labels/) paired by file name; same spec chain, case ids, manifest and split",
+    )
+    s.add_argument(
+        "--patient-regex",
+        default=None,
+        metavar="REGEX",
+        help="--from-nifti: the patient in each image's file name (group 1, or the whole match), so that one "
+        "patient's cases share a split, e.g. '^(case_\\d+)_'; default: dataset.json's \"patient\", the BraTS "
+        "naming rule, else each case is its own patient",
     )
     s.set_defaults(func=_cmd_preprocess)
 

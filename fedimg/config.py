@@ -335,15 +335,25 @@ class IntensitySpec:
     """Intensity normalization.
 
     CT (3D): clip to ``ct_window`` (Hounsfield units) and scale to [0, 1].
-    MR (3D): clip to the ``mr_percentiles`` of the foreground, then z-score.
+    MR (3D), ``mode: default``: clip to the ``mr_percentiles`` of the whole
+    volume, then z-score over the non-zero voxels.
+    MR (3D), ``mode: mr_zscore``: take the ``mr_percentiles`` of the non-zero
+    voxels only, clip those voxels to them, then z-score them (mean 0, standard
+    deviation 1 over the non-zero voxels); zero voxels (background, e.g.
+    outside a skull-stripped brain) stay exactly 0.
     2D images (any modality): clip to the ``percentiles_2d`` of the image
     (MONOCHROME1 already inverted, so higher is brighter), then scale that
     range to [0, 1].
+
+    Attributes:
+        mode: ``default`` (the chain of the modality, as above) or
+            ``mr_zscore`` (3D MR specs only).
     """
 
     ct_window: tuple[float, float] = (-160.0, 240.0)
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
     percentiles_2d: tuple[float, float] = (0.5, 99.5)
+    mode: Literal["default", "mr_zscore"] = "default"
 
     def __post_init__(self) -> None:
         _check(
@@ -375,6 +385,12 @@ class LabelSpec:
         classes: class names (segmentation: foreground classes; classification:
             every class, at least two).
         values: segmentation only: class name -> stored voxel value.
+        others: segmentation only: what a label value that is neither 0 nor a
+            class value gets: ``refuse`` (the default: the case is refused,
+            LABEL_VALUES_UNEXPECTED) or ``background`` (it becomes 0: a
+            multi-label segmentation, e.g. TotalSegmentator's 100+ classes,
+            narrowed to the spec's classes; the voxels so mapped are counted
+            in the manifest and summary).
         required: segmentation only: refuse an image without a label.
         csv_key: classification: ``accession`` or ``study_uid``.
         csv_key_column: classification: CSV column holding the key.
@@ -383,6 +399,7 @@ class LabelSpec:
 
     classes: list[str] = field(default_factory=lambda: ["foreground"])
     values: dict[str, int] = field(default_factory=dict)
+    others: Literal["refuse", "background"] = "refuse"
     required: bool = True
     csv_key: Literal["accession", "study_uid"] = "accession"
     csv_key_column: str | None = None
@@ -638,6 +655,18 @@ class PreprocessSpec:
                 self.labels.required,
                 "labels.required: false has no meaning for classification: a study without a row in "
                 "the labels CSV has no class and is refused (NO_LABEL)",
+            )
+            _check(
+                self.labels.others == "refuse",
+                "labels.others maps voxel values of segmentation labels; a classification spec reads one "
+                "class per study from the labels CSV: remove labels.others",
+            )
+        if self.intensity.mode == "mr_zscore":
+            _check(
+                self.modality == "MR" and self.spatial_dims == 3,
+                f"intensity.mode: mr_zscore normalizes 3D MR volumes; this spec is {self.spatial_dims}D "
+                f"{self.modality}: set intensity.mode: default (CT uses intensity.ct_window, 2D images "
+                "intensity.percentiles_2d)",
             )
 
     @property

@@ -55,7 +55,14 @@ def match_nifti_to_study(nifti_rel: str, study_dirs: dict[str, set[str]]) -> str
 def load_nifti_on_grid(
     path: Path, grid: SeriesGeometry, tolerance_mm: float = 1e-2
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """Load a NIfTI label and bring it onto the image grid (axis permutation/flip only).
+    """Load a NIfTI label and bring it onto a DICOM image's grid (see :func:`load_nifti_on`)."""
+    return load_nifti_on(path, tuple(grid.shape), grid.affine_ras, tolerance_mm)
+
+
+def load_nifti_on(
+    path: Path, shape: tuple[int, ...], affine_ras: np.ndarray, tolerance_mm: float = 1e-2
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Load a NIfTI label and bring it onto the image grid ``(shape, affine_ras)`` (axis permutation/flip only).
 
     Returns:
         The stored voxels on the image grid (a flipped/transposed view, in the
@@ -82,17 +89,18 @@ def load_nifti_on_grid(
         data = data[..., 0]
     if data.ndim != 3:
         raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH, f"label has {data.ndim} dimensions, expected 3")
-    src = ornt.io_orientation(img.affine)
-    dst = ornt.io_orientation(grid.affine_ras)
-    transform = ornt.ornt_transform(src, dst)
+    try:
+        transform = ornt.ornt_transform(ornt.io_orientation(img.affine), ornt.io_orientation(affine_ras))
+    except ValueError:  # a degenerate (singular, NaN) affine has no axis orientation
+        raise RefusedError(
+            Reason.LABEL_GEOMETRY_MISMATCH, "the label's affine gives its axes no direction (singular or NaN)"
+        ) from None
     data = ornt.apply_orientation(data, transform)
     affine = img.affine @ ornt.inv_ornt_aff(transform, img.shape[:3])
-    if tuple(data.shape) != tuple(grid.shape):
-        raise RefusedError(
-            Reason.LABEL_GEOMETRY_MISMATCH, f"label shape {list(data.shape)} vs image {list(grid.shape)}"
-        )
-    corners = np.array([[0, 0, 0, 1], [s - 1 for s in grid.shape] + [1]], dtype=float).T
-    dev = float(np.abs(affine @ corners - grid.affine_ras @ corners).max())
+    if tuple(data.shape) != tuple(shape):
+        raise RefusedError(Reason.LABEL_GEOMETRY_MISMATCH, f"label shape {list(data.shape)} vs image {list(shape)}")
+    corners = np.array([[0, 0, 0, 1], [s - 1 for s in shape] + [1]], dtype=float).T
+    dev = float(np.abs(affine @ corners - affine_ras @ corners).max())
     if dev > tolerance_mm:
         raise RefusedError(
             Reason.LABEL_GEOMETRY_MISMATCH, f"label grid differs from the image grid by up to {dev:.3g} mm"
@@ -122,35 +130,77 @@ def _slab_values(slab: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
     return np.rint(values).astype(np.int64)
 
 
-def check_label_values(raw: np.ndarray, class_values: list[int], scale: tuple[float, float] = (1.0, 0.0)) -> None:
-    """Refuse a label that holds a value other than 0 and the class values, reading it slab by slab.
+#: Unexpected label values a refusal names before it says how many more there are.
+SHOWN_VALUES = 5
+
+
+def unexpected_values_text(values: list[int]) -> str:
+    """``"12 unexpected values, e.g. 3, 5, 7, 9, 11 and 7 more"``: the count, the first few, and that it is cut."""
+    n = len(values)
+    shown = ", ".join(str(v) for v in values[:SHOWN_VALUES])
+    if n == 1:
+        return f"1 unexpected value: {shown}"
+    if n <= SHOWN_VALUES:
+        return f"{n} unexpected values: {shown}"
+    return f"{n} unexpected values, e.g. {shown} and {n - SHOWN_VALUES} more"
+
+
+def label_value_counts(raw: np.ndarray, scale: tuple[float, float] = (1.0, 0.0)) -> dict[int, int]:
+    """Voxels per label value, read slab by slab (values are ``rint(raw * slope + intercept)``)."""
+    counts: dict[int, int] = {}
+    for sl in _slabs(raw):
+        slab = raw[..., sl]
+        if scale == (1.0, 0.0) and slab.dtype in (np.uint8, np.uint16):
+            binned = np.bincount(slab.ravel())
+            values = np.flatnonzero(binned)
+            pairs = zip(values.tolist(), binned[values].tolist())
+        else:
+            uniq, n = np.unique(_slab_values(slab, scale), return_counts=True)
+            pairs = zip(uniq.tolist(), n.tolist())
+        for v, c in pairs:
+            counts[v] = counts.get(v, 0) + c
+    return counts
+
+
+def check_label_values(
+    raw: np.ndarray,
+    class_values: list[int],
+    scale: tuple[float, float] = (1.0, 0.0),
+    others: str = "refuse",
+) -> dict[int, int]:
+    """Check that a label holds only 0 and the class values, reading it slab by slab.
 
     Args:
         raw: label voxels as stored (any type and axis order).
         class_values: the stored value of class 1, 2, ... N.
         scale: ``(slope, intercept)``: values are ``rint(raw * slope + intercept)``.
+        others: the spec's ``labels.others``: ``refuse`` a label holding any
+            other value, or ``background``: accept it (its other values are
+            mapped to 0 by :func:`map_label_values`).
+
+    Returns:
+        Voxels per other value (empty when the label holds none): what
+        ``others: background`` maps to background.
 
     Raises:
-        RefusedError: LABEL_VALUES_UNEXPECTED (a mismatched label map).
+        RefusedError: LABEL_VALUES_UNEXPECTED (a mismatched label map) under ``others: refuse``; the detail
+            counts the distinct unexpected values and names the first few.
     """
     allowed = {0, *class_values}
-    present: set[int] = set()
-    for sl in _slabs(raw):
-        slab = raw[..., sl]
-        if scale == (1.0, 0.0) and slab.dtype in (np.uint8, np.uint16):
-            present.update(np.flatnonzero(np.bincount(slab.ravel())).tolist())
-        else:
-            present.update(np.unique(_slab_values(slab, scale)).tolist())
-    unexpected = sorted(present - allowed)
-    if unexpected:
+    unexpected = {v: n for v, n in sorted(label_value_counts(raw, scale).items()) if v not in allowed}
+    if unexpected and others != "background":
         raise RefusedError(
             Reason.LABEL_VALUES_UNEXPECTED,
-            f"label holds values {unexpected[:8]} outside background 0 and classes "
-            f"{class_values}; set labels.values in the spec",
+            f"label holds {unexpected_values_text(list(unexpected))} outside background 0 and classes "
+            f"{class_values}; set labels.values in the spec, or labels.others: background to map every other "
+            "value to background",
         )
+    return unexpected
 
 
-def map_label_values(raw: np.ndarray, class_values: list[int], scale: tuple[float, float] = (1.0, 0.0)) -> np.ndarray:
+def map_label_values(
+    raw: np.ndarray, class_values: list[int], scale: tuple[float, float] = (1.0, 0.0), others: str = "refuse"
+) -> np.ndarray:
     """Map source label values to 0..N (N = number of classes, in order), as uint8.
 
     Read slab by slab, so the temporaries stay small whatever the label's size.
@@ -161,12 +211,16 @@ def map_label_values(raw: np.ndarray, class_values: list[int], scale: tuple[floa
         scale: ``(slope, intercept)`` of ``raw`` (a DICOM mask's modality LUT,
             a NIfTI label's scl_slope / scl_inter): values are
             ``rint(raw * slope + intercept)``.
+        others: ``refuse`` (see below) or ``background``: every value that is
+            neither 0 nor a class value becomes 0.
 
     Raises:
-        RefusedError: LABEL_VALUES_UNEXPECTED if the label holds a value that
-            is neither 0 nor a class value (a mismatched label map).
+        RefusedError: LABEL_VALUES_UNEXPECTED under ``others: refuse`` if the
+            label holds a value that is neither 0 nor a class value (a
+            mismatched label map).
     """
-    check_label_values(raw, class_values, scale)
+    if others != "background":
+        check_label_values(raw, class_values, scale)
     out = np.zeros(raw.shape, dtype=np.uint8)
     for sl in _slabs(raw):
         values = _slab_values(raw[..., sl], scale)

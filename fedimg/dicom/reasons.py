@@ -84,7 +84,7 @@ class Reason(str, Enum):
     )
     LABEL_VALUES_UNEXPECTED = (
         "LABEL_VALUES_UNEXPECTED",
-        "label values outside the spec's classes; fix labels.values or the CSV",
+        "label values outside the spec's classes; fix labels.values or the CSV, or set labels.others: background",
     )
     IMAGE_REFUSED = "IMAGE_REFUSED", "its image was refused; see the image's row"
     PARTNER_REFUSED = "PARTNER_REFUSED", "its label was refused (the detail names why); see the label's row"
@@ -98,6 +98,24 @@ class Reason(str, Enum):
     LABEL_UNREADABLE = (
         "LABEL_UNREADABLE",
         "no label found, and an UNREADABLE entry nearby may hold it; make it readable, run again",
+    )
+    # NIfTI data sets (preprocess --from-nifti)
+    DATASET_DESCRIPTION = (
+        "DATASET_DESCRIPTION",
+        "the data set's dataset.json: read (pairs, labels, modality), not converted; nothing to do",
+    )
+    NOT_IN_DATASET = (
+        "NOT_IN_DATASET",
+        "not an image or label of the data set (not listed in dataset.json, or outside images/ and labels/)",
+    )
+    DATASET_TEST_IMAGE = (
+        "DATASET_TEST_IMAGE",
+        "an image of the data set's test part, which has no labels; nothing to train on",
+    )
+    NIFTI_UNREADABLE = "NIFTI_UNREADABLE", "NIfTI image could not be read (truncated, or not NIfTI); re-export it"
+    MULTICHANNEL_IMAGE = (
+        "MULTICHANNEL_IMAGE",
+        "several channels in one case (4D image, or nnU-Net _0000/_0001 files); export one channel per case",
     )
     # output names
     UNSAFE_NAME = (

@@ -455,6 +455,8 @@ def describe(pkg: ModelPackage) -> str:
             inten = f"percentiles {list(sp.intensity.percentiles_2d)} -> [0, 1]"
         elif sp.modality == "CT":
             inten = f"CT window {list(sp.intensity.ct_window)} HU -> [0, 1]"
+        elif sp.intensity.mode == "mr_zscore":
+            inten = f"MR percentiles {list(sp.intensity.mr_percentiles)} of non-zero voxels, z-score of them"
         else:
             inten = f"MR percentiles {list(sp.intensity.mr_percentiles)}, z-score"
         sel = f"modality {', '.join(sp.series.modalities)}"

@@ -64,6 +64,9 @@ class CaseRecord:
         order_key: an unkeyed hash of the study's UIDs that orders new patients; never written.
         inputs: the fingerprint of its input files (the state file's reuse test).
         correction: an explicit geometric correction applied (irregular stacks), else None.
+        other_values: segmentation with ``labels.others: background``: distinct
+            label values outside the spec's classes that were mapped to background.
+        others_to_background: the voxels of the source label that held them.
     """
 
     case_id: str
@@ -79,6 +82,8 @@ class CaseRecord:
     order_key: str = ""
     inputs: str = ""
     correction: str | None = None
+    other_values: int = 0
+    others_to_background: int = 0
 
     def summary(self) -> dict[str, Any]:
         """The case as ``summary.json`` lists it (no keys or fingerprints)."""
@@ -97,6 +102,8 @@ class CaseRecord:
             "spacing": list(self.spacing),
             "label_counts": self.label_counts,
             "correction": self.correction,
+            "other_values": self.other_values,
+            "others_to_background": self.others_to_background,
         }
 
 
@@ -182,15 +189,10 @@ def convert_case(study: StudyPlan, ctx: CaseContext, rows: dict[str, ManifestRow
     if refusal is not None:
         _refuse(rows, refusal, group.rels, label_rels, case_id)
         return None
-    rec = CaseRecord(
-        case_id=case_id,
-        image="",
-        label=None,
-        shape=(),
-        spacing=(),
-        patient_key=patient_key(group.first.patient_id, case_id, ctx.pseudonymizer),
-        order_key=case_id_for(study.uid, group.series_uid),
-        inputs=inputs_fingerprint(image.files + (label.files if label else []), ctx.pseudonymizer),
+    class_label = study.cls.index if spec.is_classification and study.cls is not None else None
+    order = case_id_for(study.uid, group.series_uid)
+    rec = new_record(
+        case_id, group.first.patient_id, order, image.files + (label.files if label else []), ctx.pseudonymizer
     )
     try:
         rec = reuse_case(rec, ctx, label is not None) or convert_new_case(rec, image, label, ctx)
@@ -199,32 +201,67 @@ def convert_case(study: StudyPlan, ctx: CaseContext, rows: dict[str, ManifestRow
         _refuse(rows, Refusal(exc.reason, exc.detail, culprit), group.rels, label_rels, case_id)
         return None
     if spec.is_classification:
-        rec.label = study.cls.index if study.cls is not None else None
-    mark(
-        rows,
-        group.rels,
-        CONVERTED,
-        "",
-        "",
-        output=rec.image,
+        rec.label = class_label
+    mark_converted(rows, group.rels, label_rels, rec, reviews)
+    return rec
+
+
+def new_record(
+    case_id: str, patient_id: str, order_key: str, files: list[tuple[str, Path]], pseudonymizer: Any | None
+) -> CaseRecord:
+    """The record of a case about to be reused or converted: its keys for the split and its inputs' fingerprint.
+
+    Args:
+        patient_id: the patient's identifier (memory only: keyed here), "" when unknown.
+        order_key: an unkeyed, data-derived hash that orders new patients in the split.
+        files: ``(relative path, absolute path)`` of every input file of the case.
+    """
+    return CaseRecord(
         case_id=case_id,
-        role="image",
-        correction=rec.correction,
-        review=reviews.get("image"),
+        image="",
+        label=None,
+        shape=(),
+        spacing=(),
+        patient_key=patient_key(patient_id, case_id, pseudonymizer),
+        order_key=order_key,
+        inputs=inputs_fingerprint(files, pseudonymizer),
     )
+
+
+def mark_converted(
+    rows: dict[str, ManifestRow],
+    image_rels: list[str],
+    label_rels: list[str],
+    rec: CaseRecord,
+    reviews: dict[str, str] | None = None,
+) -> None:
+    """The manifest rows of a converted case's image and label files.
+
+    Args:
+        reviews: ``"image"`` / ``"label"`` -> the site's recorded review that let it through (burned-in text).
+    """
+    reviews = reviews or {}
+    mark(rows, image_rels, CONVERTED, "", "", output=rec.image, case_id=rec.case_id, role="image",
+         correction=rec.correction, review=reviews.get("image"))  # fmt: skip
+    detail = ""
+    if rec.other_values:
+        detail = (
+            f"{rec.others_to_background} voxel(s) of {rec.other_values} label value(s) outside the spec's classes "
+            "mapped to background (labels.others: background)"
+        )
     mark(
         rows,
         label_rels,
         CONVERTED,
         "",
-        "",
+        detail,
         output=rec.label,
-        case_id=case_id,
+        case_id=rec.case_id,
         role="label",
         correction=rec.correction,
         review=reviews.get("label"),
+        others_to_background=rec.others_to_background if rec.other_values else None,
     )
-    return rec
 
 
 def _refuse(
@@ -328,6 +365,8 @@ def reuse_case(rec: CaseRecord, ctx: CaseContext, with_label: bool) -> CaseRecor
     rec.spacing = tuple(float(v) for v in entry["spacing"])
     rec.label_counts = dict(entry.get("label_counts") or {})
     rec.correction = entry.get("correction")
+    rec.other_values = int(entry.get("other_values") or 0)
+    rec.others_to_background = int(entry.get("others_to_background") or 0)
     rec.reused = True
     return rec
 
@@ -344,7 +383,15 @@ def convert_new_case(rec: CaseRecord, image: ImageCandidate, label: LabelSource 
         image_arr, affine = apply_spec_2d(spec, load_planar(image.group, planar), planar)
         label_arr = None
     else:
-        image_arr, label_arr, affine, rec.correction = _volume_and_label(image, label, ctx)
+        image_arr, label_arr, affine, rec.correction = _volume_and_label(image, label, ctx, rec)
+    return write_case(rec, image_arr, label_arr, affine, ctx)
+
+
+def write_case(
+    rec: CaseRecord, image_arr: np.ndarray, label_arr: np.ndarray | None, affine: np.ndarray, ctx: CaseContext
+) -> CaseRecord:
+    """Write a normalized case (announced in DST's journal first) and record its outputs."""
+    spec = ctx.spec
     rec.image = f"images/{rec.case_id}.nii.gz"
     rec.label = None if label_arr is None else f"labels/{rec.case_id}.nii.gz"
     announce(ctx.dst, [r for r in (rec.image, rec.label) if r])  # recorded as fedimg's before they exist
@@ -358,7 +405,7 @@ def convert_new_case(rec: CaseRecord, image: ImageCandidate, label: LabelSource 
 
 
 def _volume_and_label(
-    image: ImageCandidate, label: LabelSource | None, ctx: CaseContext
+    image: ImageCandidate, label: LabelSource | None, ctx: CaseContext, rec: CaseRecord
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, str | None]:
     """A 3D case on the spec's grid: (image, label 0..N or None, affine, correction)."""
     correction: str | None = None
@@ -373,12 +420,42 @@ def _volume_and_label(
     raw, label_scale = None, (1.0, 0.0)
     if label is not None:
         raw, label_scale = label.load(image, data, affine)
-        check_label_values(raw, ctx.class_values, label_scale)
+    image_arr, label_arr, out_affine = normalize_case(ctx, rec, data, affine, scale, raw, label_scale)
+    return image_arr, label_arr, out_affine, correction
+
+
+def normalize_case(
+    ctx: CaseContext,
+    rec: CaseRecord,
+    data: np.ndarray,
+    affine: np.ndarray,
+    scale: tuple[float, float],
+    raw: np.ndarray | None,
+    label_scale: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """A 3D volume (and its label on the same grid) through the spec's chain: (image, label 0..N, affine).
+
+    The label's values are checked against the spec's classes first
+    (``labels.others``); the values mapped to background are counted into ``rec``.
+
+    Args:
+        data: (i, j, k) stored voxels; ``scale`` = (slope, intercept) makes them modality values.
+        affine: voxel-to-RAS affine of ``data`` (and ``raw``).
+        raw: the label's stored voxels on ``data``'s grid, or None.
+        label_scale: ``(slope, intercept)`` of ``raw``.
+
+    Raises:
+        RefusedError: LABEL_VALUES_UNEXPECTED (``labels.others: refuse``).
+    """
+    others = ctx.spec.labels.others
+    if raw is not None:
+        mapped = check_label_values(raw, ctx.class_values, label_scale, others)
+        rec.other_values, rec.others_to_background = len(mapped), int(sum(mapped.values()))
     # Nearest-neighbour resampling copies source values, so mapping them to 0..N after it is the same as
     # before it, on the (small) output grid.
     image_arr, resampled, out_affine = apply_spec(ctx.spec, data, affine, raw, scale=scale)
-    label_arr = None if resampled is None else map_label_values(resampled, ctx.class_values, label_scale)
-    return image_arr, label_arr, out_affine, correction
+    label_arr = None if resampled is None else map_label_values(resampled, ctx.class_values, label_scale, others)
+    return image_arr, label_arr, out_affine
 
 
 __all__ = [
@@ -389,6 +466,10 @@ __all__ = [
     "convert_case",
     "convert_new_case",
     "convert_study",
+    "mark_converted",
+    "new_record",
+    "normalize_case",
     "patient_key",
     "reuse_case",
+    "write_case",
 ]

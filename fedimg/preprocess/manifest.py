@@ -34,6 +34,7 @@ class ManifestRow:
     series_uid: str | None = None
     correction: str | None = None  # an explicit geometric correction applied (e.g. gantry tilt removed)
     review: str | None = None  # a person's recorded decision that overrode a refusal (deid.burned_in_reviewed)
+    others_to_background: int | None = None  # label voxels of values outside the classes set to 0 (labels.others)
 
     def to_json(self) -> dict[str, Any]:
         """Row as written to manifest.jsonl (empty optional fields left out).

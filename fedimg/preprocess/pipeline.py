@@ -17,6 +17,11 @@ The stages, each in its own module; this one only runs them in order:
    manifest row and ``inputs == converted + refused + skipped`` is checked
    before the run reports success.
 
+A NIfTI data set (``from_nifti``: Decathlon ``dataset.json``, or
+``imagesTr/`` + ``labelsTr/``) replaces stages 1-2 with
+:mod:`fedimg.preprocess.nifti_source`, which also makes each pair one case
+through the same chain; stages 4-5 are shared.
+
 Re-runs into the same DST are incremental (:mod:`fedimg.preprocess.state`):
 a case whose input files are unchanged is reused, every case keeps its
 training/validation split, and outputs of cases that are gone are removed.
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,7 @@ from fedimg.preprocess.cases import NO_PATIENT_ID, CaseContext, CaseRecord, case
 from fedimg.preprocess.copies import write_deidentified
 from fedimg.preprocess.labels_csv import LabelsCsvError, LabelSheet, read_labels_csv
 from fedimg.preprocess.manifest import ManifestRow, finalize, render_table, summarize
+from fedimg.preprocess.nifti_source import NiftiDataset, convert_nifti_case, looks_like_dataset, read_dataset
 from fedimg.preprocess.outdir import OutputDir, check_separate, claim, precheck
 from fedimg.preprocess.outputs import (
     check_crosswalk,
@@ -93,6 +99,10 @@ class PreprocessResult:
     reviews_used: dict[str, int] = field(default_factory=dict)  # a person's recorded decision -> files it let through
     patients: int = 0  # distinct patients among the cases (cases without a Patient ID count as their own)
     cases_without_patient_id: int = 0
+    source: str = "dicom"  # or "nifti" (--from-nifti)
+    # labels.others: background: cases whose label held values outside the classes, and those source voxels
+    cases_with_other_labels: int = 0
+    label_voxels_to_background: int = 0
 
     @property
     def problem(self) -> str | None:
@@ -125,6 +135,11 @@ class PreprocessResult:
             f"{self.cases_converted} converted, {self.cases_reused} reused unchanged"
             + (f", {self.cases_removed} removed (inputs gone or refused)" if self.cases_removed else ""),
         ]
+        if self.cases_with_other_labels:
+            lines.append(
+                f"  labels.others: background: {self.label_voxels_to_background} label voxel(s) of values outside "
+                f"the classes mapped to background in {self.cases_with_other_labels} case(s)"
+            )
         if self.labels_csv is not None:
             lc = self.labels_csv
             lines.append(
@@ -151,6 +166,8 @@ def preprocess(
     write_dicom: str | Path | None = None,
     labels_csv: str | Path | None = None,
     reviews: Sequence[BurnedInReview] = (),
+    from_nifti: bool = False,
+    patient_regex: str | None = None,
 ) -> PreprocessResult:
     """Convert and normalize every case under ``src`` into ``dst``.
 
@@ -211,6 +228,13 @@ def preprocess(
         reviews: the site's reviewed exceptions to the burned-in text refusal
             (:class:`fedimg.config.BurnedInReview`, from the site config);
             every file they let through says so in its manifest row.
+        from_nifti: ``src`` is a NIfTI segmentation data set (Decathlon
+            ``dataset.json``, or ``imagesTr/`` + ``labelsTr/``), not DICOM
+            (:mod:`fedimg.preprocess.nifti_source`); segmentation specs only,
+            without ``write_dicom`` and ``labels_csv``.
+        patient_regex: with ``from_nifti``: finds each case's patient in its
+            image's file name (group 1, or the whole match), for the split by
+            patient; default: the data set's own rule, else one patient per case.
 
     Raises:
         PreprocessInputError: ``src`` is missing, empty, or holds no DICOM; a
@@ -226,7 +250,14 @@ def preprocess(
             "--write-dicom and --crosswalk need de-identification: drop --no-deid and pass --secret-file PATH"
         )
     sheet: LabelSheet | None = None
-    if spec.is_classification:
+    if from_nifti:
+        _check_nifti_arguments(spec, write_dicom, labels_csv)
+    elif patient_regex is not None:
+        raise PreprocessInputError(
+            "--patient-regex reads patients from NIfTI file names (--from-nifti); a DICOM export's patients "
+            "come from (0010,0020) Patient ID: drop --patient-regex"
+        )
+    elif spec.is_classification:
         if labels_csv is None:
             raise PreprocessInputError(
                 f"spec {spec.name!r} is a classification spec (task: classification): expected --labels-csv FILE "
@@ -246,9 +277,20 @@ def preprocess(
     if crosswalk is not None:
         check_crosswalk(Path(crosswalk), src, dst)
     load_previous(dst, spec, pseudonymizer)  # refuses a DST of another spec or secret, before any work
-    scanned = index_source(
-        src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site, progress=progress
-    )
+    if from_nifti:
+        dataset = read_dataset(src, spec, patient_regex)  # refuses a data set that disagrees with the spec
+        with claim(dst, "preprocess", src=src) as out:
+            return _nifti_into(out, dataset, spec, site, progress, workers, pseudonymizer, crosswalk)
+    try:
+        scanned = index_source(
+            src, claim=[spec.series.label_nifti_name_regex, CSV_NAME_REGEX], label=site, progress=progress
+        )
+    except PreprocessInputError as exc:
+        if looks_like_dataset(src):
+            raise PreprocessInputError(
+                f"{exc}; SRC looks like a NIfTI data set (dataset.json, or imagesTr/ and labelsTr/): add --from-nifti"
+            ) from None
+        raise
     with claim(dst, "preprocess", src=src) as out:
         return _preprocess_into(
             out,
@@ -265,6 +307,42 @@ def preprocess(
             sheet,
             tuple(reviews),
         )
+
+
+def _check_nifti_arguments(spec: PreprocessSpec, write_dicom: str | Path | None, labels_csv: str | Path | None) -> None:
+    """A NIfTI data set (``from_nifti``) takes segmentation specs, and no DICOM-only option."""
+    if spec.is_classification:
+        raise PreprocessInputError(
+            f"--from-nifti reads segmentation data sets (images and label volumes), but spec {spec.name!r} is a "
+            "classification spec; use a segmentation spec"
+        )
+    stray = [o for o, v in (("--write-dicom", write_dicom), ("--labels-csv", labels_csv)) if v is not None]
+    if stray:
+        raise PreprocessInputError(
+            f"{' and '.join(stray)} appl{'y' if len(stray) > 1 else 'ies'} to DICOM exports; a NIfTI data set "
+            "(--from-nifti) has no DICOM to copy and its labels are volumes: drop them"
+        )
+
+
+def _nifti_into(
+    out: OutputDir,
+    dataset: NiftiDataset,
+    spec: PreprocessSpec,
+    site: str,
+    progress: bool,
+    workers: int | None,
+    pseudonymizer: Any | None,
+    crosswalk: str | Path | None,
+) -> PreprocessResult:
+    """The stages of a NIfTI data set's run in a claimed and locked DST."""
+    previous = load_previous(out.path, spec, pseudonymizer)
+    ctx = CaseContext(spec=spec, dst=out.path, pseudonymizer=pseudonymizer, previous=previous.cases, geo_kwargs={})
+    tasks = [(case, ctx) for case in dataset.cases]
+    cases = _convert_all(tasks, convert_nifti_case, dataset.rows, site, workers, progress)
+    assignment = _split(cases, spec, previous)
+    ordered = finalize(dataset.rows, dataset.files)  # every file accounted for exactly once
+    write_datalist(out.path, spec, site, cases)
+    return _finish(out, spec, site, ordered, cases, previous, assignment, pseudonymizer, crosswalk, "nifti")
 
 
 def _preprocess_into(
@@ -294,17 +372,44 @@ def _preprocess_into(
         geo_kwargs=geometry_kwargs(spec),
         reviews=reviews,
     )
-    cases = _convert_all(studies, ctx, scanned.rows, site, workers, progress)
+    tasks = [(study, ctx) for study in studies.values() if study.images]
+    cases = _convert_all(tasks, convert_study, scanned.rows, site, workers, progress)
     assignment = _split(cases, spec, previous)
     ordered = finalize(scanned.rows, scanned.files)  # every file accounted for exactly once
     write_datalist(dst, spec, site, cases)
     if pseudonymizer is not None and write_dicom is not None:
         with claim(write_dicom, "dicom-copies", src=src, what="--write-dicom") as copies:
             write_deidentified(ordered, scanned.index.root, copies, pseudonymizer, spec)
+    labels_account = None
+    if sheet is not None:
+        key = "accession_number" if spec.labels.csv_key == "accession" else "study_uid"
+        labels_account = sheet.account(
+            {getattr(h, key).strip() for h in scanned.index.headers if getattr(h, key).strip()}
+        )
+    return _finish(
+        out, spec, site, ordered, cases, previous, assignment, pseudonymizer, crosswalk, "dicom", labels_account
+    )
+
+
+def _finish(
+    out: OutputDir,
+    spec: PreprocessSpec,
+    site: str,
+    ordered: list[ManifestRow],
+    cases: list[CaseRecord],
+    previous: PreprocessState,
+    assignment: Assignment,
+    pseudonymizer: Any | None,
+    crosswalk: str | Path | None,
+    source: str,
+    labels_account: dict[str, Any] | None = None,
+) -> PreprocessResult:
+    """The last stage every source shares: manifest, spec, state (pruning outputs of gone cases), summary."""
+    dst = out.path
     write_manifest(dst, ordered, pseudonymizer, crosswalk)
     save_spec(dst, spec)
     removed = save_state_and_prune(out, previous, cases, assignment)
-    result = _result(site, spec, scanned, ordered, cases, removed, sheet, dst)
+    result = _result(site, spec, ordered, cases, removed, dst, source, labels_account)
     write_summary(dst, result, cases, deid_account(spec, pseudonymizer, crosswalk))
     logger.debug("site %s: %d cases (%d reused), %s", site, len(cases), result.cases_reused, dict(result.counts))
     return result
@@ -340,15 +445,18 @@ def _plan(
 
 
 def _convert_all(
-    studies: dict[str, StudyPlan],
-    ctx: CaseContext,
+    tasks: Sequence[Any],
+    convert: Callable[[Any], tuple[dict[str, ManifestRow], CaseRecord | None]],
     rows: dict[str, ManifestRow],
     site: str,
     workers: int | None,
     progress: bool,
 ) -> list[CaseRecord]:
-    """Case conversion of every study with an image, in worker processes (one study per task)."""
-    tasks = [(study, ctx) for study in studies.values() if study.images]
+    """Case conversion of every task (a study, a NIfTI pair) in worker processes (one task each).
+
+    Args:
+        convert: a module-level function (sent to the workers) of one task: its rows and case (None: refused).
+    """
     cases: list[CaseRecord] = []
     n_workers = default_workers() if workers is None else max(1, workers)
     with tqdm(total=len(tasks), desc=f"{site}: convert", unit="case", disable=not progress) as bar:
@@ -361,12 +469,12 @@ def _convert_all(
 
         if n_workers <= 1 or len(tasks) <= 1:
             for task in tasks:
-                collect(*convert_study(task))
+                collect(*convert(task))
         else:
             # A worker holds one case in memory at a time. "spawn", not fork: the workers run torch (MONAI
             # transforms), whose thread pools do not survive fork.
             with worker_pool(n_workers, "spawn") as pool:
-                for local_rows, rec in pool.map(convert_study, tasks):
+                for local_rows, rec in pool.map(convert, tasks):
                     collect(local_rows, rec)
     return sorted(cases, key=lambda c: c.case_id)
 
@@ -396,23 +504,17 @@ def _split(cases: list[CaseRecord], spec: PreprocessSpec, previous: PreprocessSt
 def _result(
     site: str,
     spec: PreprocessSpec,
-    scanned: ScanResult,
     ordered: list[ManifestRow],
     cases: list[CaseRecord],
     removed: int,
-    sheet: LabelSheet | None,
     dst: Path,
+    source: str,
+    labels_account: dict[str, Any] | None,
 ) -> PreprocessResult:
     account = summarize(ordered)
-    labels_account = None
-    if sheet is not None:
-        key = "accession_number" if spec.labels.csv_key == "accession" else "study_uid"
-        labels_account = sheet.account(
-            {getattr(h, key).strip() for h in scanned.index.headers if getattr(h, key).strip()}
-        )
     return PreprocessResult(
         site=site,
-        src_files=len(scanned.files),
+        src_files=account["inputs"],
         counts=account["counts"],
         reasons=account["reasons"],
         outputs=account["outputs"],
@@ -428,4 +530,7 @@ def _result(
         patients=len({c.patient_key for c in cases}),
         cases_without_patient_id=sum(c.patient_key.startswith(NO_PATIENT_ID) for c in cases),
         labels_csv=labels_account,
+        source=source,
+        cases_with_other_labels=sum(c.other_values > 0 for c in cases),
+        label_voxels_to_background=sum(c.others_to_background for c in cases),
     )

@@ -34,18 +34,21 @@ class ScanResult:
     image_headers: list[DicomHeader]
 
 
-def check_source(src: Path) -> list[Path | FileProblem]:
+def check_source(src: Path, what: str = "DICOM files") -> list[Path | FileProblem]:
     """All entries under ``src`` (see :func:`fedimg.dicom.index.walk_source`).
 
     Clear errors for a missing, non-folder, unlistable or empty source.
+
+    Args:
+        what: what the folder should hold, as the errors say it.
     """
     if not src.exists():
         raise PreprocessInputError(
-            "source folder does not exist: expected a folder of DICOM files, found nothing at the "
+            f"source folder does not exist: expected a folder of {what}, found nothing at the "
             "given path; check the SRC argument"
         )
     if not src.is_dir():
-        raise PreprocessInputError("source is a file: expected a folder of DICOM files; pass its parent folder")
+        raise PreprocessInputError(f"source is a file: expected a folder of {what}; pass its parent folder")
     try:
         entries = list(walk_source(src))
     except OSError as exc:
@@ -54,7 +57,7 @@ def check_source(src: Path) -> list[Path | FileProblem]:
             "check its permissions"
         ) from None
     if not entries:
-        raise PreprocessInputError("source folder is empty: expected DICOM files (any depth), found 0 files")
+        raise PreprocessInputError(f"source folder is empty: expected {what} (any depth), found 0 files")
     return entries
 
 

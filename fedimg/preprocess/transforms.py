@@ -5,7 +5,9 @@ Orientation to the spec's axis codes, resampling to the spec's spacing
 integers), then intensity normalization per modality:
 
 * CT: clip to a Hounsfield window, scale to [0, 1].
-* MR: clip to intensity percentiles, then z-score over the non-zero voxels.
+* MR: clip to intensity percentiles, then z-score over the non-zero voxels;
+  with ``intensity.mode: mr_zscore`` the percentiles are those of the
+  non-zero voxels and zero voxels stay 0 (:class:`NonzeroZScored`).
 
 :func:`build_transforms` is that chain in MONAI (``Orientationd``,
 ``Spacingd``, intensity transforms). :func:`apply_spec` gives its result
@@ -21,6 +23,8 @@ ratio, pad to exactly ``target_size``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +64,46 @@ def _target_size(spec: PreprocessSpec) -> tuple[int, int]:
     return int(spec.target_size[0]), int(spec.target_size[1])
 
 
+class NonzeroZScored(MapTransform):
+    """``intensity.mode: mr_zscore``: percentile clipping and z-score over the non-zero voxels only.
+
+    The ``(lower, upper)`` percentiles are taken of the non-zero voxels; those
+    voxels are clipped to them and z-scored with their own mean and (population)
+    standard deviation. Zero voxels, the background of a skull-stripped or
+    masked MR volume, are left out of every statistic and stay exactly 0, so
+    they neither pull the percentiles down nor become a negative value. A
+    volume whose non-zero voxels are constant becomes 0 there (nothing to scale).
+    """
+
+    def __init__(self, keys: str | list[str], lower: float, upper: float) -> None:
+        super().__init__(keys)
+        self.lower, self.upper = float(lower), float(upper)
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            out[key] = self.normalize(out[key])
+        return out
+
+    def normalize(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """The normalized copy of ``image`` (tensor in, tensor out; MetaTensor metadata kept)."""
+        arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        values = arr.astype(np.float32, copy=True)
+        mask = values != 0
+        fg = values[mask].astype(np.float64)
+        if fg.size:
+            lo, hi = np.percentile(fg, [self.lower, self.upper])
+            fg = np.clip(fg, lo, hi)
+            std = fg.std()
+            values[mask] = ((fg - fg.mean()) / std if std > 0 else np.zeros_like(fg)).astype(np.float32)
+        if not isinstance(image, torch.Tensor):
+            return values
+        result = torch.as_tensor(values, device=image.device)
+        if isinstance(image, MetaTensor):
+            result = MetaTensor(result, meta=image.meta, applied_operations=image.applied_operations)
+        return result
+
+
 def build_transforms(spec: PreprocessSpec, with_label: bool, spatial: bool = True) -> Compose:
     """Spatial + intensity chain for one case.
 
@@ -71,7 +115,7 @@ def build_transforms(spec: PreprocessSpec, with_label: bool, spatial: bool = Tru
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
-    chain: list[MapTransform] = (
+    chain: list[Any] = (
         [
             Orientationd(keys=keys, axcodes=spec.orientation, labels=AXIS_LABELS),
             Spacingd(
@@ -88,6 +132,9 @@ def build_transforms(spec: PreprocessSpec, with_label: bool, spatial: bool = Tru
     if spec.modality == "CT":
         lo, hi = spec.intensity.ct_window
         chain.append(ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    elif spec.intensity.mode == "mr_zscore":
+        lo, hi = spec.intensity.mr_percentiles
+        chain.append(NonzeroZScored(keys="image", lower=lo, upper=hi))
     else:
         lo, hi = spec.intensity.mr_percentiles
         chain.append(ClipIntensityPercentilesd(keys="image", lower=lo, upper=hi))
