@@ -29,6 +29,7 @@ from pydicom.errors import InvalidDicomError
 
 from fedimg.dicom.mosaic import MosaicError, MosaicInfo, is_mosaic_type, read_mosaic_info
 from fedimg.dicom.multiframe import FrameInfo, MultiFrameError, read_frames
+from fedimg.dicom.pixels import NativePixels, native_pixels
 from fedimg.dicom.reasons import Reason
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class DicomHeader:
         imager_pixel_spacing: (0018,1164) Imager Pixel Spacing (row, column) of
             projection radiographs, used when (0028,0030) is absent.
         photometric_interpretation: (0028,0004), e.g. MONOCHROME1.
+        native: where the uncompressed pixels lie in the file, for reading them by offset
+            (:func:`fedimg.dicom.pixels.read_native`); None: the file is decoded by pydicom.
     """
 
     path: Path
@@ -119,6 +122,7 @@ class DicomHeader:
     identity_removed: bool = False
     imager_pixel_spacing: tuple[float, float] | None = None
     photometric_interpretation: str = ""
+    native: NativePixels | None = None
 
     @property
     def folder(self) -> str:
@@ -432,6 +436,11 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
     SOP class without (7FE0,0010) Pixel Data.
     """
     try:
+        # Taken before the read: a file changed during or after it no longer matches (see read_native).
+        before: os.stat_result | None = path.stat()
+    except OSError:
+        before = None
+    try:
         # defer_size keeps large values (pixel data) on disk: one pass, no pixel decode.
         ds = pydicom.dcmread(path, defer_size=4096)
     except InvalidDicomError:
@@ -541,6 +550,7 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         identity_removed=str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES",
         imager_pixel_spacing=(imager_spacing[0], imager_spacing[1]) if imager_spacing else None,
         photometric_interpretation=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
+        native=native_pixels(ds, before) if has_pixels and before is not None else None,
     )
 
 

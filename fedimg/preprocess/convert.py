@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # not tqdm.auto: it imports asyncio and notebook support at every start-up
 
 from fedimg.config import GeometrySpec
 from fedimg.dicom.geometry import SeriesGeometry

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # not tqdm.auto: it imports asyncio and notebook support at every start-up
 
 from fedimg.dicom.index import DicomHeader, FileProblem, Index, scan, walk_source
 from fedimg.dicom.reasons import Reason
