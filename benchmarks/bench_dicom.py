@@ -164,6 +164,12 @@ def main() -> int:
     p.add_argument("--out", default="bench_out/dicom.json")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--fedimg-repo", default=str(REPO), help="fedimg checkout to time (default: this one)")
+    p.add_argument(
+        "--baseline-repo",
+        default=None,
+        help="another fedimg checkout (e.g. `git archive` of an earlier commit), timed as tool 'fedimg_before' "
+        "in the same interleaved rounds",
+    )
     p.add_argument("--modes", default="gzip,raw", help="gzip, raw or both (default: gzip,raw)")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"subset of {','.join(TOOLS)}")
     p.add_argument("--no-breakdown", action="store_true", help="skip fedimg's in-process stage timings")
@@ -175,6 +181,10 @@ def main() -> int:
     fed_repo = Path(args.fedimg_repo).resolve()
     exe = _dcm2niix()
     env = {**os.environ, "PYTHONPATH": str(fed_repo), "PYTHONWARNINGS": "ignore"}
+    envs = {t: env for t in TOOLS}
+    if args.baseline_repo:
+        tools.append("fedimg_before")
+        envs["fedimg_before"] = {**env, "PYTHONPATH": str(Path(args.baseline_repo).resolve())}
     load_before = os.getloadavg()
 
     result: dict[str, object] = {"modes": {}}
@@ -188,7 +198,7 @@ def main() -> int:
                 f.read_bytes()
 
         def command(tool: str, mode: str, out: Path) -> list[str]:
-            if tool == "fedimg":
+            if tool in ("fedimg", "fedimg_before"):
                 return [sys.executable, "-m", "fedimg.cli", "convert", str(src), str(out)] + (
                     [] if mode == "gzip" else ["--no-compress"]
                 )
@@ -200,7 +210,7 @@ def main() -> int:
 
         # One untimed run of each: first imports compile bytecode, and the disk cache fills.
         for tool in tools:
-            _timed(command(tool, "gzip", tmp / f"warm_{tool}"), env)
+            _timed(command(tool, "gzip", tmp / f"warm_{tool}"), envs[tool])
             shutil.rmtree(tmp / f"warm_{tool}")
 
         for mode in modes:
@@ -211,7 +221,7 @@ def main() -> int:
                 order = tools[r % len(tools) :] + tools[: r % len(tools)]
                 for tool in order:
                     out = tmp / f"{mode}_{tool}_{r}"
-                    wall, cpu = _timed(command(tool, mode, out), env)
+                    wall, cpu = _timed(command(tool, mode, out), envs[tool])
                     walls[tool].append(wall)
                     cpus[tool].append(cpu)
                     outputs[tool] = _outputs(out)
@@ -229,6 +239,9 @@ def main() -> int:
                 entry["ratio_vs_dcm2niix_cpu"] = cpu_med["fedimg"] / cpu_med["dcm2niix"]
             if "fedimg" in tools and "monai" in tools:
                 entry["ratio_vs_monai_whole_process"] = med["fedimg"] / med["monai"]
+            if "fedimg_before" in tools and "dcm2niix" in tools:
+                entry["before_ratio_vs_dcm2niix_whole_process"] = med["fedimg_before"] / med["dcm2niix"]
+                entry["before_ratio_vs_dcm2niix_cpu"] = cpu_med["fedimg_before"] / cpu_med["dcm2niix"]
             result["modes"][mode] = entry  # type: ignore[index]
 
         if not args.no_breakdown:
@@ -269,6 +282,7 @@ def main() -> int:
             "files": n_files,
             "repeats": args.repeats,
             "fedimg_repo": str(fed_repo),
+            "baseline_repo": str(Path(args.baseline_repo).resolve()) if args.baseline_repo else None,
             "timing": "whole processes, wall clock (perf_counter around subprocess.run) and CPU (children "
             "user+system); median of repeats, spread = min..max; tools interleaved, order rotating per repeat",
             "commands": {
@@ -290,14 +304,14 @@ def main() -> int:
 
     print(f"\nDICOM -> NIfTI, whole processes, {n_files} files in {len(SERIES)} series, median of {args.repeats}")
     print("  series: " + "; ".join(f"{k} = {v['path']} ({v['files']} files)" for k, v in series.items()))
-    hdr = f"{'mode':<5} {'tool':<9} {'wall s':>7} {'(min..max)':>14} {'cpu s':>7} {'files':>5} {'MB':>7}"
+    hdr = f"{'mode':<5} {'tool':<13} {'wall s':>7} {'(min..max)':>14} {'cpu s':>7} {'files':>5} {'MB':>7}"
     print(hdr)
     print("-" * len(hdr))
     for mode, entry in result["modes"].items():  # type: ignore[attr-defined]
         for t, d in entry["tools"].items():
             w, c = d["wall"], d["cpu"]
             print(
-                f"{mode:<5} {t:<9} {w['median_s']:>7.2f} {w['min_s']:>6.2f}..{w['max_s']:<6.2f} "
+                f"{mode:<5} {t:<13} {w['median_s']:>7.2f} {w['min_s']:>6.2f}..{w['max_s']:<6.2f} "
                 f"{c['median_s']:>7.2f} {d['outputs']['nifti_files']:>5} {d['outputs']['bytes'] / 1e6:>7.1f}"
             )
         ratios = [
@@ -306,6 +320,8 @@ def main() -> int:
                 ("ratio_vs_dcm2niix_whole_process", "fedimg/dcm2niix wall"),
                 ("ratio_vs_dcm2niix_cpu", "cpu"),
                 ("ratio_vs_monai_whole_process", "fedimg/monai wall"),
+                ("before_ratio_vs_dcm2niix_whole_process", "before: fedimg/dcm2niix wall"),
+                ("before_ratio_vs_dcm2niix_cpu", "cpu"),
             )
             if k in entry
         ]

@@ -21,6 +21,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -566,11 +567,39 @@ def _unreadable(path: Path, rel: str) -> FileProblem | None:
     return None
 
 
+def _index_entry(
+    entry: Path | FileProblem, root: Path, claim: tuple[str, ...]
+) -> DicomHeader | FileProblem | tuple[Path, str]:
+    """What :func:`scan` records for one entry: its header, its problem, or (path, rel) of a claimed file."""
+    import re
+
+    # An entry that is not read (link, special file, unreadable folder) arrives as its problem; a file
+    # the OS refuses to open is one too, also a claimed one (a label that cannot be read is reported).
+    if isinstance(entry, FileProblem):
+        return entry
+    rel = entry.relative_to(root).as_posix()
+    problem = _unreadable(entry, rel)
+    if problem is not None:
+        return problem
+    if any(re.search(p, entry.name) for p in claim):
+        return entry, rel
+    return read_header(entry, rel)
+
+
+def _index_chunk(chunk: list[Path | FileProblem], root: Path, claim: tuple[str, ...]) -> list:
+    """:func:`_index_entry` of several entries, in a worker process (pydicom's warnings quoting values silenced)."""
+    from fedimg.dicom.quiet import quiet_dicom
+
+    with quiet_dicom():
+        return [_index_entry(e, root, claim) for e in chunk]
+
+
 def scan(
     root: Path,
     claim: Iterable[str] = (),
     progress: object | None = None,
     entries: Iterable[Path | FileProblem] | None = None,
+    executor: Executor | None = None,
 ) -> Index:
     """Index every entry under ``root``.
 
@@ -582,30 +611,36 @@ def scan(
         progress: optional tqdm-like object with ``update(n)``.
         entries: the result of :func:`walk_source` on ``root``, when the
             caller has walked it already (default: walk it here).
+        executor: worker processes that read the headers in chunks (the result, order included, is the
+            same as without); None reads them here.
     """
     import re
 
-    patterns = [re.compile(p) for p in claim]
+    claimed = tuple(claim)
+    for p in claimed:
+        re.compile(p)  # a bad pattern fails here, in the caller, not in a worker
     headers: list[DicomHeader] = []
     problems: list[FileProblem] = []
     other: list[tuple[Path, str]] = []
-    for path in walk_source(root) if entries is None else entries:
-        # An entry that is not read (link, special file, unreadable folder) arrives as its problem; a file
-        # the OS refuses to open is one too, also a claimed one (a label that cannot be read is reported).
-        problem = path if isinstance(path, FileProblem) else _unreadable(path, path.relative_to(root).as_posix())
-        if problem is not None:
-            problems.append(problem)
-            if progress is not None:
-                progress.update(1)  # type: ignore[attr-defined]
-            continue
-        rel = path.relative_to(root).as_posix()
-        if any(p.search(path.name) for p in patterns):
-            other.append((path, rel))
-        else:
-            result = read_header(path, rel)
-            (headers if isinstance(result, DicomHeader) else problems).append(result)  # type: ignore[arg-type]
+    items = walk_source(root) if entries is None else entries
+    results: Iterable[list]
+    if executor is None:
+        results = ([_index_entry(e, root, claimed)] for e in items)
+    else:
+        listed = list(items)
+        size = max(1, min(32, len(listed) // 16))  # small chunks: the progress bar moves, the workers stay even
+        chunks = [listed[i : i + size] for i in range(0, len(listed), size)]
+        results = executor.map(_index_chunk, chunks, [root] * len(chunks), [claimed] * len(chunks))
+    for chunk in results:
+        for result in chunk:
+            if isinstance(result, DicomHeader):
+                headers.append(result)
+            elif isinstance(result, FileProblem):
+                problems.append(result)
+            else:
+                other.append(result)
         if progress is not None:
-            progress.update(1)  # type: ignore[attr-defined]
+            progress.update(len(chunk))  # type: ignore[attr-defined]
     return Index(root=root, headers=headers, problems=problems, other_files=other)
 
 

@@ -125,6 +125,8 @@ def mask_stored_bits(arr: np.ndarray, bits_alloc: int, bits_stored: int, signed:
     if not np.issubdtype(arr.dtype, np.integer) or bits_stored >= bits_alloc or bits_stored < 1:
         return arr
     width = arr.dtype.itemsize
+    if not arr.dtype.isnative:  # e.g. big-endian pixel data: the bit operations below need native order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if width < 8:
         # In the decoder's own width, with no int64 copy: the low bits of a two's-complement value are
         # those of its unsigned view, and every masked or sign-extended value fits the width
