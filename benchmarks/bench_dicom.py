@@ -120,11 +120,16 @@ def _dcm2niix() -> str:
     return exe
 
 
-def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Wall and CPU seconds (user + system, the process and its children) of one command."""
+def _timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system, the process and its children) of one command.
+
+    Run in ``cwd`` (default: the system's temporary folder), never in a checkout: ``python -m`` puts the
+    working folder first on ``sys.path``, so a run from this repository would import this fedimg whatever
+    PYTHONPATH says.
+    """
     before = os.times()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, env=env, cwd=cwd or tempfile.gettempdir(), capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     after = os.times()
     if proc.returncode != 0:
@@ -186,6 +191,17 @@ def main() -> int:
         tools.append("fedimg_before")
         envs["fedimg_before"] = {**env, "PYTHONPATH": str(Path(args.baseline_repo).resolve())}
     load_before = os.getloadavg()
+    imported = {}  # which fedimg each fedimg tool really runs (a wrong sys.path would time the wrong code)
+    for t in ("fedimg", "fedimg_before"):
+        if t in tools:
+            code = "import fedimg, os; print(os.path.dirname(os.path.dirname(fedimg.__file__)))"
+            where = subprocess.run(
+                [sys.executable, "-c", code], env=envs[t], cwd=tempfile.gettempdir(), capture_output=True, text=True
+            ).stdout.strip()
+            want = envs[t]["PYTHONPATH"]
+            if Path(where).resolve() != Path(want).resolve():
+                raise SystemExit(f"{t} would import fedimg from {where}, not {want}")
+            imported[t] = where
 
     result: dict[str, object] = {"modes": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -248,7 +264,7 @@ def main() -> int:
             runs = []
             for _ in range(3):
                 proc = subprocess.run(
-                    [sys.executable, "-c", BREAKDOWN_SCRIPT, str(src)], env=env, capture_output=True, text=True
+                    [sys.executable, "-c", BREAKDOWN_SCRIPT, str(src)], env=env, cwd=tmp, capture_output=True, text=True
                 )
                 if proc.returncode != 0:
                     raise RuntimeError(f"breakdown failed: {proc.stderr[-800:]}")
@@ -282,6 +298,7 @@ def main() -> int:
             "files": n_files,
             "repeats": args.repeats,
             "fedimg_repo": str(fed_repo),
+            "fedimg_imported_from": imported,
             "baseline_repo": str(Path(args.baseline_repo).resolve()) if args.baseline_repo else None,
             "timing": "whole processes, wall clock (perf_counter around subprocess.run) and CPU (children "
             "user+system); median of repeats, spread = min..max; tools interleaved, order rotating per repeat",
