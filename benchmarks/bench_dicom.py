@@ -1,73 +1,116 @@
-"""Raw DICOM -> NIfTI conversion speed: fedimg vs dcm2niix vs MONAI, on the same real series.
+"""Raw DICOM -> NIfTI conversion speed, whole processes: fedimg vs dcm2niix vs MONAI on the same real series.
 
-Every tool converts the same series (one NIfTI volume per series), in one run:
+Every tool runs as a command of its own, started and timed from outside, so its start-up (interpreter,
+imports) counts as it does for a person who types it:
 
-* ``fedimg``: ``fedimg.preprocess.convert.convert`` (python API, progress off,
-  a fresh DST each repeat so nothing is reused); writes uncompressed ``.nii``
-  (``compress=False``, like dcm2niix ``-z n``; ``--gzip`` for ``.nii.gz``) plus
-  the manifest; ``--workers`` processes.
-* ``dcm2niix``: ``dcm2niix -z n -b n`` (uncompressed NIfTI, no BIDS sidecar).
-* ``monai``: ``LoadImage(reader="PydicomReader")`` per series folder, then the
-  volume saved with nibabel (float32, RAS affine from MONAI), compressed or not
-  like fedimg's.
+* ``fedimg``: ``python -m fedimg.cli convert SRC OUT`` with its defaults (workers = CPU count, progress on,
+  ``.nii.gz`` at :data:`fedimg.preprocess.io.GZIP_LEVEL`; ``--no-compress`` for ``.nii``), manifest included;
+* ``dcm2niix``: ``dcm2niix -z y|n -b n -f %s_%p -o OUT SRC``; ``-z y`` is its gzip (pigz when installed, its
+  internal zlib at its default level 6 otherwise; ``pigz_found`` in the JSON says which);
+* ``monai``: a Python script that loads each series folder with ``LoadImage(reader="PydicomReader")`` and
+  saves it with nibabel (float32, MONAI's affine), gzip or not like the others.
 
-All three write uncompressed NIfTI by default (like for like); ``--gzip`` makes
-fedimg and MONAI gzip theirs, and the breakdown reports the gzip share.
+Each repeat runs the three tools one after another, in an order that rotates between repeats, so a
+change in the machine's load falls on all of them; the figure per tool is the median of the repeats
+(``--repeats``, default 5), with the spread (min, max). ``ratio_vs_dcm2niix_whole_process`` is fedimg's
+median wall time over dcm2niix's, writing gzip (the headline) and without. CPU time (user + system of
+the process and its children) is reported beside wall time: it moves less when other work shares the
+machine.
 
-Series (from ``../shared/data/dicom``; absent datasets are skipped and said so):
+Series (one combined source folder, copied from ``../shared/data/dicom``; fedimg does not follow links):
 
-* ``deident_t1``: dcm_qa_deident, GE 3D sagittal T1, 196 slices 256x256;
-* ``philips_ct``: dcm_qa_ct Philips Ingenuity head CT, 28 slices 512x512
-  (its DIRFILE is a non-image object, skipped by fedimg);
-* ``totalseg_ct``: TotalSegmentator Siemens CT, 20 slices 512x512, JPEG 2000 lossless;
-* ``tcia_btp``: TCIA Brain-Tumor-Progression, 9 series (T1post, FLAIRreg,
-  tumour mask for 3 studies), 213 slices.
+* ``ge_mprage``: ``dcm_qa/dcm_qa_deident/In``: GE Signa HDxt 3D sagittal T1 (IR-SPGR), 196 files 256x256;
+* ``philips_ct``: ``dcm_qa/dcm_qa_ct/In/Philips``: Philips Ingenuity head CT, 28 slices 512x512 plus its
+  DIRFILE (a non-image object, skipped);
+* ``anatomical``: ``dicom2nifti/anatomical/001``: GE MR anatomical, 4 slices 256x256.
 
-The time breakdown runs fedimg's stages one by one with timers: header index
-(``index_source``), geometry (``group_series`` + ``series_geometry``), pixel
-read (``pydicom.dcmread`` of each slice), pixel decode (``load_volume`` minus
-the read), NIfTI write with gzip (``write_volume``, as convert writes), and the rest of
-``convert`` (manifest, state, process pool). ``--profile`` adds a cProfile
-listing of one fedimg pass.
+fedimg's own stages are timed in-process afterwards (``fedimg_breakdown_s``: start-up imports, header
+index, geometry, pixel read, NIfTI write; ``gzip_levels``: the uncompressed outputs gzip-compressed at level 1
+and at level 6 alone).
 
-    python benchmarks/bench_dicom.py --out bench_out/dicom.json [--workers N] [--repeats R]
+    python benchmarks/bench_dicom.py --out bench_out/dicom.json [--repeats 5] [--fedimg-repo PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
 import os
 import platform
-import pstats
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
-COMPRESS = False  # set from --gzip in main()
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data" / "dicom"
 
-DATASETS: dict[str, tuple[str, str]] = {
-    "deident_t1": ("dcm_qa/dcm_qa_deident/In", "GE Signa HDxt 3D sagittal T1, 196 x 256x256"),
-    "philips_ct": ("dcm_qa/dcm_qa_ct/In/Philips", "Philips Ingenuity head CT, 28 x 512x512"),
-    "totalseg_ct": (
-        "totalsegmentator/tests/reference_files/example_ct_dicom",
-        "Siemens CT, 20 x 512x512, JPEG 2000 lossless",
-    ),
-    "tcia_btp": (
-        "tcia_brain_tumor_progression",
-        "TCIA Brain-Tumor-Progression, 9 MR series, 213 slices",
-    ),
+SERIES: dict[str, tuple[str, str]] = {
+    "ge_mprage": ("dcm_qa/dcm_qa_deident/In", "GE Signa HDxt 3D sagittal T1, 196 x 256x256"),
+    "philips_ct": ("dcm_qa/dcm_qa_ct/In/Philips", "Philips Ingenuity head CT, 28 x 512x512 + DIRFILE"),
+    "anatomical": ("dicom2nifti/anatomical/001", "GE MR anatomical, 4 x 256x256"),
 }
+TOOLS = ("fedimg", "dcm2niix", "monai")
+
+# The MONAI baseline as a script of its own (whole process, like the other two).
+MONAI_SCRIPT = """
+import sys, warnings
+from pathlib import Path
+warnings.simplefilter("ignore")
+import nibabel as nib
+import numpy as np
+from monai.transforms import LoadImage
+
+src, out, ext = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+out.mkdir(parents=True)
+loader = LoadImage(reader="PydicomReader", image_only=True)
+folders = sorted({p.parent for p in src.rglob("*") if p.is_file()})
+for i, d in enumerate(folders):
+    img = loader(str(d))
+    data = np.asarray(img, dtype=np.float32)
+    nib.save(nib.Nifti1Image(data, np.asarray(img.affine, dtype=np.float64)), str(out / f"series-{i:03d}{ext}"))
+"""
+
+# In-process stage timings of fedimg (run with the fedimg checkout on PYTHONPATH).
+BREAKDOWN_SCRIPT = """
+import gzip, json, sys, tempfile, time
+from pathlib import Path
+t = {}
+t0 = time.perf_counter()
+from fedimg.preprocess.convert import write_volume
+from fedimg.dicom.index import group_series
+from fedimg.dicom.volume import load_volume, series_geometry
+from fedimg.preprocess.scan import index_source
+t["imports"] = time.perf_counter() - t0
+t0 = time.perf_counter()
+scanned = index_source(Path(sys.argv[1]), label="bench", progress=False)
+t["header_index"] = time.perf_counter() - t0
+t0 = time.perf_counter()
+groups = group_series(scanned.image_headers)
+geos = [series_geometry(g) for g in groups]
+t["geometry"] = time.perf_counter() - t0
+t0 = time.perf_counter()
+vols = [load_volume(g, geo) for g, geo in zip(groups, geos)]
+t["pixel_read"] = time.perf_counter() - t0
+out = Path(tempfile.mkdtemp())
+for ext, key in ((".nii", "write_raw"), (".nii.gz", "write_gzip")):
+    t0 = time.perf_counter()
+    for i, v in enumerate(vols):
+        write_volume(out / f"v{i}{ext}", v)
+    t[key] = time.perf_counter() - t0
+# The gzip level on its own: the same uncompressed files compressed at level 1 and 6 (zlib, one thread).
+raw = [(out / f"v{i}.nii").read_bytes() for i in range(len(vols))]
+levels = {"raw": {"seconds": 0.0, "bytes": sum(len(b) for b in raw)}}
+for level in (1, 6):
+    t0 = time.perf_counter()
+    size = sum(len(gzip.compress(b, compresslevel=level, mtime=0)) for b in raw)
+    levels[f"gzip{level}"] = {"seconds": time.perf_counter() - t0, "bytes": size}
+print(json.dumps({"stages": t, "levels": levels, "voxels": sum(int(v.stored.size) for v in vols),
+                  "dtypes": sorted({str(v.stored.dtype) for v in vols})}))
+"""
 
 
 def _dcm2niix() -> str:
@@ -77,271 +120,245 @@ def _dcm2niix() -> str:
     return exe
 
 
-def _best(fn: Callable[[int], object], repeats: int) -> tuple[float, list[float], object]:
-    times, last = [], None
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        last = fn(r)
-        times.append(time.perf_counter() - t0)
-    return min(times), times, last
+def _timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system, the process and its children) of one command.
 
-
-def _series_dirs(src: Path) -> list[Path]:
-    """Folders that directly hold files (one series each in these datasets)."""
-    return sorted({p.parent for p in src.rglob("*") if p.is_file()})
-
-
-def run_fedimg(src: Path, out: Path, workers: int) -> int:
-    from fedimg.preprocess.convert import convert
-
-    res = convert(src, out, workers=workers, progress=False, compress=COMPRESS)
-    return len(res.outputs)
-
-
-def run_dcm2niix(exe: str, src: Path, out: Path) -> int:
-    out.mkdir(parents=True)
-    proc = subprocess.run(
-        [exe, "-z", "n", "-b", "n", "-f", "%s_%p", "-o", str(out), str(src)],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
+    Run in ``cwd`` (default: the system's temporary folder), never in a checkout: ``python -m`` puts the
+    working folder first on ``sys.path``, so a run from this repository would import this fedimg whatever
+    PYTHONPATH says.
+    """
+    before = os.times()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd or tempfile.gettempdir(), capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    after = os.times()
     if proc.returncode != 0:
-        raise RuntimeError(f"dcm2niix failed ({proc.returncode}): {proc.stderr[-500:]}")
-    return len(list(out.glob("*.nii")))
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr[-800:]}")
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return wall, cpu
 
 
-def run_monai(src: Path, out: Path, loader) -> int:
-    import nibabel as nib
-    import numpy as np
-
-    out.mkdir(parents=True)
-    n = 0
-    for i, d in enumerate(_series_dirs(src)):
-        img = loader(str(d))
-        data = np.asarray(img, dtype=np.float32)
-        nib.save(
-            nib.Nifti1Image(data, np.asarray(img.affine, dtype=np.float64)),
-            str(out / f"series-{i:03d}.nii{'.gz' if COMPRESS else ''}"),
-        )
-        n += 1
-    return n
+def _stats(values: list[float]) -> dict[str, object]:
+    return {
+        "median_s": statistics.median(values),
+        "min_s": min(values),
+        "max_s": max(values),
+        "runs_s": values,
+    }
 
 
-def breakdown(src: Path, out: Path) -> dict[str, float]:
-    """fedimg's convert, stage by stage (one pass, single process)."""
-    import pydicom
+def _outputs(folder: Path) -> dict[str, int]:
+    files = [p for p in folder.rglob("*.nii*") if p.is_file()]
+    return {"nifti_files": len(files), "bytes": sum(p.stat().st_size for p in files)}
 
-    from fedimg.dicom.index import group_series
-    from fedimg.dicom.reasons import RefusedError
-    from fedimg.dicom.volume import load_volume, series_geometry
-    from fedimg.preprocess.convert import write_volume
-    from fedimg.preprocess.scan import index_source
 
-    t: dict[str, float] = {}
-    t0 = time.perf_counter()
-    scanned = index_source(src, label="bench", progress=False)
-    t["header_index"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    groups = group_series(scanned.image_headers)
-    ok = []
-    for g in groups:
-        try:
-            ok.append((g, series_geometry(g)))
-        except RefusedError:
-            pass
-    t["geometry"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    for g, _ in ok:
-        for h in g.headers:
-            pydicom.dcmread(h.path)
-    t["pixel_read"] = time.perf_counter() - t0
-
-    vols = []
-    t0 = time.perf_counter()
-    for g, geo in ok:
-        vols.append(load_volume(g, geo))
-    t["pixel_decode"] = max(0.0, time.perf_counter() - t0 - t["pixel_read"])
-
-    out.mkdir(parents=True)
-    t0 = time.perf_counter()
-    for i, v in enumerate(vols):
-        write_volume(out / f"v{i}.nii.gz", v)
-    t["nifti_write_gzip"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    for i, v in enumerate(vols):
-        write_volume(out / f"v{i}.nii", v)
-    t["nifti_write_raw_for_reference"] = time.perf_counter() - t0
-    t["voxels"] = float(sum(v.stored.size for v in vols))
-    return t
+def build_source(dst: Path) -> dict[str, dict[str, object]]:
+    """Copy the series into one source folder; what each holds."""
+    info = {}
+    for name, (rel, desc) in SERIES.items():
+        src = SHARED / rel
+        if not src.is_dir():
+            raise SystemExit(f"benchmark data absent: {src} (expected ../shared/data beside the repo)")
+        shutil.copytree(src, dst / name)
+        info[name] = {"path": rel, "description": desc, "files": sum(1 for p in src.rglob("*") if p.is_file())}
+    return info
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_out/dicom.json")
-    p.add_argument("--workers", type=int, default=1, help="fedimg convert worker processes (default 1)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--gzip", action="store_true", help="fedimg and MONAI write .nii.gz (dcm2niix stays -z n)")
-    p.add_argument("--profile", action="store_true", help="also print a cProfile listing of one fedimg pass")
-    args = p.parse_args()
-    global COMPRESS
-    COMPRESS = bool(args.gzip)
-    warnings.simplefilter("ignore")
-
-    import pydicom
-    from monai.transforms import LoadImage
-
-    exe = _dcm2niix()
-    loader = LoadImage(reader="PydicomReader", image_only=True)
-    present = {k: v for k, v in DATASETS.items() if (SHARED / v[0]).is_dir()}
-    for k in DATASETS.keys() - present.keys():
-        print(f"skipping {k}: {SHARED / DATASETS[k][0]} is absent")
-    if not present:
-        raise SystemExit(f"no benchmark data under {SHARED}")
-
-    rows = []
-    stages_total: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        # Warm the page cache and imports once so the first tool is not penalised.
-        for rel, _ in present.values():
-            for f in (SHARED / rel).rglob("*"):
-                if f.is_file():
-                    f.read_bytes()
-        loader(str(_series_dirs(SHARED / present[next(iter(present))][0])[0]))
-
-        for name, (rel, desc) in present.items():
-            src = SHARED / rel
-            n_files = sum(1 for f in src.rglob("*") if f.is_file())
-            t_fed, fed_all, n_fed = _best(
-                lambda r, src=src, name=name: run_fedimg(src, tmp / f"fed_{name}_{r}", args.workers),
-                args.repeats,
-            )
-            t_d2n, d2n_all, n_d2n = _best(
-                lambda r, src=src, name=name: run_dcm2niix(exe, src, tmp / f"d2n_{name}_{r}"),
-                args.repeats,
-            )
-            t_mon, mon_all, n_mon = _best(
-                lambda r, src=src, name=name: run_monai(src, tmp / f"mon_{name}_{r}", loader),
-                args.repeats,
-            )
-            stages = breakdown(src, tmp / f"stages_{name}")
-            stages["convert_rest"] = max(
-                0.0,
-                t_fed - sum(v for k, v in stages.items() if k not in ("voxels", "nifti_write_raw_for_reference")),
-            )
-            for k, v in stages.items():
-                stages_total[k] = stages_total.get(k, 0.0) + v
-            rows.append(
-                {
-                    "dataset": name,
-                    "path": rel,
-                    "description": desc,
-                    "files": n_files,
-                    "series": {"fedimg": n_fed, "dcm2niix": n_d2n, "monai": n_mon},
-                    "fedimg_s": t_fed,
-                    "dcm2niix_s": t_d2n,
-                    "monai_s": t_mon,
-                    "ratio_vs_dcm2niix": t_fed / t_d2n,
-                    "ratio_vs_monai": t_fed / t_mon,
-                    "times": {"fedimg": fed_all, "dcm2niix": d2n_all, "monai": mon_all},
-                    "fedimg_breakdown_s": stages,
-                }
-            )
-            for d in tmp.iterdir():
-                shutil.rmtree(d, ignore_errors=True)
-
-        profile_text = ""
-        if args.profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            for name, (rel, _) in present.items():
-                run_fedimg(SHARED / rel, tmp / f"prof_{name}", 1)
-            prof.disable()
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
-            profile_text = buf.getvalue()
-
-    tot = {k: sum(r[k] for r in rows) for k in ("fedimg_s", "dcm2niix_s", "monai_s")}
-    n_series = sum(r["series"]["fedimg"] for r in rows)
-    result = {
-        **tot,
-        "ratio_vs_dcm2niix": tot["fedimg_s"] / tot["dcm2niix_s"],
-        "ratio_vs_monai": tot["fedimg_s"] / tot["monai_s"],
-        "series": n_series,
-        "files": sum(r["files"] for r in rows),
-        "workers": args.workers,
-        "gzip": COMPRESS,
-        "repeats": args.repeats,
-        "timing": "best of repeats, wall clock, per dataset; totals sum the per-dataset bests",
-        "outputs": {
-            "fedimg": ".nii.gz (gzip) + manifest",
-            "dcm2niix": ".nii (-z n -b n)",
-            "monai": ".nii.gz via nibabel",
-        },
-        "fedimg_breakdown_s": stages_total,
-        "datasets": rows,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "pydicom": pydicom.__version__,
-            "dcm2niix": subprocess.run([exe, "--version"], check=False, capture_output=True, text=True)
-            .stdout.strip()
-            .splitlines()[-1],
-        },
-    }
-
-    print(f"\nDICOM -> NIfTI, best of {args.repeats} (fedimg workers={args.workers})")
-    hdr = (
-        f"{'dataset':<12} {'files':>5} {'series':>6} {'fedimg s':>9} {'dcm2niix s':>10} "
-        f"{'monai s':>8} {'fed/d2n':>8} {'fed/monai':>9}"
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--fedimg-repo", default=str(REPO), help="fedimg checkout to time (default: this one)")
+    p.add_argument(
+        "--baseline-repo",
+        default=None,
+        help="another fedimg checkout (e.g. `git archive` of an earlier commit), timed as tool 'fedimg_before' "
+        "in the same interleaved rounds",
     )
+    p.add_argument("--modes", default="gzip,raw", help="gzip, raw or both (default: gzip,raw)")
+    p.add_argument("--tools", default=",".join(TOOLS), help=f"subset of {','.join(TOOLS)}")
+    p.add_argument("--no-breakdown", action="store_true", help="skip fedimg's in-process stage timings")
+    args = p.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    tools = [t for t in args.tools.split(",") if t]
+    if not set(modes) <= {"gzip", "raw"} or not set(tools) <= set(TOOLS) or not tools:
+        raise SystemExit(f"--modes takes gzip,raw and --tools a subset of {','.join(TOOLS)}")
+    fed_repo = Path(args.fedimg_repo).resolve()
+    exe = _dcm2niix()
+    env = {**os.environ, "PYTHONPATH": str(fed_repo), "PYTHONWARNINGS": "ignore"}
+    envs = {t: env for t in TOOLS}
+    if args.baseline_repo:
+        tools.append("fedimg_before")
+        envs["fedimg_before"] = {**env, "PYTHONPATH": str(Path(args.baseline_repo).resolve())}
+    load_before = os.getloadavg()
+    imported = {}  # which fedimg each fedimg tool really runs (a wrong sys.path would time the wrong code)
+    for t in ("fedimg", "fedimg_before"):
+        if t in tools:
+            code = "import fedimg, os; print(os.path.dirname(os.path.dirname(fedimg.__file__)))"
+            where = subprocess.run(
+                [sys.executable, "-c", code], env=envs[t], cwd=tempfile.gettempdir(), capture_output=True, text=True
+            ).stdout.strip()
+            want = envs[t]["PYTHONPATH"]
+            if Path(where).resolve() != Path(want).resolve():
+                raise SystemExit(f"{t} would import fedimg from {where}, not {want}")
+            imported[t] = where
+
+    result: dict[str, object] = {"modes": {}}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        src = tmp / "src"
+        series = build_source(src)
+        n_files = sum(int(s["files"]) for s in series.values())  # type: ignore[call-overload]
+        for f in src.rglob("*"):  # page cache warm for everyone
+            if f.is_file():
+                f.read_bytes()
+
+        def command(tool: str, mode: str, out: Path) -> list[str]:
+            if tool in ("fedimg", "fedimg_before"):
+                return [sys.executable, "-m", "fedimg.cli", "convert", str(src), str(out)] + (
+                    [] if mode == "gzip" else ["--no-compress"]
+                )
+            if tool == "dcm2niix":
+                out.mkdir()
+                z = "y" if mode == "gzip" else "n"
+                return [exe, "-z", z, "-b", "n", "-f", "%s_%p", "-o", str(out), str(src)]
+            return [sys.executable, "-c", MONAI_SCRIPT, str(src), str(out), ".nii.gz" if mode == "gzip" else ".nii"]
+
+        # One untimed run of each: first imports compile bytecode, and the disk cache fills.
+        for tool in tools:
+            _timed(command(tool, "gzip", tmp / f"warm_{tool}"), envs[tool])
+            shutil.rmtree(tmp / f"warm_{tool}")
+
+        for mode in modes:
+            walls: dict[str, list[float]] = {t: [] for t in tools}
+            cpus: dict[str, list[float]] = {t: [] for t in tools}
+            outputs: dict[str, dict[str, int]] = {}
+            for r in range(args.repeats):
+                order = tools[r % len(tools) :] + tools[: r % len(tools)]
+                for tool in order:
+                    out = tmp / f"{mode}_{tool}_{r}"
+                    wall, cpu = _timed(command(tool, mode, out), envs[tool])
+                    walls[tool].append(wall)
+                    cpus[tool].append(cpu)
+                    outputs[tool] = _outputs(out)
+                    shutil.rmtree(out)
+                print(
+                    f"  {mode} repeat {r + 1}/{args.repeats}: " + ", ".join(f"{t} {walls[t][-1]:.2f}s" for t in tools)
+                )
+            entry: dict[str, object] = {
+                "tools": {t: {"wall": _stats(walls[t]), "cpu": _stats(cpus[t]), "outputs": outputs[t]} for t in tools}
+            }
+            med = {t: statistics.median(walls[t]) for t in tools}
+            cpu_med = {t: statistics.median(cpus[t]) for t in tools}
+            if "fedimg" in tools and "dcm2niix" in tools:
+                entry["ratio_vs_dcm2niix_whole_process"] = med["fedimg"] / med["dcm2niix"]
+                entry["ratio_vs_dcm2niix_cpu"] = cpu_med["fedimg"] / cpu_med["dcm2niix"]
+            if "fedimg" in tools and "monai" in tools:
+                entry["ratio_vs_monai_whole_process"] = med["fedimg"] / med["monai"]
+            if "fedimg_before" in tools and "dcm2niix" in tools:
+                entry["before_ratio_vs_dcm2niix_whole_process"] = med["fedimg_before"] / med["dcm2niix"]
+                entry["before_ratio_vs_dcm2niix_cpu"] = cpu_med["fedimg_before"] / cpu_med["dcm2niix"]
+            result["modes"][mode] = entry  # type: ignore[index]
+
+        if not args.no_breakdown:
+            runs = []
+            for _ in range(3):
+                proc = subprocess.run(
+                    [sys.executable, "-c", BREAKDOWN_SCRIPT, str(src)], env=env, cwd=tmp, capture_output=True, text=True
+                )
+                if proc.returncode != 0:
+                    raise RuntimeError(f"breakdown failed: {proc.stderr[-800:]}")
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            startup = {
+                "python_bare_s": statistics.median(_timed([sys.executable, "-c", "pass"], env)[0] for _ in range(5)),
+                "fedimg_convert_imports_s": statistics.median(
+                    _timed([sys.executable, "-c", "import fedimg.cli, fedimg.preprocess.convert"], env)[0]
+                    for _ in range(5)
+                ),
+            }
+            result["startup"] = startup
+            result["fedimg_breakdown_s"] = {
+                k: statistics.median(r["stages"][k] for r in runs) for k in runs[0]["stages"]
+            }
+            result["gzip_levels"] = {
+                k: {
+                    "seconds": statistics.median(r["levels"][k]["seconds"] for r in runs),
+                    "bytes": runs[0]["levels"][k]["bytes"],
+                }
+                for k in runs[0]["levels"]
+            }
+            result["volumes"] = {"voxels": runs[0]["voxels"], "stored_dtypes": runs[0]["dtypes"]}
+
+    version = subprocess.run([exe, "--version"], check=False, capture_output=True, text=True).stdout.strip()
+    headline = result["modes"].get("gzip", {}).get("ratio_vs_dcm2niix_whole_process")  # type: ignore[attr-defined]
+    result.update(
+        {
+            "ratio_vs_dcm2niix_whole_process": headline,
+            "series": series,
+            "files": n_files,
+            "repeats": args.repeats,
+            "fedimg_repo": str(fed_repo),
+            "fedimg_imported_from": imported,
+            "baseline_repo": str(Path(args.baseline_repo).resolve()) if args.baseline_repo else None,
+            "timing": "whole processes, wall clock (perf_counter around subprocess.run) and CPU (children "
+            "user+system); median of repeats, spread = min..max; tools interleaved, order rotating per repeat",
+            "commands": {
+                "fedimg": "python -m fedimg.cli convert SRC OUT [--no-compress]",
+                "dcm2niix": "dcm2niix -z y|n -b n -f %s_%p -o OUT SRC",
+                "monai": "python -c <LoadImage(PydicomReader) per series folder + nibabel save>",
+            },
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "dcm2niix": version.splitlines()[-1] if version else "?",
+                "pigz_found": shutil.which("pigz") is not None,
+                "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(),
+            },
+        }
+    )
+
+    print(f"\nDICOM -> NIfTI, whole processes, {n_files} files in {len(SERIES)} series, median of {args.repeats}")
+    print("  series: " + "; ".join(f"{k} = {v['path']} ({v['files']} files)" for k, v in series.items()))
+    hdr = f"{'mode':<5} {'tool':<13} {'wall s':>7} {'(min..max)':>14} {'cpu s':>7} {'files':>5} {'MB':>7}"
     print(hdr)
     print("-" * len(hdr))
-    for r in rows:
+    for mode, entry in result["modes"].items():  # type: ignore[attr-defined]
+        for t, d in entry["tools"].items():
+            w, c = d["wall"], d["cpu"]
+            print(
+                f"{mode:<5} {t:<13} {w['median_s']:>7.2f} {w['min_s']:>6.2f}..{w['max_s']:<6.2f} "
+                f"{c['median_s']:>7.2f} {d['outputs']['nifti_files']:>5} {d['outputs']['bytes'] / 1e6:>7.1f}"
+            )
+        ratios = [
+            f"{label} {entry[k]:.2f}x"
+            for k, label in (
+                ("ratio_vs_dcm2niix_whole_process", "fedimg/dcm2niix wall"),
+                ("ratio_vs_dcm2niix_cpu", "cpu"),
+                ("ratio_vs_monai_whole_process", "fedimg/monai wall"),
+                ("before_ratio_vs_dcm2niix_whole_process", "before: fedimg/dcm2niix wall"),
+                ("before_ratio_vs_dcm2niix_cpu", "cpu"),
+            )
+            if k in entry
+        ]
+        print(f"{'':<5} " + ", ".join(ratios))
+    if "fedimg_breakdown_s" in result:
+        b = result["fedimg_breakdown_s"]
+        s = result["startup"]
         print(
-            f"{r['dataset']:<12} {r['files']:>5} {r['series']['fedimg']:>6} {r['fedimg_s']:>9.3f} "
-            f"{r['dcm2niix_s']:>10.3f} {r['monai_s']:>8.3f} {r['ratio_vs_dcm2niix']:>8.1f} "
-            f"{r['ratio_vs_monai']:>9.2f}"
+            f"\nfedimg in-process (median of 3): python start {s['python_bare_s']:.2f}s, start + imports "  # type: ignore[index]
+            f"{s['fedimg_convert_imports_s']:.2f}s; " + ", ".join(f"{k} {v:.2f}s" for k, v in b.items())  # type: ignore[index]  # type: ignore[attr-defined]
         )
-    print("-" * len(hdr))
-    print(
-        f"{'total':<12} {result['files']:>5} {n_series:>6} {tot['fedimg_s']:>9.3f} "
-        f"{tot['dcm2niix_s']:>10.3f} {tot['monai_s']:>8.3f} {result['ratio_vs_dcm2niix']:>8.1f} "
-        f"{result['ratio_vs_monai']:>9.2f}"
-    )
-    mismatch = [r["dataset"] for r in rows if len(set(r["series"].values())) != 1]
-    if mismatch:
-        print(f"series counts differ between tools for: {', '.join(mismatch)} (see JSON 'series')")
-
-    print("\nwhere fedimg's time goes (single process, summed over datasets)")
-    parts = [
-        "header_index",
-        "geometry",
-        "pixel_read",
-        "pixel_decode",
-        "nifti_write_gzip",
-        "convert_rest",
-    ]
-    total_parts = sum(stages_total[k] for k in parts)
-    for k in parts:
-        print(f"  {k:<18} {stages_total[k]:>8.3f} s  {100 * stages_total[k] / total_parts:>5.1f} %")
-    print(
-        f"  {'(write, no gzip)':<18} {stages_total['nifti_write_raw_for_reference']:>8.3f} s  "
-        f"(reference: the same volumes written uncompressed)"
-    )
-    print(
-        "  per dataset: "
-        + "; ".join(f"{r['dataset']} " + "/".join(f"{r['fedimg_breakdown_s'][k]:.2f}" for k in parts) for r in rows)
-        + "  (index/geometry/read/decode/gzip-write/rest, s)"
-    )
-    if profile_text:
-        print("\ncProfile of one fedimg pass over all datasets (top 15 by own time)")
-        print(profile_text)
+        print(
+            "gzip levels (same volumes): "
+            + ", ".join(
+                f"{k} {v['seconds']:.2f}s {v['bytes'] / 1e6:.1f} MB"
+                for k, v in result["gzip_levels"].items()  # type: ignore[attr-defined]
+            )
+        )
+    m = result["machine"]
+    print(f"load average before {m['loadavg_before'][0]:.1f}, after {m['loadavg_after'][0]:.1f}")  # type: ignore[index]
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

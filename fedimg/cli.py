@@ -361,6 +361,23 @@ def _version() -> str:
         return __version__
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked for (importlib.metadata costs every command's start-up)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"fedimg {_version()}")  # stdout, as argparse's "version" action prints it
+        parser.exit()
+
+
 def _target(args: argparse.Namespace) -> Any:
     from fedimg.fl.launch import Target, parse_sites
 
@@ -815,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedimg", description="Federated medical-imaging training pipeline.", formatter_class=_HelpFormatter
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--version", action="version", version=f"fedimg {_version()}")
+    p.add_argument("--version", action=_VersionAction, help="show the version and exit")
     common = _common()
     sub = p.add_subparsers(dest="command", required=True)
     _data_parsers(sub, common)

@@ -21,6 +21,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +31,7 @@ from pydicom.errors import InvalidDicomError
 
 from fedimg.dicom.mosaic import MosaicError, MosaicInfo, is_mosaic_type, read_mosaic_info
 from fedimg.dicom.multiframe import FrameInfo, MultiFrameError, read_frames
+from fedimg.dicom.pixels import NativePixels, native_pixels
 from fedimg.dicom.reasons import Reason
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ class DicomHeader:
         imager_pixel_spacing: (0018,1164) Imager Pixel Spacing (row, column) of
             projection radiographs, used when (0028,0030) is absent.
         photometric_interpretation: (0028,0004), e.g. MONOCHROME1.
+        native: where the uncompressed pixels lie in the file, for reading them by offset
+            (:func:`fedimg.dicom.pixels.read_native`); None: the file is decoded by pydicom.
     """
 
     path: Path
@@ -120,6 +124,7 @@ class DicomHeader:
     identity_removed: bool = False
     imager_pixel_spacing: tuple[float, float] | None = None
     photometric_interpretation: str = ""
+    native: NativePixels | None = None
 
     @property
     def folder(self) -> str:
@@ -438,6 +443,11 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
     SOP class without (7FE0,0010) Pixel Data.
     """
     try:
+        # Taken before the read: a file changed during or after it no longer matches (see read_native).
+        before: os.stat_result | None = path.stat()
+    except OSError:
+        before = None
+    try:
         # defer_size keeps large values (pixel data) on disk: one pass, no pixel decode.
         ds = pydicom.dcmread(path, defer_size=4096)
     except InvalidDicomError:
@@ -547,6 +557,7 @@ def read_header(path: Path, rel: str) -> DicomHeader | FileProblem:
         identity_removed=str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES",
         imager_pixel_spacing=(imager_spacing[0], imager_spacing[1]) if imager_spacing else None,
         photometric_interpretation=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
+        native=native_pixels(ds, before) if has_pixels and before is not None else None,
     )
 
 
@@ -568,11 +579,39 @@ class _Progress(Protocol):
     def update(self, n: int = 1, /) -> object: ...
 
 
+def _index_entry(
+    entry: Path | FileProblem, root: Path, claim: tuple[str, ...]
+) -> DicomHeader | FileProblem | tuple[Path, str]:
+    """What :func:`scan` records for one entry: its header, its problem, or (path, rel) of a claimed file."""
+    import re
+
+    # An entry that is not read (link, special file, unreadable folder) arrives as its problem; a file
+    # the OS refuses to open is one too, also a claimed one (a label that cannot be read is reported).
+    if isinstance(entry, FileProblem):
+        return entry
+    rel = entry.relative_to(root).as_posix()
+    problem = _unreadable(entry, rel)
+    if problem is not None:
+        return problem
+    if any(re.search(p, entry.name) for p in claim):
+        return entry, rel
+    return read_header(entry, rel)
+
+
+def _index_chunk(chunk: list[Path | FileProblem], root: Path, claim: tuple[str, ...]) -> list:
+    """:func:`_index_entry` of several entries, in a worker process (pydicom's warnings quoting values silenced)."""
+    from fedimg.dicom.quiet import quiet_dicom
+
+    with quiet_dicom():
+        return [_index_entry(e, root, claim) for e in chunk]
+
+
 def scan(
     root: Path,
     claim: Iterable[str] = (),
     progress: _Progress | None = None,
     entries: Iterable[Path | FileProblem] | None = None,
+    executor: Executor | None = None,
 ) -> Index:
     """Index every entry under ``root``.
 
@@ -584,33 +623,36 @@ def scan(
         progress: optional tqdm-like object with ``update(n)``.
         entries: the result of :func:`walk_source` on ``root``, when the
             caller has walked it already (default: walk it here).
+        executor: worker processes that read the headers in chunks (the result, order included, is the
+            same as without); None reads them here.
     """
     import re
 
-    patterns = [re.compile(p) for p in claim]
+    claimed = tuple(claim)
+    for p in claimed:
+        re.compile(p)  # a bad pattern fails here, in the caller, not in a worker
     headers: list[DicomHeader] = []
     problems: list[FileProblem] = []
     other: list[tuple[Path, str]] = []
-    for path in walk_source(root) if entries is None else entries:
-        # An entry that is not read (link, special file, unreadable folder) arrives as its problem; a file
-        # the OS refuses to open is one too, also a claimed one (a label that cannot be read is reported).
-        if isinstance(path, FileProblem):
-            problems.append(path)
-        else:
-            rel = path.relative_to(root).as_posix()
-            problem = _unreadable(path, rel)
-            if problem is not None:
-                problems.append(problem)
-            elif any(p.search(path.name) for p in patterns):
-                other.append((path, rel))
+    items = walk_source(root) if entries is None else entries
+    results: Iterable[list]
+    if executor is None:
+        results = ([_index_entry(e, root, claimed)] for e in items)
+    else:
+        listed = list(items)
+        size = max(1, min(32, len(listed) // 16))  # small chunks: the progress bar moves, the workers stay even
+        chunks = [listed[i : i + size] for i in range(0, len(listed), size)]
+        results = executor.map(_index_chunk, chunks, [root] * len(chunks), [claimed] * len(chunks))
+    for chunk in results:
+        for result in chunk:
+            if isinstance(result, DicomHeader):
+                headers.append(result)
+            elif isinstance(result, FileProblem):
+                problems.append(result)
             else:
-                result = read_header(path, rel)
-                if isinstance(result, DicomHeader):
-                    headers.append(result)
-                else:
-                    problems.append(result)
+                other.append(result)
         if progress is not None:
-            progress.update(1)
+            progress.update(len(chunk))
     return Index(root=root, headers=headers, problems=problems, other_files=other)
 
 

@@ -25,12 +25,6 @@ from typing import Any
 
 import numpy as np
 
-with warnings.catch_warnings():
-    # nibabel.nicom warns on import that its DICOM readers are experimental; we only
-    # use its CSA header parser, which is stable and small.
-    warnings.simplefilter("ignore")
-    from nibabel.nicom import csareader
-
 CSA_IMAGE_HEADER_INFO = "(0029,1010) CSA Image Header Info"
 
 
@@ -74,6 +68,12 @@ def read_mosaic_info(ds: Any, rows: int, columns: int) -> MosaicInfo:
         MosaicError: the CSA header is missing or unreadable, or its values do
             not fit the grid.
     """
+    with warnings.catch_warnings():
+        # Imported here, for mosaics only (nibabel.nicom costs every `fedimg convert` start-up otherwise).
+        # It warns on import that its DICOM readers are experimental; only its CSA header parser is used,
+        # which is stable and small.
+        warnings.simplefilter("ignore")
+        from nibabel.nicom import csareader
     try:
         csa = csareader.get_csa_header(ds, "image")
     except Exception as exc:  # noqa: BLE001 - the CSA parser raises many types on bad bytes

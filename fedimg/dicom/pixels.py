@@ -22,6 +22,8 @@ a modality LUT that is not finite, are ``PIXEL_DECODE_ERROR`` for the series.
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -110,17 +112,37 @@ def _mask_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     """
     bits_alloc = _header_int(ds, "BitsAllocated", "(0028,0100) Bits Allocated", 16)
     bits_stored = _header_int(ds, "BitsStored", "(0028,0101) Bits Stored", bits_alloc)
+    signed = _header_int(ds, "PixelRepresentation", "(0028,0103) Pixel Representation", 0) == 1
+    return mask_stored_bits(arr, bits_alloc, bits_stored, signed)
+
+
+def mask_stored_bits(arr: np.ndarray, bits_alloc: int, bits_stored: int, signed: bool) -> np.ndarray:
+    """:func:`_mask_bits` on header values already read: the low ``bits_stored`` bits, sign-extended if ``signed``.
+
+    Returns ``arr`` itself when there is nothing to mask; otherwise a new array of the decoder's width
+    ('i' or 'u' by ``signed``; int64 for 64-bit input).
+    """
     if not np.issubdtype(arr.dtype, np.integer) or bits_stored >= bits_alloc or bits_stored < 1:
         return arr
+    width = arr.dtype.itemsize
+    if not arr.dtype.isnative:  # e.g. big-endian pixel data: the bit operations below need native order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if width < 8:
+        # In the decoder's own width, with no int64 copy: the low bits of a two's-complement value are
+        # those of its unsigned view, and every masked or sign-extended value fits the width
+        # (bits_stored < bits_alloc <= 8 * width).
+        out = arr.view(f"u{width}") & np.array((1 << bits_stored) - 1, dtype=f"u{width}")
+        if signed:
+            out = out.view(f"i{width}")
+            sign = np.array(1 << (bits_stored - 1), dtype=f"i{width}")
+            np.bitwise_xor(out, sign, out=out)
+            np.subtract(out, sign, out=out)
+        return out
     raw = arr.astype(np.int64) & ((1 << bits_stored) - 1)
-    signed = _header_int(ds, "PixelRepresentation", "(0028,0103) Pixel Representation", 0) == 1
     if signed:
-        sign = 1 << (bits_stored - 1)
-        raw = (raw ^ sign) - sign
-    # Back to an integer type of the decoder's width (the masked values fit): a volume of int64 slices
-    # would take four times the memory of the stored 16-bit values.
-    target = np.dtype(f"{'i' if signed else 'u'}{arr.dtype.itemsize}")
-    return raw.astype(target) if arr.dtype.itemsize < 8 else raw
+        bit = 1 << (bits_stored - 1)
+        raw = (raw ^ bit) - bit
+    return raw
 
 
 def check_codec(transfer_syntax: str) -> None:
@@ -191,6 +213,129 @@ def decode_stored(ds: Dataset) -> np.ndarray:
             f"pixel data could not be decoded ({type(exc).__name__}); the file may be truncated",
         ) from None
     return _mask_bits(np.asarray(arr), ds)
+
+
+#: Uncompressed little-endian transfer syntaxes, whose pixel bytes lie in the file as they are in memory.
+NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})  # implicit, explicit VR
+_PIXEL_DATA_TAG = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class NativePixels:
+    """Where one file's uncompressed pixels lie, noted while its header is read (no pixel is read then).
+
+    Only for files :func:`decode_stored` would decode without complaint: one sample per pixel,
+    8/16/32-bit (0028,0100), a (7FE0,0010) of the length the header implies, a finite modality
+    LUT. :func:`read_native` then reads the pixels by offset, without parsing the file again.
+
+    Attributes:
+        offset: byte offset of the (7FE0,0010) value in the file.
+        rows, columns, frames: (0028,0010), (0028,0011), (0028,0008).
+        bits_allocated, bits_stored: (0028,0100), (0028,0101).
+        signed: (0028,0103) Pixel Representation is 1.
+        slope, intercept: :func:`rescale` of the file.
+        size, mtime_ns: the file's size and modification time when indexed: a file changed
+            since is read again in full instead.
+    """
+
+    offset: int
+    rows: int
+    columns: int
+    frames: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    slope: float
+    intercept: float
+    size: int
+    mtime_ns: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of pixel data the header implies (without the padding byte)."""
+        return self.rows * self.columns * self.frames * self.bits_allocated // 8
+
+
+def native_pixels(ds: Dataset, st: os.stat_result) -> NativePixels | None:
+    """The :class:`NativePixels` of a dataset read with deferred pixel data, or None.
+
+    None (the file is decoded by pydicom, as before) for compressed, big-endian or deflated
+    transfer syntaxes, pixel data held in memory (small values are not deferred), float pixel
+    data, and any header value :func:`decode_stored` or :func:`rescale` would refuse or treat
+    specially: those keep their exact refusal messages.
+
+    Args:
+        ds: the dataset, read with ``defer_size`` so that (7FE0,0010) stayed on disk.
+        st: ``os.stat`` of the file when ``ds`` was read.
+    """
+    meta = ds.file_meta
+    if meta is None or str(meta.get("TransferSyntaxUID", "")) not in NATIVE_LITTLE_ENDIAN:
+        return None
+    raw = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+    if raw is None or getattr(raw, "value", None) is not None:
+        return None
+    offset, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+    if not isinstance(offset, int) or not isinstance(length, int) or length == _UNDEFINED_LENGTH:
+        return None
+    try:
+        samples = _header_int(ds, "SamplesPerPixel", "(0028,0002) Samples per Pixel", 1)
+        rows = _header_int(ds, "Rows", "(0028,0010) Rows", 0)
+        columns = _header_int(ds, "Columns", "(0028,0011) Columns", 0)
+        frames = _header_int(ds, "NumberOfFrames", "(0028,0008) Number of Frames", 1)
+        bits = _header_int(ds, "BitsAllocated", "(0028,0100) Bits Allocated", 0)
+        bits_stored = _header_int(ds, "BitsStored", "(0028,0101) Bits Stored", 0)
+        representation = _header_int(ds, "PixelRepresentation", "(0028,0103) Pixel Representation", -1)
+        slope, intercept = rescale(ds)
+    except RefusedError:
+        return None
+    if samples != 1 or rows <= 0 or columns <= 0 or frames <= 0 or bits not in (8, 16, 32):
+        return None
+    if not 1 <= bits_stored <= bits or representation not in (0, 1):
+        return None
+    found = NativePixels(
+        offset=offset,
+        rows=rows,
+        columns=columns,
+        frames=frames,
+        bits_allocated=bits,
+        bits_stored=bits_stored,
+        signed=representation == 1,
+        slope=slope,
+        intercept=intercept,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+    )
+    if length not in (found.nbytes, found.nbytes + 1) or offset + found.nbytes > st.st_size:
+        return None
+    return found
+
+
+def read_native(path: str | os.PathLike[str], px: NativePixels) -> np.ndarray | None:
+    """The masked stored values of an uncompressed file, read by offset: what :func:`decode_stored` gives.
+
+    Returns:
+        (rows, columns) for one frame, (frames, rows, columns) for several; None when the file is
+        no longer the one indexed (its size or modification time changed, or it reads short):
+        the caller then decodes it in full.
+    """
+    shape = (px.rows, px.columns) if px.frames == 1 else (px.frames, px.rows, px.columns)
+    arr = np.empty(shape, dtype=f"<{'i' if px.signed else 'u'}{px.bits_allocated // 8}")
+    with open(path, "rb", buffering=0) as fh:
+        st = os.fstat(fh.fileno())
+        if st.st_size != px.size or st.st_mtime_ns != px.mtime_ns:
+            return None
+        fh.seek(px.offset)
+        view = memoryview(arr.data).cast("B")
+        got = 0
+        while got < px.nbytes:
+            n = fh.readinto(view[got:])
+            if not n:
+                return None
+            got += n
+    return mask_stored_bits(
+        arr.astype(arr.dtype.newbyteorder("="), copy=False), px.bits_allocated, px.bits_stored, px.signed
+    )
 
 
 def rescale(ds: Dataset) -> tuple[float, float]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from fedimg.dicom.geometry import LPS_TO_RAS
 from fedimg.dicom.index import SeriesGroup
@@ -92,6 +91,8 @@ def regularize(
     ii, jj = np.meshgrid(np.arange(ni, dtype=np.float64), np.arange(nj, dtype=np.float64), indexing="ij")
     fill = float(vol.min())
     out = np.empty((ni, nj, n_out), dtype=np.float32 if order else vol.dtype)
+
+    from scipy import ndimage  # here, not at import: `fedimg convert` loads this module but rarely resamples
 
     def sample(k: int, target: np.ndarray) -> np.ndarray:
         # In-plane offset of the target slice origin relative to source slice k, in voxels.

@@ -27,6 +27,7 @@ from fedimg.dicom.pixels import (
     check_modality_lut,
     decode_stored,
     modality_volume,
+    read_native,
     read_slice,
     rescale,
 )
@@ -178,6 +179,21 @@ def _as_modality_values(buf: np.ndarray, scales: list[tuple[float, float]]) -> n
     return out
 
 
+def _decode_file(h: DicomHeader) -> tuple[np.ndarray, tuple[float, float]]:
+    """Masked stored values and modality LUT of one file.
+
+    Uncompressed little-endian pixels are read by the offset the header pass noted (the file is not
+    parsed a second time); everything else, and a file changed since it was indexed, is decoded by pydicom.
+    """
+    if h.native is not None:
+        stored = read_native(h.path, h.native)
+        if stored is not None:
+            return stored, (h.native.slope, h.native.intercept)
+    ds = read_slice(str(h.path))
+    stored = decode_stored(ds)
+    return stored, rescale(ds)
+
+
 def load_volume(group: SeriesGroup, geometry: SeriesGeometry) -> Volume:
     """Decode the pixels of a group whose geometry was validated.
 
@@ -205,9 +221,7 @@ def load_volume(group: SeriesGroup, geometry: SeriesGeometry) -> Volume:
     for k, (hi, fi) in enumerate(sources):
         h = group.headers[hi]
         if hi != cached_index:
-            ds = read_slice(str(h.path))
-            stored = decode_stored(ds)
-            lut = rescale(ds)
+            stored, lut = _decode_file(h)
             if h.mosaic is not None:
                 if stored.ndim != 2 or stored.shape != (h.rows, h.columns):
                     raise RefusedError(

@@ -18,12 +18,13 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # not tqdm.auto: it imports asyncio and notebook support at every start-up
 
 from fedimg.config import GeometrySpec
 from fedimg.dicom.geometry import SeriesGeometry
@@ -37,9 +38,11 @@ from fedimg.preprocess.io import write_json, write_jsonl, write_nifti
 from fedimg.preprocess.manifest import CONVERTED, REFUSED, finalize, mark, render_table, summarize
 from fedimg.preprocess.outdir import OutputDir, announce, claim, precheck
 from fedimg.preprocess.scan import index_source
-from fedimg.preprocess.workers import default_workers, worker_pool
+from fedimg.preprocess.workers import LazyPool, default_workers, lazy_worker_pool
 
 STATE_FILE = ".fedimg_convert_state.json"
+#: Sources with fewer entries are indexed in the main process: starting workers would cost more.
+PARALLEL_INDEX_MIN = 64
 
 
 @dataclass
@@ -118,16 +121,15 @@ def write_volume(path: Path, vol: Volume) -> None:
 
 
 def _run(
-    tasks: list[tuple[SeriesGroup, SeriesGeometry, str]], workers: int, progress: bool
+    tasks: list[tuple[SeriesGroup, SeriesGeometry, str]], workers: int, progress: bool, pool: LazyPool
 ) -> Iterator[tuple[str, str, str]]:
     if workers <= 1 or len(tasks) <= 1:
         for t in tqdm(tasks, desc="convert", unit="series", disable=not progress):
             yield _convert_one(t)
         return
-    with worker_pool(workers) as pool:
-        yield from tqdm(
-            pool.map(_convert_one, tasks), total=len(tasks), desc="convert", unit="series", disable=not progress
-        )
+    yield from tqdm(
+        pool.get().map(_convert_one, tasks), total=len(tasks), desc="convert", unit="series", disable=not progress
+    )
 
 
 @quiet_dicom_call
@@ -158,9 +160,15 @@ def convert(
     geometry = geometry or GeometrySpec()
     workers = default_workers() if workers is None else max(1, workers)
     precheck(dst, "convert", src=src)  # before the scan: a wrong DST is refused before any work
-    scanned = index_source(src, label="convert", progress=progress)
-    with claim(dst, "convert", src=src) as out:
-        return _convert(scanned, out, geometry, workers, progress, compress)
+    # One set of worker processes reads the headers, then converts the series.
+    with lazy_worker_pool(workers) as pool:
+
+        def index_pool(n_entries: int) -> Executor | None:
+            return pool.get() if workers > 1 and n_entries >= PARALLEL_INDEX_MIN else None
+
+        scanned = index_source(src, label="convert", progress=progress, executor=index_pool)
+        with claim(dst, "convert", src=src) as out:
+            return _convert(scanned, out, geometry, workers, progress, compress, pool)
 
 
 def _read_state(path: Path) -> dict[str, str]:
@@ -172,7 +180,7 @@ def _read_state(path: Path) -> dict[str, str]:
 
 
 def _convert(
-    scanned: Any, out: OutputDir, geometry: GeometrySpec, workers: int, progress: bool, compress: bool
+    scanned: Any, out: OutputDir, geometry: GeometrySpec, workers: int, progress: bool, compress: bool, pool: LazyPool
 ) -> ConvertResult:
     dst = out.path
     rows = scanned.rows
@@ -215,7 +223,7 @@ def _convert(
         new_state[name] = fp
 
     (dst / "series").mkdir(parents=True, exist_ok=True)
-    for (g, _, out_path), (status, reason, detail) in zip(tasks, _run(tasks, workers, progress)):
+    for (g, _, out_path), (status, reason, detail) in zip(tasks, _run(tasks, workers, progress, pool)):
         name = Path(out_path).relative_to(dst).as_posix()
         if status == CONVERTED:
             mark(rows, g.rels, CONVERTED, "", "", output=name, series_uid=g.series_uid)

@@ -7,11 +7,12 @@ left are image headers, ready to be grouped into series.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # not tqdm.auto: it imports asyncio and notebook support at every start-up
 
 from fedimg.dicom.index import DicomHeader, FileProblem, Index, scan, walk_source
 from fedimg.dicom.reasons import Reason
@@ -61,8 +62,18 @@ def check_source(src: Path, what: str = "DICOM files") -> list[Path | FileProble
     return entries
 
 
-def index_source(src: Path, claim: Iterable[str] = (), label: str = "", progress: bool = True) -> ScanResult:
+def index_source(
+    src: Path,
+    claim: Iterable[str] = (),
+    label: str = "",
+    progress: bool = True,
+    executor: Callable[[int], Executor | None] | None = None,
+) -> ScanResult:
     """Index ``src`` (headers only) and decide the files that carry no image volume.
+
+    Args:
+        executor: given the number of entries, worker processes to read the headers in
+            (see :func:`fedimg.dicom.index.scan`), or None to read them in this process.
 
     Raises:
         PreprocessInputError: see :func:`check_source`, or no DICOM file at all.
@@ -71,7 +82,8 @@ def index_source(src: Path, claim: Iterable[str] = (), label: str = "", progress
     with tqdm(
         total=len(entries), desc=f"{label}: index" if label else "index", unit="file", disable=not progress
     ) as bar:
-        index = scan(src, claim=claim, progress=bar, entries=entries)
+        pool = executor(len(entries)) if executor is not None else None
+        index = scan(src, claim=claim, progress=bar, entries=entries, executor=pool)
     if not index.headers:
         reasons = Counter(p.reason.value for p in index.problems)
         found = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "only non-DICOM label files"

@@ -81,4 +81,39 @@ def worker_pool(workers: int, start_method: str | None = None) -> Iterator[Proce
         pool.shutdown(wait=True)
 
 
-__all__ = ["default_workers", "stop_workers", "worker_pool"]
+class LazyPool:
+    """A :func:`worker_pool` started on first use (a run with nothing to spread starts no process)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._cm: contextlib.AbstractContextManager[ProcessPoolExecutor] | None = None
+        self._pool: ProcessPoolExecutor | None = None
+
+    def get(self) -> ProcessPoolExecutor:
+        """The pool, started now if it is not yet."""
+        if self._pool is None:
+            cm = worker_pool(self.workers)
+            self._pool = cm.__enter__()
+            self._cm = cm
+        return self._pool
+
+    def close(self, exc: BaseException | None) -> None:
+        """Wait for the workers (``exc`` None) or stop them at once (an exception is leaving)."""
+        cm, self._cm, self._pool = self._cm, None, None
+        if cm is not None:
+            cm.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+
+
+@contextlib.contextmanager
+def lazy_worker_pool(workers: int) -> Iterator[LazyPool]:
+    """A :class:`LazyPool` whose workers, if started, are awaited on success and stopped on an exception."""
+    lazy = LazyPool(workers)
+    try:
+        yield lazy
+    except BaseException as exc:
+        lazy.close(exc)
+        raise
+    lazy.close(None)
+
+
+__all__ = ["LazyPool", "default_workers", "lazy_worker_pool", "stop_workers", "worker_pool"]
