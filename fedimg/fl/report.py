@@ -190,6 +190,8 @@ def _mean_cell(cells: Sequence[Mapping[str, Any]], metric: str) -> str:
     text = f"{mean:.3f}"
     if all(at_voxel_size(c, metric) for c in present):
         text = f"≤ voxel size ({max(c['voxel_mm'] for c in present):g} mm)"
+    if withheld and not known:
+        return f"{text}, n withheld"
     return f"{text}, n={known}" + (" + withheld" if withheld else "")
 
 
@@ -202,8 +204,9 @@ def matrix_markdown(matrix: Mapping[str, Any]) -> str:
     }
     lines = [
         f"**{matrix['description']}** (`{metric}`), each model scored on each site's own validation cases; "
-        "each cell: the value, its 95% bootstrap interval over the site's cases (computed at the site; "
-        "not sent by a site below `privacy.min_cohort` cases), and n = the cases behind it",
+        "each cell: the value, its 95% bootstrap interval over the site's cases (computed at the site) "
+        "and n = the cases behind it; *n withheld*: the site has fewer than `privacy.min_cohort` validation "
+        "cases and keeps their number and the interval to itself",
         "",
         "| model | " + " | ".join(f"{s} cases" for s in sites) + " | mean over sites |",
         "|---|" + "---|" * (len(sites) + 1),

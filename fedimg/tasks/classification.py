@@ -14,6 +14,7 @@ resample draws (score, label) pairs of whole cases.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -106,7 +107,7 @@ def _add_intervals(out: dict[str, float], scores: np.ndarray, labels: np.ndarray
         add_interval(out, "auc_mean", case_interval(n, auc_mean))
         if len(class_names) > 2:
             for i in defined:
-                add_interval(out, f"auc/{class_names[i]}", case_interval(n, lambda rows, i=i: auc(i, rows)))
+                add_interval(out, f"auc/{class_names[i]}", case_interval(n, functools.partial(auc, i)))
     if "balanced_accuracy" in out:
         add_interval(out, "balanced_accuracy", case_interval(n, balanced))
 

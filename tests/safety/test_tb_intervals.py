@@ -88,6 +88,17 @@ def test_auc_interval_resamples_whole_cases():
     assert metric_names(m)["val_auc_ci_high"] == m["auc_mean_ci_high"]
 
 
+def test_with_three_classes_every_auc_gets_its_interval():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1, 2], 8)
+    scores = rng.dirichlet([1, 1, 1], size=labels.size) + np.eye(3)[labels] * 0.5
+    scores /= scores.sum(axis=1, keepdims=True)
+    m = classification_metrics(scores, labels, ["a", "b", "c"])
+    for c in "abc":
+        assert m[f"auc/{c}_ci_low"] <= m[f"auc/{c}"] <= m[f"auc/{c}_ci_high"]
+    assert metric_names(m)["val_auc_b_ci_low"] == m["auc/b_ci_low"]
+
+
 def test_the_server_checks_interval_bounds_like_their_metric():
     from fedimg.fl.aggregation import check_metrics
 
