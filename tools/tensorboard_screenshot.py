@@ -316,6 +316,32 @@ class HeadlessChromium:
         })()"""
         return str(self.page("Runtime.evaluate", {"expression": script, "returnByValue": True})["result"]["value"])
 
+    def click(self, label: str, settle: float = 2.0) -> None:
+        """Click the control whose visible text is ``label`` (shadow DOM included), e.g. a dashboard's checkbox.
+
+        Raises:
+            LookupError: no element on the page shows that text.
+        """
+        script = """((label) => {
+            const hits = [];
+            const walk = (node) => {
+                if (node.shadowRoot) walk(node.shadowRoot);
+                for (const child of node.children || []) {
+                    if ((child.innerText || '').trim() === label) hits.push(child);
+                    walk(child);
+                }
+            };
+            walk(document);
+            if (!hits.length) return false;
+            hits[hits.length - 1].click();  // the innermost element with exactly that text
+            return true;
+        })("""
+        script += json.dumps(label) + ")"
+        found = self.page("Runtime.evaluate", {"expression": script, "returnByValue": True})["result"]["value"]
+        if not found:
+            raise LookupError(f"nothing on the page reads {label!r}")
+        self.pump(settle)
+
     def screenshot(self, path: str | Path) -> Path:
         """Write the page as a PNG."""
         data = self.page("Page.captureScreenshot", {"format": "png"})["data"]
@@ -362,6 +388,13 @@ def main() -> int:
     )
     p.add_argument("--size", default="1400,1000", help="window size W,H")
     p.add_argument("--settle", type=float, default=3.0, help="seconds after the data arrived, for the charts to draw")
+    p.add_argument(
+        "--click",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="click the control that reads TEXT before the picture (e.g. 'Show actual image size'); repeatable",
+    )
     args = p.parse_args()
     if find_chromium() is None:
         p.error("Chromium not found: install it (Debian: apt-get install chromium)")
@@ -372,6 +405,8 @@ def main() -> int:
             until=lambda urls: any("/data/plugin/" in u for u in urls),
             settle=args.settle,
         )
+        for label in args.click:
+            browser.click(label, settle=args.settle)
         browser.screenshot(args.png)
     print(f"wrote {args.png}")
     return 0

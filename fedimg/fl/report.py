@@ -130,8 +130,9 @@ def metric_cell(metrics: Mapping[str, Any] | None, metric: str, n: int | None = 
     Args:
         metrics: one site's metrics for one model (``val_*`` or ``test_*``).
         metric: the metric of the table, e.g. ``val_dice_lesion``.
-        n: the cases behind the cell when the caller knows them; otherwise the site's
-            ``val_cases``/``test_cases`` (None: withheld by a small site).
+        n: the cases scored when the caller knows them; otherwise the site's
+            ``val_cases``/``test_cases`` (None: withheld by a small site). For a class's HD95,
+            less the cases where it is undefined (``hd95_undefined_<class>``).
 
     Returns:
         ``{"value", "ci": [low, high] | None, "n", "voxel_mm"}``.
@@ -141,6 +142,11 @@ def metric_cell(metrics: Mapping[str, Any] | None, metric: str, n: int | None = 
     low_key, high_key = interval_keys(metric)
     low, high = _num(metrics.get(low_key)), _num(metrics.get(high_key))
     cases = _num(metrics.get(prefix + "cases")) if n is None else float(n)
+    if cases is not None and is_hd95(metric):
+        # A class's HD95 is a mean over the cases where it is defined: not those where only one side is empty.
+        core = _split_prefix(metric)[1]
+        undefined = _num(metrics.get(prefix + "hd95_undefined" + core[len("hd95") :])) if core != "hd95" else None
+        cases = cases - undefined if undefined is not None and 0 <= undefined <= cases else cases
     voxel = _num(metrics.get(prefix + "voxel_mm"))
     return {
         "value": _num(metrics.get(metric)),

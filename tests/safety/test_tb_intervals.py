@@ -131,7 +131,7 @@ def test_a_small_site_withholds_its_intervals_and_the_server_never_averages_them
 def _results():
     site1 = {"val_dice": 0.912, "val_dice_ci_low": 0.871, "val_dice_ci_high": 0.948, "val_cases": 6.0}
     site1 |= {"val_hd95_lesion": 1.5, "val_hd95_lesion_ci_low": 1.5, "val_hd95_lesion_ci_high": 1.5}
-    site1 |= {"val_voxel_mm": 1.5}
+    site1 |= {"val_voxel_mm": 1.5, "val_hd95_undefined_lesion": 1.0}  # one case: a lesion missed or invented
     site2 = {"val_dice": 0.7, "val_hd95_lesion": 7.25, "val_voxel_mm": 1.5}  # a small site: no n, no interval
     models = ("SRV_FL_global_model.pt", "site-1")
     return {"site-1": dict.fromkeys(models, site1), "site-2": dict.fromkeys(models, site2)}
@@ -144,7 +144,7 @@ def test_cross_site_cells_state_interval_and_n_and_hd95_at_the_voxel_size():
     assert "| final global model | 0.912 (0.87–0.95), n=6 | 0.700, n withheld | 0.806, n=6 + withheld |" in md
     assert "95% bootstrap interval" in md
     hd = matrix_markdown(cross_site_matrix(_results(), "val_hd95_lesion"))
-    assert "| final global model | ≤ voxel size (1.5 mm), n=6 | 7.250, n withheld |" in hd
+    assert "| final global model | ≤ voxel size (1.5 mm), n=5 | 7.250, n withheld |" in hd  # 6 cases, 1 undefined
     # A site's numbers are checked before they are shown: a reversed interval is not drawn.
     bad = _results()
     bad["site-1"]["SRV_FL_global_model.pt"] = {"val_dice": 0.9, "val_dice_ci_low": 0.95, "val_dice_ci_high": 0.5}
