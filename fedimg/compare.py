@@ -61,6 +61,12 @@ def build_comparison(
 ) -> dict[str, Any]:
     """The comparison table's data.
 
+    Besides each cell's value: its 95% bootstrap interval when the metrics
+    carry one (``intervals``: method -> site -> ``[low, high]``; the
+    federated model's come from the sites' cross-site evaluation, the
+    baselines' from the same evaluation code) and each site's voxel size
+    (``voxel_mm``), which tells an HD95 at the scan's resolution.
+
     Args:
         federated: site -> FL metrics (``val_*``) of the final global model on that site's cases.
         federated_best: the same for the best global model (None if not available).
@@ -71,18 +77,21 @@ def build_comparison(
         cases: site -> cases behind each of its numbers.
         split: the cases scored: ``validation`` or ``test``.
     """
-    from fedimg.fl.report import describe_metric
+    from fedimg.fl.report import describe_metric, metric_cell
 
     metric = metric or exp.key_metric
-    per_site: dict[str, dict[str, float | None]] = {
-        "federated": {s: federated.get(s, {}).get(metric) for s in sites},
-        "local": {s: local.get(s, {}).get(s, {}).get(metric) for s in sites},
-        "centralized": {s: centralized.get(s, {}).get(metric) for s in sites},
+    sources: dict[str, dict[str, dict[str, float]]] = {
+        "federated": {s: federated.get(s, {}) for s in sites},
+        "local": {s: local.get(s, {}).get(s, {}) for s in sites},
+        "centralized": {s: centralized.get(s, {}) for s in sites},
     }
     methods = ["federated", "local", "centralized"]
     if federated_best is not None:
-        per_site["federated_best"] = {s: federated_best.get(s, {}).get(metric) for s in sites}
+        sources["federated_best"] = {s: federated_best.get(s, {}) for s in sites}
         methods.insert(1, "federated_best")
+    cells = {m: {s: metric_cell(sources[m][s], metric) for s in sites} for m in methods}
+    per_site: dict[str, dict[str, float | None]] = {m: {s: sources[m][s].get(metric) for s in sites} for m in methods}
+    voxels = {s: [cells[m][s]["voxel_mm"] for m in methods if cells[m][s]["voxel_mm"] is not None] for s in sites}
     mean = {m: _mean(list(per_site[m].values())) for m in methods}
     ratio = (mean["federated"] / mean["centralized"]) if mean["federated"] is not None and mean["centralized"] else None
     return {
@@ -92,6 +101,8 @@ def build_comparison(
         "methods": methods,
         "labels": {m: METHOD_LABELS[m] for m in methods},
         "per_site": per_site,
+        "intervals": {m: {s: cells[m][s]["ci"] for s in sites} for m in methods},
+        "voxel_mm": {s: min(v) for s, v in voxels.items() if v},
         "mean": mean,
         "federated_over_centralized": ratio,
         "federated_minus_local_mean": (mean["federated"] - mean["local"])

@@ -40,7 +40,8 @@ class SiteData:
     """A site's datalist resolved for training: absolute paths, voxel spacing, the fold chosen.
 
     Attributes:
-        training: training items (``image``, ``label``, ``case_id``, ``spacing``).
+        training: training items (``image``, ``label``, ``case_id``, ``spacing``; 3D also ``axcodes``,
+            the stored axes' orientation codes, e.g. ``RAS``, for pictures in the radiological convention).
         validation: validation items (with ``fold``: that fold).
         test: held-out test items (never trained on, never used to choose a model).
         task: ``segmentation`` or ``classification``.
@@ -59,15 +60,20 @@ class SiteData:
     datalist: Datalist
 
 
-def _voxel_spacing(path: str, dims: int) -> torch.Tensor:
-    # Header only: nibabel reads the pixdims without the voxel data. A tensor collates to (B, dims).
+def _geometry(path: str, dims: int) -> dict[str, Any]:
+    # Header only: nibabel reads the pixdims and affine without the voxel data. A tensor collates to (B, dims),
+    # a string to a list.
     img = nib.load(path)
     if not isinstance(img, SpatialImage):
         raise ValueError(
             f"expected a NIfTI volume in the datalist, got a {type(img).__name__} file; re-run fedimg preprocess"
         )
     zooms = img.header.get_zooms()
-    return torch.tensor([float(z) for z in zooms[:dims]], dtype=torch.float64)
+    out: dict[str, Any] = {"spacing": torch.tensor([float(z) for z in zooms[:dims]], dtype=torch.float64)}
+    if dims == 3:
+        # The stored axes' orientation (e.g. RAS), so pictures can be shown in the radiological convention.
+        out["axcodes"] = "".join(str(c) for c in nib.aff2axcodes(img.affine))
+    return out
 
 
 def _resolve(items: list[DatalistItem], root: Path, dl: Datalist) -> list[dict[str, Any]]:
@@ -78,7 +84,7 @@ def _resolve(items: list[DatalistItem], root: Path, dl: Datalist) -> list[dict[s
             "image": image,
             "case_id": item.case_id,
             "label": item.label,
-            "spacing": _voxel_spacing(image, dl.spatial_dims),
+            **_geometry(image, dl.spatial_dims),
         }
         if dl.task == "segmentation":
             entry["label"] = str(root / str(item.label))

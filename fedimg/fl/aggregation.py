@@ -18,8 +18,9 @@ server checks, with the pure functions here:
 * :func:`check_weight`: the aggregation weight (the site's reported optimizer
   steps) is a finite number in ``(0, cap]``;
 * :func:`check_metrics`: validation metrics are numbers in their range
-  (Dice, AUC, sensitivity, specificity, accuracy in [0, 1]; HD95 >= 0; case
-  counts whole numbers up to :data:`MAX_CASES_PER_SITE`).
+  (Dice, AUC, sensitivity, specificity, accuracy in [0, 1], the bounds of
+  their intervals too; HD95 and the voxel size >= 0; case counts whole
+  numbers up to :data:`MAX_CASES_PER_SITE`).
 
 A failed check rejects the site's update (or its metrics) with a reason code
 and the site named; it never stops the server.
@@ -36,6 +37,7 @@ import numpy as np
 
 from fedimg.config import AggregationMethod, ExperimentConfig
 from fedimg.fl.protocol import MAX_ENTRIES, MAX_NAME, is_number
+from fedimg.tasks.intervals import is_interval_bound
 from fedimg.training.checkpoint import state_problem
 
 METHODS: tuple[str, ...] = get_args(AggregationMethod)
@@ -47,7 +49,9 @@ MAX_CASES_PER_SITE = 100_000
 # Metric families by name (after "val_", "/" read as "_"), most specific first: their valid ranges.
 _UNIT_INTERVAL = ("balanced_accuracy", "accuracy", "sensitivity", "specificity", "dice", "auc")
 _COUNTS = ("hd95_undefined", "cases")
-_NON_NEGATIVE = ("hd95",)
+_NON_NEGATIVE = ("hd95", "voxel_mm")
+# Reported per site, never averaged: a mean of interval bounds is no interval, a mean of voxel sizes no voxel size.
+_NOT_AVERAGED = ("voxel_mm",)
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,9 @@ def _weighted_sum(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.
 def weighted_metrics(per_site: Mapping[str, Mapping[str, float]], weights: Mapping[str, float]) -> dict[str, float]:
     """Weighted mean of each metric over the sites that report it (finite values only).
 
+    The bounds of a site's bootstrap interval (``*_ci_low``, ``*_ci_high``)
+    and its voxel size are left out: they describe one site's cases.
+
     Args:
         per_site: site -> metrics.
         weights: site -> weight (e.g. validation cases).
@@ -131,6 +138,8 @@ def weighted_metrics(per_site: Mapping[str, Mapping[str, float]], weights: Mappi
         w = float(weights.get(site, 1.0))
         for k, v in metrics.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                continue
+            if is_interval_bound(k) or _family(k) in _NOT_AVERAGED:
                 continue
             sums[k] = sums.get(k, 0.0) + w * float(v)
             norms[k] = norms.get(k, 0.0) + w
@@ -283,7 +292,8 @@ def check_metrics(metrics: Any, max_cases: int = MAX_CASES_PER_SITE) -> str | No
     a class absent from every case) and is skipped by the means, an infinite
     value is invalid. By name (``val_`` prefix optional, ``/`` read as ``_``):
     ``dice*``, ``auc*``, ``sensitivity*``, ``specificity*``,
-    ``*accuracy*`` in [0, 1]; ``hd95*`` >= 0; ``cases`` and
+    ``*accuracy*`` in [0, 1] (their interval bounds ``*_ci_low``/``*_ci_high``
+    too); ``hd95*`` and ``voxel_mm`` >= 0; ``cases`` and
     ``hd95_undefined*`` whole numbers in [0, ``max_cases``]. Other names need
     only be finite. At most :data:`fedimg.fl.protocol.MAX_ENTRIES` metrics.
 

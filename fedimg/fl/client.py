@@ -23,7 +23,9 @@ writes its own record into the same meta entry and keeps the ``dp_sgd`` one
 (:class:`fedimg.fl.privacy.GaussianUpdateDP`).
 
 Counts about the validation cases (``val_cases``, the per-class counts of
-cases with an undefined HD95) are sent only by a site with at least
+cases with an undefined HD95) and the 95% bootstrap intervals of the metrics
+(``val_<metric>_ci_low``/``_ci_high``, computed here from the per-case
+scores, which never leave the site) are sent only by a site with at least
 ``privacy.min_cohort`` validation cases (:func:`withhold_small_cohort`); the
 server then weighs that site's validation as one case.
 
@@ -35,8 +37,12 @@ stops the task with an error naming the entry, and nothing is loaded.
 
 Only scalar metrics are streamed to the server's TensorBoard, tagged
 ``<site>/val/<metric>`` with the round as the step, so curves of all sites
-line up. Pictures of predictions go to the site's own ``local_logdir`` only.
-Nothing in a metric name or value identifies a patient.
+line up. Pictures of predictions go to the site's own ``local_logdir`` only,
+as the TensorBoard run named after the site (``<local_logdir>/<site>``):
+one picture per validation case, axial, coronal and sagittal through the
+lesion in the radiological convention (:mod:`fedimg.tasks.pictures`), tagged
+``overlay/case_<index>``. Nothing in a metric name or value, a picture or a
+tag identifies a patient.
 
 The site's local settings (datalist, device, threads) come from a site config
 named by ``--site-config`` or the ``FEDIMG_SITE_CONFIG`` environment variable:
@@ -71,8 +77,9 @@ from fedimg.fl.protocol import (
     RESULT_META_VAL,
     TASK_META_FINAL,
 )
-from fedimg.tasks import metric_names
-from fedimg.training.tracking import local_writer
+from fedimg.tasks import curve_metrics, metric_names
+from fedimg.tasks.intervals import is_interval_bound
+from fedimg.training.tracking import local_writer, write_case_pictures
 from fedimg.training.trainer import SiteTrainer
 
 logger = logging.getLogger(__name__)
@@ -109,22 +116,29 @@ def _resolve(path: str, script_dir: Path) -> Path:
 
 
 def _scalars(val: dict[str, float]) -> dict[str, float]:
-    # "cases" is a count, not a measure; undefined-HD95 counts are kept out of the curves too.
-    return {k: v for k, v in val.items() if k != "cases" and not k.startswith("hd95_undefined")}
+    # Measures only: no counts (cases, undefined HD95s), interval bounds or voxel size in the curves.
+    return curve_metrics(val)
 
 
 def withhold_small_cohort(
     metrics: dict[str, float], cases: float, min_cohort: int, prefix: str = "val_"
 ) -> dict[str, float]:
-    """The metrics a site sends: without counts about its validation cases when it has fewer than ``min_cohort``.
+    """The metrics a site sends: without counts and intervals about its cases when it has fewer than ``min_cohort``.
 
     With a handful of cases, a count (how many cases, how many with an
     undefined HD95: a lesion missed or invented) describes individual
-    patients; the means still go out.
+    patients, and so do the bounds of a bootstrap interval (with two cases
+    they are the two cases' own scores); the means still go out.
     """
     if cases >= min_cohort:
         return metrics
-    return {k: v for k, v in metrics.items() if k != f"{prefix}cases" and not k.startswith(f"{prefix}hd95_undefined")}
+    return {
+        k: v
+        for k, v in metrics.items()
+        if k != f"{prefix}cases"
+        and not k.startswith(f"{prefix}hd95_undefined")
+        and not (k.startswith(prefix) and is_interval_bound(k))
+    }
 
 
 #: How often the in-process Client API looks for the next task and for the trainer's result (NVFlare 2.9: 0.5 s
@@ -202,7 +216,10 @@ class SiteRunner:
         self.trainer = SiteTrainer.from_datalist(exp, site.datalist, self.rt)
         self.algorithm = client_algorithm(exp.fed.algorithm, self.trainer)
         self.writer = SummaryWriter()
-        self.local = local_writer(site.local_logdir) if site.local_logdir else None
+        # One run named after the site (not "."), so several sites' or experiments' local logs sit side by side.
+        self.local = (
+            local_writer(Path(site.local_logdir) / cfgmod.validate_site_name(site_name)) if site.local_logdir else None
+        )
         self.local_weights: dict[str, Any] | None = None
         progress.info(
             "site %s: %d training / %d validation cases on %s, %s",
@@ -222,10 +239,8 @@ class SiteRunner:
     def _local_pictures(self, step: int) -> None:
         if self.local is None:
             return
-        for i, picture in enumerate(self.trainer.overlays()):
-            # Patient pixels: this writer is the site's own logdir; nothing here is sent.
-            self.local.add_image(f"overlay/case_{i}", picture, step, dataformats="HWC")
-        self.local.flush()
+        # Patient pixels: this writer is the site's own logdir; nothing here is sent.
+        write_case_pictures(self.local, self.trainer.overlays(), step)
 
     def handle(self, model: Any) -> Any:
         """One task: returns the FLModel to send."""

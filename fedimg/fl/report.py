@@ -3,6 +3,16 @@
 Everything here works on aggregate numbers only (metrics per model and site);
 no image, case or patient detail enters a table, a heatmap or a TensorBoard
 event written from it. Pure Python plus matplotlib: no NVFlare import.
+
+Every cell of a table reads ``0.912 (0.87–0.95), n=6``: the metric, its 95%
+bootstrap interval over the site's cases (computed at the site from its
+per-case scores, :mod:`fedimg.tasks.intervals`; absent when the site has
+fewer than ``privacy.min_cohort`` cases) and the number of cases behind it
+(``n withheld`` for such a small site). An HD95 at or below the voxel size
+reads ``≤ voxel size (1.5 mm)``: HD95 cannot resolve outlines closer than one
+voxel. Heatmaps of measures in [0, 1] (Dice, AUC, sensitivity, ...) colour
+the whole range 0–1, and HD95 from 0 mm, so a small difference does not look
+like a failure.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedimg.config import ExperimentConfig
+from fedimg.tasks.intervals import interval_keys
 
 FINAL_GLOBAL = "SRV_FL_global_model.pt"
 BEST_GLOBAL = "SRV_best_FL_global_model.pt"
@@ -58,7 +69,8 @@ def cross_site_matrix(results: Mapping[str, Mapping[str, Mapping[str, float]]], 
         metric: the metric to tabulate (e.g. ``val_dice``).
 
     Returns:
-        ``{"metric", "sites", "models", "labels", "values": {model: {site: value|None}}, "all": results}``.
+        ``{"metric", "sites", "models", "labels", "values": {model: {site: value|None}},
+        "cells": {model: {site: cell}}, "all": results}``; a cell is :func:`metric_cell`'s.
     """
     sites = sorted(results)
     names: set[str] = set()
@@ -66,6 +78,7 @@ def cross_site_matrix(results: Mapping[str, Mapping[str, Mapping[str, float]]], 
         names.update(per_model)
     models = [m for m in (FINAL_GLOBAL, BEST_GLOBAL) if m in names] + sorted(names - {FINAL_GLOBAL, BEST_GLOBAL})
     values = {m: {s: _num(results.get(s, {}).get(m, {}).get(metric)) for s in sites} for m in models}
+    cells = {m: {s: metric_cell(results.get(s, {}).get(m, {}), metric) for s in sites} for m in models}
     return {
         "metric": metric,
         "description": describe_metric(metric),
@@ -73,6 +86,7 @@ def cross_site_matrix(results: Mapping[str, Mapping[str, Mapping[str, float]]], 
         "models": models,
         "labels": {m: model_label(m) for m in models},
         "values": values,
+        "cells": cells,
         "all": results,
     }
 
@@ -87,20 +101,129 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _split_prefix(metric: str) -> tuple[str, str]:
+    """``("val_", "dice")`` for ``val_dice``; ``("", name)`` for a name without a split prefix."""
+    for prefix in ("val_", "test_"):
+        if metric.startswith(prefix):
+            return prefix, metric[len(prefix) :]
+    return "", metric
+
+
+def is_unit_interval(metric: str) -> bool:
+    """Whether the metric is a measure in [0, 1] (Dice, AUC, sensitivity, specificity, accuracies)."""
+    core = _split_prefix(metric)[1]
+    return core.startswith(("dice", "auc", "sensitivity", "specificity", "balanced_accuracy", "accuracy"))
+
+
+def is_hd95(metric: str) -> bool:
+    """Whether the metric is a 95% Hausdorff distance (in mm; lower is better)."""
+    core = _split_prefix(metric)[1]
+    return core.startswith("hd95") and not core.startswith("hd95_undefined")
+
+
+def metric_cell(metrics: Mapping[str, Any] | None, metric: str, n: int | None = None) -> dict[str, Any]:
+    """One table cell from one site's flat metrics: the value, its interval, the cases and the voxel size.
+
+    Only names the table asks for are read, and every number is checked
+    (finite; an interval only if low <= high): the metrics come from a site.
+
+    Args:
+        metrics: one site's metrics for one model (``val_*`` or ``test_*``).
+        metric: the metric of the table, e.g. ``val_dice_lesion``.
+        n: the cases scored when the caller knows them; otherwise the site's
+            ``val_cases``/``test_cases`` (None: withheld by a small site). For a class's HD95,
+            less the cases where it is undefined (``hd95_undefined_<class>``).
+
+    Returns:
+        ``{"value", "ci": [low, high] | None, "n", "voxel_mm"}``.
+    """
+    metrics = metrics or {}
+    prefix = _split_prefix(metric)[0] or "val_"
+    low_key, high_key = interval_keys(metric)
+    low, high = _num(metrics.get(low_key)), _num(metrics.get(high_key))
+    cases = _num(metrics.get(prefix + "cases")) if n is None else float(n)
+    if cases is not None and is_hd95(metric):
+        # A class's HD95 is a mean over the cases where it is defined: not those where only one side is empty.
+        core = _split_prefix(metric)[1]
+        undefined = _num(metrics.get(prefix + "hd95_undefined" + core[len("hd95") :])) if core != "hd95" else None
+        cases = cases - undefined if undefined is not None and 0 <= undefined <= cases else cases
+    voxel = _num(metrics.get(prefix + "voxel_mm"))
+    return {
+        "value": _num(metrics.get(metric)),
+        "ci": [low, high] if low is not None and high is not None and low <= high else None,
+        "n": int(cases) if cases is not None and cases >= 0 else None,
+        "voxel_mm": voxel if voxel is not None and voxel > 0 else None,
+    }
+
+
+def at_voxel_size(cell: Mapping[str, Any], metric: str) -> bool:
+    """Whether an HD95 cell is at or below the voxel size (the smallest distance HD95 can tell from 0)."""
+    value, voxel = cell.get("value"), cell.get("voxel_mm")
+    return is_hd95(metric) and value is not None and voxel is not None and value <= voxel * (1 + 1e-6)
+
+
+def format_cell(cell: Mapping[str, Any], metric: str, with_n: bool = True) -> str:
+    """``0.912 (0.87–0.95), n=6``; ``≤ voxel size (1.5 mm), n=6`` for an HD95 within one voxel; ``–`` for none.
+
+    Args:
+        cell: from :func:`metric_cell`.
+        metric: the cell's metric name (HD95 cells are compared with the voxel size).
+        with_n: append the number of cases (``n withheld`` when the site kept it).
+    """
+    value = cell.get("value")
+    if value is None:
+        return "–"
+    if at_voxel_size(cell, metric):
+        text = f"≤ voxel size ({cell['voxel_mm']:g} mm)"
+    else:
+        text = _fmt(value)
+        if cell.get("ci"):
+            low, high = cell["ci"]
+            text += f" ({low:.2f}–{high:.2f})"
+    if with_n:
+        text += ", n withheld" if cell.get("n") is None else f", n={cell['n']}"
+    return text
+
+
+def _mean_cell(cells: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """The unweighted mean over sites, with the cases behind it (no interval: per-case values stay at the sites)."""
+    present = [c for c in cells if c.get("value") is not None]
+    if not present:
+        return "–"
+    mean = sum(c["value"] for c in present) / len(present)
+    known = sum(c["n"] for c in present if c.get("n") is not None)
+    withheld = any(c.get("n") is None for c in present)
+    text = f"{mean:.3f}"
+    if all(at_voxel_size(c, metric) for c in present):
+        text = f"≤ voxel size ({max(c['voxel_mm'] for c in present):g} mm)"
+    if withheld and not known:
+        return f"{text}, n withheld"
+    return f"{text}, n={known}" + (" + withheld" if withheld else "")
+
+
 def matrix_markdown(matrix: Mapping[str, Any]) -> str:
     """The cross-site matrix as a Markdown table (rows: models, columns: validation cases of each site)."""
     sites = matrix["sites"]
+    metric = matrix["metric"]
+    cells = matrix.get("cells") or {
+        m: {s: {"value": matrix["values"][m][s], "ci": None, "n": None} for s in sites} for m in matrix["models"]
+    }
     lines = [
-        f"**{matrix['description']}** (`{matrix['metric']}`), each model scored on each site's own validation cases",
+        f"**{matrix['description']}** (`{metric}`), each model scored on each site's own validation cases; "
+        "each cell: the value, its 95% bootstrap interval over the site's cases (computed at the site) "
+        "and n = the cases behind it; *n withheld*: the site has fewer than `privacy.min_cohort` validation "
+        "cases and keeps their number and the interval to itself",
         "",
-        "| model | " + " | ".join(f"{s} cases" for s in sites) + " | mean |",
+        "| model | " + " | ".join(f"{s} cases" for s in sites) + " | mean over sites |",
         "|---|" + "---|" * (len(sites) + 1),
     ]
     for m in matrix["models"]:
-        row = [matrix["values"][m][s] for s in sites]
-        present = [v for v in row if v is not None]
-        mean = sum(present) / len(present) if present else None
-        lines.append(f"| {matrix['labels'][m]} | " + " | ".join(_fmt(v) for v in row) + f" | {_fmt(mean)} |")
+        row = [cells[m][s] for s in sites]
+        lines.append(
+            f"| {matrix['labels'][m]} | "
+            + " | ".join(format_cell(c, metric) for c in row)
+            + f" | {_mean_cell(row, metric)} |"
+        )
     return "\n".join(lines)
 
 
@@ -118,15 +241,15 @@ def evaluation_table(record: Mapping[str, Any], metrics: Sequence[str]) -> str:
     cols = [(m, describe_metric(m)) for m in metrics]
 
     def cell(values: Mapping[str, Any], metric: str) -> str:
-        v = _num(values.get(metric))
-        return _fmt(v)
+        return format_cell(metric_cell(values, metric), metric, with_n=False)
 
     def n(values: Mapping[str, Any], key: str) -> str:
         v = _num(values.get(key))
         return "n withheld" if v is None else f"n={int(v)}"
 
     lines = [
-        "**The given model at every site** (no training; n = cases behind each number)",
+        "**The given model at every site** (no training; n = cases behind each number; in brackets the 95% "
+        "bootstrap interval over the site's cases)",
         "",
         "| site | split | " + " | ".join(f"{words} (`{m}`)" for m, words in cols) + " | cases |",
         "|---|---|" + "---|" * (len(cols) + 1),
@@ -163,26 +286,49 @@ def evaluation_table(record: Mapping[str, Any], metrics: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def colour_range(metric: str, values: Sequence[Sequence[float | None]]) -> tuple[float, float]:
+    """The heatmap's colour range: 0–1 for measures in [0, 1], 0 to the largest value for HD95, else the data's.
+
+    A fixed 0–1 scale keeps 0.88 looking like the good score it is; a range
+    stretched over the values (0.88–0.98) would paint it as a failure.
+    """
+    finite = [float(v) for row in values for v in row if v is not None and math.isfinite(v)]
+    if is_unit_interval(metric):
+        return 0.0, 1.0
+    if is_hd95(metric):
+        return 0.0, max([*finite, 1.0])
+    vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    if vmax - vmin < 1e-6:
+        vmin, vmax = vmin - 0.05, vmax + 0.05
+    return vmin, vmax
+
+
 def heatmap(
     rows: Sequence[str],
     cols: Sequence[str],
     values: Sequence[Sequence[float | None]],
     title: str,
     higher_is_better: bool = True,
+    vrange: tuple[float, float] | None = None,
+    notes: Sequence[Sequence[str]] | None = None,
 ) -> np.ndarray:
-    """A labelled heatmap of aggregate numbers as an RGB array (H, W, 3, uint8)."""
+    """A labelled heatmap of aggregate numbers as an RGB array (H, W, 3, uint8).
+
+    Args:
+        vrange: the colour range (default: the values' own range); see :func:`colour_range`.
+        notes: a second, smaller line per cell (e.g. the interval and n).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arr = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(cols), 1.2 + 0.55 * len(rows)), dpi=110)
+    fig, ax = plt.subplots(
+        figsize=(1.6 + (2.0 if notes else 1.5) * len(cols), 1.2 + (0.75 if notes else 0.55) * len(rows)), dpi=110
+    )
     cmap = "viridis" if higher_is_better else "viridis_r"
-    finite = arr[np.isfinite(arr)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if vmax - vmin < 1e-6:
-        vmin, vmax = vmin - 0.05, vmax + 0.05
+    vmin, vmax = vrange if vrange is not None else colour_range("", values)
     im = ax.imshow(np.ma.masked_invalid(arr), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(cols)), labels=list(cols))
     ax.set_yticks(range(len(rows)), labels=list(rows))
@@ -191,7 +337,11 @@ def heatmap(
             text = "–" if not np.isfinite(arr[i, j]) else f"{arr[i, j]:.3f}"
             shade = (arr[i, j] - vmin) / (vmax - vmin) if np.isfinite(arr[i, j]) else 0.0
             dark = shade > 0.55 if higher_is_better else shade < 0.45
-            ax.text(j, i, text, ha="center", va="center", color="black" if dark else "white", fontsize=9)
+            colour = "black" if dark else "white"
+            note = notes[i][j] if notes else ""
+            ax.text(j, i - (0.12 if note else 0.0), text, ha="center", va="center", color=colour, fontsize=9)
+            if note:
+                ax.text(j, i + 0.2, note, ha="center", va="center", color=colour, fontsize=6.5)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
@@ -204,13 +354,37 @@ def heatmap(
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
+def _note(cell: Mapping[str, Any], metric: str, with_n: bool = True) -> str:
+    """The heatmap's second line of a cell: the interval and n (or the voxel-size remark)."""
+    if cell.get("value") is None:
+        return ""
+    parts = []
+    if at_voxel_size(cell, metric):
+        parts.append(f"≤ voxel ({cell['voxel_mm']:g} mm)")
+    elif cell.get("ci"):
+        parts.append(f"({cell['ci'][0]:.2f}–{cell['ci'][1]:.2f})")
+    if with_n:
+        parts.append("n withheld" if cell.get("n") is None else f"n={cell['n']}")
+    return " ".join(parts)
+
+
 def matrix_heatmap(matrix: Mapping[str, Any]) -> np.ndarray:
-    """The cross-site matrix as a heatmap picture."""
+    """The cross-site matrix as a heatmap picture (colours 0–1 for measures in [0, 1], from 0 for HD95)."""
     rows = [matrix["labels"][m] for m in matrix["models"]]
     cols = [f"{s} cases" for s in matrix["sites"]]
     values = [[matrix["values"][m][s] for s in matrix["sites"]] for m in matrix["models"]]
-    lower = matrix["metric"].startswith("val_hd95")
-    return heatmap(rows, cols, values, matrix["description"], higher_is_better=not lower)
+    metric = matrix["metric"]
+    cells = matrix.get("cells")
+    notes = [[_note(cells[m][s], metric) for s in matrix["sites"]] for m in matrix["models"]] if cells else None
+    return heatmap(
+        rows,
+        cols,
+        values,
+        matrix["description"],
+        higher_is_better=not is_hd95(metric),
+        vrange=colour_range(metric, values),
+        notes=notes,
+    )
 
 
 def comparison_table(comparison: Mapping[str, Any]) -> str:
@@ -235,29 +409,57 @@ def comparison_table(comparison: Mapping[str, Any]) -> str:
         + (f" | mean over sites (n={comparison.get('cases_total')}) |" if cases else " | mean over sites |"),
         "|---|" + "---|" * (len(sites) + 1),
     ]
+    metric = comparison["metric"]
     for method in comparison["methods"]:
-        row = comparison["per_site"][method]
+        row = [comparison_cell(comparison, method, s) for s in sites]
+        mean = comparison["mean"][method]
+        total = comparison.get("cases_total")
+        mean_text = _fmt(mean) + (f", n={total}" if mean is not None and cases else "")
         lines.append(
             f"| {comparison['labels'][method]} | "
-            + " | ".join(_fmt(row.get(s)) for s in sites)
-            + f" | {_fmt(comparison['mean'][method])} |"
+            + " | ".join(format_cell(c, metric, with_n=bool(cases)) for c in row)
+            + f" | {mean_text} |"
         )
+    lines += [
+        "",
+        "In brackets: the 95% bootstrap interval over the site's cases; the mean over sites has none "
+        "(per-case scores stay at the sites).",
+    ]
     return "\n".join(lines)
+
+
+def comparison_cell(comparison: Mapping[str, Any], method: str, site: str) -> dict[str, Any]:
+    """One cell of the comparison, as :func:`metric_cell` returns it."""
+    intervals = (comparison.get("intervals") or {}).get(method) or {}
+    ci = intervals.get(site)
+    return {
+        "value": _num(comparison["per_site"][method].get(site)),
+        "ci": list(ci) if ci else None,
+        "n": (comparison.get("cases") or {}).get(site),
+        "voxel_mm": (comparison.get("voxel_mm") or {}).get(site),
+    }
 
 
 def comparison_heatmap(comparison: Mapping[str, Any]) -> np.ndarray:
     """The comparison as a heatmap picture (methods x sites, plus the mean)."""
     sites = comparison["sites"]
+    metric = comparison["metric"]
     rows = [comparison["labels"][m] for m in comparison["methods"]]
     values = [
         [comparison["per_site"][m].get(s) for s in sites] + [comparison["mean"][m]] for m in comparison["methods"]
+    ]
+    with_n = bool(comparison.get("cases"))
+    notes = [
+        [_note(comparison_cell(comparison, m, s), metric, with_n) for s in sites] + [""] for m in comparison["methods"]
     ]
     return heatmap(
         rows,
         [*sites, "mean"],
         values,
         comparison["description"],
-        higher_is_better=not comparison["metric"].startswith("val_hd95"),
+        higher_is_better=not is_hd95(metric),
+        vrange=colour_range(metric, values),
+        notes=notes,
     )
 
 

@@ -5,10 +5,16 @@ sensitivity and specificity from the predicted class (the arg-max of the
 scores). Balanced accuracy per class is (sensitivity + specificity) / 2; the
 overall ``balanced_accuracy`` is the mean sensitivity (recall) over classes,
 which does not reward a model for always predicting the majority class.
+
+``auc_mean``, ``balanced_accuracy`` (and ``auc/<class>`` with more than two
+classes) come with their 95% bootstrap interval over the cases
+(``<name>_ci_low``, ``<name>_ci_high``; :mod:`fedimg.tasks.intervals`): each
+resample draws (score, label) pairs of whole cases.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -18,6 +24,7 @@ from monai.metrics import compute_roc_auc
 
 from fedimg.config import ExperimentConfig
 from fedimg.runtime import Runtime
+from fedimg.tasks.intervals import add_interval, case_interval, rank_auc
 
 
 def classification_metrics(scores: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
@@ -63,7 +70,46 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, class_names: 
         out["balanced_accuracy"] = float(np.mean(recalls))
     out["accuracy"] = float((pred == labels).mean())
     out["cases"] = float(n)
+    _add_intervals(out, scores, labels, class_names)
     return out
+
+
+def _add_intervals(out: dict[str, float], scores: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> None:
+    """95% bootstrap intervals of the AUCs and the balanced accuracy, resampling whole cases.
+
+    A resample that lacks a class the cases hold (no positive or no
+    negative for an AUC, no case of a class for a recall) leaves that
+    statistic undefined for the resample rather than changing its meaning.
+    """
+    pred = scores.argmax(axis=1)
+    defined = [i for i in range(len(class_names)) if 0 < int((labels == i).sum()) < labels.size]
+    present = [i for i in range(len(class_names)) if (labels == i).any()]
+
+    def auc(i: int, rows: np.ndarray) -> float:
+        return rank_auc(scores[rows, i], labels[rows] == i)
+
+    def balanced(rows: np.ndarray) -> float:
+        lab, prd = labels[rows], pred[rows]
+        recalls = []
+        for i in present:
+            pos = lab == i
+            if not pos.any():
+                return float("nan")
+            recalls.append(float((prd[pos] == i).mean()))
+        return float(np.mean(recalls))
+
+    n = labels.size
+    if "auc_mean" in out:
+
+        def auc_mean(rows: np.ndarray) -> float:
+            return float(np.mean([auc(i, rows) for i in defined]))
+
+        add_interval(out, "auc_mean", case_interval(n, auc_mean))
+        if len(class_names) > 2:
+            for i in defined:
+                add_interval(out, f"auc/{class_names[i]}", case_interval(n, functools.partial(auc, i)))
+    if "balanced_accuracy" in out:
+        add_interval(out, "balanced_accuracy", case_interval(n, balanced))
 
 
 class ClassificationTask:

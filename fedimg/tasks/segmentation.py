@@ -17,6 +17,7 @@ from monai.networks.utils import one_hot
 
 from fedimg.config import ExperimentConfig
 from fedimg.runtime import Runtime
+from fedimg.tasks.intervals import add_interval, mean_interval
 
 
 def build_loss(per_sample: bool = False) -> torch.nn.Module:
@@ -127,6 +128,12 @@ class DiceAccumulator:
     HD95 (in mm when the voxel spacing is known, else in voxels): 0 when label
     and prediction are both empty; undefined (left out of the mean, counted in
     ``hd95_undefined/<class>``) when exactly one of them is empty.
+
+    Each mean (``dice_mean``, ``dice/<class>``, ``hd95/<class>``) also gets
+    its 95% bootstrap interval over the cases (``<name>_ci_low``,
+    ``<name>_ci_high``; :mod:`fedimg.tasks.intervals`), and ``voxel_mm`` is
+    the smallest voxel spacing of the cases: the resolution of HD95, which
+    cannot tell apart outlines closer than one voxel.
     """
 
     def __init__(self, class_names: Sequence[str]) -> None:
@@ -134,6 +141,7 @@ class DiceAccumulator:
         self.metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
         self._hd: list[list[float]] = [[] for _ in self.class_names]
         self._hd_undefined = [0 for _ in self.class_names]
+        self._voxel_mm = math.inf
 
     def update(self, pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[Sequence[float]] | None = None) -> None:
         """Add a batch of class-index predictions and labels (B, 1, ...), with each case's voxel spacing."""
@@ -142,6 +150,8 @@ class DiceAccumulator:
         self.metric(y_pred=p1, y=l1)
         for b in range(pred.shape[0]):
             sp = None if spacing is None else [float(s) for s in spacing[b]]
+            if sp:
+                self._voxel_mm = min(self._voxel_mm, *sp)
             for c in range(1, n):
                 has_p, has_l = bool(p1[b, c].any()), bool(l1[b, c].any())
                 if not has_p and not has_l:
@@ -166,43 +176,38 @@ class DiceAccumulator:
                     self._hd_undefined[c - 1] += 1
 
     def result(self) -> dict[str, float]:
-        """``{"dice_mean", "dice/<class>", "hd95_mean", "hd95/<class>", "hd95_undefined/<class>"}``."""
-        values = self.metric.aggregate()  # (cases, classes)
+        """``dice_mean``, ``dice/<class>``, ``hd95_mean``, ``hd95/<class>``, ``hd95_undefined/<class>``,
+        the intervals ``<mean>_ci_low``/``<mean>_ci_high`` and ``voxel_mm`` (when the spacing is known)."""
+        values: torch.Tensor = self.metric.aggregate()  # type: ignore[assignment]  # (cases, classes) with "none"
         self.metric.reset()
         if not isinstance(values, torch.Tensor):  # a tuple only with get_not_nans=True, which is not set
             raise TypeError(f"expected DiceMetric to aggregate into one tensor, got {type(values).__name__}")
         if values.numel() == 0:
             return {}
+        per_case = values.float().cpu().numpy()
         per_class = torch.nanmean(values.float(), dim=0)
         out = {f"dice/{name}": float(per_class[i]) for i, name in enumerate(self.class_names)}
         out["dice_mean"] = float(torch.nanmean(per_class))
+        # Every class is defined in every case (ignore_empty=False), so the mean over classes of the class means
+        # is the mean over cases of each case's class mean: the interval resamples the latter.
+        add_interval(out, "dice_mean", mean_interval(np.nanmean(per_case, axis=1)))
+        for i, name in enumerate(self.class_names):
+            add_interval(out, f"dice/{name}", mean_interval(per_case[:, i]))
         hd_means = []
         for i, name in enumerate(self.class_names):
             if self._hd[i]:
                 out[f"hd95/{name}"] = float(np.mean(self._hd[i]))
                 hd_means.append(out[f"hd95/{name}"])
+                add_interval(out, f"hd95/{name}", mean_interval(self._hd[i]))
             out[f"hd95_undefined/{name}"] = float(self._hd_undefined[i])
         if hd_means:
             out["hd95_mean"] = float(np.mean(hd_means))
+        if math.isfinite(self._voxel_mm):
+            out["voxel_mm"] = float(self._voxel_mm)
         self._hd = [[] for _ in self.class_names]
         self._hd_undefined = [0 for _ in self.class_names]
+        self._voxel_mm = math.inf
         return out
-
-
-def overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """An RGB picture (H, W, 3, uint8) of one axial slice: reference in green, prediction in red.
-
-    Args:
-        image: 2D slice, intensities in [0, 1].
-        label: 2D class indices of the reference.
-        pred: 2D class indices of the prediction.
-    """
-    base = np.clip(image, 0.0, 1.0)
-    rgb = np.stack([base, base, base], axis=-1) * 0.7
-    ref, out = label > 0, pred > 0
-    rgb[ref, 1] = np.clip(rgb[ref, 1] + 0.5, 0, 1)
-    rgb[out, 0] = np.clip(rgb[out, 0] + 0.5, 0, 1)
-    return (rgb * 255).astype(np.uint8)
 
 
 class SegmentationTask:
@@ -241,18 +246,32 @@ class SegmentationTask:
 
     @torch.no_grad()
     def overlays(self, model: torch.nn.Module, loader: Any, rt: Runtime, limit: int = 2) -> list[np.ndarray]:
-        """Prediction-vs-reference pictures of the first ``limit`` validation cases (site-local only)."""
+        """Prediction-vs-reference pictures of the first ``limit`` validation cases (site-local only).
+
+        One picture per case: axial, coronal and sagittal slices through the
+        lesion, in the radiological convention, each class in its colour
+        (:func:`fedimg.tasks.pictures.case_picture`).
+        """
+        from fedimg.tasks.pictures import case_picture
+
         model.eval()
         pictures = []
-        for batch in loader:
+        for index, batch in enumerate(loader):
             image = batch["image"].to(rt.device)
-            label = batch["label"]
-            pred = predict(model, image, self.exp.data.roi_size, self.exp.train.sw_batch_size, rt.autocast()).cpu()
-            lab = label[0, 0].numpy()
-            # The slice with most reference foreground shows the structures best.
-            k = int(np.argmax((lab > 0).sum(axis=(0, 1)))) if lab.any() else lab.shape[2] // 2
+            pred = predict(model, image, self.exp.data.roi_size, self.exp.train.sw_batch_size, rt.autocast())
+            pred = remove_small_components(pred, len(self.class_names) + 1, self.exp.task.min_component_voxels)
+            spacing = batch.get("spacing")
+            axcodes = batch.get("axcodes")
             pictures.append(
-                overlay(image[0, 0, :, :, k].float().cpu().numpy(), lab[:, :, k], pred[0, 0, :, :, k].numpy())
+                case_picture(
+                    image[0, 0].float().cpu().numpy(),
+                    batch["label"][0, 0].cpu().numpy(),
+                    pred[0, 0].cpu().numpy(),
+                    self.class_names,
+                    index,
+                    spacing=None if spacing is None else [float(v) for v in spacing[0]],
+                    axcodes=axcodes[0] if axcodes else "RAS",
+                )
             )
             if len(pictures) >= limit:
                 break

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 from fedimg import config as cfgmod
 from fedimg import runtime
 from fedimg.config import ExperimentConfig, SiteConfig
+from fedimg.tasks import curve_metrics
 from fedimg.training.checkpoint import save_checkpoint
-from fedimg.training.tracking import local_writer
+from fedimg.training.tracking import local_writer, write_case_pictures
 from fedimg.training.trainer import SiteTrainer
 
 logger = logging.getLogger(__name__)
@@ -77,15 +78,15 @@ def train_local(exp: ExperimentConfig, site: SiteConfig, out_dir: str | Path, pr
             writer.add_scalar("privacy/epsilon", spent["epsilon"], epoch)
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        for k, v in val.items():
-            if k != "cases":
-                writer.add_scalar(f"val/{k}", v, epoch)
+        for k, v in curve_metrics(val).items():
+            writer.add_scalar(f"val/{k}", v, epoch)
         score = val.get(trainer.task.main_metric, -fit["loss"])
         if score > best:
             best, best_epoch, best_val = score, epoch, val
             save_checkpoint(out / "best_model.pt", trainer.model, {"epoch": epoch, trainer.task.main_metric: score})
         bar.set_postfix(loss=f"{fit['loss']:.3f}", score=f"{val.get(trainer.task.main_metric, float('nan')):.3f}")
     save_checkpoint(out / "last_model.pt", trainer.model, {"epoch": exp.train.epochs})
+    write_case_pictures(writer, trainer.overlays(), exp.train.epochs)
     writer.close()
     packages = _write_packages(exp, site, out, trainer, best_val, best_epoch, last_val)
     return LocalResult(

@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -33,3 +34,19 @@ def local_writer(logdir: str | Path, tag: str = "fedimg") -> SummaryWriter:
         # SummaryWriter creates its event file in __init__, while the name is patched.
         writer = SummaryWriter(log_dir=str(logdir))
     return writer
+
+
+def write_case_pictures(writer: SummaryWriter, pictures: list[Any], step: int) -> None:
+    """Write prediction-vs-reference pictures (site-local writers only) and how to read them.
+
+    Tags are ``overlay/case_<index>`` (the case's index in the validation
+    list, never an identifier); the text ``overlay/how_to_read``, at the same
+    step, states the display convention and the legend.
+    """
+    from fedimg.tasks.pictures import HOW_TO_READ
+
+    if pictures:
+        writer.add_text("overlay/how_to_read", HOW_TO_READ, step)
+    for i, picture in enumerate(pictures):
+        writer.add_image(f"overlay/case_{i}", picture, step, dataformats="HWC")
+    writer.flush()

@@ -166,10 +166,17 @@ def test_tensorboard_tags_steps_and_values(sim_run):
 def test_site_pictures_stay_in_the_site_logdir(sim_run):
     _, res, work = sim_run
     for site in SITES:
-        local = _acc(work / f"{site}_local_tb")
+        # The site's own run is named after the site (not "."): <local_logdir>/<site>.
+        assert not list((work / f"{site}_local_tb").glob("events.out.tfevents.*"))
+        local = _acc(work / f"{site}_local_tb" / site)
         images = [t for t in local.Tags()["images"] if t.startswith("overlay/")]
         assert images, "no prediction-vs-reference pictures in the site's own logdir"
+        assert all(t.startswith("overlay/case_") for t in images)  # the case's index, never an identifier
         assert [e.step for e in local.Images(images[0])] == [0, 1, 2]
+        picture = local.Images(images[0])[-1]
+        assert picture.width > 2 * picture.height  # axial, coronal and sagittal side by side
+        about = local.Tensors("overlay/how_to_read/text_summary")[-1].tensor_proto.string_val[0].decode()
+        assert "patient's right is on the image's left" in about
     # Nothing under the server's TensorBoard folder came from a site's pictures.
     for d in res.tb_logdir.iterdir():
         assert not [t for t in _acc(d).Tags()["images"] if "overlay" in t]

@@ -98,11 +98,16 @@ def test_train_local_writes_checkpoints_metrics_and_tensorboard(small_preprocess
     import socket
 
     assert socket.gethostname() not in events[0].name
-    acc = EventAccumulator(str(events[0].parent))
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and "val/dice_mean" in tags  # the same tags as a federated run's
     assert len(acc.Scalars("val/dice_mean")) == 3
+    assert not [t for t in tags if "_ci_" in t or "voxel" in t or "hd95_undefined" in t]  # measures only
+    # The last model's pictures of the validation cases: one per case, three planes each, at the last epoch.
+    pictures = [t for t in acc.Tags()["images"] if t.startswith("overlay/case_")]
+    assert pictures and [e.step for e in acc.Images(pictures[0])] == [3]
+    assert acc.Images(pictures[0])[0].width > 2 * acc.Images(pictures[0])[0].height
 
 
 def test_small_components_are_removed_per_class():
