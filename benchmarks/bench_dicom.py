@@ -4,7 +4,7 @@ Every tool runs as a command of its own, started and timed from outside, so its 
 imports) counts as it does for a person who types it:
 
 * ``fedimg``: ``python -m fedimg.cli convert SRC OUT`` with its defaults (workers = CPU count, progress on,
-  ``.nii.gz`` at :data:`fedimg.preprocess.io.GZIP_LEVEL`; ``--no-compress`` for ``.nii``), manifest included;
+  ``.nii.gz`` at :data:`fedimg.atomic.GZIP_LEVEL`; ``--no-compress`` for ``.nii``), manifest included;
 * ``dcm2niix``: ``dcm2niix -z y|n -b n -f %s_%p -o OUT SRC``; ``-z y`` is its gzip (pigz when installed, its
   internal zlib at its default level 6 otherwise; ``pigz_found`` in the JSON says which);
 * ``monai``: a Python script that loads each series folder with ``LoadImage(reader="PydicomReader")`` and

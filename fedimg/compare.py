@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from fedimg import config as cfgmod
+from fedimg.atomic import write_json
 from fedimg.config import ExperimentConfig
-from fedimg.preprocess.io import write_json
 from fedimg.resources import job_dir
 
 logger = logging.getLogger(__name__)

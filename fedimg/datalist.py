@@ -133,7 +133,7 @@ class Datalist:
 
     def write(self, path: str | Path) -> None:
         """Write atomically (the same contract every writer uses)."""
-        from fedimg.preprocess.io import write_json
+        from fedimg.atomic import write_json
 
         write_json(Path(path), self.to_json())
 

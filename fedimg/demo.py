@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedimg import config as cfgmod
-from fedimg.preprocess.io import write_json
+from fedimg.atomic import write_json
 from fedimg.preprocess.outdir import claim
 from fedimg.resources import config_path, job_dir
 

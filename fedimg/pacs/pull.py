@@ -30,11 +30,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fedimg.atomic import write_jsonl
 from fedimg.pacs.client import InstanceRef, PacsClient
 from fedimg.pacs.errors import PacsRequestError
 from fedimg.pacs.keys import Key, KeyList
 from fedimg.pacs.store import MISSING, OCCUPIED, PRESENT, InstanceStore, study_folder
-from fedimg.preprocess.io import write_jsonl
 from fedimg.preprocess.outdir import PULL_MANIFEST, claim, precheck
 
 __all__ = ["FAILED", "MANIFEST", "NOT_FOUND", "RETRIEVED", "KeyOutcome", "PullResult", "pull"]

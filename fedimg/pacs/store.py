@@ -24,8 +24,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from fedimg.atomic import TMP_PREFIX
 from fedimg.pacs.errors import PacsRequestError
-from fedimg.preprocess.io import TMP_PREFIX
 from fedimg.safepath import UnsafePathError, child_path, is_uid
 
 __all__ = ["InstanceStore", "series_folder", "study_folder"]

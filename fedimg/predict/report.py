@@ -17,18 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from fedimg.preprocess.io import TMP_PREFIX
+from fedimg.atomic import TMP_PREFIX
+from fedimg.tasks.pictures import COLOURS
 
-#: Class colours (RGB 0..1), class 1 first: distinguishable and colour-blind friendly (Okabe-Ito).
-COLOURS = [
-    (0.90, 0.62, 0.0),
-    (0.34, 0.71, 0.91),
-    (0.0, 0.62, 0.45),
-    (0.94, 0.89, 0.26),
-    (0.0, 0.45, 0.70),
-    (0.84, 0.37, 0.0),
-    (0.80, 0.47, 0.65),
-]
 MAX_TILES = 12
 
 

@@ -52,10 +52,10 @@ from typing import Any
 
 import numpy as np
 
+from fedimg.atomic import write_json, write_nifti
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.models.package import ModelPackage, load_package
 from fedimg.predict.inputs import StudyInput, find_inputs
-from fedimg.preprocess.io import write_json, write_nifti
 from fedimg.preprocess.outdir import claim, precheck
 
 logger = logging.getLogger(__name__)
@@ -462,7 +462,7 @@ def _write_summary(dst: Path, res: PredictResult, pkg: ModelPackage) -> None:
 
 
 def _write_crosswalk(path: Path, items: list[StudyInput], pseudonymizer: Any | None) -> None:
-    from fedimg.preprocess.io import write_jsonl
+    from fedimg.atomic import write_jsonl
 
     write_jsonl(
         path,

@@ -133,7 +133,7 @@ def write_seg(path: Path, seg: Any, deidentified: bool) -> None:
     """Save the SEG atomically; a de-identified one says so ((0012,0062), (0012,0063))."""
     import os
 
-    from fedimg.preprocess.io import TMP_PREFIX
+    from fedimg.atomic import TMP_PREFIX
 
     if deidentified:
         seg.PatientIdentityRemoved = "YES"

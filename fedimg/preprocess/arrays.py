@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedimg.atomic import write_json, write_nifti
 from fedimg.datalist import Datalist, DatalistItem
-from fedimg.preprocess.io import write_json, write_nifti
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fedimg.atomic import write_nifti
 from fedimg.config import BurnedInReview, PreprocessSpec
 from fedimg.dicom.deid import series_burned_in_risk
 from fedimg.dicom.labels import check_label_values, map_label_values
@@ -33,7 +34,6 @@ from fedimg.dicom.quiet import quiet_dicom
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.resample import load_regularized
 from fedimg.dicom.volume import load_volume
-from fedimg.preprocess.io import write_nifti
 from fedimg.preprocess.manifest import CONVERTED, REFUSED, ManifestRow, mark
 from fedimg.preprocess.outdir import announce
 from fedimg.preprocess.plan import DicomMask, ImageCandidate, LabelSource, StudyPlan, choose_label

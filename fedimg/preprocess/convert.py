@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.std import tqdm  # not tqdm.auto: it imports asyncio and notebook support at every start-up
 
+from fedimg.atomic import write_json, write_jsonl, write_nifti
 from fedimg.config import GeometrySpec
 from fedimg.dicom.geometry import SeriesGeometry
 from fedimg.dicom.index import SeriesGroup, group_series
@@ -34,7 +35,6 @@ from fedimg.dicom.quiet import quiet_dicom, quiet_dicom_call
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.resample import RESAMPLABLE, load_regularized
 from fedimg.dicom.volume import Volume, load_volume, series_geometry
-from fedimg.preprocess.io import write_json, write_jsonl, write_nifti
 from fedimg.preprocess.manifest import CONVERTED, REFUSED, finalize, mark, render_table, summarize
 from fedimg.preprocess.outdir import OutputDir, announce, claim, precheck
 from fedimg.preprocess.scan import index_source

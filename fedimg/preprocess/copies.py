@@ -16,9 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from fedimg.atomic import TMP_PREFIX
 from fedimg.config import PreprocessSpec
 from fedimg.dicom.reasons import Reason
-from fedimg.preprocess.io import TMP_PREFIX
 from fedimg.preprocess.manifest import CONVERTED, ManifestRow
 from fedimg.preprocess.outdir import OutputDir
 from fedimg.safepath import UnsafePathError, child_path, uid_component

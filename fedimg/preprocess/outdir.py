@@ -25,7 +25,7 @@ says it wrote it: outputs listed in the command's state file, or announced in
 the folder's journal (``.fedimg-journal``, one line per output, appended
 *before* the output is written, so a run killed mid-write still has a record
 of it). Temporary files carry the ``.fedimg-tmp-`` prefix
-(:mod:`fedimg.preprocess.io`); those a killed run left are removed at the
+(:mod:`fedimg.atomic`); those a killed run left are removed at the
 next claim of the folder.
 """
 
@@ -40,8 +40,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedimg.atomic import TMP_PREFIX
 from fedimg.errors import UserError
-from fedimg.preprocess.io import TMP_PREFIX
 
 MARKER = ".fedimg-output.json"
 JOURNAL = ".fedimg-journal"

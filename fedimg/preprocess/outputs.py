@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from fedimg import config as cfgmod
+from fedimg.atomic import write_json, write_jsonl
 from fedimg.config import PreprocessSpec
 from fedimg.datalist import Datalist, DatalistItem
 from fedimg.preprocess.cases import CaseRecord
-from fedimg.preprocess.io import write_json, write_jsonl
 from fedimg.preprocess.manifest import ManifestRow
 from fedimg.preprocess.outdir import OutputDir, OutputDirError
 from fedimg.preprocess.splits import Assignment

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from fedimg import config as cfgmod
+from fedimg.atomic import write_json
 from fedimg.config import PreprocessSpec
 from fedimg.datalist import Datalist, DatalistError
-from fedimg.preprocess.io import write_json
 from fedimg.preprocess.scan import PreprocessInputError
 
 STATE_FILE = ".fedimg_preprocess_state.json"

@@ -26,6 +26,17 @@ from typing import Any
 
 import numpy as np
 
+#: Class colours (RGB 0..1), class 1 first: distinguishable and colour-blind friendly (Okabe-Ito).
+COLOURS = [
+    (0.90, 0.62, 0.0),
+    (0.34, 0.71, 0.91),
+    (0.0, 0.62, 0.45),
+    (0.94, 0.89, 0.26),
+    (0.0, 0.45, 0.70),
+    (0.84, 0.37, 0.0),
+    (0.80, 0.47, 0.65),
+]
+
 #: What every picture says about its orientation (also the TensorBoard caption of the pictures).
 CONVENTION = (
     "Radiological convention: the patient's right is on the image's left (axial and coronal), anterior is up "
@@ -128,8 +139,6 @@ def case_picture(
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
-
-    from fedimg.predict.report import COLOURS
 
     sp = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
     img, ras_spacing = to_ras(np.asarray(image, dtype=np.float32), axcodes, sp)

@@ -24,11 +24,11 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
+from fedimg.atomic import write_nifti
 from fedimg.dicom.index import group_series
 from fedimg.dicom.pixels import decode_stored, mask_stored_bits, read_native, rescale
 from fedimg.dicom.volume import load_volume, series_geometry
 from fedimg.preprocess.convert import convert
-from fedimg.preprocess.io import write_nifti
 from fedimg.preprocess.scan import index_source
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedimg.preprocess.io import TMP_PREFIX
+from fedimg.atomic import TMP_PREFIX
 from fedimg.preprocess.outdir import JOURNAL
 
 REPO = Path(__file__).resolve().parents[2]

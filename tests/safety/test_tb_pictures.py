@@ -66,7 +66,7 @@ def test_the_slices_cross_at_the_lesion_or_the_organ_when_there_is_no_lesion():
 def test_one_picture_three_planes_class_colours_legend_and_only_the_case_index(monkeypatch):
     from matplotlib.figure import Figure
 
-    from fedimg.predict.report import COLOURS
+    from fedimg.tasks.pictures import COLOURS
 
     texts, legends = [], []
     orig_text, orig_legend = Figure.text, Figure.legend
