@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from fedimg import config as cfg
 from fedimg.cli import main
-from tests.conftest import tiny_classification
+from tests.conftest import REPO, tiny_classification
 
 pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration]
 
@@ -62,6 +64,49 @@ def test_a_model_trained_at_one_site_is_evaluated_at_every_site_without_training
         next((tmp_path / "ws").rglob("app_server/FL_global_model.pt")), map_location="cpu", weights_only=True
     )["model"]
     assert all(torch.equal(torch.as_tensor(served[k]).to(v.dtype), v) for k, v in weights.items())
+
+    # The job script, as NVFlare users run jobs, evaluates the same package to the same numbers.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "train" / "job.py"),
+            "--evaluate",
+            str(package),
+            "--env",
+            "sim",
+            "--workspace",
+            str(tmp_path / "ws_job"),
+            *sites,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev_job = json.loads(next((tmp_path / "ws_job").rglob("fedimg/evaluation.json")).read_text())
+    for site, metrics in ev["sites"].items():
+        assert ev_job["sites"][site]["val_auc"] == pytest.approx(metrics["val_auc"], abs=1e-6)
+        assert ev_job["sites"][site]["val_cases"] == metrics["val_cases"]
+
+
+def test_job_py_evaluate_refuses_a_folder_that_is_no_package(tmp_path):
+    (tmp_path / "notapkg").mkdir()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "train" / "job.py"),
+            "--evaluate",
+            str(tmp_path / "notapkg"),
+            "--site",
+            "site-1=x.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "job.py: error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_fl_run_and_export_from_the_fedimg_command(cls_sites, tmp_path, capsys):
