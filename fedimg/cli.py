@@ -390,6 +390,7 @@ def _target(args: argparse.Namespace) -> Any:
         authorization_file=args.authorization_file,
         startup_kit=args.startup_kit,
         admin=args.admin,
+        spec_file=getattr(args, "spec", None),
     )
 
 
@@ -433,8 +434,18 @@ def _cmd_env(args: argparse.Namespace) -> int:
     print(json.dumps(environment_report(), indent=2))
     if args.check_gpu:
         from fedimg.gpucheck import self_test
+        from fedimg.runtime import DeviceError
 
-        report = self_test("cuda", seconds=args.seconds)
+        try:
+            report = self_test("cuda", seconds=args.seconds)
+        except DeviceError as exc:
+            # The generic advice (--device auto) does not apply: the self-test exists to exercise a GPU.
+            why = str(exc).split(";")[0]
+            raise DeviceError(
+                f"GPU self-test: {why}. Nothing to test on this machine: it trains on the CPU with the site "
+                "config's `device: auto` (or cpu). On a GPU machine, check the NVIDIA driver (nvidia-smi), "
+                "CUDA_VISIBLE_DEVICES and that torch is a CUDA build"
+            ) from None
         print(json.dumps(report, indent=2))
         print(
             f"GPU self-test: {report['device_name']}: {report['train_steps_per_s']:.1f} AMP training steps/s "
@@ -751,6 +762,13 @@ def _fl_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         default=None,
         metavar="RUN_DIR",
         help="sim: continue a finished run (its workspace/<name> folder) for fed.num_rounds more rounds",
+    )
+    f.add_argument(
+        "--spec",
+        default=None,
+        metavar="SPEC_YAML",
+        help="prod: the preprocessing spec the sites used, recorded in the run's model packages so that "
+        "fedimg predict can use them (sim and POC read it beside the sites' datalists)",
     )
     f.set_defaults(func=_cmd_fl_run)
 

@@ -121,6 +121,25 @@ class Federation:
             f"sites {missing} did not connect to the server within {timeout:.0f} s; see their poc_console.log / log.txt"
         )
 
+    def wait_for_server(self, timeout: float = 120.0) -> None:
+        """Block until the server answers an admin login (a new session each try).
+
+        Raises:
+            DeploymentError: no answer within ``timeout`` seconds.
+        """
+        deadline = time.time() + timeout
+        last = ""
+        while time.time() < deadline:
+            try:
+                self.connected_sites()
+                return
+            except Exception as exc:  # noqa: BLE001 - the server may still be starting
+                last = str(exc)[:200]
+            time.sleep(2.0)
+        raise DeploymentError(
+            f"the server did not answer an admin login within {timeout:.0f} s ({last}); see the server's log.txt"
+        )
+
     def submit(self, job_dir: str | Path) -> str:
         """Submit an exported job folder; returns its job id."""
         sess = self.session()
@@ -354,10 +373,10 @@ class PocFederation(Federation):
         """
         self._acquire_port(port_wait)
         try:
-            # NVFlare's own readiness wait defaults to 30 s, too short on a loaded 2-core machine.
-            self._nvflare("start", "-p", "server", "--timeout", str(int(connect_timeout)), timeout=connect_timeout + 60)
+            self._start_part("server", connect_timeout)
+            self.wait_for_server(timeout=connect_timeout)
             for site in self.site_configs:
-                self.start_site(site)
+                self.start_site(site, timeout=connect_timeout)
             self.wait_for_sites(list(self.site_configs), timeout=connect_timeout)
         except BaseException:
             self.stop()  # no half-started federation left holding the port
@@ -365,7 +384,19 @@ class PocFederation(Federation):
 
     def start_site(self, site: str, timeout: float = 180.0) -> None:
         """Start (or restart) one site's client process; returns once it is connected."""
-        self._nvflare("start", "-p", site, "--timeout", str(int(timeout)), site=site, timeout=timeout + 60)
+        self._start_part(site, timeout)
+        self.wait_for_sites([site], timeout=timeout)
+
+    def _start_part(self, part: str, timeout: float) -> None:
+        """``nvflare poc start -p PART --no-wait``: fedimg checks readiness itself, with fresh sessions.
+
+        NVFlare's own wait logs in as the admin once; a login sent in the server's first second can go
+        unanswered, and the command then prints "Connecting to FLARE ..." until killed while the server
+        itself runs fine (seen on a loaded 2-core machine).
+        """
+        self._nvflare("start", "-p", part, "--no-wait", site=part if part != "server" else None, timeout=timeout)
+        if not _processes_under(self.kit(part)):
+            raise DeploymentError(f"nvflare poc start -p {part} left no process running; see {self.kit(part)}/log.txt")
 
     def kill_site(self, site: str) -> list[int]:
         """Kill one site's processes at once (SIGKILL: a crash, not a shutdown); returns their PIDs."""

@@ -29,7 +29,7 @@ from typing import Any
 from fedimg import config as cfgmod
 from fedimg.config import ExperimentConfig
 from fedimg.errors import UserError
-from fedimg.fl.simulate import SimulationResult, collect, run_simulation, stage_weights
+from fedimg.fl.simulate import SimulationResult, collect, run_simulation, stage_weights, write_packages
 from fedimg.resources import config_path, job_dir
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class Target:
         authorization_file: POC: every site's ``local/authorization.json``.
         startup_kit: prod: the admin's provisioned startup kit folder.
         admin: prod: the admin's name in the project.
+        spec_file: the preprocessing spec the sites used, for the run's model packages when no site's
+            data is on this machine (prod); sim and POC read it beside the sites' datalists.
     """
 
     env: str
@@ -64,6 +66,7 @@ class Target:
     authorization_file: str | None = None
     startup_kit: str | None = None
     admin: str | None = None
+    spec_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.env not in ENVS:
@@ -185,6 +188,8 @@ def _deploy(exp: ExperimentConfig, target: Target, mode: str, weights: Any | Non
     from fedimg.fl.recipe import build_recipe
 
     ws = Path(target.workspace).resolve()
+    # Read before the job runs: a wrong --spec must not surface after hours of training.
+    spec = cfgmod.load(cfgmod.PreprocessSpec, target.spec_file) if target.spec_file else None
     he = exp.privacy.encryption == "he"  # POC must then provision HE keys (nvflare poc prepare -he)
     timeout = target.timeout or exp.fed.first_round_timeout_s * (exp.fed.num_rounds + 2)
     staging = ws / "staging"
@@ -228,6 +233,8 @@ def _deploy(exp: ExperimentConfig, target: Target, mode: str, weights: Any | Non
             raise DeploymentError(f"job {outcome.job_id} was not downloaded")
         run_dir = outcome.result_dir / "workspace"
         res = collect(outcome.result_dir, list(target.sites), run_dir=run_dir, log_dirs={"server": run_dir}, **checks)
+    if mode == "train" and not he:  # an HE run's server models are ciphertext: fedimg.fl.he decrypts them at a site
+        res.packages = write_packages(res, exp, {n: str(p) for n, p in target.sites.items() if p}, spec=spec)
     return Launched(
         result=res, status=outcome.status, job_id=outcome.job_id, seconds=outcome.seconds, result_dir=outcome.result_dir
     )

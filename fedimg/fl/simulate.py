@@ -333,13 +333,17 @@ def _rated(rows: list[dict[str, Any]], key: str, how: str) -> dict[str, Any]:
     }
 
 
-def write_packages(result: SimulationResult, exp: ExperimentConfig, site_configs: dict[str, str]) -> dict[str, str]:
+def write_packages(
+    result: SimulationResult, exp: ExperimentConfig, site_configs: dict[str, str], spec: Any | None = None
+) -> dict[str, str]:
     """The run's best and final global models as model packages in ``job_dir/packages/{best,final}``.
 
     The best model is described by the validation record that chose it, the
     final one by its final evaluation (``fed.final_eval``). The spec is the
-    one the sites' training data was preprocessed with. A run without server
-    models writes none; a problem with one package is logged, never fails the run.
+    one the sites' training data was preprocessed with (``spec``, a
+    :class:`fedimg.config.PreprocessSpec`, when given: a production run has no
+    site data here). A run without server models writes none; a problem with
+    one package is logged, never fails the run.
     """
     import torch
 
@@ -386,6 +390,7 @@ def write_packages(result: SimulationResult, exp: ExperimentConfig, site_configs
             datalists,
             chosen[name],
             {"run": "federated", "algorithm": exp.fed.algorithm, "model": name, "round": where[name]},
+            spec=spec,
         )
         if out is not None:
             written[name] = str(out)

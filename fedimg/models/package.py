@@ -371,7 +371,10 @@ def spec_of_datalists(datalists: Mapping[str, str | Path]) -> tuple[PreprocessSp
         except ConfigError as exc:
             return None, f"site {site}'s {SPEC_FILE} does not validate ({exc})"
     if not specs:
-        return None, "the run named no site"
+        return None, (
+            "no site's data is on this machine (a production run): give fedimg fl run --spec SPEC_YAML, the spec "
+            "the sites preprocessed with"
+        )
     first_site, first = next(iter(specs.items()))
     differ = [s for s, sp in specs.items() if cfgmod.to_dict(sp) != cfgmod.to_dict(first)]
     if differ:
@@ -389,14 +392,21 @@ def package_run_model(
     datalists: Mapping[str, str | Path],
     metrics: Mapping[str, Any] | None,
     meta: Mapping[str, Any],
+    spec: PreprocessSpec | None = None,
 ) -> Path | None:
     """Write one model of a run as a package, with the sites' spec; log instead of failing the run.
 
     A finished run's models are worth keeping even when one cannot be
     packaged (e.g. a diverged model with NaN weights): the reason is logged
     as a warning and None is returned.
+
+    Args:
+        spec: the spec, when the caller knows it (a production lead's ``--spec``); else it is read
+            beside the sites' datalists.
     """
-    spec, why = spec_of_datalists(datalists)
+    why: str | None = None
+    if spec is None:
+        spec, why = spec_of_datalists(datalists)
     if spec is None:
         logger.warning(
             "model package %s has no preprocessing spec: %s; `fedimg predict` will refuse it", Path(path).name, why

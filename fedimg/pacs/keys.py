@@ -10,8 +10,8 @@ are, is decided like this:
   ``accession`` or ``accession_number`` (accession numbers), or
   ``StudyInstanceUID``, ``study_uid`` or ``study_instance_uid`` (Study
   Instance UIDs); ``--key accession|study_uid`` picks one kind when both are
-  present. The label sheets ``fedimg synth`` writes (``labels.csv``) work as
-  they are.
+  present. The label sheets ``fedimg synth`` writes (``labels.csv``) hold
+  both kinds, so they need ``--key``.
 
 Blank lines and rows with an empty key cell are skipped (counted); a key
 given twice is pulled once.

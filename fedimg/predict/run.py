@@ -4,7 +4,7 @@ DST (claimed as a ``predict`` output folder, :mod:`fedimg.preprocess.outdir`)::
 
     DST/
       predictions.csv            one row per study: study_id, status, per-class volume (ml) or probability
-      summary.json               the package, the de-identification mode, every study's status (no paths)
+      summary.json               the package, the de-identification mode, each study's status (no input path)
       <study_id>/                segmentation only
         prediction.nii.gz        label map (0 background, 1..N classes) on the source acquisition grid
         prediction_seg.dcm       DICOM SEG referencing the source series (DICOM input)

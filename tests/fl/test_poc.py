@@ -68,6 +68,16 @@ def test_job_py_env_poc_end_to_end(cls_sites, tmp_path):
     assert not _processes_under(tmp_path / "ws" / "poc")
     results = list((tmp_path / "ws" / "results").glob("*/workspace/app_server/FL_global_model.pt"))
     assert results, "the job's results were not downloaded"
+    # The downloaded run's server models are model packages, as after a simulator run. The array data sets of
+    # these sites have no preprocessing spec: the package says so (and predict would refuse it).
+    from fedimg.models.package import load_package
+
+    assert "model packages: best" in proc.stdout
+    final = load_package(results[0].parents[2] / "packages" / "final")
+    served = torch.load(results[0], map_location="cpu", weights_only=True)["model"]
+    assert set(final.state_dict) == set(served)
+    assert all(torch.equal(torch.as_tensor(served[k]).to(v.dtype), v) for k, v in final.state_dict.items())
+    assert final.spec is None and final.meta["spec_note"]
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,13 @@ def test_baselines_and_federated_runs_write_packages(small_preprocessed, tmp_pat
     assert best.spec is not None and best.spec.target_spacing == (6.0, 6.0, 6.0)
     # Equal weights, equal bytes: the checksum identifies the model, whichever run wrote it.
     assert best.meta["weights"]["sha256"] == final.meta["weights"]["sha256"] == pkg.meta["weights"]["sha256"]
+
+    # A production run: no site's data on the lead's machine. Without the spec the packages say what to do;
+    # with the lead's --spec they carry it and predict can use them.
+    shutil.rmtree(job / "packages")
+    bare = load_package(write_packages(sim, exp, {})["best"])
+    assert bare.spec is None and "--spec" in bare.meta["spec_note"]
+    shutil.rmtree(job / "packages")
+    lead = cfg.load(cfg.PreprocessSpec, base / "site-1" / "spec.yaml")
+    given = load_package(write_packages(sim, exp, {}, spec=lead)["best"])
+    assert given.spec is not None and cfg.to_dict(given.spec) == cfg.to_dict(lead)
