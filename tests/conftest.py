@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+#: One port per POC test file, so their federations run side by side (POCs on one port take turns).
+POC_TEST_PORTS = {"shared": 18102, "he": 18112, "boundary": 18122}
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CT_SPEC = REPO / "configs" / "preprocessing" / "ct_phantom.yaml"

@@ -37,7 +37,14 @@ from fedimg.errors import UserError
 logger = logging.getLogger(__name__)
 
 POC_ADMIN = "admin@nvidia.com"
-POC_LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "fedimg-nvflare-poc-8002.lock"
+POC_PORT = 8002  # NVFlare's POC server port (also its admin port)
+
+
+def poc_lock(port: int) -> Path:
+    """The machine-wide lock file of the POC federations that listen on ``port``."""
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"fedimg-nvflare-poc-{port}.lock"
+
+
 TERMINAL = (
     "FINISHED:COMPLETED",
     "FINISHED:ABORTED",
@@ -248,6 +255,8 @@ class PocFederation(Federation):
         privacy: ``privacy.json`` for every site's ``local/`` (None: no site privacy policy).
         authorization: ``authorization.json`` for every site's ``local/``.
         use_he: provision homomorphic-encryption contexts (needs ``nvflare[HE]``: tenseal).
+        port: the server's port on loopback (NVFlare's 8002 by default). POC federations on the same
+            port take turns; on different ports they run side by side.
     """
 
     def __init__(
@@ -257,7 +266,11 @@ class PocFederation(Federation):
         privacy: str | Path | None = None,
         authorization: str | Path | None = None,
         use_he: bool = False,
+        port: int = POC_PORT,
     ) -> None:
+        if not 1024 <= int(port) <= 65535:
+            raise DeploymentError(f"POC port must be 1024..65535, got {port}")
+        self.port = int(port)
         self.workspace = Path(workspace).resolve()
         # Each site names a POC kit folder and an NVFlare client.
         self.site_configs = {validate_site_name(s): str(Path(p).resolve()) for s, p in site_configs.items()}
@@ -268,10 +281,11 @@ class PocFederation(Federation):
         super().__init__(POC_ADMIN, self.workspace / "example_project" / "prod_00" / POC_ADMIN)
 
     def _acquire_port(self, timeout: float) -> None:
-        # Every POC listens on port 8002: one POC per machine at a time, other runs wait their turn.
+        # POCs on one port take turns: other runs wait until the port is free.
         if self._lock is not None:
             return
-        f = open(POC_LOCK, "a+")  # noqa: SIM115 - held until stop()
+        lock = poc_lock(self.port)
+        f = open(lock, "a+")  # noqa: SIM115 - held until stop()
         deadline = time.time() + timeout
         while True:
             try:
@@ -281,7 +295,7 @@ class PocFederation(Federation):
                 if time.time() > deadline:
                     f.close()
                     raise DeploymentError(
-                        f"another NVFlare POC on this machine held port 8002 ({POC_LOCK}) for "
+                        f"another NVFlare POC on this machine held port {self.port} ({lock}) for "
                         f"more than {timeout:.0f} s; stop it (nvflare poc stop) and retry"
                     ) from None
                 time.sleep(2.0)
@@ -337,9 +351,12 @@ class PocFederation(Federation):
                 raise DeploymentError(f"POC processes of {self.workspace} are still running; stop them first")
             shutil.rmtree(self.workspace)
         self.workspace.parent.mkdir(parents=True, exist_ok=True)
-        args = ["prepare", "-c", *self.site_configs]
-        if self.use_he:
-            args.append("-he")
+        if self.port == POC_PORT:
+            args = ["prepare", "-c", *self.site_configs]
+            if self.use_he:
+                args.append("-he")
+        else:
+            args = ["prepare", "-i", str(self._project_file())]
         self._nvflare(*args)
         for site in self.site_configs:
             install_site_policies(self.kit(site) / "local", self.privacy, self.authorization)
@@ -347,6 +364,28 @@ class PocFederation(Federation):
             # The server checks an admin's rights (submit_job, ...) before any site sees the job: same policy there.
             json.loads(self.authorization.read_text())
             shutil.copy2(self.authorization, self.kit("server") / "local" / "authorization.json")
+
+    def _project_file(self) -> Path:
+        """NVFlare's own POC project (server ``server``, these sites, HE if asked) on :attr:`port`.
+
+        Built with the functions ``nvflare poc prepare`` applies to its default project, so the kits are
+        those of a default POC but for the port.
+        """
+        from nvflare.tool.poc import poc_commands as pc
+
+        scratch = self.workspace.parent / f".{self.workspace.name}-project"
+        scratch.mkdir(parents=True, exist_ok=True)
+        project = pc.load_yaml(pc.gen_project_config_file(str(scratch)))
+        project = pc.update_server_name(project)
+        project = pc.update_clients(list(self.site_configs), 0, project)
+        project = pc.add_he_builder(self.use_he, project)
+        servers = [p for p in project["participants"] if p["type"] == "server"]
+        if len(servers) != 1:
+            raise DeploymentError(f"NVFlare's default POC project has {len(servers)} servers, expected 1")
+        servers[0]["fed_learn_port"] = self.port
+        out = scratch / "project.yml"
+        pc.save_project_config(project, str(out))
+        return out
 
     def add_user(self, role: str, email: str, org: str = "nvidia") -> Federation:
         """Provision an admin user with a certificate role (``org_admin``, ``lead``, ``member``) after :meth:`prepare`.

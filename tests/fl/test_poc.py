@@ -20,9 +20,9 @@ import torch
 
 from fedimg import config as cfg
 from fedimg.models.registry import build_model
-from tests.conftest import REPO, tiny_classification
+from tests.conftest import POC_TEST_PORTS, REPO, tiny_classification
 
-# POCs share port 8002: PocFederation.start waits for a machine-wide lock, so parallel workers take turns.
+# Each POC test file has its own port (tests/conftest.py POC_TEST_PORTS): their federations run side by side.
 pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration, pytest.mark.poc]
 FED = REPO / "configs" / "federation"
 
@@ -36,7 +36,7 @@ def _site_yamls(datalists, work):
 
 
 def test_job_py_env_poc_end_to_end(cls_sites, tmp_path):
-    """The researcher's command. First in this file: one POC at a time (port 8002), before the shared one starts."""
+    """The researcher's command. On NVFlare's default port 8002, as a user runs it."""
     sites = _site_yamls(cls_sites[2], tmp_path)
     exp = tiny_classification(2, name="poc_cli")
     cfg.save(exp, tmp_path / "exp.yaml")
@@ -90,6 +90,7 @@ def poc(cls_sites, tmp_path_factory):
         _site_yamls(cls_sites[2], work),
         privacy=FED / "privacy.json",
         authorization=FED / "authorization.json",
+        port=POC_TEST_PORTS["shared"],  # beside the job.py test's POC on NVFlare's 8002
     )
     fed.prepare()
     fed.start()
@@ -204,7 +205,7 @@ def test_a_site_killed_mid_run_is_left_out_and_rejoins_when_restarted(poc):
     from fedimg.fl.recipe import build_recipe
 
     fed, work = poc
-    rounds_n = 4
+    rounds_n = 3  # round 0 with both sites, then two without site-2
     exp = tiny_classification(
         2,
         name="poc_fault",

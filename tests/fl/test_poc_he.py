@@ -19,9 +19,9 @@ import torch
 
 from fedimg import config as cfg
 from fedimg.models.registry import build_model
-from tests.conftest import REPO, tiny_classification
+from tests.conftest import POC_TEST_PORTS, REPO, tiny_classification
 
-# POCs share port 8002: PocFederation.start waits for a machine-wide lock, so parallel workers take turns.
+# Each POC test file has its own port (tests/conftest.py POC_TEST_PORTS): their federations run side by side.
 pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration, pytest.mark.poc]
 FED = REPO / "configs" / "federation"
 
@@ -54,7 +54,12 @@ def test_he_training_in_poc_keeps_updates_and_global_model_encrypted(cls_sites, 
     job = export_job(recipe, tmp_path / "staging", tmp_path / "jobs")
 
     fed = PocFederation(
-        tmp_path / "poc", sites, privacy=FED / "privacy.json", authorization=FED / "authorization.json", use_he=True
+        tmp_path / "poc",
+        sites,
+        privacy=FED / "privacy.json",
+        authorization=FED / "authorization.json",
+        use_he=True,
+        port=POC_TEST_PORTS["he"],
     )
     fed.prepare()
     assert (fed.kit("server") / "local" / "server_context.tenseal").is_file() or (

@@ -19,9 +19,9 @@ import json
 import pytest
 
 from fedimg import config as cfg
-from tests.conftest import REPO, tiny_classification
+from tests.conftest import POC_TEST_PORTS, REPO, tiny_classification
 
-# POCs share port 8002: PocFederation.start waits for a machine-wide lock, so parallel workers take turns.
+# Each POC test file has its own port (tests/conftest.py POC_TEST_PORTS): their federations run side by side.
 pytestmark = [pytest.mark.nvflare, pytest.mark.slow, pytest.mark.integration, pytest.mark.poc]
 FED = REPO / "configs" / "federation"
 SECRET = "PATIENT^DOE^JOHN"
@@ -63,7 +63,13 @@ def poc(cls_sites, tmp_path_factory):
     for site, dl in cls_sites[2].items():
         cfg.save(cfg.SiteConfig(name=site, datalist=str(dl), device="cpu", num_threads=1), work / f"{site}.yaml")
         sites[site] = str(work / f"{site}.yaml")
-    fed = PocFederation(work / "poc", sites, privacy=FED / "privacy.json", authorization=FED / "authorization.json")
+    fed = PocFederation(
+        work / "poc",
+        sites,
+        privacy=FED / "privacy.json",
+        authorization=FED / "authorization.json",
+        port=POC_TEST_PORTS["boundary"],
+    )
     fed.prepare()
     member = fed.add_user("member", "member@nvidia.com")
     fed.start()
