@@ -120,6 +120,18 @@ def _scalars(val: dict[str, float]) -> dict[str, float]:
     return curve_metrics(val)
 
 
+def _half_precision(extra: dict[str, Any]) -> dict[str, Any]:
+    """The algorithm's extra payloads (e.g. SCAFFOLD's control differences) cast to float16 arrays.
+
+    Args:
+        extra: the algorithm's end-of-round entries; dict values are arrays by name, others pass unchanged.
+
+    Returns:
+        The same entries with every array of a dict value as float16.
+    """
+    return {k: ({n: a.astype("float16") for n, a in v.items()} if isinstance(v, dict) else v) for k, v in extra.items()}
+
+
 def withhold_small_cohort(
     metrics: dict[str, float], cases: float, min_cohort: int, prefix: str = "val_"
 ) -> dict[str, float]:
@@ -253,39 +265,80 @@ class SiteRunner:
 
         keep = self.algorithm.keep_on_evaluate(model.params) if flare.is_evaluate() else self.algorithm.local_keys
         self.trainer.load_weights(model.params, keep=keep)
-        t_val = time.perf_counter()
-        rnd_of_task = int(model.current_round or 0)
-        # fed.validate_every: training rounds in between skip the validation (evaluation tasks never do).
-        skip = not flare.is_evaluate() and rnd_of_task % self.exp.fed.validate_every != 0
-        val = {} if skip else self.trainer.validate()
-        t_val = time.perf_counter() - t_val
+        val, t_val = self._validate_received(model)
         metrics = withhold_small_cohort(
             metric_names(val), val.get("cases", self.trainer.n_val), self.exp.privacy.min_cohort
         )
         meta: dict[str, Any] = {RESULT_META_VAL: _scalars(val)}
         if flare.is_evaluate():
-            if self.trainer.n_test:
-                # Evaluation tasks (the final evaluation, cross-site evaluation) also score the held-out test
-                # cases; they are reported as test_* and never rate a model during training.
-                test = self.trainer.test()
-                metrics.update(
-                    withhold_small_cohort(
-                        metric_names(test, "test_"),
-                        test.get("cases", self.trainer.n_test),
-                        self.exp.privacy.min_cohort,
-                        prefix="test_",
-                    )
-                )
-                meta[RESULT_META_TEST] = _scalars(test)
-            if (model.meta or {}).get(TASK_META_FINAL):
-                step = int(model.current_round or 0)
-                self._log_validation(val, step)
-                if self.trainer.n_test:
-                    for k, v in meta[RESULT_META_TEST].items():
-                        self.writer.add_scalar(f"test/{k}", float(v), global_step=step)
-                self._local_pictures(step)
-            return flare.FLModel(metrics=metrics, meta=meta)
+            return self._evaluate(model, val, metrics, meta)
+        return self._train(model, val, t_val, metrics, meta)
 
+    def _validate_received(self, model: Any) -> tuple[dict[str, float], float]:
+        """Validate the weights just loaded, unless ``fed.validate_every`` skips this training round.
+
+        Args:
+            model: the task's FLModel (its round decides the skip).
+
+        Returns:
+            The validation metrics (empty when skipped) and the seconds spent.
+        """
+        t_val = time.perf_counter()
+        rnd_of_task = int(model.current_round or 0)
+        # fed.validate_every: training rounds in between skip the validation (evaluation tasks never do).
+        skip = not flare.is_evaluate() and rnd_of_task % self.exp.fed.validate_every != 0
+        val = {} if skip else self.trainer.validate()
+        return val, time.perf_counter() - t_val
+
+    def _evaluate(self, model: Any, val: dict[str, float], metrics: dict[str, float], meta: dict[str, Any]) -> Any:
+        """An evaluation task (final evaluation, cross-site evaluation): add the test cases' scores, send metrics.
+
+        Args:
+            model: the task's FLModel.
+            val: the validation metrics of the loaded weights.
+            metrics: the metrics to send (updated in place with ``test_*``).
+            meta: the result meta (updated in place with the test scalars).
+
+        Returns:
+            The FLModel to send: metrics and meta, no weights.
+        """
+        if self.trainer.n_test:
+            # Evaluation tasks (the final evaluation, cross-site evaluation) also score the held-out test
+            # cases; they are reported as test_* and never rate a model during training.
+            test = self.trainer.test()
+            metrics.update(
+                withhold_small_cohort(
+                    metric_names(test, "test_"),
+                    test.get("cases", self.trainer.n_test),
+                    self.exp.privacy.min_cohort,
+                    prefix="test_",
+                )
+            )
+            meta[RESULT_META_TEST] = _scalars(test)
+        if (model.meta or {}).get(TASK_META_FINAL):
+            step = int(model.current_round or 0)
+            self._log_validation(val, step)
+            if self.trainer.n_test:
+                for k, v in meta[RESULT_META_TEST].items():
+                    self.writer.add_scalar(f"test/{k}", float(v), global_step=step)
+            self._local_pictures(step)
+        return flare.FLModel(metrics=metrics, meta=meta)
+
+    def _train(
+        self, model: Any, val: dict[str, float], t_val: float, metrics: dict[str, float], meta: dict[str, Any]
+    ) -> Any:
+        """A training task: train the local epochs from the loaded global weights and build the update.
+
+        Args:
+            model: the task's FLModel (the global weights, round and total rounds).
+            val: the validation metrics of the global weights (empty when skipped).
+            t_val: the seconds the validation took.
+            metrics: the metrics to send.
+            meta: the result meta (updated in place with steps, bytes, times, algorithm extras and privacy).
+
+        Returns:
+            The FLModel to send: the update (weights or differences), metrics and meta.
+        """
         rnd = int(model.current_round or 0)
         total = int(model.total_rounds or self.exp.fed.num_rounds)
         self._log_validation(val, rnd)
@@ -308,10 +361,7 @@ class SiteRunner:
             exclude=self.algorithm.local_keys,
         )
         if self.exp.fed.update_precision == "fp16":
-            extra = {
-                k: ({n: a.astype("float16") for n, a in v.items()} if isinstance(v, dict) else v)
-                for k, v in extra.items()
-            }
+            extra = _half_precision(extra)
         nbytes = payload_bytes(update) + sum(payload_bytes(v) for v in extra.values() if isinstance(v, dict))
         progress.info(
             "site %s round %d: %s %.4f, train loss %.4f (validate %.2f s, train %.2f s, update %.2f MB)",
@@ -335,21 +385,31 @@ class SiteRunner:
                 **extra,
             }
         )
-        spent = self.trainer.privacy_spent()
-        if spent is not None:
-            # Nested under its mechanism, so an update filter's own DP record can sit beside it.
-            meta[RESULT_META_DP] = {"dp_sgd": spent}
-            self.writer.add_scalar("privacy/epsilon", float(spent["epsilon"]), global_step=rnd + 1)
-            progress.info(
-                "site %s round %d: DP-SGD epsilon %.3f at delta %g after %d noised steps",
-                self.site_name,
-                rnd,
-                spent["epsilon"],
-                spent["delta"],
-                spent["steps"],
-            )
+        self._report_privacy(meta, rnd)
         return flare.FLModel(
             params=update, params_type=ParamsType.DIFF if kind == DIFF else ParamsType.FULL, metrics=metrics, meta=meta
+        )
+
+    def _report_privacy(self, meta: dict[str, Any], rnd: int) -> None:
+        """With DP-SGD, add the privacy spent so far to the result meta, the TensorBoard and the progress log.
+
+        Args:
+            meta: the result meta (updated in place under :data:`RESULT_META_DP`).
+            rnd: the round just trained.
+        """
+        spent = self.trainer.privacy_spent()
+        if spent is None:
+            return
+        # Nested under its mechanism, so an update filter's own DP record can sit beside it.
+        meta[RESULT_META_DP] = {"dp_sgd": spent}
+        self.writer.add_scalar("privacy/epsilon", float(spent["epsilon"]), global_step=rnd + 1)
+        progress.info(
+            "site %s round %d: DP-SGD epsilon %.3f at delta %g after %d noised steps",
+            self.site_name,
+            rnd,
+            spent["epsilon"],
+            spent["delta"],
+            spent["steps"],
         )
 
 
