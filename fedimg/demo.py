@@ -9,13 +9,18 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedimg import config as cfgmod
 from fedimg.atomic import write_json
 from fedimg.preprocess.outdir import claim
 from fedimg.resources import config_path, job_dir
+
+if TYPE_CHECKING:  # imported where used, when a demo runs: the simulator pulls in NVFlare
+    from fedimg.fl.simulate import SimulationResult
+    from fedimg.preprocess.pipeline import PreprocessResult
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +84,7 @@ def _run_demo(
     device: cfgmod.DeviceName,
     progress: bool,
 ) -> dict[str, Any]:
-    from fedimg.dicom.deid import Pseudonymizer, SiteSecret
     from fedimg.fl.simulate import run_simulation
-    from fedimg.preprocess.pipeline import preprocess
-    from fedimg.runtime import default_threads
     from fedimg.synth import generate
 
     t0 = time.perf_counter()
@@ -92,16 +94,60 @@ def _run_demo(
     synth = generate(raw, n_sites=sites, n_cases=cases, seed=seed, progress=progress)
 
     _print("[2/3] preprocessing each site on its own (DICOM -> normalized NIfTI)")
+    site_cfgs, pre = _preprocess_sites(out, synth.sites, spec, device, progress)
+
+    _print(
+        f"[3/3] federated training: FedAvg, {exp.fed.num_rounds} rounds x {exp.train.local_epochs} local "
+        f"epoch(s), {len(site_cfgs)} sites in the NVFlare simulator"
+    )
+    cfgmod.save(exp, out / "experiment.yaml")
+    sim = run_simulation(exp, JOB_DIR, site_cfgs, out / "nvflare")
+
+    rows = _site_rows(pre, sim)
+    summary = {
+        "sites": rows,
+        "best_model": str(sim.best_model),
+        "global_model": str(sim.global_model),
+        "tensorboard_logdir": str(sim.tb_logdir),
+        "cross_site": str(sim.cross_site),
+        "rounds": exp.fed.num_rounds,
+        "federated_seconds": round(sim.seconds, 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_json(out / "summary.json", summary)
+    _print_results(out, exp, sim, summary)
+    return summary
+
+
+def _preprocess_sites(
+    out: Path, sites: Collection[str], spec: cfgmod.PreprocessSpec, device: cfgmod.DeviceName, progress: bool
+) -> tuple[dict[str, str], dict[str, PreprocessResult]]:
+    """Preprocess each synthetic site on its own, with its own secret, and write its site config.
+
+    Args:
+        out: the demo's output folder (raw DICOM under ``raw/<site>``, results under ``sites/<site>``).
+        sites: the synthetic sites' names.
+        spec: the preprocessing spec.
+        device: the device each site trains on.
+        progress: show progress bars.
+
+    Returns:
+        The path of each site's ``site.yaml`` and each site's preprocessing result, by site.
+    """
+    from fedimg.dicom.deid import Pseudonymizer, SiteSecret
+    from fedimg.preprocess.pipeline import preprocess
+    from fedimg.runtime import default_threads
+
     site_cfgs: dict[str, str] = {}
-    pre: dict[str, Any] = {}
-    threads = default_threads(len(synth.sites))
-    for site in synth.sites:
+    pre: dict[str, PreprocessResult] = {}
+    threads = default_threads(len(sites))
+    for site in sites:
         site_dir = out / "sites" / cfgmod.validate_site_name(site)  # a folder name
         # Each site has its own secret: case ids and manifest entries are keyed pseudonyms.
         site_dir.mkdir(parents=True, exist_ok=True)
         secret = SiteSecret.generate(site_dir / "site.secret")
         res = preprocess(
-            raw / site,
+            out / "raw" / site,
             site_dir / "preprocessed",
             spec,
             site=site,
@@ -119,14 +165,19 @@ def _run_demo(
         )
         cfgmod.save(site_cfg, site_dir / "site.yaml")
         site_cfgs[site] = str(site_dir / "site.yaml")
+    return site_cfgs, pre
 
-    _print(
-        f"[3/3] federated training: FedAvg, {exp.fed.num_rounds} rounds x {exp.train.local_epochs} local "
-        f"epoch(s), {len(site_cfgs)} sites in the NVFlare simulator"
-    )
-    cfgmod.save(exp, out / "experiment.yaml")
-    sim = run_simulation(exp, JOB_DIR, site_cfgs, out / "nvflare")
 
+def _site_rows(pre: dict[str, PreprocessResult], sim: SimulationResult) -> dict[str, dict[str, Any]]:
+    """The summary's row per site: its case counts, the final global model's Dice on it, its manifest.
+
+    Args:
+        pre: each site's preprocessing result.
+        sim: the federated run's result.
+
+    Returns:
+        The rows by site.
+    """
     rows = {}
     for site, res in pre.items():
         dice = sim.final_dice(site)
@@ -142,24 +193,24 @@ def _run_demo(
             },
             "manifest": res.manifest,
         }
-    summary = {
-        "sites": rows,
-        "best_model": str(sim.best_model),
-        "global_model": str(sim.global_model),
-        "tensorboard_logdir": str(sim.tb_logdir),
-        "cross_site": str(sim.cross_site),
-        "rounds": exp.fed.num_rounds,
-        "federated_seconds": round(sim.seconds, 1),
-        "total_seconds": round(time.perf_counter() - t0, 1),
-    }
-    write_json(out / "summary.json", summary)
+    return rows
 
+
+def _print_results(out: Path, exp: cfgmod.ExperimentConfig, sim: SimulationResult, summary: dict[str, Any]) -> None:
+    """Print the per-site Dice table and where the models, results and TensorBoard logs are.
+
+    Args:
+        out: the demo's output folder.
+        exp: the experiment (its class names head the table).
+        sim: the federated run's result.
+        summary: the summary written to ``summary.json`` (its ``sites`` rows and ``total_seconds``).
+    """
     _print()
     _print(
         "Final global model, Dice on each site's validation cases (mean over " + ", ".join(exp.task.class_names) + "):"
     )
     _print(f"{'site':<10} {'cases':>5} {'val':>4} {'Dice':>7}  " + "  ".join(f"{c:>7}" for c in exp.task.class_names))
-    for site, row in rows.items():
+    for site, row in summary["sites"].items():
         per = row["val_dice_per_class"]
         d = row["val_dice"]
         _print(
@@ -172,4 +223,3 @@ def _run_demo(
     _print(f"cross-site result: {sim.cross_site}")
     _print(f"TensorBoard:       tensorboard --logdir {sim.tb_logdir}")
     _print(f"summary:           {out / 'summary.json'}  ({summary['total_seconds']:.0f} s in all)")
-    return summary
