@@ -11,6 +11,7 @@ fake identifiers and the same lesion flags, imaged as radiographs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,18 +248,8 @@ def _generate_case(
     case_id = f"{profile.name}-case-{case_index:03d}"
     geometry = SeriesGeometry.from_profile(profile)
     phantom = Phantom.random(np.random.default_rng([seed, site_index, case_index, _STREAM_PHANTOM]))
-    hu, label = render_series(
-        phantom,
-        geometry,
-        np.random.default_rng([seed, site_index, case_index, _STREAM_NOISE]),
-        profile.noise_sigma_hu,
-    )
-    stored = hu_to_stored(
-        hu,
-        profile.rescale_slope,
-        profile.rescale_intercept,
-        profile.stored_range,
-        signed=profile.pixel_representation == 1,
+    stored, label = _render_ct(
+        profile, geometry, phantom, np.random.default_rng([seed, site_index, case_index, _STREAM_NOISE])
     )
 
     def uid(*role: object) -> UID:
@@ -283,25 +274,7 @@ def _generate_case(
     image_folder = series_dir(study_folder, image_spec.series_number, image_spec.series_description)
     files = write_ct_series(image_folder, context, image_spec, stored)
 
-    nifti_path: str | None = None
-    mask_uid: str | None = None
-    mask_dir: str | None = None
-    if profile.label_format == "nifti":
-        target = label_path(study_folder)
-        write_label_nifti(target, label, geometry)
-        nifti_path = _relative(target, out)
-    else:
-        mask_spec = SeriesSpec(
-            series_instance_uid=uid("mask-series"),
-            sop_instance_uids=[uid("mask-instance", k) for k in range(geometry.n_slices)],
-            series_number=MASK_SERIES_NUMBER,
-            series_description=MASK_SERIES_DESCRIPTION,
-            minutes_after_study=30,
-        )
-        mask_folder = series_dir(study_folder, MASK_SERIES_NUMBER, MASK_SERIES_DESCRIPTION)
-        write_mask_series(mask_folder, context, mask_spec, label, image_spec)
-        mask_uid = str(mask_spec.series_instance_uid)
-        mask_dir = _relative(mask_folder, out)
+    nifti_path, mask_uid, mask_dir = _write_ct_label(out, study_folder, context, image_spec, label, uid)
 
     counts = np.bincount(label.ravel(), minlength=3)
     return CaseTruth(
@@ -332,6 +305,70 @@ def _generate_case(
         phantom=phantom.to_dict(),
         identifiers=study.to_dict(site_identity),
     )
+
+
+def _render_ct(
+    profile: SiteProfile, geometry: SeriesGeometry, phantom: Phantom, noise_rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render a phantom on the series grid and store it as the site's scanner would.
+
+    Args:
+        profile: the site's profile (noise, rescale, stored range, signedness).
+        geometry: the image grid.
+        phantom: the case's phantom.
+        noise_rng: the case's noise stream.
+
+    Returns:
+        The stored pixel values and the label volume (0 background, 1 organ, 2 lesion).
+    """
+    hu, label = render_series(phantom, geometry, noise_rng, profile.noise_sigma_hu)
+    stored = hu_to_stored(
+        hu,
+        profile.rescale_slope,
+        profile.rescale_intercept,
+        profile.stored_range,
+        signed=profile.pixel_representation == 1,
+    )
+    return stored, label
+
+
+def _write_ct_label(
+    out: Path,
+    study_folder: Path,
+    context: StudyContext,
+    image_spec: SeriesSpec,
+    label: np.ndarray,
+    uid: Callable[..., UID],
+) -> tuple[str | None, str | None, str | None]:
+    """Write a CT case's label in its site's format: a NIfTI file in the study folder, or a DICOM mask series.
+
+    Args:
+        out: the data set's root (the paths returned are relative to it).
+        study_folder: the case's study folder.
+        context: the study's shared context (profile, geometry, UIDs).
+        image_spec: the image series the mask refers to.
+        label: the label volume.
+        uid: the case's deterministic UID maker, by role.
+
+    Returns:
+        The NIfTI label's path, the mask series' instance UID and the mask series' folder; the two that do not
+        apply to the site's format are None.
+    """
+    geometry = context.geometry
+    if context.profile.label_format == "nifti":
+        target = label_path(study_folder)
+        write_label_nifti(target, label, geometry)
+        return _relative(target, out), None, None
+    mask_spec = SeriesSpec(
+        series_instance_uid=uid("mask-series"),
+        sop_instance_uids=[uid("mask-instance", k) for k in range(geometry.n_slices)],
+        series_number=MASK_SERIES_NUMBER,
+        series_description=MASK_SERIES_DESCRIPTION,
+        minutes_after_study=30,
+    )
+    mask_folder = series_dir(study_folder, MASK_SERIES_NUMBER, MASK_SERIES_DESCRIPTION)
+    write_mask_series(mask_folder, context, mask_spec, label, image_spec)
+    return None, str(mask_spec.series_instance_uid), _relative(mask_folder, out)
 
 
 def _generate_dx_case(
