@@ -313,21 +313,33 @@ def _write_slices(
         ds.SliceLocation = _ds(geometry.slice_location(k))
         if per_slice is not None:
             per_slice(ds, k)
-        # A private block with an identifier in it: something for
-        # de-identification's private-tag rule to remove.
-        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-        block.add_new(0x01, "LO", private_value)
-        ds.PixelData = little_endian[k].tobytes()
-
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
         path = folder / instance_file_name(k + 1, context.profile.file_extension)
-        ds.save_as(path, enforce_file_format=True)
+        _save_instance(ds, path, private_value, little_endian[k].tobytes())
         written.append(path)
     return written
+
+
+def _save_instance(ds: Dataset, path: Path, private_value: str, pixel_data: bytes) -> None:
+    """Finish one instance (private block, pixels, File Meta) and save it as a Part 10 file.
+
+    Args:
+        ds: the instance's attributes, without pixels.
+        path: the file to write.
+        private_value: the identifying text of the private block.
+        pixel_data: the little-endian stored values.
+    """
+    # A private block with an identifier in it: something for
+    # de-identification's private-tag rule to remove.
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", private_value)
+    ds.PixelData = pixel_data
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.save_as(path, enforce_file_format=True)
 
 
 def _referenced_series(series_uid: UID) -> DicomSequence:
@@ -402,10 +414,45 @@ def write_dx_image(
             f"{stored.dtype} {stored.shape}; render them with fedimg.synth.render"
         )
     patient = study.patient
+    attributes = {
+        **_dx_identity_attributes(profile, site, study, study_instance_uid, series_instance_uid, sop_instance_uid),
+        **_dx_image_attributes(profile),
+    }
+    ds = Dataset()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / instance_file_name(1, profile.file_extension)
+    private_value = f"{patient.patient_id} {patient.last_name} {profile.name}"
+    _save_instance(ds, path, private_value, stored.astype("<u2", copy=False).tobytes())
+    return path
+
+
+def _dx_identity_attributes(
+    profile: Any,
+    site: SiteIdentity,
+    study: StudyIdentity,
+    study_instance_uid: UID,
+    series_instance_uid: UID,
+    sop_instance_uid: UID,
+) -> dict[str, Any]:
+    """A radiograph's SOP, patient, study, series and equipment attributes.
+
+    Args:
+        profile: the site's :class:`fedimg.synth.profiles.DXProfile`.
+        site: site identifiers.
+        study: patient and study identifiers.
+        study_instance_uid: (0020,000D).
+        series_instance_uid: (0020,000E).
+        sop_instance_uid: (0008,0018).
+
+    Returns:
+        The attributes by keyword.
+    """
+    patient = study.patient
     series_time = _add_minutes(study.study_date, study.study_time, 1)
-    spacing = [_ds(profile.pixel_spacing_mm), _ds(profile.pixel_spacing_mm)]
-    top = profile.stored_max
-    attributes: dict[str, Any] = {
+    return {
         "SpecificCharacterSet": "ISO_IR 100",
         "SOPClassUID": DX_FOR_PRESENTATION_STORAGE,
         "SOPInstanceUID": sop_instance_uid,
@@ -440,6 +487,21 @@ def write_dx_image(
         "StationName": site.station_name,
         "DeviceSerialNumber": site.device_serial_number,
         "SoftwareVersions": SOFTWARE_VERSION,
+    }
+
+
+def _dx_image_attributes(profile: Any) -> dict[str, Any]:
+    """A radiograph's acquisition, orientation and pixel attributes, as its site's profile writes them.
+
+    Args:
+        profile: the site's :class:`fedimg.synth.profiles.DXProfile`.
+
+    Returns:
+        The attributes by keyword.
+    """
+    spacing = [_ds(profile.pixel_spacing_mm), _ds(profile.pixel_spacing_mm)]
+    top = profile.stored_max
+    attributes: dict[str, Any] = {
         "BodyPartExamined": "CHEST",
         "ViewPosition": "AP",
         "PatientOrientation": ["L", "F"],
@@ -465,19 +527,4 @@ def write_dx_image(
         attributes["PixelSpacing"] = spacing
     if profile.write_rescale:
         attributes.update({"RescaleIntercept": "0", "RescaleSlope": "1", "RescaleType": "US"})
-    ds = Dataset()
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-    block.add_new(0x01, "LO", f"{patient.patient_id} {patient.last_name} {profile.name}")
-    ds.PixelData = stored.astype("<u2", copy=False).tobytes()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / instance_file_name(1, profile.file_extension)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return attributes
