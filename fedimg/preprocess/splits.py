@@ -107,12 +107,52 @@ def assign(
         SplitConflictError: earlier runs put one patient's cases in different splits (a DST made before
             splits were by patient); the message counts patients, never names them.
     """
-    previous_cases = dict(previous_cases or {})
-    patient_split = {p: s for p, s in (previous_patients or {}).items() if s in SPLITS}
-    # A patient of earlier runs whose state predates patient records: derive it from their cases.
     by_patient: dict[str, list[str]] = defaultdict(list)
     for case_id, key in cases.items():
         by_patient[key.patient].append(case_id)
+    patient_split = _earlier_splits(by_patient, previous_cases or {}, previous_patients or {})
+
+    out = Assignment()
+    n = len(cases)
+    n_patients = len(by_patient)
+    target = {
+        TEST: int(round(n * test_fraction)) if test_fraction > 0 else 0,
+        # With folds, validation is fold 0 (dealt below), not a share of its own.
+        VALIDATION: max(1, int(round(n * val_fraction))) if n_patients >= 2 and folds < 2 else 0,
+    }
+    first = {p: min(cases[c].order for c in ids) for p, ids in by_patient.items()}
+    new = sorted((p for p in by_patient if p not in patient_split), key=lambda p: _rank(seed, first[p]))
+    _hold_out(new, patient_split, by_patient, target)
+    for p in new:
+        patient_split.setdefault(p, TRAINING)
+    for p, ids in by_patient.items():
+        out.patient_splits[p] = patient_split[p]
+        for c in ids:
+            out.splits[c] = patient_split[p]
+
+    if folds >= 2:
+        _deal_folds(out, by_patient, first, seed, folds, previous_folds or {})
+    return out
+
+
+def _earlier_splits(
+    by_patient: Mapping[str, list[str]], previous_cases: Mapping[str, str], previous_patients: Mapping[str, str]
+) -> dict[str, str]:
+    """The split earlier runs gave each patient: their own record, or else the one split of their cases.
+
+    Args:
+        by_patient: patient key -> the current case ids.
+        previous_cases: case id -> split of earlier runs.
+        previous_patients: patient key -> split of earlier runs.
+
+    Returns:
+        Patient key -> split, for every patient earlier runs decided (also ones without current cases).
+
+    Raises:
+        SplitConflictError: earlier runs put one patient's cases in different splits.
+    """
+    patient_split = {p: s for p, s in previous_patients.items() if s in SPLITS}
+    # A patient of earlier runs whose state predates patient records: derive it from their cases.
     straddling = 0
     for patient, ids in by_patient.items():
         seen = {previous_cases[c] for c in ids if previous_cases.get(c) in SPLITS}
@@ -129,24 +169,25 @@ def assign(
             "evaluation; preprocess into a new DST (its split is drawn by patient), and do not resume a model "
             "trained on the old split"
         )
+    return patient_split
 
-    out = Assignment()
-    n = len(cases)
-    n_patients = len(by_patient)
+
+def _hold_out(
+    new: list[str], patient_split: dict[str, str], by_patient: Mapping[str, list[str]], target: Mapping[str, int]
+) -> None:
+    """Deal new patients, in seeded order, to the held-out splits (test first) towards each split's target.
+
+    Args:
+        new: the patients no earlier run decided, in seeded order.
+        patient_split: patient key -> split so far; the held-out new patients are added.
+        by_patient: patient key -> the current case ids.
+        target: held-out split -> the number of cases it should reach (0: none).
+    """
     size = {p: len(ids) for p, ids in by_patient.items()}
     have: defaultdict[str, int] = defaultdict(int)
     for p, s in patient_split.items():
         if p in size:
             have[s] += size[p]
-    target = {
-        TEST: int(round(n * test_fraction)) if test_fraction > 0 else 0,
-        # With folds, validation is fold 0 (dealt below), not a share of its own.
-        VALIDATION: max(1, int(round(n * val_fraction))) if n_patients >= 2 and folds < 2 else 0,
-    }
-    new = sorted(
-        (p for p in by_patient if p not in patient_split),
-        key=lambda p: _rank(seed, min(cases[c].order for c in by_patient[p])),
-    )
     trains = sum(1 for p in by_patient if patient_split.get(p) == TRAINING)
     for split in (TEST, VALIDATION):
         if target[split] <= 0:
@@ -168,34 +209,44 @@ def assign(
             if first is not None and trains + free - 1 >= 1:
                 patient_split[first] = split
                 have[split] += size[first]
-    for p in new:
-        patient_split.setdefault(p, TRAINING)
-    for p, ids in by_patient.items():
-        out.patient_splits[p] = patient_split[p]
-        for c in ids:
-            out.splits[c] = patient_split[p]
 
-    if folds >= 2:
-        fold_of = {p: f for p, f in (previous_folds or {}).items() if isinstance(f, int) and 0 <= f < folds}
-        load = [0] * folds
-        for p, f in fold_of.items():
-            if p in size and out.patient_splits.get(p) != TEST:
-                load[f] += size[p]
-        pool = [p for p in by_patient if out.patient_splits[p] != TEST]
-        for p in sorted(
-            (p for p in pool if p not in fold_of),
-            key=lambda p: _rank(seed + 1, min(cases[c].order for c in by_patient[p])),
-        ):
-            f = min(range(folds), key=lambda k: (load[k], k))
-            fold_of[p] = f
-            load[f] += size[p]
-        for p in pool:
-            out.patient_folds[p] = fold_of[p]
-            out.patient_splits[p] = VALIDATION if fold_of[p] == 0 else TRAINING
-            for c in by_patient[p]:
-                out.folds[c] = fold_of[p]
-                out.splits[c] = out.patient_splits[p]
-    return out
+
+def _deal_folds(
+    out: Assignment,
+    by_patient: Mapping[str, list[str]],
+    first: Mapping[str, str],
+    seed: int,
+    folds: int,
+    previous_folds: Mapping[str, int],
+) -> None:
+    """Deal the non-test patients to ``folds`` cross-validation folds; fold 0 is the validation split.
+
+    Earlier folds are kept; new patients, in seeded order, go to the fold with the fewest cases.
+
+    Args:
+        out: the assignment so far; its folds are set and its splits follow them.
+        by_patient: patient key -> the current case ids.
+        first: patient key -> the lowest order key of their cases.
+        seed: the spec's ``split.seed``.
+        folds: the number of folds (2 or more).
+        previous_folds: patient key -> fold of earlier runs.
+    """
+    fold_of = {p: f for p, f in previous_folds.items() if isinstance(f, int) and 0 <= f < folds}
+    load = [0] * folds
+    for p, f in fold_of.items():
+        if p in by_patient and out.patient_splits.get(p) != TEST:
+            load[f] += len(by_patient[p])
+    pool = [p for p in by_patient if out.patient_splits[p] != TEST]
+    for p in sorted((p for p in pool if p not in fold_of), key=lambda p: _rank(seed + 1, first[p])):
+        f = min(range(folds), key=lambda k: (load[k], k))
+        fold_of[p] = f
+        load[f] += len(by_patient[p])
+    for p in pool:
+        out.patient_folds[p] = fold_of[p]
+        out.patient_splits[p] = VALIDATION if fold_of[p] == 0 else TRAINING
+        for c in by_patient[p]:
+            out.folds[c] = fold_of[p]
+            out.splits[c] = out.patient_splits[p]
 
 
 __all__ = ["SPLITS", "TEST", "TRAINING", "VALIDATION", "Assignment", "CaseKey", "SplitConflictError", "assign"]
