@@ -19,7 +19,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from fedimg.dicom.quiet import quiet_dicom, quiet_dicom_call
 from fedimg.dicom.reasons import Reason, RefusedError
 from fedimg.dicom.resample import RESAMPLABLE, load_regularized
 from fedimg.dicom.volume import Volume, load_volume, series_geometry
-from fedimg.preprocess.manifest import CONVERTED, REFUSED, finalize, mark, render_table, summarize
+from fedimg.preprocess.manifest import CONVERTED, REFUSED, ManifestRow, finalize, mark, render_table, summarize
 from fedimg.preprocess.outdir import OutputDir, announce, claim, precheck
 from fedimg.preprocess.scan import index_source
 from fedimg.preprocess.workers import LazyPool, default_workers, lazy_worker_pool
@@ -179,6 +179,23 @@ def _read_state(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
 
+@dataclass
+class _Plan:
+    """What a run does with each series group.
+
+    Attributes:
+        tasks: the series to convert: group, geometry, output path.
+        resample: the series refused for a resamplable reason, to regularize (``geometry.irregular: resample``).
+        state: output name -> input fingerprint of every series converted or reused.
+        reused: series whose output is unchanged since the last run.
+    """
+
+    tasks: list[tuple[SeriesGroup, SeriesGeometry, str]] = field(default_factory=list)
+    resample: list[tuple[SeriesGroup, Reason]] = field(default_factory=list)
+    state: dict[str, str] = field(default_factory=dict)
+    reused: int = 0
+
+
 def _convert(
     scanned: Any, out: OutputDir, geometry: GeometrySpec, workers: int, progress: bool, compress: bool, pool: LazyPool
 ) -> ConvertResult:
@@ -186,43 +203,12 @@ def _convert(
     rows = scanned.rows
     state_path = dst / STATE_FILE
     old_state = _read_state(state_path)
-    new_state: dict[str, str] = {}
-
     groups = group_series(scanned.image_headers, geometry.orientation_tolerance)
-    per_series = Counter(g.series_uid for g in groups)
-    tasks: list[tuple[SeriesGroup, SeriesGeometry, str]] = []
-    resample_groups: list[tuple[SeriesGroup, Reason]] = []
-    reused = 0
-    for g in groups:
-        try:
-            geo = series_geometry(
-                g,
-                min_slices=geometry.min_slices,
-                spacing_tolerance=geometry.spacing_tolerance,
-                orientation_tolerance=geometry.orientation_tolerance,
-            )
-        except RefusedError as exc:
-            if geometry.irregular == "resample" and exc.reason in RESAMPLABLE:
-                resample_groups.append((g, exc.reason))
-                continue
-            extra = (
-                f" (series split into {per_series[g.series_uid]} groups by orientation/matrix/echo)"
-                if per_series[g.series_uid] > 1
-                else ""
-            )
-            mark(rows, g.rels, REFUSED, exc.reason, exc.detail + extra, series_uid=g.series_uid)
-            continue
-        name = f"series/{series_output_name(g, compress)}"
-        fp = fingerprint(g)
-        if old_state.get(name) == fp and (dst / name).is_file():
-            mark(rows, g.rels, CONVERTED, "", "", output=name, series_uid=g.series_uid)
-            new_state[name] = fp
-            reused += 1
-            continue
-        tasks.append((g, geo, str(dst / name)))
-        new_state[name] = fp
+    plan = _plan(groups, rows, dst, old_state, geometry, compress)
+    new_state = plan.state
 
     (dst / "series").mkdir(parents=True, exist_ok=True)
+    tasks = plan.tasks
     for (g, _, out_path), (status, reason, detail) in zip(tasks, _run(tasks, workers, progress, pool)):
         name = Path(out_path).relative_to(dst).as_posix()
         if status == CONVERTED:
@@ -230,19 +216,7 @@ def _convert(
         else:
             mark(rows, g.rels, REFUSED, reason, detail, series_uid=g.series_uid)
             new_state.pop(name, None)
-
-    # Explicit corrections (geometry.irregular: resample), recorded per file in the manifest.
-    for g, reason in resample_groups:
-        name = f"series/{series_output_name(g, compress)}"
-        try:
-            reg = load_regularized(g, reason)
-        except RefusedError as exc:
-            mark(rows, g.rels, REFUSED, exc.reason, exc.detail, series_uid=g.series_uid)
-            continue
-        _announce(dst / name)
-        write_nifti(dst / name, reg.data, reg.affine_ras)
-        mark(rows, g.rels, CONVERTED, "", "", output=name, series_uid=g.series_uid, correction=reg.correction)
-        new_state.pop(name, None)  # always recomputed: cheap, and keeps the correction text current
+    _write_resampled(plan.resample, rows, dst, compress, new_state)
 
     ordered = finalize(rows, scanned.files)
     valid = {r.output for r in ordered if r.status == CONVERTED and r.output}
@@ -258,6 +232,91 @@ def _convert(
         src_files=len(scanned.files),
         summary=summary,
         outputs=sorted(valid),
-        reused=reused,
+        reused=plan.reused,
         manifest=str(dst / "manifest.jsonl"),
     )
+
+
+def _plan(
+    groups: list[SeriesGroup],
+    rows: dict[str, ManifestRow],
+    dst: Path,
+    old_state: dict[str, str],
+    geometry: GeometrySpec,
+    compress: bool,
+) -> _Plan:
+    """Check each group's geometry and decide: convert, reuse the last run's output, resample, or refuse.
+
+    Refused and reused series are recorded in ``rows`` here; the others when they are written.
+
+    Args:
+        groups: the series groups of the source.
+        rows: the manifest rows by file (updated in place).
+        dst: the output folder.
+        old_state: output name -> input fingerprint of the last run.
+        geometry: the geometry checks.
+        compress: outputs are gzipped NIfTI.
+
+    Returns:
+        The plan.
+    """
+    plan = _Plan()
+    per_series = Counter(g.series_uid for g in groups)
+    for g in groups:
+        try:
+            geo = series_geometry(
+                g,
+                min_slices=geometry.min_slices,
+                spacing_tolerance=geometry.spacing_tolerance,
+                orientation_tolerance=geometry.orientation_tolerance,
+            )
+        except RefusedError as exc:
+            if geometry.irregular == "resample" and exc.reason in RESAMPLABLE:
+                plan.resample.append((g, exc.reason))
+                continue
+            extra = (
+                f" (series split into {per_series[g.series_uid]} groups by orientation/matrix/echo)"
+                if per_series[g.series_uid] > 1
+                else ""
+            )
+            mark(rows, g.rels, REFUSED, exc.reason, exc.detail + extra, series_uid=g.series_uid)
+            continue
+        name = f"series/{series_output_name(g, compress)}"
+        fp = fingerprint(g)
+        if old_state.get(name) == fp and (dst / name).is_file():
+            mark(rows, g.rels, CONVERTED, "", "", output=name, series_uid=g.series_uid)
+            plan.state[name] = fp
+            plan.reused += 1
+            continue
+        plan.tasks.append((g, geo, str(dst / name)))
+        plan.state[name] = fp
+    return plan
+
+
+def _write_resampled(
+    resample: list[tuple[SeriesGroup, Reason]],
+    rows: dict[str, ManifestRow],
+    dst: Path,
+    compress: bool,
+    new_state: dict[str, str],
+) -> None:
+    """Regularize and write the irregular series (``geometry.irregular: resample``), each correction in the manifest.
+
+    Args:
+        resample: the series to regularize, with the reason their geometry was refused.
+        rows: the manifest rows by file (updated in place).
+        dst: the output folder.
+        compress: outputs are gzipped NIfTI.
+        new_state: output name -> input fingerprint; resampled outputs are left out of it.
+    """
+    for g, reason in resample:
+        name = f"series/{series_output_name(g, compress)}"
+        try:
+            reg = load_regularized(g, reason)
+        except RefusedError as exc:
+            mark(rows, g.rels, REFUSED, exc.reason, exc.detail, series_uid=g.series_uid)
+            continue
+        _announce(dst / name)
+        write_nifti(dst / name, reg.data, reg.affine_ras)
+        mark(rows, g.rels, CONVERTED, "", "", output=name, series_uid=g.series_uid, correction=reg.correction)
+        new_state.pop(name, None)  # always recomputed: cheap, and keeps the correction text current
