@@ -415,7 +415,11 @@ def write_dx_image(
         )
     patient = study.patient
     attributes = {
-        **_dx_identity_attributes(profile, site, study, study_instance_uid, series_instance_uid, sop_instance_uid),
+        "SOPClassUID": DX_FOR_PRESENTATION_STORAGE,
+        "SOPInstanceUID": sop_instance_uid,
+        "StudyInstanceUID": study_instance_uid,
+        "SeriesInstanceUID": series_instance_uid,
+        **_dx_identity_attributes(profile, site, study),
         **_dx_image_attributes(profile),
     }
     ds = Dataset()
@@ -429,23 +433,13 @@ def write_dx_image(
     return path
 
 
-def _dx_identity_attributes(
-    profile: Any,
-    site: SiteIdentity,
-    study: StudyIdentity,
-    study_instance_uid: UID,
-    series_instance_uid: UID,
-    sop_instance_uid: UID,
-) -> dict[str, Any]:
-    """A radiograph's SOP, patient, study, series and equipment attributes.
+def _dx_identity_attributes(profile: Any, site: SiteIdentity, study: StudyIdentity) -> dict[str, Any]:
+    """A radiograph's patient, study, series and equipment attributes (all but its UIDs).
 
     Args:
         profile: the site's :class:`fedimg.synth.profiles.DXProfile`.
         site: site identifiers.
         study: patient and study identifiers.
-        study_instance_uid: (0020,000D).
-        series_instance_uid: (0020,000E).
-        sop_instance_uid: (0008,0018).
 
     Returns:
         The attributes by keyword.
@@ -454,15 +448,12 @@ def _dx_identity_attributes(
     series_time = _add_minutes(study.study_date, study.study_time, 1)
     return {
         "SpecificCharacterSet": "ISO_IR 100",
-        "SOPClassUID": DX_FOR_PRESENTATION_STORAGE,
-        "SOPInstanceUID": sop_instance_uid,
         "ImageType": ["ORIGINAL", "PRIMARY"],
         "PatientName": patient.dicom_name,
         "PatientID": patient.patient_id,
         "PatientBirthDate": patient.birth_date,
         "PatientSex": patient.sex,
         "PatientAge": study.patient_age,
-        "StudyInstanceUID": study_instance_uid,
         "StudyDate": study.study_date,
         "StudyTime": study.study_time,
         "AccessionNumber": study.accession_number,
@@ -470,7 +461,6 @@ def _dx_identity_attributes(
         "ReferringPhysicianName": study.referring_physician,
         "StudyDescription": "XR CHEST 1 VIEW",
         "Modality": "DX",
-        "SeriesInstanceUID": series_instance_uid,
         "SeriesNumber": profile.series_number,
         "SeriesDescription": profile.series_description,
         "SeriesDate": series_time[0],
