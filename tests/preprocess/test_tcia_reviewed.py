@@ -26,25 +26,17 @@ def secret(tmp_path: Path) -> Path:
     return tmp_path / "site.secret"
 
 
+def _preprocess(src, dst, secret, *extra: str) -> int:
+    """``fedimg preprocess`` of the TCIA export with the MR spec and the site secret, quiet."""
+    return main(
+        ["preprocess", str(src), str(dst), "--spec", str(MR_SPEC), "--secret-file", str(secret), "--quiet", *extra]
+    )
+
+
 def test_tcia_export_is_refused_under_deid_with_a_clear_reason_and_partner_rows(tmp_path, secret, capsys):
     src = shared("dicom/tcia_brain_tumor_progression")
     dst = tmp_path / "refused"
-    rc = main(
-        [
-            "preprocess",
-            str(src),
-            str(dst),
-            "--spec",
-            str(MR_SPEC),
-            "--site",
-            "tcia",
-            "--secret-file",
-            str(secret),
-            "--quiet",
-            "--crosswalk",
-            str(tmp_path / "cw.jsonl"),
-        ]
-    )
+    rc = _preprocess(src, dst, secret, "--site", "tcia", "--crosswalk", str(tmp_path / "cw.jsonl"))
     err = capsys.readouterr().err
     assert rc == 3 and "no case was converted" in err  # exits non-zero: nothing usable
     rows = _rows(dst)
@@ -71,20 +63,7 @@ def test_a_reviewed_override_in_the_site_config_converts_and_is_recorded(tmp_pat
     )
     assert cfg.load(cfg.SiteConfig, site).deid.burned_in_reviewed[0].date == "2026-12-01"
     dst = tmp_path / "out"
-    rc = main(
-        [
-            "preprocess",
-            str(src),
-            str(dst),
-            "--spec",
-            str(MR_SPEC),
-            "--site-config",
-            str(site),
-            "--secret-file",
-            str(secret),
-            "--quiet",
-        ]
-    )
+    rc = _preprocess(src, dst, secret, "--site-config", str(site))
     out = capsys.readouterr().out
     assert rc == 0, out
     summary = json.loads((dst / "summary.json").read_text())
