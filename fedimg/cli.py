@@ -914,5 +914,19 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
+def console() -> int:
+    """The ``fedimg`` console script: :func:`main`, then a quicker exit.
+
+    With torch and MONAI imported, Python's collection of millions of objects at exit takes about
+    0.7 s on 2 cores (measured: ``python -c "import monai"`` median 4.6 s, 3.9 s with ``gc.freeze()``).
+    Freezing them skips only that collection: exit handlers still run and files are still closed.
+    """
+    import gc
+
+    status = main()
+    gc.freeze()
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

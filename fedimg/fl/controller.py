@@ -150,7 +150,7 @@ class FedimgController(BaseFedAvg):
         experiment: str,
         start_round: int = 0,
         persistor_id: str = "persistor",
-        task_check_period: float = 0.05,
+        task_check_period: float = 0.02,
         mode: str = "train",
     ) -> None:
         # A site's error answer (a crash, or a result its own guard blocked) is recorded as that site's rejection;
@@ -406,6 +406,7 @@ class FedimgController(BaseFedAvg):
             {
                 "algorithm": self.fed.algorithm,
                 "aggregation": self.fed.robust.aggregation,
+                "workflow_started_at": self._t_start,  # Unix time: rounds.jsonl's "started" counts from it
                 "start_round": self.start_round,
                 "end_round": end,
                 "key_metric": self.key_metric,

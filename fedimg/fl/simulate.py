@@ -225,7 +225,7 @@ def run_simulation(
     Raises:
         FederatedRunError: the run failed or its outputs are incomplete.
     """
-    from nvflare.recipe import SimEnv
+    from fedimg.fl.simenv import InProcessSimEnv
 
     workspace = Path(workspace).resolve()
     if resume_from is not None:
@@ -254,7 +254,7 @@ def run_simulation(
         if customize is not None:
             with in_staging(staging):
                 customize(recipe)
-        env = SimEnv(
+        env = InProcessSimEnv(
             clients=sites,
             num_clients=len(sites),
             num_threads=len(sites),

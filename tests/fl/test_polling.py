@@ -50,4 +50,4 @@ def test_the_controllers_task_check_period_reaches_the_communicator():
 
         comm = WFCommServer()
         ctl.set_communicator(comm)
-    assert comm._task_check_period == ctl._task_check_period == 0.05
+    assert comm._task_check_period == ctl._task_check_period == 0.02
