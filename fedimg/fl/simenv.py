@@ -7,7 +7,9 @@ of start-up on a 2-core machine before any site starts, paid by every run.
 :class:`InProcessSimEnv` runs NVFlare's own ``SimulatorRunner`` (its Python
 API, the one ``simulator.py`` calls) from the calling process instead, so the
 forked server finds those modules already imported. The sites still run in
-their own processes, as in NVFlare.
+their own processes, as in NVFlare. A process that already runs NVFlare
+networking of its own falls back to ``SimEnv``'s new process (a fork would
+inherit that state without its threads).
 
 Five fixed waits of NVFlare 2.9's runner are shortened here, measured with
 ``benchmarks/bench_training.py``: the server process's 3 s shutdown grace
@@ -22,6 +24,7 @@ exited, the server stops waiting 2 s for late site events (none can come).
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 import threading
@@ -37,6 +40,8 @@ from nvflare.private.fed.simulator.simulator_const import SimulatorConstants
 from nvflare.private.fed.utils.fed_utils import split_gpus
 from nvflare.recipe import SimEnv
 from nvflare.security.logging import secure_format_exception
+
+logger = logging.getLogger(__name__)
 
 # NVFlare's values: 3 s, 1 s, 1 s, 1 s (nvflare/private/fed/app/simulator/simulator_runner.py), 3 s (fed_server.py).
 SHUTDOWN_GRACE_S = 0.2
@@ -168,15 +173,38 @@ class _Runner(SimulatorRunner):
         runner.run(gpu)
 
 
+def nvflare_networking_in_use() -> str | None:
+    """What NVFlare networking this process runs already (its event loop, communicators), if any."""
+    from nvflare.fuel.f3 import communicator
+    from nvflare.fuel.f3.drivers.aio_context import AioContext
+
+    if AioContext._global_ctx is not None:  # noqa: SLF001 - NVFlare keeps no public handle on it
+        return "NVFlare's event loop running"
+    if communicator._running_instances:  # noqa: SLF001
+        return "NVFlare communicators running"
+    if mpm._stopping:  # noqa: SLF001 - an NVFlare process that has been shutting down
+        return "NVFlare's process monitor shutting down"
+    return None
+
+
 class InProcessSimEnv(SimEnv):
     """``SimEnv`` whose simulator runs from this process (see the module's docstring); the same arguments."""
 
     def deploy(self, job: Any) -> str:
         """Write the job's folder, then run it in NVFlare's simulator; returns the job's name.
 
+        A process that already holds NVFlare connections of its own (an admin
+        session, a POC run) cannot fork a server cleanly: the child would
+        inherit their state without their threads. It runs the simulator as
+        NVFlare does, in a new process.
+
         Raises:
             RuntimeError: the simulator returned a failure status (as ``SimEnv``).
         """
+        busy = nvflare_networking_in_use()
+        if busy:
+            logger.info("NVFlare simulator in its own process: this process already has %s", busy)
+            return super().deploy(job)
         workspace = os.path.join(self.workspace_root, job.name)
         self._ensure_default_component_policy(workspace)
         log_config = self.log_config or os.environ.get(FL_LOG_LEVEL)

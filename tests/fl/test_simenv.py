@@ -85,3 +85,35 @@ def test_the_server_checks_for_the_end_of_its_run_sooner_than_nvflares_3_s(monke
     runner = simenv._Runner.__new__(simenv._Runner)
     assert runner.setup() is True
     assert server.check_engine_frequency == simenv.ENGINE_CHECK_S < 3.0
+
+
+def test_a_process_without_nvflare_networking_forks_and_one_with_it_does_not():
+    import subprocess
+    import sys
+
+    code = (
+        "from fedimg.fl.simenv import nvflare_networking_in_use as busy\n"
+        "print(busy())\n"
+        "from nvflare.fuel.f3.drivers.aio_context import AioContext\n"
+        "AioContext.get_global_context()\n"
+        "print(busy())\n"
+    )
+    # A process of its own: NVFlare's event loop, once started, stays for the life of the process.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.splitlines() == ["None", "NVFlare's event loop running"]
+
+
+def test_with_nvflare_networking_in_use_the_simulator_runs_in_its_own_process(monkeypatch):
+    from nvflare.recipe import SimEnv
+
+    calls = []
+    monkeypatch.setattr(simenv, "nvflare_networking_in_use", lambda: "NVFlare's event loop running")
+    monkeypatch.setattr(SimEnv, "deploy", lambda self, job: calls.append(job) or "job")
+
+    def no_fork(*args, **kwargs):
+        raise AssertionError("the in-process runner was used")
+
+    monkeypatch.setattr(simenv, "_Runner", no_fork)
+    env = simenv.InProcessSimEnv(clients=["site-1"], num_clients=1, workspace_root="/nonexistent")
+    assert env.deploy("the job") == "job"
+    assert calls == ["the job"]
