@@ -113,7 +113,9 @@ def build_recipe(
             :func:`in_staging`).
         sites_sharing_cpu: processes training on one machine (simulator), so
             each sizes its thread pool.
-        initial_ckpt: absolute path of a checkpoint to start from (resume).
+        initial_ckpt: absolute path of a checkpoint to start from (resume). Without
+            one, training starts from the network built with ``train.seed``
+            (:func:`stage_seeded_model`): the same first global model in every run.
         start_round: first round number; -1 continues the checkpoint's rounds.
         fast_polling: sites ask for their next task every :data:`FAST_POLL_S`
             instead of NVFlare's 2 s (for the simulator and POC on one machine).
@@ -127,6 +129,8 @@ def build_recipe(
     if exp.privacy.encryption == "he":
         return build_he_recipe(exp, job_dir, site_configs, staging_dir, sites_sharing_cpu, initial_ckpt, fast_polling)
     staging, min_clients = _stage(exp, job_dir, list(site_configs), staging_dir)
+    if initial_ckpt is None and mode == "train":
+        initial_ckpt = stage_seeded_model(exp, staging)
     base_args = f"--config experiment.yaml --sites-sharing-cpu {int(sites_sharing_cpu)}"
     transfer = TransferType.DIFF if exp.fed.exchange == "diff" else TransferType.FULL
     with _chdir(staging):
@@ -214,6 +218,7 @@ def build_he_recipe(
             "--env poc or --env prod (the simulator has no keys)"
         )
     staging, min_clients = _stage(exp, job_dir, list(site_configs), staging_dir)
+    initial_ckpt = initial_ckpt or stage_seeded_model(exp, staging)
     with _chdir(staging):
         recipe = FedAvgRecipeWithHE(
             name=exp.name,
@@ -251,6 +256,32 @@ def _stage(exp: ExperimentConfig, job_dir: str | Path, names: list[str], staging
     shutil.copy2(job_dir / "client.py", staging / "client.py")
     cfgmod.save(exp, staging / "experiment.yaml")
     return staging, min_clients
+
+
+SEEDED_MODEL = "seeded_initial_model.pt"
+
+
+def stage_seeded_model(exp: ExperimentConfig, staging: Path) -> str:
+    """Write the network built with ``train.seed`` into the job's staging folder as its first global model.
+
+    Without it the server builds the network with whatever state its random
+    generator has, and two runs of one experiment start from different
+    weights. The caller's random state is left as it was.
+
+    Returns:
+        The checkpoint's name relative to the staging folder (NVFlare bundles it with the server app).
+    """
+    import torch
+
+    from fedimg.models.registry import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(exp.train.seed)
+        state = build_model(exp.model, exp.task).state_dict()
+    tmp = staging / f".{SEEDED_MODEL}.tmp"
+    torch.save({"model": state}, tmp)
+    tmp.replace(staging / SEEDED_MODEL)
+    return SEEDED_MODEL
 
 
 def _add_common(recipe: Any, exp: ExperimentConfig, fast_polling: bool) -> None:

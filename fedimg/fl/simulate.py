@@ -177,6 +177,9 @@ def quiet_log_config(path: Path) -> str:
 
     cfg = copy.deepcopy(default_log_dict)
     cfg["handlers"]["consoleHandler"]["level"] = "WARNING"
+    cfg["filters"]["RoutineNotices"] = {"()": "fedimg.fl.console.RoutineNotices"}
+    console = cfg["handlers"]["consoleHandler"]
+    console["filters"] = [*console.get("filters", []), "RoutineNotices"]
     cfg["filters"]["FedimgOnly"] = {"name": "fedimg.progress"}  # logging.Filter: fedimg's progress lines only
     cfg["formatters"]["fedimgFormatter"] = {"format": "%(asctime)s %(message)s", "datefmt": "%H:%M:%S"}
     cfg["handlers"]["fedimgConsole"] = {

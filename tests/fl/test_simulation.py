@@ -210,6 +210,14 @@ def test_job_export_has_no_site_paths(tmp_path):
     assert meta["min_clients"] == 2
     custom = list(job.rglob("custom/client.py"))
     assert custom, "client script not bundled"
+    # The first global model travels with the job: built with train.seed, the same in every run.
+    seeded = list(job.rglob("app_server/custom/seeded_initial_model.pt")) or list(job.rglob("seeded_initial_model.pt"))
+    assert seeded, "the seeded first global model is not in the job"
+    exp = cfg.load(cfg.ExperimentConfig, DEMO_EXPERIMENT)
+    torch.manual_seed(exp.train.seed)
+    expected = build_model(exp.model, exp.task).state_dict()
+    shipped = torch.load(seeded[0], map_location="cpu", weights_only=True)["model"]
+    assert shipped.keys() == expected.keys() and all(torch.equal(shipped[k], expected[k]) for k in expected)
     exp_yaml = list(job.rglob("custom/experiment.yaml"))
     assert exp_yaml and cfg.load(cfg.ExperimentConfig, exp_yaml[0]).fed.algorithm == "fedprox"
     client_cfg = next(job.rglob("config_fed_client.json")).read_text()
