@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from fedimg.fl.console import RoutineNotices
 
@@ -28,7 +29,7 @@ def test_the_simulators_log_config_filters_its_console(tmp_path):
 
     from fedimg.fl.simulate import quiet_log_config
 
-    cfg = json.loads(open(quiet_log_config(tmp_path / "log.json")).read())
+    cfg = json.loads(Path(quiet_log_config(tmp_path / "log.json")).read_text())
     assert "RoutineNotices" in cfg["handlers"]["consoleHandler"]["filters"]
     factory = cfg["filters"]["RoutineNotices"]["()"]
     assert logging.config.BaseConfigurator({}).resolve(factory) is RoutineNotices  # what dictConfig imports
