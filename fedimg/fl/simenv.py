@@ -49,10 +49,15 @@ CONNECT_RETRY_S = 0.05
 THREAD_START_S = 0.05
 ENGINE_CHECK_S = 0.25
 SERVER_START_CHECK_S = 0.05
+_NVFLARE_RUNNER = "nvflare.private.fed.app.simulator.simulator_runner"
 
 
 class _ClientRunner(SimulatorClientRunner):
     """NVFlare's site-process runner, polling for a starting site process every 0.05 s instead of 1 s."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = logging.getLogger(_NVFLARE_RUNNER + ".SimulatorClientRunner")  # NVFlare's, not fedimg's
 
     def _create_connection(self, open_port: int, timeout: float = 60.0) -> Any:
         from multiprocessing.connection import Client
@@ -94,6 +99,12 @@ class _ClientRunner(SimulatorClientRunner):
 
 class _Runner(SimulatorRunner):
     """NVFlare's ``SimulatorRunner`` with the shorter waits and the faster site-process runner."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # NVFlare names a component's logger after its class's module: keep its records under NVFlare's name,
+        # which fedimg's console leaves out (they are the simulator's, not fedimg's progress).
+        self.logger = logging.getLogger(_NVFLARE_RUNNER + ".SimulatorRunner")
 
     def run_process(self, return_dict: Any) -> None:
         from nvflare.fuel.common.exit_codes import ProcessExitCode
