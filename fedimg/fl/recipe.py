@@ -278,10 +278,25 @@ def stage_seeded_model(exp: ExperimentConfig, staging: Path) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(exp.train.seed)
         state = build_model(exp.model, exp.task).state_dict()
-    tmp = staging / f".{SEEDED_MODEL}.tmp"
-    torch.save({"model": state}, tmp)
-    tmp.replace(staging / SEEDED_MODEL)
-    return SEEDED_MODEL
+    return stage_weights(state, staging, SEEDED_MODEL)
+
+
+EVALUATED_MODEL = "evaluated_model.pt"
+
+
+def stage_weights(state: Any, staging: Path, name: str = EVALUATED_MODEL) -> str:
+    """Write weights into the job's staging folder (atomically); NVFlare bundles them with the server app.
+
+    Returns:
+        The checkpoint name relative to the staging folder (what the recipe's ``initial_ckpt`` takes).
+    """
+    import torch
+
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / f".{name}.tmp"
+    torch.save({"model": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
+    tmp.replace(staging / name)
+    return name
 
 
 def _add_common(recipe: Any, exp: ExperimentConfig, fast_polling: bool) -> None:

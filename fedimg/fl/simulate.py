@@ -20,7 +20,7 @@ from typing import Any
 from fedimg import signals
 from fedimg.config import ExperimentConfig, validate_site_name
 from fedimg.errors import UserError
-from fedimg.fl.recipe import build_recipe, in_staging, simulator_gpu_config
+from fedimg.fl.recipe import build_recipe, in_staging, simulator_gpu_config, stage_weights
 
 logger = logging.getLogger(__name__)
 
@@ -303,24 +303,6 @@ def run_simulation(
     if mode == "train":
         result.packages = write_packages(result, exp, site_configs)
     return result
-
-
-EVALUATED_MODEL = "evaluated_model.pt"
-
-
-def stage_weights(state: Any, staging: Path) -> str:
-    """Write weights to evaluate into the job's staging folder; NVFlare bundles them with the server app.
-
-    Returns:
-        The checkpoint name relative to the staging folder (what the recipe's ``initial_ckpt`` takes).
-    """
-    import torch
-
-    staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / f".{EVALUATED_MODEL}.tmp"
-    torch.save({"model": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
-    tmp.replace(staging / EVALUATED_MODEL)
-    return EVALUATED_MODEL
 
 
 def _rated(rows: list[dict[str, Any]], key: str, how: str) -> dict[str, Any]:
