@@ -95,4 +95,24 @@ def stop_descendants(timeout: float = 5.0) -> int:
     return len(children)
 
 
-__all__ = ["Interrupted", "check", "install", "restore", "stop_descendants"]
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child process: the kernel kills it (SIGKILL) when its parent dies, even by SIGKILL (Linux).
+
+    A child whose parent is already gone when this runs exits at once.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+    import sys
+
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the request above took effect
+        os._exit(1)
+
+
+__all__ = ["Interrupted", "check", "die_with_parent", "install", "restore", "stop_descendants"]

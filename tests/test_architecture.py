@@ -45,7 +45,7 @@ ALLOWED = {
     "dicom": {"errors", "safepath"},
     "config": {"errors", "dicom"},
     "datalist": {"atomic", "config", "errors"},
-    "preprocess": {"atomic", "config", "datalist", "dicom", "errors", "safepath"},
+    "preprocess": {"atomic", "config", "datalist", "dicom", "errors", "safepath", "signals"},
     "pacs": {"atomic", "errors", "preprocess", "safepath"},
     "data": {"config", "datalist"},
     "models": {"config", "errors"},

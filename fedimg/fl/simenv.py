@@ -19,6 +19,7 @@ between attempts to reach a starting site process and the 1 s pause before
 each site thread starts (0.05 s each here). Each overridden method is
 NVFlare's own, with only the wait changed. And once every site process has
 exited, the server stops waiting 2 s for late site events (none can come).
+The server process dies with the calling process, even on SIGKILL.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from nvflare.apis.fl_constant import MachineStatus, RunProcessKey
 from nvflare.fuel.f3.mpm import MainProcessMonitor as mpm
 from nvflare.fuel.utils.log_utils import FL_LOG_LEVEL
 from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner, SimulatorRunner
+from nvflare.private.fed.app.utils import kill_child_processes
 from nvflare.private.fed.simulator.simulator_const import SimulatorConstants
 from nvflare.private.fed.utils.fed_utils import split_gpus
 from nvflare.recipe import SimEnv
@@ -105,6 +107,40 @@ class _Runner(SimulatorRunner):
         # NVFlare names a component's logger after its class's module: keep its records under NVFlare's name,
         # which fedimg's console leaves out (they are the simulator's, not fedimg's progress).
         self.logger = logging.getLogger(_NVFLARE_RUNNER + ".SimulatorRunner")
+
+    def run(self) -> int:
+        """NVFlare's ``SimulatorRunner.run``, with its two forked processes following this one's death.
+
+        NVFlare's server process and its result-passing manager would outlive a
+        SIGKILL of the calling process and go on writing the run; here the
+        kernel kills them with it (the site processes then stop themselves: they
+        watch the server's process).
+        """
+        from multiprocessing import Process
+        from multiprocessing.managers import SyncManager
+
+        from fedimg.signals import die_with_parent
+
+        parent = os.getpid()
+        manager = SyncManager()
+        manager.start(die_with_parent, (parent,))
+        try:
+            status = manager.dict()
+            process = Process(target=self._run_following, args=(status, parent))
+            process.start()
+            process.join()
+            return self._get_return_code(status, process, self.workspace)
+        except KeyboardInterrupt:  # NVFlare's own handling: stop every process of the run
+            kill_child_processes(parent)
+            return -9
+        finally:
+            manager.shutdown()
+
+    def _run_following(self, return_dict: Any, parent: int) -> None:
+        from fedimg.signals import die_with_parent
+
+        die_with_parent(parent)
+        self.run_process(return_dict)
 
     def run_process(self, return_dict: Any) -> None:
         from nvflare.fuel.common.exit_codes import ProcessExitCode

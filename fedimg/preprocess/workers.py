@@ -18,16 +18,13 @@ must not leave them behind, still writing into DST:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import multiprocessing
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
-_PR_SET_PDEATHSIG = 1
+from fedimg import signals
 
 
 def default_workers() -> int:
@@ -39,11 +36,7 @@ def _die_with_parent(parent_pid: int) -> None:
     """Worker initializer: follow the parent's death, leave SIGINT to the parent, die quietly on SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the parent's handler otherwise
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before the request above took effect
-        os._exit(1)
+    signals.die_with_parent(parent_pid)
 
 
 def stop_workers(pool: ProcessPoolExecutor) -> None:

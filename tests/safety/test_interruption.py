@@ -155,8 +155,8 @@ def test_ctrl_c_of_preprocess_stops_the_spawned_workers(export: Path, tmp_path: 
 
 
 @pytest.mark.nvflare
-def test_stopping_the_demo_stops_the_simulator_it_started(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
+def _demo_with_sites(out: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """A demo run, once its 2 simulated site processes run; returns it and every process it started."""
     proc = _start(
         ["demo", "--out", str(out), "--sites", "2", "--cases", "3", "--rounds", "20", "--device", "cpu", "--quiet"]
     )
@@ -173,10 +173,25 @@ def test_stopping_the_demo_stops_the_simulator_it_started(tmp_path: Path) -> Non
             pass
         time.sleep(0.2)
     assert len(sites) == 2, "the simulator's site processes never started"
-    family = main.children(recursive=True)
+    return proc, main.children(recursive=True)
+
+
+def test_stopping_the_demo_stops_the_simulator_it_started(tmp_path: Path) -> None:
+    proc, family = _demo_with_sites(tmp_path / "demo")
     proc.terminate()  # only the demo's own process, as `kill PID` or a scheduler would
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err
     assert "stopped by SIGTERM" in err.strip().splitlines()[-1]
     assert _gone(family, timeout=30) == [], "NVFlare processes outlived the stopped demo"
+
+
+def test_sigkill_of_the_demo_takes_the_simulator_along(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc, family = _demo_with_sites(out)
+    proc.kill()  # no handler runs: only the kernel and the processes themselves can stop the rest
+    proc.communicate(timeout=60)
+    assert _gone(family, timeout=30) == [], "NVFlare processes outlived the SIGKILLed demo"
+    settled = _snapshot(out)
+    time.sleep(2)
+    assert _snapshot(out) == settled, "something still writes into the demo's folder after it was killed"
